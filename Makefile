@@ -1,0 +1,36 @@
+# The three commands a newcomer needs (see README): setup, demo, test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-all lint up down schemas bench
+
+setup:  ## create the virtualenv and install the project with its dev tools
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "torch==2.13.0"  # the CPU wheel first: keeps a CUDA build out
+	$(BIN)/pip install -e ".[dev]"
+
+demo:  ## the main job end to end on the embedded default
+	$(BIN)/chatreid demo
+
+test: lint  ## lint, start the local servers, run the default (fast) suite
+	$(BIN)/chatreid up --no-ray
+	$(PY) -m pytest
+
+test-all: lint  ## everything, slow tests included
+	$(BIN)/chatreid up --no-ray
+	$(PY) -m pytest -m ""
+
+lint:
+	$(BIN)/ruff check .
+
+up:
+	$(BIN)/chatreid up
+down:
+	$(BIN)/chatreid down
+schemas:  ## rewrite schemas/jsonschema after a deliberate contract change
+	$(PY) -m chatreid.schemas
+bench:
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/prefilter_search.py

@@ -1,0 +1,145 @@
+"""Ingest benchmark: sustained crops/s end to end and capture-to-searchable latency, beside the
+embedder's own forward throughput on the same crops, in the same run, on this machine.
+
+End to end = the ingestor validates, stores and publishes each crop (capture time = the moment
+it is handed over), the embedding service (its own process, as deployed) consumes, fetches,
+embeds and writes the indexed log, and a prefilter reader applies it to a FAISS store: a crop
+counts once it is searchable there. Needs the local stack (`chatreid up --no-ray`).
+
+    python benchmarks/ingest.py [--crops 1000] [--out benchmarks/results/ingest.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from chatreid.bus import ensure_topics
+from chatreid.config import Settings
+from chatreid.embedder import build_embedder
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.services.ingestor import CropInput, Ingestor
+from chatreid.stack import LocalStack
+from chatreid.storage import ObjectStore
+from chatreid.synth import SynthConfig, iter_live_crops
+
+
+def render_crops(n: int, seed: int) -> list:
+    return list(iter_live_crops(SynthConfig(seed=seed), start_time=0.0, limit=n))
+
+
+def embedder_forward_throughput(settings: Settings, crops: list, batch: int) -> float:
+    """Decode + preprocess + forward, nothing else: the ceiling the pipeline is compared to."""
+    cfg = settings.embedder
+    embedder = build_embedder(cfg.weights, height=cfg.height, width=cfg.width)
+    embedder.embed([Image.open(io.BytesIO(crops[0].jpeg))])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(crops), batch):
+        embedder.embed([Image.open(io.BytesIO(c.jpeg)) for c in crops[i:i + batch]])
+    return len(crops) / (time.perf_counter() - t0)
+
+
+def isolated(settings: Settings) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(deep=True)
+    s.kafka.topic_prefix, s.s3.bucket = f"bench{tag}", f"bench{tag}"
+    s.embedder.group_id = f"bench{tag}"
+    ObjectStore(s.s3).ensure_bucket()
+    ensure_topics(s.kafka)
+    return s
+
+
+def env_for(s: Settings) -> dict[str, str]:
+    return {**os.environ, "CHATREID_KAFKA__TOPIC_PREFIX": s.kafka.topic_prefix,
+            "CHATREID_S3__BUCKET": s.s3.bucket, "CHATREID_EMBEDDER__GROUP_ID": s.embedder.group_id,
+            "CHATREID_EMBEDDER__BATCH_SIZE": str(s.embedder.batch_size)}
+
+
+def end_to_end(settings: Settings, crops: list) -> dict:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatreid", "embed", "--no-snapshots", "--until-idle", "20"],
+        env=env_for(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    follower = IndexFollower(settings, keep_latencies=True)
+    follower.poll(timeout_ms=100)  # joins the log before the first event arrives
+    time.sleep(8)  # let the embedder load its model and join its group: not ingest time
+
+    def produce() -> None:
+        ingestor = Ingestor(settings, source="bench")
+        for c in crops:
+            ingestor.submit(CropInput(data=c.jpeg, camera=c.camera, modality=c.modality,
+                                      capture_time=datetime.now(UTC), track_id=c.track_id,
+                                      bbox=c.bbox))
+        ingestor.close()
+
+    t0 = time.time()
+    producer = threading.Thread(target=produce)
+    producer.start()
+    deadline = t0 + 900
+    while (follower.store is None or len(follower.store) < len(crops)) and time.time() < deadline:
+        follower.poll(timeout_ms=100)
+    elapsed = time.time() - t0
+    producer.join()
+    proc.terminate()
+    proc.wait(timeout=60)
+    lat = np.array(follower.stats.latencies_s)
+    done = len(follower.store) if follower.store else 0
+    return {"crops": done, "seconds": elapsed, "crops_per_s": done / elapsed,
+            "latency_p50_s": float(np.percentile(lat, 50)),
+            "latency_p95_s": float(np.percentile(lat, 95))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--crops", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest.json"))
+    args = ap.parse_args()
+    console = Console()
+    base = Settings()
+    LocalStack(base).up(ray=False)
+    settings = isolated(base)
+
+    with console.status(f"rendering {args.crops} synthetic crops (not timed)"):
+        crops = render_crops(args.crops, args.seed)
+    with console.status("embedder forward throughput"):
+        forward = embedder_forward_throughput(settings, crops, settings.embedder.batch_size)
+    with console.status("end to end: ingestor -> Kafka -> embedder -> FAISS"):
+        e2e = end_to_end(settings, crops)
+    ratio = e2e["crops_per_s"] / forward
+    result = {
+        "benchmark": "ingest", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "embedder": {"input": [settings.embedder.height, settings.embedder.width],
+                     "batch": settings.embedder.batch_size, "forward_crops_per_s": forward},
+        "end_to_end": e2e, "pipeline_vs_forward": ratio, "target_ratio": 0.8,
+        "meets_target": ratio >= 0.8,
+    }
+    table = Table("measure", "value", title="ingest benchmark")
+    table.add_row("embedder forward (crops/s)", f"{forward:.1f}")
+    table.add_row("end to end sustained (crops/s)", f"{e2e['crops_per_s']:.1f}")
+    table.add_row("pipeline / forward", f"{ratio:.0%} (target ≥ 80%)")
+    table.add_row("capture→searchable p50 (s)", f"{e2e['latency_p50_s']:.2f}")
+    table.add_row("capture→searchable p95 (s)", f"{e2e['latency_p95_s']:.2f}")
+    console.print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from chatreid.cli import app
+
+app()

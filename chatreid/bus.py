@@ -1,0 +1,89 @@
+"""Kafka through kafka-python only: clients, topic creation and event publishing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from .config import KafkaSettings
+from .schemas import ALL_TOPICS, DeadLetterEvent
+from .schemas.events import _Event
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
+    """acks=all with idempotence: a retried send never duplicates on the broker."""
+    kwargs = dict(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=settings.client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        retries=10,
+        max_request_size=2 * 1024 * 1024,
+    )
+    kwargs.update(overrides)
+    return KafkaProducer(**kwargs)
+
+
+def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) -> KafkaConsumer:
+    """Auto-commit off: callers commit after their effect is durable."""
+    kwargs = dict(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=settings.client_id,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    kwargs.update(overrides)
+    return KafkaConsumer(**kwargs)
+
+
+def ensure_topics(settings: KafkaSettings, names: Iterable[str] | None = None) -> list[str]:
+    """Create the project's topics if missing; returns the ones it created."""
+    wanted = [settings.topic(t.name) for t in ALL_TOPICS] if names is None else list(names)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
+                             client_id=f"{settings.client_id}-admin")
+    try:
+        existing = set(admin.list_topics())
+        created = []
+        for name in wanted:
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, settings.partitions,
+                                              settings.replication_factor)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        admin.close()
+
+
+def broker_reachable(settings: KafkaSettings) -> bool:
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
+                                 request_timeout_ms=3000)
+    except Exception:  # kafka-python raises several kinds while no broker answers
+        return False
+    admin.close()
+    return True
+
+
+def publish(producer: KafkaProducer, topic: str, key: str, event: _Event):
+    """Send one event; returns the future (call ``.get()`` or ``producer.flush()`` to be sure)."""
+    return producer.send(topic, key=key.encode(), value=event.to_bytes())
+
+
+def dead_letter(producer: KafkaProducer, settings: KafkaSettings, event: DeadLetterEvent) -> None:
+    """Dead letters are sent synchronously: losing the reason would lose the crop silently."""
+    from .schemas import DEADLETTER
+
+    log.warning("dead letter (%s): %s %s", event.stage, event.error, event.reason)
+    publish(producer, settings.topic(DEADLETTER.name), event.stage, event).get(timeout=30)

@@ -1,0 +1,265 @@
+"""The ``chatreid`` command: one CLI for the local stack, the services, the jobs and queries."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import Settings
+
+app = typer.Typer(help="ChatReID: interactive cross-camera person re-identification.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+ingest_app = typer.Typer(help="Camera ingestor: publish crops to Kafka.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+console = Console()
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+@app.command()
+def up(ray: Annotated[bool, typer.Option(help="also start a local Ray head")] = True) -> None:
+    """Start the local stack (broker, object store, Ray) on loopback; idempotent."""
+    from .stack import LocalStack
+
+    with console.status("starting the local stack"):
+        statuses = LocalStack(_settings()).up(ray=ray)
+    _print_status(statuses)
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack's processes (data stays in the data directory)."""
+    from .stack import LocalStack
+
+    stopped = LocalStack(_settings()).down()
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def status() -> None:
+    """Show the local stack's services, health, endpoints and logs."""
+    from .stack import LocalStack
+
+    statuses = LocalStack(_settings()).status()
+    _print_status(statuses)
+    if not all(s.healthy for s in statuses if s.name != "ray"):
+        raise typer.Exit(1)
+
+
+def _print_status(statuses) -> None:
+    table = Table("service", "running", "healthy", "pid", "endpoint", "log")
+    for s in statuses:
+        table.add_row(s.name, "yes" if s.running else "no",
+                      "[green]yes[/]" if s.healthy else "[red]no[/]",
+                      str(s.pid or "-"), s.endpoint, str(s.log or "-"))
+    console.print(table)
+
+
+@app.command()
+def init() -> None:
+    """Create the Kafka topics and the object-store bucket (one-shot; idempotent)."""
+    from .bus import ensure_topics
+    from .storage import ObjectStore
+
+    settings = _settings()
+    ObjectStore(settings.s3).ensure_bucket()
+    created = ensure_topics(settings.kafka)
+    console.print(f"bucket {settings.s3.bucket!r} ready; topics created: {created or 'none'}")
+
+
+# -- world -------------------------------------------------------------------------------------
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="output folder")] = Path("data/synth"),
+    seed: Annotated[int, typer.Option(help="world seed (same seed, same bytes)")] = 0,
+    size: Annotated[str, typer.Option(help="small | tiny")] = "small",
+) -> None:
+    """Generate the synthetic multi-camera world in the benchmarks' layouts."""
+    from .synth import SynthConfig, generate_world
+
+    config = SynthConfig(seed=seed) if size == "small" else SynthConfig.tiny().model_copy(
+        update={"seed": seed})
+    manifest = generate_world(out, config, progress=True)
+    console.print(manifest.model_dump_json(indent=2))
+
+
+# -- ingestor ----------------------------------------------------------------------------------
+def _run_ingest(crops, source: str, total: int | None = None) -> None:
+    from tqdm import tqdm
+
+    from .services.ingestor import Ingestor
+
+    ingestor = Ingestor(_settings(), source=source)
+    try:
+        for crop in tqdm(crops, total=total, desc=f"ingest[{source}]", unit="crop"):
+            result = ingestor.submit(crop)
+            if not result.ok:
+                console.print(f"[red]rejected[/] {crop.origin}: {result.error}: {result.reason}")
+    finally:
+        ingestor.close()
+    console.print(f"published {ingestor.published}, rejected {ingestor.rejected}")
+
+
+@ingest_app.command("synth")
+def ingest_synth(
+    rate: Annotated[float | None, typer.Option(help="crops per second (default: as fast)")] = None,
+    limit: Annotated[int | None, typer.Option(help="stop after N crops")] = None,
+    seed: Annotated[int, typer.Option(help="world seed")] = 0,
+    verbose: bool = False,
+) -> None:
+    """Play the synthetic site live: cameras emitting crops over time."""
+    from .services.ingestor.sources import synth_source
+
+    _logging(verbose)
+    _run_ingest(synth_source(seed, limit, rate), "synth", total=limit)
+
+
+@ingest_app.command("folder")
+def ingest_folder(
+    path: Annotated[Path, typer.Argument(help="folder of crops (ROOT/<camera>/<file>)")],
+    watch: Annotated[bool, typer.Option(help="keep watching for new files")] = False,
+    verbose: bool = False,
+) -> None:
+    """Publish every crop in a folder (and, with --watch, those that arrive later)."""
+    from .services.ingestor import Ingestor
+    from .services.ingestor.sources import FolderSource
+
+    _logging(verbose)
+    source = FolderSource(path)
+    ingestor = Ingestor(_settings(), source="folder")
+    try:
+        for batch in source.batches(watch=watch):
+            for p in batch:
+                result = ingestor.submit(source.read(p))
+                if not result.ok:
+                    console.print(f"[red]rejected[/] {p}: {result.error}: {result.reason}")
+            ingestor.flush()  # durable first, then remembered as done
+            source.mark_done([str(p.relative_to(path)) for p in batch])
+    finally:
+        ingestor.close()
+    console.print(f"published {ingestor.published}, rejected {ingestor.rejected}")
+
+
+@ingest_app.command("http")
+def ingest_http(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+) -> None:
+    """Serve the HTTP upload endpoint (POST /v1/crops)."""
+    import uvicorn
+
+    from .services.ingestor.http import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=host or settings.ingestor.http_host,
+                port=port or settings.ingestor.http_port)
+
+
+# -- embedder ----------------------------------------------------------------------------------
+@app.command()
+def embed(
+    until_idle: Annotated[float | None, typer.Option(
+        "--until-idle", help="exit after this many idle seconds (default: run forever)")] = None,
+    snapshots: Annotated[bool, typer.Option(
+        help="follow the index and snapshot it to object storage (one replica per deployment)"
+    )] = True,
+    verbose: bool = False,
+) -> None:
+    """Run the embedding service: crops topic -> embedder -> prefilter store."""
+    import signal
+    import threading
+
+    from .prefilter.follower import IndexFollower
+    from .services.embedder import EmbedderService
+
+    _logging(verbose)
+    settings = _settings()
+    follower, stop, thread = None, threading.Event(), None
+    service = None
+    if snapshots:
+        from .embedder import build_embedder
+
+        cfg = settings.embedder
+        embedder = build_embedder(cfg.weights, height=cfg.height, width=cfg.width)
+        follower = IndexFollower(settings, embedder_version=embedder.version, snapshots=True)
+        follower.restore()
+        follower.catch_up()
+        thread = threading.Thread(target=follower.follow, args=(stop,), daemon=True)
+        thread.start()
+        service = EmbedderService(settings, embedder,
+                                  is_indexed=lambda cid: bool(follower.store)
+                                  and cid in follower.store)
+    service = service or EmbedderService(settings)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())  # finish the batch, then exit
+    try:
+        stats = service.run(until_idle_s=until_idle)
+    finally:
+        stop.set()
+        if thread:
+            thread.join(timeout=30)
+            follower.snapshot()
+    console.print(f"indexed {stats.indexed}, skipped {stats.skipped}, "
+                  f"dead letters {stats.dead_letters}, batches {stats.batches}")
+
+
+# -- queries -----------------------------------------------------------------------------------
+@app.command()
+def search(
+    image: Annotated[Path | None, typer.Argument(help="query image (or use --crop-id)")] = None,
+    crop_id: Annotated[str | None, typer.Option(help="query by an indexed crop")] = None,
+    k: Annotated[int, typer.Option(help="results to return")] = 20,
+    tau: Annotated[float | None, typer.Option(help="cosine threshold")] = None,
+    camera: Annotated[list[str] | None, typer.Option(help="only these cameras")] = None,
+    modality: Annotated[str | None, typer.Option(help="rgb | infrared")] = None,
+    sheet: Annotated[Path | None, typer.Option(help="write a contact sheet PNG")] = None,
+) -> None:
+    """Prefilter search (embedder only; the VLM rerank is not deployed yet)."""
+    from PIL import Image
+
+    from .prefilter import SearchFilter
+    from .search import PrefilterSearch
+    from .viz import results_sheet, results_table
+
+    if (image is None) == (crop_id is None):
+        raise typer.BadParameter("give an image path or --crop-id")
+    engine = PrefilterSearch(_settings())
+    with console.status("loading the index (snapshot + log)"):
+        size = engine.refresh()
+    try:
+        query = Image.open(image) if image else engine.crop_image(crop_id)
+    except (OSError, KeyError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    filters = SearchFilter(cameras=frozenset(camera) if camera else None, modality=modality)
+    results = engine.search(query, k=k, tau=tau, filters=filters,
+                            exclude={crop_id} if crop_id else None)
+    console.print(results_table(results, size, "prefilter results (embedder only, no VLM rerank)"))
+    if sheet:
+        results_sheet(engine.crop_image, query, results, sheet)
+        console.print(f"contact sheet: {sheet}")
+
+
+@app.command()
+def demo(
+    crops: Annotated[int, typer.Option(help="crops the synthetic site streams")] = 600,
+    seed: Annotated[int, typer.Option(help="world seed")] = 0,
+    k: Annotated[int, typer.Option(help="results to show")] = 10,
+    out: Annotated[Path, typer.Option(help="where the contact sheet goes")] = Path("out/demo"),
+) -> None:
+    """The main job, end to end: stack up, stream a synthetic site, index it, answer a query."""
+    from .demo import run_demo
+
+    _logging(False)
+    run_demo(_settings(), crops=crops, seed=seed, k=k, out=out, console=console)

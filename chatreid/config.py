@@ -1,0 +1,90 @@
+"""Settings for every process, from environment variables (prefix ``CHATREID_``, nested ``__``).
+
+One object, passed down explicitly; nothing reads the environment anywhere else. The defaults
+point at the local stack (``chatreid up``) on loopback; docker-compose and Helm override them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "chatreid"
+    topic_prefix: str = "chatreid"
+    partitions: int = Field(6, ge=1, description="partitions for topics this project creates")
+    replication_factor: int = Field(1, ge=1)
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical topic (see ``chatreid.schemas.topics``)."""
+        return f"{self.topic_prefix}.{name}"
+
+
+class S3Settings(BaseModel):
+    endpoint: str = "127.0.0.1:9000"
+    access_key: str = "chatreid"
+    secret_key: str = "chatreid-secret"
+    secure: bool = False
+    region: str | None = None
+    bucket: str = "chatreid"
+
+
+class StackSettings(BaseModel):
+    """The local stack started by ``chatreid up``."""
+
+    data_dir: Path = Path(".chatreid")
+    kafka_port: int = 9092
+    s3_port: int = 9000
+    ray: bool = True
+    ray_num_cpus: int = 2
+
+
+class IngestorSettings(BaseModel):
+    max_bytes: int = Field(2 * 1024 * 1024, description="largest accepted encoded crop")
+    max_pixels: int = Field(4096 * 4096, description="decompression-bomb guard")
+    min_side: int = Field(16, description="smallest accepted crop side in pixels")
+    max_side: int = Field(4096, description="largest accepted crop side in pixels")
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8070
+
+
+class EmbedderSettings(BaseModel):
+    group_id: str = "chatreid-embedder"
+    batch_size: int = Field(32, ge=1)
+    poll_timeout_ms: int = 500
+    fetch_workers: int = Field(8, ge=1, description="parallel object-store reads")
+    weights: Path | None = Field(None, description="embedder checkpoint; default: ImageNet")
+    height: int = 256
+    width: int = 128
+    torch_threads: int = Field(0, ge=0, description="0 = torch default")
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+
+
+class IndexSettings(BaseModel):
+    """The prefilter store's follower/snapshotter."""
+
+    snapshot_every_events: int = Field(2000, ge=1)
+    snapshot_every_s: float = Field(60.0, gt=0)
+    snapshot_prefix: str = "prefilter/snapshots"
+    exact_max: int = 50_000
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHATREID_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    site: str = "default-site"
+    kafka: KafkaSettings = KafkaSettings()
+    s3: S3Settings = S3Settings()
+    stack: StackSettings = StackSettings()
+    ingestor: IngestorSettings = IngestorSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+    index: IndexSettings = IndexSettings()

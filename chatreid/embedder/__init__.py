@@ -1,0 +1,26 @@
+"""The prefilter embedder: a small MobileNetV2 that maps person crops to unit vectors."""
+
+from chatreid.embedder.embedder import (
+    CHECKPOINT_FORMAT,
+    Embedder,
+    EmbeddingHead,
+    ReIDNet,
+    WeightsError,
+    build_embedder,
+    imagenet_model,
+    imagenet_weights_path,
+)
+from chatreid.embedder.mobilenetv2 import MobileNetV2, MobileNetV2Config
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Embedder",
+    "EmbeddingHead",
+    "MobileNetV2",
+    "MobileNetV2Config",
+    "ReIDNet",
+    "WeightsError",
+    "build_embedder",
+    "imagenet_model",
+    "imagenet_weights_path",
+]

@@ -1,0 +1,186 @@
+"""Keep a prefilter store fresh: restore the latest snapshot, replay the indexed log's gap, follow.
+
+The ``indexed`` topic is the store's write-ahead log (each event carries its vector); snapshots
+in object storage record the log offsets they cover. A restarted reader or embedder restores a
+snapshot and replays only the events after those offsets. Applying an event is idempotent by
+crop id, so overlapping replays never duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+
+from ..bus import make_consumer
+from ..config import Settings
+from ..schemas import INDEXED, EventError, IndexedEvent
+from ..storage import ObjectNotFound, ObjectStore, sha256_hex
+from .store import PrefilterStore, VectorMeta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FollowerStats:
+    applied: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    snapshots: int = 0
+    latencies_s: list[float] = field(default_factory=list)  # capture -> searchable
+
+
+class IndexFollower:
+    def __init__(self, settings: Settings, objects: ObjectStore | None = None,
+                 embedder_version: str | None = None, snapshots: bool = False,
+                 keep_latencies: bool = False) -> None:
+        self.settings = settings
+        self.objects = objects or ObjectStore(settings.s3)
+        self.topic = settings.kafka.topic(INDEXED.name)
+        self.embedder_version = embedder_version
+        self.store: PrefilterStore | None = None
+        self.stats = FollowerStats()
+        self.snapshots = snapshots  # only one writer of snapshots per deployment
+        self.keep_latencies = keep_latencies
+        self.lock = threading.Lock()  # guards store replacement, not searches
+        self._consumer: KafkaConsumer | None = None
+        self._since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def _latest_key(self) -> str:
+        return f"{self.settings.index.snapshot_prefix}/latest.json"
+
+    def restore(self) -> bool:
+        """Load the latest snapshot, if any; returns whether one was loaded."""
+        try:
+            pointer = json.loads(self.objects.get(self._latest_key()))
+        except ObjectNotFound:
+            return False
+        if self.embedder_version and pointer["embedder_version"] != self.embedder_version:
+            log.warning("latest snapshot is for embedder %s, not %s; rebuilding from the log",
+                        pointer["embedder_version"], self.embedder_version)
+            return False
+        data = self.objects.get(pointer["key"])
+        if sha256_hex(data) != pointer["sha256"]:
+            raise ValueError(f"snapshot {pointer['key']} does not match its sha256")
+        with self.lock:
+            self.store = PrefilterStore.from_bytes(data)
+            self.embedder_version = pointer["embedder_version"]
+        log.info("restored snapshot %s (%d vectors)", pointer["key"], len(self.store))
+        return True
+
+    def snapshot(self) -> str | None:
+        """Write the store and a pointer to it; returns the snapshot's key."""
+        if self.store is None:
+            return None
+        data = self.store.to_bytes()
+        digest = sha256_hex(data)
+        key = f"{self.settings.index.snapshot_prefix}/{self.embedder_version}/{digest}.faiss"
+        self.objects.put(key, data)
+        pointer = {"key": key, "sha256": digest, "embedder_version": self.embedder_version,
+                   "vectors": len(self.store), "offsets": dict(self.store.offsets),
+                   "created_at": time.time()}
+        self.objects.put(self._latest_key(), json.dumps(pointer).encode(), "application/json")
+        self.stats.snapshots += 1
+        self._since_snapshot, self._last_snapshot = 0, time.monotonic()
+        return key
+
+    # -- log -------------------------------------------------------------------------------------
+    def _open(self) -> KafkaConsumer:
+        if self._consumer is None:
+            consumer = make_consumer(self.settings.kafka, None)  # no group: every partition
+            parts = consumer.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            ends = consumer.end_offsets(tps)
+            offsets = self.store.offsets if self.store else {}
+            for tp in tps:
+                start = offsets.get(f"{tp.topic}:{tp.partition}", 0)
+                if start > ends[tp]:  # a fresh broker (memory-only) lost the log: start over
+                    log.warning("snapshot offset %d beyond log end %d on %s; replaying all",
+                                start, ends[tp], tp)
+                    start = 0
+                consumer.seek(tp, start)
+            self._consumer = consumer
+        return self._consumer
+
+    def catch_up(self, timeout_s: float = 60.0) -> int:
+        """Apply everything written to the log up to now; returns events applied."""
+        consumer = self._open()
+        ends = consumer.end_offsets(list(consumer.assignment()))
+        applied, deadline = 0, time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"index not caught up within {timeout_s}s")
+            applied += self.poll(timeout_ms=200)
+        return applied
+
+    def poll(self, timeout_ms: int = 500) -> int:
+        consumer = self._open()
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=512)
+        applied = 0
+        for tp, records in polled.items():
+            applied += self._apply(records)
+            if self.store is not None:
+                self.store.offsets[f"{tp.topic}:{tp.partition}"] = records[-1].offset + 1
+        if self.snapshots:
+            self._maybe_snapshot()
+        return applied
+
+    def _apply(self, records) -> int:
+        events: list[IndexedEvent] = []
+        for r in records:
+            try:
+                event = IndexedEvent.from_bytes(r.value)
+            except EventError as exc:
+                self.stats.rejected += 1
+                log.warning("skipping bad indexed event at %s:%d: %s", r.partition, r.offset, exc)
+                continue
+            if self.embedder_version and event.embedder_version != self.embedder_version:
+                self.stats.rejected += 1  # another embedder's space: not comparable
+                continue
+            events.append(event)
+        if not events:
+            return 0
+        vectors = np.stack([e.vector() for e in events])
+        metas = [VectorMeta(crop_id=e.crop_id, camera=e.camera, modality=e.modality,
+                            capture_time=e.capture_time.timestamp(), site=e.site,
+                            object_key=e.object_key) for e in events]
+        with self.lock:
+            if self.store is None:
+                self.store = PrefilterStore(vectors.shape[1],
+                                            exact_max=self.settings.index.exact_max)
+                self.embedder_version = events[0].embedder_version
+        added = self.store.add(vectors, metas)
+        self.stats.applied += added
+        self.stats.duplicates += len(events) - added
+        if self.keep_latencies:
+            now = time.time()
+            self.stats.latencies_s.extend(now - m.capture_time for m in metas)
+        self._since_snapshot += added
+        return added
+
+    def _maybe_snapshot(self) -> None:
+        cfg = self.settings.index
+        if self._since_snapshot and (
+            self._since_snapshot >= cfg.snapshot_every_events
+            or time.monotonic() - self._last_snapshot >= cfg.snapshot_every_s
+        ):
+            self.snapshot()
+
+    def follow(self, stop: threading.Event) -> None:
+        """Tail the log until ``stop`` is set (run in a thread or as the main loop)."""
+        while not stop.is_set():
+            self.poll()
+        self.close()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None

@@ -1,0 +1,906 @@
+"""FAISS vector store that prefilters retrieval candidates (cosine top-k cap K, threshold tau).
+
+Design (the why):
+
+* Rows are append-only and every index labels vectors by row number, so all index kinds (flat,
+  IVF, HNSW, and their GPU copies) are appended to with a plain ``add`` and filtered with one
+  bitmap selector over rows. The 64-bit crop ids live beside the rows, not inside faiss.
+* The original L2-normalised float32 vectors live in an ``IndexFlatIP``: it is at once the
+  exact index, the ground truth for calibration and the source for rebuilds and snapshots, so
+  they are stored once.
+* ``remove`` marks tombstones that searches exclude through the same bitmap; dead rows are
+  compacted away (and the approximate index refilled) once they are a sizeable fraction.
+* Above ``exact_max`` live vectors the store adds an approximate index (default IVF with 8-bit
+  scalar quantisation) that only proposes candidates: their scores are recomputed exactly from
+  the float32 vectors, so reported scores are true cosines and quantisation never reorders hits.
+  Its search knob (nprobe / efSearch) is calibrated by measuring recall against exact search
+  on a sample of stored vectors whenever the index is (re)built.
+* Filters are applied inside the search (faiss ``IDSelectorBitmap``); a filter that leaves few
+  candidates is answered exactly, and any approximate answer that comes back short of k while
+  more matches exist is redone exactly, so k filtered hits come back when they exist.
+* faiss-gpu and faiss-cpu run the same code: with GPUs the active index is cloned onto them
+  (``index_cpu_to_all_gpus``) for unfiltered searches; the CPU copy stays authoritative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+MODALITIES = frozenset({"rgb", "infrared"})
+FORMAT_VERSION = 1
+
+_MAGIC = b"CRPFSTOR"  # 8 bytes; then u32 header length, JSON header, sections, sha256 trailer
+_DIGEST_LEN = 32
+_SECTIONS = ("vectors", "ids", "alive", "metas", "approx")
+
+# Flat search is memory-bound: one query reads n*dim floats. ~24M floats (96 MiB) took ~5 ms per
+# single query on 2 Sapphire Rapids cores, so the default exact_max keeps flat below that.
+_FLAT_BUDGET_FLOATS = 24 * 2**20
+_MIN_EXACT_MAX = 2048
+_IVF_MIN_ROWS = 2048  # fewer vectors cannot train a useful IVF; a forced "ivf" stays flat below
+_IVF_TRAIN_PER_LIST = 48  # k-means sample per list (faiss warns below 39)
+_RETRAIN_GROWTH = 4  # retrain IVF (nlist ~ 4 sqrt(n)) / recalibrate when n grows by this factor
+_HNSW_M = 32
+_HNSW_EF_CONSTRUCTION = 80
+_CALIB_QUERIES = 100
+_CALIB_K = 100
+_RERANK = 2  # approximate candidates fetched per wanted hit, then rescored exactly
+_IVF_NPROBES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+_HNSW_EFS = (16, 32, 64, 128, 256, 384, 512, 1024)
+_COMPACT_MIN_DEAD = 1024
+_COMPACT_FRACTION = 0.25
+_SUBSET_BLAS_MIN_QUERIES = 8  # from this many queries a gathered BLAS scan beats per-query scans
+_SUBSET_BLOCK = 32768
+_GPU_MAX_K = 2048  # faiss GPU k limit
+
+
+@dataclass(frozen=True)
+class VectorMeta:
+    crop_id: str
+    camera: str
+    modality: str
+    capture_time: float
+    site: str = ""
+    object_key: str = ""
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Metadata filter; ``None`` fields do not filter. The time window is inclusive."""
+
+    cameras: frozenset[str] | None = None
+    modality: str | None = None
+    time_from: float | None = None
+    time_to: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cameras is not None and not isinstance(self.cameras, frozenset):
+            if isinstance(self.cameras, str):
+                raise ValueError("SearchFilter.cameras must be a set of camera names, not a str")
+            object.__setattr__(self, "cameras", frozenset(self.cameras))
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ValueError(f"SearchFilter.modality must be one of {sorted(MODALITIES)}, "
+                             f"got {self.modality!r}")
+        if (self.time_from is not None and self.time_to is not None
+                and self.time_from > self.time_to):
+            raise ValueError(
+                f"SearchFilter time window is empty: {self.time_from} > {self.time_to}")
+
+    @property
+    def is_empty(self) -> bool:
+        return (self.cameras is None and self.modality is None and self.time_from is None
+                and self.time_to is None)
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+    meta: VectorMeta
+
+
+@dataclass(frozen=True)
+class AddReport:
+    added: int
+    skipped: tuple[str, ...]  # crop ids already present (or repeated in the batch)
+
+
+def crop_id_to_int64(crop_id: str) -> int:
+    """Stable id: the first 8 bytes of sha256(crop_id), big-endian, as a positive int63."""
+    digest = hashlib.sha256(crop_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def default_exact_max(dim: int) -> int:
+    """Largest store searched flat by default (see ``_FLAT_BUDGET_FLOATS``)."""
+    return max(_MIN_EXACT_MAX, _FLAT_BUDGET_FLOATS // dim)
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+class _RWLock:
+    """Readers-writer lock: readers share, writers are exclusive and preferred (no starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class _Column:
+    """Growable 1-d numpy buffer (amortised O(1) append)."""
+
+    def __init__(self, dtype: Any, values: np.ndarray | None = None) -> None:
+        self._buf = np.empty(1024, dtype=dtype) if values is None else np.array(values, dtype)
+        self.n = 0 if values is None else len(values)
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + len(values)
+        if need > len(self._buf):
+            grown = np.empty(max(need, 2 * len(self._buf)), dtype=self._buf.dtype)
+            grown[: self.n] = self._buf[: self.n]
+            self._buf = grown
+        self._buf[self.n : need] = values
+        self.n = need
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self._buf.itemsize
+
+
+def _as_unit_rows(array: Any, dim: int, what: str, *, allow_1d: bool) -> np.ndarray:
+    """Validate a float matrix of shape (n, dim) and return it L2-normalised as float32."""
+    arr = np.asarray(array)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{what} must be a floating-point array, got dtype {arr.dtype}")
+    if arr.ndim == 1 and allow_1d:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        want = f"({dim},) or (n, {dim})" if allow_1d else f"(n, {dim})"
+        raise ValueError(f"{what} must have shape {want}, got {arr.shape}")
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)[:5].tolist()
+        raise ValueError(f"{what} contain NaN or Inf (rows {bad})")
+    x = arr.astype(np.float32, copy=True)
+    peak = np.abs(x).max(axis=1, keepdims=True) if len(x) else np.ones((0, 1), np.float32)
+    if (peak == 0).any():
+        bad = np.flatnonzero(peak[:, 0] == 0)[:5].tolist()
+        raise ValueError(f"{what} contain all-zero rows (rows {bad}); cosine is undefined")
+    x /= peak  # pre-scale so the norm cannot overflow float32
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x)
+
+
+def _check_metas(metas: Sequence[VectorMeta]) -> None:
+    for i, m in enumerate(metas):
+        if not isinstance(m, VectorMeta):
+            raise ValueError(f"metas[{i}] must be a VectorMeta, got {type(m).__name__}")
+        if not isinstance(m.crop_id, str) or not m.crop_id:
+            raise ValueError(f"metas[{i}].crop_id must be a non-empty str")
+        if m.modality not in MODALITIES:
+            raise ValueError(f"metas[{i}].modality must be one of {sorted(MODALITIES)}, "
+                             f"got {m.modality!r}")
+        if not isinstance(m.camera, str):
+            raise ValueError(f"metas[{i}].camera must be a str")
+        t = m.capture_time
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+            raise ValueError(f"metas[{i}].capture_time must be a finite number, got {t!r}")
+
+
+def _bitmap_selector(mask: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """Selector over row numbers; the returned bits must stay alive while faiss uses it."""
+    bits = np.packbits(mask, bitorder="little")
+    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits
+
+
+def _sorted_hits(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k by score descending, ties broken by row so results are deterministic."""
+    order = np.lexsort((rows, -scores))[:k]
+    return rows[order], scores[order]
+
+
+def _nearest_pow2(x: float) -> int:
+    return 1 << max(0, round(math.log2(max(x, 1.0))))
+
+
+def _ivf_nlist(n: int) -> int:
+    nlist = _nearest_pow2(4 * math.sqrt(n))
+    while nlist > 16 and nlist * _IVF_TRAIN_PER_LIST > n:
+        nlist //= 2
+    return nlist
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+class PrefilterStore:
+    """Cosine vector store with metadata filters, idempotent adds and exact/approximate search.
+
+    ``index_kind``: ``"flat"`` is always exact; ``"auto"`` is exact up to ``exact_max`` live
+    vectors and IVF-SQ8 above; ``"ivf"`` uses IVF-SQ8 as soon as it can be trained
+    (2048 vectors); ``"hnsw"`` uses HNSW-Flat from the first vector. Thread-safe: searches run
+    in parallel, writes are exclusive.
+    """
+
+    def __init__(self, dim: int, *, exact_max: int | None = None, index_kind: IndexKind = "auto",
+                 use_gpu: bool | None = None, target_recall: float = 0.97) -> None:
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if index_kind not in ("auto", "flat", "hnsw", "ivf"):
+            raise ValueError(f"index_kind must be auto, flat, hnsw or ivf, got {index_kind!r}")
+        if not 0.0 < target_recall <= 1.0:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        self.dim = dim
+        self.exact_max = default_exact_max(dim) if exact_max is None else int(exact_max)
+        self.index_kind: IndexKind = index_kind
+        self.target_recall = float(target_recall)
+        self.offsets: dict[str, int] = {}
+        self._use_gpu = _resolve_gpu(use_gpu)
+        self._lock = _RWLock()
+        self._reset_rows()
+        self._approx: faiss.Index | None = None
+        self._approx_kind = "flat"
+        self._knob = 0  # nprobe (IVF) or efSearch (HNSW)
+        self._trained_rows = 0  # live vectors when the approximate index was last (re)trained
+        self._gpu: faiss.Index | None = None
+
+    def _reset_rows(self) -> None:
+        self._flat = faiss.IndexFlatIP(self.dim)
+        self._ids = _Column(np.int64)
+        self._alive = _Column(np.bool_)
+        self._cams = _Column(np.int32)
+        self._mods = _Column(np.int8)
+        self._times = _Column(np.float64)
+        self._metas: list[VectorMeta] = []
+        self._row_of: dict[int, int] = {}  # live id -> row
+        self._cam_code: dict[str, int] = {}
+        self._n_dead = 0
+
+    # -- introspection -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __contains__(self, crop_id: object) -> bool:
+        if not isinstance(crop_id, str):
+            return False
+        with self._lock.read():
+            return self._live_row(crop_id) is not None
+
+    def __repr__(self) -> str:
+        return (f"PrefilterStore(dim={self.dim}, n={len(self)}, kind={self.active_kind!r}, "
+                f"exact_max={self.exact_max}, gpu={self._use_gpu})")
+
+    @property
+    def active_kind(self) -> str:
+        """The index searches use now: ``flat``, ``ivf`` or ``hnsw``."""
+        return self._approx_kind if self._approx is not None else "flat"
+
+    @property
+    def search_knob(self) -> int:
+        """Calibrated nprobe (IVF) or efSearch (HNSW); 0 when flat."""
+        return self._knob if self._approx is not None else 0
+
+    def index_info(self) -> dict[str, Any]:
+        """What searches use now, for logs, metrics and benchmarks."""
+        with self._lock.read():
+            info: dict[str, Any] = {
+                "kind": self.active_kind, "vectors": len(self), "rows": self._flat.ntotal,
+                "exact_max": self.exact_max, "knob": self.search_knob,
+                "trained_vectors": self._trained_rows, "gpu": self._gpu is not None,
+            }
+            if self._approx is not None and self._approx_kind == "ivf":
+                info["nlist"] = self._approx.nlist
+            return info
+
+    def get_meta(self, crop_id: str) -> VectorMeta | None:
+        with self._lock.read():
+            row = self._live_row(crop_id)
+            return None if row is None else self._metas[row]
+
+    def _live_row(self, crop_id: str) -> int | None:
+        row = self._row_of.get(crop_id_to_int64(crop_id))
+        if row is None or self._metas[row].crop_id != crop_id:
+            return None
+        return row
+
+    def memory_bytes(self) -> int:
+        """Approximate resident bytes: vectors, approximate index, metadata (Python included)."""
+        with self._lock.read():
+            n = self._flat.ntotal
+            total = n * self.dim * 4
+            total += sum(c.nbytes for c in (self._ids, self._alive, self._cams, self._mods,
+                                            self._times))
+            total += self._approx_bytes()
+            total += self._python_bytes()
+            return total
+
+    def _approx_bytes(self) -> int:
+        if self._approx is None:
+            return 0
+        if self._approx_kind == "ivf":
+            ivf = faiss.extract_index_ivf(self._approx)
+            return ivf.ntotal * (ivf.code_size + 8) + ivf.nlist * self.dim * 4
+        hnsw = self._approx.hnsw
+        links = hnsw.neighbors.size() * 4 + hnsw.offsets.size() * 8 + hnsw.levels.size() * 4
+        return links + self._approx.ntotal * self.dim * 4  # HNSWFlat keeps its own vectors
+
+    def _python_bytes(self) -> int:
+        n = len(self._metas)
+        if not n:
+            return 0
+        sample = self._metas[:: max(1, n // 256)]
+        per_meta = sum(sys.getsizeof(m) + sys.getsizeof(m.__dict__) + sys.getsizeof(m.crop_id)
+                       + sys.getsizeof(m.object_key) for m in sample) / len(sample)
+        dict_entry = 100  # dict slot + boxed int key and value
+        return int(n * (per_meta + 8 + dict_entry))  # + 8 for the list slot
+
+    # -- writes --------------------------------------------------------------------------------
+    def add(self, vectors: np.ndarray, metas: Sequence[VectorMeta]) -> int:
+        """Add vectors (ids from ``meta.crop_id``); returns how many were new."""
+        return self.add_with_report(vectors, metas).added
+
+    def add_with_report(self, vectors: np.ndarray, metas: Sequence[VectorMeta]) -> AddReport:
+        """Like ``add`` but also names the crop ids skipped because they were already present."""
+        metas = list(metas)
+        x = _as_unit_rows(vectors, self.dim, "vectors", allow_1d=False)
+        if len(x) != len(metas):
+            raise ValueError(f"got {len(x)} vectors but {len(metas)} metas")
+        _check_metas(metas)
+        ids = [crop_id_to_int64(m.crop_id) for m in metas]
+        with self._lock.write():
+            keep, skipped = self._new_rows(ids, metas)
+            if keep:
+                self._append(x[keep], [ids[i] for i in keep], [metas[i] for i in keep])
+        if skipped:
+            log.debug("prefilter add skipped %d crop ids already present", len(skipped))
+        return AddReport(added=len(keep), skipped=tuple(skipped))
+
+    def _new_rows(self, ids: list[int], metas: list[VectorMeta]) -> tuple[list[int], list[str]]:
+        """Indices of the batch to insert; raises (before any change) on an id collision."""
+        keep: list[int] = []
+        skipped: list[str] = []
+        seen: dict[int, str] = {}
+        for i, (id_, meta) in enumerate(zip(ids, metas, strict=True)):
+            row = self._row_of.get(id_)
+            owner = self._metas[row].crop_id if row is not None else seen.get(id_)
+            if owner is None:
+                seen[id_] = meta.crop_id
+                keep.append(i)
+            elif owner == meta.crop_id:
+                skipped.append(meta.crop_id)
+            else:
+                raise ValueError(f"crop ids {owner!r} and {meta.crop_id!r} hash to the same "
+                                 f"64-bit id {id_}")
+        return keep, skipped
+
+    def _append(self, x: np.ndarray, ids: list[int], metas: list[VectorMeta]) -> None:
+        first = self._flat.ntotal
+        self._flat.add(x)
+        self._ids.extend(np.asarray(ids, dtype=np.int64))
+        self._alive.extend(np.ones(len(ids), dtype=np.bool_))
+        self._cams.extend(np.fromiter((self._camera_code(m.camera) for m in metas), np.int32,
+                                      len(metas)))
+        self._mods.extend(np.fromiter((m.modality == "infrared" for m in metas), np.int8,
+                                      len(metas)))
+        self._times.extend(np.fromiter((m.capture_time for m in metas), np.float64, len(metas)))
+        self._metas.extend(metas)
+        self._row_of.update(zip(ids, range(first, first + len(ids)), strict=True))
+        if not self._reindex():  # not rebuilt: append the new rows to the live indexes
+            if self._approx is not None:
+                self._approx.add(x)
+            if self._gpu is not None:
+                self._gpu.add(x)
+
+    def _camera_code(self, camera: str) -> int:
+        return self._cam_code.setdefault(camera, len(self._cam_code))
+
+    def remove(self, crop_ids: Sequence[str]) -> int:
+        """Remove crops by id; unknown ids are ignored. Returns how many were removed."""
+        if isinstance(crop_ids, str):
+            raise ValueError("remove() takes a sequence of crop ids, not a single str")
+        removed = 0
+        with self._lock.write():
+            for crop_id in crop_ids:
+                row = self._live_row(crop_id)
+                if row is None:
+                    continue
+                del self._row_of[int(self._ids.view[row])]
+                self._alive.view[row] = False
+                self._n_dead += 1
+                removed += 1
+            if removed and self._n_dead >= max(_COMPACT_MIN_DEAD,
+                                               _COMPACT_FRACTION * self._flat.ntotal):
+                self._compact()
+        return removed
+
+    def _compact(self) -> None:
+        """Drop dead rows, renumber, and refill (or drop) the approximate index."""
+        keep = np.flatnonzero(self._alive.view)
+        x = self._xb()[keep].copy()
+        ids, cams, mods = self._ids.view[keep], self._cams.view[keep], self._mods.view[keep]
+        times, metas = self._times.view[keep], [self._metas[r] for r in keep]
+        cam_code = self._cam_code
+        self._reset_rows()
+        self._cam_code = cam_code
+        self._flat.add(x)
+        self._ids, self._cams = _Column(np.int64, ids), _Column(np.int32, cams)
+        self._mods, self._times = _Column(np.int8, mods), _Column(np.float64, times)
+        self._alive = _Column(np.bool_, np.ones(len(keep), np.bool_))
+        self._metas = metas
+        self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
+        log.info("prefilter store compacted to %d rows", len(keep))
+        if self._reindex():
+            return
+        if self._approx_kind == "ivf" and self._approx is not None:
+            self._approx.reset()  # keeps the trained quantiser and SQ ranges
+            self._approx.add(x)
+        elif self._approx is not None:
+            self._build_approx(self._approx_kind)
+            return
+        self._sync_gpu()
+
+    # -- index choice, building, calibration ---------------------------------------------------
+    def _wanted_kind(self) -> str:
+        n = len(self._row_of)
+        if self.index_kind == "flat":
+            return "flat"
+        if self.index_kind == "hnsw":
+            return "hnsw" if n else "flat"
+        if self.index_kind == "ivf":
+            return "ivf" if n >= _IVF_MIN_ROWS else "flat"
+        if n > self.exact_max:
+            return "ivf"
+        # hysteresis: once approximate, only go back to flat well below the threshold
+        keep = self._approx is not None and n > self.exact_max // 2
+        return self._approx_kind if keep else "flat"
+
+    def _reindex(self) -> bool:
+        """Migrate/retrain/recalibrate after the rows changed; True when indexes were rebuilt."""
+        want = self._wanted_kind()
+        grown = len(self._row_of) >= _RETRAIN_GROWTH * max(self._trained_rows, 1)
+        if want == "flat":
+            if self._approx is None:
+                return False
+            self._approx, self._approx_kind, self._trained_rows = None, "flat", 0
+            self._sync_gpu()
+            return True
+        if self._approx is None or self._approx_kind != want or (want == "ivf" and grown):
+            self._build_approx(want)
+            return True
+        if grown:  # HNSW needs no retraining; the graph grows, but efSearch should follow
+            self._approx.add(self._xb()[self._approx.ntotal:])
+            self._calibrate()
+            self._trained_rows = len(self._row_of)
+            self._sync_gpu()
+            return True
+        return False
+
+    def _build_approx(self, kind: str) -> None:
+        xb = self._xb()
+        if kind == "ivf":
+            index = self._train_ivf(xb)
+        else:
+            index = faiss.IndexHNSWFlat(self.dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+        index.add(xb)  # every row, dead ones included, so labels stay row numbers
+        self._approx, self._approx_kind = index, kind
+        self._trained_rows = len(self._row_of)
+        self._calibrate()
+        self._sync_gpu()
+        log.info("prefilter store built %s index over %d vectors (knob %d)", kind,
+                 len(self._row_of), self._knob)
+
+    def _train_ivf(self, xb: np.ndarray) -> faiss.Index:
+        live = np.flatnonzero(self._alive.view)
+        nlist = _ivf_nlist(len(live))
+        rng = np.random.default_rng(len(live))  # deterministic for a given store
+        n_train = min(len(live), nlist * _IVF_TRAIN_PER_LIST)
+        sample = xb[np.sort(rng.choice(live, n_train, replace=False))]
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist,
+                                              faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.cp.spherical = True  # centroids on the unit sphere, like the data
+        index.train(sample)
+        return index
+
+    def _calibrate(self) -> None:
+        """Pick the cheapest knob whose recall@k vs exact search reaches ``target_recall``."""
+        live = np.flatnonzero(self._alive.view)
+        k = min(_CALIB_K, len(live))
+        mask = self._alive.view if self._n_dead else None
+        queries = self._calibration_queries(live, mask)
+        truth = [set(r.tolist()) for r, _ in self._exact(queries, k, mask)]
+        if self._approx_kind == "ivf":
+            knobs = (*(p for p in _IVF_NPROBES if p < self._approx.nlist), self._approx.nlist)
+        else:  # searches use efSearch >= candidates wanted, so only such values are measurable
+            knobs = tuple(e for e in _HNSW_EFS if e >= k * _RERANK) or (k * _RERANK,)
+        for knob in knobs:
+            found = self._approx_topk(queries, k, mask, len(live), knob)
+            recall = np.mean([len(t & set(r.tolist())) / len(t)
+                              for t, (r, _) in zip(truth, found, strict=True)])
+            if recall >= self.target_recall:
+                break
+        self._knob = knob
+        log.info("prefilter %s calibrated: knob %d gives recall@%d %.3f", self._approx_kind,
+                 knob, k, recall)
+
+    def _calibration_queries(self, live: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """Unseen but realistic queries: midpoints of stored vectors and one of their near
+        neighbours. Stored vectors themselves would flatter graph indexes (they sit in the graph).
+        """
+        rng = np.random.default_rng(len(live) + 1)
+        xb = self._xb()
+        anchors = xb[np.sort(rng.choice(live, min(_CALIB_QUERIES, len(live)), replace=False))]
+        near = self._exact(anchors, min(10, len(live)), mask)
+        partners = np.array([rows[rng.integers(1, len(rows))] if len(rows) > 1 else rows[0]
+                             for rows, _ in near])
+        queries = anchors + xb[partners]
+        return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+    def _sync_gpu(self) -> None:
+        """(Re)clone the active index onto the GPUs; HNSW has no GPU version and stays on CPU."""
+        self._gpu = None
+        if not self._use_gpu or (self._approx_kind == "hnsw" and self._approx is not None):
+            return
+        source = self._approx if self._approx is not None else self._flat
+        self._gpu = faiss.index_cpu_to_all_gpus(source)
+        if self._approx is not None:
+            faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", self._knob)
+
+    def _xb(self) -> np.ndarray:
+        """Zero-copy view of the stored vectors; valid only until the next write (hold a lock)."""
+        n = self._flat.ntotal
+        if n == 0:
+            return np.empty((0, self.dim), np.float32)
+        return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
+
+    # -- search --------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, *, tau: float | None = None,
+               filters: SearchFilter | None = None, exact: bool = False) -> list[list[Hit]]:
+        """Top-k cosine hits per query, best first; ``tau`` drops hits scoring below it.
+
+        Filters restrict the candidates before top-k. ``exact=True`` bypasses the approximate
+        index (ground truth, audits).
+        """
+        q = _as_unit_rows(queries, self.dim, "queries", allow_1d=True)
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if tau is not None and not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite number, got {tau!r}")
+        if filters is not None and not isinstance(filters, SearchFilter):
+            raise ValueError(f"filters must be a SearchFilter, got {type(filters).__name__}")
+        with self._lock.read():
+            found = self._search_rows(q, int(k), filters, exact)
+            return [self._hits(rows, scores, tau) for rows, scores in found]
+
+    def _hits(self, rows: np.ndarray, scores: np.ndarray, tau: float | None) -> list[Hit]:
+        scores = np.clip(scores, -1.0, 1.0)
+        if tau is not None:
+            keep = scores >= tau
+            rows, scores = rows[keep], scores[keep]
+        ids = self._ids.view
+        return [Hit(id=int(ids[r]), score=float(s), meta=self._metas[r])
+                for r, s in zip(rows.tolist(), scores.tolist(), strict=True)]
+
+    def _search_rows(self, q: np.ndarray, k: int, filters: SearchFilter | None,
+                     exact: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        mask = self._selection(filters)
+        m = len(self._row_of) if mask is None else int(np.count_nonzero(mask))
+        if m == 0:
+            empty = (np.empty(0, np.int64), np.empty(0, np.float32))
+            return [empty] * len(q)
+        k = min(k, m)
+        if exact or self._approx is None or (mask is not None and m <= self.exact_max):
+            return self._exact(q, k, mask)
+        return self._approximate(q, k, mask, m)
+
+    def _selection(self, filters: SearchFilter | None) -> np.ndarray | None:
+        """Boolean mask over rows of live rows passing the filter; None when that is every row."""
+        alive = self._alive.view if self._n_dead else None
+        if filters is None or filters.is_empty:
+            return alive
+        mask = np.ones(self._flat.ntotal, np.bool_) if alive is None else alive.copy()
+        if filters.cameras is not None:
+            lut = np.zeros(len(self._cam_code) + 1, np.bool_)
+            lut[[self._cam_code[c] for c in filters.cameras if c in self._cam_code]] = True
+            mask &= lut[self._cams.view]
+        if filters.modality is not None:
+            mask &= self._mods.view == (filters.modality == "infrared")
+        if filters.time_from is not None:
+            mask &= self._times.view >= filters.time_from
+        if filters.time_to is not None:
+            mask &= self._times.view <= filters.time_to
+        return mask
+
+    def _exact(self, q: np.ndarray, k: int,
+               mask: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        if mask is not None and len(q) >= _SUBSET_BLAS_MIN_QUERIES:
+            return self._exact_subset(q, k, np.flatnonzero(mask))
+        if mask is None:
+            use_gpu = self._gpu is not None and self._approx is None and k <= _GPU_MAX_K
+            scores, rows = (self._gpu if use_gpu else self._flat).search(q, k)
+        else:
+            sel, _bits = _bitmap_selector(mask)
+            scores, rows = self._flat.search(q, k, params=faiss.SearchParameters(sel=sel))
+        return [_sorted_hits(r[r >= 0], s[r >= 0], k) for r, s in zip(rows, scores, strict=True)]
+
+    def _exact_subset(self, q: np.ndarray, k: int,
+                      rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Exact top-k over selected rows with blocked BLAS (many queries, any selectivity)."""
+        xb = self._xb()
+        best_s = np.empty((len(q), 0), np.float32)
+        best_r = np.empty((len(q), 0), np.int64)
+        for start in range(0, len(rows), _SUBSET_BLOCK):
+            block = rows[start : start + _SUBSET_BLOCK]
+            cand_s = np.concatenate([best_s, q @ xb[block].T], axis=1)
+            cand_r = np.concatenate([best_r, np.broadcast_to(block, (len(q), len(block)))], 1)
+            if cand_s.shape[1] > k:
+                top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+                cand_s = np.take_along_axis(cand_s, top, 1)
+                cand_r = np.take_along_axis(cand_r, top, 1)
+            best_s, best_r = cand_s, cand_r
+        return [_sorted_hits(r, s, k) for r, s in zip(best_r, best_s, strict=True)]
+
+    def _approximate(self, q: np.ndarray, k: int, mask: np.ndarray | None,
+                     m: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        found = self._approx_topk(q, k, mask, m, self._knob)
+        short = [i for i, (rows, _) in enumerate(found) if len(rows) < k]
+        if short:  # the probed part of the index held too few matches: answer those exactly
+            for i, hit in zip(short, self._exact(q[short], k, mask), strict=True):
+                found[i] = hit
+        return found
+
+    def _approx_topk(self, q: np.ndarray, k: int, mask: np.ndarray | None, m: int,
+                     knob: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Approximate candidates (``_RERANK`` per wanted hit) rescored with exact cosines."""
+        k2 = min(m, k * _RERANK)
+        if mask is None and self._gpu is not None and k2 <= _GPU_MAX_K:
+            _, rows = self._gpu.search(q, k2)
+        else:
+            params, _bits = self._approx_params(mask, m, knob, k2)
+            _, rows = self._approx.search(q, k2, params=params)
+        xb = self._xb()
+        out = []
+        for qi, r in zip(q, rows, strict=True):
+            r = r[r >= 0]
+            out.append(_sorted_hits(r, xb[r] @ qi, k))
+        return out
+
+    def _approx_params(self, mask: np.ndarray | None, m: int, knob: int,
+                       k2: int) -> tuple[faiss.SearchParameters, np.ndarray | None]:
+        if self._approx_kind == "ivf":
+            nlist = self._approx.nlist
+            # a filter keeping a fraction f of rows needs ~1/f more lists for the same matches
+            nprobe = knob if mask is None else math.ceil(knob * len(mask) / m)
+            params = faiss.SearchParametersIVF(nprobe=min(nlist, nprobe))
+        else:
+            params = faiss.SearchParametersHNSW(efSearch=max(knob, k2))
+        bits = None
+        if mask is not None:
+            params.sel, bits = _bitmap_selector(mask)
+        return params, bits
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Full state (vectors, ids, metas, offsets, config, trained index) as one snapshot."""
+        with self._lock.read():
+            return b"".join(self._snapshot_chunks())  # join copies each chunk once
+
+    def save(self, path: Path | str) -> None:
+        """Write a snapshot atomically (temporary file in the same directory, then rename)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh, self._lock.read():
+                for chunk in self._snapshot_chunks():
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    @classmethod
+    def load(cls, path: Path | str, *, use_gpu: bool | None = None) -> PrefilterStore:
+        return cls.from_bytes(Path(path).read_bytes(), use_gpu=use_gpu)
+
+    def _snapshot_chunks(self) -> list[bytes | memoryview]:
+        """Magic, header length, JSON header, sections, then sha256 of all of those.
+
+        The vectors chunk views faiss memory: hold the read lock until the chunks are consumed.
+        """
+        sections = self._snapshot_sections()
+        header = {
+            "format": "chatreid.prefilter", "version": FORMAT_VERSION, "dim": self.dim,
+            "exact_max": self.exact_max, "index_kind": self.index_kind,
+            "target_recall": self.target_recall, "approx_kind": self.active_kind,
+            "knob": self._knob, "trained_rows": self._trained_rows,
+            "rows": self._flat.ntotal, "offsets": _checked_offsets(self.offsets),
+            "sections": [[name, len(data)] for name, data in sections],
+        }
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        chunks = [_MAGIC, struct.pack("<I", len(raw)), raw, *(d for _, d in sections)]
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk)
+        return [*chunks, digest.digest()]
+
+    def _snapshot_sections(self) -> list[tuple[str, memoryview]]:
+        metas = [[m.crop_id, m.camera, m.modality, m.capture_time, m.site, m.object_key]
+                 for m in self._metas]
+        approx = (faiss.serialize_index(self._approx) if self._approx is not None
+                  else np.empty(0, np.uint8))
+        arrays = {
+            "vectors": self._xb().astype("<f4", copy=False),
+            "ids": self._ids.view.astype("<i8", copy=False),
+            "alive": self._alive.view.astype(np.uint8),
+            "metas": np.frombuffer(json.dumps(metas, separators=(",", ":")).encode(), np.uint8),
+            "approx": approx,
+        }
+        return [(name, memoryview(np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)))
+                for name in _SECTIONS]
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, use_gpu: bool | None = None) -> PrefilterStore:
+        """Rebuild a store from ``to_bytes`` output; corrupt or foreign data raises ValueError."""
+        header, sections = _parse_snapshot(memoryview(data))
+        try:
+            return cls._from_parts(header, sections, use_gpu)
+        except (KeyError, TypeError, IndexError, RuntimeError) as exc:
+            raise ValueError(f"prefilter snapshot is inconsistent: {exc}") from exc
+
+    @classmethod
+    def _from_parts(cls, header: dict[str, Any], sections: dict[str, memoryview],
+                    use_gpu: bool | None) -> PrefilterStore:
+        dim, n = int(header["dim"]), int(header["rows"])
+        store = cls(dim, exact_max=int(header["exact_max"]), index_kind=header["index_kind"],
+                    use_gpu=use_gpu, target_recall=float(header["target_recall"]))
+        store.offsets = _checked_offsets(header["offsets"])
+        vectors = np.frombuffer(sections["vectors"], "<f4")
+        ids = np.frombuffer(sections["ids"], "<i8")
+        alive = np.frombuffer(sections["alive"], np.uint8).astype(np.bool_)
+        metas = [VectorMeta(*row) for row in json.loads(bytes(sections["metas"]))]
+        if not (len(vectors) == n * dim and len(ids) == len(alive) == len(metas) == n):
+            raise ValueError("prefilter snapshot sections disagree on the number of rows")
+        store._restore_rows(vectors.reshape(n, dim), ids, alive, metas)
+        if header["approx_kind"] != "flat":
+            approx = faiss.deserialize_index(np.frombuffer(sections["approx"], np.uint8).copy())
+            if approx.ntotal != n or approx.d != dim:
+                raise ValueError("prefilter snapshot approximate index does not match its rows")
+            store._approx, store._approx_kind = approx, header["approx_kind"]
+            store._knob, store._trained_rows = int(header["knob"]), int(header["trained_rows"])
+        store._sync_gpu()
+        return store
+
+    def _restore_rows(self, vectors: np.ndarray, ids: np.ndarray, alive: np.ndarray,
+                      metas: list[VectorMeta]) -> None:
+        _check_metas(metas)
+        self._flat.add(np.ascontiguousarray(vectors, np.float32))
+        self._ids, self._alive = _Column(np.int64, ids), _Column(np.bool_, alive)
+        self._cams = _Column(np.int32, [self._camera_code(m.camera) for m in metas])
+        self._mods = _Column(np.int8, [m.modality == "infrared" for m in metas])
+        self._times = _Column(np.float64, [m.capture_time for m in metas])
+        self._metas = metas
+        live = np.flatnonzero(alive)
+        self._row_of = {int(ids[r]): int(r) for r in live}
+        if len(self._row_of) != len(live):
+            raise ValueError("prefilter snapshot repeats a live id")
+        self._n_dead = len(alive) - len(live)
+
+
+# -- module helpers --------------------------------------------------------------------------
+
+
+def _resolve_gpu(use_gpu: bool | None) -> bool:
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    can = gpus > 0 and hasattr(faiss, "index_cpu_to_all_gpus")
+    if use_gpu and not can:
+        raise ValueError("use_gpu=True but faiss sees no GPU (install the faiss-gpu extra)")
+    return can if use_gpu is None else bool(use_gpu)
+
+
+def _checked_offsets(offsets: Any) -> dict[str, int]:
+    if not isinstance(offsets, dict) or not all(
+            isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool)
+            for key, v in offsets.items()):
+        raise ValueError("offsets must map str keys to int offsets")
+    return dict(offsets)
+
+
+def _parse_snapshot(data: memoryview) -> tuple[dict[str, Any], dict[str, memoryview]]:
+    fixed = len(_MAGIC) + 4
+    if len(data) < fixed + _DIGEST_LEN or bytes(data[: len(_MAGIC)]) != _MAGIC:
+        raise ValueError("not a prefilter store snapshot (bad magic or too short)")
+    if hashlib.sha256(data[:-_DIGEST_LEN]).digest() != bytes(data[-_DIGEST_LEN:]):
+        raise ValueError("prefilter snapshot checksum mismatch: the data is corrupt or truncated")
+    (header_len,) = struct.unpack("<I", data[len(_MAGIC) : fixed])
+    try:
+        header = json.loads(bytes(data[fixed : fixed + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"prefilter snapshot header is not valid JSON: {exc}") from exc
+    if header.get("format") != "chatreid.prefilter":
+        raise ValueError("not a prefilter store snapshot (unknown format)")
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"prefilter snapshot format version {header.get('version')} is not "
+                         f"supported (this build reads version {FORMAT_VERSION})")
+    sections: dict[str, memoryview] = {}
+    pos = fixed + header_len
+    for name, length in header["sections"]:
+        sections[name] = data[pos : pos + length]
+        pos += length
+    if pos != len(data) - _DIGEST_LEN or set(sections) != set(_SECTIONS):
+        raise ValueError("prefilter snapshot sections do not match its header")
+    return header, sections
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform/filesystem
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

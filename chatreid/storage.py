@@ -1,0 +1,92 @@
+"""Object storage through the ``minio`` SDK only (MinIO, SeaweedFS or any S3 endpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import timedelta
+
+from minio import Minio
+from minio.error import S3Error
+
+from .config import S3Settings
+
+
+class ObjectNotFound(KeyError):
+    """The key does not exist in the bucket."""
+
+
+def crop_key(sha256: str, ext: str) -> str:
+    """Content-addressed key: the same bytes always land on the same object."""
+    return f"crops/{sha256[:2]}/{sha256}.{ext}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ObjectStore:
+    def __init__(self, settings: S3Settings) -> None:
+        self.bucket = settings.bucket
+        self.client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            region=settings.region,
+        )
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:  # another process created it first
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream",
+            metadata: dict[str, str] | None = None) -> None:
+        self.client.put_object(
+            self.bucket, key, io.BytesIO(data), len(data),
+            content_type=content_type, metadata=metadata,
+        )
+
+    def get(self, key: str) -> bytes:
+        try:
+            resp = self.client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(key) from exc
+            raise
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(
+            o.object_name for o in self.client.list_objects(self.bucket, prefix, recursive=True)
+        )
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, key)
+
+    def url(self, key: str, expires_s: int = 3600) -> str:
+        return self.client.presigned_get_object(self.bucket, key, timedelta(seconds=expires_s))
+
+    def healthy(self) -> bool:
+        try:
+            self.client.bucket_exists(self.bucket)
+        except Exception:
+            return False
+        return True

@@ -1,0 +1,65 @@
+"""Pictures people look at: contact sheets of crops with captions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def contact_sheet(images: Sequence[Image.Image], labels: Sequence[str], columns: int = 8,
+                  cell: tuple[int, int] = (96, 192), label_h: int = 28,
+                  borders: Sequence[str | None] | None = None) -> Image.Image:
+    """Grid of crops (aspect kept, letterboxed) with a short label under each.
+
+    ``borders`` colours a frame per cell (e.g. green for a true match), None for no frame.
+    """
+    if len(images) != len(labels):
+        raise ValueError("one label per image")
+    n = max(len(images), 1)
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    cw, ch = cell
+    sheet = Image.new("RGB", (cols * cw, rows * (ch + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        x, y = (i % cols) * cw, (i // cols) * (ch + label_h)
+        thumb = img.convert("RGB")
+        thumb.thumbnail((cw - 6, ch - 6))
+        sheet.paste(thumb, (x + (cw - thumb.width) // 2, y + (ch - thumb.height) // 2))
+        colour = borders[i] if borders else None
+        if colour:
+            draw.rectangle([x + 1, y + 1, x + cw - 2, y + ch - 2], outline=colour, width=3)
+        for j, line in enumerate(label.split("\n")[:2]):
+            draw.text((x + 3, y + ch + 2 + j * 12), line[:18], fill="black", font=font)
+    return sheet
+
+
+def results_table(results, gallery: int, title: str, truth: dict[str, bool] | None = None):
+    """A rich table of ranked results (``truth``: crop id -> same person, when known)."""
+    from rich.table import Table
+
+    table = Table("rank", "score", "camera", "modality", "capture time (UTC)", "crop id",
+                  *(["same person"] if truth else []), title=f"{title} — gallery {gallery}")
+    for r in results:
+        row = [str(r.rank), f"{r.score:.3f}", r.camera, r.modality,
+               r.capture_time.strftime("%Y-%m-%d %H:%M:%S"), r.crop_id[:12]]
+        if truth:
+            row.append("[green]yes[/]" if truth.get(r.crop_id) else "no")
+        table.add_row(*row)
+    return table
+
+
+def results_sheet(load: Callable[[str], Image.Image], query: Image.Image, results, path: Path,
+                  truth: dict[str, bool] | None = None) -> Path:
+    """Query first, then the ranked crops; frames green/red when the truth is known."""
+    images = [query] + [load(r.crop_id) for r in results]
+    labels = ["QUERY"] + [f"#{r.rank} {r.score:.2f}\n{r.camera} {r.capture_time:%H:%M:%S}"
+                          for r in results]
+    borders = [None] + [("green" if truth.get(r.crop_id) else "red") if truth else None
+                        for r in results]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(images, labels, borders=borders).save(path)
+    return path

@@ -1,0 +1,54 @@
+"""Contracts: every event and API payload, versioned (pydantic v2).
+
+JSON Schema exports live in ``jsonschema/`` beside this file; ``python -m chatreid.schemas``
+rewrites them and ``tests/test_schemas.py`` fails when they drift from the models.
+"""
+
+from .api import (
+    API_MODELS,
+    ErrorResponse,
+    QueryFilters,
+    QueryKind,
+    QueryRequest,
+    QueryResponse,
+    ResultItem,
+    Turn,
+)
+from .events import (
+    EVENT_MODELS,
+    BBox,
+    CheckpointEvent,
+    CheckpointFile,
+    CropEvent,
+    DeadLetterEvent,
+    EventError,
+    IndexedEvent,
+    SourceOffset,
+)
+from .topics import ALL_TOPICS, CHECKPOINTS, CROPS, DEADLETTER, INDEXED, Topic
+
+__all__ = [
+    "ALL_TOPICS",
+    "API_MODELS",
+    "CHECKPOINTS",
+    "CROPS",
+    "DEADLETTER",
+    "EVENT_MODELS",
+    "INDEXED",
+    "BBox",
+    "CheckpointEvent",
+    "CheckpointFile",
+    "CropEvent",
+    "DeadLetterEvent",
+    "ErrorResponse",
+    "EventError",
+    "IndexedEvent",
+    "QueryFilters",
+    "QueryKind",
+    "QueryRequest",
+    "QueryResponse",
+    "ResultItem",
+    "SourceOffset",
+    "Topic",
+    "Turn",
+]

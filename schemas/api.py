@@ -1,0 +1,115 @@
+"""Retrieval API payloads (schema version 1): a query, the dialogue turns, the ranked answer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .events import Modality
+
+QueryKind = Literal[
+    "standard",  # image -> image
+    "cloth_changing",
+    "visible_infrared",
+    "text_to_image",
+    "attribute",  # partial attributes, e.g. "blue top, backpack"
+    "multimodal",  # image plus text clues
+]
+_NEEDS_IMAGE = {"standard", "cloth_changing", "visible_infrared", "multimodal"}
+_NEEDS_TEXT = {"text_to_image", "attribute", "multimodal"}
+
+
+class _Api(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = 1
+
+
+class QueryFilters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cameras: list[str] | None = None
+    modality: Modality | None = None
+    time_from: datetime | None = None
+    time_to: datetime | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> QueryFilters:
+        if self.time_from and self.time_to and self.time_from > self.time_to:
+            raise ValueError("time_from is after time_to")
+        return self
+
+
+class QueryRequest(_Api):
+    """What an investigator asks: an image (crop id or upload), text, attributes, filters."""
+
+    kind: QueryKind = "standard"
+    crop_id: str | None = Field(None, description="query by an indexed crop")
+    image_b64: str | None = Field(None, description="or by an uploaded image (base64)")
+    text: str | None = Field(None, max_length=2000)
+    attributes: list[str] = Field(default_factory=list, max_length=32)
+    filters: QueryFilters = Field(default_factory=QueryFilters)
+    k: int = Field(20, ge=1, le=200, description="cap on candidates the VLM reranks")
+    top: int = Field(20, ge=1, le=1000, description="results returned")
+    tau: float | None = Field(None, ge=-1.0, le=1.0, description="prefilter cosine threshold")
+    rationale: bool = False
+
+    @model_validator(mode="after")
+    def _inputs(self) -> QueryRequest:
+        has_image = bool(self.crop_id or self.image_b64)
+        if self.crop_id and self.image_b64:
+            raise ValueError("give crop_id or image_b64, not both")
+        if self.kind in _NEEDS_IMAGE and not has_image:
+            raise ValueError(f"query kind {self.kind!r} needs crop_id or image_b64")
+        if self.kind in _NEEDS_TEXT and not (self.text or self.attributes):
+            raise ValueError(f"query kind {self.kind!r} needs text or attributes")
+        return self
+
+
+class Turn(_Api):
+    """One best-choice turn of the rerank dialogue."""
+
+    index: int = Field(ge=0)
+    candidates: list[str] = Field(description="crop ids shown in this turn, in order")
+    chosen: str
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class ResultItem(_Api):
+    rank: int = Field(ge=1)
+    crop_id: str
+    camera: str
+    modality: Modality
+    capture_time: datetime
+    url: str | None = None
+    prefilter_score: float
+    confidence: float | None = Field(None, description="VLM response confidence; None = not reranked")
+    reranked: bool = False
+    rationale: str | None = None
+
+
+class QueryResponse(_Api):
+    query_id: str
+    kind: QueryKind
+    results: list[ResultItem]
+    turns: list[Turn] = Field(default_factory=list)
+    candidates: int = Field(ge=0, description="gallery items that passed the prefilter")
+    vlm_calls: int = Field(0, ge=0)
+    prefilter_only: bool = Field(description="True when no VLM reranked these results")
+    model_version: str | None = None
+    embedder_version: str
+    elapsed_ms: float
+
+
+class ErrorResponse(_Api):
+    error: str
+    detail: str
+
+
+API_MODELS: dict[str, type[BaseModel]] = {
+    "QueryRequest": QueryRequest,
+    "QueryResponse": QueryResponse,
+    "Turn": Turn,
+    "ResultItem": ResultItem,
+    "ErrorResponse": ErrorResponse,
+}

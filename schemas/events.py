@@ -1,0 +1,170 @@
+"""Event contracts carried on Kafka (schema version 1).
+
+Every event names its kind and schema version, so a consumer can refuse what it does not know
+instead of misreading it. Times are timezone-aware UTC; JSON is the wire format.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")]
+Modality = Literal["rgb", "infrared"]
+Stage = Literal["ingestor", "embedder"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventError(ValueError):
+    """An event that cannot be decoded or does not match its contract."""
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1] = 1
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | str):
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:  # one readable line for dead letters and logs
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
+            )
+            raise EventError(f"invalid {cls.__name__}: {problems}") from exc
+
+
+class BBox(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    w: int = Field(gt=0)
+    h: int = Field(gt=0)
+
+
+class CropEvent(_Event):
+    """A person crop stored in object storage, published by an ingestor (topic ``crops.v1``)."""
+
+    kind: Literal["crop"] = "crop"
+    crop_id: str = Field(min_length=1, max_length=256, description="stable id; idempotency key")
+    site: str = Field(min_length=1, max_length=128)
+    camera: str = Field(min_length=1, max_length=128)
+    modality: Modality = "rgb"
+    capture_time: datetime
+    track_id: str | None = Field(None, max_length=128)
+    detection_id: str | None = Field(None, max_length=128)
+    bbox: BBox | None = None
+    object_key: str = Field(min_length=1, max_length=1024)
+    sha256: Sha256
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    content_type: str = "image/jpeg"
+    source: str = Field("unknown", description="folder | synth | http | ...")
+    ingested_at: datetime = Field(default_factory=utcnow)
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="optional ground truth or site tags (not used to index)"
+    )
+
+
+class SourceOffset(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    topic: str
+    partition: int
+    offset: int
+
+
+class IndexedEvent(_Event):
+    """A crop embedded and written to the prefilter store (topic ``indexed.v1``).
+
+    It carries the vector, so any prefilter replica can rebuild the store from a snapshot plus
+    this topic, without the embedder.
+    """
+
+    kind: Literal["indexed"] = "indexed"
+    crop_id: str
+    vector_id: int = Field(ge=0, description="stable 64-bit id in the FAISS store")
+    site: str
+    camera: str
+    modality: Modality
+    capture_time: datetime
+    object_key: str
+    embedder_version: str
+    dim: int = Field(gt=0)
+    vector_b64: str = Field(description="little-endian float32, L2-normalised, base64")
+    source: SourceOffset
+    indexed_at: datetime = Field(default_factory=utcnow)
+
+    @staticmethod
+    def encode_vector(vec: np.ndarray) -> str:
+        return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+
+    def vector(self) -> np.ndarray:
+        arr = np.frombuffer(base64.b64decode(self.vector_b64), dtype="<f4")
+        if arr.shape != (self.dim,):
+            raise EventError(f"vector has {arr.size} values, expected dim={self.dim}")
+        return arr.astype(np.float32)
+
+
+class DeadLetterEvent(_Event):
+    """Something that could not be processed, with why (topic ``deadletter.v1``)."""
+
+    kind: Literal["deadletter"] = "deadletter"
+    stage: Stage
+    error: str = Field(description="short machine-readable class, e.g. image.corrupt")
+    reason: str = Field(description="human-readable explanation")
+    source: SourceOffset | None = None
+    origin: str | None = Field(None, description="file path, upload name or crop id")
+    payload_b64: str | None = Field(None, description="original bytes, truncated to 64 KiB")
+    payload_truncated: bool = False
+    failed_at: datetime = Field(default_factory=utcnow)
+
+    @staticmethod
+    def wrap_payload(raw: bytes | None, limit: int = 64 * 1024) -> dict[str, Any]:
+        if raw is None:
+            return {"payload_b64": None, "payload_truncated": False}
+        return {
+            "payload_b64": base64.b64encode(raw[:limit]).decode(),
+            "payload_truncated": len(raw) > limit,
+        }
+
+
+class CheckpointFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    sha256: Sha256
+    size: int = Field(ge=0)
+
+
+class CheckpointEvent(_Event):
+    """A model checkpoint pushed to object storage (topic ``checkpoints.v1``)."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    model: Literal["embedder", "vlm"]
+    stage: Literal["embedder", "stage1", "stage2", "stage3"]
+    version: str = Field(min_length=1)
+    bucket: str
+    prefix: str = Field(description="object prefix holding the checkpoint files")
+    manifest_key: str
+    manifest_sha256: Sha256
+    parent_version: str | None = None
+    files: list[CheckpointFile] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+EVENT_MODELS: dict[str, type[_Event]] = {
+    "CropEvent": CropEvent,
+    "IndexedEvent": IndexedEvent,
+    "DeadLetterEvent": DeadLetterEvent,
+    "CheckpointEvent": CheckpointEvent,
+}

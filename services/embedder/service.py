@@ -1,0 +1,210 @@
+"""The embedding service: crops topic -> fetch -> embed -> indexed topic, then commit.
+
+A kafka-python consumer group with auto-commit off. Each bounded batch is made durable first
+(indexed events acknowledged by every in-sync replica, ``acks=all``), and only then are the
+crop offsets committed, so a crash at any point replays the batch instead of losing it; the
+prefilter store is idempotent by crop id, so a replay never duplicates. Replicas scale up to the
+crops topic's partition count.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.structs import OffsetAndMetadata
+from PIL import Image
+
+from chatreid.bus import dead_letter, make_consumer, make_producer, publish
+from chatreid.config import Settings
+from chatreid.prefilter import crop_id_to_int64
+from chatreid.schemas import (
+    CROPS,
+    INDEXED,
+    CropEvent,
+    DeadLetterEvent,
+    EventError,
+    IndexedEvent,
+    SourceOffset,
+)
+from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
+
+log = logging.getLogger(__name__)
+
+
+class CropFailed(Exception):
+    def __init__(self, error: str, reason: str) -> None:
+        super().__init__(f"{error}: {reason}")
+        self.error, self.reason = error, reason
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    indexed: int = 0
+    skipped: int = 0
+    dead_letters: int = 0
+    embed_s: float = 0.0
+    last_activity: float = 0.0
+
+
+class EmbedderService:
+    def __init__(self, settings: Settings, embedder=None,
+                 is_indexed: Callable[[str], bool] | None = None) -> None:
+        from chatreid.embedder import build_embedder
+
+        cfg = settings.embedder
+        self.settings = settings
+        self.embedder = embedder or build_embedder(cfg.weights, height=cfg.height, width=cfg.width)
+        self.store = ObjectStore(settings.s3)
+        self.crops_topic = settings.kafka.topic(CROPS.name)
+        self.indexed_topic = settings.kafka.topic(INDEXED.name)
+        # optional fast path: a crop already in the local prefilter store is not re-embedded
+        self.is_indexed = is_indexed or (lambda _crop_id: False)
+        self.stats = Stats(last_activity=time.monotonic())
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
+        self.producer: KafkaProducer = make_producer(settings.kafka)
+        self.consumer: KafkaConsumer = make_consumer(
+            settings.kafka, cfg.group_id, max_poll_records=cfg.batch_size,
+            session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+            max_poll_interval_ms=cfg.max_poll_interval_ms,
+        )
+        self.consumer.subscribe([self.crops_topic])
+
+    # -- loop --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, until_idle_s: float | None = None, max_batches: int | None = None) -> Stats:
+        """Process batches until stopped, idle for ``until_idle_s``, or ``max_batches`` done."""
+        try:
+            while not self._stop.is_set():
+                polled = self.consumer.poll(timeout_ms=self.settings.embedder.poll_timeout_ms,
+                                            max_records=self.settings.embedder.batch_size)
+                records = [r for batch in polled.values() for r in batch]
+                if records:
+                    self.process(records)
+                    self.stats.last_activity = time.monotonic()
+                    if max_batches and self.stats.batches >= max_batches:
+                        break
+                elif until_idle_s is not None and (
+                    time.monotonic() - self.stats.last_activity > until_idle_s
+                ):
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.producer.flush()
+        self.producer.close()
+        self.consumer.close()
+
+    # -- one batch ---------------------------------------------------------------------------
+    def process(self, records: list[ConsumerRecord]) -> None:
+        parsed = [self._parse(r) for r in records]
+        todo = [(r, e) for r, e in zip(records, parsed, strict=True) if e is not None]
+        fresh = [(r, e) for r, e in todo if not self.is_indexed(e.crop_id)]
+        self.stats.skipped += len(todo) - len(fresh)
+        images = list(self._pool.map(lambda re: self._fetch(*re), fresh))
+        good = [(r, e, img) for (r, e), img in zip(fresh, images, strict=True) if img is not None]
+        if good:
+            t0 = time.perf_counter()
+            vectors = self.embedder.embed([img for _, _, img in good])
+            self.stats.embed_s += time.perf_counter() - t0
+            for (record, event, _), vec in zip(good, vectors, strict=True):
+                publish(self.producer, self.indexed_topic, event.camera,
+                        self._indexed(record, event, vec))
+        self.producer.flush()  # durable (acks=all) before the offsets move
+        self._commit(records)
+        self.stats.batches += 1
+        self.stats.indexed += len(good)
+
+    def _parse(self, record: ConsumerRecord) -> CropEvent | None:
+        try:
+            return CropEvent.from_bytes(record.value)
+        except EventError as exc:
+            self._dead(record, "event.invalid", str(exc), record.value)
+        except Exception as exc:  # undecodable bytes, wrong encoding ...
+            self._dead(record, "event.undecodable", repr(exc), record.value)
+        return None
+
+    def _fetch(self, record: ConsumerRecord, event: CropEvent) -> Image.Image | None:
+        try:
+            data = self._get(event)
+            if sha256_hex(data) != event.sha256:
+                raise CropFailed("crop.checksum", f"object {event.object_key} does not match "
+                                 "the event's sha256")
+            try:
+                img = Image.open(io.BytesIO(data))
+                img.load()
+            except Exception as exc:
+                raise CropFailed("image.corrupt", f"decode failed: {exc}") from exc
+            return img
+        except CropFailed as exc:
+            self._dead(record, exc.error, exc.reason, record.value, origin=event.crop_id)
+            return None
+
+    def _get(self, event: CropEvent) -> bytes:
+        for attempt in range(3):  # transient object-store errors are retried, missing is not
+            try:
+                return self.store.get(event.object_key)
+            except ObjectNotFound as exc:
+                raise CropFailed("crop.missing", f"object {event.object_key} not found") from exc
+            except Exception as exc:
+                if attempt == 2:
+                    raise CropFailed("storage.error", repr(exc)) from exc
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _indexed(self, record: ConsumerRecord, event: CropEvent, vec) -> IndexedEvent:
+        return IndexedEvent(
+            crop_id=event.crop_id, vector_id=crop_id_to_int64(event.crop_id), site=event.site,
+            camera=event.camera, modality=event.modality, capture_time=event.capture_time,
+            object_key=event.object_key, embedder_version=self.embedder.version,
+            dim=int(vec.shape[0]), vector_b64=IndexedEvent.encode_vector(vec),
+            source=SourceOffset(topic=record.topic, partition=record.partition,
+                                offset=record.offset),
+        )
+
+    def _dead(self, record: ConsumerRecord, error: str, reason: str, raw: bytes | None,
+              origin: str | None = None) -> None:
+        self.stats.dead_letters += 1
+        event = DeadLetterEvent(
+            stage="embedder", error=error, reason=reason, origin=origin,
+            source=SourceOffset(topic=record.topic, partition=record.partition,
+                                offset=record.offset),
+            **DeadLetterEvent.wrap_payload(raw),
+        )
+        dead_letter(self.producer, self.settings.kafka, event)
+
+    def _commit(self, records: list[ConsumerRecord]) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp not in offsets or offsets[tp].offset <= r.offset:
+                offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+        for attempt in range(5):
+            try:
+                self.consumer.commit(offsets)
+                return
+            except RebalanceInProgressError:
+                self.consumer.poll(timeout_ms=0)  # let the rejoin happen, then retry
+                time.sleep(0.2 * (attempt + 1))
+            except CommitFailedError:
+                # partitions moved to another replica, which will replay this batch;
+                # the store is idempotent by crop id, so nothing duplicates
+                log.warning("commit failed after a rebalance; the new owner replays the batch")
+                return
+        log.warning("commit still rebalancing after retries; the batch will be replayed")

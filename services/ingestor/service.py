@@ -1,0 +1,119 @@
+"""The camera ingestor: validate a crop, store it content-addressed, publish a crop event.
+
+Order matters: the object is written before the event that points at it is published, so a
+consumer never sees an event whose crop is missing. A bad crop becomes a dead letter with the
+reason; the caller's stream carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from kafka import KafkaProducer
+
+from chatreid.bus import dead_letter, make_producer, publish
+from chatreid.config import Settings
+from chatreid.schemas import CROPS, BBox, CropEvent, DeadLetterEvent
+from chatreid.storage import ObjectStore, crop_key, sha256_hex
+
+from .validate import CropRejected, validate_crop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CropInput:
+    """A crop as a source hands it over, before validation."""
+
+    data: bytes
+    camera: str
+    capture_time: datetime
+    modality: str | None = None  # None: infer (single-channel images are infrared)
+    track_id: str | None = None
+    detection_id: str | None = None
+    bbox: tuple[int, int, int, int] | None = None
+    origin: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class IngestResult:
+    event: CropEvent | None = None
+    error: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.event is not None
+
+
+def make_crop_id(site: str, camera: str, capture_time: datetime, track_id: str | None,
+                 detection_id: str | None, sha256: str) -> str:
+    """Deterministic: re-ingesting the same sighting yields the same id (idempotency key)."""
+    parts = [site, camera, capture_time.isoformat(), track_id or "", detection_id or "", sha256]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+class Ingestor:
+    def __init__(self, settings: Settings, store: ObjectStore | None = None,
+                 producer: KafkaProducer | None = None, source: str = "unknown") -> None:
+        self.settings = settings
+        self.store = store or ObjectStore(settings.s3)
+        self.producer = producer or make_producer(settings.kafka)
+        self.topic = settings.kafka.topic(CROPS.name)
+        self.source = source
+        self.published = 0
+        self.rejected = 0
+
+    def submit(self, crop: CropInput) -> IngestResult:
+        """Validate, store, publish (asynchronously; ``flush`` makes it durable)."""
+        try:
+            event = self._store(crop)
+        except CropRejected as exc:
+            self.rejected += 1
+            self._dead_letter(crop, exc.error, exc.reason)
+            return IngestResult(error=exc.error, reason=exc.reason)
+        publish(self.producer, self.topic, event.camera, event)
+        self.published += 1
+        return IngestResult(event=event)
+
+    def flush(self, timeout: float = 60) -> None:
+        self.producer.flush(timeout=timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self.producer.close()
+
+    def _store(self, crop: CropInput) -> CropEvent:
+        valid = validate_crop(crop.data, self.settings.ingestor)
+        digest = sha256_hex(crop.data)
+        key = crop_key(digest, valid.ext)
+        modality = crop.modality or ("infrared" if valid.mode in ("L", "I", "I;16") else "rgb")
+        capture_time = crop.capture_time.astimezone(UTC)
+        try:
+            event = CropEvent(
+                crop_id=make_crop_id(self.settings.site, crop.camera, capture_time,
+                                     crop.track_id, crop.detection_id, digest),
+                site=self.settings.site, camera=crop.camera, modality=modality,
+                capture_time=capture_time, track_id=crop.track_id,
+                detection_id=crop.detection_id,
+                bbox=BBox(x=crop.bbox[0], y=crop.bbox[1], w=crop.bbox[2], h=crop.bbox[3])
+                if crop.bbox else None,
+                object_key=key, sha256=digest, width=valid.width, height=valid.height,
+                content_type=valid.content_type, source=self.source, labels=crop.labels,
+            )
+        except ValueError as exc:  # pydantic: bad camera name, bbox, modality ...
+            raise CropRejected("event.invalid", str(exc).splitlines()[0]) from exc
+        self.store.put(key, crop.data, content_type=valid.content_type)
+        return event
+
+    def _dead_letter(self, crop: CropInput, error: str, reason: str) -> None:
+        event = DeadLetterEvent(
+            stage="ingestor", error=error, reason=reason,
+            origin=crop.origin or f"{crop.camera}@{crop.capture_time.isoformat()}",
+            **DeadLetterEvent.wrap_payload(crop.data),
+        )
+        dead_letter(self.producer, self.settings.kafka, event)

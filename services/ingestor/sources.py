@@ -1,0 +1,89 @@
+"""Crop sources: a watched folder and the synthetic live site (HTTP upload lives in ``http``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .service import CropInput
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+class FolderSource:
+    """Crops from a folder: ``ROOT/<camera>/<file>``, or files at the top level whose camera is
+    read from a Market-1501-style name (``0001_c3s1_000151_01.jpg`` -> ``c3``). Capture time is
+    the file's modification time. Files already published are remembered in a state file, so a
+    restarted ``--watch`` does not republish (a republish would still be deduplicated by crop id).
+    """
+
+    def __init__(self, root: Path, state_file: Path | None = None, poll_s: float = 1.0) -> None:
+        self.root = root
+        self.state_file = state_file or root / ".chatreid-ingested.json"
+        self.poll_s = poll_s
+        self.done: set[str] = self._load_state()
+
+    def _load_state(self) -> set[str]:
+        try:
+            return set(json.loads(self.state_file.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def mark_done(self, paths: list[str]) -> None:
+        """Call after the crops are durable (producer flushed)."""
+        self.done.update(paths)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(self.done)))
+        tmp.replace(self.state_file)
+
+    def pending(self) -> list[Path]:
+        files = (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in files if p.is_file() and self._key(p) not in self.done)
+
+    def _key(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def camera_of(self, path: Path) -> str:
+        rel = path.relative_to(self.root)
+        if len(rel.parts) > 1:
+            return rel.parts[0]
+        stem = path.stem.split("_")
+        if len(stem) > 1 and stem[1].startswith("c"):
+            return stem[1].split("s")[0]
+        return "unknown"
+
+    def read(self, path: Path) -> CropInput:
+        mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        return CropInput(data=path.read_bytes(), camera=self.camera_of(path),
+                         capture_time=mtime, origin=self._key(path))
+
+    def batches(self, watch: bool, batch: int = 64) -> Iterator[list[Path]]:
+        while True:
+            files = self.pending()
+            for i in range(0, len(files), batch):
+                yield files[i:i + batch]
+            if not watch:
+                return
+            time.sleep(self.poll_s)
+
+
+def synth_source(seed: int, limit: int | None, rate_hz: float | None,
+                 start_time: float | None = None) -> Iterator[CropInput]:
+    """The synthetic live site: cameras emitting crops over time."""
+    from chatreid.synth import SynthConfig, iter_live_crops
+
+    start = time.time() if start_time is None else start_time
+    for crop in iter_live_crops(SynthConfig(seed=seed), start_time=start, rate_hz=rate_hz,
+                                limit=limit):
+        yield CropInput(
+            data=crop.jpeg, camera=crop.camera, modality=crop.modality,
+            capture_time=datetime.fromtimestamp(crop.capture_time, UTC),
+            track_id=crop.track_id, bbox=crop.bbox,
+            origin=f"synth:{crop.camera}:{crop.track_id}",
+            labels={"person_id": str(crop.person_id), "clothes_id": str(crop.clothes_id)},
+        )

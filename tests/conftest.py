@@ -1,0 +1,64 @@
+"""Shared fixtures. Tests marked ``stack`` run against the real local broker and object store
+(``.ci/run`` starts them; locally the session fixture starts them with ``chatreid up``). Each
+test gets its own topics and bucket, so tests never see each other's data."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import pytest
+from PIL import Image
+
+from chatreid.config import Settings
+
+
+@pytest.fixture(scope="session")
+def stack_base() -> Settings:
+    from chatreid.stack import LocalStack
+
+    settings = Settings()
+    LocalStack(settings).up(ray=False)  # idempotent: reuses servers already running
+    return settings
+
+
+@pytest.fixture
+def settings(stack_base: Settings) -> Settings:
+    """Fresh namespace per test: topic prefix, bucket, consumer group, snapshot prefix."""
+    from chatreid.bus import ensure_topics
+    from chatreid.storage import ObjectStore
+
+    tag = uuid.uuid4().hex[:10]
+    s = stack_base.model_copy(deep=True)
+    s.kafka.topic_prefix = f"t{tag}"
+    s.kafka.partitions = 3
+    s.s3.bucket = f"t{tag}"
+    s.embedder.group_id = f"g{tag}"
+    s.embedder.batch_size = 16
+    s.embedder.height, s.embedder.width = 128, 64  # fast; the pipeline is what is tested
+    s.index.snapshot_prefix = f"snap-{tag}"
+    ObjectStore(s.s3).ensure_bucket()
+    ensure_topics(s.kafka)
+    return s
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The same settings as environment variables, for subprocesses (``python -m chatreid``)."""
+    return {
+        **os.environ,
+        "CHATREID_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "CHATREID_KAFKA__PARTITIONS": str(settings.kafka.partitions),
+        "CHATREID_S3__BUCKET": settings.s3.bucket,
+        "CHATREID_EMBEDDER__GROUP_ID": settings.embedder.group_id,
+        "CHATREID_EMBEDDER__BATCH_SIZE": str(settings.embedder.batch_size),
+        "CHATREID_EMBEDDER__HEIGHT": str(settings.embedder.height),
+        "CHATREID_EMBEDDER__WIDTH": str(settings.embedder.width),
+        "CHATREID_INDEX__SNAPSHOT_PREFIX": settings.index.snapshot_prefix,
+    }
+
+
+def jpeg_bytes(size=(64, 128), color=(200, 30, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 128).save(buf, "JPEG")
+    return buf.getvalue()

@@ -1,0 +1,156 @@
+"""The live ingest path against the real broker and object store: cameras -> Kafka -> embedder
+-> indexed log -> FAISS prefilter store, and its failure modes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from chatreid.bus import make_consumer, make_producer
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.schemas import CROPS, DEADLETTER, CropEvent, DeadLetterEvent
+from chatreid.services.embedder import EmbedderService
+from chatreid.services.ingestor import CropInput, Ingestor
+from chatreid.services.ingestor.sources import synth_source
+from chatreid.storage import ObjectStore, crop_key, sha256_hex
+
+from .conftest import env_for, jpeg_bytes
+
+pytestmark = pytest.mark.stack
+
+
+def ingest_synthetic(settings, n: int, seed: int = 0) -> list[CropEvent]:
+    ingestor = Ingestor(settings, source="synth")
+    events = [ingestor.submit(c).event for c in synth_source(seed, n, None, start_time=1.7e9)]
+    ingestor.close()
+    assert all(events)
+    return events
+
+
+def follower_caught_up(settings, **kw) -> IndexFollower:
+    follower = IndexFollower(settings, **kw)
+    follower.catch_up(timeout_s=60)
+    return follower
+
+
+def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
+    consumer = make_consumer(settings.kafka, None, consumer_timeout_ms=2000)
+    consumer.subscribe([settings.kafka.topic(DEADLETTER.name)])
+    found, deadline = [], time.monotonic() + timeout_s
+    while len(found) < expect and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            found += [DeadLetterEvent.from_bytes(r.value) for r in records]
+    consumer.close()
+    return found
+
+
+def test_published_crops_are_all_searchable_exactly_once(settings):
+    events = ingest_synthetic(settings, 40)
+    service = EmbedderService(settings)
+    embedder = service.embedder
+    stats = service.run(until_idle_s=3)
+    assert stats.indexed == 40 and stats.dead_letters == 0
+
+    store = follower_caught_up(settings).store
+    assert len(store) == 40
+    assert all(e.crop_id in store for e in events)
+    # a second reader replaying the whole log sees the same 40, no duplicates
+    assert len(follower_caught_up(settings).store) == 40
+    # the stored vector is the crop's: its own image finds it first
+    objects = ObjectStore(settings.s3)
+    for event in events[:3]:
+        from PIL import Image
+        import io
+
+        vec = embedder.embed([Image.open(io.BytesIO(objects.get(event.object_key)))])[0]
+        top = store.search(vec, 1)[0][0]
+        assert top.meta.crop_id == event.crop_id and top.score > 0.999
+
+
+def test_embedder_killed_mid_stream_loses_and_duplicates_nothing(settings):
+    events = ingest_synthetic(settings, 240, seed=1)
+    cmd = [sys.executable, "-m", "chatreid", "embed", "--until-idle", "4", "--no-snapshots"]
+    env = {**env_for(settings), "CHATREID_EMBEDDER__BATCH_SIZE": "4"}  # many small commits
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    follower = IndexFollower(settings)
+    deadline = time.monotonic() + 120
+    while (follower.store is None or len(follower.store) < 30) and time.monotonic() < deadline:
+        follower.poll(timeout_ms=200)
+    assert proc.poll() is None, "the embedder finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # no clean shutdown, no final commit
+    proc.wait()
+    killed_at = len(follower.store)
+    assert 30 <= killed_at < 240
+
+    restarted = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr.decode()[-2000:]
+    follower.catch_up(timeout_s=60)
+    assert len(follower.store) == 240
+    assert {e.crop_id for e in events} == {m for m in follower.store.crop_ids()}
+
+
+def test_malformed_events_and_corrupt_images_go_to_dead_letters_rest_is_indexed(settings):
+    good = ingest_synthetic(settings, 10, seed=2)
+    producer = make_producer(settings.kafka)
+    crops_topic = settings.kafka.topic(CROPS.name)
+    producer.send(crops_topic, key=b"c1", value=b"{not json")
+    producer.send(crops_topic, key=b"c1", value=b'{"kind": "crop", "schema_version": 1}')
+    # an event whose object decodes to garbage (stored by someone who skipped validation)
+    junk = b"\xff\xd8\xff garbage that is not a jpeg"
+    key = crop_key(sha256_hex(junk), "jpg")
+    ObjectStore(settings.s3).put(key, junk)
+    broken = CropEvent(crop_id="broken-1", site="s", camera="c9",
+                       capture_time=datetime(2026, 1, 1, tzinfo=UTC), object_key=key,
+                       sha256=sha256_hex(junk), width=64, height=128)
+    producer.send(crops_topic, key=b"c9", value=broken.to_bytes())
+    producer.flush()
+    producer.close()
+    # the ingestor refuses a corrupt upload up front
+    ingestor = Ingestor(settings, source="test")
+    refused = ingestor.submit(CropInput(data=jpeg_bytes()[:100], camera="c2",
+                                        capture_time=datetime(2026, 1, 1, tzinfo=UTC),
+                                        origin="cam2/frame7.jpg"))
+    ingestor.close()
+    assert not refused.ok and refused.error == "image.corrupt"
+
+    stats = EmbedderService(settings).run(until_idle_s=3)
+    assert stats.indexed == 10 and stats.dead_letters == 3
+
+    letters = read_dead_letters(settings, expect=4)
+    by_error = {(d.stage, d.error) for d in letters}
+    assert by_error == {("embedder", "event.invalid"), ("embedder", "image.corrupt"),
+                        ("ingestor", "image.corrupt")}
+    assert all(d.reason for d in letters)
+    assert any(d.origin == "cam2/frame7.jpg" and d.payload_b64 for d in letters)
+    store = follower_caught_up(settings).store
+    assert len(store) == 10 and all(e.crop_id in store for e in good)
+
+
+def test_snapshot_plus_replay_restores_the_same_search_results(settings):
+    ingest_synthetic(settings, 30, seed=3)
+    EmbedderService(settings).run(until_idle_s=3)
+    first = follower_caught_up(settings, snapshots=False)
+    key = first.snapshot()
+    assert key is not None
+    ingest_synthetic(settings, 20, seed=4)  # the gap after the snapshot
+    EmbedderService(settings).run(until_idle_s=3)
+
+    restored = IndexFollower(settings)
+    assert restored.restore()
+    assert len(restored.store) == 30
+    replayed = restored.catch_up(timeout_s=60)
+    assert replayed == 20  # only the gap, not the whole log
+    full = follower_caught_up(settings)
+    queries = np.random.default_rng(0).normal(size=(8, full.store.dim)).astype(np.float32)
+    a = restored.store.search(queries, 10)
+    b = full.store.search(queries, 10)
+    assert [[h.meta.crop_id for h in hits] for hits in a] == [[h.meta.crop_id for h in hits]
+                                                               for hits in b]
+    assert np.allclose([[h.score for h in hits] for hits in a],
+                       [[h.score for h in hits] for hits in b], atol=1e-5)
