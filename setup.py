@@ -6,7 +6,11 @@ schemas/ -> chatreid.schemas, services/ -> chatreid.services, ray_jobs/ -> chatr
 
 from setuptools import find_packages, setup
 
-MAPPED = {"chatreid.schemas": "schemas", "chatreid.services": "services", "chatreid.ray_jobs": "ray_jobs"}
+MAPPED = {
+    "chatreid.schemas": "schemas",
+    "chatreid.services": "services",
+    "chatreid.ray_jobs": "ray_jobs",
+}
 
 packages = find_packages(include=["chatreid", "chatreid.*"])
 package_dir = {"chatreid": "chatreid"}

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from chatreid.bus import ensure_topics
 from chatreid.config import Settings
-from chatreid.embedder import build_embedder
+from chatreid.embedder import embedder_from_settings
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.services.ingestor import CropInput, Ingestor
 from chatreid.stack import LocalStack
@@ -45,8 +45,7 @@ def render_crops(n: int, seed: int) -> list:
 
 def embedder_forward_throughput(settings: Settings, crops: list, batch: int) -> float:
     """Decode + preprocess + forward, nothing else: the ceiling the pipeline is compared to."""
-    cfg = settings.embedder
-    embedder = build_embedder(cfg.weights, height=cfg.height, width=cfg.width)
+    embedder = embedder_from_settings(settings.embedder)
     embedder.embed([Image.open(io.BytesIO(crops[0].jpeg))])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(crops), batch):

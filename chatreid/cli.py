@@ -86,14 +86,27 @@ def synth(
     out: Annotated[Path, typer.Argument(help="output folder")] = Path("data/synth"),
     seed: Annotated[int, typer.Option(help="world seed (same seed, same bytes)")] = 0,
     size: Annotated[str, typer.Option(help="small | tiny")] = "small",
+    sheet: Annotated[Path | None, typer.Option(help="also write a contact sheet PNG")] = None,
 ) -> None:
     """Generate the synthetic multi-camera world in the benchmarks' layouts."""
     from .synth import SynthConfig, generate_world
+    from .viz import world_sheet
 
-    config = SynthConfig(seed=seed) if size == "small" else SynthConfig.tiny().model_copy(
-        update={"seed": seed})
+    if size not in ("small", "tiny"):
+        raise typer.BadParameter("size must be small or tiny")
+    config = SynthConfig(seed=seed) if size == "small" else SynthConfig.tiny(seed=seed)
     manifest = generate_world(out, config, progress=True)
-    console.print(manifest.model_dump_json(indent=2))
+    table = Table("layout", "counts", "path", title=f"synthetic world (seed {seed})")
+    for name, info in manifest.layouts.items():
+        counts = ", ".join(f"{k} {v}" for k, v in info.counts.items())
+        table.add_row(name, counts, str(manifest.layout_path(name)))
+    console.print(table)
+    console.print(f"{manifest.n_identities} identities + {manifest.n_distractors} distractors, "
+                  f"{manifest.n_rgb_images} RGB + {manifest.n_ir_images} infrared crops")
+    if sheet:
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        world_sheet(out).save(sheet)
+        console.print(f"contact sheet: {sheet}")
 
 
 # -- ingestor ----------------------------------------------------------------------------------
@@ -190,10 +203,9 @@ def embed(
     follower, stop, thread = None, threading.Event(), None
     service = None
     if snapshots:
-        from .embedder import build_embedder
+        from .embedder import embedder_from_settings
 
-        cfg = settings.embedder
-        embedder = build_embedder(cfg.weights, height=cfg.height, width=cfg.width)
+        embedder = embedder_from_settings(settings.embedder)
         follower = IndexFollower(settings, embedder_version=embedder.version, snapshots=True)
         follower.restore()
         follower.catch_up()
@@ -263,3 +275,17 @@ def demo(
 
     _logging(False)
     run_demo(_settings(), crops=crops, seed=seed, k=k, out=out, console=console)
+
+
+@app.command()
+def health() -> None:
+    """Exit 0 when the configured broker and object store answer (container health check)."""
+    from .bus import broker_reachable
+    from .storage import ObjectStore
+
+    settings = _settings()
+    checks = {"kafka": broker_reachable(settings.kafka),
+              "s3": ObjectStore(settings.s3).healthy()}
+    console.print(" ".join(f"{k}={'ok' if v else 'down'}" for k, v in checks.items()))
+    if not all(checks.values()):
+        raise typer.Exit(1)

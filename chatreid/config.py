@@ -59,6 +59,7 @@ class EmbedderSettings(BaseModel):
     poll_timeout_ms: int = 500
     fetch_workers: int = Field(8, ge=1, description="parallel object-store reads")
     weights: Path | None = Field(None, description="embedder checkpoint; default: ImageNet")
+    device: str = Field("cpu", description="torch device, e.g. cuda")
     height: int = 256
     width: int = 128
     torch_threads: int = Field(0, ge=0, description="0 = torch default")

@@ -29,10 +29,9 @@ class PrefilterSearch:
     """Builds the store the way every reader does (snapshot + log gap), then answers queries."""
 
     def __init__(self, settings: Settings, embedder=None) -> None:
-        from .embedder import build_embedder
+        from .embedder import embedder_from_settings
 
-        cfg = settings.embedder
-        self.embedder = embedder or build_embedder(cfg.weights, height=cfg.height, width=cfg.width)
+        self.embedder = embedder or embedder_from_settings(settings.embedder)
         self.objects = ObjectStore(settings.s3)
         self.follower = IndexFollower(settings, self.objects,
                                       embedder_version=self.embedder.version)

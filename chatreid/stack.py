@@ -8,6 +8,7 @@ same code runs against Apache Kafka and MinIO (docker-compose, Helm).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -156,8 +157,9 @@ class LocalStack:
         log = self.logs / "ray.log"
         with open(log, "ab") as fh:
             subprocess.run(
-                [ray, "start", "--head", "--port=6379", f"--num-cpus={self.settings.stack.ray_num_cpus}",
-                 "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={RAY_TEMP}"],
+                [ray, "start", "--head", "--port=6379",
+                 f"--num-cpus={self.settings.stack.ray_num_cpus}", "--include-dashboard=false",
+                 "--disable-usage-stats", f"--temp-dir={RAY_TEMP}"],
                 check=True, stdout=fh, stderr=subprocess.STDOUT,
                 env={**os.environ, "RAY_AUTH_MODE": "disabled"},
             )
@@ -184,10 +186,8 @@ class LocalStack:
         stopped = []
         for name, pid in self._pids().items():
             if _pid_alive(pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
                 deadline = time.monotonic() + 10
                 while _pid_alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)

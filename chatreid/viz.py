@@ -63,3 +63,33 @@ def results_sheet(load: Callable[[str], Image.Image], query: Image.Image, result
     path.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(images, labels, borders=borders).save(path)
     return path
+
+
+def world_sheet(root: Path, identities: int = 6, per_identity: int = 8) -> Image.Image:
+    """Sample identities of a generated world across cameras, outfits and modalities: one row
+    per person, from the LTCC-style split (clothes ids) and the SYSU-style split (infrared)."""
+    from .data.datasets import LTCC, SYSUMM01
+
+    ltcc, sysu = LTCC(root / "ltcc"), SYSUMM01(root / "sysu_mm01")
+    rgb = {}
+    for r in ltcc.query + ltcc.gallery:
+        rgb.setdefault(r.pid, []).append(r)
+    ir = {}
+    for r in sysu.query:
+        ir.setdefault(r.pid, []).append(r)
+    pids = [p for p in sorted(rgb) if p in ir][:identities]
+    images, labels = [], []
+    for pid in pids:
+        # spread over cameras and outfits first, then infrared views
+        seen, row = set(), []
+        for r in rgb[pid]:
+            if (r.camid, r.clothes_id) not in seen:
+                seen.add((r.camid, r.clothes_id))
+                row.append((r, f"id{pid} c{r.camid + 1}\nclothes {r.clothes_id}"))
+        row = row[: per_identity - 2] + [(r, f"id{pid} c{r.camid + 1}\ninfrared")
+                                          for r in ir[pid][:2]]
+        row += [(None, "")] * (per_identity - len(row))
+        for rec, label in row:
+            images.append(Image.open(rec.path) if rec else Image.new("RGB", (8, 8), "white"))
+            labels.append(label)
+    return contact_sheet(images, labels, columns=per_identity)

@@ -83,7 +83,8 @@ class ResultItem(_Api):
     capture_time: datetime
     url: str | None = None
     prefilter_score: float
-    confidence: float | None = Field(None, description="VLM response confidence; None = not reranked")
+    confidence: float | None = Field(
+        None, description="VLM response confidence; None = not reranked")
     reranked: bool = False
     rationale: str | None = None
 

@@ -38,7 +38,7 @@ KUBE_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "reid", "chatreid"
 # Settings the deployment files set before chatreid.config has them (ignored until then: the
 # settings model ignores unknown keys). embedder.device: the GPU embedder needs it honoured.
-PENDING_SETTINGS = {("embedder", "device")}
+PENDING_SETTINGS: set[tuple[str, ...]] = set()
 
 Argv = list[str]
 

@@ -65,8 +65,9 @@ def test_published_crops_are_all_searchable_exactly_once(settings):
     # the stored vector is the crop's: its own image finds it first
     objects = ObjectStore(settings.s3)
     for event in events[:3]:
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         vec = embedder.embed([Image.open(io.BytesIO(objects.get(event.object_key)))])[0]
         top = store.search(vec, 1)[0][0]

@@ -48,6 +48,8 @@ def test_config_rejects_bad_values() -> None:
         SynthConfig(n_cameras=3, ir_cameras=(0, 1))  # a single RGB camera cannot re-identify
     with pytest.raises(ValidationError):
         SynthConfig(images_per_camera=(4, 2))
+    with pytest.raises(ValidationError):
+        SynthConfig(crop_size=(512, 256))  # larger than the camera frame
 
 
 def test_manifest_written_and_counts_add_up(world: WorldManifest) -> None:

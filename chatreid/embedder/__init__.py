@@ -7,6 +7,7 @@ from chatreid.embedder.embedder import (
     ReIDNet,
     WeightsError,
     build_embedder,
+    embedder_from_settings,
     imagenet_model,
     imagenet_weights_path,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "ReIDNet",
     "WeightsError",
     "build_embedder",
+    "embedder_from_settings",
     "imagenet_model",
     "imagenet_weights_path",
 ]

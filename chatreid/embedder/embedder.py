@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from chatreid.config import EmbedderSettings
 from chatreid.embedder.mobilenetv2 import MobileNetV2
 
 __all__ = [
@@ -260,6 +261,12 @@ def build_embedder(
     return Embedder(
         model, model_id=model_id, height=height, width=width, device=device, batch_size=batch_size
     )
+
+
+def embedder_from_settings(cfg: EmbedderSettings) -> Embedder:
+    """The embedder a service runs, as its settings describe it."""
+    return build_embedder(cfg.weights, height=cfg.height, width=cfg.width, device=cfg.device,
+                          batch_size=cfg.batch_size)
 
 
 def _load_checkpoint(path: Path) -> tuple[ReIDNet, str]:

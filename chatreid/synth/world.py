@@ -115,6 +115,8 @@ class SynthConfig(BaseModel):
             raise ValueError("need at least 2 RGB cameras for cross-camera queries")
         if min(self.crop_size) < 16:
             raise ValueError("crop_size too small")
+        if self.crop_size[0] * self.scale_jitter[1] > FRAME_SIZE[1] - 20:
+            raise ValueError(f"largest crop must fit the {FRAME_SIZE[1]} px camera frame")
         return self
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Embedding service: ``crops`` topic -> prefilter embedder -> ``indexed`` topic (the store's log)."""
+"""Embedding service: ``crops`` -> prefilter embedder -> ``indexed`` (the store's log)."""
 
 from .service import EmbedderService, Stats
 

@@ -59,11 +59,11 @@ class Stats:
 class EmbedderService:
     def __init__(self, settings: Settings, embedder=None,
                  is_indexed: Callable[[str], bool] | None = None) -> None:
-        from chatreid.embedder import build_embedder
+        from chatreid.embedder import embedder_from_settings
 
         cfg = settings.embedder
         self.settings = settings
-        self.embedder = embedder or build_embedder(cfg.weights, height=cfg.height, width=cfg.width)
+        self.embedder = embedder or embedder_from_settings(cfg)
         self.store = ObjectStore(settings.s3)
         self.crops_topic = settings.kafka.topic(CROPS.name)
         self.indexed_topic = settings.kafka.topic(INDEXED.name)
