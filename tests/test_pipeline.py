@@ -92,8 +92,8 @@ def test_embedder_killed_mid_stream_loses_and_duplicates_nothing(settings):
     restarted = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
     assert restarted.returncode == 0, restarted.stderr.decode()[-2000:]
     follower.catch_up(timeout_s=60)
-    assert len(follower.store) == 240
-    assert {e.crop_id for e in events} == {m for m in follower.store.crop_ids()}
+    assert len(follower.store) == 240  # with all present below: exactly the published set
+    assert all(e.crop_id in follower.store for e in events)
 
 
 def test_malformed_events_and_corrupt_images_go_to_dead_letters_rest_is_indexed(settings):

@@ -235,7 +235,7 @@ def test_flat_migrates_to_approximate_and_keeps_all_ids() -> None:
     for start in range(0, 6000, 1000):
         store.add(x[start : start + 1000], metas[start : start + 1000])
         kinds.append(store.active_kind)
-    assert kinds == ["flat", "flat", "ivf", "ivf", "ivf", "ivf"]
+    assert kinds == ["flat", "flat", "hnsw", "hnsw", "hnsw", "hnsw"]  # CPU: HNSW above
     assert len(store) == 6000 and all(m.crop_id in store for m in metas)
     assert store.get_meta("crop-4321") == metas[4321]
     found = store.search(x, 1)
@@ -243,13 +243,14 @@ def test_flat_migrates_to_approximate_and_keeps_all_ids() -> None:
     assert self_hits >= 0.99
 
 
-def test_remove_excludes_and_compaction_keeps_the_rest() -> None:
-    store, x = filled(4000, index_kind="ivf")
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_remove_excludes_and_compaction_keeps_the_rest(kind: str) -> None:
+    store, x = filled(4000, index_kind=kind)
     assert store.remove(["crop-0", "crop-1", "missing"]) == 2
     assert "crop-0" not in store and store.get_meta("crop-1") is None and len(store) == 3998
     assert "crop-0" not in {h.meta.crop_id for h in store.search(x[0], 10)[0]}
     assert store.remove([f"crop-{i}" for i in range(2, 1500)]) == 1498  # triggers compaction
-    assert len(store) == 2500 and store.active_kind == "ivf"
+    assert len(store) == 2500 and store.active_kind == kind
     hits = store.search(x[2000:2100], 1)
     assert np.mean([h[0].meta.crop_id == f"crop-{2000 + i}" for i, h in enumerate(hits)]) >= 0.99
     assert store.add(x[:1], metas_for(1)) == 1 and "crop-0" in store  # re-add after removal
@@ -258,7 +259,7 @@ def test_remove_excludes_and_compaction_keeps_the_rest() -> None:
 # -- snapshots -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_snapshot_round_trip_is_identical(kind: str, tmp_path: Path) -> None:
     store, _ = filled(3000, index_kind=kind)
     store.remove(["crop-5", "crop-6"])
@@ -336,7 +337,7 @@ def test_bad_input_raises_and_leaves_store_unchanged() -> None:
 def test_concurrent_searches_while_a_writer_adds() -> None:
     x = clustered(8000)
     metas = metas_for(8000)
-    store = PrefilterStore(DIM, exact_max=4000)  # the writer crosses into IVF mid-way
+    store = PrefilterStore(DIM, exact_max=4000)  # the writer crosses into HNSW mid-way
     store.add(x[:3000], metas[:3000])
     errors: list[BaseException] = []
     done = threading.Event()
@@ -364,9 +365,18 @@ def test_concurrent_searches_while_a_writer_adds() -> None:
         for t in threads:
             t.join()
     assert not errors, errors[0]
-    assert len(store) == 8000 and store.active_kind == "ivf"
+    assert len(store) == 8000 and store.active_kind == "hnsw"
 
 
 def test_memory_bytes_counts_vectors_and_index() -> None:
     store, _ = filled(3000, index_kind="ivf")
     assert store.memory_bytes() > 3000 * (DIM * 4 + DIM)
+
+
+def test_hnsw_keeps_one_copy_of_the_vectors() -> None:
+    dim, n = 256, 3000
+    store = PrefilterStore(dim, index_kind="hnsw")
+    store.add(clustered(n, dim=dim), metas_for(n))
+    vector_bytes = n * dim * 4
+    assert store.memory_bytes() < 1.9 * vector_bytes  # links + metadata; a copy would be 2x+
+    assert len(store.to_bytes()) < 1.6 * vector_bytes

@@ -97,6 +97,9 @@ class EmbedderService:
                     self.stats.last_activity = time.monotonic()
                     if max_batches and self.stats.batches >= max_batches:
                         break
+                elif not self.consumer.assignment():
+                    # still joining the group: idle time only counts once partitions are ours
+                    self.stats.last_activity = time.monotonic()
                 elif until_idle_s is not None and (
                     time.monotonic() - self.stats.last_activity > until_idle_s
                 ):
