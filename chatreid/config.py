@@ -74,7 +74,9 @@ class IndexSettings(BaseModel):
     snapshot_every_events: int = Field(2000, ge=1)
     snapshot_every_s: float = Field(60.0, gt=0)
     snapshot_prefix: str = "prefilter/snapshots"
-    exact_max: int = 50_000
+    exact_max: int | None = Field(
+        None, description="largest exact (flat) index; None: sized from the vector dim"
+    )
 
 
 class Settings(BaseSettings):

@@ -19,6 +19,8 @@ from .search import PrefilterSearch
 from .stack import LocalStack
 from .viz import results_sheet, results_table
 
+DEMO_EPOCH = 1_795_737_600.0  # 2026-11-27T00:00:00Z, the site's simulated morning
+
 
 def _start_embedder(settings: Settings) -> subprocess.Popen:
     """The embedding service as its own process, exactly as compose and Helm run it."""
@@ -41,7 +43,9 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, out: Path,
         person_of: dict[str, str] = {}  # sha256 of the crop -> synthetic person id
         sightings: dict[str, list] = defaultdict(list)
         ingestor = Ingestor(settings, source="synth")
-        for crop in tqdm(synth_source(seed, crops, None), total=crops, desc="ingest", unit="crop"):
+        # a fixed clock makes a re-run idempotent: same sightings, same crop ids, no duplicates
+        stream = synth_source(seed, crops, None, start_time=DEMO_EPOCH)
+        for crop in tqdm(stream, total=crops, desc="ingest", unit="crop"):
             result = ingestor.submit(crop)
             if result.ok:
                 person_of[result.event.sha256] = crop.labels["person_id"]
@@ -53,7 +57,7 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, out: Path,
         _wait_indexed(engine, wanted, embedder_proc)
         query, others = _pick_query(sightings)
         image = engine.crop_image(query.crop_id)
-        filters = SearchFilter(cameras=frozenset(others))
+        filters = SearchFilter(cameras=frozenset(others), modality="rgb")
         results = engine.search(image, k=k, filters=filters, exclude={query.crop_id})
         truth = {r.crop_id: person_of.get(_sha(r.object_key)) == query.labels["person_id"]
                  for r in results}
@@ -98,8 +102,12 @@ def _wait_indexed(engine: PrefilterSearch, wanted: set[str], proc: subprocess.Po
 
 
 def _pick_query(sightings: dict[str, list]):
-    """A person seen by the most cameras; query with their first crop, search the others."""
-    person = max(sorted(sightings), key=lambda p: len({e.camera for e in sightings[p]}))
-    query = sightings[person][0]
-    others = {e.camera for events in sightings.values() for e in events} - {query.camera}
+    """A person seen by the most RGB cameras; query with their first RGB crop and search the
+    other RGB cameras (standard cross-camera Re-ID; infrared needs the trained model)."""
+    def rgb(events):
+        return [e for e in events if e.modality == "rgb"]
+
+    person = max(sorted(sightings), key=lambda p: len({e.camera for e in rgb(sightings[p])}))
+    query = rgb(sightings[person])[0]
+    others = {e.camera for events in sightings.values() for e in rgb(events)} - {query.camera}
     return query, others

@@ -111,27 +111,32 @@ class IndexFollower:
         return self._consumer
 
     def catch_up(self, timeout_s: float = 60.0) -> int:
-        """Apply everything written to the log up to now; returns events applied."""
+        """Apply everything written to the log up to now; returns vectors newly added.
+
+        Past the reported end offsets it polls once more until nothing comes back: some
+        Kafka-protocol brokers (Tansu) report the last batch's base offset + 1 as the end.
+        """
         consumer = self._open()
         ends = consumer.end_offsets(list(consumer.assignment()))
-        applied, deadline = 0, time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
+        before, deadline = self.stats.applied, time.monotonic() + timeout_s
+        while True:
+            behind = any(consumer.position(tp) < end for tp, end in ends.items())
+            if not self.poll(timeout_ms=200) and not behind:
+                return self.stats.applied - before
             if time.monotonic() > deadline:
                 raise TimeoutError(f"index not caught up within {timeout_s}s")
-            applied += self.poll(timeout_ms=200)
-        return applied
 
     def poll(self, timeout_ms: int = 500) -> int:
+        """Apply one poll's worth of the log; returns how many records it read."""
         consumer = self._open()
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=512)
-        applied = 0
         for tp, records in polled.items():
-            applied += self._apply(records)
+            self._apply(records)
             if self.store is not None:
                 self.store.offsets[f"{tp.topic}:{tp.partition}"] = records[-1].offset + 1
         if self.snapshots:
             self._maybe_snapshot()
-        return applied
+        return sum(len(records) for records in polled.values())
 
     def _apply(self, records) -> int:
         events: list[IndexedEvent] = []

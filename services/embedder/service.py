@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, RebalanceInProgressError
@@ -62,6 +63,8 @@ class EmbedderService:
         from chatreid.embedder import embedder_from_settings
 
         cfg = settings.embedder
+        if cfg.torch_threads:  # fewer than the cores when ingest shares the machine
+            torch.set_num_threads(cfg.torch_threads)
         self.settings = settings
         self.embedder = embedder or embedder_from_settings(cfg)
         self.store = ObjectStore(settings.s3)
