@@ -154,13 +154,9 @@ def ingest_folder(
     source = FolderSource(path)
     ingestor = Ingestor(_settings(), source="folder")
     try:
-        for batch in source.batches(watch=watch):
-            for p in batch:
-                result = ingestor.submit(source.read(p))
-                if not result.ok:
-                    console.print(f"[red]rejected[/] {p}: {result.error}: {result.reason}")
-            ingestor.flush()  # durable first, then remembered as done
-            source.mark_done([str(p.relative_to(path)) for p in batch])
+        for p, result in source.publish(ingestor, watch=watch):
+            if not result.ok:
+                console.print(f"[red]rejected[/] {p}: {result.error}: {result.reason}")
     finally:
         ingestor.close()
     console.print(f"published {ingestor.published}, rejected {ingestor.rejected}")

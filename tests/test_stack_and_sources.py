@@ -55,13 +55,8 @@ def test_folder_source_publishes_each_file_once_and_dead_letters_bad_ones(settin
     (tmp_path / "0007_c3s1_000151_01.jpg").write_bytes(jpeg_bytes(mode="L"))
 
     def run() -> tuple[list, Ingestor]:
-        source = FolderSource(tmp_path)
         ingestor = Ingestor(settings, source="folder")
-        results = []
-        for batch in source.batches(watch=False):
-            results += [ingestor.submit(source.read(p)) for p in batch]
-            ingestor.flush()
-            source.mark_done([str(p.relative_to(tmp_path)) for p in batch])
+        results = [result for _, result in FolderSource(tmp_path).publish(ingestor)]
         ingestor.close()
         return results, ingestor
 

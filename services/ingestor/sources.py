@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .service import CropInput
+from .service import CropInput, Ingestor, IngestResult
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -61,6 +61,15 @@ class FolderSource:
         mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         return CropInput(data=path.read_bytes(), camera=self.camera_of(path),
                          capture_time=mtime, origin=self._key(path))
+
+    def publish(self, ingestor: Ingestor, watch: bool = False
+                ) -> Iterator[tuple[Path, IngestResult]]:
+        """Submit every pending file; a batch is remembered as done only once it is durable."""
+        for batch in self.batches(watch=watch):
+            results = [(p, ingestor.submit(self.read(p))) for p in batch]
+            ingestor.flush()
+            self.mark_done([self._key(p) for p in batch])
+            yield from results
 
     def batches(self, watch: bool, batch: int = 64) -> Iterator[list[Path]]:
         while True:
