@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -69,7 +70,18 @@ def env_for(s: Settings) -> dict[str, str]:
             "CHATREID_EMBEDDER__BATCH_SIZE": str(s.embedder.batch_size)}
 
 
-def end_to_end(settings: Settings, crops: list) -> dict:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def end_to_end(settings: Settings, crops: list, servers: dict[str, int]) -> dict:
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatreid", "embed", "--no-snapshots", "--until-idle", "20"],
         env=env_for(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -85,6 +97,9 @@ def end_to_end(settings: Settings, crops: list) -> dict:
                                       bbox=c.bbox))
         ingestor.close()
 
+    pids = {**servers, "embedding service": proc.pid,
+            "ingestor + reader (this process)": os.getpid()}
+    cpu0 = cpu_seconds(pids)
     t0 = time.time()
     producer = threading.Thread(target=produce)
     producer.start()
@@ -92,6 +107,7 @@ def end_to_end(settings: Settings, crops: list) -> dict:
     while (follower.store is None or len(follower.store) < len(crops)) and time.time() < deadline:
         follower.poll(timeout_ms=100)
     elapsed = time.time() - t0
+    cpu1 = cpu_seconds(pids)
     producer.join()
     proc.terminate()
     proc.wait(timeout=60)
@@ -99,7 +115,9 @@ def end_to_end(settings: Settings, crops: list) -> dict:
     done = len(follower.store) if follower.store else 0
     return {"crops": done, "seconds": elapsed, "crops_per_s": done / elapsed,
             "latency_p50_s": float(np.percentile(lat, 50)),
-            "latency_p95_s": float(np.percentile(lat, 95))}
+            "latency_p95_s": float(np.percentile(lat, 95)),
+            "cpu_core_seconds": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1 if k in cpu0},
+            "cpu_core_seconds_available": round(elapsed * (os.cpu_count() or 1), 2)}
 
 
 def main() -> None:
@@ -110,7 +128,9 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     base = Settings()
-    LocalStack(base).up(ray=False)
+    stack = LocalStack(base)
+    stack.up(ray=False)
+    servers = {f"{name} server": pid for name, pid in stack.pids().items()}
     settings = isolated(base)
 
     with console.status(f"rendering {args.crops} synthetic crops (not timed)"):
@@ -118,7 +138,7 @@ def main() -> None:
     with console.status("embedder forward throughput"):
         forward = embedder_forward_throughput(settings, crops, settings.embedder.batch_size)
     with console.status("end to end: ingestor -> Kafka -> embedder -> FAISS"):
-        e2e = end_to_end(settings, crops)
+        e2e = end_to_end(settings, crops, servers)
     ratio = e2e["crops_per_s"] / forward
     result = {
         "benchmark": "ingest", "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -135,6 +155,11 @@ def main() -> None:
     table.add_row("capture→searchable p50 (s)", f"{e2e['latency_p50_s']:.2f}")
     table.add_row("capture→searchable p95 (s)", f"{e2e['latency_p95_s']:.2f}")
     console.print(table)
+    cpu = Table("process", "CPU core-seconds during the end-to-end run",
+                title=f"where the CPU went ({e2e['cpu_core_seconds_available']} available)")
+    for name, sec in e2e["cpu_core_seconds"].items():
+        cpu.add_row(name, f"{sec:.1f}")
+    console.print(cpu)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {args.out}")

@@ -78,14 +78,14 @@ class LocalStack:
         self.pidfile = self.root / "pids.json"
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def _pids(self) -> dict[str, int]:
+    def pids(self) -> dict[str, int]:
         try:
             return json.loads(self.pidfile.read_text())
         except (OSError, ValueError):
             return {}
 
     def _save_pid(self, name: str, pid: int | None) -> None:
-        pids = self._pids()
+        pids = self.pids()
         if pid is None:
             pids.pop(name, None)
         else:
@@ -184,7 +184,7 @@ class LocalStack:
 
     def down(self) -> list[str]:
         stopped = []
-        for name, pid in self._pids().items():
+        for name, pid in self.pids().items():
             if _pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGTERM)
@@ -202,7 +202,7 @@ class LocalStack:
         return stopped
 
     def status(self) -> list[ServiceStatus]:
-        pids = self._pids()
+        pids = self.pids()
         k, s = self.settings.stack.kafka_port, self.settings.stack.s3_port
         return [
             ServiceStatus("kafka", _pid_alive(pids.get("kafka")) or _port_open(k),

@@ -32,9 +32,9 @@ def test_broker_start_is_idempotent_health_checked_and_stoppable(tmp_path: Path)
     stack.root.mkdir(parents=True)
 
     stack.start_kafka()
-    first = stack._pids()["kafka"]
+    first = stack.pids()["kafka"]
     stack.start_kafka()  # already healthy: nothing new is spawned
-    assert stack._pids()["kafka"] == first
+    assert stack.pids()["kafka"] == first
     kafka = next(s for s in stack.status() if s.name == "kafka")
     assert kafka.running and kafka.healthy and kafka.pid == first
     assert (stack.logs / "kafka.log").exists()
