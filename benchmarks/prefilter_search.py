@@ -214,10 +214,6 @@ def table(rows: list[dict]) -> Table:
         i = r["index"]
         kind = i["kind"] + (f" nlist={i['nlist']} nprobe={i['knob']}" if "nlist" in i
                             else f" ef={i['knob']}" if i["knob"] else "")
-        if i.get("graph_dim", r["dim"]) != r["dim"]:  # HNSW over a projection
-            kind += f" d={i['graph_dim']}"
-        if i.get("rerank", 2) != 2:
-            kind += f" R={i['rerank']}"
         t.add_row(f"{r['n']:,}", str(r["dim"]), kind, f"{r['build_s']:.1f}",
                   f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['recall_at_k']:.3f}",
                   f"{r['filtered_p50_ms']:.2f}", f"{r['filtered_recall_at_k']:.3f}",
