@@ -188,37 +188,10 @@ def embed(
     verbose: bool = False,
 ) -> None:
     """Run the embedding service: crops topic -> embedder -> prefilter store."""
-    import signal
-    import threading
-
-    from .prefilter.follower import IndexFollower
-    from .services.embedder import EmbedderService
+    from .services.embedder import serve
 
     _logging(verbose)
-    settings = _settings()
-    follower, stop, thread = None, threading.Event(), None
-    service = None
-    if snapshots:
-        from .embedder import embedder_from_settings
-
-        embedder = embedder_from_settings(settings.embedder)
-        follower = IndexFollower(settings, embedder_version=embedder.version, snapshots=True)
-        follower.restore()
-        follower.catch_up()
-        thread = threading.Thread(target=follower.follow, args=(stop,), daemon=True)
-        thread.start()
-        service = EmbedderService(settings, embedder,
-                                  is_indexed=lambda cid: bool(follower.store)
-                                  and cid in follower.store)
-    service = service or EmbedderService(settings)
-    signal.signal(signal.SIGTERM, lambda *_: service.stop())  # finish the batch, then exit
-    try:
-        stats = service.run(until_idle_s=until_idle)
-    finally:
-        stop.set()
-        if thread:
-            thread.join(timeout=30)
-            follower.snapshot()
+    stats = serve(_settings(), until_idle_s=until_idle, snapshots=snapshots)
     console.print(f"indexed {stats.indexed}, skipped {stats.skipped}, "
                   f"dead letters {stats.dead_letters}, batches {stats.batches}")
 

@@ -1,5 +1,5 @@
 """Embedding service: ``crops`` -> prefilter embedder -> ``indexed`` (the store's log)."""
 
-from .service import EmbedderService, Stats
+from .service import EmbedderService, Stats, serve
 
-__all__ = ["EmbedderService", "Stats"]
+__all__ = ["EmbedderService", "Stats", "serve"]

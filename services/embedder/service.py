@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -214,3 +215,33 @@ class EmbedderService:
                 log.warning("commit failed after a rebalance; the new owner replays the batch")
                 return
         log.warning("commit still rebalancing after retries; the batch will be replayed")
+
+
+def serve(settings: Settings, until_idle_s: float | None = None, snapshots: bool = True) -> Stats:
+    """The process ``chatreid embed`` runs: the service, and (with ``snapshots``) a follower of
+    the indexed log that keeps a local store for the skip-if-indexed fast path and writes
+    snapshots. Run snapshots on one replica per deployment. SIGTERM finishes the batch."""
+    from chatreid.embedder import embedder_from_settings
+    from chatreid.prefilter.follower import IndexFollower
+
+    embedder = embedder_from_settings(settings.embedder)
+    stop, follower, thread = threading.Event(), None, None
+    if snapshots:
+        follower = IndexFollower(settings, embedder_version=embedder.version, snapshots=True)
+        follower.restore()
+        follower.catch_up()
+        thread = threading.Thread(target=follower.follow, args=(stop,), daemon=True)
+        thread.start()
+
+    def is_indexed(crop_id: str) -> bool:
+        return follower is not None and follower.store is not None and crop_id in follower.store
+
+    service = EmbedderService(settings, embedder, is_indexed=is_indexed)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    try:
+        return service.run(until_idle_s=until_idle_s)
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=30)
+            follower.snapshot()
