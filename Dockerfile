@@ -48,6 +48,8 @@ if sys.argv[1] == "cuda":
 print("\n".join(deps))
 EOF
 RUN pip install -r /tmp/requirements.txt
+COPY requirements-nodeps.txt /src/requirements-nodeps.txt
+RUN pip install --no-deps -r /src/requirements-nodeps.txt
 
 # The project itself (--no-deps: everything it needs is already in the layer above).
 COPY . /src

