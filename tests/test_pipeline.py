@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from chatreid.bus import make_consumer, make_producer
 from chatreid.prefilter.follower import IndexFollower
@@ -65,10 +67,6 @@ def test_published_crops_are_all_searchable_exactly_once(settings):
     # the stored vector is the crop's: its own image finds it first
     objects = ObjectStore(settings.s3)
     for event in events[:3]:
-        import io
-
-        from PIL import Image
-
         vec = embedder.embed([Image.open(io.BytesIO(objects.get(event.object_key)))])[0]
         top = store.search(vec, 1)[0][0]
         assert top.meta.crop_id == event.crop_id and top.score > 0.999
