@@ -1,0 +1,96 @@
+"""Versioned checkpoints in object storage: upload with a manifest, announce, download, verify.
+
+A checkpoint is a local directory (``save_pretrained`` output, an embedder file, ...). Pushing it
+writes every file under ``checkpoints/<model>/<version>/``, then ``manifest.json`` (stage,
+parent, data hash, config, metrics, sha256 and size of every file) last, so a reader that finds
+the manifest finds the files; then a ``CheckpointEvent`` goes to Kafka. Pulling verifies every
+sha256 before anything may load it: serving must refuse a corrupted checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile
+from .storage import ObjectStore, sha256_hex
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or does not match its manifest."""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe(directory: Path) -> list[CheckpointFile]:
+    """Every file under ``directory`` (sorted, relative paths) with its sha256 and size."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    if not files:
+        raise CheckpointError(f"{directory} holds no files")
+    return [CheckpointFile(path=p.relative_to(directory).as_posix(), sha256=_file_sha256(p),
+                           size=p.stat().st_size) for p in files]
+
+
+def push(settings: Settings, directory: Path, *, model: str, stage: str, version: str,
+         parent_version: str | None = None, data_hash: str | None = None,
+         config: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+         producer=None) -> CheckpointEvent:
+    """Upload ``directory`` with its manifest and publish the checkpoint event."""
+    from .bus import make_producer, publish
+
+    objects = ObjectStore(settings.s3)
+    prefix = f"checkpoints/{model}/{version}"
+    files = describe(directory)
+    for f in files:
+        objects.put(f"{prefix}/{f.path}", (directory / f.path).read_bytes())
+    manifest = {
+        "model": model, "stage": stage, "version": version, "parent_version": parent_version,
+        "data_hash": data_hash, "config": config or {}, "metrics": metrics or {},
+        "files": [f.model_dump() for f in files],
+    }
+    raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    objects.put(f"{prefix}/{MANIFEST}", raw, "application/json")  # last: it marks completion
+    event = CheckpointEvent(
+        model=model, stage=stage, version=version, bucket=settings.s3.bucket, prefix=prefix,
+        manifest_key=f"{prefix}/{MANIFEST}", manifest_sha256=sha256_hex(raw),
+        parent_version=parent_version, files=files, metrics=metrics or {},
+    )
+    own = producer is None
+    producer = producer or make_producer(settings.kafka)
+    try:
+        publish(producer, settings.kafka.topic(CHECKPOINTS.name), model, event).get(timeout=30)
+    finally:
+        if own:
+            producer.close()
+    return event
+
+
+def pull(settings: Settings, event: CheckpointEvent, directory: Path) -> dict[str, Any]:
+    """Download a checkpoint and verify the manifest and every file; returns the manifest."""
+    objects = ObjectStore(settings.s3)
+    raw = objects.get(event.manifest_key)
+    if sha256_hex(raw) != event.manifest_sha256:
+        raise CheckpointError(f"{event.manifest_key} does not match the event's sha256")
+    manifest = json.loads(raw)
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in manifest["files"]:
+        f = CheckpointFile.model_validate(entry)
+        data = objects.get(f"{event.prefix}/{f.path}")
+        if len(data) != f.size or sha256_hex(data) != f.sha256:
+            raise CheckpointError(f"{event.version}: {f.path} does not match its manifest")
+        target = directory / f.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (directory / MANIFEST).write_bytes(raw)
+    return manifest

@@ -1,0 +1,54 @@
+"""Checkpoints round-trip through the real object store and broker, and corruption is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatreid.bus import make_consumer
+from chatreid.checkpoints import CheckpointError, pull, push
+from chatreid.schemas import CHECKPOINTS, CheckpointEvent
+from chatreid.storage import ObjectStore
+
+pytestmark = pytest.mark.stack
+
+
+def make_checkpoint(root):
+    (root / "sub").mkdir(parents=True)
+    (root / "config.json").write_text('{"hidden": 64}')
+    (root / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 100)
+    return root
+
+
+def test_push_announces_and_pull_verifies_every_file(settings, tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    event = push(settings, src, model="vlm", stage="stage1", version="s1-0001",
+                 parent_version=None, data_hash="d" * 8, metrics={"loss": 1.5})
+    assert [f.path for f in event.files] == ["config.json", "sub/weights.bin"]
+
+    consumer = make_consumer(settings.kafka, None, consumer_timeout_ms=5000)
+    consumer.subscribe([settings.kafka.topic(CHECKPOINTS.name)])
+    announced = [CheckpointEvent.from_bytes(r.value) for r in consumer]
+    consumer.close()
+    assert announced == [event]
+
+    manifest = pull(settings, event, tmp_path / "dst")
+    assert manifest["stage"] == "stage1" and manifest["metrics"] == {"loss": 1.5}
+    assert (tmp_path / "dst" / "sub" / "weights.bin").read_bytes() == bytes(range(256)) * 100
+
+
+def test_a_corrupted_file_or_manifest_is_refused(settings, tmp_path):
+    event = push(settings, make_checkpoint(tmp_path / "src"), model="vlm", stage="stage2",
+                 version="s2-0001")
+    objects = ObjectStore(settings.s3)
+    objects.put(f"{event.prefix}/sub/weights.bin", b"tampered")
+    with pytest.raises(CheckpointError, match=r"sub/weights\.bin does not match"):
+        pull(settings, event, tmp_path / "dst")
+    objects.put(event.manifest_key, b"{}")
+    with pytest.raises(CheckpointError, match=r"manifest\.json does not match"):
+        pull(settings, event, tmp_path / "dst2")
+
+
+def test_an_empty_directory_is_not_a_checkpoint(settings, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no files"):
+        push(settings, tmp_path / "empty", model="vlm", stage="stage3", version="x")
