@@ -9,14 +9,13 @@ sha256 before anything may load it: serving must refuse a corrupted checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile
-from .storage import ObjectStore, sha256_hex
+from .storage import ObjectStore, file_sha256, sha256_hex
 
 MANIFEST = "manifest.json"
 
@@ -25,20 +24,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete or does not match its manifest."""
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe(directory: Path) -> list[CheckpointFile]:
     """Every file under ``directory`` (sorted, relative paths) with its sha256 and size."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     if not files:
         raise CheckpointError(f"{directory} holds no files")
-    return [CheckpointFile(path=p.relative_to(directory).as_posix(), sha256=_file_sha256(p),
+    return [CheckpointFile(path=p.relative_to(directory).as_posix(), sha256=file_sha256(p),
                            size=p.stat().st_size) for p in files]
 
 

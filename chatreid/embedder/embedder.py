@@ -14,7 +14,6 @@ comparable between embedders with the same version, so the prefilter store keys 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import logging
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ from torch import nn
 
 from chatreid.config import EmbedderSettings
 from chatreid.embedder.mobilenetv2 import MobileNetV2
+from chatreid.storage import file_sha256
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -253,7 +253,7 @@ def build_embedder(
     if weights is None:
         path = imagenet_weights_path()
         model = imagenet_model()
-        model_id = f"{IMAGENET_MODEL_ID}-{_sha256(path)[:8]}"
+        model_id = f"{IMAGENET_MODEL_ID}-{file_sha256(path)[:8]}"
     else:
         path = Path(weights)
         model, model_id = _load_checkpoint(path)
@@ -281,7 +281,7 @@ def _load_checkpoint(path: Path) -> tuple[ReIDNet, str]:
     _load_strict(model, ckpt["state_dict"], path)
     if config.get("dim", model.dim) != model.dim:
         raise WeightsError(f"{path}: config says dim {config['dim']}, weights give {model.dim}")
-    model_id = str(ckpt.get("version") or f"ckpt-{_sha256(path)[:12]}")
+    model_id = str(ckpt.get("version") or f"ckpt-{file_sha256(path)[:12]}")
     return model, model_id
 
 
@@ -303,10 +303,3 @@ def _load_strict(module: nn.Module, state_dict: Any, path: Path) -> None:
     except RuntimeError as exc:
         raise WeightsError(f"{path}: weights do not fit the architecture: {exc}") from exc
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -202,6 +202,23 @@ def place(
     return [x for _, x in shuffled], [i + 1 for i, (pos, _) in enumerate(shuffled) if pos]
 
 
+def draw_mixed(
+    rng: np.random.Generator,
+    mix: Mapping[str, float],
+    builders: Mapping[str, Callable[[np.random.Generator], InstructionSample | None]],
+    n: int,
+    stage: int,
+) -> list[InstructionSample]:
+    """``n`` samples whose tasks are drawn by the weights in ``mix``, each built with ``retry``."""
+    unknown = set(mix) - set(builders)
+    if unknown:
+        raise ValueError(f"unknown stage-{stage} tasks in the mix: {sorted(unknown)}")
+    names = list(mix)
+    weights = np.asarray([mix[t] for t in names], dtype=float)
+    tasks = rng.choice(len(names), size=n, p=weights / weights.sum())
+    return [retry(rng, builders[names[int(t)]], f"stage {stage} {names[int(t)]}") for t in tasks]
+
+
 def retry(
     rng: np.random.Generator,
     make: Callable[[np.random.Generator], InstructionSample | None],

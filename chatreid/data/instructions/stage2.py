@@ -21,11 +21,11 @@ from chatreid.data.instructions.samples import (
     by_pid,
     canonical_attributes,
     distinguishable,
+    draw_mixed,
     load_entries,
     pick,
     pick_many,
     place,
-    retry,
     unique_sightings,
 )
 from chatreid.data.instructions.stage1 import CaptionFilter, filter_entries
@@ -288,17 +288,6 @@ def build_stage2(
     splits: tuple[str, ...] = TRAIN_SPLITS,
 ) -> list[InstructionSample]:
     cfg = config or Stage2Config()
-    unknown = set(cfg.mix) - set(BUILDERS)
-    if unknown:
-        raise ValueError(f"unknown stage-2 tasks in the mix: {sorted(unknown)}")
     pools = _pools(world_root, splits, cfg)
-    rng = np.random.default_rng(seed)
-    names = list(cfg.mix)
-    weights = np.asarray([cfg.mix[t] for t in names], dtype=float)
-    tasks = rng.choice(len(names), size=n, p=weights / weights.sum())
-    out = []
-    for t in tasks:
-        name = names[int(t)]
-        builder = BUILDERS[name]
-        out.append(retry(rng, lambda r, b=builder: b(r, pools, cfg), f"stage 2 {name}"))
-    return out
+    builders = {name: (lambda r, b=b: b(r, pools, cfg)) for name, b in BUILDERS.items()}
+    return draw_mixed(np.random.default_rng(seed), cfg.mix, builders, n, stage=2)
