@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import Settings
 from .schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile
+from .schemas.events import utcnow
 from .storage import ObjectStore, file_sha256, sha256_hex
 
 MANIFEST = "manifest.json"
@@ -48,7 +49,7 @@ def push(settings: Settings, directory: Path, *, model: str, stage: str, version
     manifest = {
         "model": model, "stage": stage, "version": version, "parent_version": parent_version,
         "data_hash": data_hash, "config": config or {}, "metrics": metrics or {},
-        "files": [f.model_dump() for f in files],
+        "files": [f.model_dump() for f in files], "created_at": utcnow().isoformat(),
     }
     raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
     objects.put(f"{prefix}/{MANIFEST}", raw, "application/json")  # last: it marks completion
@@ -56,6 +57,7 @@ def push(settings: Settings, directory: Path, *, model: str, stage: str, version
         model=model, stage=stage, version=version, bucket=settings.s3.bucket, prefix=prefix,
         manifest_key=f"{prefix}/{MANIFEST}", manifest_sha256=sha256_hex(raw),
         parent_version=parent_version, files=files, metrics=metrics or {},
+        created_at=manifest["created_at"],
     )
     own = producer is None
     producer = producer or make_producer(settings.kafka)
@@ -85,3 +87,28 @@ def pull(settings: Settings, event: CheckpointEvent, directory: Path) -> dict[st
         target.write_bytes(data)
     (directory / MANIFEST).write_bytes(raw)
     return manifest
+
+
+def latest(settings: Settings, model: str, stage: str) -> CheckpointEvent | None:
+    """The newest complete checkpoint of ``model`` at ``stage`` (None if there is none).
+
+    Read from the manifests in object storage, so it works without the event history.
+    """
+    objects = ObjectStore(settings.s3)
+    found: list[tuple[str, CheckpointEvent]] = []
+    for key in objects.list(f"checkpoints/{model}/"):
+        if not key.endswith(f"/{MANIFEST}"):
+            continue
+        raw = objects.get(key)
+        m = json.loads(raw)
+        if m.get("stage") != stage or "created_at" not in m:
+            continue
+        event = CheckpointEvent(
+            model=m["model"], stage=m["stage"], version=m["version"],
+            bucket=settings.s3.bucket, prefix=key.rsplit("/", 1)[0], manifest_key=key,
+            manifest_sha256=sha256_hex(raw), parent_version=m.get("parent_version"),
+            files=[CheckpointFile.model_validate(f) for f in m["files"]],
+            metrics=m.get("metrics", {}), created_at=m["created_at"],
+        )
+        found.append((m["created_at"], event))
+    return max(found, key=lambda t: t[0])[1] if found else None

@@ -79,6 +79,36 @@ class IndexSettings(BaseModel):
     )
 
 
+class RaySettings(BaseModel):
+    """Where Ray jobs run: a cluster address, or the local stack's head, or an in-process one."""
+
+    address: str | None = Field(
+        None, description="ray:// or host:port; None joins the local head if up, else starts one"
+    )
+    num_cpus: int = Field(2, ge=1, description="CPUs of an in-process Ray (local runs only)")
+    temp_dir: Path = Path("/tmp/chatreid-ray")  # short: Ray's unix sockets must fit in 107 bytes
+
+
+class TrainSettings(BaseModel):
+    """Ray Train jobs (HPT stages, embedder): scale, precision, fault tolerance, storage."""
+
+    base_model: str = Field(
+        "offline-default", description="'offline-default', 'tiny', a checkpoint dir or hub id"
+    )
+    world: Path = Field(Path("data/synth"), description="synthetic world the data engine reads")
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    deepspeed: bool | None = Field(None, description="None: DeepSpeed exactly when use_gpu")
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool | None = Field(None, description="None: bf16 exactly when use_gpu")
+    torch_threads: int = Field(1, ge=0, description="intra-op threads per worker; 0 = default")
+    max_failures: int = Field(1, ge=0, description="worker failures a job survives")
+    storage_prefix: str = Field("train-runs", description="Ray Train run state in the bucket")
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
+    out_dir: Path = Path("out/train")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CHATREID_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -91,3 +121,5 @@ class Settings(BaseSettings):
     ingestor: IngestorSettings = IngestorSettings()
     embedder: EmbedderSettings = EmbedderSettings()
     index: IndexSettings = IndexSettings()
+    ray: RaySettings = RaySettings()
+    train: TrainSettings = TrainSettings()

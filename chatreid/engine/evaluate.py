@@ -1,0 +1,102 @@
+"""Best-choice evaluation: the model's confidence in each gallery index, read in one forward.
+
+The stage-3 answer is ``"The best match is image {k}."``. The tokens before the index are the
+same for every ``k``, so one forward over prompt + that prefix yields the next-token
+distribution over the index tokens: its argmax is the model's choice and its probabilities are
+the response confidences the retrieval service ranks by.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2VLForConditionalGeneration
+
+from chatreid.data.instructions import InstructionSample
+from chatreid.data.instructions.prompts import best_match_response
+from chatreid.engine.collate import ImageLoader, encode_prompt, load_images
+from chatreid.engine.stages import StageRule
+from chatreid.model import ChatReIDProcessor
+
+
+@dataclass(frozen=True)
+class ChoiceTokens:
+    prefix: list[int]  # answer tokens shared by every index
+    index_ids: list[int]  # next token for index 1, 2, ...
+
+
+def choice_tokens(tokenizer: PreTrainedTokenizerBase, max_choice: int) -> ChoiceTokens:
+    """Split the answer's token ids into the shared prefix and a distinct token per index."""
+    seqs = [
+        tokenizer(best_match_response(k), add_special_tokens=False)["input_ids"]
+        for k in range(1, max_choice + 1)
+    ]
+    n = 0
+    while all(len(s) > n and s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    index_ids = [s[n] for s in seqs]
+    if len(set(index_ids)) != len(index_ids):
+        raise ValueError(f"the tokenizer does not give indices 1..{max_choice} distinct tokens")
+    return ChoiceTokens(seqs[0][:n], index_ids)
+
+
+@torch.no_grad()
+def choice_probabilities(
+    model: Qwen2VLForConditionalGeneration,
+    processor: ChatReIDProcessor,
+    sample: InstructionSample,
+    load: ImageLoader,
+    rule: StageRule,
+    gallery_size: int,
+) -> np.ndarray:
+    """P(index = k | prompt) for k = 1..gallery_size, renormalised over the gallery."""
+    tokens = choice_tokens(processor.tokenizer, gallery_size)
+    enc = encode_prompt(processor, sample.prompt, load_images(sample, load, rule))
+    prefix = torch.tensor([tokens.prefix], dtype=torch.long)
+    enc["input_ids"] = torch.cat([enc["input_ids"], prefix], dim=1)
+    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+    enc["mm_token_type_ids"] = torch.cat(
+        [enc["mm_token_type_ids"], torch.zeros_like(prefix)], dim=1
+    )
+    logits = model(**enc).logits[0, -1].float()
+    scores = torch.log_softmax(logits[tokens.index_ids], dim=-1)
+    return scores.exp().cpu().numpy()
+
+
+def gallery_size_of(sample: InstructionSample) -> int:
+    return len(sample.meta["gallery"])
+
+
+def evaluate_best_choice(
+    model: Qwen2VLForConditionalGeneration,
+    processor: ChatReIDProcessor,
+    samples: Sequence[InstructionSample],
+    load: ImageLoader,
+    rule: StageRule,
+) -> dict[str, float]:
+    """Rank-1 (overall and per task), mean confidence in the truth, and the chance level."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    truth_prob, chance = [], []
+    for sample in samples:
+        size = gallery_size_of(sample)
+        probs = choice_probabilities(model, processor, sample, load, rule, size)
+        truth = int(sample.answer["choice"])
+        hits[sample.task].append(int(np.argmax(probs)) + 1 == truth)
+        truth_prob.append(float(probs[truth - 1]))
+        chance.append(1.0 / size)
+    model.train(was_training)
+    all_hits = [h for task_hits in hits.values() for h in task_hits]
+    out = {
+        "rank1": float(np.mean(all_hits)) if all_hits else float("nan"),
+        "truth_confidence": float(np.mean(truth_prob)) if truth_prob else float("nan"),
+        "chance_rank1": float(np.mean(chance)) if chance else float("nan"),
+        "eval_samples": float(len(all_hits)),
+    }
+    out.update({f"rank1/{task}": float(np.mean(h)) for task, h in sorted(hits.items())})
+    return out

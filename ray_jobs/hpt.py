@@ -1,0 +1,164 @@
+"""Hierarchical Progressive Tuning as Ray Train jobs: one job per stage, chained by checkpoints.
+
+``run_stage`` trains one stage on the Ray cluster (see ``chatreid.engine.hpt`` for the loop) and
+pushes the result to object storage with a manifest and a ``checkpoints`` event; ``run_chain``
+runs the stages in order, each starting from the previous one's pushed checkpoint. Skipping
+stages gives the paper's Table 4 ablation: ``(3,)``, ``(2, 3)`` or ``(1, 2, 3)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from pydantic import BaseModel
+
+from chatreid.checkpoints import pull, push
+from chatreid.config import Settings
+from chatreid.data.engine import iter_samples, shards_for_worker
+from chatreid.data.report import DatasetReport
+from chatreid.data.worlds import ImageResolver
+from chatreid.engine.hpt import FINAL_DIR, HPTConfig, StageTrainer
+from chatreid.ray_jobs.launcher import run_trainer, settings_from
+from chatreid.schemas import CheckpointEvent
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "vlm"
+ABLATIONS: dict[str, tuple[int, ...]] = {"3": (3,), "2+3": (2, 3), "1+2+3": (1, 2, 3)}
+
+
+class StageJob(BaseModel):
+    """Everything a stage's workers need; the driver fills it, the loop reads it."""
+
+    hpt: HPTConfig
+    dataset_id: str
+    num_shards: int
+    world_id: str
+    world_root: str | None = None  # local copy, when the workers share the driver's disk
+    parent: CheckpointEvent | None = None
+    eval_dataset_id: str | None = None  # stage-3 samples of held-out identities (rank 0 scores)
+
+
+class StageOutcome(BaseModel):
+    stage: int
+    version: str
+    parent_version: str | None
+    wall_s: float
+    metrics: dict[str, float]
+    event: CheckpointEvent
+
+
+def version_for(job: StageJob) -> str:
+    """Same inputs → same version: a re-run resumes the same Ray run and re-pushes idempotently."""
+    key = json.dumps({
+        "hpt": job.hpt.model_dump(), "data": job.dataset_id,
+        "parent": job.parent.version if job.parent else None,
+    }, sort_keys=True)
+    return f"hpt{job.hpt.stage}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+
+def hpt_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point (every worker): fetch data and parent, then train the stage."""
+    import ray.train
+
+    settings = settings_from(config)
+    job = StageJob.model_validate(config["job"])
+    train = settings.train
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
+    ctx = ray.train.get_context()
+    shards = shards_for_worker(job.num_shards, ctx.get_world_rank(), ctx.get_world_size())
+    samples = list(iter_samples(settings, job.dataset_id, job.hpt.stage, shards))
+    eval_samples = []
+    if job.eval_dataset_id and ctx.get_world_rank() == 0:
+        eval_samples = list(iter_samples(settings, job.eval_dataset_id, 3))
+    resolver = ImageResolver(
+        settings, job.world_id,
+        local_root=Path(job.world_root) if job.world_root else None,
+        cache_dir=train.out_dir / "cache" / "worlds",
+    )
+
+    def load(relpath: str) -> Image.Image:
+        return Image.open(resolver(relpath))
+
+    with tempfile.TemporaryDirectory(prefix="parent-") as tmp:
+        parent_dir = None
+        if job.parent is not None:
+            pull(settings, job.parent, Path(tmp))  # verifies every file's sha256
+            parent_dir = Path(tmp)
+        use_gpu = train.use_gpu and torch.cuda.is_available()
+        trainer = StageTrainer(
+            job.hpt, samples, eval_samples, load, parent_dir,
+            deepspeed=train.deepspeed if train.deepspeed is not None else use_gpu,
+            zero_stage=train.zero_stage,
+            bf16=train.bf16 if train.bf16 is not None else use_gpu,
+            checkpoint_every=train.checkpoint_every,
+        )
+    trainer.run()
+
+
+# --- driver side -------------------------------------------------------------------------------
+
+
+def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
+    """Train one stage on the cluster, then push its model with a manifest and an event."""
+    version = version_for(job)
+    t0 = time.perf_counter()
+    result = run_trainer(
+        settings, hpt_loop, {"job": job.model_dump(mode="json")}, name=f"{MODEL_NAME}-{version}"
+    )
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {job.hpt.stage} ended without a checkpoint: {result.error}")
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
+    with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
+        final = Path(result.checkpoint.to_directory(tmp)) / FINAL_DIR
+        if not final.is_dir():
+            raise RuntimeError(f"stage {job.hpt.stage}: last checkpoint holds no {FINAL_DIR}/")
+        event = push(
+            settings, final, model=MODEL_NAME, stage=f"stage{job.hpt.stage}", version=version,
+            parent_version=job.parent.version if job.parent else None,
+            data_hash=job.dataset_id, config=job.hpt.model_dump(), metrics=metrics,
+        )
+    return StageOutcome(stage=job.hpt.stage, version=version, wall_s=wall, metrics=metrics,
+                        parent_version=event.parent_version, event=event)
+
+
+def run_chain(
+    settings: Settings,
+    stages: Sequence[int],
+    configs: dict[int, HPTConfig],
+    datasets: dict[int, DatasetReport],
+    *,
+    world_id: str,
+    world_root: Path | None,
+    eval_dataset_id: str | None,
+    parent: CheckpointEvent | None = None,
+) -> list[StageOutcome]:
+    """Stages in order, each from the one before (the first from ``parent`` or the base)."""
+    if list(stages) != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
+        raise ValueError(f"stages must be increasing and within 1..3, got {list(stages)}")
+    outcomes: list[StageOutcome] = []
+    for stage in stages:
+        job = StageJob(
+            hpt=configs[stage], dataset_id=datasets[stage].dataset_id,
+            num_shards=datasets[stage].num_shards, world_id=world_id,
+            world_root=str(world_root) if world_root else None, parent=parent,
+            eval_dataset_id=eval_dataset_id,
+        )
+        outcome = run_stage(settings, job)
+        outcomes.append(outcome)
+        parent = outcome.event
+    return outcomes

@@ -1,0 +1,191 @@
+"""``chatreid train``: the whole training pipeline on one recipe.
+
+world (synthesised if missing) → uploaded to object storage → instruction datasets per stage
+(data engine, Ray Data) → [prefilter embedder] → HPT stages as Ray Train jobs, each pushed with a
+manifest and a checkpoint event → a report (JSON + table) of speed, memory and accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.table import Table
+
+from chatreid.checkpoints import latest
+from chatreid.cluster import connect
+from chatreid.config import Settings
+from chatreid.data.engine import InstructionDatasetSpec, build_dataset
+from chatreid.data.report import DatasetReport
+from chatreid.data.worlds import upload_world
+from chatreid.engine.hpt import HPTConfig
+from chatreid.ray_jobs.hpt import ABLATIONS, MODEL_NAME, StageOutcome, run_chain
+from chatreid.schemas import CheckpointEvent
+
+Target = Literal["embedder", "1", "2", "3", "all"]
+
+
+class StageRecipe(BaseModel):
+    samples: int = Field(gt=0)
+    epochs: int = 1
+    lr: float = 2e-5
+    encoder_lr: float | None = None
+    batch_size: int = 1
+    max_steps: int | None = None
+
+
+class TrainRecipe(BaseModel):
+    """Sizes of one training run. ``default`` is sized to finish on a 2-core CPU in < 60 min."""
+
+    synth_size: Literal["small", "tiny"] = "small"
+    seed: int = 0
+    num_shards: int = 4
+    eval_samples: int = 60
+    stages: dict[int, StageRecipe]
+    embedder_epochs: int = 10
+
+
+PRESETS: dict[str, TrainRecipe] = {
+    "default": TrainRecipe(stages={
+        1: StageRecipe(samples=400, lr=5e-5, encoder_lr=3e-4),
+        2: StageRecipe(samples=700, lr=5e-5, encoder_lr=1e-4),
+        3: StageRecipe(samples=700, lr=5e-5),
+    }),
+    # CI: the tiny model on the tiny world; every mechanism, a few steps each.
+    "micro": TrainRecipe(
+        synth_size="tiny", num_shards=2, eval_samples=8, embedder_epochs=2,
+        stages={s: StageRecipe(samples=12, lr=1e-3, max_steps=6) for s in (1, 2, 3)},
+    ),
+}
+
+
+class TrainReport(BaseModel):
+    world_id: str
+    base_model: str
+    stages: list[StageOutcome] = []
+    datasets: dict[int, DatasetReport] = {}
+    embedder: CheckpointEvent | None = None
+    wall_s: float = 0.0
+
+
+def ensure_world(settings: Settings, recipe: TrainRecipe, console: Console) -> Path:
+    """The configured world directory, synthesised (deterministically) if it is not there."""
+    from chatreid.synth import SynthConfig, generate_world
+
+    root = settings.train.world
+    if not (root / "attributes" / "attributes.json").is_file():
+        console.print(f"synthesising a {recipe.synth_size} world into {root}")
+        cfg = SynthConfig(seed=recipe.seed)
+        if recipe.synth_size == "tiny":
+            cfg = SynthConfig.tiny(seed=recipe.seed)
+        generate_world(root, cfg, progress=True)
+    return root
+
+
+def stage_config(settings: Settings, recipe: TrainRecipe, stage: int) -> HPTConfig:
+    r = recipe.stages[stage]
+    return HPTConfig(
+        stage=stage, base_model=settings.train.base_model, epochs=r.epochs, lr=r.lr,
+        encoder_lr=r.encoder_lr, batch_size=r.batch_size, max_steps=r.max_steps,
+        seed=recipe.seed,
+    )
+
+
+def vlm_stages(target: Target, ablation: str | None) -> tuple[int, ...]:
+    if target == "embedder":
+        return ()
+    if target == "all":
+        if ablation is not None and ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {sorted(ABLATIONS)}, got {ablation!r}")
+        return ABLATIONS[ablation or "1+2+3"]
+    if ablation is not None:
+        raise ValueError("--ablation applies to --stage all")
+    return (int(target),)
+
+
+def parent_for(
+    settings: Settings, stages: tuple[int, ...], target: Target
+) -> CheckpointEvent | None:
+    """A single stage 2 or 3 continues the newest pushed checkpoint of the stage before it."""
+    if target not in ("2", "3"):
+        return None
+    parent = latest(settings, MODEL_NAME, f"stage{stages[0] - 1}")
+    if parent is None:
+        raise LookupError(f"stage {target} needs a stage {stages[0] - 1} checkpoint; "
+                          f"train it first (chatreid train --stage {stages[0] - 1})")
+    return parent
+
+
+def train(
+    settings: Settings,
+    target: Target = "all",
+    *,
+    recipe: TrainRecipe | None = None,
+    ablation: str | None = None,
+    console: Console | None = None,
+) -> TrainReport:
+    console = console or Console()
+    recipe = recipe or PRESETS["default"]
+    stages = vlm_stages(target, ablation)
+    t0 = time.perf_counter()
+    connect(settings)
+    world = ensure_world(settings, recipe, console)
+    wid = upload_world(settings, world)
+    report = TrainReport(world_id=wid, base_model=settings.train.base_model)
+    if target in ("embedder", "all"):
+        report.embedder = train_embedder_stage(settings, recipe, world, console)
+    if stages:
+        parent = parent_for(settings, stages, target)
+        for stage in stages:
+            spec = InstructionDatasetSpec(world_root=world, stage=stage, seed=recipe.seed,
+                                          num_samples=recipe.stages[stage].samples,
+                                          num_shards=recipe.num_shards)
+            report.datasets[stage] = build_dataset(settings, spec)
+        eval_spec = InstructionDatasetSpec(world_root=world, stage=3, seed=recipe.seed + 1,
+                                           num_samples=recipe.eval_samples, num_shards=1,
+                                           splits=("test",))
+        eval_id = build_dataset(settings, eval_spec).dataset_id
+        report.stages = run_chain(
+            settings, stages, {s: stage_config(settings, recipe, s) for s in stages},
+            report.datasets, world_id=wid, world_root=world, eval_dataset_id=eval_id,
+            parent=parent,
+        )
+    report.wall_s = time.perf_counter() - t0
+    out = settings.train.out_dir / "report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.model_dump(mode="json"), indent=2))
+    console.print(report_table(report))
+    console.print(f"report: {out}")
+    return report
+
+
+def train_embedder_stage(
+    settings: Settings, recipe: TrainRecipe, world: Path, console: Console
+) -> CheckpointEvent:
+    from chatreid.embedder.training import EmbedderTrainConfig
+    from chatreid.ray_jobs.train_embedder import train_embedder
+
+    cfg = EmbedderTrainConfig(world_root=world, epochs=recipe.embedder_epochs, seed=recipe.seed)
+    return train_embedder(settings, cfg)
+
+
+def report_table(report: TrainReport) -> Table:
+    table = Table("stage", "version", "parent", "wall s", "samples/s", "peak MiB",
+                  "loss first→last", "rank-1 (chance)", title=f"HPT on {report.base_model}")
+    if report.embedder is not None:
+        m = report.embedder.metrics
+        table.add_row("embedder", report.embedder.version, report.embedder.parent_version or "-",
+                      "", "", "", "", f"{m.get('rank1', float('nan')):.3f}")
+    for s in report.stages:
+        m = s.metrics
+        table.add_row(
+            str(s.stage), s.version, s.parent_version or "base", f"{s.wall_s:.0f}",
+            f"{m.get('samples_per_s', 0):.2f}", f"{m.get('peak_rss_mib', 0):.0f}",
+            f"{m.get('first_loss', 0):.2f}→{m.get('loss', 0):.2f}",
+            f"{m.get('eval/rank1', float('nan')):.3f} ({m.get('eval/chance_rank1', 0):.3f})",
+        )
+    return table
