@@ -145,7 +145,11 @@ class LocalStack:
         data = self.root / "s3"
         data.mkdir(parents=True, exist_ok=True)
         cmd = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-s3.port={self.settings.stack.s3_port}", "-webdav=false", "-admin.ui=false"]
+               f"-s3.port={self.settings.stack.s3_port}", "-webdav=false", "-admin.ui=false",
+               # Every bucket is a collection holding its own volumes; the auto limit (free
+               # disk / 1 GiB) runs out after a few dozen buckets. Volumes are not
+               # preallocated, so a high cap costs nothing until written.
+               "-volume.max=10000", "-master.volumeSizeLimitMB=256"]
         env = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
         self._spawn("s3", cmd, env)
         self._wait(self.s3_healthy, "S3 object store (SeaweedFS)", 60)

@@ -91,6 +91,14 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
 
+    def drop_bucket(self) -> None:
+        """Delete every object, then the bucket (test namespaces, scratch runs)."""
+        if not self.client.bucket_exists(self.bucket):
+            return
+        for key in self.list(""):
+            self.client.remove_object(self.bucket, key)
+        self.client.remove_bucket(self.bucket)
+
     def url(self, key: str, expires_s: int = 3600) -> str:
         return self.client.presigned_get_object(self.bucket, key, timedelta(seconds=expires_s))
 

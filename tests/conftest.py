@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from PIL import Image
@@ -24,7 +25,7 @@ def stack_base() -> Settings:
 
 
 @pytest.fixture
-def settings(stack_base: Settings) -> Settings:
+def settings(stack_base: Settings) -> Iterator[Settings]:
     """Fresh namespace per test: topic prefix, bucket, consumer group, snapshot prefix."""
     from chatreid.bus import ensure_topics
     from chatreid.storage import ObjectStore
@@ -38,9 +39,11 @@ def settings(stack_base: Settings) -> Settings:
     s.embedder.batch_size = 16
     s.embedder.height, s.embedder.width = 128, 64  # fast; the pipeline is what is tested
     s.index.snapshot_prefix = f"snap-{tag}"
-    ObjectStore(s.s3).ensure_bucket()
+    store = ObjectStore(s.s3)
+    store.ensure_bucket()
     ensure_topics(s.kafka)
-    return s
+    yield s
+    store.drop_bucket()  # each bucket holds server volumes; free them for the next tests
 
 
 def env_for(settings: Settings) -> dict[str, str]:

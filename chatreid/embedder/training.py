@@ -82,6 +82,7 @@ class EmbedderTrainConfig(BaseModel):
     )
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps in all")
     lr: float = Field(3.5e-4, gt=0)
+    head_lr_mult: float = Field(10.0, gt=0, description="lr factor for the fresh layers")
     weight_decay: float = Field(5e-4, ge=0)
     warmup_steps: int = Field(10, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
@@ -357,10 +358,8 @@ class EmbedderTrainer:
         net = imagenet_model(projection_dim=cfg.projection_dim, bnneck=True)
         self.model = ray.train.torch.prepare_model(TrainNet(net, self.data.num_classes))
         self.device = next(self.model.parameters()).device
-        self.optimizer = torch.optim.Adam(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=cfg.lr, weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = torch.optim.Adam(self._param_groups(), lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay)
         total = cfg.epochs * len(self.sampler)
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -368,6 +367,16 @@ class EmbedderTrainer:
         )
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Fresh layers (neck, classifier) learn ``head_lr_mult`` times faster than the
+        pretrained backbone, which short runs on small data would otherwise overwrite."""
+        core = self.core
+        backbone = [p for p in core.net.backbone.parameters() if p.requires_grad]
+        fresh = [p for name, p in core.named_parameters()
+                 if p.requires_grad and not name.startswith("net.backbone.")]
+        return [{"params": backbone, "lr": self.cfg.lr},
+                {"params": fresh, "lr": self.cfg.lr * self.cfg.head_lr_mult}]
 
     @property
     def core(self) -> TrainNet:
