@@ -70,6 +70,7 @@ class TrainReport(BaseModel):
     datasets: dict[int, DatasetReport] = {}
     embedder: CheckpointEvent | None = None
     wall_s: float = 0.0
+    out_dir: str = ""
 
 
 def ensure_world(settings: Settings, recipe: TrainRecipe, console: Console) -> Path:
@@ -126,8 +127,10 @@ def train(
     *,
     recipe: TrainRecipe | None = None,
     ablation: str | None = None,
+    include_embedder: bool = True,
     console: Console | None = None,
 ) -> TrainReport:
+    """Run ``target`` ("embedder", one stage, or "all" = embedder + the ablation's stages)."""
     console = console or Console()
     recipe = recipe or PRESETS["default"]
     stages = vlm_stages(target, ablation)
@@ -135,8 +138,9 @@ def train(
     connect(settings)
     world = ensure_world(settings, recipe, console)
     wid = upload_world(settings, world)
-    report = TrainReport(world_id=wid, base_model=settings.train.base_model)
-    if target in ("embedder", "all"):
+    report = TrainReport(world_id=wid, base_model=settings.train.base_model,
+                         out_dir=str(settings.train.out_dir))
+    if target == "embedder" or (target == "all" and include_embedder):
         report.embedder = train_embedder_stage(settings, recipe, world, console)
     if stages:
         parent = parent_for(settings, stages, target)

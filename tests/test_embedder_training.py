@@ -23,8 +23,9 @@ from chatreid.embedder.training import (
 )
 from chatreid.synth import SynthConfig, generate_world
 
-# 40 people (20 for training), 3 RGB cameras, 128x64 crops: ~3 s to render, ~150 train images
-WORLD = SynthConfig.tiny(seed=0, n_identities=40, n_distractors=2, images_per_camera=(2, 4))
+# 80 people (40 for training), 3 RGB cameras, 128x64 crops: ~5 s to render; 287 train images,
+# 96 queries against 206 gallery images
+WORLD = SynthConfig.tiny(seed=0, n_identities=80, n_distractors=2, images_per_camera=(2, 4))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def stack(settings):
 
 
 def small_config(world: Path, **overrides) -> EmbedderTrainConfig:
-    base = dict(world_root=world, epochs=3, steps_per_epoch=8, p=8, k=4, warmup_steps=2,
+    base = dict(world_root=world, epochs=4, steps_per_epoch=8, p=8, k=4, warmup_steps=2,
                 height=128, width=64, seed=0)
     return EmbedderTrainConfig(**{**base, **overrides})
 
@@ -135,11 +136,11 @@ def test_training_lowers_the_loss_beats_imagenet_and_publishes(stack, world, ray
     # the manifest verifies and carries what the job measured
     manifest = pull(settings, event, tmp_path / "ckpt")
     assert manifest["data_hash"] == train_split_hash(world)
-    assert manifest["config"]["epochs"] == 3 and manifest["metrics"] == m
+    assert manifest["config"]["epochs"] == 4 and manifest["metrics"] == m
     assert sorted(f["path"] for f in manifest["files"]) == [CHECKPOINT_FILE, HISTORY_FILE]
     history = json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())
     losses = [h["loss"] for h in history]
-    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses
+    assert len(losses) == 4 and all(a > b for a, b in zip(losses, losses[1:])), losses
     # the pushed embedder is the one measured: same version, same scores when re-evaluated
     embedder = embedder_from_checkpoint(tmp_path / "ckpt" / CHECKPOINT_FILE)
     assert embedder.version == event.version and embedder.version.endswith("@128x64")

@@ -238,6 +238,7 @@ def _run_shards(
     from chatreid.cluster import connect
 
     connect(settings)  # the configured cluster, never an ad-hoc one with other auth settings
+    ray.data.DataContext.get_current().print_on_execution_start = False  # a page of config
 
     ds = ray.data.range(spec.num_shards, override_num_blocks=spec.num_shards)
     rows = ds.map(_ray_shard, fn_kwargs={"settings": settings, "spec": spec, **kwargs},

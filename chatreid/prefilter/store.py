@@ -379,6 +379,16 @@ class PrefilterStore:
             row = self._live_row(crop_id)
             return None if row is None else self._metas[row]
 
+    def live_metas(self) -> list[VectorMeta]:
+        """Metadata of every live vector, in insertion order (what a rebuild re-embeds)."""
+        with self._lock.read():
+            return [self._metas[row] for row in sorted(self._row_of.values())]
+
+    def crop_ids(self) -> set[str]:
+        """Every live crop id (to compare two stores' coverage)."""
+        with self._lock.read():
+            return {self._metas[row].crop_id for row in self._row_of.values()}
+
     def _live_row(self, crop_id: str) -> int | None:
         row = self._row_of.get(crop_id_to_int64(crop_id))
         if row is None or self._metas[row].crop_id != crop_id:
