@@ -50,6 +50,8 @@ EOF
 RUN pip install -r /tmp/requirements.txt
 COPY requirements-nodeps.txt /src/requirements-nodeps.txt
 RUN pip install --no-deps -r /src/requirements-nodeps.txt
+COPY requirements-torch-ext.txt /src/requirements-torch-ext.txt
+RUN pip install --no-build-isolation -r /src/requirements-torch-ext.txt
 
 # The project itself (--no-deps: everything it needs is already in the layer above).
 COPY . /src

@@ -11,6 +11,7 @@ setup:  ## create the virtualenv and install the project with its dev tools
 	$(BIN)/pip install "torch==2.13.0"  # the CPU wheel first: keeps a CUDA build out
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install --no-build-isolation -r requirements-torch-ext.txt
 
 demo:  ## the main job end to end on the embedded default
 	$(BIN)/chatreid demo

@@ -16,6 +16,8 @@ app = typer.Typer(help="ChatReID: interactive cross-camera person re-identificat
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 ingest_app = typer.Typer(help="Camera ingestor: publish crops to Kafka.", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+data_app = typer.Typer(help="Instruction datasets for the tuning stages.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 
 
@@ -258,3 +260,80 @@ def health() -> None:
     console.print(" ".join(f"{k}={'ok' if v else 'down'}" for k, v in checks.items()))
     if not all(checks.values()):
         raise typer.Exit(1)
+
+
+# -- data engine and training ------------------------------------------------------------------
+def _world(world: Path | None) -> Path:
+    return world or _settings().train.world
+
+
+@data_app.command("build")
+def data_build(
+    stage: Annotated[int, typer.Option(help="tuning stage: 1, 2 or 3")],
+    samples: Annotated[int, typer.Option(help="number of instruction samples")],
+    world: Annotated[Path | None, typer.Option(help="world root (default: train.world)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    shards: Annotated[int, typer.Option(help="shards = parallel Ray Data tasks")] = 4,
+    split: Annotated[list[str] | None, typer.Option(help="identity splits (default train,val)")]
+    = None,
+    use_ray: Annotated[bool, typer.Option("--ray/--no-ray")] = True,
+    force: Annotated[bool, typer.Option(help="rebuild even if a verified build exists")] = False,
+) -> None:
+    """Build one stage's instruction dataset into object storage and print its stats report."""
+    from .data import InstructionDatasetSpec, build_dataset, render_report
+    from .data.instructions import TRAIN_SPLITS
+
+    spec = InstructionDatasetSpec(world_root=_world(world), stage=stage, num_samples=samples,
+                                  seed=seed, num_shards=shards,
+                                  splits=tuple(split) if split else TRAIN_SPLITS)
+    report = build_dataset(_settings(), spec, use_ray=use_ray, force=force)
+    console.print(render_report(report))
+    console.print(f"dataset {report.dataset_id} stage {stage}"
+                  f"{' (already built)' if report.reused else ''}")
+
+
+@data_app.command("stats")
+def data_stats(dataset_id: str, stage: Annotated[int, typer.Option()]) -> None:
+    """The stats report of a built dataset."""
+    from .data import load_report, render_report
+
+    console.print(render_report(load_report(_settings(), dataset_id, stage)))
+
+
+@data_app.command("upload-world")
+def data_upload_world(world: Annotated[Path | None, typer.Option()] = None) -> None:
+    """Put a world's images and annotations into object storage (for remote workers)."""
+    from .data.worlds import upload_world
+
+    console.print(f"world {upload_world(_settings(), _world(world))}")
+
+
+@app.command()
+def train(
+    stage: Annotated[str, typer.Option(help="embedder | 1 | 2 | 3 | all")] = "all",
+    preset: Annotated[str, typer.Option(help="default (CPU, < 60 min) | micro (CI)")] = "default",
+    ablation: Annotated[str | None, typer.Option(help="with --stage all: 3 | 2+3 | 1+2+3")]
+    = None,
+    base: Annotated[str | None, typer.Option(help="offline-default | tiny | checkpoint")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
+    gpu: Annotated[bool, typer.Option(help="GPU workers: DeepSpeed ZeRO + bf16")] = False,
+) -> None:
+    """Train: the prefilter embedder and/or the HPT stages, as Ray Train jobs.
+
+    Every result is pushed to object storage with a manifest and announced on the checkpoints
+    topic; a single stage 2 or 3 continues the newest checkpoint of the stage before it.
+    """
+    from .ray_jobs.train import PRESETS
+    from .ray_jobs.train import train as run
+
+    if stage not in ("embedder", "1", "2", "3", "all"):
+        raise typer.BadParameter("--stage must be embedder, 1, 2, 3 or all")
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}")
+    settings = _settings()
+    if base:
+        settings.train.base_model = base
+    if workers:
+        settings.train.num_workers = workers
+    settings.train.use_gpu = gpu or settings.train.use_gpu
+    run(settings, stage, recipe=PRESETS[preset], ablation=ablation, console=console)  # type: ignore[arg-type]

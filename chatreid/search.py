@@ -1,4 +1,10 @@
-"""Prefilter-only search over the live index (until the VLM rerank is deployed)."""
+"""Prefilter-only search over the live index (until the VLM rerank is deployed).
+
+The search side follows embedder rollouts like the embedding service does: it loads each new
+embedder checkpoint (verified), builds the new version's index beside the live one, and keeps
+answering from the live one until the new index is complete; then store and query embedder
+switch together, so a query is never embedded in one space and searched in another.
+"""
 
 from __future__ import annotations
 
@@ -26,24 +32,67 @@ class SearchResult:
 
 
 class PrefilterSearch:
-    """Builds the store the way every reader does (snapshot + log gap), then answers queries."""
+    """Builds the store the way every reader does (snapshot + log gap), then answers queries.
 
-    def __init__(self, settings: Settings, embedder=None) -> None:
+    ``follow_checkpoints`` (default: when no ``embedder`` is pinned) serves the rolled-out
+    embedder from the ``checkpoints`` topic and moves to newer ones on :meth:`refresh`.
+    """
+
+    def __init__(self, settings: Settings, embedder=None,
+                 follow_checkpoints: bool | None = None) -> None:
         from .embedder import embedder_from_settings
+        from .embedder.releases import CheckpointWatcher
 
-        self.embedder = embedder or embedder_from_settings(settings.embedder)
+        def configured():
+            return embedder or embedder_from_settings(settings.embedder)
+
         self.objects = ObjectStore(settings.s3)
-        self.follower = IndexFollower(settings, self.objects,
-                                      embedder_version=self.embedder.version)
+        follow = embedder is None if follow_checkpoints is None else follow_checkpoints
+        self.watcher = (CheckpointWatcher(settings, objects=self.objects, dead_letters=False)
+                        if follow else None)
+        if self.watcher is not None:
+            current, pending = self.watcher.resolve(configured)
+        else:
+            current, pending = configured(), None
+        self._embedders = {current.version: current}  # the live one, and an incoming one
+        self.follower = IndexFollower(settings, self.objects, embedder_version=current.version)
+        if pending is not None:
+            self._stage(pending)
+
+    @property
+    def embedder(self):
+        """The embedder of the version searched now."""
+        return self._embedders[self.follower.active()[0]]
+
+    @property
+    def version(self) -> str:
+        return self.embedder.version
+
+    @property
+    def pending_version(self) -> str | None:
+        return self.follower.pending_version
+
+    def _stage(self, release) -> None:
+        self._embedders[release.version] = release.embedder
+        self.follower.prepare(release.version)
 
     def refresh(self, timeout_s: float = 120.0) -> int:
+        """Pick up new embedder checkpoints, apply the log (switching versions when the new
+        index is complete); returns the number of searchable crops."""
+        if self.watcher is not None:
+            release = self.watcher.newest(self.watcher.poll(timeout_ms=200))
+            if release is not None and release.version not in self._embedders:
+                self._stage(release)
         if self.follower.store is None:
             self.follower.restore()
         self.follower.catch_up(timeout_s)
-        return len(self.follower.store) if self.follower.store else 0
+        live, pending = self.follower.active()[0], self.follower.pending_version
+        self._embedders = {v: e for v, e in self._embedders.items() if v in (live, pending)}
+        store = self.follower.active()[1]
+        return len(store) if store else 0
 
     def crop_image(self, crop_id: str) -> Image.Image:
-        store = self.follower.store
+        store = self.follower.active()[1]
         meta = store.get_meta(crop_id) if store else None
         if meta is None:
             raise KeyError(f"unknown crop id {crop_id!r}")
@@ -52,10 +101,10 @@ class PrefilterSearch:
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
                filters: SearchFilter | None = None,
                exclude: set[str] | None = None) -> list[SearchResult]:
-        store = self.follower.store
+        version, store = self.follower.active()  # embedder and store of the same version
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
-        vec = self.embedder.embed([image])[0]
+        vec = self._embedders[version].embed([image])[0]
         extra = len(exclude or ())
         hits: list[Hit] = store.search(vec, k + extra, tau=tau, filters=filters)[0]
         hits = [h for h in hits if not exclude or h.meta.crop_id not in exclude][:k]

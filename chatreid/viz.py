@@ -93,3 +93,33 @@ def world_sheet(root: Path, identities: int = 6, per_identity: int = 8) -> Image
             images.append(Image.open(rec.path) if rec else Image.new("RGB", (8, 8), "white"))
             labels.append(label)
     return contact_sheet(images, labels, columns=per_identity)
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str,
+              reference: float | None = None, reference_label: str = "",
+              size: tuple[int, int] = (520, 300)) -> Image.Image:
+    """A plain bar chart of values in [0, 1] (rank-1 per stage), with an optional dashed line."""
+    w, h = size
+    left, right, top, bottom = 50, 20, 40, 40
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 12), title, fill="black")
+    plot_h = h - top - bottom
+    draw.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = h - bottom - tick * plot_h
+        draw.text((8, y - 6), f"{tick:.2f}", fill="gray")
+    slot = (w - left - right) / max(1, len(values))
+    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
+        x0 = left + i * slot + slot * 0.2
+        x1 = left + (i + 1) * slot - slot * 0.2
+        v = 0.0 if v != v else max(0.0, min(1.0, v))  # NaN (no eval) draws as zero
+        draw.rectangle([x0, h - bottom - v * plot_h, x1, h - bottom], fill=(70, 110, 180))
+        draw.text((x0, h - bottom - v * plot_h - 14), f"{v:.3f}", fill="black")
+        draw.text((x0, h - bottom + 8), label, fill="black")
+    if reference is not None:
+        y = h - bottom - reference * plot_h
+        for x in range(left, w - right, 10):
+            draw.line([(x, y), (x + 5, y)], fill=(200, 60, 60))
+        draw.text((w - right - 60, y - 14), reference_label, fill=(200, 60, 60))
+    return img

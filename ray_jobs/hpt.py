@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from chatreid.checkpoints import pull, push
-from chatreid.config import Settings
+from chatreid.config import Settings, TrainSettings
 from chatreid.data.engine import iter_samples, shards_for_worker
 from chatreid.data.report import DatasetReport
 from chatreid.data.worlds import ImageResolver
@@ -57,11 +57,30 @@ class StageOutcome(BaseModel):
     event: CheckpointEvent
 
 
-def version_for(job: StageJob) -> str:
+class Runtime(BaseModel):
+    """How a stage trains (not what): part of the version, since resumable state differs."""
+
+    workers: int
+    gpu: bool
+    deepspeed: bool
+    zero_stage: int
+    bf16: bool
+
+    @classmethod
+    def of(cls, train: TrainSettings) -> Runtime:
+        gpu = train.use_gpu
+        return cls(
+            workers=train.num_workers, gpu=gpu,
+            deepspeed=train.deepspeed if train.deepspeed is not None else gpu,
+            zero_stage=train.zero_stage, bf16=train.bf16 if train.bf16 is not None else gpu,
+        )
+
+
+def version_for(job: StageJob, runtime: Runtime) -> str:
     """Same inputs → same version: a re-run resumes the same Ray run and re-pushes idempotently."""
     key = json.dumps({
         "hpt": job.hpt.model_dump(), "data": job.dataset_id,
-        "parent": job.parent.version if job.parent else None,
+        "parent": job.parent.version if job.parent else None, "runtime": runtime.model_dump(),
     }, sort_keys=True)
     return f"hpt{job.hpt.stage}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
@@ -98,12 +117,10 @@ def hpt_loop(config: dict[str, Any]) -> None:
         if job.parent is not None:
             pull(settings, job.parent, Path(tmp))  # verifies every file's sha256
             parent_dir = Path(tmp)
-        use_gpu = train.use_gpu and torch.cuda.is_available()
+        runtime = Runtime.of(train)
         trainer = StageTrainer(
             job.hpt, samples, eval_samples, load, parent_dir,
-            deepspeed=train.deepspeed if train.deepspeed is not None else use_gpu,
-            zero_stage=train.zero_stage,
-            bf16=train.bf16 if train.bf16 is not None else use_gpu,
+            deepspeed=runtime.deepspeed, zero_stage=runtime.zero_stage, bf16=runtime.bf16,
             checkpoint_every=train.checkpoint_every,
         )
     trainer.run()
@@ -114,7 +131,8 @@ def hpt_loop(config: dict[str, Any]) -> None:
 
 def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
     """Train one stage on the cluster, then push its model with a manifest and an event."""
-    version = version_for(job)
+    runtime = Runtime.of(settings.train)
+    version = version_for(job, runtime)
     t0 = time.perf_counter()
     result = run_trainer(
         settings, hpt_loop, {"job": job.model_dump(mode="json")}, name=f"{MODEL_NAME}-{version}"
@@ -130,7 +148,8 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
         event = push(
             settings, final, model=MODEL_NAME, stage=f"stage{job.hpt.stage}", version=version,
             parent_version=job.parent.version if job.parent else None,
-            data_hash=job.dataset_id, config=job.hpt.model_dump(), metrics=metrics,
+            data_hash=job.dataset_id, metrics=metrics,
+            config={**job.hpt.model_dump(), "runtime": runtime.model_dump()},
         )
     return StageOutcome(stage=job.hpt.stage, version=version, wall_s=wall, metrics=metrics,
                         parent_version=event.parent_version, event=event)

@@ -51,9 +51,9 @@ class TrainRecipe(BaseModel):
 
 PRESETS: dict[str, TrainRecipe] = {
     "default": TrainRecipe(stages={
-        1: StageRecipe(samples=400, lr=5e-5, encoder_lr=3e-4),
-        2: StageRecipe(samples=700, lr=5e-5, encoder_lr=1e-4),
-        3: StageRecipe(samples=700, lr=5e-5),
+        1: StageRecipe(samples=300, lr=5e-5, encoder_lr=3e-4),
+        2: StageRecipe(samples=500, lr=5e-5, encoder_lr=1e-4),
+        3: StageRecipe(samples=600, lr=5e-5),
     }),
     # CI: the tiny model on the tiny world; every mechanism, a few steps each.
     "micro": TrainRecipe(

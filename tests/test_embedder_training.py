@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from chatreid.checkpoints import pull
+from chatreid.bus import make_consumer, make_producer
+from chatreid.checkpoints import pull, push
 from chatreid.data.datasets.market1501 import Market1501
-from chatreid.embedder import CHECKPOINT_FILE, build_embedder, embedder_from_checkpoint
+from chatreid.embedder import (
+    CHECKPOINT_FILE,
+    Embedder,
+    build_embedder,
+    embedder_from_checkpoint,
+    imagenet_model,
+)
+from chatreid.embedder.releases import CheckpointWatcher
 from chatreid.embedder.training import (
     HISTORY_FILE,
     EmbedderTrainConfig,
     PKSampler,
     augment,
     evaluate_embedder,
+    model_id_for,
     train_split_hash,
     triplet_hard_loss,
 )
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.schemas import DEADLETTER, CheckpointEvent, CropEvent, DeadLetterEvent
+from chatreid.search import PrefilterSearch
+from chatreid.services.embedder import EmbeddingNode, Reindexer
+from chatreid.services.ingestor import Ingestor
+from chatreid.services.ingestor.sources import synth_source
+from chatreid.storage import ObjectStore
 from chatreid.synth import SynthConfig, generate_world
 
 # 80 people (40 for training), 3 RGB cameras, 128x64 crops: ~5 s to render; 287 train images,
@@ -31,19 +50,6 @@ WORLD = SynthConfig.tiny(seed=0, n_identities=80, n_distractors=2, images_per_ca
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_world(tmp_path_factory.mktemp("world"), WORLD, progress=False).root
-
-
-@pytest.fixture
-def stack(settings):
-    """The per-test namespace, and its bucket removed afterwards: the local SeaweedFS gives each
-    bucket its own volumes and has a fixed number of them."""
-    yield settings
-    from chatreid.storage import ObjectStore
-
-    objects = ObjectStore(settings.s3)
-    for key in objects.list(""):
-        objects.delete(key)
-    objects.client.remove_bucket(settings.s3.bucket)
 
 
 def small_config(world: Path, **overrides) -> EmbedderTrainConfig:
@@ -123,9 +129,8 @@ def test_evaluate_embedder_baseline(world: Path) -> None:
 
 
 @pytest.mark.stack
-def test_training_lowers_the_loss_beats_imagenet_and_publishes(stack, world, ray_session,
+def test_training_lowers_the_loss_beats_imagenet_and_publishes(settings, world, ray_session,
                                                                 tmp_path):
-    settings = stack
     from chatreid.ray_jobs.train_embedder import train_embedder
 
     cfg = small_config(world)
@@ -140,7 +145,7 @@ def test_training_lowers_the_loss_beats_imagenet_and_publishes(stack, world, ray
     assert sorted(f["path"] for f in manifest["files"]) == [CHECKPOINT_FILE, HISTORY_FILE]
     history = json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())
     losses = [h["loss"] for h in history]
-    assert len(losses) == 4 and all(a > b for a, b in zip(losses, losses[1:])), losses
+    assert len(losses) == 4 and all(a > b for a, b in pairwise(losses)), losses
     # the pushed embedder is the one measured: same version, same scores when re-evaluated
     embedder = embedder_from_checkpoint(tmp_path / "ckpt" / CHECKPOINT_FILE)
     assert embedder.version == event.version and embedder.version.endswith("@128x64")
@@ -154,3 +159,180 @@ def test_training_lowers_the_loss_beats_imagenet_and_publishes(stack, world, ray
     # rank-1 is measured, not estimated: a whole number of the queries with a match
     assert (m["rank1"] * len(Market1501(world).query)) % 1 == pytest.approx(0, abs=1e-9)
     assert m["samples_per_s"] > 0
+
+
+# -- rollout: the embedding service and the search side move to a new checkpoint --------------
+
+
+class HeldProducer:
+    """Stands in for a Kafka producer so a test can tamper with a checkpoint before announcing
+    it (``push`` uploads, then publishes)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, topic: str, key: bytes, value: bytes):
+        self.sent.append((topic, key, value))
+        return self
+
+    def get(self, timeout: float) -> None:
+        return None
+
+
+def make_release(settings, tmp_path: Path, seed: int = 1, producer=None) -> CheckpointEvent:
+    """A new embedding space (ImageNet backbone, a random 64-d projection + BNNeck), pushed."""
+    torch.manual_seed(seed)
+    net = imagenet_model(projection_dim=64, bnneck=True)
+    embedder = Embedder(net, model_id=model_id_for(net), height=128, width=64)
+    out = tmp_path / f"release-{seed}"
+    embedder.save(out / CHECKPOINT_FILE)
+    return push(settings, out, model="embedder", stage="embedder", version=embedder.version,
+                producer=producer)
+
+
+def ingest(settings, n: int, seed: int) -> list[CropEvent]:
+    ingestor = Ingestor(settings, source="synth")
+    events = [ingestor.submit(c).event for c in synth_source(seed, n, None, start_time=1.7e9)]
+    ingestor.close()
+    assert all(events)
+    return events
+
+
+def wait_for(condition, timeout_s: float = 60.0, every_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every_s)
+    return value
+
+
+class Running:
+    """An EmbeddingNode in a thread, as ``chatreid embed`` runs it."""
+
+    def __init__(self, settings, **kw) -> None:
+        self.node = EmbeddingNode(settings, settle_s=0.3, **kw)
+        self.thread = threading.Thread(target=self.node.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.node.stop()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+def searchable(reader: PrefilterSearch, n: int):
+    return lambda: reader.refresh() >= n
+
+
+@pytest.mark.stack
+def test_search_answers_from_the_old_index_during_the_rebuild_then_switches(settings, tmp_path):
+    first = ingest(settings, 24, seed=0)
+    running = Running(settings, reindex=False)  # a replica that leaves the rebuild to another
+    try:
+        reader = PrefilterSearch(settings)
+        wait_for(searchable(reader, 24))
+        old = reader.version
+        query = reader.crop_image(first[0].crop_id)
+        assert reader.search(query, k=1)[0].crop_id == first[0].crop_id
+
+        new = make_release(settings, tmp_path).version
+        # the service verified and loaded it, and now writes every new crop under both
+        wait_for(lambda: running.node.service.versions == [old, new])
+        later = ingest(settings, 8, seed=1)
+        wait_for(searchable(reader, 32))  # the live index keeps growing ...
+        assert (reader.version, reader.pending_version) == (old, new)  # ... and is still live
+        hits = reader.search(query, k=3)
+        assert hits[0].crop_id == first[0].crop_id and hits[0].score > 0.999
+
+        # the rebuild the reindexing replica runs: the 24 crops only the old index holds
+        watcher = CheckpointWatcher(settings, dead_letters=False)
+        release = watcher.newest(watcher.catch_up())
+        watcher.close()
+        report = Reindexer(settings, settle_s=0.3).run(old, release.embedder, release.source)
+        assert (report.reindexed, report.unembeddable) == (24, ())
+
+        wait_for(lambda: reader.refresh() and reader.version == new)
+        version, store = reader.follower.active()
+        assert version == new and store.dim == 64
+        assert store.crop_ids() == {e.crop_id for e in first + later}
+        top = reader.search(query, k=1)[0]  # embedded by the new embedder, in the new index
+        assert top.crop_id == first[0].crop_id and top.score > 0.999
+        # the replica saw the report and stopped writing the old version
+        wait_for(lambda: running.node.service.versions == [new])
+    finally:
+        running.stop()
+    # a fresh reader starts on the rolled-out embedder directly
+    fresh = PrefilterSearch(settings)
+    assert (fresh.version, fresh.pending_version) == (new, None)
+    assert fresh.refresh() == 32
+
+
+@pytest.mark.stack
+def test_the_service_rebuilds_in_the_background_while_queries_keep_answering(settings,
+                                                                            tmp_path):
+    crops = ingest(settings, 24, seed=2)
+    running = Running(settings)  # the snapshot replica: it also rebuilds
+    try:
+        reader = PrefilterSearch(settings)
+        wait_for(searchable(reader, 24))
+        old = reader.version
+        query = reader.crop_image(crops[5].crop_id)
+        new = make_release(settings, tmp_path, seed=3).version
+
+        seen: list[str] = []
+        while reader.version != new:
+            reader.refresh(timeout_s=30)
+            top = reader.search(query, k=1)[0]  # never an error, never an empty answer
+            assert top.crop_id == crops[5].crop_id and top.score > 0.999
+            seen.append(reader.version)
+            assert len(seen) < 300, "the rollout did not finish"
+        assert seen[0] == old and seen[-1] == new
+        assert seen == sorted(seen, key=lambda v: v == new)  # old ... old, new ...: no flapping
+        assert reader.follower.active()[1].crop_ids() == {c.crop_id for c in crops}
+        wait_for(lambda: running.node.rollout.completed == [new])
+        assert running.node.service.versions == [new]
+    finally:
+        running.stop()
+    # the replica's own index switched too and its snapshot is of the new version
+    restored = IndexFollower(settings, embedder_version=new)
+    assert restored.restore() and len(restored.store) == 24
+
+
+@pytest.mark.stack
+def test_a_corrupted_checkpoint_is_refused_and_the_service_keeps_running(settings, tmp_path):
+    ingest(settings, 8, seed=4)
+    running = Running(settings)
+    try:
+        reader = PrefilterSearch(settings)
+        wait_for(searchable(reader, 8))
+        old = reader.version
+
+        held = HeldProducer()
+        event = make_release(settings, tmp_path, seed=5, producer=held)
+        ObjectStore(settings.s3).put(f"{event.prefix}/{CHECKPOINT_FILE}", b"tampered")
+        producer = make_producer(settings.kafka)
+        for topic, key, value in held.sent:  # now announce it
+            producer.send(topic, key=key, value=value).get(timeout=30)
+        producer.close()
+
+        letters = read_dead_letters(settings, expect=1)
+        assert [(d.error, d.origin) for d in letters] == [("checkpoint.corrupt", event.version)]
+        assert "does not match its manifest" in letters[0].reason
+        # still embedding with the old one, and still indexing
+        assert running.node.service.versions == [old]
+        ingest(settings, 4, seed=6)
+        wait_for(searchable(reader, 12))
+        assert (reader.version, reader.pending_version) == (old, None)
+    finally:
+        running.stop()
+
+
+def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
+    consumer = make_consumer(settings.kafka, None)
+    consumer.subscribe([settings.kafka.topic(DEADLETTER.name)])
+    found, deadline = [], time.monotonic() + timeout_s
+    while len(found) < expect and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            found += [DeadLetterEvent.from_bytes(r.value) for r in records]
+    consumer.close()
+    return found

@@ -275,3 +275,21 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     out = result["out"]
     assert out.metrics["resumed_from_step"] >= 3  # not from scratch
     assert out.metrics["step"] == out.metrics["steps"] == 60
+
+
+@pytest.mark.stack
+def test_the_deepspeed_path_trains_through_the_same_job(chain, train_settings: Settings) -> None:
+    """ZeRO-2 through Ray Train (the GPU path; on CPU DeepSpeed's CPU accelerator over gloo)."""
+    from chatreid.engine.hpt import HPTConfig
+    from chatreid.ray_jobs.hpt import StageJob, run_stage
+
+    settings = train_settings.model_copy(deep=True)
+    settings.train.deepspeed, settings.train.zero_stage = True, 2
+    cfg = HPTConfig(stage=1, base_model="tiny", lr=1e-3, max_steps=6)
+    job = StageJob(hpt=cfg, dataset_id=chain.datasets[1].dataset_id,
+                   num_shards=chain.datasets[1].num_shards, world_id=chain.world_id,
+                   world_root=str(settings.train.world))
+    out = run_stage(settings, job)
+    assert out.version != chain.stages[0].version  # the runtime is part of the version
+    assert out.event.metrics["loss"] < out.event.metrics["first_loss"]
+    assert out.metrics["step"] == 6

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -313,12 +313,16 @@ def model_id_for(net: ReIDNet) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_embedder(embedder: Embedder, world_root: Path | str,
-                      max_rank: int = 50) -> dict[str, float]:
-    """Rank-1/5/10 and mAP of ``embedder`` on the Market-1501 query/gallery split (cosine)."""
+def evaluate_embedder(embedder: Embedder, world_root: Path | str, max_rank: int = 50,
+                      split: Literal["test", "train"] = "test") -> dict[str, float]:
+    """Rank-1/5/10 and mAP of ``embedder`` (cosine) on the Market-1501 query/gallery split, or
+    with ``split="train"`` on the identities it was trained on: every train image queries the
+    others (the protocol's same-camera rule drops the image itself). The first measures
+    generalisation to unseen people, the second whether training took hold at all."""
     ds = _market(Path(world_root))
-    if not ds.query or not ds.gallery:
-        raise ValueError(f"{world_root}: the query or gallery split is empty")
+    query, gallery = (ds.query, ds.gallery) if split == "test" else (ds.train, ds.train)
+    if not query or not gallery:
+        raise ValueError(f"{world_root}: the {split} split has no query or gallery images")
 
     def features(records) -> np.ndarray:
         out = []
@@ -328,11 +332,12 @@ def evaluate_embedder(embedder: Embedder, world_root: Path | str,
             out.append(embedder.embed(images))
         return np.concatenate(out)
 
-    distmat = compute_distmat(features(ds.query), features(ds.gallery))
+    qf = features(query)
+    distmat = compute_distmat(qf, qf if gallery is query else features(gallery))
     cmc, mean_ap = evaluate_rank(
         distmat,
-        np.array([r.pid for r in ds.query]), np.array([r.pid for r in ds.gallery]),
-        np.array([r.camid for r in ds.query]), np.array([r.camid for r in ds.gallery]),
+        np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
+        np.array([r.camid for r in query]), np.array([r.camid for r in gallery]),
         max_rank=max_rank,
     )
     return {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]),

@@ -33,6 +33,7 @@ from chatreid.model import save_checkpoint
 
 STATE_FILE = "train_state.pt"
 FINAL_DIR = "model"
+DEEPSPEED_TAG = "state"  # not "latest": DeepSpeed writes a file by that name beside the tag dir
 
 
 class HPTConfig(BaseModel):
@@ -177,7 +178,7 @@ class StageTrainer:
             return False
         with checkpoint.as_directory() as d:
             if self.use_deepspeed:
-                _, client = self.engine.load_checkpoint(d, tag="latest")
+                _, client = self.engine.load_checkpoint(d, tag=DEEPSPEED_TAG)
                 self.step = int(client["step"])
             else:
                 state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -189,7 +190,7 @@ class StageTrainer:
 
     def _save_state(self, directory: Path) -> None:
         if self.use_deepspeed:  # collective: every rank writes its ZeRO shards
-            self.engine.save_checkpoint(str(directory), tag="latest",
+            self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG,
                                         client_state={"step": self.step})
             return
         if self.rank == 0:

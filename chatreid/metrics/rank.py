@@ -46,11 +46,10 @@ def evaluate_rank(
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
     num_q, num_g = distmat.shape
-    if (len(q_pids), len(q_camids)) != (num_q, num_q) or (len(g_pids), len(g_camids)) != (
-        num_g,
-        num_g,
-    ):
-        raise ValueError("pids/camids must match the distance matrix's rows and columns")
+    if q_pids.shape != (num_q,) or q_camids.shape != (num_q,):
+        raise ValueError(f"q_pids and q_camids must have one entry per row ({num_q})")
+    if g_pids.shape != (num_g,) or g_camids.shape != (num_g,):
+        raise ValueError(f"g_pids and g_camids must have one entry per column ({num_g})")
     max_rank = min(max_rank, num_g)
 
     all_cmc, all_ap = [], []

@@ -4,6 +4,12 @@ The ``indexed`` topic is the store's write-ahead log (each event carries its vec
 in object storage record the log offsets they cover. A restarted reader or embedder restores a
 snapshot and replays only the events after those offsets. Applying an event is idempotent by
 crop id, so overlapping replays never duplicate.
+
+Embedder rollouts: vectors of different embedders are not comparable, so a follower serves one
+version. :meth:`IndexFollower.prepare` starts a second, hidden follower for a new version beside
+it (its snapshot, if any, then the log); searches keep using the live store until the rollout
+report exists and the new store covers the live one (see :mod:`.rollout`), then
+:meth:`poll` / :meth:`catch_up` switch store, version and log position in one step.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,9 +28,12 @@ from ..bus import make_consumer
 from ..config import Settings
 from ..schemas import INDEXED, EventError, IndexedEvent
 from ..storage import ObjectNotFound, ObjectStore, sha256_hex
+from .rollout import RolloutReport, read_report
 from .store import PrefilterStore, VectorMeta
 
 log = logging.getLogger(__name__)
+
+_SWITCH_CHECK_S = 1.0  # while following, how often a pending version's readiness is checked
 
 
 @dataclass
@@ -32,6 +42,7 @@ class FollowerStats:
     duplicates: int = 0
     rejected: int = 0
     snapshots: int = 0
+    switches: int = 0
     latencies_s: list[float] = field(default_factory=list)  # capture -> searchable
 
 
@@ -51,6 +62,30 @@ class IndexFollower:
         self._consumer: KafkaConsumer | None = None
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
+        # rollouts: a version asked for (any thread), its follower (the polling thread only)
+        self._wanted: str | None = None
+        self._next: IndexFollower | None = None
+        self._report: RolloutReport | None = None
+        self._checked_at = 0.0
+        self.on_switch: list[Callable[[str | None, str], None]] = []
+
+    # -- versions --------------------------------------------------------------------------------
+    def active(self) -> tuple[str | None, PrefilterStore | None]:
+        """The served (version, store) pair, read together: a switch never splits them."""
+        with self.lock:
+            return self.embedder_version, self.store
+
+    @property
+    def pending_version(self) -> str | None:
+        """The version being built beside the live one, if any."""
+        return self._wanted
+
+    def prepare(self, version: str) -> None:
+        """Build the index of ``version`` beside the live one; safe from any thread. The next
+        :meth:`poll` / :meth:`catch_up` starts it and switches once it is complete."""
+        with self.lock:
+            if version != self.embedder_version:
+                self._wanted = version
 
     # -- snapshots -----------------------------------------------------------------------------
     def _latest_key(self) -> str:
@@ -121,13 +156,33 @@ class IndexFollower:
         before, deadline = self.stats.applied, time.monotonic() + timeout_s
         while True:
             behind = any(consumer.position(tp) < end for tp, end in ends.items())
-            if not self.poll(timeout_ms=200) and not behind:
-                return self.stats.applied - before
+            if not self._poll_live(timeout_ms=200) and not behind:
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"index not caught up within {timeout_s}s")
+        nxt = self._pending()
+        if nxt is not None:
+            nxt.catch_up(max(1.0, deadline - time.monotonic()))
+            self._maybe_switch()
+        return self.stats.applied - before
 
     def poll(self, timeout_ms: int = 500) -> int:
-        """Apply one poll's worth of the log; returns how many records it read."""
+        """Apply one poll's worth of the log (and of a pending version's, switching to it when
+        it is ready); returns how many records the live log gave."""
+        if self._wanted is None:
+            return self._poll_live(timeout_ms)
+        read = self._poll_live(timeout_ms // 2)
+        try:  # a failing rollout must not stop the live index from following its log
+            nxt = self._pending()
+            if nxt is not None:
+                nxt.poll(timeout_ms // 2)
+                if time.monotonic() - self._checked_at >= _SWITCH_CHECK_S:
+                    self._maybe_switch()
+        except Exception:
+            log.exception("building the index of %s failed; retrying", self._wanted)
+        return read
+
+    def _poll_live(self, timeout_ms: int) -> int:
         consumer = self._open()
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=512)
         for tp, records in polled.items():
@@ -179,6 +234,61 @@ class IndexFollower:
         ):
             self.snapshot()
 
+    # -- switching versions ------------------------------------------------------------------------
+    def _pending(self) -> IndexFollower | None:
+        """The follower of the wanted version, started on first use (polling thread only)."""
+        wanted = self._wanted
+        if wanted is None or wanted == self.embedder_version:
+            return None
+        if self._next is None or self._next.embedder_version != wanted:
+            if self._next is not None:
+                self._next.close()
+            self._next = IndexFollower(self.settings, self.objects, embedder_version=wanted)
+            try:
+                self._next.restore()
+            except ValueError:  # a corrupt snapshot: the log alone rebuilds it
+                log.exception("snapshot of %s unusable; replaying its log", wanted)
+            self._report = None
+            log.info("building the index of %s beside %s", wanted, self.embedder_version)
+        return self._next
+
+    def _maybe_switch(self) -> bool:
+        """Switch to the pending version once its rollout report exists and its store holds
+        every live crop (less those the report could not re-embed)."""
+        nxt = self._next
+        self._checked_at = time.monotonic()
+        if nxt is None:
+            return False
+        if self._report is None:
+            self._report = read_report(self.settings, self.objects, nxt.embedder_version)
+            if self._report is None:
+                return False
+        live = self.store.crop_ids() if self.store is not None else set()
+        built = nxt.store.crop_ids() if nxt.store is not None else set()
+        missing = live - built - set(self._report.unembeddable)
+        if missing:
+            log.info("index of %s still misses %d of %d crops", nxt.embedder_version,
+                     len(missing), len(live))
+            return False
+        self._switch(nxt)
+        return True
+
+    def _switch(self, nxt: IndexFollower) -> None:
+        with self.lock:  # readers of active() see the old pair or the new one, never a mix
+            old = self.embedder_version
+            if self._consumer is not None:
+                self._consumer.close()
+            self.store, self.embedder_version = nxt.store, nxt.embedder_version
+            self._consumer, nxt._consumer = nxt._consumer, None
+            self._next, self._wanted, self._report = None, None, None
+        self.stats.switches += 1
+        log.info("index switched from %s to %s (%d vectors)", old, self.embedder_version,
+                 len(self.store) if self.store is not None else 0)
+        if self.snapshots and self.store is not None:
+            self.snapshot()  # a restart restores the new version, not the old one
+        for callback in self.on_switch:
+            callback(old, self.embedder_version)
+
     def follow(self, stop: threading.Event) -> None:
         """Tail the log until ``stop`` is set (run in a thread or as the main loop)."""
         while not stop.is_set():
@@ -186,6 +296,9 @@ class IndexFollower:
         self.close()
 
     def close(self) -> None:
+        if self._next is not None:
+            self._next.close()
+            self._next = None
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None

@@ -5,13 +5,18 @@ A kafka-python consumer group with auto-commit off. Each bounded batch is made d
 crop offsets committed, so a crash at any point replays the batch instead of losing it; the
 prefilter store is idempotent by crop id, so a replay never duplicates. Replicas scale up to the
 crops topic's partition count.
+
+During an embedder rollout (:mod:`.rollout`) the service embeds each crop with the live and the
+incoming embedder and publishes both vectors; embedders are added and retired only between
+batches, so every batch is written under one consistent set of versions.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import signal
+import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -42,10 +47,44 @@ from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
 log = logging.getLogger(__name__)
 
 
+_CONTENT_KEY = re.compile(r"^crops/[0-9a-f]{2}/([0-9a-f]{64})\.\w+$")
+
+
 class CropFailed(Exception):
     def __init__(self, error: str, reason: str) -> None:
         super().__init__(f"{error}: {reason}")
         self.error, self.reason = error, reason
+
+
+def key_sha256(object_key: str) -> str | None:
+    """The content hash a content-addressed crop key (``storage.crop_key``) names, if any."""
+    m = _CONTENT_KEY.match(object_key)
+    return m.group(1) if m else None
+
+
+def fetch_crop(store: ObjectStore, object_key: str, sha256: str | None) -> Image.Image:
+    """Fetch, verify and decode one crop; raises :class:`CropFailed` with a dead-letter class.
+
+    Transient object-store errors are retried; a missing object is not.
+    """
+    for attempt in range(3):
+        try:
+            data = store.get(object_key)
+            break
+        except ObjectNotFound as exc:
+            raise CropFailed("crop.missing", f"object {object_key} not found") from exc
+        except Exception as exc:
+            if attempt == 2:
+                raise CropFailed("storage.error", repr(exc)) from exc
+            time.sleep(0.5 * (attempt + 1))
+    if sha256 is not None and sha256_hex(data) != sha256:
+        raise CropFailed("crop.checksum", f"object {object_key} does not match its sha256")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise CropFailed("image.corrupt", f"decode failed: {exc}") from exc
+    return img
 
 
 @dataclass
@@ -60,14 +99,18 @@ class Stats:
 
 class EmbedderService:
     def __init__(self, settings: Settings, embedder=None,
-                 is_indexed: Callable[[str], bool] | None = None) -> None:
+                 is_indexed: Callable[[str], bool] | None = None,
+                 busy: Callable[[], bool] | None = None) -> None:
         from chatreid.embedder import embedder_from_settings
 
         cfg = settings.embedder
         if cfg.torch_threads:  # fewer than the cores when ingest shares the machine
             torch.set_num_threads(cfg.torch_threads)
         self.settings = settings
-        self.embedder = embedder or embedder_from_settings(cfg)
+        # the live embedder first; during a rollout the incoming one too (see begin_dual_write)
+        self._embedders = [embedder or embedder_from_settings(cfg)]
+        self._changes: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.busy = busy or (lambda: False)  # e.g. a rollout in progress: do not exit idle
         self.store = ObjectStore(settings.s3)
         self.crops_topic = settings.kafka.topic(CROPS.name)
         self.indexed_topic = settings.kafka.topic(INDEXED.name)
@@ -85,6 +128,48 @@ class EmbedderService:
         )
         self.consumer.subscribe([self.crops_topic])
 
+    # -- embedders ---------------------------------------------------------------------------
+    @property
+    def embedder(self):
+        """The live embedder: the version the index is searched with."""
+        return self._embedders[0]
+
+    @property
+    def versions(self) -> list[str]:
+        return [e.version for e in self._embedders]
+
+    def begin_dual_write(self, embedder) -> threading.Event:
+        """From the next batch on, also embed and publish with ``embedder``; thread-safe. The
+        event is set once the change applies (every later batch carries both versions)."""
+        return self._change(lambda: self._add(embedder))
+
+    def retire(self, version: str) -> threading.Event:
+        """From the next batch on, stop publishing ``version`` (unless it is the only one)."""
+        return self._change(lambda: self._drop(version))
+
+    def _change(self, apply: Callable[[], None]) -> threading.Event:
+        done = threading.Event()
+        self._changes.put(lambda: (apply(), done.set()))
+        return done
+
+    def _apply_changes(self) -> None:
+        while True:
+            try:
+                self._changes.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _add(self, embedder) -> None:
+        if embedder.version not in self.versions:
+            self._embedders.append(embedder)
+            log.info("embedding with %s", " + ".join(self.versions))
+
+    def _drop(self, version: str) -> None:
+        keep = [e for e in self._embedders if e.version != version]
+        if keep and len(keep) < len(self._embedders):
+            self._embedders = keep
+            log.info("retired %s; embedding with %s", version, " + ".join(self.versions))
+
     # -- loop --------------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
@@ -93,6 +178,7 @@ class EmbedderService:
         """Process batches until stopped, idle for ``until_idle_s``, or ``max_batches`` done."""
         try:
             while not self._stop.is_set():
+                self._apply_changes()
                 polled = self.consumer.poll(timeout_ms=self.settings.embedder.poll_timeout_ms,
                                             max_records=self.settings.embedder.batch_size)
                 records = [r for batch in polled.values() for r in batch]
@@ -103,6 +189,8 @@ class EmbedderService:
                         break
                 elif not self.consumer.assignment():
                     # still joining the group: idle time only counts once partitions are ours
+                    self.stats.last_activity = time.monotonic()
+                elif self.busy():
                     self.stats.last_activity = time.monotonic()
                 elif until_idle_s is not None and (
                     time.monotonic() - self.stats.last_activity > until_idle_s
@@ -120,19 +208,20 @@ class EmbedderService:
 
     # -- one batch ---------------------------------------------------------------------------
     def process(self, records: list[ConsumerRecord]) -> None:
+        self._apply_changes()
         parsed = [self._parse(r) for r in records]
         todo = [(r, e) for r, e in zip(records, parsed, strict=True) if e is not None]
         fresh = [(r, e) for r, e in todo if not self.is_indexed(e.crop_id)]
         self.stats.skipped += len(todo) - len(fresh)
         images = list(self._pool.map(lambda re: self._fetch(*re), fresh))
         good = [(r, e, img) for (r, e), img in zip(fresh, images, strict=True) if img is not None]
-        if good:
+        for embedder in self._embedders if good else ():
             t0 = time.perf_counter()
-            vectors = self.embedder.embed([img for _, _, img in good])
+            vectors = embedder.embed([img for _, _, img in good])
             self.stats.embed_s += time.perf_counter() - t0
             for (record, event, _), vec in zip(good, vectors, strict=True):
                 publish(self.producer, self.indexed_topic, event.camera,
-                        self._indexed(record, event, vec))
+                        self._indexed(record, event, vec, embedder.version))
         self.producer.flush()  # durable (acks=all) before the offsets move
         self._commit(records)
         self.stats.batches += 1
@@ -149,37 +238,17 @@ class EmbedderService:
 
     def _fetch(self, record: ConsumerRecord, event: CropEvent) -> Image.Image | None:
         try:
-            data = self._get(event)
-            if sha256_hex(data) != event.sha256:
-                raise CropFailed("crop.checksum", f"object {event.object_key} does not match "
-                                 "the event's sha256")
-            try:
-                img = Image.open(io.BytesIO(data))
-                img.load()
-            except Exception as exc:
-                raise CropFailed("image.corrupt", f"decode failed: {exc}") from exc
-            return img
+            return fetch_crop(self.store, event.object_key, event.sha256)
         except CropFailed as exc:
             self._dead(record, exc.error, exc.reason, record.value, origin=event.crop_id)
             return None
 
-    def _get(self, event: CropEvent) -> bytes:
-        for attempt in range(3):  # transient object-store errors are retried, missing is not
-            try:
-                return self.store.get(event.object_key)
-            except ObjectNotFound as exc:
-                raise CropFailed("crop.missing", f"object {event.object_key} not found") from exc
-            except Exception as exc:
-                if attempt == 2:
-                    raise CropFailed("storage.error", repr(exc)) from exc
-                time.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _indexed(self, record: ConsumerRecord, event: CropEvent, vec) -> IndexedEvent:
+    def _indexed(self, record: ConsumerRecord, event: CropEvent, vec,
+                 version: str) -> IndexedEvent:
         return IndexedEvent(
             crop_id=event.crop_id, vector_id=crop_id_to_int64(event.crop_id), site=event.site,
             camera=event.camera, modality=event.modality, capture_time=event.capture_time,
-            object_key=event.object_key, embedder_version=self.embedder.version,
+            object_key=event.object_key, embedder_version=version,
             dim=int(vec.shape[0]), vector_b64=IndexedEvent.encode_vector(vec),
             source=SourceOffset(topic=record.topic, partition=record.partition,
                                 offset=record.offset),
@@ -215,33 +284,3 @@ class EmbedderService:
                 log.warning("commit failed after a rebalance; the new owner replays the batch")
                 return
         log.warning("commit still rebalancing after retries; the batch will be replayed")
-
-
-def serve(settings: Settings, until_idle_s: float | None = None, snapshots: bool = True) -> Stats:
-    """The process ``chatreid embed`` runs: the service, and (with ``snapshots``) a follower of
-    the indexed log that keeps a local store for the skip-if-indexed fast path and writes
-    snapshots. Run snapshots on one replica per deployment. SIGTERM finishes the batch."""
-    from chatreid.embedder import embedder_from_settings
-    from chatreid.prefilter.follower import IndexFollower
-
-    embedder = embedder_from_settings(settings.embedder)
-    stop, follower, thread = threading.Event(), None, None
-    if snapshots:
-        follower = IndexFollower(settings, embedder_version=embedder.version, snapshots=True)
-        follower.restore()
-        follower.catch_up()
-        thread = threading.Thread(target=follower.follow, args=(stop,), daemon=True)
-        thread.start()
-
-    def is_indexed(crop_id: str) -> bool:
-        return follower is not None and follower.store is not None and crop_id in follower.store
-
-    service = EmbedderService(settings, embedder, is_indexed=is_indexed)
-    signal.signal(signal.SIGTERM, lambda *_: service.stop())
-    try:
-        return service.run(until_idle_s=until_idle_s)
-    finally:
-        stop.set()
-        if thread is not None:
-            thread.join(timeout=30)
-            follower.snapshot()
