@@ -187,13 +187,21 @@ def embed(
     snapshots: Annotated[bool, typer.Option(
         help="follow the index and snapshot it to object storage (one replica per deployment)"
     )] = True,
+    reindex: Annotated[bool | None, typer.Option(
+        "--reindex/--no-reindex",
+        help="rebuild the index when a new embedder rolls out (default: the snapshot replica)",
+    )] = None,
     verbose: bool = False,
 ) -> None:
-    """Run the embedding service: crops topic -> embedder -> prefilter store."""
+    """Run the embedding service: crops topic -> embedder -> prefilter store.
+
+    A new embedder checkpoint on the checkpoints topic is verified, loaded and rolled out
+    without a restart: new crops go to both spaces while the index is rebuilt in the background.
+    """
     from .services.embedder import serve
 
     _logging(verbose)
-    stats = serve(_settings(), until_idle_s=until_idle, snapshots=snapshots)
+    stats = serve(_settings(), until_idle_s=until_idle, snapshots=snapshots, reindex=reindex)
     console.print(f"indexed {stats.indexed}, skipped {stats.skipped}, "
                   f"dead letters {stats.dead_letters}, batches {stats.batches}")
 

@@ -47,6 +47,8 @@ class TrainRecipe(BaseModel):
     eval_samples: int = 60
     stages: dict[int, StageRecipe]
     embedder_epochs: int = 10
+    embedder_size: tuple[int, int] = (256, 128)  # (h, w) the embedder trains and serves at
+    embedder_steps_per_epoch: int | None = None  # None: one pass over the train images
 
 
 PRESETS: dict[str, TrainRecipe] = {
@@ -58,6 +60,7 @@ PRESETS: dict[str, TrainRecipe] = {
     # CI: the tiny model on the tiny world; every mechanism, a few steps each.
     "micro": TrainRecipe(
         synth_size="tiny", num_shards=2, eval_samples=8, embedder_epochs=2,
+        embedder_size=(128, 64), embedder_steps_per_epoch=4,
         stages={s: StageRecipe(samples=12, lr=1e-3, max_steps=6) for s in (1, 2, 3)},
     ),
 }
@@ -173,8 +176,14 @@ def train_embedder_stage(
     from chatreid.embedder.training import EmbedderTrainConfig
     from chatreid.ray_jobs.train_embedder import train_embedder
 
-    cfg = EmbedderTrainConfig(world_root=world, epochs=recipe.embedder_epochs, seed=recipe.seed)
-    return train_embedder(settings, cfg)
+    cfg = EmbedderTrainConfig(
+        world_root=world, epochs=recipe.embedder_epochs, seed=recipe.seed,
+        height=recipe.embedder_size[0], width=recipe.embedder_size[1],
+        steps_per_epoch=recipe.embedder_steps_per_epoch,
+    )
+    parent = latest(settings, "embedder", "embedder")
+    return train_embedder(settings, cfg, parent_version=parent.version if parent else None,
+                          console=console)
 
 
 def report_table(report: TrainReport) -> Table:

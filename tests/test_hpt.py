@@ -160,11 +160,12 @@ def train_settings(stack_base: Settings, world: Path, tmp_path_factory: pytest.T
 def chain(train_settings: Settings, ray_session):
     from chatreid.ray_jobs.train import PRESETS, train
 
-    return train(train_settings, "all", recipe=PRESETS["micro"], include_embedder=False)
+    return train(train_settings, "all", recipe=PRESETS["micro"])  # embedder → S1 → S2 → S3
 
 
 @pytest.mark.stack
 def test_chain_runs_every_stage_from_the_one_before(chain) -> None:
+    assert chain.embedder is not None and chain.embedder.model == "embedder"
     assert [s.stage for s in chain.stages] == [1, 2, 3]
     assert chain.stages[0].parent_version is None
     for prev, cur in zip(chain.stages, chain.stages[1:], strict=False):
@@ -187,6 +188,7 @@ def chain_out(chain) -> Path:
 def test_checkpoints_verify_and_obey_the_stage_rules(
     chain, train_settings: Settings, tmp_path: Path
 ) -> None:
+    pull(train_settings, chain.embedder, tmp_path / "embedder")  # verifies every sha256
     models = {}
     for s in chain.stages:
         manifest = pull(train_settings, s.event, tmp_path / s.version)  # verifies every sha256
@@ -221,6 +223,7 @@ def test_checkpoint_events_reach_the_bus(chain, train_settings: Settings) -> Non
             seen += [CheckpointEvent.model_validate_json(r.value) for r in records]
     consumer.close()
     assert [e.version for e in seen if e.model == "vlm"] == [s.version for s in chain.stages]
+    assert [e.version for e in seen if e.model == "embedder"] == [chain.embedder.version]
 
 
 def _train_workers() -> list[int]:

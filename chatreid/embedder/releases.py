@@ -79,7 +79,8 @@ class CheckpointWatcher:
         self.objects = objects or ObjectStore(settings.s3)
         self.topic = settings.kafka.topic(CHECKPOINTS.name)
         self.dead_letters = dead_letters  # the service reports refusals; readers only log
-        self.refused: dict[str, str] = {}  # version -> why
+        # manifest sha256 -> why: a re-push of the same version is a new event and is retried
+        self.refused: dict[str, str] = {}
         self._consumer: KafkaConsumer | None = None
         self._producer = None
 
@@ -155,7 +156,7 @@ class CheckpointWatcher:
     def newest(self, sighted: list[Sighted]) -> Release | None:
         """The newest of ``sighted`` that loads (older ones are superseded, not loaded)."""
         for s in reversed(sighted):
-            if s.event.version in self.refused:
+            if s.event.manifest_sha256 in self.refused:
                 continue
             release = self.load(s)
             if release is not None:
@@ -184,7 +185,7 @@ class CheckpointWatcher:
 
     # -- refusals ----------------------------------------------------------------------------
     def _refuse(self, sighted: Sighted, error: str, reason: str) -> None:
-        self.refused[sighted.event.version] = reason
+        self.refused[sighted.event.manifest_sha256] = reason
         self._dead(sighted.event.version, sighted.source, sighted.raw, error, reason)
 
     def _dead(self, version: str | None, source: SourceOffset, raw: bytes, error: str,

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Sampler
 
@@ -98,12 +98,6 @@ class EmbedderTrainConfig(BaseModel):
     seed: int = 0
     eval_batch_size: int = Field(64, ge=1)
 
-    @model_validator(mode="after")
-    def _check(self) -> EmbedderTrainConfig:
-        if self.height % 32 or self.width % 32:
-            raise ValueError(f"input {self.height}x{self.width} must be a multiple of 32")
-        return self
-
     @property
     def pad_px(self) -> int:
         return self.height // 16 if self.pad is None else self.pad
@@ -115,6 +109,7 @@ class EmbedderTrainConfig(BaseModel):
 
 
 def _market(world_root: Path):
+    # imported on use: the chatreid.data package also loads the data engine (Ray Data)
     from chatreid.data.datasets.market1501 import Market1501
 
     return Market1501(world_root)
@@ -247,6 +242,12 @@ def augment(images: torch.Tensor, *, pad: int, flip: bool,
     return out
 
 
+def _read(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img.copy()  # detached from the file, which closes here
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float, with :meth:`Embedder.preprocess`'s ImageNet statistics."""
     mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1) * 255
@@ -304,8 +305,7 @@ def model_id_for(net: ReIDNet) -> str:
     for name, tensor in sorted(net.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    proj = net.head.proj.out_features if net.head is not None and net.head.proj else net.dim
-    return f"reid-mobilenetv2-{proj}d-{digest.hexdigest()[:12]}"
+    return f"reid-mobilenetv2-{net.dim}d-{digest.hexdigest()[:12]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,9 +327,8 @@ def evaluate_embedder(embedder: Embedder, world_root: Path | str, max_rank: int 
     def features(records) -> np.ndarray:
         out = []
         for start in range(0, len(records), embedder.batch_size):
-            chunk = records[start : start + embedder.batch_size]
-            images = [Image.open(r.path) for r in chunk]
-            out.append(embedder.embed(images))
+            out.append(embedder.embed([_read(r.path) for r in
+                                       records[start : start + embedder.batch_size]]))
         return np.concatenate(out)
 
     qf = features(query)
@@ -424,9 +423,10 @@ class EmbedderTrainer:
 
     def finalise(self, path: Path) -> dict[str, float]:
         """Rank 0: the serving embedder (classifier dropped), evaluated and saved."""
-        net = copy.deepcopy(self.core.net).cpu()
+        net = copy.deepcopy(self.core.net)  # Embedder puts it in eval mode; training goes on
         embedder = Embedder(net, model_id=model_id_for(net), height=self.cfg.height,
-                            width=self.cfg.width, batch_size=self.cfg.eval_batch_size)
+                            width=self.cfg.width, device=self.device,
+                            batch_size=self.cfg.eval_batch_size)
         t0 = time.perf_counter()
         scores = evaluate_embedder(embedder, self.cfg.world_root)
         embedder.save(path)
@@ -441,7 +441,8 @@ class EmbedderTrainer:
         self.sampler.set_epoch(self.epoch)
         seed = np.random.SeedSequence([cfg.seed, self.epoch, self.rank]).generate_state(1)[0]
         gen = torch.Generator().manual_seed(int(seed))  # resumable: a function of the epoch
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, triplet, correct, samples
+        # loss, ce, triplet, correct, samples; on the device, so NCCL can sum it across ranks
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for indices in self.sampler:
             if self.step >= self.total_steps:
@@ -461,7 +462,7 @@ class EmbedderTrainer:
             n = len(labels)
             correct = (logits.argmax(1) == labels).sum().item()
             sums += torch.tensor([loss.item() * n, ce.item() * n, tri.item() * n, correct, n],
-                                 dtype=torch.float64)
+                                 dtype=torch.float64, device=self.device)
         wall = time.perf_counter() - t0
         sums = _all_reduce(sums)
         n = max(sums[4].item(), 1.0)
@@ -504,9 +505,9 @@ def train_embedder_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop; ``config["embedder"]`` is an :class:`EmbedderTrainConfig`."""
     import ray.train
 
-    from chatreid.ray_jobs.launcher import settings_from
+    from chatreid.config import Settings
 
-    settings = settings_from(config)
+    settings = Settings.model_validate(config["settings"])  # what run_trainer passes workers
     if settings.train.torch_threads:
         torch.set_num_threads(settings.train.torch_threads)
     cfg = EmbedderTrainConfig.model_validate(config["embedder"])

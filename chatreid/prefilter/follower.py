@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,7 +66,6 @@ class IndexFollower:
         self._next: IndexFollower | None = None
         self._report: RolloutReport | None = None
         self._checked_at = 0.0
-        self.on_switch: list[Callable[[str | None, str], None]] = []
 
     # -- versions --------------------------------------------------------------------------------
     def active(self) -> tuple[str | None, PrefilterStore | None]:
@@ -280,14 +278,14 @@ class IndexFollower:
                 self._consumer.close()
             self.store, self.embedder_version = nxt.store, nxt.embedder_version
             self._consumer, nxt._consumer = nxt._consumer, None
-            self._next, self._wanted, self._report = None, None, None
+            self._next, self._report = None, None
+            if self._wanted == nxt.embedder_version:  # not a newer one asked for meanwhile
+                self._wanted = None
         self.stats.switches += 1
         log.info("index switched from %s to %s (%d vectors)", old, self.embedder_version,
                  len(self.store) if self.store is not None else 0)
         if self.snapshots and self.store is not None:
             self.snapshot()  # a restart restores the new version, not the old one
-        for callback in self.on_switch:
-            callback(old, self.embedder_version)
 
     def follow(self, stop: threading.Event) -> None:
         """Tail the log until ``stop`` is set (run in a thread or as the main loop)."""

@@ -84,8 +84,10 @@ class EmbeddingNode:
         self.service.stop()
 
 
-def serve(settings: Settings, until_idle_s: float | None = None, snapshots: bool = True) -> Stats:
-    """``chatreid embed``: one :class:`EmbeddingNode`; SIGTERM finishes the batch."""
-    node = EmbeddingNode(settings, snapshots=snapshots)
+def serve(settings: Settings, until_idle_s: float | None = None, snapshots: bool = True,
+          reindex: bool | None = None) -> Stats:
+    """``chatreid embed``: one :class:`EmbeddingNode`; SIGTERM finishes the batch. ``reindex``
+    (default: the snapshot replica) picks the replica that rebuilds the index on a rollout."""
+    node = EmbeddingNode(settings, snapshots=snapshots, reindex=reindex)
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     return node.run(until_idle_s=until_idle_s)
