@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from chatreid.config import Settings
+from chatreid.schemas import DEADLETTER, DeadLetterEvent
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +79,27 @@ def ray_session(stack_base: Settings):
     connect(stack_base)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny synthetic world (read-only; tests that change a world make their own)."""
+    from chatreid.synth import SynthConfig, generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, SynthConfig.tiny(), progress=False)
+    return root
+
+
+def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
+    """Dead letters on the test's topic, waiting until ``expect`` arrived or the timeout."""
+    from chatreid.bus import make_consumer
+
+    consumer = make_consumer(settings.kafka, None, consumer_timeout_ms=2000)
+    consumer.subscribe([settings.kafka.topic(DEADLETTER.name)])
+    found, deadline = [], time.monotonic() + timeout_s
+    while len(found) < expect and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            found += [DeadLetterEvent.from_bytes(r.value) for r in records]
+    consumer.close()
+    return found

@@ -30,16 +30,8 @@ from chatreid.data.engine import encode_samples, shard_samples, verify
 from chatreid.data.instructions import STAGE2_MIX
 from chatreid.data.worlds import annotated_root
 from chatreid.storage import ObjectStore
-from chatreid.synth import SynthConfig, generate_world
 
 stack = pytest.mark.stack
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, SynthConfig.tiny(), progress=False)
-    return root
 
 
 def spec_for(world: Path, **kw: object) -> InstructionDatasetSpec:

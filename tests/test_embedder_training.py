@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatreid.bus import make_consumer, make_producer
+from chatreid.bus import make_producer
 from chatreid.checkpoints import pull, push
 from chatreid.data.datasets.market1501 import Market1501
 from chatreid.embedder import (
@@ -35,13 +35,15 @@ from chatreid.embedder.training import (
     triplet_hard_loss,
 )
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.schemas import DEADLETTER, CheckpointEvent, CropEvent, DeadLetterEvent
+from chatreid.schemas import CheckpointEvent, CropEvent
 from chatreid.search import PrefilterSearch
 from chatreid.services.embedder import EmbedderService, EmbeddingNode, Reindexer
 from chatreid.services.ingestor import Ingestor
 from chatreid.services.ingestor.sources import synth_source
 from chatreid.storage import ObjectStore
 from chatreid.synth import SynthConfig, generate_world
+
+from .conftest import read_dead_letters
 
 # 40 people (20 for training), 3 RGB cameras, 128x64 crops: ~3 s to render; 148 train images,
 # 46 queries against 103 gallery images
@@ -337,16 +339,6 @@ def test_a_corrupted_checkpoint_is_refused_and_the_service_keeps_running(setting
     finally:
         running.stop()
 
-
-def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
-    consumer = make_consumer(settings.kafka, None)
-    consumer.subscribe([settings.kafka.topic(DEADLETTER.name)])
-    found, deadline = [], time.monotonic() + timeout_s
-    while len(found) < expect and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=500).values():
-            found += [DeadLetterEvent.from_bytes(r.value) for r in records]
-    consumer.close()
-    return found
 
 
 @pytest.mark.stack

@@ -30,14 +30,6 @@ from chatreid.engine import (
     rule_for,
 )
 from chatreid.model import build_model, save_checkpoint
-from chatreid.synth import SynthConfig, generate_world
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, SynthConfig.tiny(), progress=False)
-    return root
 
 
 def load(path: str) -> Image.Image:

@@ -29,14 +29,6 @@ from chatreid.data.instructions import (
 )
 from chatreid.data.instructions.prompts import CAPTION_PROMPT
 from chatreid.data.instructions.stage1 import filter_entries
-from chatreid.synth import SynthConfig, generate_world
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, SynthConfig.tiny(), progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")

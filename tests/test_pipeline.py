@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chatreid.bus import make_consumer, make_producer
+from chatreid.bus import make_producer
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.schemas import CROPS, DEADLETTER, CropEvent, DeadLetterEvent
+from chatreid.schemas import CROPS, CropEvent
 from chatreid.services.embedder import EmbedderService
 from chatreid.services.ingestor import CropInput, Ingestor
 from chatreid.services.ingestor.sources import synth_source
 from chatreid.storage import ObjectStore, crop_key, sha256_hex
 
-from .conftest import env_for, jpeg_bytes
+from .conftest import env_for, jpeg_bytes, read_dead_letters
 
 pytestmark = pytest.mark.stack
 
@@ -40,16 +40,6 @@ def follower_caught_up(settings, **kw) -> IndexFollower:
     follower.catch_up(timeout_s=60)
     return follower
 
-
-def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
-    consumer = make_consumer(settings.kafka, None, consumer_timeout_ms=2000)
-    consumer.subscribe([settings.kafka.topic(DEADLETTER.name)])
-    found, deadline = [], time.monotonic() + timeout_s
-    while len(found) < expect and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=500).values():
-            found += [DeadLetterEvent.from_bytes(r.value) for r in records]
-    consumer.close()
-    return found
 
 
 def test_published_crops_are_all_searchable_exactly_once(settings):
