@@ -97,6 +97,16 @@ def test_stage1_trains_everything_from_the_base() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ablations_start_later_stages_from_the_base(stage: int) -> None:
+    """Table 4's "3 only" and "2+3" rows: no parent, the base model under the stage's rule."""
+    base, _ = build_model("tiny")
+    model, _ = prepare_stage_model(stage, "tiny", None)
+    assert same(visual_state(model), visual_state(base))
+    assert same(decoder_state(model), decoder_state(base))
+    assert all(p.requires_grad == (stage == 2) for p in model.model.visual.parameters())
+
+
 # --- inputs and loss ---------------------------------------------------------------------------
 
 
@@ -288,3 +298,26 @@ def test_the_deepspeed_path_trains_through_the_same_job(chain, train_settings: S
     assert out.version != chain.stages[0].version  # the runtime is part of the version
     assert out.event.metrics["loss"] < out.event.metrics["first_loss"]
     assert out.metrics["step"] == 6
+
+
+def test_ablation_switch_selects_the_papers_rows() -> None:
+    from chatreid.ray_jobs.train import vlm_stages
+
+    assert vlm_stages("all", None) == (1, 2, 3)
+    assert vlm_stages("all", "2+3") == (2, 3)
+    assert vlm_stages("all", "3") == (3,)
+    assert vlm_stages("2", None) == (2,)
+    assert vlm_stages("embedder", None) == ()
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        vlm_stages("all", "1+3")
+    with pytest.raises(ValueError, match="applies to --stage all"):
+        vlm_stages("3", "2+3")
+
+
+@pytest.mark.stack
+def test_a_single_later_stage_needs_its_parent(settings: Settings) -> None:
+    from chatreid.ray_jobs.train import parent_for
+
+    assert parent_for(settings, (1,), "1") is None  # stage 1 starts from the base
+    with pytest.raises(LookupError, match="needs a stage 2 checkpoint"):
+        parent_for(settings, (3,), "3")
