@@ -80,7 +80,7 @@ def ensure_world(settings: Settings, recipe: TrainRecipe, console: Console) -> P
     """The configured world directory, synthesised (deterministically) if it is not there."""
     from chatreid.synth import SynthConfig, generate_world
 
-    root = settings.train.world
+    root = settings.train.world.resolve()  # workers run in their own working directory
     if not (root / "attributes" / "attributes.json").is_file():
         console.print(f"synthesising a {recipe.synth_size} world into {root}")
         cfg = SynthConfig(seed=recipe.seed)
