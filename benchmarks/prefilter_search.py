@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from common import header, write
 from rich.console import Console
 from rich.table import Table
 
@@ -261,22 +260,11 @@ def main() -> None:
     console.print(table(rows))
     if any(r["knob_sweep"] for r in rows):
         console.print(sweep_table(rows))
-    report = {
-        "benchmark": "prefilter_search",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "faiss_threads": args.threads,
-                    "faiss": faiss.__version__, "numpy": np.__version__,
-                    "gpus": faiss.get_num_gpus()},
-        "data": __doc__.split("Data: ")[1].split("\n\n")[0].replace("\n", " "),
-        "data_config": DataConfig().__dict__,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
-
+    report = header("prefilter_search", __doc__, args, faiss_threads=args.threads,
+                    faiss=faiss.__version__, numpy=np.__version__, gpus=faiss.get_num_gpus())
+    report["data_config"] = DataConfig().__dict__
+    report["results"] = rows
+    write(args.out, report, console)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,165 @@
+"""Best-choice rerank latency with and without prefix reuse (KV prefix + cached crop features).
+
+For each model and gallery size K, the same queries are reranked twice by
+``BestChoiceReranker`` (full dialogue: until the pool is empty): once on the plain path (one
+full forward per group) and once reusing the query prefix and the crops' vision features. Both
+paths must choose the same candidates with the same probabilities (checked, max difference
+recorded). Reported per path: latency p50/p95 per query, decoder forwards and ViT images per
+query; and the p50 speed-up.
+
+Data: the synthetic world's Market-1501 layout (``--world``, default data/synth; a tiny one is
+generated in a temporary folder when missing): each query is a query crop, its candidates its
+identity's gallery crops plus other gallery crops up to K, in a seeded shuffle (the prefilter's
+order does not change the cost). Crops are 128×64 (10 image tokens each).
+
+    python benchmarks/rerank_prefix.py [--models tiny offline-default] [--ks 10 20 50]
+        [--queries 5] [--group-size 8] [--threads 2] [--out benchmarks/results/rerank_prefix.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from common import header, write
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from chatreid.data.datasets import Market1501
+from chatreid.model import build_model
+from chatreid.rerank import BestChoiceReranker, Candidate, Query, RerankResult
+
+
+def load_world(path: Path) -> Market1501:
+    if (path / "market1501").is_dir():
+        return Market1501(path)
+    from chatreid.synth import SynthConfig, generate_world
+
+    root = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
+    generate_world(root, SynthConfig.tiny(), progress=False)
+    return Market1501(root)
+
+
+def workload(market: Market1501, k: int, n_queries: int, seed: int) -> list[tuple]:
+    """(query crop, K candidates holding the query's gallery matches first drawn, then others)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(market.query), size=min(n_queries, len(market.query)), replace=False)
+    out = []
+    for qi in picks:
+        q = market.query[int(qi)]
+        same = [r for r in market.gallery if r.pid == q.pid][:k]
+        others = [r for r in market.gallery if r.pid != q.pid]
+        chosen = same + [others[int(i)] for i in rng.permutation(len(others))[: k - len(same)]]
+        assert len(chosen) == k, f"the gallery holds fewer than K={k} crops"
+        chosen = [chosen[int(i)] for i in rng.permutation(len(chosen))]
+        cands = [Candidate(r.path.name, Image.open(r.path).convert("RGB")) for r in chosen]
+        out.append((Image.open(q.path).convert("RGB"), cands))
+    return out
+
+
+def run(reranker: BestChoiceReranker, work: list[tuple], reuse: bool) -> list[RerankResult]:
+    return [
+        reranker.rerank(Query("standard", image=image), cands, reuse_prefix=reuse)
+        for image, cands in work
+    ]
+
+
+def summarise(results: list[RerankResult]) -> dict:
+    ms = np.array([r.stats.elapsed_s * 1000 for r in results])
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "mean_ms": float(ms.mean()),
+        "forwards_per_query": float(np.mean([r.stats.forwards for r in results])),
+        "group_forwards_per_query": float(np.mean([r.stats.group_forwards for r in results])),
+        "vit_images_per_query": float(np.mean([r.stats.vision_images for r in results])),
+        "turns_per_query": float(np.mean([r.stats.turns for r in results])),
+    }
+
+
+def agreement(a: list[RerankResult], b: list[RerankResult]) -> tuple[bool, float]:
+    """Both paths chose the same candidates in every turn; largest probability difference."""
+    pairs = list(zip(a, b, strict=True))
+    same = all([t.chosen for t in x.turns] == [t.chosen for t in y.turns] for x, y in pairs)
+    diff = max(
+        abs(s.probability - t.probability)
+        for x, y in pairs
+        for s, t in zip(x.turns, y.turns, strict=False)
+    )
+    return same, diff
+
+
+def bench(model_name: str, args: argparse.Namespace, market: Market1501, console: Console) -> list:
+    start = time.perf_counter()
+    model, processor = build_model(model_name)
+    console.log(f"{model_name}: built in {time.perf_counter() - start:.1f}s")
+    reranker = BestChoiceReranker(model, processor, group_size=args.group_size)
+    rows = []
+    for k in args.ks:
+        work = workload(market, k, args.queries, args.seed)
+        run(reranker, work[:1], True), run(reranker, work[:1], False)  # warm-up
+        reused, plain = run(reranker, work, True), run(reranker, work, False)
+        same, diff = agreement(reused, plain)
+        row = {
+            "model": model_name,
+            "k": k,
+            "queries": len(work),
+            "group_size": args.group_size,
+            "reuse": summarise(reused),
+            "plain": summarise(plain),
+            "same_choices": same,
+            "max_probability_diff": diff,
+        }
+        row["speedup_p50"] = row["plain"]["p50_ms"] / row["reuse"]["p50_ms"]
+        console.log(f"{model_name} K={k}: speed-up {row['speedup_p50']:.2f}x, same={same}")
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> Table:
+    t = Table(title="best-choice rerank per query: plain vs prefix reuse (full dialogue)")
+    cols = ("model", "K", "plain p50 ms", "p95", "reuse p50 ms", "p95", "speed-up",
+            "forwards (groups+prefix)", "ViT imgs plain", "ViT imgs reuse", "same", "max |Δp|")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for r in rows:
+        p, u = r["plain"], r["reuse"]
+        prefix = u["forwards_per_query"] - u["group_forwards_per_query"]
+        t.add_row(r["model"], str(r["k"]), f"{p['p50_ms']:.0f}", f"{p['p95_ms']:.0f}",
+                  f"{u['p50_ms']:.0f}", f"{u['p95_ms']:.0f}", f"{r['speedup_p50']:.2f}x",
+                  f"{p['group_forwards_per_query']:.1f}+{prefix:.0f}",
+                  f"{p['vit_images_per_query']:.0f}", f"{u['vit_images_per_query']:.0f}",
+                  str(r["same_choices"]), f"{r['max_probability_diff']:.1e}")
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["tiny", "offline-default"])
+    ap.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
+    ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--world", type=Path, default=Path("data/synth"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/rerank_prefix.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console() if Console().is_terminal else Console(width=160)
+    market = load_world(args.world)
+    rows = [row for name in args.models for row in bench(name, args, market, console)]
+    console.print(table(rows))
+    report = header("rerank_prefix", __doc__, args, torch_threads=args.threads,
+                    torch=torch.__version__, transformers=transformers.__version__,
+                    device="cuda" if torch.cuda.is_available() else "cpu")
+    report["results"] = rows
+    write(args.out, report, console)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""One best-choice judgement: the query and a group of candidates in, P(choice = k) out.
+
+As in ``chatreid.engine.evaluate``, one forward over the prompt plus the answer's shared
+prefix ("The best match is image") gives the next-token distribution over the index tokens,
+renormalised over the group shown.
+
+Two ways to compute the same numbers:
+
+* :class:`PlainJudge` encodes the whole prompt with the processor and runs one full forward
+  per group (query and candidate images through the ViT every time);
+* :class:`PrefixJudge` prefills the query part of the prompt once per query (KV cache), runs
+  every candidate crop through the ViT once per query, and per group runs only the candidate
+  list on top of a copy of the cache, with its M-RoPE positions continued from the prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from chatreid.engine.collate import messages_for
+from chatreid.engine.evaluate import ChoiceTokens
+from chatreid.model import ChatReIDProcessor
+from chatreid.rerank.prompts import QueryKind, best_choice_prompt, query_head
+
+SPLIT = "\ue000"  # private-use character: marks where the candidate list starts in the template
+
+
+@dataclass(frozen=True)
+class Query:
+    """What is searched for: an image, a text/attribute clue, or both (adaptive)."""
+
+    kind: QueryKind
+    image: Image.Image | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", QueryKind.parse(self.kind))
+        if self.image is not None:  # infrared crops may be single-channel
+            object.__setattr__(self, "image", self.image.convert("RGB"))
+        if self.kind.has_image and self.image is None:
+            raise ValueError(f"query kind {self.kind.value!r} needs a query image")
+        if not self.kind.has_image and self.image is not None:
+            raise ValueError(f"query kind {self.kind.value!r} takes no query image")
+        query_head(self.kind, self.text)  # raises on a missing or malformed clue
+
+
+@dataclass
+class JudgeStats:
+    group_forwards: int = 0  # decoder forwards that judged a group
+    prefix_forwards: int = 0  # decoder forwards that prefilled the query part
+    vision_images: int = 0  # images run through the ViT
+
+    @property
+    def forwards(self) -> int:
+        return self.group_forwards + self.prefix_forwards
+
+
+def render(processor: ChatReIDProcessor, prompt: str) -> str:
+    """The chat text the model was trained on: user turn + assistant header."""
+    return processor.apply_chat_template(
+        messages_for(prompt), add_generation_prompt=True, tokenize=False
+    )
+
+
+def split_rendered(processor: ChatReIDProcessor, head: str, gallery: str) -> tuple[str, str]:
+    """The rendered prompt cut where the candidate list starts: (shared part, per-group part)."""
+    full = render(processor, head + gallery)
+    marked = render(processor, head + SPLIT)
+    prefix = marked[: marked.index(SPLIT)]
+    if not full.startswith(prefix):
+        raise ValueError("the chat template does not keep the query part as a prefix")
+    return prefix, full[len(prefix) :]
+
+
+def _normalised(logits: torch.Tensor, index_ids: Sequence[int]) -> np.ndarray:
+    scores = torch.log_softmax(logits.float()[list(index_ids)], dim=-1)
+    return scores.exp().double().cpu().numpy()
+
+
+@dataclass
+class _Base:
+    model: Qwen2VLForConditionalGeneration
+    processor: ChatReIDProcessor
+    query: Query
+    candidates: Sequence[Image.Image]
+    tokens: ChoiceTokens
+    stats: JudgeStats = field(default_factory=JudgeStats)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def answer_ids(self) -> torch.Tensor:
+        return torch.tensor([self.tokens.prefix], dtype=torch.long, device=self.device)
+
+
+class PlainJudge(_Base):
+    """The reference: the processor encodes the full prompt; one full forward per group."""
+
+    @torch.no_grad()
+    def __call__(self, members: Sequence[int]) -> np.ndarray:
+        prompt = best_choice_prompt(self.query.kind, len(members), self.query.text)
+        images = [self.query.image] if self.query.image is not None else []
+        images += [self.candidates[i] for i in members]
+        enc = self.processor(
+            text=[render(self.processor, prompt.text)], images=images, return_tensors="pt"
+        ).to(self.device)
+        answer = self.answer_ids()
+        ids = torch.cat([enc["input_ids"], answer], dim=1)
+        mm_types = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=mm_types,
+            pixel_values=enc["pixel_values"],
+            image_grid_thw=enc["image_grid_thw"],
+            logits_to_keep=1,
+        )
+        self.stats.group_forwards += 1
+        self.stats.vision_images += len(images)
+        return _normalised(out.logits[0, -1], self.tokens.index_ids[: len(members)])
+
+
+class PrefixJudge(_Base):
+    """Query part prefilled once, candidate crops encoded once; per group only the list runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._prefix_text, _ = split_rendered(
+            self.processor, query_head(self.query.kind, self.query.text), ""
+        )
+        self._suffixes: dict[int, str] = {}
+        self._features: list[torch.Tensor] = []
+        self._grids: torch.Tensor | None = None
+        self._cache = None
+        self._prefix_len = 0
+        self._next_pos = 0
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Prefill the query part and encode every candidate crop (once per query)."""
+        images = [self.query.image] if self.query.image is not None else None
+        enc = self.processor(text=[self._prefix_text], images=images, return_tensors="pt")
+        enc = enc.to(self.device)
+        grid = enc.get("image_grid_thw")
+        positions = self.model.model.get_rope_index(
+            enc["input_ids"], enc["mm_token_type_ids"], image_grid_thw=grid
+        )[0]
+        out = self.model(
+            **enc,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache = out.cache
+        self._prefix_len = enc["input_ids"].shape[1]
+        # Text after the prefix continues from its largest position, not from its length:
+        # an image advances M-RoPE positions by max(h, w), not by its token count.
+        self._next_pos = int(positions.max()) + 1
+        self.stats.prefix_forwards += 1
+        self.stats.vision_images += len(images or ())
+        self._encode_candidates()
+
+    def _encode_candidates(self) -> None:
+        pix = self.processor.image_processor(images=list(self.candidates), return_tensors="pt")
+        self._grids = pix["image_grid_thw"].to(self.device)
+        features = self.model.model.get_image_features(
+            pix["pixel_values"].to(self.device), self._grids
+        )
+        self._features = list(features.pooler_output)
+        self.stats.vision_images += len(self.candidates)
+
+    def _suffix_text(self, n: int) -> str:
+        if n not in self._suffixes:
+            prompt = best_choice_prompt(self.query.kind, n, self.query.text)
+            self._suffixes[n] = split_rendered(self.processor, prompt.head, prompt.gallery)[1]
+        return self._suffixes[n]
+
+    def _suffix_ids(self, members: Sequence[int]) -> torch.Tensor:
+        """The group's tokens with each image placeholder expanded as the processor does."""
+        pad = self.processor.image_token
+        parts = self._suffix_text(len(members)).split(pad)
+        text = parts[0]
+        for i, part in zip(members, parts[1:], strict=True):
+            text += pad * self._features[i].shape[0] + part
+        ids = self.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        return torch.cat([ids["input_ids"].to(self.device), self.answer_ids()], dim=1)
+
+    @torch.no_grad()
+    def __call__(self, members: Sequence[int]) -> np.ndarray:
+        if self._cache is None:
+            self.prepare()
+        ids = self._suffix_ids(members)
+        mm_types = (ids == self.processor.image_token_id).int()
+        grids = self._grids[list(members)]
+        positions = self.model.model.get_rope_index(ids, mm_types, image_grid_thw=grids)[0]
+        feats = BaseModelOutputWithPooling(pooler_output=tuple(self._features[i] for i in members))
+        mask = torch.ones(1, self._prefix_len + ids.shape[1], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,  # must cover prefix + suffix
+            position_ids=positions + self._next_pos,
+            cache=copy.deepcopy(self._cache),  # a forward appends to the cache in place
+            use_cache=True,
+            mm_encoder_outputs={"image": feats},
+            logits_to_keep=1,
+        )
+        self.stats.group_forwards += 1
+        return _normalised(out.logits[0, -1], self.tokens.index_ids[: len(members)])
+
+
+def make_judge(
+    model: Qwen2VLForConditionalGeneration,
+    processor: ChatReIDProcessor,
+    query: Query,
+    candidates: Sequence[Image.Image],
+    tokens: ChoiceTokens,
+    reuse_prefix: bool,
+) -> PlainJudge | PrefixJudge:
+    cls = PrefixJudge if reuse_prefix else PlainJudge
+    return cls(model, processor, query, candidates, tokens)

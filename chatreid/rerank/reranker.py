@@ -1,0 +1,278 @@
+"""The paper's inference: a multi-turn best-choice dialogue over the prefiltered gallery.
+
+Each turn the VLM sees the query and the candidates still in the pool and names the best one;
+the probability it gives that choice is the turn's confidence; the chosen candidate leaves the
+pool; repeat until the pool is empty or ``max_turns``.
+
+A pool larger than ``group_size`` (the gallery sizes the model was tuned on, 3-8) is judged as
+a bracket: the pool is split once, in prefilter order, into balanced groups of at most
+``group_size``; the winners of up to ``group_size`` groups meet in a group of the next level,
+and so on up to one final group. A group's judgement depends only on the query and the
+candidates it shows, so after a turn only the groups that held the chosen candidate (its leaf
+and that leaf's ancestors) change; every other group's result is reused as is — exactly what
+re-asking it would return. A full rerank of K candidates therefore costs about
+K / (group_size - 1) forwards for the first turn and at most one per bracket level for each
+later turn: linear in K, where re-splitting the pool every turn would be quadratic.
+
+Ranking and confidences. A turn's probability is relative to the rivals it was shown, so it
+tends to rise as the pool shrinks (the last candidate, alone, is chosen with certainty and no
+forward). Raw turn probabilities are therefore not monotone. The model preferred every earlier
+pick over every later one while both were in the pool, so a later pick is reported with at most
+the confidence of the pick before it: ``confidence = min(turn probability, previous
+confidence)``, non-increasing by construction. The reranked candidates are ranked by that
+confidence, ties by turn (earlier first) — which is the dialogue's order. Within a group a tie
+in probability goes to the candidate shown first (better prefilter rank). Candidates left when
+``max_turns`` ends the dialogue follow in prefilter order, with no confidence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from transformers import Qwen2VLForConditionalGeneration
+
+from chatreid.engine.evaluate import choice_tokens
+from chatreid.model import ChatReIDProcessor
+from chatreid.rerank.judge import JudgeStats, Query, make_judge
+
+DEFAULT_GROUP_SIZE = 8  # the largest gallery of stage-3 training (Stage3Config.gallery_size)
+
+
+Judge = Callable[[Sequence[int]], np.ndarray]  # candidate indices shown -> P(choice = each)
+
+
+class EmptyGalleryError(ValueError):
+    """Nothing to rerank: the prefilter returned no candidates."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    image: Image.Image
+    prefilter_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    rank: int  # 1-based, final
+    candidate_id: str
+    prefilter_rank: int  # 1-based position in the prefilter's order
+    prefilter_score: float | None
+    reranked: bool
+    confidence: float | None  # ranking confidence (non-increasing); None = not reranked
+    turn: int | None = None  # 0-based turn that chose it
+    turn_probability: float | None = None  # P(choice) in the forward that decided the turn
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    index: int
+    shown: list[str]  # candidate ids in the deciding forward, in the order shown
+    chosen: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class RerankStats:
+    candidates: int
+    turns: int
+    forwards: int  # decoder forward passes: group judgements + the prefix prefill
+    group_forwards: int
+    prefix_forwards: int
+    vision_images: int  # images run through the ViT
+    reuse_prefix: bool
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    ranking: list[Ranked]
+    turns: list[TurnRecord]
+    stats: RerankStats
+
+
+@dataclass
+class _Outcome:
+    winner: int
+    probability: float
+    shown: list[int]
+
+
+@dataclass
+class _Group:
+    """A bracket node: entries are candidate indices (leaf) or groups of the level below."""
+
+    entries: list[int | _Group]
+    parent: _Group | None = None
+    outcome: _Outcome | None = None
+    dirty: bool = True
+
+
+def _balanced(items: list, size: int) -> list[list]:
+    """``items`` in order, cut into the fewest groups of at most ``size``, sizes within one."""
+    parts = -(-len(items) // size)
+    return [[items[i] for i in chunk] for chunk in np.array_split(np.arange(len(items)), parts)]
+
+
+class _Bracket:
+    def __init__(self, n: int, group_size: int) -> None:
+        leaves = [_Group(list(c)) for c in _balanced(list(range(n)), group_size)]
+        self.leaf_of = {i: g for g in leaves for i in g.entries}
+        level: list[_Group] = leaves
+        while len(level) > 1:
+            level = [_Group(list(c)) for c in _balanced(level, group_size)]
+            for g in level:
+                for child in g.entries:
+                    child.parent = g  # type: ignore[union-attr]
+        self.root = level[0]
+        self.pool = set(range(n))
+
+    def remove(self, i: int) -> None:
+        self.pool.discard(i)
+        node: _Group | None = self.leaf_of[i]
+        while node is not None:
+            node.dirty = True
+            node = node.parent
+
+
+class BestChoiceReranker:
+    """Rerank prefilter candidates with the VLM's multi-turn best-choice dialogue.
+
+    ``reuse_prefix`` (default on) encodes the query part of the prompt and every candidate
+    crop once per query; off, each group is one plain full forward (the reference path).
+    """
+
+    def __init__(
+        self,
+        model: Qwen2VLForConditionalGeneration,
+        processor: ChatReIDProcessor,
+        *,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        max_turns: int | None = None,
+        reuse_prefix: bool = True,
+    ) -> None:
+        if group_size < 2:
+            raise ValueError("group_size must be at least 2: a choice needs two candidates")
+        if max_turns is not None and max_turns < 1:
+            raise ValueError("max_turns must be at least 1 (None: until the pool is empty)")
+        self.model = model.eval()
+        self.processor = processor
+        # Fails here, not mid-query, if some index 1..group_size has no token of its own.
+        self.tokens = choice_tokens(processor.tokenizer, group_size)
+        self.group_size = group_size
+        self.max_turns = max_turns
+        self.reuse_prefix = reuse_prefix
+
+    def rerank(
+        self,
+        query: Query,
+        candidates: Sequence[Candidate],
+        *,
+        max_turns: int | None = None,
+        reuse_prefix: bool | None = None,
+    ) -> RerankResult:
+        """All ``candidates`` (prefilter order) ranked: reranked ones first, then the rest."""
+        if max_turns is not None and max_turns < 1:
+            raise ValueError("max_turns must be at least 1 (None: the reranker's default)")
+        if not candidates:
+            raise EmptyGalleryError("no candidates to rerank: the prefiltered gallery is empty")
+        if len({c.id for c in candidates}) != len(candidates):
+            raise ValueError("candidate ids must be unique")
+        start = time.perf_counter()
+        reuse = self.reuse_prefix if reuse_prefix is None else reuse_prefix
+        judge = make_judge(
+            self.model,
+            self.processor,
+            query,
+            [c.image.convert("RGB") for c in candidates],
+            self.tokens,
+            reuse,
+        )
+        turns = self._dialogue(judge, candidates, max_turns or self.max_turns)
+        ranking = _rank(candidates, turns)
+        stats = _stats(judge.stats, len(candidates), len(turns), reuse, start)
+        return RerankResult(ranking, turns, stats)
+
+    def _dialogue(
+        self, judge: Judge, candidates: Sequence[Candidate], max_turns: int | None
+    ) -> list[TurnRecord]:
+        bracket = _Bracket(len(candidates), self.group_size)
+        limit = len(candidates) if max_turns is None else min(max_turns, len(candidates))
+        turns: list[TurnRecord] = []
+        for t in range(limit):
+            outcome = _decide(bracket.root, bracket.pool, judge)
+            assert outcome is not None  # the pool is not empty while t < len(candidates)
+            ids = [candidates[i].id for i in outcome.shown]
+            turns.append(TurnRecord(t, ids, candidates[outcome.winner].id, outcome.probability))
+            bracket.remove(outcome.winner)
+        return turns
+
+
+def _decide(group: _Group, pool: set[int], judge: Judge) -> _Outcome | None:
+    """The group's winner among the candidates still in the pool (judged once while clean)."""
+    if not group.dirty:
+        return group.outcome
+    rivals: list[_Outcome] = []
+    for entry in group.entries:
+        if isinstance(entry, _Group):
+            sub = _decide(entry, pool, judge)
+            if sub is not None:
+                rivals.append(sub)
+        elif entry in pool:
+            rivals.append(_Outcome(entry, 1.0, [entry]))
+    if len(rivals) <= 1:
+        # No choice to make: a lone rival passes up with the probability it already has.
+        group.outcome = rivals[0] if rivals else None
+    else:
+        shown = [r.winner for r in rivals]
+        probs = judge(shown)
+        best = int(np.argmax(probs))  # first maximum: ties go to the better prefilter rank
+        group.outcome = _Outcome(shown[best], float(probs[best]), shown)
+    group.dirty = False
+    return group.outcome
+
+
+def _rank(candidates: Sequence[Candidate], turns: list[TurnRecord]) -> list[Ranked]:
+    position = {c.id: i for i, c in enumerate(candidates)}
+    confidences, ceiling = [], 1.0
+    for turn in turns:
+        ceiling = min(ceiling, turn.probability)
+        confidences.append(ceiling)
+    order = sorted(range(len(turns)), key=lambda t: (-confidences[t], t))
+    ranked = []
+    for t in order:
+        c = candidates[position[turns[t].chosen]]
+        ranked.append(
+            Ranked(
+                rank=len(ranked) + 1,
+                candidate_id=c.id,
+                prefilter_rank=position[c.id] + 1,
+                prefilter_score=c.prefilter_score,
+                reranked=True,
+                confidence=confidences[t],
+                turn=t,
+                turn_probability=turns[t].probability,
+            )
+        )
+    chosen = {t.chosen for t in turns}
+    for i, c in enumerate(candidates):
+        if c.id not in chosen:
+            ranked.append(Ranked(len(ranked) + 1, c.id, i + 1, c.prefilter_score, False, None))
+    return ranked
+
+
+def _stats(js: JudgeStats, n: int, turns: int, reuse: bool, start: float) -> RerankStats:
+    return RerankStats(
+        candidates=n,
+        turns=turns,
+        forwards=js.forwards,
+        group_forwards=js.group_forwards,
+        prefix_forwards=js.prefix_forwards,
+        vision_images=js.vision_images,
+        reuse_prefix=reuse,
+        elapsed_s=time.perf_counter() - start,
+    )

@@ -1,0 +1,222 @@
+"""The best-choice rerank on the tiny model and the tiny synthetic world: prompts per query kind,
+the ranking contract, forward-pass counts, and prefix reuse equal to the plain path."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chatreid.data.datasets import CUHKPEDES, Market1501
+from chatreid.data.instructions import prompts as P
+from chatreid.engine.evaluate import choice_tokens
+from chatreid.model import build_model
+from chatreid.rerank import (
+    BestChoiceReranker,
+    Candidate,
+    EmptyGalleryError,
+    PlainJudge,
+    PrefixJudge,
+    Query,
+    QueryKind,
+    best_choice_prompt,
+)
+from chatreid.rerank.judge import render
+
+CLUE = "a woman in a red jacket and blue jeans with a black backpack"
+TEXTS = {QueryKind.TEXT_TO_IMAGE: CLUE, QueryKind.ATTRIBUTE: "gender: female; upper colour: red"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def crops(world: Path) -> dict[str, list]:
+    market = Market1501(world)
+    return {
+        "query": [Image.open(r.path).convert("RGB") for r in market.query],
+        "gallery": [Image.open(r.path).convert("RGB") for r in market.gallery],
+        "captions": [c for r in CUHKPEDES(world).gallery for c in r.captions],
+    }
+
+
+def query_for(kind: QueryKind, crops: dict[str, list]) -> Query:
+    image = crops["query"][0] if kind.has_image else None
+    text = (crops["captions"][0] if crops["captions"] else CLUE) if kind.has_text else None
+    if kind is QueryKind.ATTRIBUTE:
+        text = TEXTS[kind]
+    return Query(kind, image=image, text=text)
+
+
+def candidates(crops: dict[str, list], k: int) -> list[Candidate]:
+    gallery = crops["gallery"]
+    assert len(gallery) >= k, "the tiny world's gallery is smaller than the test needs"
+    return [Candidate(f"crop-{i}", gallery[i], prefilter_score=1 - i / k) for i in range(k)]
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(QueryKind))
+def test_each_kind_builds_a_prompt_with_the_right_images(kind, tiny, crops) -> None:
+    _, processor = tiny
+    query = query_for(kind, crops)
+    prompt = best_choice_prompt(kind, 3, query.text)
+    expected = 3 + (1 if kind.has_image else 0)
+    assert prompt.images == expected
+    images = ([query.image] if query.image else []) + crops["gallery"][:3]
+    enc = processor(text=[render(processor, prompt.text)], images=images, return_tensors="pt")
+    assert enc["image_grid_thw"].shape[0] == expected
+    merge = processor.image_processor.merge_size**2
+    pads = int((enc["input_ids"] == processor.image_token_id).sum())
+    assert pads == int(enc["image_grid_thw"].prod(-1).sum()) // merge
+
+
+def test_prompts_are_the_stage3_wording() -> None:
+    assert best_choice_prompt("standard", 4).text == P.STANDARD_PROMPT.replace(
+        "{gallery}", P.gallery_block(4)
+    )
+    attr = best_choice_prompt("attribute", 2, "hair: long").text
+    assert attr == P.ATTRIBUTE_QUERY_PROMPT.replace("{text}", "hair: long").replace(
+        "{gallery}", P.gallery_block(2)
+    )
+    adaptive = best_choice_prompt("multimodal", 3, CLUE)  # the API's name for it
+    assert adaptive.kind is QueryKind.ADAPTIVE and f'"{CLUE}"' in adaptive.head
+
+
+def test_bad_queries_are_refused(tiny, crops) -> None:
+    model, processor = tiny
+    with pytest.raises(ValueError, match="unknown query kind 'sketch'"):
+        best_choice_prompt("sketch", 3)
+    with pytest.raises(ValueError, match="unknown query kind"):
+        Query("sketch", image=crops["query"][0])
+    with pytest.raises(ValueError, match="needs a query image"):
+        Query("standard")
+    with pytest.raises(ValueError, match="needs a text"):
+        Query("text_to_image", text="  ")
+    with pytest.raises(ValueError, match="placeholder"):
+        Query("text_to_image", text="like <image>")
+    reranker = BestChoiceReranker(model, processor)
+    with pytest.raises(EmptyGalleryError):
+        reranker.rerank(Query("standard", image=crops["query"][0]), [])
+    with pytest.raises(ValueError, match="unique"):
+        reranker.rerank(Query("standard", image=crops["query"][0]), candidates(crops, 2) * 2)
+
+
+# --- ranking contract and forward counts -------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_turns", [None, 3])
+def test_ranking_contract(max_turns, tiny, crops) -> None:
+    model, processor = tiny
+    cands = candidates(crops, 10)
+    reranker = BestChoiceReranker(model, processor, group_size=4, max_turns=max_turns)
+    result = reranker.rerank(query_for(QueryKind.STANDARD, crops), cands)
+    ranking = result.ranking
+    assert sorted(r.candidate_id for r in ranking) == sorted(c.id for c in cands)
+    assert [r.rank for r in ranking] == list(range(1, len(cands) + 1))
+    turns = len(cands) if max_turns is None else max_turns
+    assert [r.reranked for r in ranking] == [True] * turns + [False] * (len(cands) - turns)
+    confs = [r.confidence for r in ranking if r.reranked]
+    assert all(0.0 < c <= 1.0 for c in confs)
+    assert all(a >= b for a, b in itertools.pairwise(confs))
+    assert [r.turn for r in ranking if r.reranked] == list(range(turns))  # ties keep turn order
+    # Not reranked: prefilter order, no confidence.
+    rest = [r for r in ranking if not r.reranked]
+    assert [r.prefilter_rank for r in rest] == sorted(r.prefilter_rank for r in rest)
+    assert all(r.confidence is None for r in rest)
+    # The turns: each chosen once, from what it was shown, the pool shrinking.
+    assert [t.chosen for t in result.turns] == [r.candidate_id for r in ranking[:turns]]
+    assert all(t.chosen in t.shown for t in result.turns)
+    assert result.stats.turns == turns and result.stats.candidates == len(cands)
+
+
+def bracket_levels(k: int, g: int) -> list[int]:
+    """Entries per bracket level: k candidates, then the groups of each level below."""
+    levels = [k]
+    while levels[-1] > 1:
+        levels.append(math.ceil(levels[-1] / g))
+    return levels
+
+
+def expected_first_turn(k: int, g: int) -> int:
+    """Forwards to fill a bracket of balanced groups: one per group with two or more rivals."""
+    levels = bracket_levels(k, g)
+    return sum(m if n >= 2 * m else n - m for n, m in itertools.pairwise(levels))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_forward_passes_grow_linearly_with_k(reuse, tiny, crops) -> None:
+    model, processor = tiny
+    reranker = BestChoiceReranker(model, processor, group_size=4, reuse_prefix=reuse)
+    query = query_for(QueryKind.STANDARD, crops)
+    counts = {}
+    for k in (4, 8, 16):
+        stats = reranker.rerank(query, candidates(crops, k)).stats
+        depth = len(bracket_levels(k, 4)) - 1
+        # The first turn fills the bracket; each later turn re-judges at most the chosen
+        # candidate's path, and at least one group while two or more candidates are left.
+        assert k - 1 <= stats.group_forwards <= expected_first_turn(k, 4) + depth * (k - 1)
+        assert stats.prefix_forwards == (1 if reuse else 0)
+        if reuse:
+            assert stats.vision_images == k + 1  # the query and each crop, once
+        counts[k] = stats.group_forwards
+    # At most two levels here (K <= group_size²): fewer than two forwards per candidate.
+    assert all(n < 2 * k for k, n in counts.items()), counts
+    one_turn = reranker.rerank(query, candidates(crops, 16), max_turns=1).stats
+    assert one_turn.group_forwards == expected_first_turn(16, 4) == 5
+
+
+# --- prefix reuse is exact ---------------------------------------------------------------------
+
+
+def judges(tiny, query: Query, images: list[Image.Image], g: int):
+    model, processor = tiny
+    tokens = choice_tokens(processor.tokenizer, g)
+    return (
+        PlainJudge(model, processor, query, images, tokens),
+        PrefixJudge(model, processor, query, images, tokens),
+    )
+
+
+@pytest.mark.parametrize("kind", list(QueryKind))
+def test_prefix_reuse_gives_the_plain_probabilities(kind, tiny, crops) -> None:
+    images = crops["gallery"][:6]
+    plain, reused = judges(tiny, query_for(kind, crops), images, 6)
+    for members in ([0, 1, 2, 3, 4, 5], [5, 2], [3, 1, 4]):
+        np.testing.assert_allclose(reused(members), plain(members), rtol=0, atol=1e-6)
+    assert reused.stats.prefix_forwards == 1
+    assert reused.stats.vision_images == len(images) + (1 if kind.has_image else 0)
+
+
+def test_the_equivalence_check_would_catch_wrong_positions(tiny, crops) -> None:
+    """Continuing the suffix at the prefix *length* (not its largest M-RoPE position + 1) is
+    the known silent error; the tolerance above must be tight enough to see it."""
+    plain, reused = judges(tiny, query_for(QueryKind.STANDARD, crops), crops["gallery"][:4], 4)
+    reused.prepare()
+    assert reused._next_pos != reused._prefix_len  # the query image makes them differ
+    reused._next_pos = reused._prefix_len
+    with torch.no_grad():
+        diff = np.abs(reused([0, 1, 2, 3]) - plain([0, 1, 2, 3])).max()
+    assert diff > 1e-5
+
+
+def test_rerank_with_and_without_reuse_agree(tiny, crops) -> None:
+    model, processor = tiny
+    query, cands = query_for(QueryKind.ADAPTIVE, crops), candidates(crops, 9)
+    reranker = BestChoiceReranker(model, processor, group_size=4)
+    a = reranker.rerank(query, cands, reuse_prefix=True)
+    b = reranker.rerank(query, cands, reuse_prefix=False)
+    assert [t.chosen for t in a.turns] == [t.chosen for t in b.turns]
+    np.testing.assert_allclose(
+        [t.probability for t in a.turns], [t.probability for t in b.turns], atol=1e-6
+    )
+    assert a.stats.group_forwards == b.stats.group_forwards
+    assert a.stats.vision_images < b.stats.vision_images
