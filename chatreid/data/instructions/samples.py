@@ -203,20 +203,28 @@ def place(
 
 
 def draw_mixed(
-    rng: np.random.Generator,
-    mix: Mapping[str, float],
-    builders: Mapping[str, Callable[[np.random.Generator], InstructionSample | None]],
+    seed: int,
+    builders: Mapping[str, Callable[[np.random.Generator, Any, Any], InstructionSample | None]],
+    pools: Any,
+    cfg: Any,
     n: int,
     stage: int,
 ) -> list[InstructionSample]:
-    """``n`` samples whose tasks are drawn by the weights in ``mix``, each built with ``retry``."""
+    """``n`` samples whose tasks are drawn by the weights in ``cfg.mix``; each task's builder is
+    called as ``builder(rng, pools, cfg)`` with ``retry``."""
+    mix: Mapping[str, float] = cfg.mix
     unknown = set(mix) - set(builders)
     if unknown:
         raise ValueError(f"unknown stage-{stage} tasks in the mix: {sorted(unknown)}")
+    rng = np.random.default_rng(seed)
     names = list(mix)
     weights = np.asarray([mix[t] for t in names], dtype=float)
     tasks = rng.choice(len(names), size=n, p=weights / weights.sum())
-    return [retry(rng, builders[names[int(t)]], f"stage {stage} {names[int(t)]}") for t in tasks]
+    return [
+        retry(rng, lambda r, b=builders[names[int(t)]]: b(r, pools, cfg),
+              f"stage {stage} {names[int(t)]}")
+        for t in tasks
+    ]
 
 
 def retry(

@@ -273,5 +273,4 @@ def build_stage3(
 ) -> list[InstructionSample]:
     cfg = config or Stage3Config()
     pools = _pools(world_root, splits, cfg)
-    builders = {name: (lambda r, b=b: b(r, pools, cfg)) for name, b in BUILDERS.items()}
-    return draw_mixed(np.random.default_rng(seed), cfg.mix, builders, n, stage=3)
+    return draw_mixed(seed, BUILDERS, pools, cfg, n, stage=3)
