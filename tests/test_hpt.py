@@ -131,7 +131,7 @@ def test_best_choice_confidences_cover_the_gallery(world: Path) -> None:
     assert len(set(tokens.index_ids)) == 8
     sample = build_stage3(world, seed=3, n=1)[0]
     size = len(sample.meta["gallery"])
-    probs = choice_probabilities(model, processor, sample, load, rule_for(3), size)
+    probs = choice_probabilities(model, processor, sample, load, rule_for(3), tokens)
     assert probs.shape == (size,)
     assert np.isclose(probs.sum(), 1.0, atol=1e-5) and (probs > 0).all()
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from chatreid.data.datasets import CUHKPEDES, Market1501
 from chatreid.data.instructions import prompts as P
+from chatreid.engine.collate import encode_prompt
 from chatreid.engine.evaluate import choice_tokens
 from chatreid.model import build_model
 from chatreid.rerank import (
@@ -26,7 +27,6 @@ from chatreid.rerank import (
     QueryKind,
     best_choice_prompt,
 )
-from chatreid.rerank.judge import render
 
 CLUE = "a woman in a red jacket and blue jeans with a black backpack"
 TEXTS = {QueryKind.TEXT_TO_IMAGE: CLUE, QueryKind.ATTRIBUTE: "gender: female; upper colour: red"}
@@ -72,7 +72,7 @@ def test_each_kind_builds_a_prompt_with_the_right_images(kind, tiny, crops) -> N
     expected = 3 + (1 if kind.has_image else 0)
     assert prompt.images == expected
     images = ([query.image] if query.image else []) + crops["gallery"][:3]
-    enc = processor(text=[render(processor, prompt.text)], images=images, return_tensors="pt")
+    enc = encode_prompt(processor, prompt.text, images)
     assert enc["image_grid_thw"].shape[0] == expected
     merge = processor.image_processor.merge_size**2
     pads = int((enc["input_ids"] == processor.image_token_id).sum())

@@ -34,13 +34,18 @@ def messages_for(prompt: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": parts}]
 
 
+def render_prompt(processor: ChatReIDProcessor, prompt: str) -> str:
+    """The chat text the model trains and answers on: user turn + assistant header."""
+    return processor.apply_chat_template(
+        messages_for(prompt), add_generation_prompt=True, tokenize=False
+    )
+
+
 def encode_prompt(
     processor: ChatReIDProcessor, prompt: str, images: Sequence[Image.Image]
 ) -> dict[str, torch.Tensor]:
     """Processor output for the user turn plus the assistant header (batch of one)."""
-    text = processor.apply_chat_template(
-        messages_for(prompt), add_generation_prompt=True, tokenize=False
-    )
+    text = render_prompt(processor, prompt)
     return dict(processor(text=[text], images=list(images) or None, return_tensors="pt"))
 
 

@@ -44,27 +44,45 @@ def choice_tokens(tokenizer: PreTrainedTokenizerBase, max_choice: int) -> Choice
     return ChoiceTokens(seqs[0][:n], index_ids)
 
 
+def index_probabilities(logits: torch.Tensor, index_ids: Sequence[int]) -> np.ndarray:
+    """Next-token logits → P(index = k), renormalised over the shown indices."""
+    scores = torch.log_softmax(logits.float()[list(index_ids)], dim=-1)
+    return scores.exp().double().cpu().numpy()
+
+
 @torch.no_grad()
+def score_answer(
+    model: Qwen2VLForConditionalGeneration,
+    enc: dict[str, torch.Tensor],
+    tokens: ChoiceTokens,
+    gallery_size: int,
+) -> np.ndarray:
+    """One forward over an encoded prompt + the shared answer prefix; P(index = k), k ≤ size."""
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    answer = torch.tensor([tokens.prefix], dtype=torch.long, device=model.device)
+    ids = torch.cat([enc["input_ids"], answer], dim=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=torch.cat([enc["mm_token_type_ids"], torch.zeros_like(answer)], dim=1),
+        pixel_values=enc.get("pixel_values"),
+        image_grid_thw=enc.get("image_grid_thw"),
+        logits_to_keep=1,
+    )
+    return index_probabilities(out.logits[0, -1], tokens.index_ids[:gallery_size])
+
+
 def choice_probabilities(
     model: Qwen2VLForConditionalGeneration,
     processor: ChatReIDProcessor,
     sample: InstructionSample,
     load: ImageLoader,
     rule: StageRule,
-    gallery_size: int,
+    tokens: ChoiceTokens,
 ) -> np.ndarray:
-    """P(index = k | prompt) for k = 1..gallery_size, renormalised over the gallery."""
-    tokens = choice_tokens(processor.tokenizer, gallery_size)
+    """P(index = k | prompt) for k = 1..gallery size, renormalised over the gallery."""
     enc = encode_prompt(processor, sample.prompt, load_images(sample, load, rule))
-    prefix = torch.tensor([tokens.prefix], dtype=torch.long)
-    enc["input_ids"] = torch.cat([enc["input_ids"], prefix], dim=1)
-    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-    enc["mm_token_type_ids"] = torch.cat(
-        [enc["mm_token_type_ids"], torch.zeros_like(prefix)], dim=1
-    )
-    logits = model(**enc).logits[0, -1].float()
-    scores = torch.log_softmax(logits[tokens.index_ids], dim=-1)
-    return scores.exp().cpu().numpy()
+    return score_answer(model, enc, tokens, gallery_size_of(sample))
 
 
 def gallery_size_of(sample: InstructionSample) -> int:
@@ -83,9 +101,10 @@ def evaluate_best_choice(
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
     truth_prob, chance = [], []
+    tokens = choice_tokens(processor.tokenizer, max(map(gallery_size_of, samples), default=1))
     for sample in samples:
         size = gallery_size_of(sample)
-        probs = choice_probabilities(model, processor, sample, load, rule, size)
+        probs = choice_probabilities(model, processor, sample, load, rule, tokens)
         truth = int(sample.answer["choice"])
         hits[sample.task].append(int(np.argmax(probs)) + 1 == truth)
         truth_prob.append(float(probs[truth - 1]))

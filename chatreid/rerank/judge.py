@@ -25,8 +25,8 @@ from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from chatreid.engine.collate import messages_for
-from chatreid.engine.evaluate import ChoiceTokens
+from chatreid.engine.collate import encode_prompt, render_prompt
+from chatreid.engine.evaluate import ChoiceTokens, index_probabilities, score_answer
 from chatreid.model import ChatReIDProcessor
 from chatreid.rerank.prompts import QueryKind, best_choice_prompt, query_head
 
@@ -63,26 +63,14 @@ class JudgeStats:
         return self.group_forwards + self.prefix_forwards
 
 
-def render(processor: ChatReIDProcessor, prompt: str) -> str:
-    """The chat text the model was trained on: user turn + assistant header."""
-    return processor.apply_chat_template(
-        messages_for(prompt), add_generation_prompt=True, tokenize=False
-    )
-
-
 def split_rendered(processor: ChatReIDProcessor, head: str, gallery: str) -> tuple[str, str]:
     """The rendered prompt cut where the candidate list starts: (shared part, per-group part)."""
-    full = render(processor, head + gallery)
-    marked = render(processor, head + SPLIT)
+    full = render_prompt(processor, head + gallery)
+    marked = render_prompt(processor, head + SPLIT)
     prefix = marked[: marked.index(SPLIT)]
     if not full.startswith(prefix):
         raise ValueError("the chat template does not keep the query part as a prefix")
     return prefix, full[len(prefix) :]
-
-
-def _normalised(logits: torch.Tensor, index_ids: Sequence[int]) -> np.ndarray:
-    scores = torch.log_softmax(logits.float()[list(index_ids)], dim=-1)
-    return scores.exp().double().cpu().numpy()
 
 
 @dataclass
@@ -110,23 +98,10 @@ class PlainJudge(_Base):
         prompt = best_choice_prompt(self.query.kind, len(members), self.query.text)
         images = [self.query.image] if self.query.image is not None else []
         images += [self.candidates[i] for i in members]
-        enc = self.processor(
-            text=[render(self.processor, prompt.text)], images=images, return_tensors="pt"
-        ).to(self.device)
-        answer = self.answer_ids()
-        ids = torch.cat([enc["input_ids"], answer], dim=1)
-        mm_types = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=mm_types,
-            pixel_values=enc["pixel_values"],
-            image_grid_thw=enc["image_grid_thw"],
-            logits_to_keep=1,
-        )
+        enc = encode_prompt(self.processor, prompt.text, images)
         self.stats.group_forwards += 1
         self.stats.vision_images += len(images)
-        return _normalised(out.logits[0, -1], self.tokens.index_ids[: len(members)])
+        return score_answer(self.model, enc, self.tokens, len(members))
 
 
 class PrefixJudge(_Base):
@@ -214,7 +189,7 @@ class PrefixJudge(_Base):
             logits_to_keep=1,
         )
         self.stats.group_forwards += 1
-        return _normalised(out.logits[0, -1], self.tokens.index_ids[: len(members)])
+        return index_probabilities(out.logits[0, -1], self.tokens.index_ids[: len(members)])
 
 
 def make_judge(
