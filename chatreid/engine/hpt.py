@@ -220,9 +220,11 @@ class StageTrainer:
             [encode_sample(self.samples[i], self.processor, self.load, self.rule) for i in idx],
             self.pad_id,
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and not
-                            self.use_deepspeed and not torch.cuda.is_available()):
-            loss = self.engine(**self._to_device(batch)).loss
+        inputs = self._to_device(batch)
+        # DeepSpeed casts the model to bf16 itself; plain DDP autocasts on its own device.
+        with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16,
+                            enabled=self.bf16 and not self.use_deepspeed):
+            loss = self.engine(**inputs).loss
         if self.use_deepspeed:
             self.engine.backward(loss)
             self.engine.step()
@@ -238,10 +240,10 @@ class StageTrainer:
         return float(loss.detach()), len(idx)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = next(self.core.parameters()).device
-        out = {k: v.to(device) for k, v in batch.items()}
+        param = next(self.core.parameters())
+        out = {k: v.to(param.device) for k, v in batch.items()}
         if "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].to(next(self.core.parameters()).dtype)
+            out["pixel_values"] = out["pixel_values"].to(param.dtype)
         return out
 
     def run(self) -> None:
