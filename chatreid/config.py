@@ -109,6 +109,47 @@ class TrainSettings(BaseModel):
     out_dir: Path = Path("out/train")
 
 
+class ServeSettings(BaseModel):
+    """The retrieval application on Ray Serve: ingress, prefilter, VLM rerank, rollouts."""
+
+    app_name: str = "chatreid"
+    route_prefix: str = "/"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    public_url: str | None = Field(
+        None, description="base URL clients reach the API at (crop URLs); None: host:port")
+    model: str = Field(
+        "latest", description="'latest' (newest VLM checkpoint of `stage` in object storage), "
+        "or 'offline-default', 'tiny', a checkpoint dir")
+    stage: str = Field("stage3", description="which HPT stage's checkpoints serve and roll out")
+    fallback_model: str | None = Field(
+        "offline-default", description="served while no checkpoint exists; None: answer 503")
+    ingress_replicas: int = Field(1, ge=1)
+    prefilter_replicas: int = Field(1, ge=1)
+    rerank_replicas: int = Field(1, ge=1, description="fixed count when autoscaling is off")
+    rerank_autoscaling: bool = False
+    rerank_min_replicas: int = Field(1, ge=0)
+    rerank_max_replicas: int = Field(2, ge=1)
+    rerank_target_ongoing_requests: float = Field(2.0, gt=0)
+    rerank_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rerank replica")
+    rerank_max_ongoing_requests: int = Field(4, ge=1)
+    light_num_cpus: float = Field(0.1, ge=0, description="CPUs of ingress/prefilter replicas")
+    group_size: int = Field(8, ge=2, le=8, description="candidates per best-choice turn")
+    max_turns: int | None = Field(None, ge=1, description="None: rank every candidate")
+    reuse_prefix: bool = True
+    torch_threads: int = Field(0, ge=0, description="intra-op threads per rerank replica")
+    rationale_top: int = Field(3, ge=0, description="results that get a rationale on request")
+    rationale_tokens: int = Field(64, ge=8, le=256)
+    refresh_every_s: float = Field(1.0, gt=0, description="prefilter index follow interval")
+    fetch_workers: int = Field(8, ge=1, description="parallel crop reads per rerank")
+    rollout_timeout_s: float = Field(600.0, gt=0)
+
+    @property
+    def base_url(self) -> str:
+        root = self.public_url or f"http://{self.http_host}:{self.http_port}"
+        return root.rstrip("/") + self.route_prefix.rstrip("/")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CHATREID_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -123,3 +164,4 @@ class Settings(BaseSettings):
     index: IndexSettings = IndexSettings()
     ray: RaySettings = RaySettings()
     train: TrainSettings = TrainSettings()
+    serve: ServeSettings = ServeSettings()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import Settings
 from .prefilter.follower import IndexFollower
-from .prefilter.store import Hit, SearchFilter
+from .prefilter.store import Hit, SearchFilter, VectorMeta
 from .storage import ObjectStore
 
 
@@ -24,7 +24,7 @@ from .storage import ObjectStore
 class SearchResult:
     rank: int
     crop_id: str
-    score: float
+    score: float | None  # cosine to the query image; None when the query had no image
     camera: str
     modality: str
     capture_time: datetime
@@ -91,12 +91,33 @@ class PrefilterSearch:
         store = self.follower.active()[1]
         return len(store) if store else 0
 
-    def crop_image(self, crop_id: str) -> Image.Image:
+    def gallery_size(self) -> int:
+        store = self.follower.active()[1]
+        return len(store) if store else 0
+
+    def lookup(self, crop_id: str) -> VectorMeta:
+        """The indexed crop's metadata; KeyError when it is not (yet) in the index."""
         store = self.follower.active()[1]
         meta = store.get_meta(crop_id) if store else None
         if meta is None:
             raise KeyError(f"unknown crop id {crop_id!r}")
-        return Image.open(io.BytesIO(self.objects.get(meta.object_key)))
+        return meta
+
+    def crop_image(self, crop_id: str) -> Image.Image:
+        return Image.open(io.BytesIO(self.objects.get(self.lookup(crop_id).object_key)))
+
+    def browse(self, k: int, filters: SearchFilter | None = None,
+               exclude: set[str] | None = None) -> list[SearchResult]:
+        """The newest ``k`` indexed crops inside ``filters``: the shortlist of a query without
+        an image (the prefilter embedder is image-only; filters are what narrows it)."""
+        store = self.follower.active()[1]
+        if store is None or len(store) == 0:
+            raise LookupError("the gallery is empty: nothing has been indexed yet")
+        f = filters or SearchFilter()
+        metas = [m for m in store.live_metas() if _inside(m, f)
+                 and not (exclude and m.crop_id in exclude)]
+        metas.sort(key=lambda m: (-m.capture_time, m.crop_id))
+        return [_result(i + 1, m, None) for i, m in enumerate(metas[:k])]
 
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
                filters: SearchFilter | None = None,
@@ -108,10 +129,18 @@ class PrefilterSearch:
         extra = len(exclude or ())
         hits: list[Hit] = store.search(vec, k + extra, tau=tau, filters=filters)[0]
         hits = [h for h in hits if not exclude or h.meta.crop_id not in exclude][:k]
-        return [
-            SearchResult(rank=i + 1, crop_id=h.meta.crop_id, score=h.score, camera=h.meta.camera,
-                         modality=h.meta.modality,
-                         capture_time=datetime.fromtimestamp(h.meta.capture_time, UTC),
-                         object_key=h.meta.object_key)
-            for i, h in enumerate(hits)
-        ]
+        return [_result(i + 1, h.meta, h.score) for i, h in enumerate(hits)]
+
+
+def _result(rank: int, meta: VectorMeta, score: float | None) -> SearchResult:
+    return SearchResult(rank=rank, crop_id=meta.crop_id, score=score, camera=meta.camera,
+                        modality=meta.modality,
+                        capture_time=datetime.fromtimestamp(meta.capture_time, UTC),
+                        object_key=meta.object_key)
+
+
+def _inside(meta: VectorMeta, f: SearchFilter) -> bool:
+    return ((f.cameras is None or meta.camera in f.cameras)
+            and (f.modality is None or meta.modality == f.modality)
+            and (f.time_from is None or meta.capture_time >= f.time_from)
+            and (f.time_to is None or meta.capture_time <= f.time_to))

@@ -21,11 +21,12 @@ from .events import (
     CheckpointFile,
     CropEvent,
     DeadLetterEvent,
+    DeploymentEvent,
     EventError,
     IndexedEvent,
     SourceOffset,
 )
-from .topics import ALL_TOPICS, CHECKPOINTS, CROPS, DEADLETTER, INDEXED, Topic
+from .topics import ALL_TOPICS, CHECKPOINTS, CROPS, DEADLETTER, DEPLOYMENTS, INDEXED, Topic
 
 __all__ = [
     "ALL_TOPICS",
@@ -33,6 +34,7 @@ __all__ = [
     "CHECKPOINTS",
     "CROPS",
     "DEADLETTER",
+    "DEPLOYMENTS",
     "EVENT_MODELS",
     "INDEXED",
     "BBox",
@@ -40,6 +42,7 @@ __all__ = [
     "CheckpointFile",
     "CropEvent",
     "DeadLetterEvent",
+    "DeploymentEvent",
     "ErrorResponse",
     "EventError",
     "IndexedEvent",

@@ -82,7 +82,9 @@ class ResultItem(_Api):
     modality: Modality
     capture_time: datetime
     url: str | None = None
-    prefilter_score: float
+    prefilter_score: float | None = Field(
+        None, description="cosine to the query image; None for queries without an image")
+    prefilter_rank: int = Field(ge=1, description="position in the prefilter's shortlist")
     confidence: float | None = Field(
         None, description="VLM response confidence; None = not reranked")
     reranked: bool = False

@@ -162,9 +162,29 @@ class CheckpointEvent(_Event):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class DeploymentEvent(_Event):
+    """A step of a VLM rollout onto the rerank replicas (topic ``deployments.v1``).
+
+    ``started`` when a verified checkpoint begins rolling, ``completed`` when every replica
+    serves it, ``refused`` when it failed verification or the smoke query before any replica
+    moved, ``rolled_back`` when a replica failed and the previous version was restored.
+    """
+
+    kind: Literal["deployment"] = "deployment"
+    model: Literal["vlm"] = "vlm"
+    status: Literal["started", "completed", "refused", "rolled_back"]
+    version: str = Field(min_length=1, description="the checkpoint version being rolled out")
+    previous_version: str | None = Field(None, description="what served before (and after a "
+                                         "refusal or rollback)")
+    reason: str | None = Field(None, description="why it was refused or rolled back")
+    replicas: int = Field(0, ge=0, description="rerank replicas serving the version")
+    at: datetime = Field(default_factory=utcnow)
+
+
 EVENT_MODELS: dict[str, type[_Event]] = {
     "CropEvent": CropEvent,
     "IndexedEvent": IndexedEvent,
     "DeadLetterEvent": DeadLetterEvent,
     "CheckpointEvent": CheckpointEvent,
+    "DeploymentEvent": DeploymentEvent,
 }

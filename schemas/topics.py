@@ -42,4 +42,11 @@ CHECKPOINTS = Topic(
     partitioning="by key; order of checkpoints per model kind is the rollout order",
 )
 
-ALL_TOPICS: tuple[Topic, ...] = (CROPS, INDEXED, DEADLETTER, CHECKPOINTS)
+DEPLOYMENTS = Topic(
+    name="deployments.v1",
+    key="model kind (vlm)",
+    value="DeploymentEvent (JSON): rollout started, completed, refused or rolled back",
+    partitioning="by key; one model kind's rollout history stays ordered",
+)
+
+ALL_TOPICS: tuple[Topic, ...] = (CROPS, INDEXED, DEADLETTER, CHECKPOINTS, DEPLOYMENTS)

@@ -1,0 +1,36 @@
+"""Retrieval: what the serving replicas do, free of Ray Serve so it can be tested and reused.
+
+- ``errors``: the clear failures a client sees (unknown crop, empty gallery, bad image, ...);
+- ``shortlist``: the prefilter side - a query request in, the gallery's top K (filters, τ) out;
+- ``vlm``: the rerank side - a verified VLM checkpoint loaded, smoke-checked, asked to rerank
+  a shortlist with the best-choice dialogue and, on request, to explain its top results;
+- ``answer``: shortlist + rerank result -> the API's ``QueryResponse``.
+"""
+
+from chatreid.retrieval.answer import assemble
+from chatreid.retrieval.errors import (
+    BadQuery,
+    EmptyGallery,
+    ImageRejected,
+    ModelUnavailable,
+    RetrievalError,
+    UnknownCrop,
+)
+from chatreid.retrieval.shortlist import Shortlist, Shortlister
+from chatreid.retrieval.vlm import ModelSpec, RerankAnswer, SmokeCheckFailed, VLMRuntime
+
+__all__ = [
+    "BadQuery",
+    "EmptyGallery",
+    "ImageRejected",
+    "ModelSpec",
+    "ModelUnavailable",
+    "RerankAnswer",
+    "RetrievalError",
+    "Shortlist",
+    "Shortlister",
+    "SmokeCheckFailed",
+    "UnknownCrop",
+    "VLMRuntime",
+    "assemble",
+]

@@ -1,0 +1,45 @@
+"""Failures a client can act on, each with an HTTP status and a stable machine-readable code."""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    status: int = 400
+    code: str = "query.invalid"
+
+    def __init__(self, detail: str, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+    # Ray Serve pickles exceptions between replicas; keep (detail, code) across the trip.
+    def __reduce__(self):
+        return (type(self), (self.detail, self.code))
+
+
+class BadQuery(RetrievalError):
+    status, code = 422, "query.invalid"
+
+
+class UnknownCrop(RetrievalError):
+    status, code = 404, "crop.unknown"
+
+
+class EmptyGallery(RetrievalError):
+    status, code = 404, "gallery.empty"
+
+
+class ImageRejected(RetrievalError):
+    """An uploaded query image that cannot be used (code: image.too_large, image.corrupt...)."""
+
+    status, code = 422, "image.invalid"
+
+    def __init__(self, detail: str, code: str | None = None) -> None:
+        super().__init__(detail, code)
+        if self.code in ("image.too_large", "image.bomb"):
+            self.status = 413
+
+
+class ModelUnavailable(RetrievalError):
+    status, code = 503, "model.unavailable"

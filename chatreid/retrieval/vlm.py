@@ -1,0 +1,159 @@
+"""The rerank side: which VLM serves (a verified checkpoint, or a base model while none exists),
+loading it, a smoke query before it takes traffic, and the answers it gives.
+
+A :class:`ModelSpec` is what the rerank deployment's ``user_config`` carries: rolling to a new
+checkpoint is handing every replica a new spec. Loading a checkpoint pulls it from object
+storage and verifies the manifest and every file's sha256 first (``checkpoints.pull``), so a
+corrupted or incomplete checkpoint never reaches ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict
+
+from chatreid.checkpoints import pull
+from chatreid.config import ServeSettings, Settings
+from chatreid.data.instructions import prompts as P
+from chatreid.engine.collate import encode_prompt
+from chatreid.model import build_model
+from chatreid.rerank import BestChoiceReranker, Candidate, Query, QueryKind, RerankResult
+from chatreid.schemas import CheckpointEvent
+
+
+class SmokeCheckFailed(RuntimeError):
+    """A loaded model that does not answer the smoke query sensibly; it must not serve."""
+
+
+class ModelSpec(BaseModel):
+    """Which VLM a rerank replica serves: a pushed checkpoint, or a base model by name/dir."""
+
+    model_config = ConfigDict(frozen=True)
+    source: Literal["checkpoint", "base"]
+    name: str  # base: "offline-default" / "tiny" / a directory; checkpoint: its version
+    event: CheckpointEvent | None = None
+
+    @classmethod
+    def of_checkpoint(cls, event: CheckpointEvent) -> ModelSpec:
+        return cls(source="checkpoint", name=event.version, event=event)
+
+    @classmethod
+    def of_base(cls, name: str) -> ModelSpec:
+        return cls(source="base", name=name)
+
+    @property
+    def version(self) -> str:
+        return self.name if self.source == "checkpoint" else f"base:{self.name}"
+
+
+def resolve_spec(settings: Settings) -> ModelSpec | None:
+    """The model to deploy now: ``serve.model``, where "latest" is the newest checkpoint of
+    ``serve.stage`` in object storage, else ``serve.fallback_model`` (None: no model)."""
+    from chatreid.checkpoints import latest
+
+    cfg = settings.serve
+    if cfg.model != "latest":
+        return ModelSpec.of_base(cfg.model)
+    event = latest(settings, "vlm", cfg.stage)
+    if event is not None:
+        return ModelSpec.of_checkpoint(event)
+    return ModelSpec.of_base(cfg.fallback_model) if cfg.fallback_model else None
+
+
+@dataclass(frozen=True)
+class RerankAnswer:
+    result: RerankResult
+    rationales: dict[str, str]  # candidate id -> the model's short explanation
+    model_version: str
+
+
+class VLMRuntime:
+    """One loaded VLM with its reranker; immutable once built (a redeploy builds a new one)."""
+
+    def __init__(self, model, processor, spec: ModelSpec, cfg: ServeSettings) -> None:
+        self.model, self.processor, self.spec, self.cfg = model.eval(), processor, spec, cfg
+        self.reranker = BestChoiceReranker(model, processor, group_size=cfg.group_size,
+                                           max_turns=cfg.max_turns, reuse_prefix=cfg.reuse_prefix)
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @classmethod
+    def load(cls, settings: Settings, spec: ModelSpec) -> VLMRuntime:
+        """Build the model ``spec`` names; a checkpoint is pulled and verified first
+        (``CheckpointError`` on any mismatch)."""
+        if spec.source == "base":
+            model, processor = build_model(spec.name)
+            return cls(model, processor, spec, settings.serve)
+        assert spec.event is not None
+        with tempfile.TemporaryDirectory(prefix="chatreid-vlm-") as tmp:
+            pull(settings, spec.event, Path(tmp))
+            model, processor = build_model(tmp)
+        return cls(model, processor, spec, settings.serve)
+
+    # -- answers ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def answer(self, query: Query, candidates: Sequence[Candidate], *, rationale: bool = False,
+               max_turns: int | None = None) -> RerankAnswer:
+        result = self.reranker.rerank(query, candidates, max_turns=max_turns)
+        notes: dict[str, str] = {}
+        if rationale and self.cfg.rationale_top:
+            images = {c.id: c.image for c in candidates}
+            for r in result.ranking[: self.cfg.rationale_top]:
+                notes[r.candidate_id] = self.rationale(query, images[r.candidate_id])
+        return RerankAnswer(result, notes, self.version)
+
+    def rationale(self, query: Query, image: Image.Image) -> str:
+        """Stage 2's attribute commonality/uniqueness between the query and a result; for a
+        query without an image, the stage-1 description of the result."""
+        if query.image is not None:
+            return self._generate(P.ATTR_COMMON_UNIQUE_PROMPT, [query.image, image])
+        return self._generate(P.CAPTION_PROMPT, [image])
+
+    @torch.inference_mode()
+    def _generate(self, prompt: str, images: list[Image.Image]) -> str:
+        inputs = encode_prompt(self.processor, prompt, [im.convert("RGB") for im in images])
+        out = self.model.generate(**inputs, max_new_tokens=self.cfg.rationale_tokens,
+                                  do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    # -- smoke query -----------------------------------------------------------------------------
+    def smoke(self) -> None:
+        """One image and one text query over three synthetic crops: each turn must name a
+        shown candidate with a finite probability, and the ranking must hold all three."""
+        crops = [Candidate(f"smoke-{i}", _figure(c)) for i, c in enumerate(_SMOKE_COLOURS)]
+        queries = [Query(QueryKind.STANDARD, image=_figure(_SMOKE_COLOURS[0])),
+                   Query(QueryKind.ATTRIBUTE, text="upper body: red")]
+        for query in queries:
+            try:
+                result = self.reranker.rerank(query, crops, reuse_prefix=self.cfg.reuse_prefix)
+            except Exception as exc:
+                raise SmokeCheckFailed(f"{self.version}: smoke query failed: {exc}") from exc
+            probs = [t.probability for t in result.turns]
+            if (len(result.ranking) != len(crops) or not np.all(np.isfinite(probs))
+                    or any(not 0.0 < p <= 1.0 for p in probs)):
+                raise SmokeCheckFailed(f"{self.version}: smoke query gave turn probabilities "
+                                       f"{probs} over {len(result.ranking)} results")
+
+
+_SMOKE_COLOURS = ((200, 40, 40), (40, 60, 200), (40, 160, 60))
+
+
+def _figure(colour: tuple[int, int, int]) -> Image.Image:
+    """A person-shaped blob: top in ``colour``, dark trousers, on grey."""
+    img = Image.new("RGB", (64, 128), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    d.ellipse((24, 6, 40, 24), fill=(220, 180, 150))
+    d.rectangle((18, 26, 46, 70), fill=colour)
+    d.rectangle((20, 70, 44, 122), fill=(30, 30, 40))
+    return img

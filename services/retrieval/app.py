@@ -1,0 +1,118 @@
+"""The application: ``Ingress.bind(Prefilter.bind(...), Rerank.bind(...))``, deployed from a
+declarative config built from settings - the same schema ``serve deploy`` and KubeRay's
+``RayService.serveConfigV2`` take, so what runs locally is what runs on a cluster.
+
+A declarative redeploy that changes only the rerank ``user_config`` makes Serve call
+``reconfigure`` in place, one replica at a time, while the others keep answering.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.serve.schema import ServeDeploySchema
+
+from chatreid.config import Settings
+from chatreid.retrieval import ModelSpec
+
+IMPORT_PATH = "chatreid.services.retrieval.app:build_app"
+
+
+class DeployFailed(RuntimeError):
+    """The application did not reach RUNNING with the config asked for."""
+
+
+def build_app(args: dict[str, Any]):
+    """Serve's application builder (``import_path`` of the deploy config)."""
+    from chatreid.services.retrieval.deployments import PrefilterDeployment, RerankDeployment
+    from chatreid.services.retrieval.ingress import Ingress
+
+    settings = args["settings"]
+    return Ingress.bind(PrefilterDeployment.bind(settings), RerankDeployment.bind(settings),
+                        settings)
+
+
+def rerank_options(settings: Settings, spec: ModelSpec | None) -> dict[str, Any]:
+    cfg = settings.serve
+    options: dict[str, Any] = {
+        "name": "Rerank",
+        "user_config": {"model": spec.model_dump(mode="json") if spec else None},
+        "max_ongoing_requests": cfg.rerank_max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.rerank_num_cpus},
+        "health_check_period_s": 10,
+        "graceful_shutdown_timeout_s": 120,  # a replica finishes its dialogues before it stops
+    }
+    if cfg.rerank_autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.rerank_min_replicas, "max_replicas": cfg.rerank_max_replicas,
+            "target_ongoing_requests": cfg.rerank_target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = cfg.rerank_replicas
+    return options
+
+
+def deploy_config(settings: Settings, spec: ModelSpec | None) -> dict[str, Any]:
+    """The whole desired state of the retrieval application as a plain dict (YAML-able)."""
+    cfg = settings.serve
+    light = {"num_cpus": cfg.light_num_cpus}
+    return {
+        "http_options": {"host": cfg.http_host, "port": cfg.http_port},
+        "applications": [{
+            "name": cfg.app_name,
+            "route_prefix": cfg.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": {"settings": settings.model_dump(mode="json")},
+            "deployments": [
+                {"name": "Ingress", "num_replicas": cfg.ingress_replicas,
+                 "ray_actor_options": light},
+                {"name": "Prefilter", "num_replicas": cfg.prefilter_replicas,
+                 "ray_actor_options": light, "health_check_period_s": 10},
+                rerank_options(settings, spec),
+            ],
+        }],
+    }
+
+
+def deploy(settings: Settings, spec: ModelSpec | None, *, wait: bool = True,
+           timeout_s: float | None = None) -> None:
+    """Apply the config (Serve starts on the connected Ray if needed); with ``wait``, return
+    once the application RUNS this config, else raise :class:`DeployFailed`."""
+    from ray.serve._private.api import serve_start
+
+    config = ServeDeploySchema.model_validate(deploy_config(settings, spec))
+    client = serve_start(http_options=config.http_options.model_dump())
+    started = time.time()
+    client.deploy_apps(config)
+    if wait:
+        wait_running(settings, started, timeout_s or settings.serve.rollout_timeout_s)
+
+
+def wait_running(settings: Settings, since: float, timeout_s: float) -> None:
+    from ray import serve
+
+    name, deadline = settings.serve.app_name, time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        if app is not None and app.last_deployed_time_s >= since - 1:
+            if app.status == "RUNNING":
+                return
+            if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise DeployFailed(_why(app))
+        if time.monotonic() > deadline:
+            raise DeployFailed(f"{name} not running after {timeout_s:.0f}s"
+                               + (f": {_why(app)}" if app else ""))
+        time.sleep(0.5)
+
+
+def _why(app) -> str:
+    parts = [app.message] + [f"{n}: {d.message}" for n, d in app.deployments.items()
+                             if d.message]
+    return "; ".join(p for p in parts if p) or str(app.status)
+
+
+def undeploy(settings: Settings) -> None:
+    from ray import serve
+
+    serve.delete(settings.serve.app_name)

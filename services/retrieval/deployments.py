@@ -1,0 +1,170 @@
+"""The two back-end deployments: the prefilter store and the VLM rerank.
+
+Kafka and S3 clients are created inside ``__init__`` (they cannot be pickled, and a client
+inherited across ``fork`` is dead), so every replica owns its own.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+from ray import serve
+
+from chatreid.config import Settings
+from chatreid.rerank import Candidate, Query, attribute_text
+from chatreid.retrieval import (
+    ModelSpec,
+    ModelUnavailable,
+    RerankAnswer,
+    Shortlist,
+    Shortlister,
+    UnknownCrop,
+    VLMRuntime,
+)
+from chatreid.schemas import QueryRequest
+from chatreid.search import PrefilterSearch
+from chatreid.storage import ObjectStore
+
+log = logging.getLogger("chatreid.serve")
+
+
+@serve.deployment(name="Prefilter")
+class PrefilterDeployment:
+    """Serves shortlists from the prefilter store; a background thread keeps it following the
+    indexed-events topic (and embedder rollouts) so new crops become searchable."""
+
+    def __init__(self, settings: dict) -> None:
+        self.settings = Settings.model_validate(settings)
+        self.search = PrefilterSearch(self.settings)
+        self.search.refresh()
+        self.shortlister = Shortlister(self.search, self.settings.ingestor)
+        self._last_ok = time.monotonic()
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="index-follow", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        every = self.settings.serve.refresh_every_s
+        while not self._stop.wait(every):
+            try:
+                self.search.refresh(timeout_s=60)
+                self._last_ok, self._error = time.monotonic(), None
+            except Exception as exc:
+                self._error = f"{type(exc).__name__}: {exc}"
+                log.exception("prefilter refresh failed; serving the current index")
+
+    def shortlist(self, request: QueryRequest) -> Shortlist:
+        return self.shortlister.shortlist(request)
+
+    def crop(self, crop_id: str) -> tuple[bytes, str]:
+        """The indexed crop's bytes and content type."""
+        try:
+            meta = self.search.lookup(crop_id)
+        except KeyError:
+            raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
+        data = self.search.objects.get(meta.object_key)
+        fmt = Image.open(io.BytesIO(data)).format or "JPEG"
+        return data, Image.MIME.get(fmt, "application/octet-stream")
+
+    def status(self) -> dict:
+        return {"gallery": self.search.gallery_size(), "embedder_version": self.search.version,
+                "pending_embedder_version": self.search.pending_version,
+                "last_refresh_s_ago": round(time.monotonic() - self._last_ok, 1),
+                "refresh_error": self._error}
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the index-follow thread stopped")
+        stale = time.monotonic() - self._last_ok
+        if self._error and stale > 300:
+            raise RuntimeError(f"index not refreshed for {stale:.0f}s: {self._error}")
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+@serve.deployment(name="Rerank")
+class RerankDeployment:
+    """Holds one VLM and reranks shortlists with the best-choice dialogue.
+
+    ``reconfigure`` (Serve calls it at start and on every config change, one replica at a time)
+    loads the model the config names - a checkpoint is verified file by file - runs the smoke
+    query, and only then swaps it in; requests already running finish on the old model.
+    """
+
+    def __init__(self, settings: dict) -> None:
+        self.settings = Settings.model_validate(settings)
+        if self.settings.serve.torch_threads:
+            torch.set_num_threads(self.settings.serve.torch_threads)
+        self.objects = ObjectStore(self.settings.s3)
+        self.runtime: VLMRuntime | None = None
+        self._swap = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.settings.serve.fetch_workers)
+        self._cache: OrderedDict[str, Image.Image] = OrderedDict()  # object key -> crop
+        self._cache_lock = threading.Lock()
+
+    def reconfigure(self, config: dict) -> None:
+        raw = config.get("model")
+        spec = ModelSpec.model_validate(raw) if raw else None
+        with self._swap:  # Serve serialises reconfigures; this guards against overlap anyway
+            if spec is None:
+                self.runtime = None
+                return
+            if self.runtime is not None and self.runtime.version == spec.version:
+                return
+            t0 = time.perf_counter()
+            runtime = VLMRuntime.load(self.settings, spec)  # CheckpointError: Serve keeps old
+            runtime.smoke()  # SmokeCheckFailed: same
+            self.runtime = runtime
+            log.info("rerank replica now serves %s (loaded and smoke-checked in %.1fs)",
+                     spec.version, time.perf_counter() - t0)
+
+    def version(self) -> str | None:
+        runtime = self.runtime
+        return runtime.version if runtime else None
+
+    def rerank(self, request: QueryRequest, shortlist: Shortlist) -> RerankAnswer:
+        runtime = self.runtime  # one model for the whole query, even if a swap lands meanwhile
+        if runtime is None:
+            raise ModelUnavailable("no VLM is deployed yet: push a checkpoint "
+                                   "(chatreid train) or set CHATREID_SERVE__FALLBACK_MODEL")
+        keys = [c.object_key for c in shortlist.items]
+        if shortlist.query_key:
+            keys.append(shortlist.query_key)
+        images = dict(zip(keys, self._pool.map(self._image, keys), strict=True))
+        query_image = None
+        if shortlist.kind.has_image:
+            query_image = (images[shortlist.query_key] if shortlist.query_key
+                           else Image.open(io.BytesIO(shortlist.query_bytes or b"")))
+        query = Query(shortlist.kind, image=query_image, text=query_text(request))
+        candidates = [Candidate(c.crop_id, images[c.object_key], c.score)
+                      for c in shortlist.items]
+        return runtime.answer(query, candidates, rationale=request.rationale)
+
+    def _image(self, key: str) -> Image.Image:
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        image = Image.open(io.BytesIO(self.objects.get(key))).convert("RGB")
+        with self._cache_lock:
+            self._cache[key] = image
+            while len(self._cache) > 4096:  # ~100 MB of 128x256 crops
+                self._cache.popitem(last=False)
+        return image
+
+
+def query_text(request: QueryRequest) -> str | None:
+    """The text clue: free text, then the attributes in stage 3's ``label: value; ...`` form."""
+    parts = [request.text.strip()] if request.text and request.text.strip() else []
+    if request.attributes:
+        parts.append(attribute_text(request.attributes))
+    return "; ".join(parts) or None
