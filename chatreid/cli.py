@@ -217,7 +217,8 @@ def search(
     modality: Annotated[str | None, typer.Option(help="rgb | infrared")] = None,
     sheet: Annotated[Path | None, typer.Option(help="write a contact sheet PNG")] = None,
 ) -> None:
-    """Prefilter search (embedder only; the VLM rerank is not deployed yet)."""
+    """Prefilter-only search read straight from the index (no VLM; `chatreid query` asks the
+    deployed retrieval app, which reranks with the VLM)."""
     from PIL import Image
 
     from .prefilter import SearchFilter
@@ -243,17 +244,132 @@ def search(
 
 
 @app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(
+        help="'latest' (newest checkpoint, the default), 'offline-default', 'tiny' or a dir")
+    ] = None,
+    replicas: Annotated[int | None, typer.Option(help="rerank replicas")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
+    watch: Annotated[bool, typer.Option(
+        help="stay up and roll out new VLM checkpoints as they are pushed")] = True,
+) -> None:
+    """Deploy the retrieval app on Ray Serve (the local head, started if needed), then follow
+    checkpoint events and roll each verified VLM checkpoint out replica by replica."""
+    import threading
+
+    from .cluster import connect
+    from .retrieval.vlm import resolve_spec
+    from .services.retrieval.app import deploy
+    from .services.retrieval.rollout import VLMRollout
+    from .stack import LocalStack
+
+    _logging(False)
+    settings = _settings()
+    if model:
+        settings.serve.model = model
+    if replicas:
+        settings.serve.rerank_replicas = replicas
+    if port:
+        settings.serve.http_port = port
+    if settings.ray.address is None:
+        with console.status("starting the local stack (broker, object store, Ray head)"):
+            LocalStack(settings).up(ray=True)
+    connect(settings)
+    spec = resolve_spec(settings)
+    with console.status(f"deploying {settings.serve.app_name} with "
+                        f"{spec.version if spec else 'no model'}"):
+        deploy(settings, spec)
+    console.print(f"retrieval API: {settings.serve.base_url}  (OpenAPI: "
+                  f"{settings.serve.base_url}/docs)  VLM: {spec.version if spec else 'none'}")
+    if not watch:
+        return
+    console.print("following VLM checkpoints (Ctrl-C stops watching; the app keeps serving)")
+    rollout, stop = VLMRollout(settings, spec), threading.Event()
+    try:
+        rollout.run(stop, on_event=lambda e: console.print(
+            f"rollout {e.status}: {e.version}" + (f" ({e.reason})" if e.reason else "")))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rollout.close()
+
+
+@app.command()
+def query(
+    image: Annotated[Path | None, typer.Argument(help="query image file")] = None,
+    crop_id: Annotated[str | None, typer.Option(help="query by an indexed crop")] = None,
+    kind: Annotated[str, typer.Option(
+        help="standard | cloth_changing | visible_infrared | text_to_image | attribute | "
+        "multimodal")] = "standard",
+    text: Annotated[str | None, typer.Option(help="description or extra clue")] = None,
+    attr: Annotated[list[str] | None, typer.Option(help="attribute, e.g. 'blue top'")] = None,
+    camera: Annotated[list[str] | None, typer.Option(help="only these cameras")] = None,
+    modality: Annotated[str | None, typer.Option(help="rgb | infrared")] = None,
+    since: Annotated[str | None, typer.Option(help="from this time (ISO 8601)")] = None,
+    until: Annotated[str | None, typer.Option(help="up to this time (ISO 8601)")] = None,
+    k: Annotated[int, typer.Option(help="candidates the VLM reranks")] = 20,
+    top: Annotated[int, typer.Option(help="results to show")] = 10,
+    tau: Annotated[float | None, typer.Option(help="prefilter cosine threshold")] = None,
+    rationale: Annotated[bool, typer.Option(help="ask the model why, for the top results")
+                         ] = False,
+    url: Annotated[str | None, typer.Option(help="API base URL (default: from settings)")
+                   ] = None,
+    sheet: Annotated[Path, typer.Option(help="contact sheet PNG")] = Path("out/query.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw answer")] = False,
+) -> None:
+    """Ask the deployed retrieval app: ranked table + contact sheet."""
+    import base64
+    import io
+
+    from PIL import Image
+    from pydantic import ValidationError
+
+    from .client import ApiError, RetrievalClient
+    from .schemas import QueryRequest
+    from .viz import answer_sheet, answer_table
+
+    try:
+        request = QueryRequest(
+            kind=kind, crop_id=crop_id, text=text, attributes=attr or [], k=k, top=top,
+            tau=tau, rationale=rationale,
+            image_b64=base64.b64encode(image.read_bytes()).decode() if image else None,
+            filters={"cameras": camera, "modality": modality, "time_from": since,
+                     "time_to": until})
+    except (ValidationError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    client = RetrievalClient(url or _settings().serve.base_url)
+    try:
+        with console.status("asking the retrieval app"):
+            response = client.query(request)
+    except ApiError as exc:
+        console.print(f"[red]{exc.error}[/]: {exc.detail}")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(response.model_dump_json())
+        return
+    console.print(answer_table(response))
+
+    def load(cid: str) -> Image.Image:
+        return Image.open(io.BytesIO(client.crop(cid)))
+
+    query_image = (Image.open(image) if image else load(crop_id) if crop_id else None)
+    console.print(f"contact sheet: {answer_sheet(load, query_image, response, sheet)}")
+
+
+@app.command()
 def demo(
     crops: Annotated[int, typer.Option(help="crops the synthetic site streams")] = 600,
     seed: Annotated[int, typer.Option(help="world seed")] = 0,
-    k: Annotated[int, typer.Option(help="results to show")] = 10,
+    k: Annotated[int, typer.Option(help="candidates the VLM reranks")] = 20,
+    top: Annotated[int, typer.Option(help="results to show")] = 10,
     out: Annotated[Path, typer.Option(help="where the contact sheet goes")] = Path("out/demo"),
 ) -> None:
-    """The main job, end to end: stack up, stream a synthetic site, index it, answer a query."""
+    """The main job, end to end: stack up, stream a synthetic site, index it, deploy the
+    retrieval app, answer a cross-camera query reranked by the VLM."""
     from .demo import run_demo
 
     _logging(False)
-    run_demo(_settings(), crops=crops, seed=seed, k=k, out=out, console=console)
+    run_demo(_settings(), crops=crops, seed=seed, k=k, top=top, out=out, console=console)
 
 
 @app.command()

@@ -21,7 +21,7 @@ def connect(settings: Settings) -> None:
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     address = settings.ray.address
-    if address is None and LocalStack(settings).ray_healthy():
+    if address is None and settings.ray.join_local_head and LocalStack(settings).ray_healthy():
         address = "auto"
     if address is not None:
         ray.init(address=address, log_to_driver=True)

@@ -85,6 +85,8 @@ class RaySettings(BaseModel):
     address: str | None = Field(
         None, description="ray:// or host:port; None joins the local head if up, else starts one"
     )
+    join_local_head: bool = Field(True, description="join the local stack's head when it is up "
+                                  "(tests turn this off to stay isolated from it)")
     num_cpus: int = Field(2, ge=1, description="CPUs of an in-process Ray (local runs only)")
     temp_dir: Path = Path("/tmp/chatreid-ray")  # short: Ray's unix sockets must fit in 107 bytes
 

@@ -1,6 +1,7 @@
 """The main job, end to end on the embedded default: local stack, a synthetic site streamed
-through the ingestor and the embedding service, then a cross-camera query answered from the
-prefilter store, printed as a table and drawn as a contact sheet."""
+through the ingestor and the embedding service, the retrieval app deployed on Ray Serve, then a
+cross-camera query prefiltered and reranked by the VLM's best-choice dialogue, printed as a
+table and drawn as a contact sheet."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pathlib import Path
 from rich.console import Console
 from tqdm import tqdm
 
+from .client import RetrievalClient
 from .config import Settings
-from .prefilter import SearchFilter
+from .schemas import QueryRequest
 from .search import PrefilterSearch
 from .stack import LocalStack
-from .viz import results_sheet, results_table
+from .viz import answer_sheet, answer_table
 
 DEMO_EPOCH = 1_795_737_600.0  # 2026-11-27T00:00:00Z, the site's simulated morning
 
@@ -31,13 +33,13 @@ def _start_embedder(settings: Settings) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_demo(settings: Settings, crops: int, seed: int, k: int, out: Path,
+def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: Path,
              console: Console) -> None:
     from .services.ingestor import Ingestor
     from .services.ingestor.sources import synth_source
 
-    with console.status("starting the local stack (Kafka-protocol broker, S3 store)"):
-        LocalStack(settings).up(ray=False)
+    with console.status("starting the local stack (Kafka-protocol broker, S3 store, Ray)"):
+        LocalStack(settings).up(ray=True)
     embedder_proc = _start_embedder(settings)
     try:
         person_of: dict[str, str] = {}  # sha256 of the crop -> synthetic person id
@@ -55,26 +57,49 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, out: Path,
         engine = PrefilterSearch(settings)
         wanted = {e.crop_id for events in sightings.values() for e in events}
         _wait_indexed(engine, wanted, embedder_proc)
+        client = _deploy(settings, console)
+        client.wait_ready(gallery=len(wanted), timeout_s=300)
         query, others = _pick_query(sightings)
-        image = engine.crop_image(query.crop_id)
-        filters = SearchFilter(cameras=frozenset(others), modality="rgb")
-        results = engine.search(image, k=k, filters=filters, exclude={query.crop_id})
-        truth = {r.crop_id: person_of.get(_sha(r.object_key)) == query.labels["person_id"]
-                 for r in results}
-        gallery = len(engine.follower.store)
+        request = QueryRequest(kind="standard", crop_id=query.crop_id, k=k, top=top,
+                               filters={"cameras": sorted(others), "modality": "rgb"})
+        with console.status(f"asking the VLM about the top {k} of the prefilter"):
+            response = client.query(request)
+        truth = {r.crop_id: person_of.get(_sha(engine.lookup(r.crop_id).object_key))
+                 == query.labels["person_id"] for r in response.results}
         console.print(f"query: crop {query.crop_id[:12]} from camera {query.camera} at "
                       f"{query.capture_time:%H:%M:%S}; searching cameras {sorted(others)}")
-        console.print(results_table(results, gallery,
-                                    "PREFILTER results (embedder only; VLM rerank not deployed)",
-                                    truth))
+        console.print(answer_table(response, truth))
         hits = sum(truth.values())
-        console.print(f"{hits}/{len(results)} of the top {k} are the query's person "
-                      f"(ground truth from the synthetic site).")
-        sheet = results_sheet(engine.crop_image, image, results, out / "results.png", truth)
-        console.print(f"contact sheet: {sheet}")
+        console.print(f"{hits}/{len(response.results)} of the top {top} are the query's person "
+                      f"(ground truth from the synthetic site). {_model_note(response)}")
+        sheet = answer_sheet(engine.crop_image, engine.crop_image(query.crop_id), response,
+                             out / "results.png", truth)
+        console.print(f"contact sheet: {sheet}   API: {settings.serve.base_url}/docs")
     finally:
         embedder_proc.terminate()
         embedder_proc.wait(timeout=60)
+
+
+def _deploy(settings: Settings, console: Console) -> RetrievalClient:
+    """The retrieval app on the stack's Ray head (it outlives this command)."""
+    from .cluster import connect
+    from .retrieval.vlm import resolve_spec
+    from .services.retrieval.app import deploy
+
+    connect(settings)
+    spec = resolve_spec(settings)
+    with console.status(f"deploying the retrieval app on Ray Serve (VLM "
+                        f"{spec.version if spec else 'none'}: load + smoke query)"):
+        deploy(settings, spec)
+    return RetrievalClient(settings.serve.base_url)
+
+
+def _model_note(response) -> str:
+    version = response.model_version or ""
+    if version.startswith("base:"):
+        return (f"The VLM is the untuned base model ({version[5:]}); `chatreid train --stage "
+                "all` tunes it and the running app rolls the checkpoint out.")
+    return f"VLM checkpoint {version}. The app keeps serving: try `chatreid query --help`."
 
 
 def _sha(object_key: str) -> str:

@@ -65,6 +65,46 @@ def results_sheet(load: Callable[[str], Image.Image], query: Image.Image, result
     return path
 
 
+def answer_table(response, truth: dict[str, bool] | None = None, title: str | None = None):
+    """A rich table of a retrieval answer: VLM confidence first, then the prefilter's view."""
+    from rich.table import Table
+
+    title = title or (f"{response.kind} query - model {response.model_version}, "
+                      f"{response.candidates} candidates, {response.vlm_calls} VLM calls, "
+                      f"{response.elapsed_ms / 1000:.1f} s")
+    rationale = any(r.rationale for r in response.results)
+    table = Table("rank", "confidence", "prefilter (rank, cos)", "camera", "modality",
+                  "capture time (UTC)", "crop id", *(["same person"] if truth else []),
+                  *(["rationale"] if rationale else []), title=title)
+    for r in response.results:
+        cos = f"{r.prefilter_score:.3f}" if r.prefilter_score is not None else "-"
+        row = [str(r.rank), f"{r.confidence:.3f}" if r.reranked else "not reranked",
+               f"#{r.prefilter_rank}, {cos}", r.camera, r.modality,
+               r.capture_time.strftime("%Y-%m-%d %H:%M:%S"), r.crop_id[:12]]
+        if truth:
+            row.append("[green]yes[/]" if truth.get(r.crop_id) else "no")
+        if rationale:
+            row.append((r.rationale or "")[:80])
+        table.add_row(*row)
+    return table
+
+
+def answer_sheet(load: Callable[[str], Image.Image], query: Image.Image | None, response,
+                 path: Path, truth: dict[str, bool] | None = None) -> Path:
+    """The query (or its text) first, then the answer's crops with rank and confidence."""
+    if query is None:
+        query = Image.new("RGB", (64, 128), "white")
+    images = [query] + [load(r.crop_id) for r in response.results]
+    labels = ["QUERY"] + [
+        f"#{r.rank} " + (f"{r.confidence:.2f}" if r.reranked else "prefilter")
+        + f"\n{r.camera} {r.capture_time:%H:%M:%S}" for r in response.results]
+    borders = [None] + [("green" if truth.get(r.crop_id) else "red") if truth else None
+                        for r in response.results]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(images, labels, borders=borders).save(path)
+    return path
+
+
 def world_sheet(root: Path, identities: int = 6, per_identity: int = 8) -> Image.Image:
     """Sample identities of a generated world across cameras, outfits and modalities: one row
     per person, from the LTCC-style split (clothes ids) and the SYSU-style split (infrared)."""

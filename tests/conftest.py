@@ -22,6 +22,7 @@ def stack_base() -> Settings:
     from chatreid.stack import LocalStack
 
     settings = Settings()
+    settings.ray.join_local_head = False  # a developer's running stack is not the tests' Ray
     LocalStack(settings).up(ray=False)  # idempotent: reuses servers already running
     return settings
 
@@ -29,6 +30,12 @@ def stack_base() -> Settings:
 @pytest.fixture
 def settings(stack_base: Settings) -> Iterator[Settings]:
     """Fresh namespace per test: topic prefix, bucket, consumer group, snapshot prefix."""
+    yield from namespace(stack_base)
+
+
+def namespace(stack_base: Settings) -> Iterator[Settings]:
+    """Settings with their own topics, bucket, group and snapshots; the bucket is dropped
+    afterwards. (Module-scoped fixtures use it directly.)"""
     from chatreid.bus import ensure_topics
     from chatreid.storage import ObjectStore
 

@@ -83,6 +83,11 @@ def deploy(settings: Settings, spec: ModelSpec | None, *, wait: bool = True,
 
     config = ServeDeploySchema.model_validate(deploy_config(settings, spec))
     client = serve_start(http_options=config.http_options.model_dump())
+    port = client.http_config.port
+    if port != settings.serve.http_port:  # Serve keeps the port it first started with
+        raise DeployFailed(f"Serve on this Ray cluster already listens on port {port}, not "
+                           f"{settings.serve.http_port}: set CHATREID_SERVE__HTTP_PORT={port} "
+                           "or run `serve shutdown` first")
     started = time.time()
     client.deploy_apps(config)
     if wait:
