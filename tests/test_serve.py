@@ -267,7 +267,7 @@ def test_rolling_redeploy_under_continuous_queries(site, tmp_path) -> None:
         while not stop.is_set():
             try:
                 answered.append(client.query(query).model_version or "")
-            except Exception as exc:  # noqa: BLE001 - every failure counts
+            except Exception as exc:
                 failures.append(repr(exc))
 
     workers = [threading.Thread(target=load) for _ in range(3)]

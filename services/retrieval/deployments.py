@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -130,6 +131,16 @@ class RerankDeployment:
     def version(self) -> str | None:
         runtime = self.runtime
         return runtime.version if runtime else None
+
+    def stats(self) -> dict:
+        """This replica: pid, model version, resident and peak memory (for capacity planning)."""
+        import os
+        import resource
+
+        pages = int(Path(f"/proc/{os.getpid()}/statm").read_text().split()[1])
+        rss = pages * os.sysconf("SC_PAGESIZE")
+        return {"pid": os.getpid(), "model_version": self.version(), "rss_mb": rss / 2**20,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def rerank(self, request: QueryRequest, shortlist: Shortlist) -> RerankAnswer:
         runtime = self.runtime  # one model for the whole query, even if a swap lands meanwhile

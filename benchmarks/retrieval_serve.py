@@ -1,0 +1,231 @@
+"""Retrieval on Ray Serve, end to end over HTTP: latency per query kind and K, VLM forward
+passes per query, prefix reuse on/off, throughput with 1 and 2 rerank replicas, memory per
+replica.
+
+Data: a synthetic site (the ingestor's synth source, seed 0) of ``--gallery`` crops streamed
+through the real ingestor and embedding service into a fresh namespace (topics + bucket) of the
+local stack; image queries are RGB crops of that site (visible-infrared ones search the
+infrared crops), text and attribute queries are fixed phrases; no filters, so every query's
+prefilter searches the whole gallery and the VLM reranks the top K.
+
+    python benchmarks/retrieval_serve.py [--gallery 10000] [--ks 10 20 50] [--queries 3]
+        [--model offline-default] [--concurrency 4] [--throughput-queries 8]
+        [--out benchmarks/results/retrieval_serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from common import header, write
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from chatreid.client import RetrievalClient
+from chatreid.config import Settings
+from chatreid.schemas import QueryRequest
+
+KINDS = ("standard", "cloth_changing", "visible_infrared", "text_to_image", "attribute",
+         "multimodal")
+TEXTS = ("a man in a red top and black trousers", "a woman in a blue top with a backpack",
+         "a person in a white top and grey trousers carrying a bag")
+ATTRS = (["red top", "black trousers"], ["blue top", "backpack"], ["white top", "bag"])
+
+
+def namespace() -> Settings:
+    s = Settings()
+    tag = uuid.uuid4().hex[:8]
+    s.kafka.topic_prefix, s.s3.bucket = f"bench{tag}", f"bench{tag}"
+    s.embedder.group_id, s.index.snapshot_prefix = f"bench{tag}", f"snap-bench{tag}"
+    s.ray.join_local_head, s.ray.num_cpus = False, 4  # logical CPUs: 2 replicas + the rest
+    s.serve.http_port = 8021
+    return s
+
+
+def build_site(settings: Settings, n: int, console: Console) -> list:
+    from chatreid.bus import ensure_topics
+    from chatreid.services.embedder import EmbedderService
+    from chatreid.services.ingestor import Ingestor
+    from chatreid.services.ingestor.sources import synth_source
+    from chatreid.stack import LocalStack
+    from chatreid.storage import ObjectStore
+
+    LocalStack(settings).up(ray=False)
+    ObjectStore(settings.s3).ensure_bucket()
+    ensure_topics(settings.kafka)
+    ingestor, events = Ingestor(settings, source="synth"), []
+    for crop in tqdm(synth_source(0, n, None, start_time=1_795_737_600.0), total=n,
+                     desc="ingest", unit="crop"):
+        events.append(ingestor.submit(crop).event)
+    ingestor.close()
+    t0 = time.perf_counter()
+    stats = EmbedderService(settings).run(until_idle_s=5)
+    console.print(f"indexed {stats.indexed} crops in {time.perf_counter() - t0:.0f}s")
+    return events
+
+
+def request_for(kind: str, i: int, k: int, rgb: list, ir: list) -> QueryRequest:
+    extra: dict = {}
+    if kind in ("standard", "cloth_changing", "visible_infrared", "multimodal"):
+        extra["crop_id"] = rgb[i % len(rgb)].crop_id
+    if kind in ("text_to_image", "multimodal"):
+        extra["text"] = TEXTS[i % len(TEXTS)]
+    if kind == "attribute":
+        extra["attributes"] = ATTRS[i % len(ATTRS)]
+    return QueryRequest(kind=kind, k=k, top=k, **extra)
+
+
+def timed(client: RetrievalClient, request: QueryRequest) -> tuple[float, int, int]:
+    t0 = time.perf_counter()
+    response = client.query(request)
+    return (time.perf_counter() - t0) * 1000, response.vlm_calls, response.candidates
+
+
+def pct(xs: list[float]) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(xs, 50)), "p95_ms": float(np.percentile(xs, 95)),
+            "mean_ms": float(np.mean(xs))}
+
+
+def replica_stats(settings: Settings, calls: int = 12) -> list[dict]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Rerank", settings.serve.app_name)
+    seen = {}
+    for _ in range(calls):
+        s = handle.stats.remote().result()
+        seen[s["pid"]] = s
+    return list(seen.values())
+
+
+def latency(settings, client, ks, queries, rgb, ir, console) -> list[dict]:
+    rows = []
+    timed(client, request_for("standard", 0, ks[0], rgb, ir))  # warm-up: caches, allocator
+    for k in ks:
+        for kind in KINDS:
+            runs = [timed(client, request_for(kind, i, k, rgb, ir)) for i in range(queries)]
+            ms = [r[0] for r in runs]
+            rows.append({"kind": kind, "k": k, "queries": queries, **pct(ms),
+                         "vlm_calls_per_query": float(np.mean([r[1] for r in runs])),
+                         "candidates": float(np.mean([r[2] for r in runs]))})
+            console.print(f"K={k:3d} {kind:17s} p50 {rows[-1]['p50_ms'] / 1000:6.2f}s "
+                          f"p95 {rows[-1]['p95_ms'] / 1000:6.2f}s "
+                          f"calls {rows[-1]['vlm_calls_per_query']:.0f}")
+    return rows
+
+
+def throughput(client, k, n, concurrency, rgb, ir) -> dict:
+    requests = [request_for("standard", i, k, rgb, ir) for i in range(n)]
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def one(r):
+        ms = timed(client, r)[0]
+        with lock:
+            lat.append(ms)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, requests))
+    wall = time.perf_counter() - t0
+    return {"queries": n, "concurrency": concurrency, "wall_s": wall,
+            "queries_per_s": n / wall, **pct(lat)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gallery", type=int, default=10_000)
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
+    p.add_argument("--queries", type=int, default=3, help="queries per kind and K")
+    p.add_argument("--model", default="offline-default")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--throughput-queries", type=int, default=8)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_serve.json"))
+    args = p.parse_args()
+    console = Console()
+
+    from ray import serve
+
+    from chatreid.cluster import connect
+    from chatreid.retrieval import ModelSpec
+    from chatreid.services.retrieval.app import deploy
+    from chatreid.storage import ObjectStore
+
+    settings = namespace()
+    report = header("retrieval_serve", __doc__, args, model=args.model)
+    try:
+        events = build_site(settings, args.gallery, console)
+        rgb = [e for e in events if e.modality == "rgb"]
+        ir = [e for e in events if e.modality == "infrared"]
+        connect(settings)
+        spec = ModelSpec.of_base(args.model)
+
+        def redeploy(replicas: int, threads: int, reuse: bool = True) -> RetrievalClient:
+            settings.serve.rerank_replicas, settings.serve.torch_threads = replicas, threads
+            settings.serve.reuse_prefix = reuse
+            t0 = time.perf_counter()
+            deploy(settings, spec)
+            client = RetrievalClient(settings.serve.base_url, timeout_s=600)
+            client.wait_ready(gallery=args.gallery, timeout_s=600)
+            console.print(f"deployed {replicas} rerank replica(s) x {threads} thread(s), "
+                          f"prefix reuse {reuse}: {time.perf_counter() - t0:.0f}s")
+            return client
+
+        client = redeploy(1, 2)
+        report["latency"] = latency(settings, client, args.ks, args.queries, rgb, ir, console)
+        report["replicas_1x2_threads"] = replica_stats(settings)
+
+        k20 = [request_for("standard", i, 20, rgb, ir) for i in range(args.queries)]
+        with_reuse = [timed(client, r)[0] for r in k20]
+        client = redeploy(1, 2, reuse=False)
+        without = [timed(client, r)[0] for r in k20]
+        report["prefix_reuse_k20"] = {
+            "with": pct(with_reuse), "without": pct(without),
+            "speedup_p50": float(np.median(without) / np.median(with_reuse)), "target": 2.0}
+
+        report["throughput"] = []
+        for replicas, threads in ((1, 2), (2, 1)):
+            client = redeploy(replicas, threads)
+            timed(client, k20[0])
+            row = throughput(client, 20, args.throughput_queries, args.concurrency, rgb, ir)
+            row.update(replicas=replicas, torch_threads=threads,
+                       replica_memory=replica_stats(settings))
+            report["throughput"].append(row)
+            console.print(f"{replicas} replica(s): {row['queries_per_s']:.3f} queries/s, "
+                          f"p50 {row['p50_ms'] / 1000:.1f}s")
+    finally:
+        serve.shutdown()
+        ObjectStore(settings.s3).drop_bucket()
+    show(report, console)
+    write(args.out, report, console)
+
+
+def show(report: dict, console: Console) -> None:
+    table = Table("kind", "K", "p50 s", "p95 s", "VLM calls/query",
+                  title=f"retrieval latency over HTTP - {report['args']['gallery']} crops, "
+                        f"{report['args']['model']}")
+    for r in report["latency"]:
+        table.add_row(r["kind"], str(r["k"]), f"{r['p50_ms'] / 1000:.2f}",
+                      f"{r['p95_ms'] / 1000:.2f}", f"{r['vlm_calls_per_query']:.0f}")
+    console.print(table)
+    pr = report["prefix_reuse_k20"]
+    console.print(f"prefix reuse at K=20: {pr['without']['p50_ms'] / 1000:.2f}s -> "
+                  f"{pr['with']['p50_ms'] / 1000:.2f}s p50 = {pr['speedup_p50']:.2f}x "
+                  f"(target {pr['target']}x)")
+    t = Table("rerank replicas", "threads each", "queries/s", "p50 s", "p95 s",
+              "peak RSS per replica (MiB)", title="throughput, K=20, concurrent clients")
+    for r in report["throughput"]:
+        t.add_row(str(r["replicas"]), str(r["torch_threads"]), f"{r['queries_per_s']:.3f}",
+                  f"{r['p50_ms'] / 1000:.1f}", f"{r['p95_ms'] / 1000:.1f}",
+                  ", ".join(f"{m['peak_rss_mb']:.0f}" for m in r["replica_memory"]))
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()
