@@ -167,6 +167,10 @@ def test_forward_passes_grow_linearly_with_k(reuse, tiny, crops) -> None:
         assert stats.prefix_forwards == (1 if reuse else 0)
         if reuse:
             assert stats.vision_images == k + 1  # the query and each crop, once
+            # a re-asked group runs only the list after the slot its pick held
+            assert 0 < stats.reused_tokens < stats.group_tokens
+        else:
+            assert stats.reused_tokens == 0
         counts[k] = stats.group_forwards
     # At most two levels here (K <= group_size²): fewer than two forwards per candidate.
     assert all(n < 2 * k for k, n in counts.items()), counts

@@ -305,3 +305,33 @@ def test_rolling_redeploy_under_continuous_queries(site, tmp_path) -> None:
     statuses = [(e.status, e.version) for e in _deployment_events(settings, 3)]
     assert statuses == [("started", "tiny-ft-1"), ("completed", "tiny-ft-1"),
                         ("refused", "tiny-ft-2-corrupt")]
+
+
+def test_a_rollout_failing_on_a_replica_is_rolled_back(site, tmp_path) -> None:
+    """The watcher's side of a failed rollout: the previous model is deployed again and the
+    event says why. (Serve itself is exercised above; here the deploy fails on purpose, as when
+    a replica runs out of memory loading the new model.)"""
+    from chatreid.retrieval import ModelSpec
+    from chatreid.services.retrieval.app import DeployFailed
+    from chatreid.services.retrieval.rollout import VLMRollout
+
+    settings = site[0]
+    deployed: list[str | None] = []
+
+    def deployer(_settings, spec) -> None:
+        deployed.append(spec.version if spec else None)
+        if len(deployed) == 1:
+            raise DeployFailed("Rerank: replica died while loading the model")
+
+    rollout = VLMRollout(settings, ModelSpec.of_base("tiny"), deployer=deployer)
+    try:
+        _push_tiny(settings, tmp_path, "tiny-ft-3")
+        outcome = rollout.step(timeout_ms=5000)
+        assert outcome is not None and outcome.status == "rolled_back"
+        assert outcome.version == "tiny-ft-3" and outcome.previous_version == "base:tiny"
+        assert "replica died" in (outcome.reason or "")
+        assert deployed == ["tiny-ft-3", "base:tiny"]  # tried, then the previous one restored
+        assert rollout.current == ModelSpec.of_base("tiny")
+        assert rollout.step(timeout_ms=1000) is None  # not retried in a loop
+    finally:
+        rollout.close()

@@ -10,7 +10,9 @@ Two ways to compute the same numbers:
   per group (query and candidate images through the ViT every time);
 * :class:`PrefixJudge` prefills the query part of the prompt once per query (KV cache), runs
   every candidate crop through the ViT once per query, and per group runs only the candidate
-  list on top of a copy of the cache, with its M-RoPE positions continued from the prefix.
+  list on top of the cache, with its M-RoPE positions continued from the prefix. A group asked
+  again after a pick shows the same list up to the slot the pick held, so the cache of its
+  previous forward is reused up to there and only the rest of the list is run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from chatreid.engine.collate import encode_prompt, render_prompt
@@ -57,6 +60,8 @@ class JudgeStats:
     group_forwards: int = 0  # decoder forwards that judged a group
     prefix_forwards: int = 0  # decoder forwards that prefilled the query part
     vision_images: int = 0  # images run through the ViT
+    group_tokens: int = 0  # candidate-list tokens the group forwards covered
+    reused_tokens: int = 0  # of those, tokens taken from an earlier group forward's cache
 
     @property
     def forwards(self) -> int:
@@ -118,6 +123,8 @@ class PrefixJudge(_Base):
         self._cache = None
         self._prefix_len = 0
         self._next_pos = 0
+        # recent group forwards: (token ids, image of each token or -1, cache after them)
+        self._recent: list[tuple[torch.Tensor, torch.Tensor, object]] = []
 
     @torch.no_grad()
     def prepare(self) -> None:
@@ -159,37 +166,87 @@ class PrefixJudge(_Base):
             self._suffixes[n] = split_rendered(self.processor, prompt.head, prompt.gallery)[1]
         return self._suffixes[n]
 
-    def _suffix_ids(self, members: Sequence[int]) -> torch.Tensor:
-        """The group's tokens with each image placeholder expanded as the processor does."""
+    def _suffix_ids(self, members: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's tokens with each image placeholder expanded as the processor does, and
+        for each token the candidate whose image it carries (-1 for text)."""
         pad = self.processor.image_token
         parts = self._suffix_text(len(members)).split(pad)
-        text = parts[0]
+        pieces: list[tuple[str, int]] = [(parts[0], -1)]
         for i, part in zip(members, parts[1:], strict=True):
-            text += pad * self._features[i].shape[0] + part
-        ids = self.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        return torch.cat([ids["input_ids"].to(self.device), self.answer_ids()], dim=1)
+            pieces += [(pad * self._features[i].shape[0], i), (part, -1)]
+        ids, source = [], []
+        for text, owner in pieces:
+            if text:
+                tok = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += tok
+                source += [owner] * len(tok)
+        ids += list(self.tokens.prefix)
+        source += [-1] * len(self.tokens.prefix)
+        return (torch.tensor([ids], dtype=torch.long, device=self.device),
+                torch.tensor(source, dtype=torch.long))
+
+    def _reusable(self, ids: torch.Tensor, source: torch.Tensor) -> tuple[int, object]:
+        """(tokens of this group already in a cached forward, that cache) - the longest shared
+        start, cut back to an image boundary; (0, the query prefix's cache) when none."""
+        best, cache = 0, self._cache
+        for old_ids, old_source, old_cache in self._recent:
+            n = min(old_ids.shape[1], ids.shape[1]) - 1  # the last token must run: its logits
+            same = (old_ids[0, :n] == ids[0, :n]) & (old_source[:n] == source[:n])
+            shared = n if bool(same.all()) else int(torch.argmin(same.int()))
+            while shared > 0 and source[shared] >= 0 and source[shared - 1] == source[shared]:
+                shared -= 1  # never split one image's tokens
+            if shared > best:
+                best, cache = shared, old_cache
+        return best, cache
 
     @torch.no_grad()
     def __call__(self, members: Sequence[int]) -> np.ndarray:
         if self._cache is None:
             self.prepare()
-        ids = self._suffix_ids(members)
+        ids, source = self._suffix_ids(members)
         mm_types = (ids == self.processor.image_token_id).int()
         grids = self._grids[list(members)]
         positions = self.model.model.get_rope_index(ids, mm_types, image_grid_thw=grids)[0]
-        feats = BaseModelOutputWithPooling(pooler_output=tuple(self._features[i] for i in members))
+        shared, base = self._reusable(ids, source)
+        tail = [i for i in dict.fromkeys(source[shared:].tolist()) if i >= 0]
+        feats = BaseModelOutputWithPooling(pooler_output=tuple(self._features[i] for i in tail))
         mask = torch.ones(1, self._prefix_len + ids.shape[1], dtype=torch.long, device=self.device)
         out = self.model(
-            input_ids=ids,
+            input_ids=ids[:, shared:],
             attention_mask=mask,  # must cover prefix + suffix
-            position_ids=positions + self._next_pos,
-            cache=copy.deepcopy(self._cache),  # a forward appends to the cache in place
+            position_ids=positions[..., shared:] + self._next_pos,
+            cache=_fork(base, self._prefix_len + shared),
             use_cache=True,
-            mm_encoder_outputs={"image": feats},
+            mm_encoder_outputs={"image": feats} if tail else None,
             logits_to_keep=1,
         )
+        self._recent = [(ids, source, out.cache), *self._recent][:_RECENT]
         self.stats.group_forwards += 1
+        self.stats.reused_tokens += shared
+        self.stats.group_tokens += ids.shape[1]
         return index_probabilities(out.logits[0, -1], self.tokens.index_ids[: len(members)])
+
+
+_RECENT = 8  # cached group forwards kept per query: a bracket re-asks at most one per level
+
+
+def _fork(cache, length: int):
+    """A cache holding the first ``length`` tokens of ``cache``, sharing its tensors: a forward
+    replaces a layer's tensors (concatenation) rather than writing into them, so views are
+    safe and nothing is copied."""
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        forked = copy.deepcopy(cache)
+        forked.crop(length)
+        return forked
+    forked = copy.copy(cache)
+    forked.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        if layer.is_initialized:
+            new.keys = layer.keys[..., :length, :]
+            new.values = layer.values[..., :length, :]
+        forked.layers.append(new)
+    return forked
 
 
 def make_judge(

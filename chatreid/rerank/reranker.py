@@ -84,6 +84,8 @@ class RerankStats:
     group_forwards: int
     prefix_forwards: int
     vision_images: int  # images run through the ViT
+    group_tokens: int  # candidate-list tokens the group judgements covered
+    reused_tokens: int  # of those, taken from an earlier judgement's cache (prefix reuse)
     reuse_prefix: bool
     elapsed_s: float
 
@@ -273,6 +275,8 @@ def _stats(js: JudgeStats, n: int, turns: int, reuse: bool, start: float) -> Rer
         group_forwards=js.group_forwards,
         prefix_forwards=js.prefix_forwards,
         vision_images=js.vision_images,
+        group_tokens=js.group_tokens,
+        reused_tokens=js.reused_tokens,
         reuse_prefix=reuse,
         elapsed_s=time.perf_counter() - start,
     )
