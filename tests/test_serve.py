@@ -335,3 +335,22 @@ def test_a_rollout_failing_on_a_replica_is_rolled_back(site, tmp_path) -> None:
         assert rollout.step(timeout_ms=1000) is None  # not retried in a loop
     finally:
         rollout.close()
+
+
+def test_chatreid_query_prints_the_answer_and_writes_a_contact_sheet(site, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from chatreid.cli import app
+
+    settings, _, crops = site
+    query = _pick(crops)
+    sheet = tmp_path / "answer.png"
+    result = CliRunner().invoke(app, [
+        "query", "--crop-id", query.crop_id, "--k", "6", "--top", "5",
+        "--url", settings.serve.base_url, "--sheet", str(sheet)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "standard query" in result.output and "confidence" in result.output
+    assert Image.open(sheet).size[0] > 0
+    bad = CliRunner().invoke(app, ["query", "--crop-id", "nope", "--url",
+                                   settings.serve.base_url])
+    assert bad.exit_code == 1 and "crop.unknown" in bad.output
