@@ -356,6 +356,135 @@ def query(
     console.print(f"contact sheet: {answer_sheet(load, query_image, response, sheet)}")
 
 
+@app.command("eval")
+def evaluate(
+    distmat: Annotated[Path | None, typer.Option(
+        help="score a saved matrix (.npz, see README) instead of running a suite")] = None,
+    protocol: Annotated[str, typer.Option(help="with --distmat: standard | market1501 | msmt17 "
+                                          "| cuhk03 | cuhk03_classic | ltcc_general | ltcc_cc "
+                                          "| ltcc_same | prcc | sysu_mm01 | regdb | text")
+                        ] = "standard",
+    max_rank: Annotated[int, typer.Option(help="length of the CMC curve")] = 50,
+    suite: Annotated[str, typer.Option(help="synthetic | benchmarks")] = "synthetic",
+    task: Annotated[list[str] | None, typer.Option(help="only these tasks (default: all)")
+                    ] = None,
+    root: Annotated[Path | None, typer.Option(
+        help="datasets root (default: the synthetic world, train.world)")] = None,
+    k: Annotated[int, typer.Option(help="candidates the VLM reranks per query")] = 10,
+    tau: Annotated[float | None, typer.Option(help="prefilter cosine threshold")] = None,
+    max_queries: Annotated[int | None, typer.Option(help="a seeded sample of queries")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="VLM(s): 'latest', 'offline-default', 'tiny', a dir; several = ablation table")
+    ] = None,
+    embedder: Annotated[str, typer.Option(help="'latest', 'imagenet' or a checkpoint file")
+                        ] = "latest",
+    baseline_only: Annotated[bool, typer.Option(help="embedder only, no VLM")] = False,
+    workers: Annotated[int, typer.Option(help="Ray actors holding a VLM each")] = 2,
+    out: Annotated[Path | None, typer.Option(help="report folder (suite) or JSON (--distmat)")
+                   ] = None,
+) -> None:
+    """Evaluate: the baseline embedder and ChatReID on a suite (tables, CMC plots), or score
+    any method's saved distance matrix under a benchmark's protocol (--distmat)."""
+    if distmat is None:
+        _eval_suite(suite, task, root, k, tau, max_queries, model, embedder, baseline_only,
+                    workers, out or Path("out/eval"))
+        return
+    _score_distmat(distmat, protocol, max_rank, out)
+
+
+def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
+                tau: float | None, max_queries: int | None, models: list[str] | None,
+                embedder: str, baseline_only: bool, workers: int, out: Path) -> None:
+    import time
+
+    from .evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
+    from .evaluation.report import write_report
+    from .ray_jobs.evaluate import resolve_embedder, run_evaluation
+    from .retrieval import ModelSpec
+    from .retrieval.vlm import resolve_spec
+
+    settings = _settings()
+    registry = {"synthetic": SYNTHETIC, "benchmarks": BENCHMARKS}.get(suite)
+    if registry is None:
+        raise typer.BadParameter("--suite is 'synthetic' or 'benchmarks'")
+    unknown = set(tasks or ()) - set(registry)
+    if unknown:
+        raise typer.BadParameter(f"unknown tasks {sorted(unknown)}; {suite}: {sorted(registry)}")
+    chosen = [registry[t] for t in (tasks or registry)]
+    if root is None:
+        if suite != "synthetic":
+            raise typer.BadParameter("--root is required for the benchmarks suite")
+        from .ray_jobs.train import PRESETS, ensure_world
+
+        root = ensure_world(settings, PRESETS["default"], console)
+    cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries)
+    emb = resolve_embedder(settings, embedder)
+    specs: list[ModelSpec | None] = [None]
+    if not baseline_only:
+        specs = []
+        for name in models or ["latest"]:
+            settings.serve.model = name
+            spec = resolve_spec(settings)
+            if spec is None:
+                raise typer.BadParameter("no VLM checkpoint and no fallback model")
+            specs.append(spec)
+    results = {}
+    for spec in specs:
+        label = spec.version if spec else "baseline"
+        console.print(f"evaluating {len(chosen)} task(s) on {root} with {label}")
+        results[label] = run_evaluation(settings, chosen, root, cfg, embedder=emb, spec=spec,
+                                        out=out, workers=workers)
+    header = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "embedder": emb.version,
+              "root": str(root), "machine": f"{__import__('os').cpu_count()} CPUs"}
+    report = write_report(results, cfg, out, header)
+    console.print(report.read_text())
+    console.print(f"report: {report}")
+
+
+def _score_distmat(distmat: Path, protocol: str, max_rank: int, out: Path | None) -> None:
+    import json
+
+    import numpy as np
+
+    from .metrics import PROTOCOLS, Labels, rank_metrics
+
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}")
+    try:
+        data = np.load(distmat)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"{distmat}: not a readable .npz ({exc})") from exc
+    keys = set(data.files)
+    if len(keys & {"distmat", "similarity"}) != 1:
+        raise typer.BadParameter(f"{distmat} needs exactly one of 'distmat' or 'similarity'")
+    missing = {"q_pids", "g_pids", "q_camids", "g_camids"} - keys
+    if missing:
+        raise typer.BadParameter(f"{distmat} lacks {sorted(missing)}")
+
+    def labels(side: str) -> Labels:
+        clothes = data[f"{side}_clothes"] if f"{side}_clothes" in keys else None
+        return Labels(data[f"{side}_pids"], data[f"{side}_camids"], clothes)
+
+    similarity = "similarity" in keys
+    try:
+        m = rank_metrics(data["similarity" if similarity else "distmat"], labels("q"),
+                         labels("g"), protocol, similarity=similarity, max_rank=max_rank)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    table = Table("protocol", "rank-1", "rank-5", "rank-10", "mAP", "mINP", "queries",
+                  "skipped", title=f"{distmat.name}: {PROTOCOLS[protocol].description}")
+    summary = m.summary()
+    table.add_row(protocol, *(f"{100 * summary[k]:.1f}" for k in
+                              ("rank1", "rank5", "rank10", "mAP", "mINP")),
+                  str(m.queries), str(m.skipped))
+    console.print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"protocol": protocol, **summary,
+                                   "cmc": m.cmc.tolist()}, indent=2) + "\n")
+        console.print(f"wrote {out}")
+
+
 @app.command()
 def demo(
     crops: Annotated[int, typer.Option(help="crops the synthetic site streams")] = 600,

@@ -163,3 +163,32 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str,
             draw.line([(x, y), (x + 5, y)], fill=(200, 60, 60))
         draw.text((w - right - 60, y - 14), reference_label, fill=(200, 60, 60))
     return img
+
+
+def line_chart(series: dict[str, Sequence[float]], title: str, x_label: str = "rank",
+               size: tuple[int, int] = (520, 320)) -> Image.Image:
+    """Curves of values in [0, 1] against 1..n (a CMC curve per method), with a legend."""
+    w, h = size
+    left, right, top, bottom = 50, 20, 40, 45
+    colours = [(70, 110, 180), (200, 80, 40), (60, 150, 80), (140, 80, 160)]
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 12), title, fill="black")
+    plot_w, plot_h = w - left - right, h - top - bottom
+    draw.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.text((8, h - bottom - tick * plot_h - 6), f"{tick:.2f}", fill="gray")
+    n = max((len(v) for v in series.values()), default=1)
+    for k in sorted({1, 5, 10, 20, n} & set(range(1, n + 1))):
+        x = left + (k - 1) / max(1, n - 1) * plot_w
+        draw.text((x - 4, h - bottom + 6), str(k), fill="gray")
+    draw.text((w // 2 - 10, h - 16), x_label, fill="black")
+    for i, (name, values) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        points = [(left + j / max(1, n - 1) * plot_w,
+                   h - bottom - max(0.0, min(1.0, float(v))) * plot_h)
+                  for j, v in enumerate(values)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        draw.text((left + 10, top + 4 + 14 * i), f"— {name}", fill=colour)
+    return img

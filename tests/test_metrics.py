@@ -43,9 +43,9 @@ def test_a_perfect_ranking_scores_one_and_ties_keep_gallery_order() -> None:
 
 
 def test_no_valid_query_and_shape_errors() -> None:
-    with pytest.raises(ValueError, match="no query has a cross-camera match"):
+    with pytest.raises(ValueError, match="no query has a valid match"):
         evaluate_rank(np.zeros((1, 5)), np.array([9]), G_PIDS, np.array([0]), G_CAMS)
-    with pytest.raises(ValueError, match="one entry per column"):
+    with pytest.raises(ValueError, match="labels say"):
         evaluate_rank(np.zeros((1, 4)), np.array([1]), G_PIDS, np.array([0]), G_CAMS)
 
 

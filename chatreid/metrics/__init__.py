@@ -1,5 +1,24 @@
-"""Re-ID evaluation metrics (CMC rank-k, mAP)."""
+"""Re-ID evaluation metrics: CMC rank-k, mAP and mINP under each benchmark's protocol."""
 
+from chatreid.metrics.protocols import (
+    PROTOCOLS,
+    Labels,
+    Metrics,
+    Protocol,
+    mean_metrics,
+    rank_metrics,
+    sample_gallery,
+)
 from chatreid.metrics.rank import compute_distmat, evaluate_rank
 
-__all__ = ["compute_distmat", "evaluate_rank"]
+__all__ = [
+    "PROTOCOLS",
+    "Labels",
+    "Metrics",
+    "Protocol",
+    "compute_distmat",
+    "evaluate_rank",
+    "mean_metrics",
+    "rank_metrics",
+    "sample_gallery",
+]

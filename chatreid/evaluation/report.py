@@ -1,0 +1,106 @@
+"""The evaluation report: JSON, a markdown file laid out like the paper's tables (mAP and
+rank-1 per benchmark, one table per task family; a stage-ablation table when several models
+were evaluated), and a CMC plot per task."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from chatreid.evaluation.engine import EvalConfig, TaskResult
+from chatreid.viz import line_chart
+
+FAMILIES = {
+    "standard": "Table 1 - standard Re-ID",
+    "cloth_changing": "Table 2 - cloth-changing Re-ID",
+    "visible_infrared": "Table 3 - visible-infrared Re-ID",
+    "text_to_image": "Table 5 - text-to-image Re-ID",
+}
+
+
+def _cell(m) -> str:
+    if m is None or math.isnan(m.mAP):
+        return "n/a"
+    return f"{100 * m.mAP:.1f} / {100 * m.rank(1):.1f}"
+
+
+def write_report(results: dict[str, list[TaskResult]], cfg: EvalConfig, out: Path,
+                 header: dict) -> Path:
+    """``results``: model label -> its task results (the first model's baseline is shown)."""
+    out.mkdir(parents=True, exist_ok=True)
+    labels = list(results)
+    first = results[labels[0]]
+    (out / "results.json").write_text(json.dumps({
+        **header, "config": cfg.__dict__,
+        "models": {label: [_json(r) for r in rs] for label, rs in results.items()}},
+        indent=2) + "\n")
+    lines = [f"# ChatReID evaluation - {header.get('suite', '')}", "",
+             ", ".join(f"{k}: {v}" for k, v in header.items() if k != "suite"), "",
+             f"Inference: the embedder's top {cfg.k}"
+             + (f" with cosine ≥ {cfg.tau}" if cfg.tau is not None else "")
+             + " are reranked by the VLM's multi-turn best-choice dialogue and ranked by "
+             "response confidence; every other gallery item follows in the embedder's order. "
+             "Cells are mAP / rank-1 (%).", ""]
+    for family, title in FAMILIES.items():
+        tasks = [r for r in first if r.family == family]
+        if not tasks:
+            continue
+        lines += [f"## {title}", "", "| method | " + " | ".join(r.task for r in tasks) + " |",
+                  "|---" * (len(tasks) + 1) + "|",
+                  "| embedder (baseline) | " + " | ".join(_cell(r.baseline) for r in tasks)
+                  + " |"]
+        for label in labels:
+            by_task = {r.task: r for r in results[label]}
+            lines.append(f"| ChatReID ({label}) | "
+                         + " | ".join(_cell(by_task[r.task].chatreid) for r in tasks) + " |")
+        lines.append("")
+    if len(labels) > 1:
+        tasks = [r.task for r in first]
+        lines += ["## Table 4 - stage ablation (mAP / rank-1)", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for label in labels:
+            by_task = {r.task: r for r in results[label]}
+            lines.append(f"| {label} | " + " | ".join(_cell(by_task[t].chatreid)
+                                                       for t in tasks) + " |")
+        lines.append("")
+    lines += ["## Details", "", "| task | protocol | model | queries | runs | R1 | R5 | R10 | "
+              "mAP | mINP | VLM calls | calls / query |", "|---" * 12 + "|"]
+    for label in labels:
+        for r in results[label]:
+            rows = [("embedder", r.baseline, 0)] if label == labels[0] else []
+            if r.chatreid is not None:
+                rows.append((label, r.chatreid, r.vlm_calls))
+            for name, m, calls in rows:
+                per = f"{calls / r.queries:.1f}" if calls and r.queries else "-"
+                lines.append(f"| {r.task} | {r.protocol} | {name} | {r.queries} | {r.runs} | "
+                             + " | ".join(_pct(m, k) for k in ("1", "5", "10", "mAP", "mINP"))
+                             + f" | {calls or '-'} | {per} |")
+    notes = sorted({n for rs in results.values() for r in rs for n in r.notes})
+    lines += ["", "## Notes", "", *(f"- {n}" for n in notes), ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    for r in first:
+        if math.isnan(r.baseline.mAP):
+            continue
+        series = {"embedder": r.baseline.cmc[:20]}
+        for label in labels:
+            m = {x.task: x for x in results[label]}[r.task].chatreid
+            if m is not None:
+                series[f"ChatReID ({label})"] = m.cmc[:20]
+        line_chart(series, f"CMC - {r.task}").save(out / f"cmc_{r.task}.png")
+    return report
+
+
+def _pct(m, key: str) -> str:
+    if math.isnan(m.mAP):
+        return "n/a"
+    value = m.rank(int(key)) if key.isdigit() else getattr(m, key)
+    return f"{100 * value:.1f}"
+
+
+def _json(r: TaskResult) -> dict:
+    return {"task": r.task, "family": r.family, "protocol": r.protocol, "queries": r.queries,
+            "runs": r.runs, "vlm_calls": r.vlm_calls, "notes": r.notes,
+            "baseline": None if math.isnan(r.baseline.mAP) else r.baseline.summary(),
+            "chatreid": r.chatreid.summary() if r.chatreid else None}

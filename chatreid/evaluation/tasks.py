@@ -1,0 +1,70 @@
+"""What is evaluated: a benchmark task = a reader (with its options), a protocol, a query kind.
+
+``BENCHMARKS`` are the paper's ten benchmarks in their official layouts (under one root, each
+in its usual folder name); ``SYNTHETIC`` is the same tasks on the synthetic world's held-out
+identities. Trials (RegDB's ten splits, SYSU-MM01's ten gallery draws) are part of a task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatreid.data.datasets import DATASETS, ImageDataset
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    name: str
+    dataset: str  # key of chatreid.data.datasets.DATASETS
+    protocol: str  # key of chatreid.metrics.PROTOCOLS
+    kind: str  # rerank query kind (chatreid.rerank.QueryKind)
+    task: str  # the paper's task family, for the report's tables
+    options: dict[str, Any] = field(default_factory=dict)  # reader keyword arguments
+    trials: tuple[dict[str, Any], ...] = ()  # per-trial reader options, averaged
+    gallery_draws: int = 0  # SYSU-MM01: single-shot gallery draws per trial (0: whole)
+    indoor: bool = False  # SYSU-MM01 indoor search: gallery cameras 1 and 2 only
+
+    def load(self, root, **extra) -> ImageDataset:
+        return DATASETS[self.dataset](root, **{**self.options, **extra})
+
+    @property
+    def text_query(self) -> bool:
+        return self.kind in ("text_to_image", "attribute")
+
+
+_REGDB = tuple({"trial": t} for t in range(1, 11))
+
+BENCHMARKS: dict[str, EvalTask] = {t.name: t for t in (
+    EvalTask("market1501", "market1501", "market1501", "standard", "standard"),
+    EvalTask("msmt17", "msmt17", "msmt17", "standard", "standard"),
+    EvalTask("cuhk03_labeled", "cuhk03", "cuhk03", "standard", "standard",
+             {"variant": "labeled"}),
+    EvalTask("cuhk03_detected", "cuhk03", "cuhk03", "standard", "standard",
+             {"variant": "detected"}),
+    EvalTask("ltcc_cc", "ltcc", "ltcc_cc", "cloth_changing", "cloth_changing"),
+    EvalTask("ltcc_general", "ltcc", "ltcc_general", "cloth_changing", "cloth_changing"),
+    EvalTask("prcc_cc", "prcc", "prcc", "cloth_changing", "cloth_changing",
+             {"setting": "changed"}),
+    EvalTask("prcc_same", "prcc", "prcc", "cloth_changing", "cloth_changing",
+             {"setting": "same"}),
+    EvalTask("sysu_all", "sysu_mm01", "sysu_mm01", "visible_infrared", "visible_infrared",
+             gallery_draws=10),
+    EvalTask("sysu_indoor", "sysu_mm01", "sysu_mm01", "visible_infrared", "visible_infrared",
+             gallery_draws=10, indoor=True),
+    EvalTask("regdb_v2t", "regdb", "regdb", "visible_infrared", "visible_infrared",
+             {"direction": "visible2thermal"}, trials=_REGDB),
+    EvalTask("regdb_t2v", "regdb", "regdb", "visible_infrared", "visible_infrared",
+             {"direction": "thermal2visible"}, trials=_REGDB),
+    EvalTask("cuhk_pedes", "cuhk_pedes", "text", "text_to_image", "text_to_image"),
+    EvalTask("icfg_pedes", "icfg_pedes", "text", "text_to_image", "text_to_image"),
+    EvalTask("rstpreid", "rstpreid", "text", "text_to_image", "text_to_image"),
+)}
+
+SYNTHETIC: dict[str, EvalTask] = {t.name: t for t in (
+    EvalTask("synth_standard", "market1501", "market1501", "standard", "standard"),
+    EvalTask("synth_cloth_changing", "ltcc", "ltcc_cc", "cloth_changing", "cloth_changing"),
+    EvalTask("synth_visible_infrared", "sysu_mm01", "sysu_mm01", "visible_infrared",
+             "visible_infrared"),
+    EvalTask("synth_text_to_image", "cuhk_pedes", "text", "text_to_image", "text_to_image"),
+)}

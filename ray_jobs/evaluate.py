@@ -1,0 +1,181 @@
+"""``chatreid eval`` on a suite: baseline and ChatReID per task, the dialogues sharded over Ray
+actors (each holds one VLM), resumable, with progress; then the report.
+
+Resumable: every finished dialogue is appended to ``<out>/dialogues/<model version>.jsonl``
+keyed by a hash of its inputs; a re-run (after a crash, or with more tasks) reranks only what
+is not there yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+from PIL import Image
+from tqdm import tqdm
+
+from chatreid.config import Settings
+from chatreid.evaluation.engine import (
+    EvalConfig,
+    RerankJob,
+    RerankOutcome,
+    TaskResult,
+    evaluate_task,
+)
+from chatreid.evaluation.tasks import EvalTask
+from chatreid.retrieval import ModelSpec, VLMRuntime
+
+
+def rerank_one(runtime: VLMRuntime, job: RerankJob) -> RerankOutcome:
+    from chatreid.rerank import Candidate, Query
+
+    if not job.candidates:
+        return RerankOutcome(job.key, (), 0)
+    image = Image.open(job.query_path).convert("RGB") if job.query_path else None
+    query = Query(job.kind, image=image, text=job.query_text)
+    cands = [Candidate(str(i), Image.open(p).convert("RGB")) for i, p in enumerate(job.candidates)]
+    result = runtime.reranker.rerank(query, cands)
+    order = tuple(int(r.candidate_id) for r in result.ranking if r.reranked)
+    return RerankOutcome(job.key, order, result.stats.forwards)
+
+
+@ray.remote
+class RerankActor:
+    def __init__(self, settings: dict, spec: dict, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.runtime = VLMRuntime.load(Settings.model_validate(settings),
+                                       ModelSpec.model_validate(spec))
+
+    def run(self, jobs: list[RerankJob]) -> list[RerankOutcome]:
+        return [rerank_one(self.runtime, job) for job in jobs]
+
+
+def job_hash(job: RerankJob) -> str:
+    raw = json.dumps([job.kind, job.query_path, job.query_text, job.candidates])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+class RayReranker:
+    """Callable over jobs: cached outcomes first, the rest in shards over ``workers`` actors."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec, cache: Path, workers: int = 2,
+                 threads: int = 1, shard_size: int = 8) -> None:
+        self.settings, self.spec, self.workers = settings, spec, workers
+        self.threads, self.shard_size = threads, shard_size
+        self.cache = cache / f"{spec.version.replace('/', '_').replace(':', '_')}.jsonl"
+        self.done: dict[str, dict] = {}
+        if self.cache.exists():
+            for line in self.cache.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.done[row["hash"]] = row
+        self._actors: list = []
+        self.calls_run = 0  # VLM calls made in this process (not from the cache)
+
+    def _pool(self) -> list:
+        if not self._actors:
+            settings = self.settings.model_dump(mode="json")
+            spec = self.spec.model_dump(mode="json")
+            self._actors = [RerankActor.options(num_cpus=self.threads).remote(
+                settings, spec, self.threads) for _ in range(self.workers)]
+        return self._actors
+
+    def __call__(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
+        todo = [j for j in jobs if job_hash(j) not in self.done]
+        if todo:
+            self._run(todo)
+        return [RerankOutcome(j.key, tuple(self.done[job_hash(j)]["order"]),
+                              self.done[job_hash(j)]["calls"]) for j in jobs]
+
+    def _run(self, todo: list[RerankJob]) -> None:
+        actors = self._pool()
+        shards = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+        pending = {}
+        bar = tqdm(total=len(todo), desc="VLM dialogues", unit="query")
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        with self.cache.open("a") as log:
+            queue = list(shards)
+            for actor in actors:
+                if queue:
+                    shard = queue.pop(0)
+                    pending[actor.run.remote(shard)] = (actor, shard)
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                actor, shard = pending.pop(ready[0])
+                for job, outcome in zip(shard, ray.get(ready[0]), strict=True):
+                    row = {"hash": job_hash(job), "order": list(outcome.order),
+                           "calls": outcome.calls}
+                    self.done[row["hash"]] = row
+                    log.write(json.dumps(row) + "\n")
+                    self.calls_run += outcome.calls
+                log.flush()  # a crash loses at most the shards in flight
+                bar.update(len(shard))
+                if queue:
+                    nxt = queue.pop(0)
+                    pending[actor.run.remote(nxt)] = (actor, nxt)
+        bar.close()
+
+    def close(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+
+
+def resolve_embedder(settings: Settings, source: str):
+    """'latest' (newest embedder checkpoint in object storage, else ImageNet), 'imagenet', or a
+    checkpoint file."""
+    from chatreid.checkpoints import latest, pull
+    from chatreid.embedder import embedder_from_settings
+    from chatreid.embedder.embedder import CHECKPOINT_FILE, embedder_from_checkpoint
+
+    cfg = settings.embedder
+    if source == "imagenet":
+        return embedder_from_settings(cfg.model_copy(update={"weights": None}))
+    if source != "latest":
+        return embedder_from_checkpoint(Path(source), device=cfg.device,
+                                        batch_size=cfg.batch_size)
+    event = latest(settings, "embedder", "embedder")
+    if event is None:
+        return embedder_from_settings(cfg.model_copy(update={"weights": None}))
+    with tempfile.TemporaryDirectory(prefix="eval-embedder-") as tmp:
+        pull(settings, event, Path(tmp))
+        return embedder_from_checkpoint(Path(tmp) / CHECKPOINT_FILE, device=cfg.device,
+                                        batch_size=cfg.batch_size)
+
+
+def run_evaluation(settings: Settings, tasks: Sequence[EvalTask], root: Path, cfg: EvalConfig,
+                   *, embedder, spec: ModelSpec | None, out: Path, workers: int = 2,
+                   threads: int = 1) -> list[TaskResult]:
+    """Every task's baseline, and ChatReID when ``spec`` names a VLM."""
+    from chatreid.cluster import connect
+
+    reranker = None
+    if spec is not None:
+        connect(settings)
+        reranker = RayReranker(settings, spec, out / "dialogues", workers, threads)
+    results = []
+    try:
+        for task in tasks:
+            try:
+                results.append(evaluate_task(task, root, embedder.embed, reranker, cfg))
+            except NotImplementedError as exc:
+                results.append(_skipped(task, str(exc)))
+    finally:
+        if reranker is not None:
+            reranker.close()
+    return results
+
+
+def _skipped(task: EvalTask, why: str) -> TaskResult:
+    import numpy as np
+
+    from chatreid.metrics import Metrics
+
+    empty = Metrics(np.zeros(1), float("nan"), float("nan"), 0, 0)
+    return TaskResult(task.name, task.task, task.protocol, empty, None, 0, 0, 0, [why])
