@@ -71,7 +71,7 @@ def build_site(settings: Settings, n: int, console: Console) -> list:
     return events
 
 
-def request_for(kind: str, i: int, k: int, rgb: list, ir: list) -> QueryRequest:
+def request_for(kind: str, i: int, k: int, rgb: list) -> QueryRequest:
     extra: dict = {}
     if kind in ("standard", "cloth_changing", "visible_infrared", "multimodal"):
         extra["crop_id"] = rgb[i % len(rgb)].crop_id
@@ -104,12 +104,12 @@ def replica_stats(settings: Settings, calls: int = 12) -> list[dict]:
     return list(seen.values())
 
 
-def latency(settings, client, ks, queries, rgb, ir, console) -> list[dict]:
+def latency(client, ks, queries, rgb, console) -> list[dict]:
     rows = []
-    timed(client, request_for("standard", 0, ks[0], rgb, ir))  # warm-up: caches, allocator
+    timed(client, request_for("standard", 0, ks[0], rgb))  # warm-up: caches, allocator
     for k in ks:
         for kind in KINDS:
-            runs = [timed(client, request_for(kind, i, k, rgb, ir)) for i in range(queries)]
+            runs = [timed(client, request_for(kind, i, k, rgb)) for i in range(queries)]
             ms = [r[0] for r in runs]
             rows.append({"kind": kind, "k": k, "queries": queries, **pct(ms),
                          "vlm_calls_per_query": float(np.mean([r[1] for r in runs])),
@@ -120,8 +120,8 @@ def latency(settings, client, ks, queries, rgb, ir, console) -> list[dict]:
     return rows
 
 
-def throughput(client, k, n, concurrency, rgb, ir) -> dict:
-    requests = [request_for("standard", i, k, rgb, ir) for i in range(n)]
+def throughput(client, k, n, concurrency, rgb) -> dict:
+    requests = [request_for("standard", i, k, rgb) for i in range(n)]
     lat: list[float] = []
     lock = threading.Lock()
 
@@ -162,7 +162,6 @@ def main() -> None:
     try:
         events = build_site(settings, args.gallery, console)
         rgb = [e for e in events if e.modality == "rgb"]
-        ir = [e for e in events if e.modality == "infrared"]
         connect(settings)
         spec = ModelSpec.of_base(args.model)
 
@@ -178,10 +177,10 @@ def main() -> None:
             return client
 
         client = redeploy(1, 2)
-        report["latency"] = latency(settings, client, args.ks, args.queries, rgb, ir, console)
+        report["latency"] = latency(client, args.ks, args.queries, rgb, console)
         report["replicas_1x2_threads"] = replica_stats(settings)
 
-        k20 = [request_for("standard", i, 20, rgb, ir) for i in range(args.queries)]
+        k20 = [request_for("standard", i, 20, rgb) for i in range(args.queries)]
         with_reuse = [timed(client, r)[0] for r in k20]
         client = redeploy(1, 2, reuse=False)
         without = [timed(client, r)[0] for r in k20]
@@ -193,7 +192,7 @@ def main() -> None:
         for replicas, threads in ((1, 2), (2, 1)):
             client = redeploy(replicas, threads)
             timed(client, k20[0])
-            row = throughput(client, 20, args.throughput_queries, args.concurrency, rgb, ir)
+            row = throughput(client, 20, args.throughput_queries, args.concurrency, rgb)
             row.update(replicas=replicas, torch_threads=threads,
                        replica_memory=replica_stats(settings))
             report["throughput"].append(row)

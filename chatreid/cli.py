@@ -395,6 +395,7 @@ def evaluate(
 def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
                 tau: float | None, max_queries: int | None, models: list[str] | None,
                 embedder: str, baseline_only: bool, workers: int, out: Path) -> None:
+    import os
     import time
 
     from .evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
@@ -435,7 +436,7 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
         results[label] = run_evaluation(settings, chosen, root, cfg, embedder=emb, spec=spec,
                                         out=out, workers=workers)
     header = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "embedder": emb.version,
-              "root": str(root), "machine": f"{__import__('os').cpu_count()} CPUs"}
+              "root": str(root), "machine": f"{os.cpu_count()} CPUs"}
     report = write_report(results, cfg, out, header)
     console.print(report.read_text())
     console.print(f"report: {report}")

@@ -113,11 +113,8 @@ class PrefilterSearch:
         store = self.follower.active()[1]
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
-        f = filters or SearchFilter()
-        metas = [m for m in store.live_metas() if _inside(m, f)
-                 and not (exclude and m.crop_id in exclude)]
-        metas.sort(key=lambda m: (-m.capture_time, m.crop_id))
-        return [_result(i + 1, m, None) for i, m in enumerate(metas[:k])]
+        metas = store.newest(k, filters, exclude or frozenset())
+        return [_result(i + 1, m, None) for i, m in enumerate(metas)]
 
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
                filters: SearchFilter | None = None,
@@ -138,9 +135,3 @@ def _result(rank: int, meta: VectorMeta, score: float | None) -> SearchResult:
                         capture_time=datetime.fromtimestamp(meta.capture_time, UTC),
                         object_key=meta.object_key)
 
-
-def _inside(meta: VectorMeta, f: SearchFilter) -> bool:
-    return ((f.cameras is None or meta.camera in f.cameras)
-            and (f.modality is None or meta.modality == f.modality)
-            and (f.time_from is None or meta.capture_time >= f.time_from)
-            and (f.time_to is None or meta.capture_time <= f.time_to))

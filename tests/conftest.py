@@ -98,15 +98,21 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     return root
 
 
-def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
-    """Dead letters on the test's topic, waiting until ``expect`` arrived or the timeout."""
+def read_events(settings, topic, model, expect: int, timeout_s: float = 30) -> list:
+    """Events of ``model`` on the test's ``topic``, waiting until ``expect`` arrived or the
+    timeout."""
     from chatreid.bus import make_consumer
 
     consumer = make_consumer(settings.kafka, None, consumer_timeout_ms=2000)
-    consumer.subscribe([settings.kafka.topic(DEADLETTER.name)])
+    consumer.subscribe([settings.kafka.topic(topic.name)])
     found, deadline = [], time.monotonic() + timeout_s
     while len(found) < expect and time.monotonic() < deadline:
         for records in consumer.poll(timeout_ms=500).values():
-            found += [DeadLetterEvent.from_bytes(r.value) for r in records]
+            found += [model.from_bytes(r.value) for r in records]
     consumer.close()
     return found
+
+
+def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
+    """Dead letters on the test's topic, waiting until ``expect`` arrived or the timeout."""
+    return read_events(settings, DEADLETTER, DeadLetterEvent, expect, timeout_s)

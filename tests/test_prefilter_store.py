@@ -380,3 +380,15 @@ def test_hnsw_keeps_one_copy_of_the_vectors() -> None:
     vector_bytes = n * dim * 4
     assert store.memory_bytes() < 1.9 * vector_bytes  # links + metadata; a copy would be 2x+
     assert len(store.to_bytes()) < 1.6 * vector_bytes
+
+
+def test_newest_is_the_filtered_gallery_most_recent_first() -> None:
+    store, _ = filled(40)  # crop-i: camera cam{i % 4}, capture time grows with i
+    times = {m.crop_id: m.capture_time for m in metas_for(40)}
+    store.remove(["crop-37"])
+    picked = store.newest(3, SearchFilter(cameras=frozenset({"cam1"})), exclude={"crop-33"})
+    assert [m.crop_id for m in picked] == ["crop-29", "crop-25", "crop-21"]
+    everything = store.newest(100)
+    assert len(everything) == 39 and "crop-37" not in {m.crop_id for m in everything}
+    ordered = [times[m.crop_id] for m in everything]
+    assert ordered == sorted(ordered, reverse=True)

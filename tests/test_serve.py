@@ -20,7 +20,7 @@ from chatreid.services.embedder import EmbedderService
 from chatreid.services.ingestor import Ingestor
 from chatreid.services.ingestor.sources import synth_source
 
-from .conftest import jpeg_bytes, namespace
+from .conftest import jpeg_bytes, namespace, read_events
 
 pytestmark = pytest.mark.stack
 
@@ -231,19 +231,6 @@ class _Held:
         producer.close()
 
 
-def _deployment_events(settings, n: int, timeout_s: float = 30) -> list[DeploymentEvent]:
-    from chatreid.bus import make_consumer
-
-    consumer = make_consumer(settings.kafka, None, consumer_timeout_ms=2000)
-    consumer.subscribe([settings.kafka.topic(DEPLOYMENTS.name)])
-    found, deadline = [], time.monotonic() + timeout_s
-    while len(found) < n and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=500).values():
-            found += [DeploymentEvent.from_bytes(r.value) for r in records]
-    consumer.close()
-    return found
-
-
 def test_rolling_redeploy_under_continuous_queries(site, tmp_path) -> None:
     from chatreid.retrieval import ModelSpec
     from chatreid.services.retrieval.app import deploy
@@ -302,7 +289,8 @@ def test_rolling_redeploy_under_continuous_queries(site, tmp_path) -> None:
     assert set(answered[n:]) == {"tiny-ft-1"}, "the old checkpoint keeps serving after a refusal"
     assert "tiny-ft-2-corrupt" not in answered
     assert len(answered) > first_new
-    statuses = [(e.status, e.version) for e in _deployment_events(settings, 3)]
+    statuses = [(e.status, e.version)
+                for e in read_events(settings, DEPLOYMENTS, DeploymentEvent, 3)]
     assert statuses == [("started", "tiny-ft-1"), ("completed", "tiny-ft-1"),
                         ("refused", "tiny-ft-2-corrupt")]
 

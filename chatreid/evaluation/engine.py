@@ -93,9 +93,10 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
             ql, gl = labels(query), labels(sub)
             base_runs.append(rank_metrics(dist, ql, gl, task.protocol))
             if rerank is not None:
-                jobs = _jobs(task, f"{task.name}/t{t}/d{d}", dist, query, sub, cfg)
+                lists = [shortlist(row, cfg) for row in dist]
+                jobs = _jobs(task, f"{task.name}/t{t}/d{d}", lists, query, sub)
                 outcomes = rerank(jobs)
-                chat_runs.append(rank_metrics(_reranked(dist, jobs, outcomes, cfg), ql, gl,
+                chat_runs.append(rank_metrics(_reranked(dist, lists, jobs, outcomes), ql, gl,
                                               task.protocol))
                 calls += sum(o.calls for o in outcomes)
             queries += len(query)
@@ -125,21 +126,20 @@ def shortlist(dist_row: np.ndarray, cfg: EvalConfig) -> list[int]:
     return order.tolist()
 
 
-def _jobs(task: EvalTask, prefix: str, dist: np.ndarray, query: Sequence[ImageRecord],
-          gallery: Sequence[ImageRecord], cfg: EvalConfig) -> list[RerankJob]:
+def _jobs(task: EvalTask, prefix: str, lists: Sequence[list[int]],
+          query: Sequence[ImageRecord], gallery: Sequence[ImageRecord]) -> list[RerankJob]:
     return [RerankJob(f"{prefix}/q{i}", task.kind, str(q.path), None,
-                      tuple(str(gallery[j].path) for j in shortlist(dist[i], cfg)))
+                      tuple(str(gallery[j].path) for j in lists[i]))
             for i, q in enumerate(query)]
 
 
-def _reranked(dist: np.ndarray, jobs: Sequence[RerankJob], outcomes: Sequence[RerankOutcome],
-              cfg: EvalConfig) -> np.ndarray:
+def _reranked(dist: np.ndarray, lists: Sequence[list[int]], jobs: Sequence[RerankJob],
+              outcomes: Sequence[RerankOutcome]) -> np.ndarray:
     """Distances that order each row as ChatReID ranks it: the dialogue's picks first (by
     confidence), then everything else in the embedder's order."""
     by_key = {o.key: o for o in outcomes}
     out = dist.astype(np.float64) + 10.0
-    for i, job in enumerate(jobs):
-        cands = shortlist(dist[i], cfg)
+    for i, (job, cands) in enumerate(zip(jobs, lists, strict=True)):
         for position, c in enumerate(by_key[job.key].order):
             out[i, cands[c]] = position * 1e-3
     return out

@@ -384,6 +384,18 @@ class PrefilterStore:
         with self._lock.read():
             return [self._metas[row] for row in sorted(self._row_of.values())]
 
+    def newest(self, k: int, filters: SearchFilter | None = None,
+               exclude: set[str] | frozenset[str] = frozenset()) -> list[VectorMeta]:
+        """The ``k`` most recent live crops inside ``filters`` (ties by crop id), skipping
+        ``exclude``: the shortlist of a query that has no image to search with."""
+        with self._lock.read():
+            mask = self._selection(filters)
+            rows = (np.arange(len(self._metas)) if mask is None else np.flatnonzero(mask))
+            metas = [self._metas[r] for r in rows.tolist()]
+        metas = [m for m in metas if m.crop_id not in exclude]
+        metas.sort(key=lambda m: (-m.capture_time, m.crop_id))
+        return metas[:k]
+
     def crop_ids(self) -> set[str]:
         """Every live crop id (to compare two stores' coverage)."""
         with self._lock.read():

@@ -148,7 +148,7 @@ class RerankDeployment:
             raise ModelUnavailable("no VLM is deployed yet: push a checkpoint "
                                    "(chatreid train) or set CHATREID_SERVE__FALLBACK_MODEL")
         keys = [c.object_key for c in shortlist.items]
-        if shortlist.query_key:
+        if shortlist.kind.has_image and shortlist.query_key:  # a text query shows no image
             keys.append(shortlist.query_key)
         images = dict(zip(keys, self._pool.map(self._image, keys), strict=True))
         query_image = None
