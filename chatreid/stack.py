@@ -168,6 +168,11 @@ class LocalStack:
                 env={**os.environ, "RAY_AUTH_MODE": "disabled"},
             )
         self._wait(self.ray_healthy, "Ray head", 60)
+        self._ray_marker.touch()  # this stack started it, so this stack's down() stops it
+
+    @property
+    def _ray_marker(self) -> Path:
+        return self.root / "ray.started"
 
     def init_resources(self) -> list[str]:
         """Topics and bucket; safe to run any number of times."""
@@ -199,10 +204,14 @@ class LocalStack:
                     os.killpg(pid, signal.SIGKILL)
                 stopped.append(name)
             self._save_pid(name, None)
-        if self.ray_healthy():
-            ray = str(Path(sys.executable).parent / "ray")
-            subprocess.run([ray, "stop"], capture_output=True, check=False)
-            stopped.append("ray")
+        if self._ray_marker.exists():
+            # `ray stop` ends every Ray on the machine (tests' in-process ones too): only for
+            # the head this stack started
+            if self.ray_healthy():
+                ray = str(Path(sys.executable).parent / "ray")
+                subprocess.run([ray, "stop"], capture_output=True, check=False)
+                stopped.append("ray")
+            self._ray_marker.unlink()
         return stopped
 
     def status(self) -> list[ServiceStatus]:
