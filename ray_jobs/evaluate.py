@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chatreid.config import Settings
+from chatreid.data.datasets.base import DatasetLayoutError
 from chatreid.evaluation.engine import (
     EvalConfig,
     RerankJob,
@@ -164,7 +165,7 @@ def run_evaluation(settings: Settings, tasks: Sequence[EvalTask], root: Path, cf
         for task in tasks:
             try:
                 results.append(evaluate_task(task, root, embedder.embed, reranker, cfg))
-            except NotImplementedError as exc:
+            except DatasetLayoutError as exc:  # a dataset not on disk: the others still run
                 results.append(_skipped(task, str(exc)))
     finally:
         if reranker is not None:

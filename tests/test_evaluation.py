@@ -42,6 +42,34 @@ def test_reranking_in_prefilter_order_reproduces_the_baseline(world, embedder) -
     assert flipped.chatreid.mAP != pytest.approx(same.baseline.mAP)  # the order is used
 
 
+def test_text_and_adaptive_queries_carry_their_clues(world, embedder) -> None:
+    cfg = EvalConfig(k=3, max_queries=3)
+    seen: dict[str, list] = {}
+
+    def record(jobs):
+        seen.setdefault(jobs[0].kind, []).extend(jobs)
+        return [RerankOutcome(j.key, tuple(range(len(j.candidates))), 1) for j in jobs]
+
+    for name in ("synth_text_to_image", "synth_attribute", "synth_adaptive"):
+        result = evaluate_task(SYNTHETIC[name], world, embedder.embed, record, cfg)
+        assert result.chatreid.mAP == pytest.approx(result.baseline.mAP)
+    text, attribute, adaptive = seen["text_to_image"], seen["attribute"], seen["adaptive"]
+    assert all(j.query_path is None and j.query_text for j in text + attribute)
+    assert all("upper clothing colour: " in j.query_text for j in attribute)
+    assert all(j.query_path and j.query_text for j in adaptive)  # image + the other outfit
+
+
+def test_missing_annotations_name_the_file(tmp_path, world, embedder) -> None:
+    import shutil
+
+    from chatreid.data.datasets import DatasetLayoutError
+
+    copy = tmp_path / "world"
+    shutil.copytree(world / "cuhk_pedes", copy / "cuhk_pedes")
+    with pytest.raises(DatasetLayoutError, match=r"attributes\.json"):
+        evaluate_task(SYNTHETIC["synth_attribute"], copy, embedder.embed, None, EvalConfig())
+
+
 def test_tau_shortens_the_shortlist() -> None:
     row = np.array([0.9, 0.1, 0.5, 0.3], dtype=np.float32)  # cosine 0.1, 0.9, 0.5, 0.7
     assert shortlist(row, EvalConfig(k=3)) == [1, 3, 2]
@@ -55,28 +83,29 @@ def test_suite_on_ray_is_resumable_and_reported(world, embedder, ray_session, tm
 
     settings = Settings()
     cfg = EvalConfig(k=4, max_queries=4)
-    tasks = [SYNTHETIC["synth_standard"], SYNTHETIC["synth_visible_infrared"],
-             SYNTHETIC["synth_text_to_image"]]
+    tasks = [SYNTHETIC[t] for t in ("synth_standard", "synth_visible_infrared",
+                                    "synth_text_to_image", "synth_attribute", "synth_adaptive")]
     spec = ModelSpec.of_base("tiny")
     results = run_evaluation(settings, tasks, world, cfg, embedder=embedder, spec=spec,
                              out=tmp_path, workers=1)
-    standard, infrared, text = results
-    for r in (standard, infrared):
-        assert r.chatreid is not None and r.vlm_calls > 0 and r.queries == 4
+    for r in results:  # every task family runs, text ones included
+        assert r.chatreid is not None and r.vlm_calls > 0 and 0 < r.queries <= 4, r.task
         assert 0.0 <= r.chatreid.mAP <= 1.0
-    assert text.chatreid is None and "image-only" in text.notes[0]
+    assert any("colour-attribute" in n for n in results[2].notes)
     dialogues = next((tmp_path / "dialogues").glob("*.jsonl"))
     lines = dialogues.read_text().count("\n")
-    assert lines == 8  # one per query dialogue
+    assert lines == sum(r.queries for r in results)  # one per query dialogue
     again = run_evaluation(settings, tasks, world, cfg, embedder=embedder, spec=spec,
                            out=tmp_path, workers=1)
     assert dialogues.read_text().count("\n") == lines  # nothing reranked twice
-    assert again[0].chatreid.mAP == standard.chatreid.mAP
+    assert [r.chatreid.mAP for r in again] == [r.chatreid.mAP for r in results]
 
     report = write_report({"tiny": results}, cfg, tmp_path / "report", {"suite": "synthetic"})
     text_md = report.read_text()
-    assert "Table 1 - standard Re-ID" in text_md and "Table 3" in text_md
-    assert "n/a" in text_md and "image-only" in text_md
+    for title in ("Table 1 - standard Re-ID", "Table 3", "Table 5", "Attribute-based",
+                  "Adaptive multi-modal"):
+        assert title in text_md
+    assert "n/a" not in text_md
     assert (tmp_path / "report" / "cmc_synth_standard.png").is_file()
     data = json.loads((tmp_path / "report" / "results.json").read_text())
     assert data["models"]["tiny"][0]["chatreid"]["queries"] == 4

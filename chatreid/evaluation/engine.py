@@ -1,9 +1,11 @@
 """The paper's evaluation protocol on one task: embedder baseline, then ChatReID.
 
-Baseline: the prefilter embedder's cosine distances, scored under the task's protocol.
-ChatReID: for each query, the gallery items within τ among the embedder's top K are reranked by
-the VLM's multi-turn best-choice dialogue; the final ranking is the reranked candidates by
-response confidence, then every other item in the embedder's order (stated in the report).
+Baseline: the prefilter's distances, scored under the task's protocol - the image embedder's
+cosine distance for image queries, the colour-attribute matcher (``chatreid.embedder.colour``)
+for text and attribute queries, their mean for adaptive (image + text) queries.
+ChatReID: for each query, the gallery items within τ among the prefilter's top K are reranked
+by the VLM's multi-turn best-choice dialogue; the final ranking is the reranked candidates by
+response confidence, then every other item in the prefilter's order (stated in the report).
 The reranking itself is a callable (``Reranker``) so it can run in-process or sharded over Ray
 actors (``ray_jobs/evaluate.py``).
 """
@@ -18,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from chatreid.data.datasets import ImageRecord
+from chatreid.embedder.colour import ColourAttributeEmbedder
+from chatreid.evaluation.queries import EvalQuery, build_queries
 from chatreid.evaluation.tasks import EvalTask
 from chatreid.metrics import Labels, Metrics, compute_distmat, mean_metrics, rank_metrics
 from chatreid.metrics.protocols import sample_gallery
@@ -72,25 +76,31 @@ def labels(records: Sequence[ImageRecord]) -> Labels:
 
 
 def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]], np.ndarray],
-                  rerank: Reranker | None, cfg: EvalConfig) -> TaskResult:
-    if task.text_query:
-        raise NotImplementedError(
-            f"{task.name}: text queries need a text prefilter; the embedder is image-only")
+                  rerank: Reranker | None, cfg: EvalConfig,
+                  text_prefilter: ColourAttributeEmbedder | None = None) -> TaskResult:
+    """Baseline and (with ``rerank``) ChatReID on ``task``. The prefilter is the image
+    embedder for image queries, the colour-attribute matcher for text and attribute queries,
+    and the mean of both distances for adaptive (image + text) queries."""
+    text_prefilter = text_prefilter or ColourAttributeEmbedder()
     base_runs: list[Metrics] = []
     chat_runs: list[Metrics] = []
     calls = queries = 0
     for t, trial in enumerate(task.trials or ({},)):
         ds = task.load(root, **trial)
-        query = _sample(ds.query, cfg)
+        query = _sample(build_queries(task, ds, root, cfg.seed), cfg)
         gallery = [r for r in ds.gallery if not task.indoor or r.camid in (0, 1)]
-        qf, gf = embed(_open(query)), embed(_open(gallery))
+        g_images = _open(gallery)
+        image_side = (embed(_open([q.record for q in query])), embed(g_images)) \
+            if task.image_query else None
+        text_side = (text_prefilter.embed_texts([q.clue for q in query]),
+                     text_prefilter.embed_images(g_images)) if task.text_query else None
         g_labels = labels(gallery)
         draws = ([sample_gallery(g_labels, 1, seed) for seed in range(task.gallery_draws)]
                  if task.gallery_draws else [np.arange(len(gallery))])
         for d, idx in enumerate(draws):
             sub = [gallery[i] for i in idx]
-            dist = compute_distmat(qf, gf[idx])
-            ql, gl = labels(query), labels(sub)
+            dist = _prefilter_distances(image_side, text_side, idx, text_prefilter)
+            ql, gl = labels([q.record for q in query]), labels(sub)
             base_runs.append(rank_metrics(dist, ql, gl, task.protocol))
             if rerank is not None:
                 lists = [shortlist(row, cfg) for row in dist]
@@ -100,14 +110,33 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
                                               task.protocol))
                 calls += sum(o.calls for o in outcomes)
             queries += len(query)
-    notes = [f"top {cfg.k} reranked" + (f" within cosine ≥ {cfg.tau}" if cfg.tau else "")
-             + "; the rest follow in the embedder's order"]
     return TaskResult(task.name, task.task, task.protocol, mean_metrics(base_runs),
                       mean_metrics(chat_runs) if chat_runs else None, calls, queries,
-                      len(base_runs), notes)
+                      len(base_runs), _notes(task, cfg))
 
 
-def _sample(records: list[ImageRecord], cfg: EvalConfig) -> list[ImageRecord]:
+def _prefilter_distances(image_side: tuple[np.ndarray, np.ndarray] | None,
+                         text_side: tuple[np.ndarray, np.ndarray] | None, idx: np.ndarray,
+                         text_prefilter: ColourAttributeEmbedder) -> np.ndarray:
+    parts = []
+    if image_side is not None:
+        parts.append(compute_distmat(image_side[0], image_side[1][idx]))
+    if text_side is not None:
+        parts.append(text_prefilter.distance(text_side[0], text_side[1][idx]))
+    return sum(parts) / len(parts)
+
+
+def _notes(task: EvalTask, cfg: EvalConfig) -> list[str]:
+    notes = [f"top {cfg.k} reranked" + (f" within similarity ≥ {cfg.tau}" if cfg.tau else "")
+             + "; the rest follow in the prefilter's order"]
+    if task.text_query:
+        how = "averaged with the image embedder's cosine distance" if task.image_query else ""
+        notes.append(f"{task.kind} prefilter: colour-attribute matcher (upper/lower garment "
+                     f"colour named by the clue vs the crop's colours) {how}".rstrip())
+    return notes
+
+
+def _sample(records: list[EvalQuery], cfg: EvalConfig) -> list[EvalQuery]:
     if cfg.max_queries is None or len(records) <= cfg.max_queries:
         return records
     rng = np.random.default_rng(cfg.seed)
@@ -119,7 +148,7 @@ def _open(records: Sequence[ImageRecord]) -> list[Image.Image]:
 
 
 def shortlist(dist_row: np.ndarray, cfg: EvalConfig) -> list[int]:
-    """The embedder's top K (cosine ≥ τ), best first."""
+    """The prefilter's top K (similarity 1 - distance ≥ τ), best first."""
     order = np.argsort(dist_row, kind="stable")[: cfg.k]
     if cfg.tau is not None:
         order = order[(1.0 - dist_row[order]) >= cfg.tau]
@@ -127,8 +156,9 @@ def shortlist(dist_row: np.ndarray, cfg: EvalConfig) -> list[int]:
 
 
 def _jobs(task: EvalTask, prefix: str, lists: Sequence[list[int]],
-          query: Sequence[ImageRecord], gallery: Sequence[ImageRecord]) -> list[RerankJob]:
-    return [RerankJob(f"{prefix}/q{i}", task.kind, str(q.path), None,
+          query: Sequence[EvalQuery], gallery: Sequence[ImageRecord]) -> list[RerankJob]:
+    return [RerankJob(f"{prefix}/q{i}", task.kind,
+                      str(q.record.path) if task.image_query else None, q.text,
                       tuple(str(gallery[j].path) for j in lists[i]))
             for i, q in enumerate(query)]
 

@@ -16,6 +16,8 @@ FAMILIES = {
     "cloth_changing": "Table 2 - cloth-changing Re-ID",
     "visible_infrared": "Table 3 - visible-infrared Re-ID",
     "text_to_image": "Table 5 - text-to-image Re-ID",
+    "attribute": "Attribute-based retrieval",
+    "adaptive": "Adaptive multi-modal retrieval (image + text, cloth-changing)",
 }
 
 
@@ -37,18 +39,20 @@ def write_report(results: dict[str, list[TaskResult]], cfg: EvalConfig, out: Pat
         indent=2) + "\n")
     lines = [f"# ChatReID evaluation - {header.get('suite', '')}", "",
              ", ".join(f"{k}: {v}" for k, v in header.items() if k != "suite"), "",
-             f"Inference: the embedder's top {cfg.k}"
-             + (f" with cosine ≥ {cfg.tau}" if cfg.tau is not None else "")
+             f"Inference: the prefilter's top {cfg.k}"
+             + (f" with similarity ≥ {cfg.tau}" if cfg.tau is not None else "")
              + " are reranked by the VLM's multi-turn best-choice dialogue and ranked by "
-             "response confidence; every other gallery item follows in the embedder's order. "
-             "Cells are mAP / rank-1 (%).", ""]
+             "response confidence; every other gallery item follows in the prefilter's order. "
+             "The prefilter (baseline row) is the image embedder for image queries, the "
+             "colour-attribute matcher for text and attribute queries, and both for adaptive "
+             "ones. Cells are mAP / rank-1 (%).", ""]
     for family, title in FAMILIES.items():
         tasks = [r for r in first if r.family == family]
         if not tasks:
             continue
         lines += [f"## {title}", "", "| method | " + " | ".join(r.task for r in tasks) + " |",
                   "|---" * (len(tasks) + 1) + "|",
-                  "| embedder (baseline) | " + " | ".join(_cell(r.baseline) for r in tasks)
+                  "| prefilter (baseline) | " + " | ".join(_cell(r.baseline) for r in tasks)
                   + " |"]
         for label in labels:
             by_task = {r.task: r for r in results[label]}
@@ -68,7 +72,7 @@ def write_report(results: dict[str, list[TaskResult]], cfg: EvalConfig, out: Pat
               "mAP | mINP | VLM calls | calls / query |", "|---" * 12 + "|"]
     for label in labels:
         for r in results[label]:
-            rows = [("embedder", r.baseline, 0)] if label == labels[0] else []
+            rows = [("prefilter", r.baseline, 0)] if label == labels[0] else []
             if r.chatreid is not None:
                 rows.append((label, r.chatreid, r.vlm_calls))
             for name, m, calls in rows:
@@ -83,7 +87,7 @@ def write_report(results: dict[str, list[TaskResult]], cfg: EvalConfig, out: Pat
     for r in first:
         if math.isnan(r.baseline.mAP):
             continue
-        series = {"embedder": r.baseline.cmc[:20]}
+        series = {"prefilter": r.baseline.cmc[:20]}
         for label in labels:
             m = {x.task: x for x in results[label]}[r.task].chatreid
             if m is not None:

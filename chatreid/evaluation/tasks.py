@@ -2,7 +2,11 @@
 
 ``BENCHMARKS`` are the paper's ten benchmarks in their official layouts (under one root, each
 in its usual folder name); ``SYNTHETIC`` is the same tasks on the synthetic world's held-out
-identities. Trials (RegDB's ten splits, SYSU-MM01's ten gallery draws) are part of a task.
+identities plus the two the benchmarks lack: attribute-based retrieval (the query is a few
+attributes of a test crop, from ``attributes/attributes.json``) and adaptive multi-modal
+retrieval (an LTCC query image plus a description of the person's *other* outfit, as in stage
+3's adaptive task, scored cloth-changing). Trials (RegDB's ten splits, SYSU-MM01's ten gallery
+draws) are part of a task. How each query's clue is made: ``chatreid.evaluation.queries``.
 """
 
 from __future__ import annotations
@@ -29,8 +33,14 @@ class EvalTask:
         return DATASETS[self.dataset](root, **{**self.options, **extra})
 
     @property
+    def image_query(self) -> bool:
+        """The query has an image (every kind but text-to-image and attribute)."""
+        return self.kind not in ("text_to_image", "attribute")
+
+    @property
     def text_query(self) -> bool:
-        return self.kind in ("text_to_image", "attribute")
+        """The query has a text clue (text-to-image, attribute, adaptive)."""
+        return self.kind in ("text_to_image", "attribute", "adaptive")
 
 
 _REGDB = tuple({"trial": t} for t in range(1, 11))
@@ -67,4 +77,6 @@ SYNTHETIC: dict[str, EvalTask] = {t.name: t for t in (
     EvalTask("synth_visible_infrared", "sysu_mm01", "sysu_mm01", "visible_infrared",
              "visible_infrared"),
     EvalTask("synth_text_to_image", "cuhk_pedes", "text", "text_to_image", "text_to_image"),
+    EvalTask("synth_attribute", "cuhk_pedes", "text", "attribute", "attribute"),
+    EvalTask("synth_adaptive", "ltcc", "ltcc_cc", "adaptive", "adaptive"),
 )}
