@@ -94,21 +94,32 @@ def latest(settings: Settings, model: str, stage: str) -> CheckpointEvent | None
 
     Read from the manifests in object storage, so it works without the event history.
     """
+    found = [e for e in manifests(settings, model) if e.stage == stage]
+    return max(found, key=lambda e: e.created_at) if found else None
+
+
+def find(settings: Settings, model: str, version: str) -> CheckpointEvent | None:
+    """The complete checkpoint of ``model`` with this version (None if there is none)."""
+    return next((e for e in manifests(settings, model) if e.version == version), None)
+
+
+def manifests(settings: Settings, model: str) -> list[CheckpointEvent]:
+    """Every complete checkpoint of ``model`` in object storage (a manifest is written last,
+    so a half-pushed checkpoint has none)."""
     objects = ObjectStore(settings.s3)
-    found: list[tuple[str, CheckpointEvent]] = []
+    found: list[CheckpointEvent] = []
     for key in objects.list(f"checkpoints/{model}/"):
         if not key.endswith(f"/{MANIFEST}"):
             continue
         raw = objects.get(key)
         m = json.loads(raw)
-        if m.get("stage") != stage or "created_at" not in m:
+        if "created_at" not in m:
             continue
-        event = CheckpointEvent(
+        found.append(CheckpointEvent(
             model=m["model"], stage=m["stage"], version=m["version"],
             bucket=settings.s3.bucket, prefix=key.rsplit("/", 1)[0], manifest_key=key,
             manifest_sha256=sha256_hex(raw), parent_version=m.get("parent_version"),
             files=[CheckpointFile.model_validate(f) for f in m["files"]],
             metrics=m.get("metrics", {}), created_at=m["created_at"],
-        )
-        found.append((m["created_at"], event))
-    return max(found, key=lambda t: t[0])[1] if found else None
+        ))
+    return found

@@ -246,7 +246,8 @@ def search(
 @app.command()
 def serve(
     model: Annotated[str | None, typer.Option(
-        help="'latest' (newest checkpoint, the default), 'offline-default', 'tiny' or a dir")
+        help="'latest' (newest checkpoint, the default), 'offline-default', 'tiny', a dir, or "
+             "a checkpoint version (pinned: not replaced by newer checkpoints)")
     ] = None,
     replicas: Annotated[int | None, typer.Option(help="rerank replicas")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
@@ -275,13 +276,19 @@ def serve(
         with console.status("starting the local stack (broker, object store, Ray head)"):
             LocalStack(settings).up(ray=True)
     connect(settings)
-    spec = resolve_spec(settings)
+    try:
+        spec = resolve_spec(settings)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     with console.status(f"deploying {settings.serve.app_name} with "
                         f"{spec.version if spec else 'no model'}"):
         deploy(settings, spec)
     console.print(f"retrieval API: {settings.serve.base_url}  (OpenAPI: "
                   f"{settings.serve.base_url}/docs)  VLM: {spec.version if spec else 'none'}")
-    if not watch:
+    if not watch or settings.serve.model not in ("latest", ""):
+        if watch:
+            console.print(f"serve.model is pinned to {settings.serve.model!r}: newer "
+                          "checkpoints are not rolled out (use --model latest to follow them)")
         return
     console.print("following VLM checkpoints (Ctrl-C stops watching; the app keeps serving)")
     rollout, stop = VLMRollout(settings, spec), threading.Event()
@@ -374,7 +381,8 @@ def evaluate(
     tau: Annotated[float | None, typer.Option(help="prefilter cosine threshold")] = None,
     max_queries: Annotated[int | None, typer.Option(help="a seeded sample of queries")] = None,
     model: Annotated[list[str] | None, typer.Option(
-        help="VLM(s): 'latest', 'offline-default', 'tiny', a dir; several = ablation table")
+        help="VLM(s), each [LABEL=]MODEL: 'latest', 'offline-default', 'tiny', a dir or a "
+             "checkpoint version; several = the stage-ablation table (Table 4)")
     ] = None,
     embedder: Annotated[str, typer.Option(help="'latest', 'imagenet' or a checkpoint file")
                         ] = "latest",
@@ -420,18 +428,21 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
         root = ensure_world(settings, PRESETS["default"], console)
     cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries)
     emb = resolve_embedder(settings, embedder)
-    specs: list[ModelSpec | None] = [None]
+    specs: list[tuple[str, ModelSpec | None]] = [("baseline", None)]
     if not baseline_only:
         specs = []
-        for name in models or ["latest"]:
+        for entry in models or ["latest"]:
+            label, _, name = entry.rpartition("=")
             settings.serve.model = name
-            spec = resolve_spec(settings)
+            try:
+                spec = resolve_spec(settings)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from exc
             if spec is None:
                 raise typer.BadParameter("no VLM checkpoint and no fallback model")
-            specs.append(spec)
+            specs.append((label or spec.version, spec))
     results = {}
-    for spec in specs:
-        label = spec.version if spec else "baseline"
+    for label, spec in specs:
         console.print(f"evaluating {len(chosen)} task(s) on {root} with {label}")
         results[label] = run_evaluation(settings, chosen, root, cfg, embedder=emb, spec=spec,
                                         out=out, workers=workers)

@@ -52,3 +52,26 @@ def test_an_empty_directory_is_not_a_checkpoint(settings, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no files"):
         push(settings, tmp_path / "empty", model="vlm", stage="stage3", version="x")
+
+
+def test_a_version_can_be_pinned_and_latest_follows_the_newest(settings, tmp_path):
+    from chatreid.checkpoints import find, latest
+    from chatreid.retrieval.vlm import resolve_spec
+
+    old = push(settings, make_checkpoint(tmp_path / "a"), model="vlm", stage="stage3",
+               version="s3-old")
+    new = push(settings, make_checkpoint(tmp_path / "b"), model="vlm", stage="stage3",
+               version="s3-new")
+    assert latest(settings, "vlm", "stage3").version == new.version
+    assert find(settings, "vlm", "s3-old") == old and find(settings, "vlm", "nope") is None
+
+    pinned = settings.model_copy(deep=True)
+    pinned.serve.model = "s3-old"  # an operator's rollback: serve this one, not the newest
+    assert resolve_spec(pinned).event == old
+    pinned.serve.model = "latest"
+    assert resolve_spec(pinned).event == new
+    pinned.serve.model = "tiny"
+    assert resolve_spec(pinned).source == "base"
+    pinned.serve.model = "s3-missing"
+    with pytest.raises(ValueError, match="s3-missing"):
+        resolve_spec(pinned)

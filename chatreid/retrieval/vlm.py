@@ -55,13 +55,22 @@ class ModelSpec(BaseModel):
 
 
 def resolve_spec(settings: Settings) -> ModelSpec | None:
-    """The model to deploy now: ``serve.model``, where "latest" is the newest checkpoint of
-    ``serve.stage`` in object storage, else ``serve.fallback_model`` (None: no model)."""
-    from chatreid.checkpoints import latest
+    """The model to deploy now from ``serve.model``: "latest" is the newest checkpoint of
+    ``serve.stage`` in object storage, else ``serve.fallback_model`` (None: no model); a base
+    model name ("offline-default", "tiny") or a local model directory is that base; anything
+    else is a checkpoint version in object storage (pinning one, e.g. to roll back)."""
+    from chatreid.checkpoints import find, latest
+    from chatreid.model.builder import OFFLINE_DEFAULT, TINY
 
     cfg = settings.serve
-    if cfg.model != "latest":
+    if cfg.model in (OFFLINE_DEFAULT, TINY) or Path(cfg.model).is_dir():
         return ModelSpec.of_base(cfg.model)
+    if cfg.model != "latest":
+        event = find(settings, "vlm", cfg.model)
+        if event is None:
+            raise ValueError(f"serve.model {cfg.model!r}: not 'latest', a base model, a model "
+                             "directory or a VLM checkpoint version in object storage")
+        return ModelSpec.of_checkpoint(event)
     event = latest(settings, "vlm", cfg.stage)
     if event is not None:
         return ModelSpec.of_checkpoint(event)
