@@ -3,8 +3,11 @@ an independent per-query reference (torchreid's formulation) on random matrices.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
+import torch
 
 from chatreid.metrics import (
     PROTOCOLS,
@@ -14,6 +17,7 @@ from chatreid.metrics import (
     rank_metrics,
     sample_gallery,
 )
+from chatreid.metrics.protocols import _hit_ranks
 
 
 def reference(distmat, q: Labels, g: Labels, protocol: Protocol, max_rank: int = 50):
@@ -47,29 +51,86 @@ def reference(distmat, q: Labels, g: Labels, protocol: Protocol, max_rank: int =
     return np.mean(cmcs, axis=0), np.mean(aps), np.mean(inps), len(q) - len(aps)
 
 
-def random_case(rng, nq=37, ng=211, pids=25, cams=6):
+def random_case(rng, nq=37, ng=211, pids=25, cams=6, ties=True):
     q = Labels(rng.integers(1, pids, nq), rng.integers(1, cams + 1, nq), rng.integers(0, 3, nq))
     g_pids = rng.integers(-1, pids, ng)  # includes Market's junk (-1) and distractors (0)
     g = Labels(g_pids, rng.integers(1, cams + 1, ng), rng.integers(0, 3, ng))
     distmat = rng.random((nq, ng)).astype(np.float32)
-    distmat[:, rng.choice(ng, 20)] = 0.5  # ties: stable order must be kept
+    if ties:
+        distmat[:, rng.choice(ng, 20)] = 0.5  # ties: stable order must be kept
     return distmat, q, g
 
 
-@pytest.mark.parametrize("name", [n for n, p in PROTOCOLS.items() if not p.single_gallery_shot])
+def seeded(name: str, salt: int = 0) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(name.encode()) + salt)  # hash() varies per run
+
+
+def assert_matches_reference(distmat, q: Labels, g: Labels, protocol: Protocol) -> None:
+    cmc, m_ap, m_inp, skipped = reference(distmat, q, g, protocol, max_rank=20)
+    got = rank_metrics(distmat, q, g, protocol, max_rank=20, chunk=8)  # several chunks
+    assert got.cmc == pytest.approx(cmc, abs=1e-9)
+    assert got.mAP == pytest.approx(m_ap, abs=1e-9)
+    assert got.mINP == pytest.approx(m_inp, abs=1e-9)
+    assert got.skipped == skipped and got.queries == len(q) - skipped
+    same = rank_metrics(-distmat, q, g, protocol, similarity=True, max_rank=20)
+    assert same.mAP == pytest.approx(got.mAP) and same.cmc == pytest.approx(got.cmc)
+    assert same.mINP == pytest.approx(got.mINP)
+
+
+COUNTED = [n for n, p in PROTOCOLS.items() if not p.single_gallery_shot]
+
+
+@pytest.mark.parametrize("name", COUNTED)
 def test_matches_the_reference_on_random_matrices(name) -> None:
-    rng = np.random.default_rng(hash(name) % 2**32)
-    protocol = PROTOCOLS[name]
+    rng = seeded(name)
+    for ties in (True, True, True, False):
+        assert_matches_reference(*random_case(rng, ties=ties), PROTOCOLS[name])
+
+
+@pytest.mark.parametrize("name", COUNTED)
+def test_hits_tied_with_non_hits_keep_gallery_order(name) -> None:
+    rng = seeded(name, 1)
     for _ in range(3):
-        distmat, q, g = random_case(rng)
-        cmc, m_ap, m_inp, skipped = reference(distmat, q, g, protocol, max_rank=20)
-        got = rank_metrics(distmat, q, g, protocol, max_rank=20, chunk=8)  # several chunks
-        assert got.cmc == pytest.approx(cmc, abs=1e-9)
-        assert got.mAP == pytest.approx(m_ap, abs=1e-9)
-        assert got.mINP == pytest.approx(m_inp, abs=1e-9)
-        assert got.skipped == skipped and got.queries == len(q) - skipped
-        same = rank_metrics(-distmat, q, g, protocol, similarity=True, max_rank=20)
-        assert same.mAP == pytest.approx(got.mAP) and same.cmc == pytest.approx(got.cmc)
+        distmat, q, g = random_case(rng, ties=False)
+        assert_matches_reference(np.round(distmat * 4) / 4, q, g, PROTOCOLS[name])  # 5 values
+        # even rows: a hit's distance copied onto other identities on both sides of it;
+        # odd rows: the query identity's entries tied with each other only
+        for i in range(len(q)):
+            same, others = np.nonzero(g.pids == q.pids[i])[0], np.nonzero(g.pids != q.pids[i])[0]
+            if len(same) and i % 2:
+                distmat[i, same] = distmat[i, same[0]]
+            elif len(same):
+                distmat[i, rng.choice(others, 6)] = distmat[i, rng.choice(same)]
+        assert_matches_reference(distmat, q, g, PROTOCOLS[name])
+
+
+@pytest.mark.parametrize("name", COUNTED)
+def test_non_finite_distances_rank_as_the_sort_does(name) -> None:
+    rng = seeded(name, 2)
+    for _ in range(3):
+        distmat, q, g = random_case(rng, ties=False)
+        other = q.pids[:, None] != g.pids[None, :]
+        for value in (np.inf, -np.inf, np.nan):  # on other identities only: still counted
+            distmat[other & (rng.random(distmat.shape) < 0.05)] = value
+        assert_matches_reference(distmat, q, g, PROTOCOLS[name])
+        distmat[rng.random(distmat.shape) < 0.02] = np.nan  # on some hits too: sorted
+        assert_matches_reference(distmat, q, g, PROTOCOLS[name])
+
+
+def test_counted_ranks_leave_only_hit_non_hit_ties_to_the_sort() -> None:
+    # gallery identities 1 1 2 3 1, one camera; queries: identity 1 from another camera
+    g = Labels(np.array([1, 1, 2, 3, 1]), np.ones(5, dtype=int))
+    q = Labels(np.ones(3, dtype=int), np.full(3, 9))
+    dist = np.array([[0.3, 0.1, 0.2, 0.9, 0.5],   # no ties: hits at ranks 1, 3, 4
+                     [0.2, 0.2, 0.1, 0.9, 0.2],   # hits tied with each other: ranks 2, 3, 4
+                     [0.3, 0.1, 0.3, 0.9, 0.5]],  # identity 2 ties a hit: left to the sort
+                    dtype=np.float32)
+    ranks, n_hits, redo = _hit_ranks(torch.from_numpy(dist), q, g, PROTOCOLS["standard"])
+    assert redo.tolist() == [False, False, True] and n_hits.tolist() == [3, 3, 3]
+    assert ranks[0].tolist() == [1, 3, 4] and ranks[1].tolist() == [2, 3, 4]
+    # gallery order breaks the tie: the hit at index 0 ranks before identity 2 at index 2
+    tied = rank_metrics(dist[2:], Labels(q.pids[2:], q.camids[2:]), g)
+    assert tied.mAP == pytest.approx((1 / 1 + 2 / 2 + 3 / 4) / 3)
 
 
 def _one(gallery: list[tuple[int, int, int]], query=(1, 1, 0)):
