@@ -253,6 +253,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
     watch: Annotated[bool, typer.Option(
         help="stay up and roll out new VLM checkpoints as they are pushed")] = True,
+    print_config: Annotated[bool, typer.Option(
+        help="print the portable Serve config (KubeRay serveConfigV2) for these settings and "
+             "exit")] = False,
 ) -> None:
     """Deploy the retrieval app on Ray Serve (the local head, started if needed), then follow
     checkpoint events and roll each verified VLM checkpoint out replica by replica."""
@@ -272,6 +275,13 @@ def serve(
         settings.serve.rerank_replicas = replicas
     if port:
         settings.serve.http_port = port
+    if print_config:
+        import yaml
+
+        from .services.retrieval.app import deploy_config
+
+        typer.echo(yaml.safe_dump(deploy_config(settings, portable=True), sort_keys=False))
+        return
     if settings.ray.address is None:
         with console.status("starting the local stack (broker, object store, Ray head)"):
             LocalStack(settings).up(ray=True)

@@ -134,6 +134,8 @@ class ServeSettings(BaseModel):
     rerank_max_replicas: int = Field(2, ge=1)
     rerank_target_ongoing_requests: float = Field(2.0, gt=0)
     rerank_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rerank replica")
+    rerank_num_gpus: float = Field(0.0, ge=0, description="GPUs per rerank replica; > 0 serves "
+                                   "the VLM on CUDA in bf16")
     rerank_max_ongoing_requests: int = Field(4, ge=1)
     light_num_cpus: float = Field(0.1, ge=0, description="CPUs of ingress/prefilter replicas")
     group_size: int = Field(8, ge=2, le=8, description="candidates per best-choice turn")

@@ -261,9 +261,11 @@ def test_compose_services_and_dependencies(compose: dict[str, Any]) -> None:
     assert {"kafka", "minio", "ray-head", "init", "ingestor", "ingestor-synth", "embedder"} <= set(
         services
     )
-    assert {"embedder-gpu"} <= set(services)
+    assert {"embedder-gpu", "ray-worker", "ray-worker-gpu", "retrieval"} <= set(services)
+    one_shots = {n for n, svc in services.items() if svc.get("restart") == "no"}
+    assert one_shots == {"init", "train-embedder", "train-stage1", "train-stage2", "train-stage3"}
     for name, svc in services.items():
-        if name != "init":
+        if name not in one_shots:  # long-running: compose must know when it is healthy
             assert "healthcheck" in svc, f"{name} has no health check"
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on unknown {dep}"
@@ -279,6 +281,15 @@ def test_compose_services_and_dependencies(compose: dict[str, Any]) -> None:
     assert services["init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["ingestor-synth"]["profiles"] == ["demo"]
     assert services["embedder-gpu"]["profiles"] == ["gpu"]
+    assert services["ray-worker-gpu"]["profiles"] == ["gpu"]
+    # The API is deployed once the cluster and the topics exist; stages train in order.
+    assert set(services["retrieval"]["depends_on"]) == {"init", "ray-head"}
+    assert services["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    for stage, before in (("train-stage2", "train-stage1"), ("train-stage3", "train-stage2")):
+        cond = services[stage]["depends_on"][before]["condition"]
+        assert cond == "service_completed_successfully", stage
+    for name in ("train-embedder", "train-stage1", "train-stage2", "train-stage3"):
+        assert services[name]["profiles"] == ["train"], name
 
 
 def test_compose_kafka_is_kraft_and_images_are_pinned(compose: dict[str, Any]) -> None:
@@ -302,11 +313,17 @@ def test_compose_volumes_and_gpu_profile(compose: dict[str, Any]) -> None:
             assert source in declared, f"{name}: undeclared named volume {source}"
     assert {"kafka-data", "minio-data"} <= declared
 
-    gpu = compose["services"]["embedder-gpu"]
-    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
-    assert gpu["build"]["args"]["VARIANT"] == "cuda"
-    assert gpu["environment"]["CHATREID_EMBEDDER__DEVICE"] == "cuda"
+    for name in ("embedder-gpu", "ray-worker-gpu"):
+        gpu = compose["services"][name]
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
+        assert gpu["build"]["args"]["VARIANT"] == "cuda"
+    assert compose["services"]["embedder-gpu"]["environment"]["CHATREID_EMBEDDER__DEVICE"] == "cuda"
+    assert "--num-gpus=1" in compose["services"]["ray-worker-gpu"]["command"]
+    # Ray nodes and training share the world and outputs at one path.
+    work = {n for n, svc in compose["services"].items()
+            if "work:/home/chatreid/work" in svc.get("volumes", [])}
+    assert {"ray-head", "ray-worker", "ray-worker-gpu", "train-stage1"} <= work
 
 
 def test_compose_settings_come_from_env(compose: dict[str, Any]) -> None:

@@ -39,3 +39,27 @@ def test_the_model_travels_in_user_config_only() -> None:
     assert a == b
     assert deploy_config(s, None)["applications"][0]["deployments"][2]["user_config"] == {
         "model": None}
+
+
+def test_the_portable_config_carries_no_secret_and_a_model_reference(monkeypatch) -> None:
+    """What `chatreid serve --print-config` prints and the Helm chart's RayService renders:
+    settings come from each pod's environment, the replicas resolve the model themselves."""
+    from chatreid.services.retrieval.app import build_app
+    from chatreid.services.retrieval.deployments import model_spec
+
+    s = Settings()
+    s.serve.model = "tiny"
+    portable = deploy_config(s, portable=True)
+    ServeDeploySchema.model_validate(portable)
+    assert portable["applications"][0]["args"] == {}
+    assert s.s3.secret_key not in str(portable)
+    assert _rerank(portable)["user_config"] == {"model": "tiny"}
+
+    spec = model_spec(s, "tiny")  # what a replica does with the reference
+    assert spec == ModelSpec.of_base("tiny")
+    assert model_spec(s, spec.model_dump(mode="json")) == spec  # the local config's form
+    assert model_spec(s, None) is None
+
+    monkeypatch.setenv("CHATREID_SITE", "from-the-pod")
+    app = build_app({})  # the builder reads the environment when args carry no settings
+    assert app._bound_deployment.init_args[-1]["site"] == "from-the-pod"

@@ -102,11 +102,13 @@ class VLMRuntime:
         (``CheckpointError`` on any mismatch)."""
         if spec.source == "base":
             model, processor = build_model(spec.name)
-            return cls(model, processor, spec, settings.serve)
-        assert spec.event is not None
-        with tempfile.TemporaryDirectory(prefix="chatreid-vlm-") as tmp:
-            pull(settings, spec.event, Path(tmp))
-            model, processor = build_model(tmp)
+        else:
+            assert spec.event is not None
+            with tempfile.TemporaryDirectory(prefix="chatreid-vlm-") as tmp:
+                pull(settings, spec.event, Path(tmp))
+                model, processor = build_model(tmp)
+        if settings.serve.rerank_num_gpus and torch.cuda.is_available():
+            model = model.to("cuda", torch.bfloat16)  # Ray set CUDA_VISIBLE_DEVICES to ours
         return cls(model, processor, spec, settings.serve)
 
     # -- answers ---------------------------------------------------------------------------------
@@ -131,6 +133,7 @@ class VLMRuntime:
     @torch.inference_mode()
     def _generate(self, prompt: str, images: list[Image.Image]) -> str:
         inputs = encode_prompt(self.processor, prompt, [im.convert("RGB") for im in images])
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         out = self.model.generate(**inputs, max_new_tokens=self.cfg.rationale_tokens,
                                   do_sample=False)
         new = out[0, inputs["input_ids"].shape[1]:]

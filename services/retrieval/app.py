@@ -4,6 +4,12 @@ declarative config built from settings - the same schema ``serve deploy`` and Ku
 
 A declarative redeploy that changes only the rerank ``user_config`` makes Serve call
 ``reconfigure`` in place, one replica at a time, while the others keep answering.
+
+Two forms of the config: the local one (``chatreid serve``) carries the settings in ``args`` and
+the resolved, verified checkpoint in ``user_config``; the *portable* one (``chatreid serve
+--print-config``, and what the Helm chart's RayService renders) carries neither secrets nor a
+resolved event: replicas read settings from their pods' environment and resolve the model
+reference (``latest``, a base name or a checkpoint version) themselves.
 """
 
 from __future__ import annotations
@@ -28,18 +34,22 @@ def build_app(args: dict[str, Any]):
     from chatreid.services.retrieval.deployments import PrefilterDeployment, RerankDeployment
     from chatreid.services.retrieval.ingress import Ingress
 
-    settings = args["settings"]
+    # No settings in args (the portable config): every process reads its pod's environment.
+    settings = args.get("settings") or Settings().model_dump(mode="json")
     return Ingress.bind(PrefilterDeployment.bind(settings), RerankDeployment.bind(settings),
                         settings)
 
 
-def rerank_options(settings: Settings, spec: ModelSpec | None) -> dict[str, Any]:
+def rerank_options(settings: Settings, spec: ModelSpec | None,
+                   portable: bool = False) -> dict[str, Any]:
     cfg = settings.serve
+    model = cfg.model if portable else spec.model_dump(mode="json") if spec else None
     options: dict[str, Any] = {
         "name": "Rerank",
-        "user_config": {"model": spec.model_dump(mode="json") if spec else None},
+        "user_config": {"model": model},
         "max_ongoing_requests": cfg.rerank_max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": cfg.rerank_num_cpus},
+        "ray_actor_options": {"num_cpus": cfg.rerank_num_cpus,
+                              **({"num_gpus": cfg.rerank_num_gpus} if cfg.rerank_num_gpus else {})},
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 120,  # a replica finishes its dialogues before it stops
     }
@@ -53,23 +63,27 @@ def rerank_options(settings: Settings, spec: ModelSpec | None) -> dict[str, Any]
     return options
 
 
-def deploy_config(settings: Settings, spec: ModelSpec | None) -> dict[str, Any]:
-    """The whole desired state of the retrieval application as a plain dict (YAML-able)."""
+def deploy_config(settings: Settings, spec: ModelSpec | None = None, *,
+                  portable: bool = False) -> dict[str, Any]:
+    """The whole desired state of the retrieval application as a plain dict (YAML-able).
+    ``portable``: no settings in ``args`` and the model as its reference (module docstring)."""
     cfg = settings.serve
-    light = {"num_cpus": cfg.light_num_cpus}
+    def light() -> dict[str, float]:  # a fresh dict each: YAML output without anchors
+        return {"num_cpus": cfg.light_num_cpus}
+
     return {
         "http_options": {"host": cfg.http_host, "port": cfg.http_port},
         "applications": [{
             "name": cfg.app_name,
             "route_prefix": cfg.route_prefix,
             "import_path": IMPORT_PATH,
-            "args": {"settings": settings.model_dump(mode="json")},
+            "args": {} if portable else {"settings": settings.model_dump(mode="json")},
             "deployments": [
                 {"name": "Ingress", "num_replicas": cfg.ingress_replicas,
-                 "ray_actor_options": light},
+                 "ray_actor_options": light()},
                 {"name": "Prefilter", "num_replicas": cfg.prefilter_replicas,
-                 "ray_actor_options": light, "health_check_period_s": 10},
-                rerank_options(settings, spec),
+                 "ray_actor_options": light(), "health_check_period_s": 10},
+                rerank_options(settings, spec, portable),
             ],
         }],
     }

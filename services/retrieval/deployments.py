@@ -29,11 +29,25 @@ from chatreid.retrieval import (
     UnknownCrop,
     VLMRuntime,
 )
+from chatreid.retrieval.vlm import resolve_spec
 from chatreid.schemas import QueryRequest
 from chatreid.search import PrefilterSearch
 from chatreid.storage import ObjectStore
 
 log = logging.getLogger("chatreid.serve")
+
+
+def model_spec(settings: Settings, raw: dict | str | None) -> ModelSpec | None:
+    """The rerank ``user_config``'s model: a resolved spec (``chatreid serve``), or a reference
+    the replica resolves itself (the portable config: "latest", a base model, a checkpoint
+    version). An unknown version raises ValueError, so Serve keeps the previous model."""
+    if not raw:
+        return None
+    if isinstance(raw, dict):
+        return ModelSpec.model_validate(raw)
+    pinned = settings.model_copy(deep=True)
+    pinned.serve.model = raw
+    return resolve_spec(pinned)
 
 
 @serve.deployment(name="Prefilter")
@@ -113,8 +127,7 @@ class RerankDeployment:
         self._cache_lock = threading.Lock()
 
     def reconfigure(self, config: dict) -> None:
-        raw = config.get("model")
-        spec = ModelSpec.model_validate(raw) if raw else None
+        spec = model_spec(self.settings, config.get("model"))
         with self._swap:  # Serve serialises reconfigures; this guards against overlap anyway
             if spec is None:
                 self.runtime = None
