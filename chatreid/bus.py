@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
     """acks=all with idempotence: a retried send never duplicates on the broker."""
     kwargs = dict(
-        bootstrap_servers=settings.bootstrap_servers,
+        **settings.client_options(),
         client_id=settings.client_id,
         acks="all",
         enable_idempotence=True,
@@ -34,7 +34,7 @@ def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
 def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) -> KafkaConsumer:
     """Auto-commit off: callers commit after their effect is durable."""
     kwargs = dict(
-        bootstrap_servers=settings.bootstrap_servers,
+        **settings.client_options(),
         client_id=settings.client_id,
         group_id=group_id,
         enable_auto_commit=False,
@@ -47,8 +47,7 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) ->
 def ensure_topics(settings: KafkaSettings, names: Iterable[str] | None = None) -> list[str]:
     """Create the project's topics if missing; returns the ones it created."""
     wanted = [settings.topic(t.name) for t in ALL_TOPICS] if names is None else list(names)
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
-                             client_id=f"{settings.client_id}-admin")
+    admin = KafkaAdminClient(**settings.client_options(), client_id=f"{settings.client_id}-admin")
     try:
         existing = set(admin.list_topics())
         created = []
@@ -68,8 +67,7 @@ def ensure_topics(settings: KafkaSettings, names: Iterable[str] | None = None) -
 
 def broker_reachable(settings: KafkaSettings) -> bool:
     try:
-        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
-                                 request_timeout_ms=3000)
+        admin = KafkaAdminClient(**settings.client_options(), request_timeout_ms=3000)
     except Exception:  # kafka-python raises several kinds while no broker answers
         return False
     admin.close()

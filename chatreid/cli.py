@@ -354,7 +354,8 @@ def query(
                      "time_to": until})
     except (ValidationError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    client = RetrievalClient(url or _settings().serve.base_url)
+    settings = _settings()
+    client = RetrievalClient(url or settings.serve.base_url, api_key=settings.serve.api_key)
     try:
         with console.status("asking the retrieval app"):
             response = client.query(request)

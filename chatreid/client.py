@@ -18,14 +18,18 @@ class ApiError(RuntimeError):
 
 
 class RetrievalClient:
-    def __init__(self, base_url: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 300.0,
+                 api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.api_key = api_key
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(
-            self.base_url + path, data=body, method=method,
-            headers={"content-type": "application/json"} if body is not None else {})
+        headers = {"content-type": "application/json"} if body is not None else {}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.base_url + path, data=body, method=method,
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()

@@ -7,6 +7,7 @@ point at the local stack (``chatreid up``) on loopback; docker-compose and Helm 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,10 +19,24 @@ class KafkaSettings(BaseModel):
     topic_prefix: str = "chatreid"
     partitions: int = Field(6, ge=1, description="partitions for topics this project creates")
     replication_factor: int = Field(1, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
 
     def topic(self, name: str) -> str:
         """Full topic name for a logical topic (see ``chatreid.schemas.topics``)."""
         return f"{self.topic_prefix}.{name}"
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection options every producer, consumer and admin client shares."""
+        options: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
+                                   "security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            options.update(sasl_mechanism=self.sasl_mechanism or "PLAIN",
+                           sasl_plain_username=self.sasl_username,
+                           sasl_plain_password=self.sasl_password)
+        return options
 
 
 class S3Settings(BaseModel):
@@ -147,6 +162,8 @@ class ServeSettings(BaseModel):
     refresh_every_s: float = Field(1.0, gt=0, description="prefilter index follow interval")
     fetch_workers: int = Field(8, ge=1, description="parallel crop reads per rerank")
     rollout_timeout_s: float = Field(600.0, gt=0)
+    api_key: str | None = Field(None, description="when set, /v1/* requires the header "
+                                "'Authorization: Bearer <key>' (health and docs stay open)")
 
     @property
     def base_url(self) -> str:

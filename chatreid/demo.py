@@ -91,7 +91,7 @@ def _deploy(settings: Settings, console: Console) -> RetrievalClient:
     with console.status(f"deploying the retrieval app on Ray Serve (VLM "
                         f"{spec.version if spec else 'none'}: load + smoke query)"):
         deploy(settings, spec)
-    return RetrievalClient(settings.serve.base_url)
+    return RetrievalClient(settings.serve.base_url, api_key=settings.serve.api_key)
 
 
 def _model_note(response) -> str:

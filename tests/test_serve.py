@@ -26,6 +26,7 @@ pytestmark = pytest.mark.stack
 
 START = 1_795_737_600.0  # the synthetic site's clock
 PORT = 8011  # away from a developer's running app (8000)
+API_KEY = "test-api-key"  # the app under test requires it (serve.api_key)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def site(stack_base, ray_session):
     settings.serve.light_num_cpus = 0.05
     settings.serve.max_turns = 4  # K = 10 leaves candidates the dialogue does not reach
     settings.serve.rationale_tokens = 8
+    settings.serve.api_key = API_KEY
     ingestor = Ingestor(settings, source="synth")
     crops = {}
     for crop in synth_source(3, 90, None, start_time=START):
@@ -51,7 +53,7 @@ def site(stack_base, ray_session):
     ingestor.close()
     assert EmbedderService(settings).run(until_idle_s=3).indexed == 90
     deploy(settings, ModelSpec.of_base("tiny"))
-    client = RetrievalClient(settings.serve.base_url, timeout_s=120)
+    client = RetrievalClient(settings.serve.base_url, timeout_s=120, api_key=API_KEY)
     client.wait_ready(gallery=90, timeout_s=120)
     yield settings, client, crops
     serve.shutdown()
@@ -114,7 +116,7 @@ def test_each_kind_answers_with_the_ranking_contract(kind, site) -> None:
 def test_uploaded_image_tau_rationale_and_crop_urls(site) -> None:
     settings, client, crops = site
     query = _pick(crops)
-    data = urllib.request.urlopen(f"{settings.serve.base_url}/v1/crops/{query.crop_id}").read()
+    data = client.crop(query.crop_id)
     assert Image.open(io.BytesIO(data)).size == (query.width, query.height)
     request = QueryRequest(image_b64=base64.b64encode(data).decode(), k=6, top=6, tau=0.5,
                            rationale=True)
@@ -157,6 +159,22 @@ def test_errors_are_clear_and_the_app_keeps_answering(site) -> None:
     assert err.value.status == 404
     # nothing above broke anything: a good query still answers
     assert client.query(QueryRequest(crop_id=_pick(crops).crop_id, k=3)).results
+
+
+def test_the_api_key_guards_queries_and_crops(site) -> None:
+    settings, client, crops = site
+    anonymous = RetrievalClient(settings.serve.base_url, timeout_s=60)
+    wrong = RetrievalClient(settings.serve.base_url, timeout_s=60, api_key="not-the-key")
+    crop_id = _pick(crops).crop_id
+    for who, code in ((anonymous, "auth.required"), (wrong, "auth.invalid")):
+        with pytest.raises(ApiError) as denied:
+            who.query(QueryRequest(crop_id=crop_id, k=4))
+        assert (denied.value.status, denied.value.error) == (401, code)
+        with pytest.raises(ApiError) as denied:
+            who.crop(crop_id)
+        assert denied.value.status == 401
+    assert anonymous.health()["gallery"] == 90  # probes need no key
+    assert client.query(QueryRequest(crop_id=crop_id, k=4)).results
 
 
 def test_openapi_health_and_prometheus_metrics(site) -> None:
@@ -335,10 +353,12 @@ def test_chatreid_query_prints_the_answer_and_writes_a_contact_sheet(site, tmp_p
     sheet = tmp_path / "answer.png"
     result = CliRunner().invoke(app, [
         "query", "--crop-id", query.crop_id, "--k", "6", "--top", "5",
-        "--url", settings.serve.base_url, "--sheet", str(sheet)], terminal_width=200)
+        "--url", settings.serve.base_url, "--sheet", str(sheet)], terminal_width=200,
+        env={"CHATREID_SERVE__API_KEY": API_KEY})  # the CLI presents the configured key
     assert result.exit_code == 0, result.output
     assert "standard query" in result.output and "confidence" in result.output
     assert Image.open(sheet).size[0] > 0
     bad = CliRunner().invoke(app, ["query", "--crop-id", "nope", "--url",
-                                   settings.serve.base_url])
+                                   settings.serve.base_url],
+                             env={"CHATREID_SERVE__API_KEY": API_KEY})
     assert bad.exit_code == 1 and "crop.unknown" in bad.output

@@ -6,6 +6,7 @@ can act on comes back as an ``ErrorResponse`` with its HTTP status.
 """
 
 
+import hmac
 import time
 import uuid
 
@@ -27,7 +28,7 @@ api = FastAPI(
     "embedder, rerank with the fine-tuned VLM's multi-turn best-choice dialogue.",
 )
 
-_ERRORS = {s: {"model": ErrorResponse} for s in (404, 413, 422, 503)}
+_ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
 _LATENCY_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 20_000, 60_000]
 _COUNTS = [1, 2, 5, 10, 20, 50, 100, 200]
 
@@ -70,9 +71,24 @@ class Ingress:
             "chatreid_candidates_reranked", description="candidates the VLM reranked",
             boundaries=_COUNTS, tag_keys=kind)
 
+    def _denied(self, request: Request) -> JSONResponse | None:
+        """401 unless the API key (``serve.api_key``) is presented, when one is configured."""
+        key = self.settings.serve.api_key
+        if not key:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return _error(401, "auth.required", "send 'Authorization: Bearer <API key>'")
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            return _error(401, "auth.invalid", "the API key is not valid")
+        return None
+
     @api.post("/v1/query", response_model=QueryResponse, responses=_ERRORS)
     async def query(self, payload: QueryRequest, request: Request) -> QueryResponse:
         """Ask where a person appeared: by crop id or uploaded image, text, attributes."""
+        if denied := self._denied(request):
+            self.queries.inc(tags={"kind": payload.kind, "outcome": "auth"})
+            return denied
         if int(request.headers.get("content-length") or 0) > self.max_body:
             self.queries.inc(tags={"kind": payload.kind, "outcome": "image.too_large"})
             return _error(413, "image.too_large", f"request body over {self.max_body} bytes")
@@ -100,8 +116,10 @@ class Ingress:
         return response
 
     @api.get("/v1/crops/{crop_id}", responses={200: {"content": {"image/*": {}}}, **_ERRORS})
-    async def crop(self, crop_id: str) -> Response:
+    async def crop(self, crop_id: str, request: Request) -> Response:
         """The crop image behind a result's ``url``."""
+        if denied := self._denied(request):
+            return denied
         try:
             data, content_type = await self.prefilter.crop.remote(crop_id)
         except Exception as exc:
