@@ -161,6 +161,8 @@ class ServeSettings(BaseModel):
     rationale_tokens: int = Field(64, ge=8, le=256)
     refresh_every_s: float = Field(1.0, gt=0, description="prefilter index follow interval")
     fetch_workers: int = Field(8, ge=1, description="parallel crop reads per rerank")
+    text_window: int = Field(1000, ge=1, description="newest crops inside the filters a text "
+                             "or attribute query's colour matcher ranks")
     rollout_timeout_s: float = Field(600.0, gt=0)
     api_key: str | None = Field(None, description="when set, /v1/* requires the header "
                                 "'Authorization: Bearer <key>' (health and docs stay open)")

@@ -9,9 +9,13 @@ switch together, so a query is never embedded in one space and searched in anoth
 from __future__ import annotations
 
 import io
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 from PIL import Image
 
 from .config import Settings
@@ -24,7 +28,9 @@ from .storage import ObjectStore
 class SearchResult:
     rank: int
     crop_id: str
-    score: float | None  # cosine to the query image; None when the query had no image
+    # cosine to the query image; for a text query, the colour-attribute match (0..1); None
+    # when the clue named no garment colour (newest first)
+    score: float | None
     camera: str
     modality: str
     capture_time: datetime
@@ -55,6 +61,7 @@ class PrefilterSearch:
         else:
             current, pending = configured(), None
         self._embedders = {current.version: current}  # the live one, and an incoming one
+        self.colours = ColourCache(self.objects, settings.serve.fetch_workers)
         self.follower = IndexFollower(settings, self.objects, embedder_version=current.version)
         if pending is not None:
             self._stage(pending)
@@ -116,6 +123,30 @@ class PrefilterSearch:
         metas = store.newest(k, filters, exclude or frozenset())
         return [_result(i + 1, m, None) for i, m in enumerate(metas)]
 
+    def describe(self, clue: str, k: int = 20, tau: float | None = None,
+                 filters: SearchFilter | None = None, exclude: set[str] | None = None,
+                 window: int = 1000) -> list[SearchResult]:
+        """A text or attribute query's shortlist: the newest ``window`` crops inside
+        ``filters`` ranked by the colour-attribute matcher (garment colours the clue names vs
+        each crop's colours), newest first among equals; a clue naming no colour leaves the
+        newest first. ``tau`` bounds the match share (0..1) when the clue names a colour."""
+        from .embedder.colour import ColourAttributeEmbedder
+
+        matcher = ColourAttributeEmbedder()
+        recent = self.browse(window, filters, exclude)
+        text = matcher.embed_texts([clue])
+        if not text.any():
+            return recent[:k]
+        vectors = self.colours.vectors([(r.crop_id, r.object_key) for r in recent])
+        score = 1.0 - matcher.distance(text, vectors)[0]
+        order = sorted(range(len(recent)), key=lambda i: -score[i])  # stable: newest first
+        if tau is not None:
+            order = [i for i in order if score[i] >= tau]
+        picked = [recent[i] for i in order[:k]]
+        return [SearchResult(rank + 1, r.crop_id, float(score[i]), r.camera, r.modality,
+                             r.capture_time, r.object_key)
+                for rank, (i, r) in enumerate(zip(order, picked, strict=False))]
+
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
                filters: SearchFilter | None = None,
                exclude: set[str] | None = None) -> list[SearchResult]:
@@ -127,6 +158,42 @@ class PrefilterSearch:
         hits: list[Hit] = store.search(vec, k + extra, tau=tau, filters=filters)[0]
         hits = [h for h in hits if not exclude or h.meta.crop_id not in exclude][:k]
         return [_result(i + 1, h.meta, h.score) for i, h in enumerate(hits)]
+
+
+class ColourCache:
+    """Crops' colour-attribute vectors, computed once per crop from its stored image (fetched
+    in parallel) and kept in a bounded LRU map: text queries re-rank the same recent crops."""
+
+    def __init__(self, objects: ObjectStore, workers: int = 8, capacity: int = 200_000) -> None:
+        from .embedder.colour import ColourAttributeEmbedder
+
+        self.objects, self.capacity = objects, capacity
+        self.matcher = ColourAttributeEmbedder()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="colours")
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def vectors(self, crops: list[tuple[str, str]]) -> np.ndarray:
+        """One vector per (crop id, object key), in order."""
+        with self._lock:
+            missing = [(c, k) for c, k in crops if c not in self._cache]
+        for crop_id, vec in zip((c for c, _ in missing),
+                                self._pool.map(self._compute, (k for _, k in missing)),
+                                strict=True):
+            with self._lock:
+                self._cache[crop_id] = vec
+        with self._lock:
+            out = []
+            for crop_id, _ in crops:
+                self._cache.move_to_end(crop_id)
+                out.append(self._cache[crop_id])
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return np.stack(out) if out else np.zeros((0, self.matcher.dim), np.float32)
+
+    def _compute(self, key: str) -> np.ndarray:
+        image = Image.open(io.BytesIO(self.objects.get(key)))
+        return self.matcher.embed_images([image])[0]
 
 
 def _result(rank: int, meta: VectorMeta, score: float | None) -> SearchResult:

@@ -105,11 +105,11 @@ def test_each_kind_answers_with_the_ranking_contract(kind, site) -> None:
         assert r.url == f"{settings.serve.base_url}/v1/crops/{r.crop_id}"
     if kind == "visible_infrared":  # cross-spectrum unless a modality is asked for
         assert {r.modality for r in results} == {"infrared"}
+    scores = [r.prefilter_score for r in sorted(results, key=lambda r: r.prefilter_rank)]
     if KINDS[kind](query).get("crop_id"):
-        scores = [r.prefilter_score for r in results]
         assert all(s is not None for s in scores)
-    else:
-        assert all(r.prefilter_score is None for r in results)
+    else:  # text: the colour matcher's share, best first (newest first among equals)
+        assert all(0.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
     assert [t.chosen for t in response.turns] == [r.crop_id for r in reranked]
 
 
@@ -362,3 +362,44 @@ def test_chatreid_query_prints_the_answer_and_writes_a_contact_sheet(site, tmp_p
                                    settings.serve.base_url],
                              env={"CHATREID_SERVE__API_KEY": API_KEY})
     assert bad.exit_code == 1 and "crop.unknown" in bad.output
+
+
+def _painted(upper: str, lower: str) -> bytes:
+    """A person-shaped crop in two garment colours (the colour matcher's terms)."""
+    from PIL import ImageDraw
+
+    from chatreid.embedder.colour import COLOUR_TERMS
+
+    img = Image.new("RGB", (64, 128), (90, 140, 90))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((16, 20, 48, 64), fill=COLOUR_TERMS[upper])
+    draw.rectangle((18, 66, 46, 120), fill=COLOUR_TERMS[lower])
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_a_text_query_shortlists_the_crops_in_the_named_colours(site) -> None:
+    """Last in this file: it adds crops to the site's gallery."""
+    from chatreid.services.ingestor.service import CropInput
+
+    settings, client, _ = site
+    outfits = [("green", "black"), ("red", "blue"), ("yellow", "white"), ("red", "black")]
+    ingestor = Ingestor(settings, source="test")
+    ids = {}
+    for i, (upper, lower) in enumerate(outfits):
+        crop = CropInput(data=_painted(upper, lower), camera="painted",
+                         capture_time=datetime.fromtimestamp(START + 10 * i, UTC))
+        ids[ingestor.submit(crop).event.crop_id] = (upper, lower)
+    ingestor.close()
+    assert EmbedderService(settings).run(until_idle_s=3).indexed == len(outfits)
+    client.wait_ready(gallery=90 + len(outfits), timeout_s=60)
+
+    response = client.query(QueryRequest(
+        kind="text_to_image", text="A man wearing a red t-shirt and blue jeans.", k=4, top=4,
+        filters={"cameras": ["painted"]}))
+    by_prefilter = sorted(response.results, key=lambda r: r.prefilter_rank)
+    assert ids[by_prefilter[0].crop_id] == ("red", "blue")  # both colours match
+    assert ids[by_prefilter[1].crop_id] == ("red", "black")  # one of two
+    scores = [r.prefilter_score for r in by_prefilter]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.8 > scores[-1]

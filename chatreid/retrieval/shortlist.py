@@ -2,8 +2,9 @@
 
 Image queries search the FAISS store with the rolled-out embedder (cosine ≥ τ, at most K).
 Text and attribute queries have no image to embed - the prefilter embedder is image-only - so
-their shortlist is the newest K crops inside the filters; camera, modality and time window are
-what narrows them, and the VLM does the matching.
+the newest ``serve.text_window`` crops inside the filters are ranked by the colour-attribute
+matcher (the garment colours the clue names vs each crop's colours; ``chatreid.embedder.colour``)
+and the best K go to the VLM; camera, modality and time window narrow the window.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ class Shortlist:
 
 
 class Shortlister:
-    def __init__(self, search: PrefilterSearch, limits: IngestorSettings) -> None:
+    def __init__(self, search: PrefilterSearch, limits: IngestorSettings,
+                 text_window: int = 1000) -> None:
         self.search = search
         self.limits = limits
+        self.text_window = text_window
 
     def shortlist(self, request: QueryRequest) -> Shortlist:
         kind = QueryKind.parse(request.kind)
@@ -69,7 +72,9 @@ class Shortlister:
                 items = self.search.search(image, k=request.k, tau=request.tau,
                                            filters=filters, exclude=exclude)
             else:
-                items = self.search.browse(request.k, filters, exclude=exclude)
+                items = self.search.describe(_clue(request), k=request.k, tau=request.tau,
+                                             filters=filters, exclude=exclude,
+                                             window=self.text_window)
         except LookupError as exc:
             raise EmptyGallery(str(exc)) from None
         return Shortlist(kind, key, data, modality, items, self.search.gallery_size(),
@@ -78,6 +83,11 @@ class Shortlister:
     def _query_image(self, key: str | None, data: bytes | None) -> Image.Image:
         raw = data if data is not None else self.search.objects.get(key)  # type: ignore[arg-type]
         return Image.open(io.BytesIO(raw)).convert("RGB")
+
+
+def _clue(request: QueryRequest) -> str:
+    """What the colour matcher reads: the description, then the attribute phrases."""
+    return "; ".join([request.text or "", *request.attributes])
 
 
 def _filters(request: QueryRequest) -> SearchFilter:

@@ -59,7 +59,8 @@ class PrefilterDeployment:
         self.settings = Settings.model_validate(settings)
         self.search = PrefilterSearch(self.settings)
         self.search.refresh()
-        self.shortlister = Shortlister(self.search, self.settings.ingestor)
+        self.shortlister = Shortlister(self.search, self.settings.ingestor,
+                                       self.settings.serve.text_window)
         self._last_ok = time.monotonic()
         self._error: str | None = None
         self._stop = threading.Event()
