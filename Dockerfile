@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# ChatReID image: one image, every process (`chatreid init|ingest|embed|status|search`, and the
-# Ray head via `--entrypoint ray`).
+# ChatReID image: one image, every process (`chatreid init|ingest|embed|serve|train|...`, and
+# Ray nodes via `--entrypoint ray`; KubeRay runs `ray start` in it by itself).
 #
 #   docker build -t chatreid:0.1.0 .                             # CPU (default)
 #   docker build -t chatreid:0.1.0-cuda --build-arg VARIANT=cuda .  # CUDA torch + faiss-gpu
@@ -72,18 +72,25 @@ RUN groupadd --system --gid 10001 chatreid \
 
 COPY --from=build /opt/venv /opt/venv
 
-# Containers are reached over the network: the ingestor listens on all interfaces, not loopback.
+# Containers are reached over the network: the ingestor and the retrieval API listen on all
+# interfaces, not loopback.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    CHATREID_INGESTOR__HTTP_HOST=0.0.0.0
+    CHATREID_INGESTOR__HTTP_HOST=0.0.0.0 \
+    CHATREID_SERVE__HTTP_HOST=0.0.0.0
+
+# Login shells (`bash -l`, as KubeRay < 1.4 starts Ray) reset PATH in /etc/profile; put the
+# venv back so `ray` and `chatreid` resolve there too.
+RUN echo 'export PATH=/opt/venv/bin:$PATH' > /etc/profile.d/chatreid-venv.sh
 
 # Fails the build, not the first deployment, if the install is broken.
 RUN chatreid --help > /dev/null
 
 USER 10001:10001
 WORKDIR /home/chatreid
-EXPOSE 8070
+# ingestor, retrieval API (Serve), Ray GCS, Ray dashboard, Ray client
+EXPOSE 8070 8000 6379 8265 10001
 
 ENTRYPOINT ["chatreid"]
 CMD ["--help"]

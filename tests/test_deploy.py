@@ -3,9 +3,13 @@
 No Docker engine or cluster is needed. The compose file is validated against the Compose
 specification (check-jsonschema's vendored schema); the chart is rendered and linted with the
 Helm SDK (helm-python-sdk) and every manifest is validated against the Kubernetes OpenAPI
-schemas (kubernetes-validate, strict); and every ``chatreid ...`` command line these files run
-is parsed against the real CLI (``chatreid.cli.app``), so a renamed command or flag fails here
-instead of in a crash-looping pod.
+schemas (kubernetes-validate, strict). KubeRay's RayService/RayJob cannot be validated that way
+(no CRD is installable offline), so they are checked against tests/schemas/kuberay-v1.schema.json
+(the ray.io/v1 fields, closed objects), every pod template inside them strictly as a core/v1
+PodTemplate, and the RayService's serveConfigV2 against Ray Serve's schema and against what the
+app's own ``deploy_config`` produces for the settings the pods get. Every ``chatreid ...``
+command line these files run (RayJob entrypoints included) is parsed against the real CLI
+(``chatreid.cli.app``), so a renamed command or flag fails here instead of in a crash-looping pod.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 CHART = ROOT / "helm" / "chatreid"
 GPU_VALUES = CHART / "values-gpu.yaml"
+KUBERAY_SCHEMA = ROOT / "tests" / "schemas" / "kuberay-v1.schema.json"
 
 BASE_IMAGE = "python:3.11.7-slim-bookworm"
 KUBE_VERSION = "1.30.0"
@@ -144,15 +151,51 @@ def gpu_values(helm: Any) -> dict[str, Any]:
     return helm.values_from_yaml(GPU_VALUES.read_text())
 
 
+def merged(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """Deep merge of values layers (later wins), the way ``-f a.yaml -f b.yaml`` combines them."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value)
+            else:
+                out[key] = json.loads(json.dumps(value))
+    return out
+
+
+def render_all(helm: Any, values: dict[str, Any] | None) -> dict[str, str]:
+    """Every rendered template (NOTES.txt included), by path."""
+    with helm.Chart.load(CHART) as chart:
+        manifests: dict[str, str] = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    return manifests
+
+
 def render(helm: Any, values: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Render the chart offline; the Kubernetes objects (NOTES.txt and empty docs dropped)."""
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
     docs: list[dict[str, Any]] = []
-    for path, text in sorted(manifests.items()):
+    for path, text in sorted(render_all(helm, values).items()):
         if path.endswith(".yaml"):
             docs += [d for d in yaml.safe_load_all(text) if d]
     return docs
+
+
+# Everything on at once: GPUs, training, autoscaled ingestor and embedder, SASL, an API key, an
+# Ingress. The validation tests run over this as well as over the defaults.
+FULL_VALUES: dict[str, Any] = {
+    "kafka": {"sasl": {"enabled": True, "username": "chatreid", "password": "kafka-pass"}},
+    "ingestor": {"autoscaling": {"enabled": True},
+                 "ingress": {"enabled": True, "host": "upload.example.com"}},
+    "embedder": {"autoscaling": {"enabled": True}},
+    "retrieval": {
+        "apiKey": "api-key-value",
+        "publicUrl": "https://reid.example.com",
+        "rerankAutoscaling": {"enabled": True, "maxReplicas": 4},
+        "ingress": {"enabled": True, "className": "nginx", "host": "reid.example.com",
+                    "tls": [{"hosts": ["reid.example.com"], "secretName": "reid-tls"}]},
+    },
+    "training": {"enabled": True, "workers": 2},
+    "extraConfig": {"CHATREID_INDEX__EXACT_MAX": "100000"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +208,58 @@ def rendered_gpu(helm: Any, gpu_values: dict[str, Any]) -> list[dict[str, Any]]:
     return render(helm, gpu_values)
 
 
+@pytest.fixture(scope="module")
+def rendered_full(helm: Any, gpu_values: dict[str, Any]) -> list[dict[str, Any]]:
+    return render(helm, merged(gpu_values, FULL_VALUES))
+
+
+@pytest.fixture(scope="module")
+def rendered_training(helm: Any) -> list[dict[str, Any]]:
+    return render(helm, {"training": {"enabled": True}})
+
+
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-def containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet", "DaemonSet"}
+RAY_KINDS = {"RayService", "RayJob"}
+
+
+def ray_cluster(doc: dict[str, Any]) -> dict[str, Any]:
+    """The RayClusterSpec of a RayService or RayJob."""
+    spec = doc["spec"]
+    return spec["rayClusterConfig"] if doc["kind"] == "RayService" else spec["rayClusterSpec"]
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, PodTemplateSpec) of every pod the chart defines, Ray pods and submitters included."""
     for doc in docs:
-        if doc["kind"] in {"Deployment", "Job", "StatefulSet", "DaemonSet"}:
-            for c in doc["spec"]["template"]["spec"]["containers"]:
-                yield f"{doc['kind']}/{doc['metadata']['name']}/{c['name']}", c
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in WORKLOAD_KINDS:
+            yield where, doc["spec"]["template"]
+        elif doc["kind"] in RAY_KINDS:
+            cluster = ray_cluster(doc)
+            yield f"{where}/head", cluster["headGroupSpec"]["template"]
+            for group in cluster.get("workerGroupSpecs", []):
+                yield f"{where}/{group['groupName']}", group["template"]
+            if "submitterPodTemplate" in doc["spec"]:
+                yield f"{where}/submitter", doc["spec"]["submitterPodTemplate"]
+
+
+def containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for where, template in pod_templates(docs):
+        for c in template["spec"]["containers"]:
+            yield f"{where}/{c['name']}", c
+
+
+def secret_refs(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """env name -> (Secret name, key) for the container's secretKeyRef variables."""
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,33 +487,136 @@ def test_ray_head_flags_exist(compose: dict[str, Any]) -> None:
 
 def test_values_gpu_file_parses(gpu_values: dict[str, Any]) -> None:
     assert gpu_values["embedder"]["imageVariant"] == "cuda"
+    assert gpu_values["retrieval"]["rerankNumGpus"] == 1
+    assert gpu_values["retrieval"]["gpuWorkers"]["enabled"] is True
+    assert gpu_values["training"]["gpuWorkers"]["enabled"] is True
 
 
-@pytest.mark.parametrize("variant", ["default", "gpu"])
+@pytest.mark.parametrize("variant", ["default", "gpu", "full"])
 def test_chart_lints_clean(helm: Any, gpu_values: dict[str, Any], variant: str) -> None:
-    values = gpu_values if variant == "gpu" else None
-    report = helm.lint(CHART, values=values, strict=True, namespace=NAMESPACE)
+    values = {"default": None, "gpu": gpu_values, "full": merged(gpu_values, FULL_VALUES)}
+    report = helm.lint(CHART, values=values[variant], strict=True, namespace=NAMESPACE)
     assert report["errors"] == [], report
     # Severity 2 = warning, 3 = error; 1 (info, e.g. "icon is recommended") is fine.
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert problems == [], problems
 
 
-@pytest.mark.parametrize("variant", ["default", "gpu"])
-def test_rendered_manifests_validate(
-    rendered_default: list[dict[str, Any]], rendered_gpu: list[dict[str, Any]], variant: str
-) -> None:
+# -- KubeRay objects: no CRD can be installed offline, so a JSON Schema of the ray.io/v1 fields
+# -- (tests/schemas/kuberay-v1.schema.json), strict core/v1 validation of every embedded pod
+# -- template, and the Serve config checked against Ray Serve's own schema.
+
+
+@pytest.fixture(scope="module")
+def kuberay_validator() -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(KUBERAY_SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def kuberay_schema_errors(validator: Any, doc: dict[str, Any]) -> list[str]:
+    return [
+        f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    ]
+
+
+def validate_pod_template(kv: Any, template: dict[str, Any], where: str) -> None:
+    """A PodTemplateSpec, strictly, as the core/v1 PodTemplate object that wraps one."""
+    wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+               "template": template}
+    try:
+        kv.validate(wrapper, KUBE_VERSION, strict=True)
+    except kv.ValidationError as exc:
+        pytest.fail(f"{where}: {exc.message}")
+
+
+def serve_schema_check(config: dict[str, Any], where: str) -> None:
+    """The Serve config validates against Ray Serve's ServeDeploySchema and loses nothing there
+    (the schema ignores unknown fields, so a misspelt one shows up as a lost field)."""
+    with warnings.catch_warnings():  # Ray Serve's own pydantic deprecations, on first import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ray.serve.schema import ServeDeploySchema
+
+    model = ServeDeploySchema.model_validate(config)
+    assert model.model_dump(mode="json", exclude_unset=True) == config, where
+
+
+def validate_kuberay(kv: Any, validator: Any, doc: dict[str, Any]) -> None:
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    errors = kuberay_schema_errors(validator, doc)
+    assert errors == [], f"{where}:\n" + "\n".join(errors)
+    cluster = ray_cluster(doc)
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    for group in groups:
+        # KubeRay hands these to `ray start --<key>=<value>`: strings only (the schema says so
+        # too; this keeps the message plain).
+        for key, value in group.get("rayStartParams", {}).items():
+            assert isinstance(value, str), f"{where}: rayStartParams.{key}={value!r}"
+        spec = group["template"]["spec"]
+        # KubeRay: the Ray container is the first; it generates the command (`ray start`);
+        # autoscaler v2 wants the restart policy unset (or Never).
+        ray_container = spec["containers"][0]
+        assert ray_container["name"] in {"ray-head", "ray-worker"}, where
+        assert "command" not in ray_container and "args" not in ray_container, where
+        assert spec.get("restartPolicy", "Never") == "Never", where
+    for name, template in pod_templates([doc]):
+        validate_pod_template(kv, template, name)
+    options = cluster.get("autoscalerOptions")
+    if options:  # its Kubernetes-typed fields, checked as the container they configure
+        sidecar = {"name": "autoscaler", "image": "x"}
+        for key in ("resources", "securityContext", "env", "envFrom", "volumeMounts"):
+            if key in options:
+                sidecar[key] = options[key]
+        validate_pod_template(kv, {"spec": {"containers": [sidecar]}}, f"{where}/autoscaler")
+    if doc["kind"] == "RayService":
+        serve_schema_check(yaml.safe_load(doc["spec"]["serveConfigV2"]), where)
+
+
+def validate_all(docs: list[dict[str, Any]], validator: Any) -> None:
     kv = pytest.importorskip("kubernetes_validate")
-    docs = rendered_gpu if variant == "gpu" else rendered_default
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(
-        ["ConfigMap", "Secret", "ServiceAccount", "Deployment", "Deployment", "Service", "Job"]
-    )
     for doc in docs:
+        if doc["kind"] in RAY_KINDS:
+            validate_kuberay(kv, validator, doc)
+            continue
         try:
             kv.validate(doc, KUBE_VERSION, strict=True)
         except kv.ValidationError as exc:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+
+
+DEFAULT_KINDS = sorted([
+    "ConfigMap", "ConfigMap", "Secret", "ServiceAccount", "Deployment", "Deployment", "Service",
+    "Job", "RayService", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+])
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu"])
+def test_rendered_manifests_validate(
+    rendered_default: list[dict[str, Any]],
+    rendered_gpu: list[dict[str, Any]],
+    kuberay_validator: Any,
+    variant: str,
+) -> None:
+    docs = rendered_gpu if variant == "gpu" else rendered_default
+    assert sorted(d["kind"] for d in docs) == DEFAULT_KINDS
+    validate_all(docs, kuberay_validator)
+
+
+def test_rendered_manifests_validate_full(
+    rendered_full: list[dict[str, Any]], kuberay_validator: Any
+) -> None:
+    counts: dict[str, int] = {}
+    for doc in rendered_full:
+        counts[doc["kind"]] = counts.get(doc["kind"], 0) + 1
+    assert counts == {
+        "ConfigMap": 2, "Secret": 1, "ServiceAccount": 1, "Service": 1, "Job": 1,
+        "Deployment": 3,  # ingestor, embedder workers, embedder snapshot replica
+        "HorizontalPodAutoscaler": 2, "PodDisruptionBudget": 3, "Ingress": 2,
+        "NetworkPolicy": 4, "RayService": 1, "RayJob": 4,
+    }
+    validate_all(rendered_full, kuberay_validator)
 
 
 def test_kubernetes_validate_has_teeth(rendered_default: list[dict[str, Any]]) -> None:
@@ -437,6 +626,293 @@ def test_kubernetes_validate_has_teeth(rendered_default: list[dict[str, Any]]) -
     deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(kv.ValidationError):
         kv.validate(deployment, KUBE_VERSION, strict=True)
+
+
+def test_kuberay_checks_have_teeth(
+    rendered_full: list[dict[str, Any]], kuberay_validator: Any
+) -> None:
+    """Each mutation is a mistake the real CRD or KubeRay would reject (or silently drop)."""
+    kv = pytest.importorskip("kubernetes_validate")
+    service = next(iter(by_kind(rendered_full, "RayService").values()))
+    job = next(iter(by_kind(rendered_full, "RayJob").values()))
+
+    def broken(doc: dict[str, Any], mutate: Any) -> dict[str, Any]:
+        copy = json.loads(json.dumps(doc))
+        mutate(copy)
+        return copy
+
+    cases = {
+        "misspelt spec field": broken(service, lambda d: d["spec"].update(
+            upgradeStrategyy=d["spec"].pop("upgradeStrategy"))),
+        "misspelt head field": broken(service, lambda d: d["spec"]["rayClusterConfig"][
+            "headGroupSpec"].update(rayStartParam={})),
+        "misspelt worker field": broken(service, lambda d: d["spec"]["rayClusterConfig"][
+            "workerGroupSpecs"][0].update(maxReplica=3)),
+        "int rayStartParams value": broken(service, lambda d: d["spec"]["rayClusterConfig"][
+            "headGroupSpec"]["rayStartParams"].update({"num-cpus": 0})),
+        "unknown upgrade type": broken(service, lambda d: d["spec"]["upgradeStrategy"].update(
+            type="BlueGreen")),
+        "autoscaler typo": broken(service, lambda d: d["spec"]["rayClusterConfig"][
+            "autoscalerOptions"].update(upscalingMode="Fast")),
+        "name too long for KubeRay": broken(service, lambda d: d["metadata"].update(
+            name="x" * 48)),
+        "suspended job keeping its cluster": broken(job, lambda d: d["spec"].update(
+            suspend=True, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=0)),
+        "ttl without shutdown": broken(job, lambda d: d["spec"].update(
+            shutdownAfterJobFinishes=False)),
+        "unknown submission mode": broken(job, lambda d: d["spec"].update(
+            submissionMode="K8sJob")),
+        "misspelt job field": broken(job, lambda d: d["spec"].update(
+            entryPoint=d["spec"]["entrypoint"])),
+    }
+    for name, doc in cases.items():
+        assert kuberay_schema_errors(kuberay_validator, doc), name
+    # ... and an embedded pod template is checked as strictly as a Deployment's.
+    template = json.loads(json.dumps(ray_cluster(service)["headGroupSpec"]["template"]))
+    template["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(pytest.fail.Exception):
+        validate_pod_template(kv, template, "head")
+    # ... and the Serve config against Ray Serve's schema, a misspelt field included.
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    config["applications"][0]["deployments"][0]["num_replica"] = 2
+    with pytest.raises(AssertionError):
+        serve_schema_check(config, "serveConfigV2")
+
+
+# -- serveConfigV2 is exactly what the app's own code produces for the pods' settings.
+
+
+def pod_environment(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The environment a container gets: its ConfigMaps, then its env (Secrets resolved)."""
+    configmaps, secrets = by_kind(docs, "ConfigMap"), by_kind(docs, "Secret")
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        data = configmaps[source["configMapRef"]["name"]]["data"]
+        assert not set(data) & set(env), "a setting in two ConfigMaps"
+        env.update(data)
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[ref["name"]]["stringData"][ref["key"]]
+    return env
+
+
+@pytest.fixture(scope="module")
+def deploy_config() -> Any:
+    """``deploy_config`` of the retrieval app (imports torch via chatreid.retrieval: slow once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from chatreid.services.retrieval.app import deploy_config
+
+    return deploy_config
+
+
+SERVE_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gpu": {"retrieval": {"rerankNumGpus": 1, "rerankNumCpus": 2,
+                          "gpuWorkers": {"enabled": True}}},
+    "tuned": {"retrieval": {
+        "model": "20250101T000000-3f2a9c", "port": 8080, "fallbackModel": "",
+        "ingressReplicas": 2, "prefilterReplicas": 3, "lightNumCpus": 0.25,
+        "rerankNumCpus": 0.5, "rerankMaxOngoingRequests": 8, "torchThreads": 4,
+        "rerankAutoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6,
+                              "targetOngoingRequests": 3},
+        "apiKey": "k",
+    }},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SERVE_VARIANTS))
+def test_serve_config_is_deploy_config(
+    helm: Any, deploy_config: Any, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    docs = render(helm, SERVE_VARIANTS[variant])
+    service = by_kind(docs, "RayService")[f"{RELEASE}-chatreid-retrieval"]
+    cluster = ray_cluster(service)
+    templates = [cluster["headGroupSpec"]["template"]]
+    templates += [g["template"] for g in cluster["workerGroupSpecs"]]
+    environments = [pod_environment(docs, t["spec"]["containers"][0]) for t in templates]
+    assert all(env == environments[0] for env in environments), "Ray pods differ in settings"
+    for key in environments[0]:
+        if key.startswith("CHATREID_"):
+            assert_known_setting(key)
+    settings = settings_of(docs, templates[0]["spec"]["containers"][0], monkeypatch)
+    expected = deploy_config(settings, portable=True)
+    rendered = yaml.safe_load(service["spec"]["serveConfigV2"])
+    # Exactly, types included (1.0 is not 1): what `chatreid serve --print-config` prints here.
+    assert json.dumps(rendered, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    serve_schema_check(rendered, "serveConfigV2")
+    # The Serve port is the one the pods expose, KubeRay's serve Service uses and policies open.
+    serve_ports = {p["containerPort"] for t in templates for p in t["spec"]["containers"][0]
+                   .get("ports", []) if p["name"] == "serve"}
+    assert serve_ports == {settings.serve.http_port}
+    assert settings.serve.http_host == "0.0.0.0"
+
+
+def ray_pod_annotations(docs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    service = next(iter(by_kind(docs, "RayService").values()))
+    return [t["metadata"]["annotations"] for _, t in pod_templates([service])]
+
+
+def test_model_rollout_is_in_place(helm: Any) -> None:
+    """A new model (or replica counts) changes serveConfigV2 only: KubeRay applies that in
+    place. Settings the app reads from the pod environment roll the cluster instead."""
+    base = render(helm, None)
+    rollout = render(helm, {"retrieval": {"model": "20250102T000000-aa11bb", "rerankReplicas": 2}})
+    assert ray_pod_annotations(rollout) == ray_pod_annotations(base)
+    # ... and the other workloads do not restart for it either.
+    for name in (f"{RELEASE}-chatreid-ingestor", f"{RELEASE}-chatreid-embedder"):
+        before = by_kind(base, "Deployment")[name]["spec"]["template"]["metadata"]
+        after = by_kind(rollout, "Deployment")[name]["spec"]["template"]["metadata"]
+        assert before == after, name
+    config = yaml.safe_load(
+        next(iter(by_kind(rollout, "RayService").values()))["spec"]["serveConfigV2"])
+    rerank = config["applications"][0]["deployments"][2]
+    assert rerank["user_config"] == {"model": "20250102T000000-aa11bb"}
+    assert rerank["num_replicas"] == 2
+    for change in ({"retrieval": {"stage": "stage2"}}, {"kafka": {"bootstrapServers": "k:9092"}},
+                   {"retrieval": {"apiKey": "new"}}, {"retrieval": {"torchThreads": 2}}):
+        assert ray_pod_annotations(render(helm, change)) != ray_pod_annotations(base), change
+
+
+# -- The RayService
+
+
+def test_retrieval_rayservice(rendered_default: list[dict[str, Any]]) -> None:
+    import ray
+
+    service = by_kind(rendered_default, "RayService")[f"{RELEASE}-chatreid-retrieval"]
+    spec = service["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+    pinned = re.search(r'"ray\[[\w,]+\]==([\w.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pinned and cluster["rayVersion"] == pinned[1] == ray.__version__
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["upscalingMode"] == "Default"
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the app runs on workers
+    (cpu,) = cluster["workerGroupSpecs"]  # no GPU group by default
+    assert (cpu["groupName"], cpu["replicas"], cpu["minReplicas"], cpu["maxReplicas"]) == (
+        "cpu", 1, 1, 4)
+
+    head_pod = head["template"]
+    head_container = head_pod["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in head_container["ports"]} == {
+        "gcs-server": 6379, "dashboard": 8265, "serve": 8000}
+    # The autoscaler sidecar needs an API token on the head; nothing else gets one.
+    assert head_pod["spec"]["automountServiceAccountToken"] is True
+    assert cpu["template"]["spec"]["automountServiceAccountToken"] is False
+    for where, template in pod_templates([service]):
+        labels = template["metadata"]["labels"]
+        assert labels == {"app.kubernetes.io/name": "chatreid",
+                          "app.kubernetes.io/instance": RELEASE,
+                          "app.kubernetes.io/component": "retrieval"}, where
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert container["image"] == "chatreid:0.1.0", where
+        assert [e["configMapRef"]["name"] for e in container["envFrom"]] == [
+            f"{RELEASE}-chatreid", f"{RELEASE}-chatreid-serve"], where
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HOME"] == "/tmp" and env["CHATREID_RAY__ADDRESS"] == "auto", where
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        # Ray writes its session under /tmp/ray and keeps objects in /dev/shm.
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert set(mounts) == {"/tmp", "/dev/shm"}, where
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
+        assert "emptyDir" in volumes[mounts["/tmp"]], where
+        assert container["resources"]["requests"], where
+        assert "readinessProbe" in container and "livenessProbe" in container, where
+    # Serve workers are ready only with a live Serve proxy (what KubeRay's default checks).
+    readiness = cpu["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+    assert "http://127.0.0.1:8000/-/healthz" in readiness
+    options = cluster["autoscalerOptions"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in options["volumeMounts"]
+    assert options["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_ray_probes_compile(rendered_full: list[dict[str, Any]]) -> None:
+    """The Ray containers' probes are Python (the image has no wget): valid code, and the ports
+    they poll are the ones the node listens on."""
+    for where, container in containers(rendered_full):
+        for probe in ("readinessProbe", "livenessProbe"):
+            command = container.get(probe, {}).get("exec", {}).get("command", [])
+            if command[:2] != ["python", "-c"]:
+                continue
+            ast.parse(command[2])
+            for url in command[3:]:
+                port = int(url.split(":")[2].split("/")[0])
+                assert port in {52365, 8265, 8000}, f"{where} {probe}: {url}"
+
+
+@pytest.fixture(scope="module")
+def ray_start_help() -> str:
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    if ray is None:
+        pytest.skip("ray CLI not installed")
+    out = subprocess.run([ray, "start", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_ray_start_params_exist(rendered_full: list[dict[str, Any]], ray_start_help: str) -> None:
+    """Every rayStartParams key becomes `ray start --<key>=<value>`: the flag must exist."""
+    found = 0
+    for doc in rendered_full:
+        if doc["kind"] in RAY_KINDS:
+            cluster = ray_cluster(doc)
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                for key in group.get("rayStartParams", {}):
+                    found += 1
+                    assert re.search(rf"--{re.escape(key)}\b", ray_start_help), key
+    assert found
+
+
+def test_chart_gpu_values(helm: Any, gpu_values: dict[str, Any]) -> None:
+    docs = render(helm, merged(gpu_values, {"training": {"enabled": True}}))
+    deployments = by_kind(docs, "Deployment")
+    embedder = deployments[f"{RELEASE}-chatreid-embedder"]["spec"]["template"]["spec"]
+    (container,) = embedder["containers"]
+    assert container["image"] == "chatreid:0.1.0-cuda"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in embedder["tolerations"])
+    ingestor = deployments[f"{RELEASE}-chatreid-ingestor"]["spec"]["template"]["spec"]
+    assert ingestor["containers"][0]["image"] == "chatreid:0.1.0"
+    configmaps = by_kind(docs, "ConfigMap")
+    assert configmaps[f"{RELEASE}-chatreid"]["data"]["CHATREID_EMBEDDER__DEVICE"] == "cuda"
+    assert configmaps[f"{RELEASE}-chatreid-serve"]["data"]["CHATREID_SERVE__RERANK_NUM_GPUS"] \
+        == "1.0"
+
+    # Every Ray cluster (the RayService and each RayJob) has a GPU group on GPU nodes.
+    ray_docs = [*by_kind(docs, "RayService").values(), *by_kind(docs, "RayJob").values()]
+    assert len(ray_docs) == 5
+    for doc in ray_docs:
+        groups = {g["groupName"]: g for g in ray_cluster(doc)["workerGroupSpecs"]}
+        assert set(groups) == {"cpu", "gpu"}, doc["metadata"]["name"]
+        gpu_pod = groups["gpu"]["template"]["spec"]
+        (gpu_container,) = gpu_pod["containers"]
+        assert gpu_container["image"] == "chatreid:0.1.0-cuda"
+        assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule"
+                   for t in gpu_pod["tolerations"])
+        assert gpu_pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        cpu_container = groups["cpu"]["template"]["spec"]["containers"][0]
+        assert cpu_container["image"] == "chatreid:0.1.0"
+        assert "nvidia.com/gpu" not in cpu_container["resources"].get("limits", {})
+        assert ray_cluster(doc)["headGroupSpec"]["template"]["spec"]["containers"][0][
+            "image"] == "chatreid:0.1.0"
+    service = next(iter(by_kind(docs, "RayService").values()))
+    rerank = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["deployments"][2]
+    assert rerank["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
+    for job in by_kind(docs, "RayJob").values():
+        assert shlex.split(job["spec"]["entrypoint"])[-1] == "--gpu"
+
+
+# -- Deployments, HPAs, PDBs
 
 
 def test_chart_workloads(rendered_default: list[dict[str, Any]]) -> None:
@@ -454,90 +930,439 @@ def test_chart_workloads(rendered_default: list[dict[str, Any]]) -> None:
         (container,) = pod["containers"]
         assert container["image"] == "chatreid:0.1.0"
         assert "command" not in container  # the image's ENTRYPOINT is `chatreid`
-        assert container["envFrom"][0]["configMapRef"]["name"] == f"{RELEASE}-chatreid"
-        secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"][1:]}
-        assert secret_refs == {f"{RELEASE}-chatreid"}
+        assert container["envFrom"] == [{"configMapRef": {"name": f"{RELEASE}-chatreid"}}]
+        assert {s for s, _ in secret_refs(container).values()} == {f"{RELEASE}-chatreid"}
     probe = ingestor["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
     assert probe["httpGet"]["path"] == "/healthz"
+    # One embedder replica: it snapshots the index itself; no HPA, no PDB for single replicas.
+    assert embedder["spec"]["template"]["spec"]["containers"][0]["args"] == ["embed"]
+    assert by_kind(rendered_default, "HorizontalPodAutoscaler") == {}
+    assert set(by_kind(rendered_default, "PodDisruptionBudget")) == {
+        f"{RELEASE}-chatreid-retrieval-workers"}
+    assert by_kind(rendered_default, "RayJob") == {}  # training is opt-in
 
 
-def test_chart_configmap_keys_are_settings(rendered_default: list[dict[str, Any]]) -> None:
-    (configmap,) = by_kind(rendered_default, "ConfigMap").values()
-    for key in configmap["data"]:
-        assert_known_setting(key)
+def test_hpa_and_scaled_embedder(rendered_full: list[dict[str, Any]]) -> None:
+    deployments = by_kind(rendered_full, "Deployment")
+    hpas = by_kind(rendered_full, "HorizontalPodAutoscaler")
+    assert set(hpas) == {f"{RELEASE}-chatreid-ingestor", f"{RELEASE}-chatreid-embedder"}
+    for name, hpa in hpas.items():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", name)
+        assert "replicas" not in deployments[name]["spec"], f"{name}: the HPA owns replicas"
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu"
+        assert metric["resource"]["target"]["type"] == "Utilization"
+    assert (hpas[f"{RELEASE}-chatreid-embedder"]["spec"]["minReplicas"],
+            hpas[f"{RELEASE}-chatreid-embedder"]["spec"]["maxReplicas"]) == (1, 4)
+    # Scaled out, the workers leave snapshots to one dedicated replica.
+    workers = deployments[f"{RELEASE}-chatreid-embedder"]["spec"]
+    snapshot = deployments[f"{RELEASE}-chatreid-embedder-snapshot"]["spec"]
+    assert workers["template"]["spec"]["containers"][0]["args"] == ["embed", "--no-snapshots"]
+    assert snapshot["template"]["spec"]["containers"][0]["args"] == ["embed"]
+    assert snapshot["replicas"] == 1 and snapshot["strategy"] == {"type": "Recreate"}
+    assert snapshot["selector"]["matchLabels"]["app.kubernetes.io/component"] == \
+        "embedder-snapshot"
 
 
-def test_chart_gpu_values(rendered_gpu: list[dict[str, Any]]) -> None:
-    deployments = by_kind(rendered_gpu, "Deployment")
-    embedder = deployments[f"{RELEASE}-chatreid-embedder"]["spec"]["template"]["spec"]
-    (container,) = embedder["containers"]
-    assert container["image"] == "chatreid:0.1.0-cuda"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert any(t["key"] == "nvidia.com/gpu" for t in embedder["tolerations"])
-    ingestor = deployments[f"{RELEASE}-chatreid-ingestor"]["spec"]["template"]["spec"]
-    assert ingestor["containers"][0]["image"] == "chatreid:0.1.0"
-    (configmap,) = by_kind(rendered_gpu, "ConfigMap").values()
-    assert configmap["data"]["CHATREID_EMBEDDER__DEVICE"] == "cuda"
+@pytest.mark.parametrize(
+    ("embedder", "partitions", "ok"),
+    [
+        ({"replicas": 1}, 1, True),  # one replica, one partition: fine
+        ({"replicas": 5}, 6, True),  # 5 workers + the snapshot replica = 6 consumers
+        ({"replicas": 6}, 6, False),
+        ({"replicas": 7}, 6, False),
+        ({"autoscaling": {"enabled": True, "maxReplicas": 5}}, 6, True),
+        ({"autoscaling": {"enabled": True, "maxReplicas": 6}}, 6, False),
+        ({"autoscaling": {"enabled": True, "maxReplicas": 11}}, 12, True),
+    ],
+)
+def test_embedder_bounded_by_partitions(
+    helm: Any, embedder: dict[str, Any], partitions: int, ok: bool
+) -> None:
+    values = {"embedder": embedder, "kafka": {"partitions": partitions}}
+    if ok:
+        render(helm, values)
+    else:
+        with pytest.raises(helm.HelmError, match=rf"exceed kafka\.partitions={partitions}\b"):
+            render(helm, values)
+
+
+def pdbs(helm: Any, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return by_kind(render(helm, values), "PodDisruptionBudget")
+
+
+def test_pdb_rules(helm: Any, rendered_full: list[dict[str, Any]]) -> None:
+    name = f"{RELEASE}-chatreid-ingestor"
+    assert name not in pdbs(helm, {"ingestor": {"replicas": 1}})  # would block drains
+    budget = pdbs(helm, {"ingestor": {"replicas": 2}})[name]["spec"]
+    assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert budget["selector"]["matchLabels"]["app.kubernetes.io/component"] == "ingestor"
+    budget = pdbs(helm, {"ingestor": {"replicas": 3,
+                                      "pdb": {"minAvailable": "50%", "maxUnavailable": ""}}})
+    assert budget[name]["spec"]["minAvailable"] == "50%"
+    assert name not in pdbs(helm, {"ingestor": {"replicas": 3, "pdb": {"enabled": False}}})
+    with pytest.raises(helm.HelmError, match="exactly one of minAvailable and maxUnavailable"):
+        pdbs(helm, {"ingestor": {"replicas": 2, "pdb": {"minAvailable": 1}}})
+
+    full = by_kind(rendered_full, "PodDisruptionBudget")
+    assert set(full) == {f"{RELEASE}-chatreid-{n}"
+                         for n in ("ingestor", "embedder", "retrieval-workers")}
+    # The embedder's covers the workers, not the single snapshot replica.
+    assert full[f"{RELEASE}-chatreid-embedder"]["spec"]["selector"]["matchLabels"][
+        "app.kubernetes.io/component"] == "embedder"
+    # Retrieval: the Ray worker pods (KubeRay labels them ray.io/node-type=worker), not the head.
+    selector = full[f"{RELEASE}-chatreid-retrieval-workers"]["spec"]["selector"]["matchLabels"]
+    assert selector["ray.io/node-type"] == "worker"
+    service = next(iter(by_kind(rendered_full, "RayService").values()))
+    for group in ray_cluster(service)["workerGroupSpecs"]:
+        labels = {**group["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+        assert selector.items() <= labels.items()
+    assert pdbs(helm, {"retrieval": {"pdb": {"enabled": False}}}) == {}
+
+
+# -- NetworkPolicies
+
+
+def selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    selector = policy["spec"]["podSelector"]
+    assert set(selector) == {"matchLabels"}
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_network_policies(rendered_full: list[dict[str, Any]]) -> None:
+    policies = by_kind(rendered_full, "NetworkPolicy")
+    ingress_peers = [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    deny = policies[f"{RELEASE}-chatreid-default-deny"]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+    # Every pod of the release is isolated by it: Deployments, Job, Ray pods, submitters.
+    for where, template in pod_templates(rendered_full):
+        assert selects(deny, template["metadata"]["labels"]), where
+
+    retrieval = policies[f"{RELEASE}-chatreid-retrieval"]
+    service = next(iter(by_kind(rendered_full, "RayService").values()))
+    for where, template in pod_templates([service]):
+        assert selects(retrieval, template["metadata"]["labels"]), where
+    rules = retrieval["spec"]["ingress"]
+    own = retrieval["spec"]["podSelector"]["matchLabels"]
+    assert rules[0] == {"from": [{"podSelector": {"matchLabels": own}}]}  # Ray <-> Ray
+    # Outside the release, the API port only admits the ingress peers (and the KubeRay
+    # operator, which health-checks the Serve proxies); nothing else is open.
+    api_rules = [r for r in rules[1:] if {"protocol": "TCP", "port": 8000} in r["ports"]]
+    assert {json.dumps(r["from"], sort_keys=True) for r in api_rules} == {
+        json.dumps(ingress_peers, sort_keys=True),
+        json.dumps([{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "kuberay-operator"}}}], sort_keys=True),
+    }
+    for rule in rules[1:]:
+        assert rule["ports"], "an outside peer on every port"
+        if rule["from"] == ingress_peers:
+            assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+
+    ingestor = policies[f"{RELEASE}-chatreid-ingestor"]
+    deployment = by_kind(rendered_full, "Deployment")[f"{RELEASE}-chatreid-ingestor"]
+    assert selects(ingestor, deployment["spec"]["template"]["metadata"]["labels"])
+    assert ingestor["spec"]["ingress"] == [
+        {"from": ingress_peers, "ports": [{"protocol": "TCP", "port": 8070}]}]
+
+    training = policies[f"{RELEASE}-chatreid-training"]
+    for job in by_kind(rendered_full, "RayJob").values():
+        for where, template in pod_templates([job]):
+            assert selects(training, template["metadata"]["labels"]), where
+            assert not selects(retrieval, template["metadata"]["labels"]), where
+    assert all(r["ports"] == [{"protocol": "TCP", "port": 8265}]
+               for r in training["spec"]["ingress"][1:])
+
+
+def test_network_policy_values(helm: Any) -> None:
+    cameras = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    docs = render(helm, {"networkPolicy": {"ingestorFrom": cameras, "ingressFrom": [],
+                                           "kuberayOperatorFrom": []}})
+    policies = by_kind(docs, "NetworkPolicy")
+    assert policies[f"{RELEASE}-chatreid-ingestor"]["spec"]["ingress"][0]["from"] == cameras
+    # No ingress peers: the API is closed to everything outside the Ray pods.
+    assert policies[f"{RELEASE}-chatreid-retrieval"]["spec"]["ingress"] == [
+        policies[f"{RELEASE}-chatreid-retrieval"]["spec"]["ingress"][0]]
+    assert by_kind(render(helm, {"networkPolicy": {"enabled": False}}), "NetworkPolicy") == {}
+
+
+def test_ingresses(rendered_full: list[dict[str, Any]]) -> None:
+    ingestor = by_kind(rendered_full, "Ingress")[f"{RELEASE}-chatreid-ingestor"]
+    (rule,) = ingestor["spec"]["rules"]
+    assert rule["host"] == "upload.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {
+        "name": f"{RELEASE}-chatreid-ingestor", "port": {"number": 8070}}
+    assert f"{RELEASE}-chatreid-ingestor" in by_kind(rendered_full, "Service")
+
+    ingress = by_kind(rendered_full, "Ingress")[f"{RELEASE}-chatreid-retrieval"]
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    service = next(iter(by_kind(rendered_full, "RayService").values()))
+    # KubeRay names the Serve Service <RayService>-serve-svc, port = the `serve` container port.
+    assert path["backend"]["service"] == {
+        "name": f"{service['metadata']['name']}-serve-svc", "port": {"number": 8000}}
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert rule["host"] == "reid.example.com"
+    assert ingress["spec"]["tls"][0]["secretName"] == "reid-tls"
+
+
+# -- Training RayJobs
+
+
+def test_training_rayjobs(rendered_training: list[dict[str, Any]]) -> None:
+    from chatreid.ray_jobs.train import PRESETS
+
+    jobs = by_kind(rendered_training, "RayJob")
+    expected = {"embedder": ("embedder", False), "stage1": ("1", False),
+                "stage2": ("2", True), "stage3": ("3", True)}
+    assert set(jobs) == {f"{RELEASE}-chatreid-train-{name}" for name in expected}
+    for name, (stage, suspended) in expected.items():
+        spec = jobs[f"{RELEASE}-chatreid-train-{name}"]["spec"]
+        argv = shlex.split(spec["entrypoint"])
+        assert argv == ["chatreid", "train", "--stage", stage, "--preset", "default"], name
+        assert argv[5] in PRESETS
+        # Later stages continue the previous stage's checkpoint: created suspended.
+        assert spec["suspend"] is suspended, name
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
+        assert spec["backoffLimit"] == 0 and spec["submissionMode"] == "K8sJobMode"
+        cluster = spec["rayClusterSpec"]
+        assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["cpu"]
+        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in head["env"]}
+        assert env["CHATREID_RAY__ADDRESS"] == "auto"  # the driver joins this cluster
+        assert env["CHATREID_TRAIN__WORLD"].startswith("/tmp/")  # writable: the emptyDir
+        submitter = spec["submitterPodTemplate"]["spec"]
+        assert submitter["restartPolicy"] == "Never"
+        assert "command" not in submitter["containers"][0]  # KubeRay generates it
+
+
+def test_training_values(helm: Any) -> None:
+    docs = render(helm, {"training": {
+        "enabled": True, "runId": "r2", "preset": "micro", "workers": 3,
+        "jobs": {"stage2": {"suspend": False}, "embedder": {"enabled": False}}}})
+    jobs = by_kind(docs, "RayJob")
+    assert set(jobs) == {f"{RELEASE}-chatreid-train-stage{n}-r2" for n in (1, 2, 3)}
+    stage2 = jobs[f"{RELEASE}-chatreid-train-stage2-r2"]["spec"]
+    assert stage2["suspend"] is False
+    assert stage2["entrypoint"] == "chatreid train --stage 2 --preset micro --workers 3"
+    with pytest.raises(helm.HelmError, match="shutdownAfterJobFinishes"):
+        render(helm, {"training": {"enabled": True, "shutdownAfterJobFinishes": False}})
+
+
+# -- Settings and secrets
+
+
+def test_chart_settings_are_settings(rendered_full: list[dict[str, Any]]) -> None:
+    for configmap in by_kind(rendered_full, "ConfigMap").values():
+        for key in configmap["data"]:
+            assert_known_setting(key)
+    for where, container in containers(rendered_full):
+        for var in container.get("env", []):
+            if var["name"].startswith("CHATREID_"):
+                assert_known_setting(var["name"])
+            else:
+                assert var["name"] == "HOME", where
 
 
 def test_chart_existing_secret(helm: Any) -> None:
     docs = render(helm, {"s3": {"existingSecret": "object-store-keys"}})
     assert by_kind(docs, "Secret") == {}
-    for _, container in containers(docs):
-        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"][1:]}
-        assert refs == {"object-store-keys"}
+    for where, container in containers(docs):
+        if where.endswith("/ray-job-submitter"):
+            continue
+        refs = secret_refs(container)
+        assert {refs["CHATREID_S3__ACCESS_KEY"][0], refs["CHATREID_S3__SECRET_KEY"][0]} == {
+            "object-store-keys"}, where
+
+
+def settings_of(
+    docs: list[dict[str, Any]], container: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """The chatreid Settings a container of the rendered chart starts with."""
+    from chatreid.config import Settings
+
+    for key in list(os.environ):
+        if key.startswith("CHATREID_"):
+            monkeypatch.delenv(key)
+    for key, value in pod_environment(docs, container).items():
+        monkeypatch.setenv(key, value)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_chart_kafka_sasl(
+    helm: Any, rendered_full: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Credentials in the chart's Secret, for every chatreid and Ray container.
+    (secret,) = by_kind(rendered_full, "Secret").values()
+    assert secret["stringData"]["kafka-sasl-username"] == "chatreid"
+    assert secret["stringData"]["kafka-sasl-password"] == "kafka-pass"
+    data = by_kind(rendered_full, "ConfigMap")[f"{RELEASE}-chatreid"]["data"]
+    assert data["CHATREID_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert data["CHATREID_KAFKA__SASL_MECHANISM"] == "SCRAM-SHA-512"
+    checked = 0
+    for where, container in containers(rendered_full):
+        if where.endswith("/ray-job-submitter"):  # only runs `ray job submit`
+            continue
+        refs = secret_refs(container)
+        assert refs["CHATREID_KAFKA__SASL_USERNAME"] == (f"{RELEASE}-chatreid",
+                                                         "kafka-sasl-username"), where
+        assert refs["CHATREID_KAFKA__SASL_PASSWORD"] == (f"{RELEASE}-chatreid",
+                                                         "kafka-sasl-password"), where
+        # ... and chatreid reads them as its Kafka client options.
+        options = settings_of(rendered_full, container, monkeypatch).kafka.client_options()
+        assert options["security_protocol"] == "SASL_SSL", where
+        assert options["sasl_mechanism"] == "SCRAM-SHA-512", where
+        assert (options["sasl_plain_username"], options["sasl_plain_password"]) == (
+            "chatreid", "kafka-pass"), where
+        checked += 1
+    assert checked >= 10
+
+    # An existing Secret holding only the password (Strimzi's KafkaUser): the user name goes to
+    # the ConfigMap and the chart stores nothing for Kafka.
+    docs = render(helm, {"kafka": {"sasl": {
+        "enabled": True, "existingSecret": "chatreid-user", "usernameKey": "",
+        "passwordKey": "password", "username": "chatreid-user"}}})
+    assert "kafka-sasl-password" not in next(iter(by_kind(docs, "Secret").values()))["stringData"]
+    data = by_kind(docs, "ConfigMap")[f"{RELEASE}-chatreid"]["data"]
+    assert data["CHATREID_KAFKA__SASL_USERNAME"] == "chatreid-user"
+    for where, container in containers(docs):
+        if where.endswith("/ray-job-submitter"):
+            continue
+        refs = secret_refs(container)
+        assert refs["CHATREID_KAFKA__SASL_PASSWORD"] == ("chatreid-user", "password"), where
+        assert "CHATREID_KAFKA__SASL_USERNAME" not in refs, where
+
+
+def test_chart_api_key(
+    helm: Any, rendered_full: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (secret,) = by_kind(rendered_full, "Secret").values()
+    assert secret["stringData"]["api-key"] == "api-key-value"
+    for where, container in containers(rendered_full):
+        refs = secret_refs(container)
+        if where.startswith("RayService/"):
+            assert refs["CHATREID_SERVE__API_KEY"] == (f"{RELEASE}-chatreid", "api-key"), where
+            settings = settings_of(rendered_full, container, monkeypatch)
+            assert settings.serve.api_key == "api-key-value", where
+        else:  # only the Serve pods get it
+            assert "CHATREID_SERVE__API_KEY" not in refs, where
+
+    # All three parts external: no Secret at all, and every reference names the existing ones.
+    docs = render(helm, {
+        "s3": {"existingSecret": "s3-keys"},
+        "kafka": {"sasl": {"enabled": True, "existingSecret": "kafka-creds"}},
+        "retrieval": {"existingSecret": "api-keys", "apiKeyKey": "token"},
+    })
+    assert by_kind(docs, "Secret") == {}
+    names = {ref for _, c in containers(docs) for ref in secret_refs(c).values()}
+    assert names == {("s3-keys", "access-key"), ("s3-keys", "secret-key"),
+                     ("kafka-creds", "kafka-sasl-username"),
+                     ("kafka-creds", "kafka-sasl-password"), ("api-keys", "token")}
 
 
 def test_chart_rejects_bad_values(helm: Any) -> None:
-    with pytest.raises(helm.HelmError, match="CHATREID_"):
-        render(helm, {"extraConfig": {"NOT_PREFIXED": "1"}})
-    with pytest.raises(helm.HelmError, match="cpu or cuda"):
-        render(helm, {"embedder": {"imageVariant": "rocm"}})
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"extraConfig": {"NOT_PREFIXED": "1"}}, "CHATREID_"),
+        ({"extraConfig": {"CHATREID_SERVE__MODEL": "x"}}, "set by the chart"),
+        ({"extraConfig": {"CHATREID_KAFKA__PARTITIONS": "3"}}, "set by the chart"),
+        ({"embedder": {"imageVariant": "rocm"}}, "cpu or cuda"),
+        ({"retrieval": {"rerankNumGpus": 1}}, "gpuWorkers.enabled"),
+        ({"retrieval": {"upgradeStrategy": "Rolling"}}, "NewCluster or None"),
+        ({"retrieval": {"cpuWorkers": {"minReplicas": 3}}}, "minReplicas <= replicas"),
+        ({"kafka": {"sasl": {"enabled": True, "mechanism": "GSSAPI", "password": "p",
+                             "username": "u"}}}, "mechanism"),
+        ({"kafka": {"sasl": {"enabled": True, "username": "u"}}}, "kafka.sasl.password"),
+        ({"kafka": {"sasl": {"enabled": True, "username": "u", "password": "p",
+                             "passwordKey": "secret-key"}}}, "already used"),
+        ({"training": {"enabled": True, "gpu": True}}, "gpuWorkers.enabled"),
+        ({"training": {"enabled": True, "jobs": {"stage1": {"stage": "4"}}}}, "stage must be"),
+        ({"fullnameOverride": "a-very-long-release-name-for-this-cluster-x"}, "47 characters"),
+        ({"ingestor": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+         "above maxReplicas"),
+    ]
+    for values, message in bad:
+        with pytest.raises(helm.HelmError, match=re.escape(message)):
+            render(helm, values)
 
 
-def test_values_every_key_commented() -> None:
-    """Each key line in values.yaml has a comment right above it (or is inside a documented
-    block of plain data such as resources)."""
-    lines = (CHART / "values.yaml").read_text().splitlines()
+def test_notes(helm: Any, gpu_values: dict[str, Any]) -> None:
+    notes = render_all(helm, merged(gpu_values, FULL_VALUES))["chatreid/templates/NOTES.txt"]
+    for text in (
+        "--reuse-values --set-string retrieval.model=<checkpoint version>",
+        "DEPLOY_FAILED", "helm rollback", f"svc/{RELEASE}-chatreid-retrieval-serve-svc 8000",
+        "Authorization: Bearer", f"{RELEASE}-chatreid-train-stage2: stage 2, suspended",
+        """patch rayjob <name> --type merge -p '{"spec":{"suspend":false}}'""",
+        "--set training.jobs.<job>.suspend=false",
+    ):
+        assert text in notes, text
+
+
+VALUES_FILES = [CHART / "values.yaml", GPU_VALUES]
+# Keys inside these values are plain data documented as a whole (Kubernetes or Ray objects).
+PLAIN_DATA = {"resources", "requests", "limits", "podSecurityContext", "securityContext",
+              "seccompProfile", "capabilities", "rayStartParams", "nodeSelector"}
+
+
+@pytest.mark.parametrize("path", VALUES_FILES, ids=lambda p: p.name)
+def test_values_every_key_commented(path: Path) -> None:
+    """Each key line has a `# --` comment block right above it, unless it sits inside a value
+    documented as a whole (resources, a list of peers, ...)."""
+    lines = path.read_text().splitlines()
     undocumented = []
     for i, line in enumerate(lines):
-        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):", line)
-        if not match or i == 0:
+        match = re.match(r"^(\s*)([A-Za-z][\w./-]*):", line)
+        if not match:
             continue
         indent = len(match.group(1))
-        prev = lines[i - 1]
-        parent_documented = _parent_is_documented(lines, i, indent)
-        if not prev.strip().startswith("#") and not parent_documented:
+        block = []
+        for j in range(i - 1, -1, -1):
+            if not lines[j].strip().startswith("#"):
+                break
+            block.insert(0, lines[j].strip())
+        documented = bool(block) and block[0].startswith("# --")
+        if not documented and not _parent_is_documented(lines, i, indent):
             undocumented.append(line.strip())
     assert undocumented == []
 
 
 def _parent_is_documented(lines: list[str], i: int, indent: int) -> bool:
-    """True when the key sits inside a value documented as a whole (e.g. ``resources:``)."""
+    """True when the key sits inside a value documented as a whole: a plain-data mapping such
+    as ``resources``, or an item of a list (peers, tolerations)."""
     for j in range(i - 1, -1, -1):
-        m = re.match(r"^(\s*)([A-Za-z][\w.-]*):", lines[j])
-        if m and len(m.group(1)) < indent:
-            return m.group(2) in {
-                "resources",
-                "requests",
-                "limits",
-                "podSecurityContext",
-                "securityContext",
-                "seccompProfile",
-                "capabilities",
-            }
+        m = re.match(r"^(\s*)(- )?([A-Za-z][\w./-]*)?:?", lines[j])
+        if not m or not lines[j].strip() or lines[j].strip().startswith("#"):
+            continue
+        if len(m.group(1)) < indent:
+            if m.group(2) or m.group(3) in PLAIN_DATA:
+                return True
+            return _parent_is_documented(lines, j, len(m.group(1)))  # data nested in data
     return False
 
 
 def chart_commands(docs: list[dict[str, Any]], label: str) -> list[tuple[str, Argv]]:
+    """`chatreid` command lines: Deployment/Job args and probes, and RayJob entrypoints (the Ray
+    containers themselves run `ray start`, which KubeRay generates)."""
     found = []
-    for where, container in containers(docs):
-        if container["image"].startswith("chatreid:") and "command" not in container:
-            found.append((f"chart[{label}] {where}", [str(a) for a in container["args"]]))
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            exec_cmd = container.get(probe, {}).get("exec", {}).get("command", [])
-            if exec_cmd[:1] == ["chatreid"]:
-                found.append((f"chart[{label}] {where} {probe}", exec_cmd[1:]))
+    for doc in docs:
+        where = f"chart[{label}] {doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "RayJob":
+            argv = shlex.split(doc["spec"]["entrypoint"])
+            assert argv[0] == "chatreid", where
+            found.append((f"{where} entrypoint", argv[1:]))
+        if doc["kind"] not in WORKLOAD_KINDS:
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            if container["image"].startswith("chatreid:") and "command" not in container:
+                found.append((f"{where}/{container['name']}",
+                              [str(a) for a in container["args"]]))
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                exec_cmd = container.get(probe, {}).get("exec", {}).get("command", [])
+                if exec_cmd[:1] == ["chatreid"]:
+                    found.append((f"{where}/{container['name']} {probe}", exec_cmd[1:]))
     return found
 
 
@@ -551,16 +1376,18 @@ def all_commands(
     compose: dict[str, Any],
     rendered_default: list[dict[str, Any]],
     rendered_gpu: list[dict[str, Any]],
+    rendered_full: list[dict[str, Any]],
 ) -> list[tuple[str, Argv]]:
     found = [
         *dockerfile_commands(),
         *compose_commands(compose),
         *chart_commands(rendered_default, "default"),
         *chart_commands(rendered_gpu, "gpu"),
+        *chart_commands(rendered_full, "full"),
     ]
     # The services the deployment is for are all among them.
     lines = {" ".join(argv) for _, argv in found}
-    for expected in ("init", "ingest http", "ingest synth", "embed"):
+    for expected in ("init", "ingest http", "ingest synth", "embed", "train"):
         assert any(line.split(" --")[0] == expected for line in lines), expected
     return found
 
