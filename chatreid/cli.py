@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from .config import Settings
 
@@ -372,6 +372,33 @@ def query(
 
     query_image = (Image.open(image) if image else load(crop_id) if crop_id else None)
     console.print(f"contact sheet: {answer_sheet(load, query_image, response, sheet)}")
+
+
+@app.command()
+def checkpoints(
+    model: Annotated[str, typer.Option(help="vlm | embedder")] = "vlm",
+    stage: Annotated[str | None, typer.Option(help="only this stage, e.g. stage3")] = None,
+) -> None:
+    """List the complete checkpoints in object storage, newest first: the versions an
+    operator pins (`chatreid serve --model VERSION`, Helm `retrieval.model`) or rolls back to."""
+    from .checkpoints import manifests
+
+    if model not in ("vlm", "embedder"):
+        raise typer.BadParameter("--model is vlm or embedder")
+    found = sorted((e for e in manifests(_settings(), model) if stage in (None, e.stage)),
+                   key=lambda e: e.created_at, reverse=True)
+    table = Table("stage", "parent", "created (UTC)", "loss", "rank-1 (chance)")
+    table.columns.insert(0, Column("version", no_wrap=True))  # what operators copy: never cut
+    for e in found:
+        m = e.metrics
+        rank1 = (f"{m['eval/rank1']:.3f} ({m.get('eval/chance_rank1', float('nan')):.3f})"
+                 if "eval/rank1" in m else "-")
+        table.add_row(e.version, e.stage, e.parent_version or "-",
+                      e.created_at.strftime("%Y-%m-%d %H:%M"),
+                      f"{m['loss']:.3f}" if "loss" in m else "-", rank1)
+    console.print(table)
+    if not found:
+        console.print(f"no {model} checkpoints" + (f" of {stage}" if stage else ""))
 
 
 @app.command("eval")

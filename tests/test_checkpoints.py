@@ -75,3 +75,23 @@ def test_a_version_can_be_pinned_and_latest_follows_the_newest(settings, tmp_pat
     pinned.serve.model = "s3-missing"
     with pytest.raises(ValueError, match="s3-missing"):
         resolve_spec(pinned)
+
+
+def test_chatreid_checkpoints_lists_versions_newest_first(settings, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from chatreid.cli import app
+
+    push(settings, make_checkpoint(tmp_path / "a"), model="vlm", stage="stage3",
+         version="s3-first", metrics={"loss": 2.5, "eval/rank1": 0.4, "eval/chance_rank1": 0.2})
+    push(settings, make_checkpoint(tmp_path / "b"), model="vlm", stage="stage2",
+         version="s2-other")
+    push(settings, make_checkpoint(tmp_path / "c"), model="vlm", stage="stage3",
+         version="s3-second")
+    env = {f"CHATREID_S3__{k.upper()}": str(v) for k, v in settings.s3.model_dump().items()
+           if v is not None}
+    out = CliRunner().invoke(app, ["checkpoints", "--stage", "stage3"], env=env,
+                             terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert out.output.index("s3-second") < out.output.index("s3-first")
+    assert "s2-other" not in out.output and "0.400 (0.200)" in out.output
