@@ -24,22 +24,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from chatreid.colours import BASIC_COLOURS
+
 # Basic colour terms and the sRGB prototype each is recognised by (nearest prototype wins).
-COLOUR_TERMS: dict[str, tuple[int, int, int]] = {
-    "black": (28, 28, 30),
-    "white": (232, 232, 228),
-    "grey": (128, 128, 132),
-    "red": (185, 35, 40),
-    "blue": (45, 85, 175),
-    "navy": (32, 42, 82),
-    "green": (50, 125, 62),
-    "yellow": (225, 195, 55),
-    "purple": (112, 62, 140),
-    "pink": (228, 140, 168),
-    "brown": (110, 74, 46),
-    "orange": (228, 118, 40),
-    "beige": (208, 188, 150),
-}
+COLOUR_TERMS = BASIC_COLOURS
 SYNONYMS = {"gray": "grey", "dark blue": "navy", "navy blue": "navy", "tan": "beige",
             "khaki": "beige", "cream": "beige", "violet": "purple", "light blue": "blue",
             "dark green": "green", "light grey": "grey", "light gray": "grey",

@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from chatreid.colours import BASIC_COLOURS
+
 Rgb = tuple[int, int, int]
 Viewpoint = Literal["front", "back", "side"]
 
@@ -26,21 +28,7 @@ DAY_LENGTH_S = 39_000  # keeps Market/LTCC frame numbers within 6 digits at FPS
 # Stream tags: one independent random stream per purpose.
 TAG_SITE, TAG_SIGHTINGS, TAG_RENDER, TAG_SPLIT, TAG_CAPTION, TAG_LIVE, TAG_SCENE = range(1, 8)
 
-COLOURS: dict[str, Rgb] = {
-    "black": (28, 28, 30),
-    "white": (232, 232, 228),
-    "grey": (128, 128, 132),
-    "red": (185, 35, 40),
-    "blue": (45, 85, 175),
-    "navy": (32, 42, 82),
-    "green": (50, 125, 62),
-    "yellow": (225, 195, 55),
-    "purple": (112, 62, 140),
-    "pink": (228, 140, 168),
-    "brown": (110, 74, 46),
-    "orange": (228, 118, 40),
-    "beige": (208, 188, 150),
-}
+COLOURS: dict[str, Rgb] = BASIC_COLOURS  # outfits are painted in the basic colour terms
 SKIN_TONES: dict[str, Rgb] = {
     "very light": (246, 218, 196),
     "light": (232, 192, 162),
