@@ -9,6 +9,7 @@ switch together, so a query is never embedded in one space and searched in anoth
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,8 @@ from .config import Settings
 from .prefilter.follower import IndexFollower
 from .prefilter.store import Hit, SearchFilter, VectorMeta
 from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,23 +180,30 @@ class ColourCache:
         """One vector per (crop id, object key), in order."""
         with self._lock:
             missing = [(c, k) for c, k in crops if c not in self._cache]
-        for crop_id, vec in zip((c for c, _ in missing),
-                                self._pool.map(self._compute, (k for _, k in missing)),
-                                strict=True):
-            with self._lock:
-                self._cache[crop_id] = vec
+        fresh = dict(zip((c for c, _ in missing),
+                         self._pool.map(self._compute, (k for _, k in missing)), strict=True))
         with self._lock:
+            self._cache.update((c, v) for c, v in fresh.items() if not np.isnan(v).any())
             out = []
             for crop_id, _ in crops:
-                self._cache.move_to_end(crop_id)
-                out.append(self._cache[crop_id])
+                if crop_id in self._cache:
+                    self._cache.move_to_end(crop_id)
+                    out.append(self._cache[crop_id])
+                else:
+                    out.append(np.nan_to_num(fresh[crop_id]))  # unreadable: matches nothing
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
         return np.stack(out) if out else np.zeros((0, self.matcher.dim), np.float32)
 
     def _compute(self, key: str) -> np.ndarray:
-        image = Image.open(io.BytesIO(self.objects.get(key)))
-        return self.matcher.embed_images([image])[0]
+        """A crop that cannot be read (deleted, unreachable) matches nothing, and is not cached
+        as such: the query goes on and the next one tries again."""
+        try:
+            image = Image.open(io.BytesIO(self.objects.get(key)))
+            return self.matcher.embed_images([image])[0]
+        except Exception as exc:  # any storage or decode error: one crop, not the query
+            log.warning("colour vector of %s unavailable: %s", key, exc)
+            return np.full(self.matcher.dim, np.nan, np.float32)
 
 
 def _result(rank: int, meta: VectorMeta, score: float | None) -> SearchResult:

@@ -69,3 +69,22 @@ def test_text_to_image_on_the_world_beats_chance(world, colour) -> None:
     # Chance: the share of the gallery that is the query's person, on average.
     chance = float(np.mean([(g.pids == p).mean() for p, _ in queries]))
     assert found.mAP > 2 * chance and found.rank(1) > 2 * chance
+
+
+@pytest.mark.stack
+def test_crops_colour_vectors_are_cached_and_a_missing_crop_matches_nothing(settings) -> None:
+    import io
+
+    from chatreid.search import ColourCache
+    from chatreid.storage import ObjectStore
+
+    objects = ObjectStore(settings.s3)
+    buf = io.BytesIO()
+    person("red", "blue").save(buf, "PNG")
+    objects.put("crops/painted.png", buf.getvalue())
+    cache = ColourCache(objects, workers=2)
+    vectors = cache.vectors([("painted", "crops/painted.png"), ("gone", "crops/deleted.png")])
+    text = ColourAttributeEmbedder().embed_texts(["a red shirt and blue jeans"])
+    assert ColourAttributeEmbedder().distance(text, vectors)[0].tolist() == pytest.approx(
+        [0.0, 1.0])  # the deleted crop only loses its own match; the query goes on
+    assert "painted" in cache._cache and "gone" not in cache._cache  # retried next time
