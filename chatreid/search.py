@@ -133,34 +133,54 @@ class PrefilterSearch:
         ``filters`` ranked by the colour-attribute matcher (garment colours the clue names vs
         each crop's colours), newest first among equals; a clue naming no colour leaves the
         newest first. ``tau`` bounds the match share (0..1) when the clue names a colour."""
-        from .embedder.colour import ColourAttributeEmbedder
-
-        matcher = ColourAttributeEmbedder()
         recent = self.browse(window, filters, exclude)
-        text = matcher.embed_texts([clue])
-        if not text.any():
+        text = self._clue_vector(clue)
+        if text is None:
             return recent[:k]
-        vectors = self.colours.vectors([(r.crop_id, r.object_key) for r in recent])
-        score = 1.0 - matcher.distance(text, vectors)[0]
-        order = sorted(range(len(recent)), key=lambda i: -score[i])  # stable: newest first
+        ranked = self._by_colour(recent, text, len(recent), blend=False)
         if tau is not None:
-            order = [i for i in order if score[i] >= tau]
-        picked = [recent[i] for i in order[:k]]
-        return [SearchResult(rank + 1, r.crop_id, float(score[i]), r.camera, r.modality,
-                             r.capture_time, r.object_key)
-                for rank, (i, r) in enumerate(zip(order, picked, strict=False))]
+            ranked = [r for r in ranked if r.score >= tau]
+        return [SearchResult(i + 1, r.crop_id, r.score, r.camera, r.modality, r.capture_time,
+                             r.object_key) for i, r in enumerate(ranked[:k])]
 
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
-               filters: SearchFilter | None = None,
-               exclude: set[str] | None = None) -> list[SearchResult]:
+               filters: SearchFilter | None = None, exclude: set[str] | None = None,
+               clue: str | None = None, pool: int = 100) -> list[SearchResult]:
+        """The image's top ``k`` by cosine (≥ ``tau``). With a ``clue`` naming garment colours
+        (an adaptive query: image + text), the cosine top ``pool`` are re-ordered by the mean
+        of cosine and colour-attribute match, as the evaluation's adaptive prefilter does."""
         version, store = self.follower.active()  # embedder and store of the same version
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
         vec = self._embedders[version].embed([image])[0]
+        text = self._clue_vector(clue)
+        wanted = max(k, pool) if text is not None else k
         extra = len(exclude or ())
-        hits: list[Hit] = store.search(vec, k + extra, tau=tau, filters=filters)[0]
-        hits = [h for h in hits if not exclude or h.meta.crop_id not in exclude][:k]
-        return [_result(i + 1, h.meta, h.score) for i, h in enumerate(hits)]
+        hits: list[Hit] = store.search(vec, wanted + extra, tau=tau, filters=filters)[0]
+        hits = [h for h in hits if not exclude or h.meta.crop_id not in exclude][:wanted]
+        results = [_result(i + 1, h.meta, h.score) for i, h in enumerate(hits)]
+        return results if text is None else self._by_colour(results, text, k, blend=True)
+
+    def _clue_vector(self, clue: str | None) -> np.ndarray | None:
+        """The clue as colour-attribute one-hots; None when it names no garment colour."""
+        if not clue:
+            return None
+        text = self.colours.matcher.embed_texts([clue])
+        return text if text.any() else None
+
+    def _by_colour(self, results: list[SearchResult], text: np.ndarray, k: int,
+                   blend: bool) -> list[SearchResult]:
+        """Re-order by colour match (blended with the cosine for adaptive queries); stable, so
+        equal scores keep the incoming order."""
+        vectors = self.colours.vectors([(r.crop_id, r.object_key) for r in results])
+        match = 1.0 - self.colours.matcher.distance(text, vectors)[0]
+        score = [(m + r.score) / 2 if blend else m
+                 for m, r in zip(match.tolist(), results, strict=True)]
+        order = sorted(range(len(results)), key=lambda i: -score[i])[:k]
+        return [SearchResult(rank + 1, results[i].crop_id, float(score[i]), results[i].camera,
+                             results[i].modality, results[i].capture_time,
+                             results[i].object_key)
+                for rank, i in enumerate(order)]
 
 
 class ColourCache:

@@ -4,7 +4,9 @@ Image queries search the FAISS store with the rolled-out embedder (cosine ≥ τ
 Text and attribute queries have no image to embed - the prefilter embedder is image-only - so
 the newest ``serve.text_window`` crops inside the filters are ranked by the colour-attribute
 matcher (the garment colours the clue names vs each crop's colours; ``chatreid.embedder.colour``)
-and the best K go to the VLM; camera, modality and time window narrow the window.
+and the best K go to the VLM; camera, modality and time window narrow the window. Adaptive
+queries (image + text) re-order the image's cosine top 100 by the mean of cosine and colour
+match, as the evaluation's adaptive prefilter does.
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ class Shortlister:
         try:
             if kind.has_image:
                 image = self._query_image(key, data)
+                clue = _clue(request) if kind.has_text else None  # adaptive: image + text
                 items = self.search.search(image, k=request.k, tau=request.tau,
-                                           filters=filters, exclude=exclude)
+                                           filters=filters, exclude=exclude, clue=clue)
             else:
                 items = self.search.describe(_clue(request), k=request.k, tau=request.tau,
                                              filters=filters, exclude=exclude,
