@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -137,11 +137,7 @@ class PrefilterSearch:
         text = self._clue_vector(clue)
         if text is None:
             return recent[:k]
-        ranked = self._by_colour(recent, text, len(recent), blend=False)
-        if tau is not None:
-            ranked = [r for r in ranked if r.score >= tau]
-        return [SearchResult(i + 1, r.crop_id, r.score, r.camera, r.modality, r.capture_time,
-                             r.object_key) for i, r in enumerate(ranked[:k])]
+        return self._by_colour(recent, text, k, blend=False, tau=tau)
 
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
                filters: SearchFilter | None = None, exclude: set[str] | None = None,
@@ -168,19 +164,19 @@ class PrefilterSearch:
         text = self.colours.matcher.embed_texts([clue])
         return text if text.any() else None
 
-    def _by_colour(self, results: list[SearchResult], text: np.ndarray, k: int,
-                   blend: bool) -> list[SearchResult]:
-        """Re-order by colour match (blended with the cosine for adaptive queries); stable, so
-        equal scores keep the incoming order."""
+    def _by_colour(self, results: list[SearchResult], text: np.ndarray, k: int, blend: bool,
+                   tau: float | None = None) -> list[SearchResult]:
+        """Re-order by colour match (blended with the cosine for adaptive queries), keep those
+        scoring ≥ ``tau``, cap at ``k``; stable, so equal scores keep the incoming order."""
         vectors = self.colours.vectors([(r.crop_id, r.object_key) for r in results])
         match = 1.0 - self.colours.matcher.distance(text, vectors)[0]
         score = [(m + r.score) / 2 if blend else m
                  for m, r in zip(match.tolist(), results, strict=True)]
-        order = sorted(range(len(results)), key=lambda i: -score[i])[:k]
-        return [SearchResult(rank + 1, results[i].crop_id, float(score[i]), results[i].camera,
-                             results[i].modality, results[i].capture_time,
-                             results[i].object_key)
-                for rank, i in enumerate(order)]
+        order = sorted(range(len(results)), key=lambda i: -score[i])
+        if tau is not None:
+            order = [i for i in order if score[i] >= tau]
+        return [replace(results[i], rank=rank + 1, score=float(score[i]))
+                for rank, i in enumerate(order[:k])]
 
 
 class ColourCache:

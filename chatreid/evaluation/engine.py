@@ -88,6 +88,7 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
     for t, trial in enumerate(task.trials or ({},)):
         ds = task.load(root, **trial)
         query = _sample(build_queries(task, ds, root, cfg.seed), cfg)
+        ql = labels([q.record for q in query])
         gallery = [r for r in ds.gallery if not task.indoor or r.camid in (0, 1)]
         g_images = _open(gallery)
         image_side = (embed(_open([q.record for q in query])), embed(g_images)) \
@@ -100,7 +101,7 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
         for d, idx in enumerate(draws):
             sub = [gallery[i] for i in idx]
             dist = _prefilter_distances(image_side, text_side, idx, text_prefilter)
-            ql, gl = labels([q.record for q in query]), labels(sub)
+            gl = labels(sub)
             base_runs.append(rank_metrics(dist, ql, gl, task.protocol))
             if rerank is not None:
                 lists = [shortlist(row, cfg) for row in dist]
