@@ -173,6 +173,37 @@ class ServeSettings(BaseModel):
         return root.rstrip("/") + self.route_prefix.rstrip("/")
 
 
+class AccessSettings(BaseModel):
+    """Who may call the API: keys with roles (kept hashed in object storage), limits per key."""
+
+    key_prefix: str = Field("access/keys", description="where issued keys are stored")
+    cache_s: float = Field(5.0, ge=0, description="how long a replica trusts its key cache: "
+                           "a revoked key stops working within this time")
+    rate_per_minute: int = Field(600, ge=1, description="default requests per minute per key "
+                                 "(per ingress replica)")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body, except "
+                                "image uploads (ingestor.max_bytes)")
+
+
+class AuditSettings(BaseModel):
+    prefix: str = Field("audit", description="append-only audit entries in object storage")
+
+
+class ConsoleSettings(BaseModel):
+    """Investigation sessions."""
+
+    prefix: str = Field("sessions", description="session turn logs in object storage")
+    idle_hours: float = Field(24.0, gt=0, description="a session untouched this long expires")
+    max_turns: int = Field(500, ge=1, description="turns one session may hold")
+
+
+class RetentionSettings(BaseModel):
+    crop_days: float | None = Field(
+        30.0, gt=0, description="crops and vectors older than this are purged; None keeps all")
+    purge_every_hours: float = Field(24.0, gt=0, description="how often the purge job runs "
+                                     "(the chart's CronJob, `chatreid purge --every`)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CHATREID_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -188,3 +219,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     train: TrainSettings = TrainSettings()
     serve: ServeSettings = ServeSettings()
+    access: AccessSettings = AccessSettings()
+    audit: AuditSettings = AuditSettings()
+    console: ConsoleSettings = ConsoleSettings()
+    retention: RetentionSettings = RetentionSettings()

@@ -14,6 +14,7 @@ from .api import (
     ResultItem,
     Turn,
 )
+from .console import CONSOLE_MODELS, ROLES, Role
 from .events import (
     EVENT_MODELS,
     BBox,
@@ -32,11 +33,13 @@ __all__ = [
     "ALL_TOPICS",
     "API_MODELS",
     "CHECKPOINTS",
+    "CONSOLE_MODELS",
     "CROPS",
     "DEADLETTER",
     "DEPLOYMENTS",
     "EVENT_MODELS",
     "INDEXED",
+    "ROLES",
     "BBox",
     "CheckpointEvent",
     "CheckpointFile",
@@ -51,6 +54,7 @@ __all__ = [
     "QueryRequest",
     "QueryResponse",
     "ResultItem",
+    "Role",
     "SourceOffset",
     "Topic",
     "Turn",

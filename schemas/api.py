@@ -53,6 +53,12 @@ class QueryRequest(_Api):
     top: int = Field(20, ge=1, le=1000, description="results returned")
     tau: float | None = Field(None, ge=-1.0, le=1.0, description="prefilter cosine threshold")
     rationale: bool = False
+    anchors: list[str] = Field(
+        default_factory=list, max_length=32,
+        description="more indexed crops of the same person (e.g. confirmed sightings): the "
+        "prefilter searches with the mean of their embeddings and the query image's")
+    exclude: list[str] = Field(default_factory=list, max_length=10_000,
+                               description="crop ids never returned (e.g. rejected ones)")
 
     @model_validator(mode="after")
     def _inputs(self) -> QueryRequest:
@@ -61,6 +67,8 @@ class QueryRequest(_Api):
             raise ValueError("give crop_id or image_b64, not both")
         if self.kind in _NEEDS_IMAGE and not has_image:
             raise ValueError(f"query kind {self.kind!r} needs crop_id or image_b64")
+        if self.anchors and not has_image:
+            raise ValueError("anchors join a query image: give crop_id or image_b64 too")
         if self.kind in _NEEDS_TEXT and not (self.text or self.attributes):
             raise ValueError(f"query kind {self.kind!r} needs text or attributes")
         return self
