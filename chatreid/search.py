@@ -141,14 +141,19 @@ class PrefilterSearch:
 
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
                filters: SearchFilter | None = None, exclude: set[str] | None = None,
-               clue: str | None = None, pool: int = 100) -> list[SearchResult]:
+               clue: str | None = None, pool: int = 100,
+               anchors: list[Image.Image] | None = None) -> list[SearchResult]:
         """The image's top ``k`` by cosine (≥ ``tau``). With a ``clue`` naming garment colours
         (an adaptive query: image + text), the cosine top ``pool`` are re-ordered by the mean
-        of cosine and colour-attribute match, as the evaluation's adaptive prefilter does."""
+        of cosine and colour-attribute match, as the evaluation's adaptive prefilter does.
+        ``anchors`` (more images of the same person, e.g. confirmed sightings) join the
+        query: it searches with the normalised mean of all their embeddings."""
         version, store = self.follower.active()  # embedder and store of the same version
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
-        vec = self._embedders[version].embed([image])[0]
+        vecs = self._embedders[version].embed([image, *(anchors or [])])
+        vec = vecs.mean(axis=0)
+        vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
         text = self._clue_vector(clue)
         wanted = max(k, pool) if text is not None else k
         extra = len(exclude or ())

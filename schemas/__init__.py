@@ -23,9 +23,12 @@ from .events import (
     CropEvent,
     DeadLetterEvent,
     DeploymentEvent,
+    ErasedEvent,
     EventError,
     IndexedEvent,
+    IndexLogEvent,
     SourceOffset,
+    parse_index_log,
 )
 from .topics import ALL_TOPICS, CHECKPOINTS, CROPS, DEADLETTER, DEPLOYMENTS, INDEXED, Topic
 
@@ -46,8 +49,10 @@ __all__ = [
     "CropEvent",
     "DeadLetterEvent",
     "DeploymentEvent",
+    "ErasedEvent",
     "ErrorResponse",
     "EventError",
+    "IndexLogEvent",
     "IndexedEvent",
     "QueryFilters",
     "QueryKind",
@@ -58,4 +63,5 @@ __all__ = [
     "SourceOffset",
     "Topic",
     "Turn",
+    "parse_index_log",
 ]

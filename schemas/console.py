@@ -148,6 +148,7 @@ class SessionTurn(_Api):
     attributes: list[str] = Field(default_factory=list)
     image: str | None = Field(None, description="crop id, or 'upload:<sha256>'")
     changed_clothes: bool = False
+    filters: QueryFilters | None = None
     query_kind: QueryKind | None = None
     results: list[ResultItem] = Field(default_factory=list)
     vlm_calls: int = 0
@@ -243,9 +244,14 @@ class ScaleRequest(_Api):
     replicas: int = Field(ge=1, le=64, description="rerank replicas")
 
 
+TrainTarget = Literal["embedder", "1", "2", "3", "all"]
+
+
 class TrainRequest(_Api):
-    target: Literal["embedder", "vlm"] = "vlm"
-    base_model: str | None = Field(None, description="None: the site's train.base_model")
+    """What `chatreid train` runs: the embedder, one HPT stage, or everything."""
+
+    target: TrainTarget = "all"
+    preset: str = Field("default", description="training recipe (`chatreid train --preset`)")
 
 
 class OpsStatus(_Api):
@@ -260,7 +266,8 @@ class OpsStatus(_Api):
 
 class TrainRun(_Api):
     run_id: str
-    target: Literal["embedder", "vlm"]
+    target: TrainTarget
+    preset: str
     state: Literal["running", "succeeded", "failed"]
     started_at: datetime
     finished_at: datetime | None = None

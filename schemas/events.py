@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")]
 Modality = Literal["rgb", "infrared"]
@@ -37,11 +37,14 @@ class _Event(BaseModel):
     def from_bytes(cls, raw: bytes | str):
         try:
             return cls.model_validate_json(raw)
-        except ValidationError as exc:  # one readable line for dead letters and logs
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
-            )
-            raise EventError(f"invalid {cls.__name__}: {problems}") from exc
+        except ValidationError as exc:
+            raise EventError(f"invalid {cls.__name__}: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    """One readable line for dead letters and logs."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+                     for e in exc.errors())
 
 
 class BBox(BaseModel):
@@ -115,6 +118,37 @@ class IndexedEvent(_Event):
         return arr.astype(np.float32)
 
 
+class ErasedEvent(_Event):
+    """A crop erased (right to erasure, or retention), on the ``indexed.v1`` log keyed by its
+    camera, so it follows the crop's ``IndexedEvent`` on the same partition.
+
+    Every prefilter store drops the crop, whatever its embedder version, and ignores any later
+    ``IndexedEvent`` of it (a late batch, a rollout re-embed); the crop's object is deleted once
+    this event is durable.
+    """
+
+    kind: Literal["erased"] = "erased"
+    crop_id: str = Field(min_length=1, max_length=256)
+    camera: str = Field(min_length=1, max_length=128, description="the partition key")
+    reason: str = Field(min_length=1, max_length=500,
+                        description='why: "retention", or the erasure request\'s reason')
+    request_id: str = Field(min_length=1, max_length=256,
+                            description="the erasure request or purge run it belongs to")
+    erased_at: datetime = Field(default_factory=utcnow)
+
+
+IndexLogEvent = Annotated[IndexedEvent | ErasedEvent, Field(discriminator="kind")]
+_INDEX_LOG: TypeAdapter[IndexedEvent | ErasedEvent] = TypeAdapter(IndexLogEvent)
+
+
+def parse_index_log(raw: bytes | str) -> IndexedEvent | ErasedEvent:
+    """Decode a record of the ``indexed.v1`` log, whichever kind it is."""
+    try:
+        return _INDEX_LOG.validate_json(raw)
+    except ValidationError as exc:
+        raise EventError(f"invalid indexed-log event: {_problems(exc)}") from exc
+
+
 class DeadLetterEvent(_Event):
     """Something that could not be processed, with why (topic ``deadletter.v1``)."""
 
@@ -184,6 +218,7 @@ class DeploymentEvent(_Event):
 EVENT_MODELS: dict[str, type[_Event]] = {
     "CropEvent": CropEvent,
     "IndexedEvent": IndexedEvent,
+    "ErasedEvent": ErasedEvent,
     "DeadLetterEvent": DeadLetterEvent,
     "CheckpointEvent": CheckpointEvent,
     "DeploymentEvent": DeploymentEvent,

@@ -26,7 +26,8 @@ CROPS = Topic(
 INDEXED = Topic(
     name="indexed.v1",
     key="camera id (utf-8)",
-    value="IndexedEvent (JSON, carries the embedding)",
+    value="IndexedEvent (JSON, carries the embedding) or ErasedEvent (JSON: the crop was erased; "
+    "stores drop it and ignore later IndexedEvents of it); decode with parse_index_log",
     partitioning="by key, like crops; prefilter stores follow every partition (no group)",
 )
 DEADLETTER = Topic(

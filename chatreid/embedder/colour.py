@@ -85,6 +85,11 @@ class ColourAttributeEmbedder:
             return out
         return _parse_text(clue)
 
+    def describe(self, image: Image.Image) -> dict[str, str]:
+        """{"upper": colour, "lower": colour}: each part's most common colour term."""
+        vec = self._image(image).reshape(len(PARTS), len(self.terms))
+        return {part: self.terms[int(vec[p].argmax())] for p, part in enumerate(PARTS)}
+
     def _image(self, image: Image.Image) -> np.ndarray:
         pixels = np.asarray(image.convert("RGB").resize(_SIZE, Image.BILINEAR), np.float32)
         h, w = pixels.shape[:2]

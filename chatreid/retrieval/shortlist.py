@@ -53,14 +53,15 @@ class Shortlister:
         kind = QueryKind.parse(request.kind)
         filters = _filters(request)
         key = data = modality = None
-        exclude: set[str] = set()
+        exclude: set[str] = set(request.exclude)
         if request.crop_id:
             try:
                 meta = self.search.lookup(request.crop_id)
             except KeyError:
                 raise UnknownCrop(f"crop {request.crop_id!r} is not in the index (unknown id, "
                                   "or not indexed yet)") from None
-            key, modality, exclude = meta.object_key, meta.modality, {meta.crop_id}
+            key, modality = meta.object_key, meta.modality
+            exclude.add(meta.crop_id)
         elif request.image_b64:
             data = _decode(request.image_b64, self.limits)
             modality = _modality_of(data)
@@ -72,8 +73,11 @@ class Shortlister:
             if kind.has_image:
                 image = self._query_image(key, data)
                 clue = _clue(request) if kind.has_text else None  # adaptive: image + text
+                anchors = [self._query_image(self._key_of(a), None) for a in request.anchors]
+                exclude.update(request.anchors)  # known sightings, not results
                 items = self.search.search(image, k=request.k, tau=request.tau,
-                                           filters=filters, exclude=exclude, clue=clue)
+                                           filters=filters, exclude=exclude, clue=clue,
+                                           anchors=anchors)
             else:
                 items = self.search.describe(_clue(request), k=request.k, tau=request.tau,
                                              filters=filters, exclude=exclude,
@@ -82,6 +86,12 @@ class Shortlister:
             raise EmptyGallery(str(exc)) from None
         return Shortlist(kind, key, data, modality, items, self.search.gallery_size(),
                          self.search.version)
+
+    def _key_of(self, crop_id: str) -> str:
+        try:
+            return self.search.lookup(crop_id).object_key
+        except KeyError:
+            raise UnknownCrop(f"anchor crop {crop_id!r} is not in the index") from None
 
     def _query_image(self, key: str | None, data: bytes | None) -> Image.Image:
         raw = data if data is not None else self.search.objects.get(key)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from PIL import Image
 from ray import serve
 
 from chatreid.config import Settings
+from chatreid.prefilter.store import SearchFilter, VectorMeta
 from chatreid.rerank import Candidate, Query, attribute_text
+from chatreid.rerank.prompts import QueryKind
 from chatreid.retrieval import (
     ModelSpec,
     ModelUnavailable,
@@ -89,6 +92,76 @@ class PrefilterDeployment:
         data = self.search.objects.get(meta.object_key)
         fmt = Image.open(io.BytesIO(data)).format or "JPEG"
         return data, Image.MIME.get(fmt, "application/octet-stream")
+
+    # -- the console: cameras, recent crops, attribute comparison, erasure -----------------------
+    def cameras(self) -> list[dict]:
+        """Per camera: indexed crops, the newest capture time, the modalities seen."""
+        store = self.search.follower.active()[1]
+        seen: dict[str, dict] = {}
+        for meta in store.live_metas() if store else []:
+            cam = seen.setdefault(meta.camera, {"camera": meta.camera, "crops": 0,
+                                                "last_seen": 0.0, "modalities": set()})
+            cam["crops"] += 1
+            cam["last_seen"] = max(cam["last_seen"], meta.capture_time)
+            cam["modalities"].add(meta.modality)
+        return [{**c, "modalities": sorted(c["modalities"])}
+                for _, c in sorted(seen.items())]
+
+    def recent(self, camera: str, limit: int) -> list[VectorMeta]:
+        store = self.search.follower.active()[1]
+        return store.newest(limit, SearchFilter(cameras=frozenset({camera}))) if store else []
+
+    def lookup(self, crop_id: str) -> VectorMeta:
+        try:
+            return self.search.lookup(crop_id)
+        except KeyError:
+            raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
+
+    def compare(self, crop_id: str, reference: str | None, reference_bytes: bytes | None,
+                text: str | None) -> list[dict]:
+        """Upper and lower garment colour of the reference (a crop, an upload, or the text
+        clue) against the result crop's, as the colour matcher reads them."""
+        matcher = self.search.colours.matcher
+        candidate = matcher.describe(self.search.crop_image(crop_id))
+        if reference is not None or reference_bytes is not None:
+            image = (self.search.crop_image(reference) if reference is not None
+                     else Image.open(io.BytesIO(reference_bytes or b"")))
+            ref = matcher.describe(image)
+        else:
+            ref = matcher.parse(text or "")
+        rows = []
+        for part in ("upper", "lower"):
+            a, b = ref.get(part), candidate.get(part)
+            rows.append({"attribute": f"{part} colour", "reference": a, "candidate": b,
+                         "agrees": None if a is None or b is None else a == b})
+        return rows
+
+    def erase(self, crop_ids: list[str], reason: str, request_id: str) -> dict:
+        """Erase crops from storage and every index (a tombstone per crop on the indexed log);
+        this replica applies the tombstones before answering, so its next search cannot
+        return them."""
+        from chatreid.retention import Eraser
+
+        metas, unknown = [], []
+        for crop_id in dict.fromkeys(crop_ids):
+            try:
+                metas.append(self.search.lookup(crop_id))
+            except KeyError:
+                unknown.append(crop_id)
+        erased, deleted = Eraser(self.settings, self.search.objects).erase(
+            metas, reason, request_id)
+        self.search.refresh(timeout_s=60)
+        return {"erased": erased, "unknown": unknown, "objects_deleted": deleted}
+
+    def purge(self, cutoff: datetime) -> dict:
+        """Retention: erase every crop captured before ``cutoff``."""
+        from chatreid.retention import Eraser
+
+        store = self.search.follower.active()[1]
+        metas = store.live_metas() if store else []
+        crops, deleted = Eraser(self.settings, self.search.objects).purge(cutoff, metas)
+        self.search.refresh(timeout_s=60)
+        return {"crops_erased": crops, "objects_deleted": deleted}
 
     def status(self) -> dict:
         return {"gallery": self.search.gallery_size(), "embedder_version": self.search.version,
@@ -173,6 +246,22 @@ class RerankDeployment:
         candidates = [Candidate(c.crop_id, images[c.object_key], c.score)
                       for c in shortlist.items]
         return runtime.answer(query, candidates, rationale=request.rationale)
+
+    def explain(self, text: str | None, reference: str | None, reference_bytes: bytes | None,
+                crop_key: str) -> tuple[str, str]:
+        """The VLM's own comparison of the reference and a result (stage 2's attribute
+        commonality prompt), or its description of the result for a text-only reference."""
+        runtime = self.runtime
+        if runtime is None:
+            raise ModelUnavailable("no VLM is deployed yet")
+        image = None
+        if reference is not None:
+            image = self._image(reference)
+        elif reference_bytes is not None:
+            image = Image.open(io.BytesIO(reference_bytes)).convert("RGB")
+        kind = QueryKind.TEXT_TO_IMAGE if image is None else QueryKind.STANDARD
+        query = Query(kind, image=image, text=text)
+        return runtime.rationale(query, self._image(crop_key)), runtime.version
 
     def _image(self, key: str) -> Image.Image:
         with self._cache_lock:

@@ -1,0 +1,180 @@
+"""Admin routes (role ``admin``: keys, audit export, erasure, retention) and operator routes
+(role ``operator``: status, rollout, scale, training). Each action is audited."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from fastapi import Query, Request
+from fastapi.responses import StreamingResponse
+
+from chatreid.ray_jobs.train import PRESETS
+from chatreid.retrieval import BadQuery
+from chatreid.schemas.console import (
+    ApiKeyCreate,
+    ApiKeyInfo,
+    ApiKeyIssued,
+    AuditEntry,
+    ErasureReport,
+    ErasureRequest,
+    OpsStatus,
+    RetentionReport,
+    RolloutRequest,
+    ScaleRequest,
+    TrainRequest,
+    TrainRun,
+)
+from chatreid.sessions import UPLOAD
+
+from . import ops
+from .deployments import model_spec
+from .http import ERRORS, Gate, api, remote
+
+
+class AdminRoutes(Gate):
+    @api.post("/v1/admin/keys", response_model=ApiKeyIssued, status_code=201, responses=ERRORS)
+    async def issue_key(self, payload: ApiKeyCreate, request: Request) -> ApiKeyIssued:
+        """Issue a key with roles; its secret is in this response only."""
+        caller = await self.gate(request, "admin")
+        issued = await asyncio.to_thread(self.keys.issue, payload, caller.key_id)
+        await self.audit(caller, "key.create", 201, target=issued.key_id,
+                         detail=f"roles={','.join(issued.roles)}")
+        return issued
+
+    @api.get("/v1/admin/keys", response_model=list[ApiKeyInfo], responses=ERRORS)
+    async def list_keys(self, request: Request) -> list[ApiKeyInfo]:
+        await self.gate(request, "admin")
+        return await asyncio.to_thread(self.keys.list)
+
+    @api.delete("/v1/admin/keys/{key_id}", response_model=ApiKeyInfo, responses=ERRORS)
+    async def revoke_key(self, key_id: str, request: Request) -> ApiKeyInfo:
+        """Revoke a key (every replica refuses it within ``access.cache_s``)."""
+        caller = await self.gate(request, "admin")
+        info = await asyncio.to_thread(self.keys.revoke, key_id, caller.key_id)
+        await self.audit(caller, "key.revoke", target=key_id)
+        return info
+
+    @api.get("/v1/admin/audit", response_model=list[AuditEntry], responses=ERRORS)
+    async def export_audit(self, request: Request, since: datetime | None = None,
+                           until: datetime | None = None, actor: str | None = None,
+                           action: str | None = None,
+                           format: str = Query("json", pattern="^(json|jsonl)$")):
+        """Export audit entries in time order (``format=jsonl`` streams JSON lines). The log
+        is append-only: no route changes or deletes an entry."""
+        caller = await self.gate(request, "admin")
+        if since and until and since > until:
+            raise BadQuery("since is after until")
+        entries = await asyncio.to_thread(
+            lambda: list(self.audit_log.export(since, until, actor, action)))
+        await self.audit(caller, "audit.export", detail=f"{len(entries)} entries")
+        if format == "jsonl":
+            lines = (e.model_dump_json() + "\n" for e in entries)
+            return StreamingResponse(lines, media_type="application/x-ndjson")
+        return entries
+
+    @api.post("/v1/admin/erasure", response_model=ErasureReport, responses=ERRORS)
+    async def erase(self, payload: ErasureRequest, request: Request) -> ErasureReport:
+        """Right to erasure: remove every confirmed crop of a session (the identity the
+        investigator established) and/or the crops named, from storage and every index;
+        the session's uploaded images go too."""
+        caller = await self.gate(request, "admin")
+        crop_ids = list(payload.crop_ids)
+        if payload.session_id:
+            session = await asyncio.to_thread(self.sessions.load, payload.session_id)
+            state = session.state()
+            crop_ids += list(state.confirmed) + [a for a in state.images
+                                                 if not a.startswith(UPLOAD)]
+        request_id = uuid.uuid4().hex
+        out = await remote(self.prefilter.erase, crop_ids, "erasure", request_id)
+        deleted = out["objects_deleted"]
+        if payload.session_id:
+            deleted += await asyncio.to_thread(self._drop_uploads, payload.session_id)
+        report = ErasureReport(erased=out["erased"], unknown=out["unknown"],
+                               objects_deleted=deleted, at=datetime.now(UTC))
+        await self.audit(caller, "erasure", target=payload.session_id or request_id,
+                         result_ids=report.erased, detail=payload.reason)
+        return report
+
+    def _drop_uploads(self, session_id: str) -> int:
+        keys = self.objects.list(f"{self.sessions.prefix}/{session_id}/uploads/")
+        for key in keys:
+            self.objects.delete(key)
+        return len(keys)
+
+    @api.post("/v1/admin/retention/purge", response_model=RetentionReport, responses=ERRORS)
+    async def purge(self, request: Request,
+                    days: float | None = Query(None, gt=0)) -> RetentionReport:
+        """Purge crops and vectors older than ``days`` (default ``retention.crop_days``) and
+        expired sessions, now (the scheduled job does the same)."""
+        caller = await self.gate(request, "admin")
+        days = days or self.settings.retention.crop_days
+        if days is None:
+            raise BadQuery("retention is off (retention.crop_days is unset): give days")
+        cutoff = datetime.now(UTC) - timedelta(days=days)
+        out = await remote(self.prefilter.purge, cutoff)
+        sessions = await asyncio.to_thread(self.sessions.purge_expired)
+        report = RetentionReport(cutoff=cutoff, crops_erased=out["crops_erased"],
+                                 objects_deleted=out["objects_deleted"],
+                                 sessions_deleted=sessions, at=datetime.now(UTC))
+        await self.audit(caller, "retention.purge", detail=report.model_dump_json(
+            include={"cutoff", "crops_erased", "objects_deleted", "sessions_deleted"}))
+        return report
+
+
+class OpsRoutes(Gate):
+    @api.get("/v1/ops/status", response_model=OpsStatus, responses=ERRORS)
+    async def ops_status(self, request: Request) -> OpsStatus:
+        """The application's deployments and replicas, the model served, the gallery."""
+        await self.gate(request, "operator")
+        state = await asyncio.to_thread(ops.status, self.settings)
+        health = await remote(self.prefilter.status)
+        return OpsStatus(**state, model_version=await remote(self.rerank.version),
+                         gallery=health["gallery"], embedder_version=health["embedder_version"])
+
+    @api.post("/v1/ops/rollout", response_model=OpsStatus, status_code=202, responses=ERRORS)
+    async def rollout(self, payload: RolloutRequest, request: Request) -> OpsStatus:
+        """Roll the rerank replicas to a model (one at a time; each verifies and smoke-tests
+        it before serving). An unknown version is refused here, before anything changes."""
+        caller = await self.gate(request, "operator")
+        try:
+            await asyncio.to_thread(model_spec, self.settings, payload.model)
+        except (ValueError, LookupError) as exc:
+            raise BadQuery(str(exc), "model.unknown") from None
+        await asyncio.to_thread(ops.redeploy, self.settings, model=payload.model)
+        await self.audit(caller, "ops.rollout", 202, target=payload.model)
+        return await self.ops_status(request)
+
+    @api.post("/v1/ops/scale", response_model=OpsStatus, status_code=202, responses=ERRORS)
+    async def scale(self, payload: ScaleRequest, request: Request) -> OpsStatus:
+        """Set the number of rerank replicas (turns replica autoscaling off)."""
+        caller = await self.gate(request, "operator")
+        await asyncio.to_thread(ops.redeploy, self.settings, replicas=payload.replicas)
+        await self.audit(caller, "ops.scale", 202, target="Rerank",
+                         detail=f"replicas={payload.replicas}")
+        return await self.ops_status(request)
+
+    @api.post("/v1/ops/train", response_model=TrainRun, status_code=202, responses=ERRORS)
+    async def train(self, payload: TrainRequest, request: Request) -> TrainRun:
+        """Start a training run on the cluster (the embedder, an HPT stage, or all); its
+        checkpoints are pushed and rolled out like `chatreid train`'s."""
+        caller = await self.gate(request, "operator")
+        if payload.preset not in PRESETS:
+            raise BadQuery(f"unknown preset {payload.preset!r}; presets: {sorted(PRESETS)}")
+        runs = ops.training_runs(self.settings)
+        run = await runs.start.remote(self.settings.model_dump(mode="json"), payload.target,
+                                      payload.preset)
+        await self.audit(caller, "ops.train", 202, target=run["run_id"],
+                         detail=json.dumps({"target": payload.target, "preset": payload.preset}))
+        return TrainRun.model_validate(run)
+
+    @api.get("/v1/ops/train/{run_id}", response_model=TrainRun, responses=ERRORS)
+    async def train_run(self, run_id: str, request: Request) -> TrainRun:
+        await self.gate(request, "operator")
+        run = await ops.training_runs(self.settings).get.remote(run_id)
+        if run is None:
+            raise ops.UnknownRun(f"no training run {run_id!r}")
+        return TrainRun.model_validate(run)
+

@@ -1,0 +1,214 @@
+"""Investigator routes (role ``investigator``): cameras and their recent crops, and sessions -
+the multi-turn conversation (search, confirm, reject, explain) kept in object storage.
+
+Every search, result list and crop view is audited with the result ids it showed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from datetime import UTC, datetime
+
+from fastapi import Query, Request, Response
+
+from chatreid.access import Caller
+from chatreid.retrieval import EmptyGallery, UnknownCrop, assemble
+from chatreid.retrieval.shortlist import _decode
+from chatreid.schemas import QueryRequest, QueryResponse
+from chatreid.schemas.console import (
+    AttributeComparison,
+    CameraInfo,
+    CropInfo,
+    ExplainRequest,
+    Explanation,
+    Feedback,
+    SearchTurn,
+    SessionCreate,
+    SessionSummary,
+    SessionTurn,
+    SessionView,
+    Sighting,
+)
+from chatreid.sessions import UPLOAD, Session, changed_clothes
+
+from .http import ERRORS, Gate, api, remote
+
+
+class ConsoleRoutes(Gate):
+    """Mixed into the Ingress deployment (``prefilter`` and ``rerank`` handles come from it)."""
+
+    # -- answering a query (also what /v1/query runs) --------------------------------------------
+    async def answer(self, payload: QueryRequest) -> QueryResponse:
+        t0 = time.perf_counter()
+        shortlist = await remote(self.prefilter.shortlist, payload)
+        if not shortlist.items:
+            raise EmptyGallery("no crop passed the prefilter (filters, tau): "
+                               f"{shortlist.gallery} crops are indexed")
+        answer = await remote(self.rerank.rerank, payload, shortlist)
+        elapsed = (time.perf_counter() - t0) * 1000
+        return assemble(payload, shortlist, answer, query_id=uuid.uuid4().hex,
+                        base_url=self.settings.serve.base_url, elapsed_ms=elapsed)
+
+    def _url(self, crop_id: str) -> str:
+        return f"{self.settings.serve.base_url}/v1/crops/{crop_id}"
+
+    # -- cameras -----------------------------------------------------------------------------------
+    @api.get("/v1/cameras", response_model=list[CameraInfo], responses=ERRORS)
+    async def cameras(self, request: Request) -> list[CameraInfo]:
+        """Cameras with indexed crops: how many, when last seen."""
+        await self.gate(request, "investigator")
+        rows = await remote(self.prefilter.cameras)
+        return [CameraInfo(camera=r["camera"], crops=r["crops"],
+                           last_seen=datetime.fromtimestamp(r["last_seen"], UTC),
+                           modalities=r["modalities"]) for r in rows]
+
+    @api.get("/v1/cameras/{camera}/crops", response_model=list[CropInfo], responses=ERRORS)
+    async def camera_crops(self, camera: str, request: Request,
+                           limit: int = Query(24, ge=1, le=200)) -> list[CropInfo]:
+        """A camera's most recent crops, newest first (to pick a query from)."""
+        caller = await self.gate(request, "investigator")
+        metas = await remote(self.prefilter.recent, camera, limit)
+        crops = [CropInfo(crop_id=m.crop_id, camera=m.camera, modality=m.modality,
+                          capture_time=datetime.fromtimestamp(m.capture_time, UTC),
+                          url=self._url(m.crop_id)) for m in metas]
+        await self.audit(caller, "browse", target=camera, result_ids=[c.crop_id for c in crops])
+        return crops
+
+    # -- sessions ----------------------------------------------------------------------------------
+    @api.post("/v1/sessions", response_model=SessionView, status_code=201, responses=ERRORS)
+    async def create_session(self, payload: SessionCreate, request: Request) -> SessionView:
+        """Start an investigation."""
+        caller = await self.gate(request, "investigator")
+        session = await asyncio.to_thread(self.sessions.create, caller.key_id, payload)
+        await self.audit(caller, "session.create", 201, target=session.session_id,
+                         filters=payload.filters)
+        return session.view(self.settings.console.idle_hours)
+
+    @api.get("/v1/sessions", response_model=list[SessionSummary], responses=ERRORS)
+    async def list_sessions(self, request: Request) -> list[SessionSummary]:
+        """Your open (unexpired) sessions, most recently active first."""
+        caller = await self.gate(request, "investigator")
+        sessions = await asyncio.to_thread(self.sessions.owned, caller.key_id)
+        return [s.summary(self.settings.console.idle_hours) for s in sessions]
+
+    @api.get("/v1/sessions/{session_id}", response_model=SessionView, responses=ERRORS)
+    async def get_session(self, session_id: str, request: Request) -> SessionView:
+        """The whole investigation: transcript, clues, confirmed sightings (timeline)."""
+        caller = await self.gate(request, "investigator")
+        session = await self._session(caller, session_id)
+        await self.audit(caller, "session.view", target=session_id,
+                         result_ids=list(session.state().confirmed))
+        return session.view(self.settings.console.idle_hours)
+
+    @api.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
+    async def delete_session(self, session_id: str, request: Request) -> Response:
+        """Close an investigation and delete its turns and uploads."""
+        caller = await self.gate(request, "investigator")
+        await self._session(caller, session_id)
+        await asyncio.to_thread(self.sessions.delete, session_id)
+        await self.audit(caller, "session.delete", 204, target=session_id)
+        return Response(status_code=204)
+
+    @api.post("/v1/sessions/{session_id}/search", response_model=SessionTurn, responses=ERRORS)
+    async def search(self, session_id: str, payload: SearchTurn,
+                     request: Request) -> SessionTurn:
+        """One search turn: text, attributes and/or an image, on top of what the session
+        already knows (confirmed crops join the query, rejected ones never come back)."""
+        caller = await self.gate(request, "investigator")
+        session = await self._session(caller, session_id)
+        image = payload.crop_id
+        if payload.image_b64:
+            data = _decode(payload.image_b64, self.settings.ingestor)  # 413/422 on bad images
+            image = await asyncio.to_thread(self.sessions.put_upload, session_id, data)
+        elif payload.crop_id:
+            await remote(self.prefilter.lookup, payload.crop_id)  # 404 before it is recorded
+        turn = SessionTurn(
+            index=len(session.turns), at=datetime.now(UTC), actor=caller.key_id,
+            action="search", text=payload.text, attributes=payload.attributes, image=image,
+            changed_clothes=payload.changed_clothes or changed_clothes(payload.text)[0],
+            filters=payload.filters)
+        state = session.state()
+        state.apply(turn)
+        primary = state.anchors[0] if state.anchors else None
+        upload_b64 = None
+        if primary and primary.startswith(UPLOAD):
+            data = await asyncio.to_thread(self.sessions.get_upload, session_id, primary)
+            upload_b64 = base64.b64encode(data).decode() if data is not None else None
+        query = state.query(payload, upload_b64=upload_b64)
+        try:
+            response = await self.answer(query)
+        except Exception as exc:
+            await self.audit(caller, "session.search", getattr(exc, "status", 500),
+                             target=session_id, query_kind=query.kind, filters=query.filters,
+                             detail=str(getattr(exc, "code", type(exc).__name__)))
+            raise
+        turn.query_kind, turn.results = query.kind, response.results
+        turn.vlm_calls, turn.model_version = response.vlm_calls, response.model_version
+        await self.audit(caller, "session.search", target=session_id, query_kind=query.kind,
+                         filters=query.filters, result_ids=[r.crop_id for r in turn.results])
+        await asyncio.to_thread(self.sessions.append, session, turn)
+        return turn
+
+    @api.post("/v1/sessions/{session_id}/feedback", response_model=SessionView,
+              responses=ERRORS)
+    async def feedback(self, session_id: str, payload: Feedback,
+                       request: Request) -> SessionView:
+        """Confirm a result (it joins the query and the timeline) or reject it (it is
+        excluded from every later search)."""
+        caller = await self.gate(request, "investigator")
+        session = await self._session(caller, session_id)
+        meta = await remote(self.prefilter.lookup, payload.crop_id)
+        now = datetime.now(UTC)
+        sighting = Sighting(crop_id=meta.crop_id, camera=meta.camera, modality=meta.modality,
+                            capture_time=datetime.fromtimestamp(meta.capture_time, UTC),
+                            url=self._url(meta.crop_id), confirmed_at=now)
+        turn = SessionTurn(index=len(session.turns), at=now, actor=caller.key_id,
+                           action=payload.verdict, crop_id=payload.crop_id, note=payload.note,
+                           sighting=sighting if payload.verdict == "confirm" else None)
+        await asyncio.to_thread(self.sessions.append, session, turn)
+        await self.audit(caller, f"session.{payload.verdict}", target=session_id,
+                         result_ids=[payload.crop_id])
+        return session.view(self.settings.console.idle_hours)
+
+    @api.post("/v1/sessions/{session_id}/explain", response_model=Explanation,
+              responses=ERRORS)
+    async def explain(self, session_id: str, payload: ExplainRequest,
+                      request: Request) -> Explanation:
+        """Why a result matched: the VLM's attribute comparison of the session's reference
+        (its latest image, else its text clues) and the result, with the garment colours
+        each side shows."""
+        caller = await self.gate(request, "investigator")
+        session = await self._session(caller, session_id)
+        meta = await remote(self.prefilter.lookup, payload.crop_id)
+        state = session.state()
+        primary = state.anchors[0] if state.anchors else None
+        ref_crop = ref_bytes = None
+        if primary and primary.startswith(UPLOAD):
+            ref_bytes = await asyncio.to_thread(self.sessions.get_upload, session_id, primary)
+        elif primary:
+            ref_crop = primary
+        text = "; ".join(state.clues + state.attributes) or None
+        if ref_crop is None and ref_bytes is None and not text:
+            raise UnknownCrop("the session has no image or text to compare with yet",
+                              "session.empty_query")
+        rows = await remote(self.prefilter.compare, payload.crop_id, ref_crop, ref_bytes, text)
+        ref_key = (await remote(self.prefilter.lookup, ref_crop)).object_key if ref_crop else None
+        rationale, version = await remote(self.rerank.explain, text, ref_key, ref_bytes,
+                                          meta.object_key)
+        explanation = Explanation(
+            crop_id=payload.crop_id,
+            reference=ref_crop or ("upload" if ref_bytes is not None else "text"),
+            rationale=rationale or None,
+            comparison=[AttributeComparison(**r) for r in rows], model_version=version)
+        turn = SessionTurn(index=len(session.turns), at=datetime.now(UTC), actor=caller.key_id,
+                           action="explain", crop_id=payload.crop_id, explanation=explanation)
+        await asyncio.to_thread(self.sessions.append, session, turn)
+        await self.audit(caller, "session.explain", target=session_id,
+                         result_ids=[payload.crop_id])
+        return explanation
+
+    async def _session(self, caller: Caller, session_id: str) -> Session:
+        return await asyncio.to_thread(self.sessions.load, session_id, caller.key_id)
