@@ -12,6 +12,8 @@ setup:  ## create the virtualenv and install the project with its dev tools
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install --no-build-isolation -r requirements-torch-ext.txt
+	# headless browser for the console test: the distro's build (test tools' downloads fail here)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
 demo:  ## the main job end to end on the embedded default
 	$(BIN)/chatreid demo
