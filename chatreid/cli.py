@@ -640,3 +640,79 @@ def train(
         settings.train.num_workers = workers
     settings.train.use_gpu = gpu or settings.train.use_gpu
     run(settings, stage, recipe=PRESETS[preset], ablation=ablation, console=console)  # type: ignore[arg-type]
+
+
+# -- erasure and retention -----------------------------------------------------------------------
+@app.command()
+def erase(
+    crop_ids: Annotated[list[str], typer.Argument(help="crop ids to erase")],
+    reason: Annotated[str, typer.Option(help="why, recorded on every erasure event")],
+    request_id: Annotated[str | None, typer.Option(
+        help="the erasure request this belongs to (default: a new id)")] = None,
+) -> None:
+    """Erase crops: their vectors from every prefilter index (readers, snapshots, restarts,
+    rollouts) and their images from object storage. Ids the index does not hold are listed."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from .retention import Eraser, current_index
+
+    settings = _settings()
+    with console.status("loading the index (snapshot + log)"):
+        store = current_index(settings)
+    metas = {c: store.get_meta(c) if store is not None else None for c in dict.fromkeys(crop_ids)}
+    found = [m for m in metas.values() if m is not None]
+    erased, deleted = Eraser(settings).erase(found, reason, request_id or uuid.uuid4().hex)
+    table = Table("crop", "camera", "captured", "object",
+                  title=f"erased {len(erased)} crops, deleted {deleted} objects")
+    for m in found:
+        table.add_row(m.crop_id, m.camera,
+                      datetime.fromtimestamp(m.capture_time, UTC).isoformat(timespec="seconds"),
+                      m.object_key)
+    console.print(table)
+    unknown = [c for c, m in metas.items() if m is None]
+    if unknown:
+        console.print(f"[yellow]not indexed, nothing erased:[/] {', '.join(unknown)}")
+
+
+@app.command()
+def purge(
+    days: Annotated[float | None, typer.Option(
+        help="purge crops captured more than this many days ago (default: retention.crop_days)",
+    )] = None,
+    every: Annotated[bool, typer.Option(
+        "--every", help="keep running: purge every retention.purge_every_hours")] = False,
+) -> None:
+    """Retention: erase crops older than the retention period from every index and delete
+    their images, with crop objects that old no index holds (dead-lettered, never embedded)."""
+    import time
+
+    settings = _settings()
+    days = settings.retention.crop_days if days is None else days
+    if days is None:
+        console.print("retention.crop_days is unset: crops are kept forever, nothing to purge")
+        return
+    if days <= 0:
+        raise typer.BadParameter("--days must be positive")
+    while True:
+        _purge_once(settings, days)
+        if not every:
+            return
+        time.sleep(settings.retention.purge_every_hours * 3600)
+
+
+def _purge_once(settings: Settings, days: float) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from .retention import Eraser, current_index
+
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    with console.status("loading the index (snapshot + log)"):
+        store = current_index(settings)
+    metas = store.live_metas() if store is not None else []
+    crops, objects = Eraser(settings).purge(cutoff, metas)
+    table = Table("captured before", "indexed crops", "crops erased", "objects deleted",
+                  title=f"retention purge ({days:g} days)")
+    table.add_row(cutoff.isoformat(timespec="seconds"), str(len(metas)), str(crops),
+                  str(objects))
+    console.print(table)

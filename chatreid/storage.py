@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-from datetime import timedelta
+from collections.abc import Iterable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from .config import S3Settings
@@ -17,9 +19,12 @@ class ObjectNotFound(KeyError):
     """The key does not exist in the bucket."""
 
 
+CROPS_PREFIX = "crops/"  # every crop image lives under it (see crop_key)
+
+
 def crop_key(sha256: str, ext: str) -> str:
     """Content-addressed key: the same bytes always land on the same object."""
-    return f"crops/{sha256[:2]}/{sha256}.{ext}"
+    return f"{CROPS_PREFIX}{sha256[:2]}/{sha256}.{ext}"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -88,8 +93,22 @@ class ObjectStore:
             o.object_name for o in self.client.list_objects(self.bucket, prefix, recursive=True)
         )
 
+    def list_modified(self, prefix: str) -> list[tuple[str, datetime]]:
+        """Keys under ``prefix`` with their last-modified times (timezone-aware), by key."""
+        return sorted(
+            (o.object_name, o.last_modified)
+            for o in self.client.list_objects(self.bucket, prefix, recursive=True)
+        )
+
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete in bulk (up to 1000 keys a request); a missing key is not an error."""
+        errors = list(self.client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)))
+        if errors:
+            raise RuntimeError(f"{len(errors)} objects not deleted, e.g. {errors[0].name}: "
+                               f"{errors[0].code} {errors[0].message}")
 
     def drop_bucket(self) -> None:
         """Delete every object, then the bucket (test namespaces, scratch runs)."""

@@ -222,8 +222,14 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet", "DaemonSet"}
+WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet", "DaemonSet", "CronJob"}
 RAY_KINDS = {"RayService", "RayJob"}
+
+
+def workload_template(doc: dict[str, Any]) -> dict[str, Any]:
+    """The PodTemplateSpec of a workload (a CronJob's is inside its jobTemplate)."""
+    spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+    return spec["template"]
 
 
 def ray_cluster(doc: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +243,7 @@ def pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, A
     for doc in docs:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
         if doc["kind"] in WORKLOAD_KINDS:
-            yield where, doc["spec"]["template"]
+            yield where, workload_template(doc)
         elif doc["kind"] in RAY_KINDS:
             cluster = ray_cluster(doc)
             yield f"{where}/head", cluster["headGroupSpec"]["template"]
@@ -349,7 +355,8 @@ def test_compose_services_and_dependencies(compose: dict[str, Any]) -> None:
     )
     assert {"embedder-gpu", "ray-worker", "ray-worker-gpu", "retrieval"} <= set(services)
     one_shots = {n for n, svc in services.items() if svc.get("restart") == "no"}
-    assert one_shots == {"init", "train-embedder", "train-stage1", "train-stage2", "train-stage3"}
+    assert one_shots == {"init", "train-embedder", "train-stage1", "train-stage2", "train-stage3",
+                         "purge"}
     for name, svc in services.items():
         if name not in one_shots:  # long-running: compose must know when it is healthy
             assert "healthcheck" in svc, f"{name} has no health check"
@@ -376,6 +383,8 @@ def test_compose_services_and_dependencies(compose: dict[str, Any]) -> None:
         assert cond == "service_completed_successfully", stage
     for name in ("train-embedder", "train-stage1", "train-stage2", "train-stage3"):
         assert services[name]["profiles"] == ["train"], name
+    assert services["purge"]["profiles"] == ["maintenance"]
+    assert services["purge"]["command"] == ["purge"]
 
 
 def test_compose_kafka_is_kraft_and_images_are_pinned(compose: dict[str, Any]) -> None:
@@ -589,6 +598,7 @@ def validate_all(docs: list[dict[str, Any]], validator: Any) -> None:
 DEFAULT_KINDS = sorted([
     "ConfigMap", "ConfigMap", "Secret", "ServiceAccount", "Deployment", "Deployment", "Service",
     "Job", "RayService", "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+    "CronJob",
 ])
 
 
@@ -614,7 +624,7 @@ def test_rendered_manifests_validate_full(
         "ConfigMap": 2, "Secret": 1, "ServiceAccount": 1, "Service": 1, "Job": 1,
         "Deployment": 3,  # ingestor, embedder workers, embedder snapshot replica
         "HorizontalPodAutoscaler": 2, "PodDisruptionBudget": 3, "Ingress": 2,
-        "NetworkPolicy": 4, "RayService": 1, "RayJob": 4,
+        "NetworkPolicy": 4, "RayService": 1, "RayJob": 4, "CronJob": 1,
     }
     validate_all(rendered_full, kuberay_validator)
 
@@ -940,6 +950,36 @@ def test_chart_workloads(rendered_default: list[dict[str, Any]]) -> None:
     assert set(by_kind(rendered_default, "PodDisruptionBudget")) == {
         f"{RELEASE}-chatreid-retrieval-workers"}
     assert by_kind(rendered_default, "RayJob") == {}  # training is opt-in
+
+
+def test_retention_cronjob(helm: Any, rendered_default: list[dict[str, Any]]) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    cron = by_kind(rendered_default, "CronJob")[f"{RELEASE}-chatreid-retention"]
+    kv.validate(cron, KUBE_VERSION, strict=True)
+    assert cron["spec"]["schedule"] == "30 3 * * *"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # never two purges at once
+    pod = workload_template(cron)["spec"]
+    assert pod["restartPolicy"] == "OnFailure" and pod["securityContext"]["runAsNonRoot"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["purge"] and "command" not in container
+    assert container["envFrom"] == [{"configMapRef": {"name": f"{RELEASE}-chatreid"}}]
+    assert {s for s, _ in secret_refs(container).values()} == {f"{RELEASE}-chatreid"}
+    (configmap,) = [c for c in by_kind(rendered_default, "ConfigMap").values()
+                    if c["metadata"]["name"] == f"{RELEASE}-chatreid"]
+    assert configmap["data"]["CHATREID_RETENTION__CROP_DAYS"] == "30.0"
+
+    docs = render(helm, {"retention": {"schedule": "0 * * * *", "cropDays": 7,
+                                       "timeZone": "Europe/Berlin"}})
+    cron = by_kind(docs, "CronJob")[f"{RELEASE}-chatreid-retention"]
+    kv.validate(cron, KUBE_VERSION, strict=True)
+    assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == ("0 * * * *", "Europe/Berlin")
+    assert by_kind(docs, "ConfigMap")[f"{RELEASE}-chatreid"]["data"][
+        "CHATREID_RETENTION__CROP_DAYS"] == "7.0"
+    assert by_kind(render(helm, {"retention": {"enabled": False}}), "CronJob") == {}
+    for values, message in (({"retention": {"cropDays": 0}}, "retention.cropDays"),
+                            ({"retention": {"schedule": ""}}, "retention.schedule")):
+        with pytest.raises(helm.HelmError, match=re.escape(message)):
+            render(helm, values)
 
 
 def test_hpa_and_scaled_embedder(rendered_full: list[dict[str, Any]]) -> None:
@@ -1355,7 +1395,7 @@ def chart_commands(docs: list[dict[str, Any]], label: str) -> list[tuple[str, Ar
             found.append((f"{where} entrypoint", argv[1:]))
         if doc["kind"] not in WORKLOAD_KINDS:
             continue
-        for container in doc["spec"]["template"]["spec"]["containers"]:
+        for container in workload_template(doc)["spec"]["containers"]:
             if container["image"].startswith("chatreid:") and "command" not in container:
                 found.append((f"{where}/{container['name']}",
                               [str(a) for a in container["args"]]))
@@ -1387,7 +1427,7 @@ def all_commands(
     ]
     # The services the deployment is for are all among them.
     lines = {" ".join(argv) for _, argv in found}
-    for expected in ("init", "ingest http", "ingest synth", "embed", "train"):
+    for expected in ("init", "ingest http", "ingest synth", "embed", "train", "purge"):
         assert any(line.split(" --")[0] == expected for line in lines), expected
     return found
 

@@ -5,6 +5,13 @@ in object storage record the log offsets they cover. A restarted reader or embed
 snapshot and replays only the events after those offsets. Applying an event is idempotent by
 crop id, so overlapping replays never duplicate.
 
+Erasure: an ``ErasedEvent`` on the same log removes its crop from every follower whatever the
+embedder version, and the follower remembers the erased id (a tombstone) so that an
+``IndexedEvent`` of that crop arriving later (a batch in flight, a rollout re-embed) is ignored.
+Tombstones are saved beside each snapshot, so a restored follower keeps ignoring such events;
+a snapshot is written without erased rows, and it replaces (deletes) the older ones, which may
+still hold erased vectors.
+
 Embedder rollouts: vectors of different embedders are not comparable, so a follower serves one
 version. :meth:`IndexFollower.prepare` starts a second, hidden follower for a new version beside
 it (its snapshot, if any, then the log); searches keep using the live store until the rollout
@@ -25,7 +32,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from ..bus import make_consumer
 from ..config import Settings
-from ..schemas import INDEXED, EventError, IndexedEvent
+from ..schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
 from ..storage import ObjectNotFound, ObjectStore, sha256_hex
 from .rollout import RolloutReport, read_report
 from .store import PrefilterStore, VectorMeta
@@ -33,6 +40,13 @@ from .store import PrefilterStore, VectorMeta
 log = logging.getLogger(__name__)
 
 _SWITCH_CHECK_S = 1.0  # while following, how often a pending version's readiness is checked
+# Late IndexedEvents of an erased crop come from batches in flight or a re-embedding pass that
+# read the crop just before its object was deleted: minutes after the erasure. Tombstones are
+# kept this long in log time (event timestamps, so a replay decides the same), then forgotten,
+# which bounds their memory although retention erases every crop in the end.
+_TOMBSTONE_KEEP_S = 7 * 86400.0
+_TOMBSTONE_PRUNE_S = 3600.0  # forget expired tombstones at most once per hour of log time
+_RESTORE_TRIES = 3  # a snapshot replaced (and deleted) while it was read: read the new one
 
 
 @dataclass
@@ -42,6 +56,8 @@ class FollowerStats:
     rejected: int = 0
     snapshots: int = 0
     switches: int = 0
+    erased: int = 0  # crops erased (erasure events, each crop counted once)
+    suppressed: int = 0  # indexed events ignored because their crop was erased
     latencies_s: list[float] = field(default_factory=list)  # capture -> searchable
 
 
@@ -66,6 +82,10 @@ class IndexFollower:
         self._next: IndexFollower | None = None
         self._report: RolloutReport | None = None
         self._checked_at = 0.0
+        # erased crop id -> erased_at (epoch s); log time: the newest event timestamp seen
+        self._erased: dict[str, float] = {}
+        self._log_time = 0.0
+        self._pruned_at = 0.0
 
     # -- versions --------------------------------------------------------------------------------
     def active(self) -> tuple[str | None, PrefilterStore | None]:
@@ -90,39 +110,75 @@ class IndexFollower:
         return f"{self.settings.index.snapshot_prefix}/latest.json"
 
     def restore(self) -> bool:
-        """Load the latest snapshot, if any; returns whether one was loaded."""
-        try:
-            pointer = json.loads(self.objects.get(self._latest_key()))
-        except ObjectNotFound:
-            return False
-        if self.embedder_version and pointer["embedder_version"] != self.embedder_version:
-            log.warning("latest snapshot is for embedder %s, not %s; rebuilding from the log",
-                        pointer["embedder_version"], self.embedder_version)
-            return False
-        data = self.objects.get(pointer["key"])
-        if sha256_hex(data) != pointer["sha256"]:
-            raise ValueError(f"snapshot {pointer['key']} does not match its sha256")
-        with self.lock:
-            self.store = PrefilterStore.from_bytes(data)
-            self.embedder_version = pointer["embedder_version"]
-        log.info("restored snapshot %s (%d vectors)", pointer["key"], len(self.store))
-        return True
+        """Load the latest snapshot and its tombstones, if any; returns whether one was loaded."""
+        for _ in range(_RESTORE_TRIES):
+            try:
+                pointer = json.loads(self.objects.get(self._latest_key()))
+            except ObjectNotFound:
+                return False
+            if self.embedder_version and pointer["embedder_version"] != self.embedder_version:
+                log.warning("latest snapshot is for embedder %s, not %s; rebuilding from the log",
+                            pointer["embedder_version"], self.embedder_version)
+                return False
+            try:
+                data = self._verified(pointer["key"], pointer["sha256"])
+                erased = (json.loads(self._verified(pointer["erased_key"],
+                                                    pointer["erased_sha256"]))
+                          if "erased_key" in pointer else {})
+            except ObjectNotFound:  # replaced by a newer snapshot meanwhile: read that one
+                continue
+            with self.lock:
+                self.store = PrefilterStore.from_bytes(data)
+                self.embedder_version = pointer["embedder_version"]
+            self._erased = {str(c): float(t) for c, t in erased.items()}
+            self._log_time = max(self._erased.values(), default=0.0)
+            log.info("restored snapshot %s (%d vectors, %d tombstones)", pointer["key"],
+                     len(self.store), len(self._erased))
+            return True
+        log.warning("snapshots kept changing while being restored; rebuilding from the log")
+        return False
+
+    def _verified(self, key: str, sha256: str) -> bytes:
+        data = self.objects.get(key)
+        if sha256_hex(data) != sha256:
+            raise ValueError(f"snapshot {key} does not match its sha256")
+        return data
 
     def snapshot(self) -> str | None:
-        """Write the store and a pointer to it; returns the snapshot's key."""
+        """Write the store (without erased rows), its tombstones and a pointer to both, then
+        delete the older snapshots; returns the snapshot's key."""
         if self.store is None:
             return None
+        self.store.compact()  # erased vectors and metadata must not reach object storage
         data = self.store.to_bytes()
         digest = sha256_hex(data)
-        key = f"{self.settings.index.snapshot_prefix}/{self.embedder_version}/{digest}.faiss"
+        folder = f"{self.settings.index.snapshot_prefix}/{self.embedder_version}"
+        key = f"{folder}/{digest}.faiss"
         self.objects.put(key, data)
+        erased = json.dumps(self._erased, sort_keys=True).encode()
+        erased_digest = sha256_hex(erased)
+        erased_key = f"{folder}/{erased_digest}.erased.json"
+        self.objects.put(erased_key, erased, "application/json")
         pointer = {"key": key, "sha256": digest, "embedder_version": self.embedder_version,
                    "vectors": len(self.store), "offsets": dict(self.store.offsets),
+                   "erased_key": erased_key, "erased_sha256": erased_digest,
                    "created_at": time.time()}
         self.objects.put(self._latest_key(), json.dumps(pointer).encode(), "application/json")
+        self._drop_snapshots_but({key, erased_key})
         self.stats.snapshots += 1
         self._since_snapshot, self._last_snapshot = 0, time.monotonic()
         return key
+
+    def _drop_snapshots_but(self, keep: set[str]) -> None:
+        """Older snapshots (of any version: the pointer names one) may hold erased crops. A
+        failure is retried by the next snapshot, which lists them all again."""
+        try:
+            old = [k for k in self.objects.list(f"{self.settings.index.snapshot_prefix}/")
+                   if k.endswith((".faiss", ".erased.json")) and k not in keep]
+            if old:
+                self.objects.delete_many(old)
+        except Exception:
+            log.exception("could not delete older snapshots; the next snapshot retries")
 
     # -- log -------------------------------------------------------------------------------------
     def _open(self) -> KafkaConsumer:
@@ -192,18 +248,62 @@ class IndexFollower:
         return sum(len(records) for records in polled.values())
 
     def _apply(self, records) -> int:
-        events: list[IndexedEvent] = []
+        """Apply a batch of the log; returns vectors added. Tombstones first: with them, an
+        erased crop ends erased whatever the order of its events in the batch."""
+        indexed: list[IndexedEvent] = []
+        erased: list[ErasedEvent] = []
         for r in records:
-            try:
-                event = IndexedEvent.from_bytes(r.value)
-            except EventError as exc:
-                self.stats.rejected += 1
-                log.warning("skipping bad indexed event at %s:%d: %s", r.partition, r.offset, exc)
-                continue
-            if self.embedder_version and event.embedder_version != self.embedder_version:
-                self.stats.rejected += 1  # another embedder's space: not comparable
-                continue
-            events.append(event)
+            event = self._decode(r)
+            if isinstance(event, ErasedEvent):
+                erased.append(event)
+            elif event is not None:
+                indexed.append(event)
+        self._tombstone(erased)
+        added = self._add(indexed)
+        if erased and self.store is not None:
+            self.store.remove([e.crop_id for e in erased])
+        self._forget_old_tombstones()
+        return added
+
+    def _decode(self, record) -> IndexedEvent | ErasedEvent | None:
+        try:
+            event = parse_index_log(record.value)
+        except EventError as exc:
+            self.stats.rejected += 1
+            log.warning("skipping bad indexed-log event at %s:%d: %s", record.partition,
+                        record.offset, exc)
+            return None
+        if (isinstance(event, IndexedEvent) and self.embedder_version
+                and event.embedder_version != self.embedder_version):
+            self.stats.rejected += 1  # another embedder's space: not comparable
+            return None
+        return event
+
+    def _tombstone(self, erased: list[ErasedEvent]) -> None:
+        for e in erased:
+            at = e.erased_at.timestamp()
+            if e.crop_id not in self._erased:
+                self.stats.erased += 1
+                self._since_snapshot += 1  # the next snapshot must drop the crop
+            self._merge_tombstones({e.crop_id: at})
+
+    def _merge_tombstones(self, other: dict[str, float]) -> None:
+        for crop_id, at in other.items():
+            self._erased[crop_id] = max(at, self._erased.get(crop_id, at))
+            self._log_time = max(self._log_time, at)
+
+    def _forget_old_tombstones(self) -> None:
+        horizon = self._log_time - _TOMBSTONE_KEEP_S
+        if horizon - self._pruned_at >= _TOMBSTONE_PRUNE_S:
+            self._erased = {c: t for c, t in self._erased.items() if t >= horizon}
+            self._pruned_at = horizon
+
+    def _add(self, events: list[IndexedEvent]) -> int:
+        if events:
+            self._log_time = max(self._log_time, max(e.indexed_at.timestamp() for e in events))
+        live = [e for e in events if e.crop_id not in self._erased]
+        self.stats.suppressed += len(events) - len(live)
+        events = live
         if not events:
             return 0
         vectors = np.stack([e.vector() for e in events])
@@ -246,6 +346,7 @@ class IndexFollower:
                 self._next.restore()
             except ValueError:  # a corrupt snapshot: the log alone rebuilds it
                 log.exception("snapshot of %s unusable; replaying its log", wanted)
+            self._next._merge_tombstones(self._erased)  # erased here: never indexed there
             self._report = None
             log.info("building the index of %s beside %s", wanted, self.embedder_version)
         return self._next
@@ -277,6 +378,7 @@ class IndexFollower:
             if self._consumer is not None:
                 self._consumer.close()
             self.store, self.embedder_version = nxt.store, nxt.embedder_version
+            self._merge_tombstones(nxt._erased)
             self._consumer, nxt._consumer = nxt._consumer, None
             self._next, self._report = None, None
             if self._wanted == nxt.embedder_version:  # not a newer one asked for meanwhile

@@ -517,6 +517,15 @@ class PrefilterStore:
                 self._compact()
         return removed
 
+    def compact(self) -> int:
+        """Drop removed rows now instead of at the dead-row threshold: a snapshot must not
+        carry erased vectors and metadata. Returns the rows dropped."""
+        with self._lock.write():
+            dead = self._n_dead
+            if dead:
+                self._compact()
+            return dead
+
     def _compact(self) -> None:
         """Drop dead rows, renumber, and refill (or drop) the approximate index."""
         keep = np.flatnonzero(self._alive.view)

@@ -192,6 +192,7 @@ The main ConfigMap's data (YAML map): every non-secret, non-Serve setting, plus 
 {{- with $v.embedder.weights }}
 {{- $_ := set $d "CHATREID_EMBEDDER__WEIGHTS" (toString .) }}
 {{- end }}
+{{- $_ := set $d "CHATREID_RETENTION__CROP_DAYS" (include "chatreid.float" $v.retention.cropDays) }}
 {{- $serve := dict }}
 {{- if $v.retrieval.enabled }}
 {{- $serve = include "chatreid.serveConfigData" . | fromYaml }}
@@ -524,6 +525,9 @@ Checks on combinations of values; included by configmap.yaml so every render run
 {{- if gt $consumers $partitions }}
 {{- fail (printf "embedder: %d consumers (%s) exceed kafka.partitions=%d; consumers beyond the partition count sit idle. Lower the replicas or raise kafka.partitions (for existing topics, add partitions in Kafka first)" $consumers $what $partitions) }}
 {{- end }}
+{{- end }}
+{{- if le (float64 $v.retention.cropDays) 0.0 }}
+{{- fail "retention.cropDays must be a positive number of days (to keep crops longer, raise it or set retention.enabled=false)" }}
 {{- end }}
 {{- if $v.kafka.sasl.enabled }}
 {{- $s := $v.kafka.sasl }}

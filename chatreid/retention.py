@@ -1,0 +1,110 @@
+"""Right to erasure and retention: remove crops from object storage and from every index.
+
+Erasing a crop publishes an ``ErasedEvent`` on the indexed log (keyed by camera, so it lands
+after the crop's ``IndexedEvent`` on the same partition) and only once that is durable deletes
+the crop's object. Every index follows that log (readers, the snapshot writer, the index of an
+embedder being rolled out, any future restart), so each drops the vector and ignores later
+index events of the crop; the embedder dead-letters a replayed crop whose object is gone. In
+that order a failure never leaves a searchable vector whose image was deleted unannounced, and
+erasing again is harmless.
+
+Retention purges every indexed crop captured before a cutoff the same way, plus crop objects
+older than the cutoff that no index holds (dead-lettered or never embedded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+from .bus import make_producer, publish
+from .config import Settings
+from .prefilter import PrefilterStore, VectorMeta
+from .prefilter.follower import IndexFollower
+from .schemas import INDEXED, ErasedEvent
+from .storage import CROPS_PREFIX, ObjectStore
+
+__all__ = ["RETENTION", "Eraser", "current_index"]
+
+RETENTION = "retention"  # the reason retention purges record
+_SEND_TIMEOUT_S = 30.0
+_STAT_WORKERS = 8  # parallel existence checks of the objects an erasure deletes
+
+
+def current_index(settings: Settings, objects: ObjectStore | None = None,
+                  timeout_s: float = 120.0) -> PrefilterStore | None:
+    """The index as of now (latest snapshot plus the log since), for CLI and batch jobs; None
+    when nothing was ever indexed."""
+    follower = IndexFollower(settings, objects)
+    try:
+        follower.restore()
+        follower.catch_up(timeout_s)
+    finally:
+        follower.close()
+    return follower.store
+
+
+class Eraser:
+    """Erases crops (``erase``) and applies retention (``purge``)."""
+
+    def __init__(self, settings: Settings, objects: ObjectStore | None = None) -> None:
+        self.settings = settings
+        self.objects = objects or ObjectStore(settings.s3)
+        self.topic = settings.kafka.topic(INDEXED.name)
+
+    def erase(self, metas: Sequence[VectorMeta], reason: str,
+              request_id: str) -> tuple[list[str], int]:
+        """Erase these crops from every index, then delete their objects (a missing object is
+        fine). Returns (erased crop ids, objects deleted)."""
+        metas = _unique(metas)
+        self._announce(metas, reason, request_id)
+        keys = sorted({m.object_key for m in metas if m.object_key})
+        with ThreadPoolExecutor(_STAT_WORKERS) as pool:
+            present = [k for k, ok in zip(keys, pool.map(self.objects.exists, keys), strict=True)
+                       if ok]
+        self.objects.delete_many(present)
+        return [m.crop_id for m in metas], len(present)
+
+    def purge(self, cutoff: datetime, metas: Sequence[VectorMeta]) -> tuple[int, int]:
+        """Erase every crop of ``metas`` captured before ``cutoff`` (reason "retention") and
+        delete crop objects last modified before it that ``metas`` do not hold. An object a
+        newer crop shares (crops are content-addressed) is kept. Returns (crops erased,
+        objects deleted)."""
+        if cutoff.tzinfo is None:
+            raise ValueError("cutoff must be timezone-aware")
+        metas = _unique(metas)
+        cut = cutoff.timestamp()
+        old = [m for m in metas if m.capture_time < cut]
+        kept = {m.object_key for m in metas if m.capture_time >= cut}
+        self._announce(old, RETENTION, f"{RETENTION}-{cutoff.isoformat()}")
+        stored = dict(self.objects.list_modified(CROPS_PREFIX))
+        indexed = {m.object_key for m in metas}
+        doomed = {k for k in (m.object_key for m in old) if k in stored and k not in kept}
+        doomed |= {k for k, modified in stored.items() if modified < cutoff and k not in indexed}
+        self.objects.delete_many(sorted(doomed))
+        return len(old), len(doomed)
+
+    def _announce(self, metas: Iterable[VectorMeta], reason: str, request_id: str) -> None:
+        """Publish one tombstone per crop and wait until every one is durable (acks=all)."""
+        metas = list(metas)
+        if not metas:
+            return
+        producer = make_producer(self.settings.kafka)
+        try:
+            sent = [publish(producer, self.topic, m.camera,
+                            ErasedEvent(crop_id=m.crop_id, camera=m.camera, reason=reason,
+                                        request_id=request_id)) for m in metas]
+            producer.flush(timeout=_SEND_TIMEOUT_S)
+            for future in sent:
+                future.get(timeout=_SEND_TIMEOUT_S)  # raises if one was not written
+        finally:
+            producer.close()
+
+
+def _unique(metas: Sequence[VectorMeta]) -> list[VectorMeta]:
+    """One entry per crop id, the first kept."""
+    seen: dict[str, VectorMeta] = {}
+    for m in metas:
+        seen.setdefault(m.crop_id, m)
+    return list(seen.values())

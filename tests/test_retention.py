@@ -1,0 +1,197 @@
+"""Right to erasure and retention against the real broker and object store: erased crops leave
+every index (followers, snapshots, restores from older snapshots, a rollout's index), stay out
+when their index events come back, and lose their images; purges remove exactly the old."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from chatreid.bus import make_producer
+from chatreid.cli import app
+from chatreid.prefilter import SearchFilter
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.retention import RETENTION, Eraser, current_index
+from chatreid.schemas import INDEXED, CropEvent, ErasedEvent, IndexedEvent, parse_index_log
+from chatreid.services.embedder import EmbedderService
+from chatreid.services.ingestor import CropInput, Ingestor
+from chatreid.storage import ObjectStore, crop_key, sha256_hex
+
+from .conftest import env_for, jpeg_bytes, read_dead_letters, read_events
+
+pytestmark = pytest.mark.stack
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+NEXT = "v-next"  # an embedder being rolled out
+
+
+class IndexLog:
+    """read_events' model for the indexed log, which carries both event kinds."""
+
+    from_bytes = staticmethod(parse_index_log)
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (21 * i % 256, 255 - 19 * i % 256, 40 + 13 * i % 200)
+
+
+def ingest(settings, crops: list[tuple[int, str, datetime]]) -> list[CropEvent]:
+    """(colour index, camera, capture time) -> published crops; equal colours share bytes."""
+    ingestor = Ingestor(settings, source="test")
+    results = [ingestor.submit(CropInput(data=jpeg_bytes(color=colour(i)), camera=camera,
+                                         capture_time=at)) for i, camera, at in crops]
+    ingestor.close()
+    assert all(r.ok for r in results)
+    return [r.event for r in results]
+
+
+def embed(settings) -> None:
+    stats = EmbedderService(settings).run(until_idle_s=3)
+    assert stats.dead_letters == 0
+
+
+def caught_up(settings, **kw) -> IndexFollower:
+    follower = IndexFollower(settings, **kw)
+    follower.catch_up(timeout_s=60)
+    return follower
+
+
+def publish_raw(settings, events: list[IndexedEvent]) -> None:
+    producer = make_producer(settings.kafka)
+    for e in events:
+        producer.send(settings.kafka.topic(INDEXED.name), key=e.camera.encode(),
+                      value=e.to_bytes())
+    producer.flush()
+    producer.close()
+
+
+def holds_none(follower: IndexFollower, crop_ids: set[str], size: int) -> None:
+    assert follower.store is not None and len(follower.store) == size
+    assert not crop_ids & follower.store.crop_ids()
+
+
+def test_erasure_reaches_every_index_and_sticks(settings):
+    events = ingest(settings, [(i, f"cam{i % 2}", T0 + timedelta(minutes=i)) for i in range(12)])
+    embed(settings)
+    indexed = {e.crop_id: e for e in read_events(settings, INDEXED, IndexLog, expect=12)}
+    assert len(indexed) == 12
+    # a rollout's re-embedding in progress: the next version's index holds every crop too
+    publish_raw(settings, [e.model_copy(update={"embedder_version": NEXT})
+                           for e in indexed.values()])
+    live = caught_up(settings)
+    rollout = caught_up(settings, embedder_version=NEXT)
+    assert len(live.store) == len(rollout.store) == 12
+    old_snapshot = live.snapshot()
+    stale = IndexFollower(settings)
+    assert stale.restore() and len(stale.store) == 12  # restored before the erasure
+
+    objects = ObjectStore(settings.s3)
+    doomed = [events[0], events[5]]  # one per camera
+    gone = {e.crop_id for e in doomed}
+    first = live.store.get_meta(doomed[0].crop_id)
+    assert Eraser(settings, objects).erase([first], "erasure", "req-1") == ([first.crop_id], 1)
+    assert Eraser(settings, objects).erase([first], "erasure", "req-1") == ([first.crop_id], 0)
+    # the CLI erases the other one and reports what the index does not hold, without failing
+    result = CliRunner().invoke(
+        app, ["erase", doomed[1].crop_id, "no-such-crop", first.crop_id, "--reason", "erasure"],
+        env={**env_for(settings), "COLUMNS": "300", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "erased 1 crops, deleted 1 objects" in result.output
+    assert "no-such-crop" in result.output.split("not indexed")[1]
+    assert first.crop_id in result.output.split("not indexed")[1]
+
+    for e in events:
+        assert objects.exists(e.object_key) == (e.crop_id not in gone)
+    live.catch_up(timeout_s=60)
+    holds_none(live, gone, 10)
+    assert live.stats.erased == 2
+    queries = np.stack([indexed[c].vector() for c in sorted(gone)])
+    for filters in (None, SearchFilter(cameras=frozenset({"cam0", "cam1"}))):
+        for hits in live.store.search(queries, 12, filters=filters):
+            assert len(hits) == 10 and not gone & {h.meta.crop_id for h in hits}
+    rollout.catch_up(timeout_s=60)  # an erasure applies to every embedder version
+    holds_none(rollout, gone, 10)
+    stale.catch_up(timeout_s=60)  # older snapshot + replay of the log
+    holds_none(stale, gone, 10)
+
+    # a snapshot taken now does not hold them, and it replaced the older one
+    new_snapshot = live.snapshot()
+    assert not objects.exists(old_snapshot)
+    data = objects.get(new_snapshot)
+    assert not any(c.encode() in data for c in gone)
+    restored = IndexFollower(settings)
+    assert restored.restore()
+    holds_none(restored, gone, 10)
+
+    # index events of the erased crops after their tombstones (a late batch, a rollout
+    # re-embed) are ignored, by running followers and by ones restored from the new snapshot
+    late = [indexed[c] for c in sorted(gone)]
+    publish_raw(settings, late + [e.model_copy(update={"embedder_version": NEXT}) for e in late])
+    for follower in (live, rollout, restored):
+        follower.catch_up(timeout_s=60)
+        holds_none(follower, gone, 10)
+        assert follower.stats.suppressed == 2
+    holds_none(caught_up(settings), gone, 10)  # the whole log from the start
+
+    # an embedder replaying the crops topic (a new group) dead-letters the erased crops
+    settings.embedder.group_id += "-replay"
+    replay = EmbedderService(settings).run(until_idle_s=3)
+    assert replay.indexed == 10 and replay.dead_letters == 2
+    letters = read_dead_letters(settings, expect=2)
+    assert {(d.error, d.origin) for d in letters} == {("crop.missing", c) for c in gone}
+    live.catch_up(timeout_s=60)
+    holds_none(live, gone, 10)
+
+    tombstones = [e for e in read_events(settings, INDEXED, IndexLog, expect=41)
+                  if isinstance(e, ErasedEvent)]
+    assert sorted(e.crop_id for e in tombstones) == sorted([first.crop_id, *gone])
+    assert {(e.reason, e.camera) for e in tombstones} == {("erasure", "cam0"), ("erasure", "cam1")}
+
+
+def test_purge_removes_exactly_the_older_crops_and_objects(settings):
+    objects = ObjectStore(settings.s3)
+    stray = jpeg_bytes(color=(1, 2, 3))  # stored long ago, never indexed (a dead letter, say)
+    stale_stray = crop_key(sha256_hex(stray), "jpg")
+    objects.put(stale_stray, stray)
+    time.sleep(2.1)  # last-modified times have whole seconds
+    cutoff = datetime.now(UTC)
+    time.sleep(1.1)
+    fresh = jpeg_bytes(color=(4, 5, 6))  # unindexed too, but newer than the cutoff
+    fresh_stray = crop_key(sha256_hex(fresh), "jpg")
+    objects.put(fresh_stray, fresh)
+    old = ingest(settings, [(i, f"cam{i % 2}", cutoff - timedelta(days=40, minutes=i))
+                            for i in range(6)])
+    # colour 5 again: a newer sighting sharing the old crop's object, which must stay
+    new = ingest(settings, [(i, f"cam{i % 2}", cutoff + timedelta(seconds=1, minutes=i))
+                            for i in range(5, 11)])
+    embed(settings)
+
+    eraser = Eraser(settings, objects)
+    with pytest.raises(ValueError, match="timezone"):
+        eraser.purge(cutoff.replace(tzinfo=None), [])
+    metas = current_index(settings, objects).live_metas()
+    assert len(metas) == 12
+    assert eraser.purge(cutoff, metas) == (6, 6)  # 5 old objects + the stale stray
+
+    index = current_index(settings, objects)
+    assert index.crop_ids() == {e.crop_id for e in new}
+    assert not objects.exists(stale_stray) and objects.exists(fresh_stray)
+    for e in old[:5]:
+        assert not objects.exists(e.object_key)
+    for e in new:
+        assert objects.exists(e.object_key)
+    assert eraser.purge(cutoff, index.live_metas()) == (0, 0)  # nothing left to purge
+    tombstones = [e for e in read_events(settings, INDEXED, IndexLog, expect=18)
+                  if isinstance(e, ErasedEvent)]
+    assert sorted(e.crop_id for e in tombstones) == sorted(e.crop_id for e in old)
+    assert {e.reason for e in tombstones} == {RETENTION}
+
+    # the CLI purges with --days and prints what it removed
+    result = CliRunner().invoke(app, ["purge", "--days", "1"],
+                                env={**env_for(settings), "COLUMNS": "300", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "retention purge (1 days)" in result.output
