@@ -7,6 +7,9 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import Any
+
+from pydantic import BaseModel
 
 from .schemas import ErrorResponse, QueryRequest, QueryResponse
 
@@ -40,6 +43,16 @@ class RetrievalClient:
                 raise ApiError(exc.code, err.error, err.detail) from None
             except ValueError:
                 raise ApiError(exc.code, "http.error", raw.decode(errors="replace")[:500]) from None
+
+    def call(self, method: str, path: str, payload: BaseModel | dict | None = None) -> Any:
+        """Any JSON route (sessions, admin, ops): the decoded answer, None for 204."""
+        body = None
+        if isinstance(payload, BaseModel):
+            body = payload.model_dump_json(exclude_none=True).encode()
+        elif payload is not None:
+            body = json.dumps(payload, default=str).encode()
+        raw = self._call(method, path, body)
+        return json.loads(raw) if raw else None
 
     def query(self, request: QueryRequest) -> QueryResponse:
         raw = self._call("POST", "/v1/query", request.model_dump_json(exclude_none=True).encode())

@@ -142,12 +142,17 @@ class PrefilterSearch:
     def search(self, image: Image.Image, k: int = 20, tau: float | None = None,
                filters: SearchFilter | None = None, exclude: set[str] | None = None,
                clue: str | None = None, pool: int = 100,
-               anchors: list[Image.Image] | None = None) -> list[SearchResult]:
-        """The image's top ``k`` by cosine (≥ ``tau``). With a ``clue`` naming garment colours
-        (an adaptive query: image + text), the cosine top ``pool`` are re-ordered by the mean
-        of cosine and colour-attribute match, as the evaluation's adaptive prefilter does.
-        ``anchors`` (more images of the same person, e.g. confirmed sightings) join the
-        query: it searches with the normalised mean of all their embeddings."""
+               anchors: list[Image.Image] | None = None,
+               window: int = 1000) -> list[SearchResult]:
+        """The image's top ``k`` by cosine (≥ ``tau``). ``anchors`` (more images of the same
+        person, e.g. confirmed sightings) join the query: it searches with the normalised mean
+        of all their embeddings.
+
+        With a ``clue`` naming garment colours (an adaptive query: image + text, e.g. "may
+        have changed clothes, now in a yellow shirt"), the candidates are the image's cosine
+        top ``pool`` and the clue's colour-match top ``pool`` among the newest ``window``
+        crops - a changed outfit puts the person outside the image's neighbours - ranked by
+        the mean of cosine and colour match, as the evaluation's adaptive prefilter does."""
         version, store = self.follower.active()  # embedder and store of the same version
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
@@ -160,7 +165,15 @@ class PrefilterSearch:
         hits: list[Hit] = store.search(vec, wanted + extra, tau=tau, filters=filters)[0]
         hits = [h for h in hits if not exclude or h.meta.crop_id not in exclude][:wanted]
         results = [_result(i + 1, h.meta, h.score) for i, h in enumerate(hits)]
-        return results if text is None else self._by_colour(results, text, k, blend=True)
+        if text is None:
+            return results
+        held = {r.crop_id for r in results}
+        described = [r for r in self.describe(clue or "", pool, None, filters, exclude, window)
+                     if r.crop_id not in held]
+        cosine = store.similarity(vec, [r.crop_id for r in described])
+        results += [replace(r, score=float(c)) for r, c in zip(described, cosine, strict=True)
+                    if np.isfinite(c) and (tau is None or c >= tau)]
+        return self._by_colour(results, text, k, blend=True)
 
     def _clue_vector(self, clue: str | None) -> np.ndarray | None:
         """The clue as colour-attribute one-hots; None when it names no garment colour."""

@@ -401,6 +401,15 @@ class PrefilterStore:
         with self._lock.read():
             return {self._metas[row].crop_id for row in self._row_of.values()}
 
+    def similarity(self, query: np.ndarray, crop_ids: Sequence[str]) -> np.ndarray:
+        """Cosine of ``query`` to each named crop's stored vector; NaN for crops not held."""
+        q = _as_unit_rows(query, self.dim, "query", allow_1d=True)[0]
+        with self._lock.read():
+            rows = [self._live_row(c) for c in crop_ids]
+            xb = self._xb()
+            return np.array([float(xb[r] @ q) if r is not None else np.nan for r in rows],
+                            np.float32)
+
     def _live_row(self, crop_id: str) -> int | None:
         row = self._row_of.get(crop_id_to_int64(crop_id))
         if row is None or self._metas[row].crop_id != crop_id:

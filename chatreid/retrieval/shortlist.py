@@ -5,8 +5,8 @@ Text and attribute queries have no image to embed - the prefilter embedder is im
 the newest ``serve.text_window`` crops inside the filters are ranked by the colour-attribute
 matcher (the garment colours the clue names vs each crop's colours; ``chatreid.embedder.colour``)
 and the best K go to the VLM; camera, modality and time window narrow the window. Adaptive
-queries (image + text) re-order the image's cosine top 100 by the mean of cosine and colour
-match, as the evaluation's adaptive prefilter does.
+queries (image + text) rank the image's cosine top 100 together with the clue's colour-match
+top 100 by the mean of cosine and colour match, as the evaluation's adaptive prefilter does.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Shortlister:
                 exclude.update(request.anchors)  # known sightings, not results
                 items = self.search.search(image, k=request.k, tau=request.tau,
                                            filters=filters, exclude=exclude, clue=clue,
-                                           anchors=anchors)
+                                           anchors=anchors, window=self.text_window)
             else:
                 items = self.search.describe(_clue(request), k=request.k, tau=request.tau,
                                              filters=filters, exclude=exclude,

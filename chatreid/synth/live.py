@@ -96,17 +96,21 @@ def iter_live_crops(
     start_time: float = 0.0,
     rate_hz: float | None = None,
     limit: int | None = None,
+    skip_s: float = 0.0,
 ) -> Iterator[LiveCrop]:
     """Stream crops of the site of ``config``; deterministic by seed.
 
     ``capture_time`` is ``start_time`` plus simulated seconds. With ``rate_hz`` the stream is paced
     in wall-clock time (crop i is not emitted before i / rate_hz seconds); otherwise it runs as fast
-    as rendering allows. ``limit`` stops after that many crops (default: endless).
+    as rendering allows. ``limit`` stops after that many crops (default: endless). ``skip_s``
+    starts the stream that many simulated seconds in (e.g. 86400: the next day, when people
+    wear their next outfit); what comes before is not rendered.
     """
     site = build_site(config)
     renderer = Renderer(site)
     t_start = time.monotonic()
-    for i, s in enumerate(_live_sightings(site)):
+    sightings = (s for s in _live_sightings(site) if s.time_s >= skip_s)
+    for i, s in enumerate(sightings):
         if limit is not None and i >= limit:
             return
         cam = site.cameras[s.camera]

@@ -82,13 +82,14 @@ class FolderSource:
 
 
 def synth_source(seed: int, limit: int | None, rate_hz: float | None,
-                 start_time: float | None = None) -> Iterator[CropInput]:
-    """The synthetic live site: cameras emitting crops over time."""
+                 start_time: float | None = None, skip_s: float = 0.0) -> Iterator[CropInput]:
+    """The synthetic live site: cameras emitting crops over time (from ``skip_s`` simulated
+    seconds in)."""
     from chatreid.synth import SynthConfig, iter_live_crops
 
     start = time.time() if start_time is None else start_time
     for crop in iter_live_crops(SynthConfig(seed=seed), start_time=start, rate_hz=rate_hz,
-                                limit=limit):
+                                limit=limit, skip_s=skip_s):
         yield CropInput(
             data=crop.jpeg, camera=crop.camera, modality=crop.modality,
             capture_time=datetime.fromtimestamp(crop.capture_time, UTC),

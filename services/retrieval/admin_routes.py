@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 
+from chatreid.access import Caller
 from chatreid.ray_jobs.train import PRESETS
 from chatreid.retrieval import BadQuery
 from chatreid.schemas.console import (
@@ -31,40 +32,42 @@ from chatreid.sessions import UPLOAD
 
 from . import ops
 from .deployments import model_spec
-from .http import ERRORS, Gate, api, remote
+from .http import ERRORS, Gate, remote, route
 
 
 class AdminRoutes(Gate):
-    @api.post("/v1/admin/keys", response_model=ApiKeyIssued, status_code=201, responses=ERRORS)
+    @route("POST", "/v1/admin/keys", role="admin",
+           response_model=ApiKeyIssued, status_code=201, responses=ERRORS)
     async def issue_key(self, payload: ApiKeyCreate, request: Request) -> ApiKeyIssued:
         """Issue a key with roles; its secret is in this response only."""
-        caller = await self.gate(request, "admin")
+        caller: Caller = request.state.caller
         issued = await asyncio.to_thread(self.keys.issue, payload, caller.key_id)
         await self.audit(caller, "key.create", 201, target=issued.key_id,
                          detail=f"roles={','.join(issued.roles)}")
         return issued
 
-    @api.get("/v1/admin/keys", response_model=list[ApiKeyInfo], responses=ERRORS)
+    @route("GET", "/v1/admin/keys", role="admin", response_model=list[ApiKeyInfo], responses=ERRORS)
     async def list_keys(self, request: Request) -> list[ApiKeyInfo]:
-        await self.gate(request, "admin")
         return await asyncio.to_thread(self.keys.list)
 
-    @api.delete("/v1/admin/keys/{key_id}", response_model=ApiKeyInfo, responses=ERRORS)
+    @route("DELETE", "/v1/admin/keys/{key_id}", role="admin",
+           response_model=ApiKeyInfo, responses=ERRORS)
     async def revoke_key(self, key_id: str, request: Request) -> ApiKeyInfo:
         """Revoke a key (every replica refuses it within ``access.cache_s``)."""
-        caller = await self.gate(request, "admin")
+        caller: Caller = request.state.caller
         info = await asyncio.to_thread(self.keys.revoke, key_id, caller.key_id)
         await self.audit(caller, "key.revoke", target=key_id)
         return info
 
-    @api.get("/v1/admin/audit", response_model=list[AuditEntry], responses=ERRORS)
+    @route("GET", "/v1/admin/audit", role="admin",
+           response_model=list[AuditEntry], responses=ERRORS)
     async def export_audit(self, request: Request, since: datetime | None = None,
                            until: datetime | None = None, actor: str | None = None,
                            action: str | None = None,
                            format: str = Query("json", pattern="^(json|jsonl)$")):
         """Export audit entries in time order (``format=jsonl`` streams JSON lines). The log
         is append-only: no route changes or deletes an entry."""
-        caller = await self.gate(request, "admin")
+        caller: Caller = request.state.caller
         if since and until and since > until:
             raise BadQuery("since is after until")
         entries = await asyncio.to_thread(
@@ -75,12 +78,13 @@ class AdminRoutes(Gate):
             return StreamingResponse(lines, media_type="application/x-ndjson")
         return entries
 
-    @api.post("/v1/admin/erasure", response_model=ErasureReport, responses=ERRORS)
+    @route("POST", "/v1/admin/erasure", role="admin",
+           response_model=ErasureReport, responses=ERRORS)
     async def erase(self, payload: ErasureRequest, request: Request) -> ErasureReport:
         """Right to erasure: remove every confirmed crop of a session (the identity the
         investigator established) and/or the crops named, from storage and every index;
         the session's uploaded images go too."""
-        caller = await self.gate(request, "admin")
+        caller: Caller = request.state.caller
         crop_ids = list(payload.crop_ids)
         if payload.session_id:
             session = await asyncio.to_thread(self.sessions.load, payload.session_id)
@@ -104,12 +108,13 @@ class AdminRoutes(Gate):
             self.objects.delete(key)
         return len(keys)
 
-    @api.post("/v1/admin/retention/purge", response_model=RetentionReport, responses=ERRORS)
+    @route("POST", "/v1/admin/retention/purge", role="admin",
+           response_model=RetentionReport, responses=ERRORS)
     async def purge(self, request: Request,
                     days: float | None = Query(None, gt=0)) -> RetentionReport:
         """Purge crops and vectors older than ``days`` (default ``retention.crop_days``) and
         expired sessions, now (the scheduled job does the same)."""
-        caller = await self.gate(request, "admin")
+        caller: Caller = request.state.caller
         days = days or self.settings.retention.crop_days
         if days is None:
             raise BadQuery("retention is off (retention.crop_days is unset): give days")
@@ -125,20 +130,20 @@ class AdminRoutes(Gate):
 
 
 class OpsRoutes(Gate):
-    @api.get("/v1/ops/status", response_model=OpsStatus, responses=ERRORS)
+    @route("GET", "/v1/ops/status", role="operator", response_model=OpsStatus, responses=ERRORS)
     async def ops_status(self, request: Request) -> OpsStatus:
         """The application's deployments and replicas, the model served, the gallery."""
-        await self.gate(request, "operator")
         state = await asyncio.to_thread(ops.status, self.settings)
         health = await remote(self.prefilter.status)
         return OpsStatus(**state, model_version=await remote(self.rerank.version),
                          gallery=health["gallery"], embedder_version=health["embedder_version"])
 
-    @api.post("/v1/ops/rollout", response_model=OpsStatus, status_code=202, responses=ERRORS)
+    @route("POST", "/v1/ops/rollout", role="operator",
+           response_model=OpsStatus, status_code=202, responses=ERRORS)
     async def rollout(self, payload: RolloutRequest, request: Request) -> OpsStatus:
         """Roll the rerank replicas to a model (one at a time; each verifies and smoke-tests
         it before serving). An unknown version is refused here, before anything changes."""
-        caller = await self.gate(request, "operator")
+        caller: Caller = request.state.caller
         try:
             await asyncio.to_thread(model_spec, self.settings, payload.model)
         except (ValueError, LookupError) as exc:
@@ -147,20 +152,22 @@ class OpsRoutes(Gate):
         await self.audit(caller, "ops.rollout", 202, target=payload.model)
         return await self.ops_status(request)
 
-    @api.post("/v1/ops/scale", response_model=OpsStatus, status_code=202, responses=ERRORS)
+    @route("POST", "/v1/ops/scale", role="operator",
+           response_model=OpsStatus, status_code=202, responses=ERRORS)
     async def scale(self, payload: ScaleRequest, request: Request) -> OpsStatus:
         """Set the number of rerank replicas (turns replica autoscaling off)."""
-        caller = await self.gate(request, "operator")
+        caller: Caller = request.state.caller
         await asyncio.to_thread(ops.redeploy, self.settings, replicas=payload.replicas)
         await self.audit(caller, "ops.scale", 202, target="Rerank",
                          detail=f"replicas={payload.replicas}")
         return await self.ops_status(request)
 
-    @api.post("/v1/ops/train", response_model=TrainRun, status_code=202, responses=ERRORS)
+    @route("POST", "/v1/ops/train", role="operator",
+           response_model=TrainRun, status_code=202, responses=ERRORS)
     async def train(self, payload: TrainRequest, request: Request) -> TrainRun:
         """Start a training run on the cluster (the embedder, an HPT stage, or all); its
         checkpoints are pushed and rolled out like `chatreid train`'s."""
-        caller = await self.gate(request, "operator")
+        caller: Caller = request.state.caller
         if payload.preset not in PRESETS:
             raise BadQuery(f"unknown preset {payload.preset!r}; presets: {sorted(PRESETS)}")
         runs = ops.training_runs(self.settings)
@@ -170,9 +177,9 @@ class OpsRoutes(Gate):
                          detail=json.dumps({"target": payload.target, "preset": payload.preset}))
         return TrainRun.model_validate(run)
 
-    @api.get("/v1/ops/train/{run_id}", response_model=TrainRun, responses=ERRORS)
+    @route("GET", "/v1/ops/train/{run_id}", role="operator",
+           response_model=TrainRun, responses=ERRORS)
     async def train_run(self, run_id: str, request: Request) -> TrainRun:
-        await self.gate(request, "operator")
         run = await ops.training_runs(self.settings).get.remote(run_id)
         if run is None:
             raise ops.UnknownRun(f"no training run {run_id!r}")

@@ -34,7 +34,7 @@ from chatreid.schemas.console import (
 )
 from chatreid.sessions import UPLOAD, Session, changed_clothes
 
-from .http import ERRORS, Gate, api, remote
+from .http import ERRORS, Gate, remote, route
 
 
 class ConsoleRoutes(Gate):
@@ -56,20 +56,21 @@ class ConsoleRoutes(Gate):
         return f"{self.settings.serve.base_url}/v1/crops/{crop_id}"
 
     # -- cameras -----------------------------------------------------------------------------------
-    @api.get("/v1/cameras", response_model=list[CameraInfo], responses=ERRORS)
+    @route("GET", "/v1/cameras", role="investigator",
+           response_model=list[CameraInfo], responses=ERRORS)
     async def cameras(self, request: Request) -> list[CameraInfo]:
         """Cameras with indexed crops: how many, when last seen."""
-        await self.gate(request, "investigator")
         rows = await remote(self.prefilter.cameras)
         return [CameraInfo(camera=r["camera"], crops=r["crops"],
                            last_seen=datetime.fromtimestamp(r["last_seen"], UTC),
                            modalities=r["modalities"]) for r in rows]
 
-    @api.get("/v1/cameras/{camera}/crops", response_model=list[CropInfo], responses=ERRORS)
+    @route("GET", "/v1/cameras/{camera}/crops", role="investigator",
+           response_model=list[CropInfo], responses=ERRORS)
     async def camera_crops(self, camera: str, request: Request,
                            limit: int = Query(24, ge=1, le=200)) -> list[CropInfo]:
         """A camera's most recent crops, newest first (to pick a query from)."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         metas = await remote(self.prefilter.recent, camera, limit)
         crops = [CropInfo(crop_id=m.crop_id, camera=m.camera, modality=m.modality,
                           capture_time=datetime.fromtimestamp(m.capture_time, UTC),
@@ -78,46 +79,51 @@ class ConsoleRoutes(Gate):
         return crops
 
     # -- sessions ----------------------------------------------------------------------------------
-    @api.post("/v1/sessions", response_model=SessionView, status_code=201, responses=ERRORS)
+    @route("POST", "/v1/sessions", role="investigator",
+           response_model=SessionView, status_code=201, responses=ERRORS)
     async def create_session(self, payload: SessionCreate, request: Request) -> SessionView:
         """Start an investigation."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         session = await asyncio.to_thread(self.sessions.create, caller.key_id, payload)
         await self.audit(caller, "session.create", 201, target=session.session_id,
                          filters=payload.filters)
         return session.view(self.settings.console.idle_hours)
 
-    @api.get("/v1/sessions", response_model=list[SessionSummary], responses=ERRORS)
+    @route("GET", "/v1/sessions", role="investigator",
+           response_model=list[SessionSummary], responses=ERRORS)
     async def list_sessions(self, request: Request) -> list[SessionSummary]:
         """Your open (unexpired) sessions, most recently active first."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         sessions = await asyncio.to_thread(self.sessions.owned, caller.key_id)
         return [s.summary(self.settings.console.idle_hours) for s in sessions]
 
-    @api.get("/v1/sessions/{session_id}", response_model=SessionView, responses=ERRORS)
+    @route("GET", "/v1/sessions/{session_id}", role="investigator",
+           response_model=SessionView, responses=ERRORS)
     async def get_session(self, session_id: str, request: Request) -> SessionView:
         """The whole investigation: transcript, clues, confirmed sightings (timeline)."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         session = await self._session(caller, session_id)
         await self.audit(caller, "session.view", target=session_id,
                          result_ids=list(session.state().confirmed))
         return session.view(self.settings.console.idle_hours)
 
-    @api.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
+    @route("DELETE", "/v1/sessions/{session_id}", role="investigator",
+           status_code=204, responses=ERRORS)
     async def delete_session(self, session_id: str, request: Request) -> Response:
         """Close an investigation and delete its turns and uploads."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         await self._session(caller, session_id)
         await asyncio.to_thread(self.sessions.delete, session_id)
         await self.audit(caller, "session.delete", 204, target=session_id)
         return Response(status_code=204)
 
-    @api.post("/v1/sessions/{session_id}/search", response_model=SessionTurn, responses=ERRORS)
+    @route("POST", "/v1/sessions/{session_id}/search", role="investigator",
+           response_model=SessionTurn, responses=ERRORS)
     async def search(self, session_id: str, payload: SearchTurn,
                      request: Request) -> SessionTurn:
         """One search turn: text, attributes and/or an image, on top of what the session
         already knows (confirmed crops join the query, rejected ones never come back)."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         session = await self._session(caller, session_id)
         image = payload.crop_id
         if payload.image_b64:
@@ -152,13 +158,14 @@ class ConsoleRoutes(Gate):
         await asyncio.to_thread(self.sessions.append, session, turn)
         return turn
 
-    @api.post("/v1/sessions/{session_id}/feedback", response_model=SessionView,
+    @route("POST", "/v1/sessions/{session_id}/feedback", role="investigator",
+           response_model=SessionView,
               responses=ERRORS)
     async def feedback(self, session_id: str, payload: Feedback,
                        request: Request) -> SessionView:
         """Confirm a result (it joins the query and the timeline) or reject it (it is
         excluded from every later search)."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         session = await self._session(caller, session_id)
         meta = await remote(self.prefilter.lookup, payload.crop_id)
         now = datetime.now(UTC)
@@ -173,14 +180,15 @@ class ConsoleRoutes(Gate):
                          result_ids=[payload.crop_id])
         return session.view(self.settings.console.idle_hours)
 
-    @api.post("/v1/sessions/{session_id}/explain", response_model=Explanation,
+    @route("POST", "/v1/sessions/{session_id}/explain", role="investigator",
+           response_model=Explanation,
               responses=ERRORS)
     async def explain(self, session_id: str, payload: ExplainRequest,
                       request: Request) -> Explanation:
         """Why a result matched: the VLM's attribute comparison of the session's reference
         (its latest image, else its text clues) and the result, with the garment colours
         each side shows."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         session = await self._session(caller, session_id)
         meta = await remote(self.prefilter.lookup, payload.crop_id)
         state = session.state()

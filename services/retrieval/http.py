@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -19,15 +19,6 @@ from chatreid.schemas import ErrorResponse
 from chatreid.schemas.console import Role
 from chatreid.sessions import SessionStore
 from chatreid.storage import ObjectStore
-
-api = FastAPI(
-    title="ChatReID retrieval API",
-    version="1",
-    description="Cross-camera person re-identification: prefilter the gallery with the "
-    "embedder, rerank with the fine-tuned VLM's multi-turn best-choice dialogue; "
-    "investigation sessions, access control and an audit trail. Every /v1 route needs "
-    "'Authorization: Bearer <API key>' and the role it names.",
-)
 
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 403, 404, 410, 413, 422, 429, 503)}
 UPLOAD_PATHS = ("/v1/query", "/v1/sessions/")  # bodies that may carry an image
@@ -54,32 +45,74 @@ async def remote(method, *args) -> Any:
         raise
 
 
-@api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     return error(422, "query.invalid", detail)
 
 
-@api.exception_handler(RetrievalError)
 async def _failed(_: Request, exc: RetrievalError) -> JSONResponse:
     headers = ({"Retry-After": str(max(1, round(exc.retry_after_s)))}
                if isinstance(exc, RateLimited) else None)
     return error(exc.status, exc.code, exc.detail, headers)
 
 
+_OPEN = "open"  # a route anyone may call (health, the console's static files)
+
+
+def route(method: str, path: str, role: Role | str | None = _OPEN, **options: Any):
+    """Mark a method as an HTTP route needing ``role`` (None: any valid key);
+    :func:`build_api` registers it bound to its replica. The caller is checked before the
+    body is validated and is on ``request.state.caller``."""
+    def mark(fn):
+        fn.__route__ = (method, path, role, options)
+        return fn
+    return mark
+
+
+def build_api(instance: Any, body_limits: tuple[int, int]) -> FastAPI:
+    """This replica's FastAPI app: every ``@route`` method of ``instance`` (its class and
+    mixins, in definition order), the error handlers and the body limit."""
+    app = FastAPI(
+        title="ChatReID retrieval API",
+        version="1",
+        description="Cross-camera person re-identification: prefilter the gallery with the "
+        "embedder, rerank with the fine-tuned VLM's multi-turn best-choice dialogue; "
+        "investigation sessions, access control and an audit trail. Every /v1 route needs "
+        "'Authorization: Bearer <API key>' and the role it names.",
+    )
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(RetrievalError, _failed)
+    app.add_middleware(BodyLimit, limits=body_limits)
+    seen: set[str] = set()
+    for klass in reversed(type(instance).__mro__):
+        for name, fn in vars(klass).items():
+            if hasattr(fn, "__route__") and name not in seen:
+                seen.add(name)
+                method, path, role, options = fn.__route__
+                guard = [] if role == _OPEN else [Depends(_guard(instance, role))]
+                app.add_api_route(path, getattr(instance, name), methods=[method],
+                                  dependencies=guard, **options)
+    return app
+
+
+def _guard(instance: Gate, role: Role | None):
+    async def guard(request: Request) -> None:
+        request.state.caller = await instance.gate(request, role)
+    return guard
+
+
 class BodyLimit:
     """Refuse oversized bodies before they are read into memory: by Content-Length, and by
-    counting a chunked body as it streams. Limits come from the replica's settings."""
+    counting a chunked body as it streams. ``limits``: (any body, a body with an image)."""
 
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, app, limits: tuple[int, int]) -> None:
+        self.app, self.limits = app, limits
 
     async def __call__(self, scope, receive, send) -> None:
-        limits = getattr(getattr(scope.get("app"), "state", None), "body_limits", None)
-        if scope["type"] != "http" or limits is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        limit = limits[1] if path.startswith(UPLOAD_PATHS) else limits[0]
+        limit = self.limits[1] if path.startswith(UPLOAD_PATHS) else self.limits[0]
         headers = dict(scope.get("headers") or [])
         declared = int(headers.get(b"content-length", b"0") or 0)
         if declared > limit:
@@ -111,9 +144,6 @@ async def _too_large(send, limit: int) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-api.add_middleware(BodyLimit)
-
-
 class Gate:
     """Per replica: keys, rate limits, the audit log and the session store."""
 
@@ -125,7 +155,7 @@ class Gate:
         self.audit_log = AuditLog(settings, self.objects)
         self.sessions = SessionStore(settings, self.objects)
         upload = settings.ingestor.max_bytes * 4 // 3 + 64 * 1024  # base64 image + fields
-        api.state.body_limits = (settings.access.max_body_bytes, upload)
+        self.body_limits = (settings.access.max_body_bytes, upload)
 
     async def gate(self, request: Request, role: Role | None) -> Caller:
         """Authenticate, check ``role`` (None: any key), apply the rate limit."""

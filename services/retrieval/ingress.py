@@ -7,16 +7,17 @@ the caller's key and role (``chatreid.access``) and leaves an audit entry; every
 client can act on comes back as an ``ErrorResponse`` with its HTTP status.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve pickles this class by value, and FastAPI
+# must still resolve the route annotations in a restarted replica.
 import time
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
+from chatreid.access import Caller
 from chatreid.config import Settings
 from chatreid.retrieval import RetrievalError, UnknownCrop
 from chatreid.schemas import QueryRequest, QueryResponse
@@ -24,14 +25,14 @@ from chatreid.schemas.console import Principal
 
 from .admin_routes import AdminRoutes, OpsRoutes
 from .console_routes import ConsoleRoutes
-from .http import ERRORS, api, remote
+from .http import ERRORS, build_api, remote, route
 
 _LATENCY_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 20_000, 60_000]
 _COUNTS = [1, 2, 5, 10, 20, 50, 100, 200]
 
 
 @serve.deployment(name="Ingress")
-@serve.ingress(api)
+@serve.ingress()
 class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
     def __init__(self, prefilter: DeploymentHandle, rerank: DeploymentHandle,
                  settings: dict) -> None:
@@ -51,15 +52,14 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
             "chatreid_candidates_reranked", description="candidates the VLM reranked",
             boundaries=_COUNTS, tag_keys=kind)
 
-    @api.post("/v1/query", response_model=QueryResponse, responses=ERRORS)
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self, self.body_limits)
+
+    @route("POST", "/v1/query", role="investigator", response_model=QueryResponse, responses=ERRORS)
     async def query(self, payload: QueryRequest, request: Request) -> QueryResponse:
         """Ask where a person appeared: by crop id or uploaded image, text, attributes
         (role: investigator)."""
-        try:
-            caller = await self.gate(request, "investigator")
-        except RetrievalError as exc:
-            self.queries.inc(tags={"kind": payload.kind, "outcome": exc.code})
-            raise
+        caller: Caller = request.state.caller
         t0 = time.perf_counter()
         try:
             response = await self.answer(payload)
@@ -78,10 +78,11 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         self.reranked.observe(sum(r.reranked for r in response.results), tags=tags)
         return response
 
-    @api.get("/v1/crops/{crop_id}", responses={200: {"content": {"image/*": {}}}, **ERRORS})
+    @route("GET", "/v1/crops/{crop_id}", role="investigator",
+           responses={200: {"content": {"image/*": {}}}, **ERRORS})
     async def crop(self, crop_id: str, request: Request) -> Response:
         """The crop image behind a result's ``url`` (role: investigator; audited as a view)."""
-        caller = await self.gate(request, "investigator")
+        caller: Caller = request.state.caller
         try:
             data, content_type = await remote(self.prefilter.crop, crop_id)
         except UnknownCrop:
@@ -90,12 +91,12 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         await self.audit(caller, "view", target=crop_id, result_ids=[crop_id])
         return Response(content=data, media_type=content_type)
 
-    @api.get("/v1/me", response_model=Principal, responses=ERRORS)
+    @route("GET", "/v1/me", role=None, response_model=Principal, responses=ERRORS)
     async def me(self, request: Request) -> Principal:
         """Who the key belongs to and its roles."""
-        return (await self.gate(request, None)).principal()
+        return request.state.caller.principal()
 
-    @api.get("/healthz")
+    @route("GET", "/healthz")
     async def healthz(self) -> dict:
         """Liveness plus what is served: gallery size, embedder and VLM versions."""
         status = await self.prefilter.status.remote()
@@ -103,15 +104,15 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
                 "access_control": self.keys.enabled}
 
     # -- the investigator console (static files; the page asks for a key) ---------------------
-    @api.get("/console", include_in_schema=False)
+    @route("GET", "/console", include_in_schema=False)
     async def console_root(self) -> RedirectResponse:
         return RedirectResponse("console/", status_code=308)
 
-    @api.get("/console/", include_in_schema=False)
+    @route("GET", "/console/", include_in_schema=False)
     async def console_page(self) -> Response:
         return self._asset("index.html")
 
-    @api.get("/console/{name}", include_in_schema=False)
+    @route("GET", "/console/{name}", include_in_schema=False)
     async def console_asset(self, name: str) -> Response:
         return self._asset(name)
 

@@ -92,9 +92,13 @@ def status(settings: Settings) -> dict[str, Any]:
             reference.get("version") or _spec_version(reference)
     except OpsUnavailable:
         model_ref = None
-    return {"app_status": str(app.status),
-            "deployments": {n: str(d.status) for n, d in app.deployments.items()},
+    return {"app_status": _name(app.status),
+            "deployments": {n: _name(d.status) for n, d in app.deployments.items()},
             "replicas": replicas, "model": model_ref}
+
+
+def _name(status) -> str:
+    return str(getattr(status, "value", status))
 
 
 def _spec_version(spec: dict) -> str | None:
