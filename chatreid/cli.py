@@ -662,7 +662,9 @@ def erase(
         store = current_index(settings)
     metas = {c: store.get_meta(c) if store is not None else None for c in dict.fromkeys(crop_ids)}
     found = [m for m in metas.values() if m is not None]
-    erased, deleted = Eraser(settings).erase(found, reason, request_id or uuid.uuid4().hex)
+    request_id = request_id or uuid.uuid4().hex
+    erased, deleted = Eraser(settings).erase(found, reason, request_id)
+    _audit_cli(settings, "erasure", target=request_id, result_ids=erased, detail=reason)
     table = Table("crop", "camera", "captured", "object",
                   title=f"erased {len(erased)} crops, deleted {deleted} objects")
     for m in found:
@@ -705,14 +707,112 @@ def _purge_once(settings: Settings, days: float) -> None:
     from datetime import UTC, datetime, timedelta
 
     from .retention import Eraser, current_index
+    from .sessions import SessionStore
+    from .storage import ObjectStore
 
     cutoff = datetime.now(UTC) - timedelta(days=days)
     with console.status("loading the index (snapshot + log)"):
         store = current_index(settings)
     metas = store.live_metas() if store is not None else []
     crops, objects = Eraser(settings).purge(cutoff, metas)
+    sessions = SessionStore(settings, ObjectStore(settings.s3)).purge_expired()
+    _audit_cli(settings, "retention.purge", detail=f"cutoff={cutoff.isoformat()} "
+               f"crops_erased={crops} objects_deleted={objects} sessions_deleted={sessions}")
     table = Table("captured before", "indexed crops", "crops erased", "objects deleted",
-                  title=f"retention purge ({days:g} days)")
+                  "expired sessions deleted", title=f"retention purge ({days:g} days)")
     table.add_row(cutoff.isoformat(timespec="seconds"), str(len(metas)), str(crops),
-                  str(objects))
+                  str(objects), str(sessions))
+    console.print(table)
+
+
+def _audit_cli(settings: Settings, action: str, **fields) -> None:
+    """Erasures and purges run from a shell are accountable too (actor: the OS user)."""
+    import getpass
+
+    from .audit import AuditLog
+    from .storage import ObjectStore
+
+    AuditLog(settings, ObjectStore(settings.s3)).record("cli", f"cli:{getpass.getuser()}",
+                                                        action, 200, **fields)
+
+
+# -- access keys and the audit trail (through the API, with an admin key) --------------------------
+keys_app = typer.Typer(help="API keys with roles (needs an admin key: CHATREID_SERVE__API_KEY).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _admin_client():
+    from .client import RetrievalClient
+
+    settings = _settings()
+    return RetrievalClient(settings.serve.base_url, timeout_s=60, api_key=settings.serve.api_key)
+
+
+def _api(method: str, path: str, payload: dict | None = None):
+    from .client import ApiError
+
+    try:
+        return _admin_client().call(method, path, payload)
+    except ApiError as exc:
+        console.print(f"[red]{exc.error}[/]: {exc.detail}")
+        raise typer.Exit(1) from None
+
+
+@keys_app.command("issue")
+def keys_issue(
+    name: Annotated[str, typer.Option(help="who or what holds the key")],
+    role: Annotated[list[str], typer.Option(help="investigator | operator | admin")],
+    rate: Annotated[int | None, typer.Option(help="requests per minute")] = None,
+) -> None:
+    """Issue a key; its secret is printed once and stored only as a hash."""
+    issued = _api("POST", "/v1/admin/keys", {"name": name, "roles": role,
+                                             "rate_per_minute": rate})
+    console.print(f"key {issued['key_id']} ({', '.join(issued['roles'])}) for {name}")
+    console.print(f"secret (shown once): [bold]{issued['secret']}[/]")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    table = Table(Column("key", no_wrap=True), "name", "roles", "rate/min", "created", "by",
+                  "revoked")
+    for k in _api("GET", "/v1/admin/keys"):
+        table.add_row(k["key_id"], k["name"], ", ".join(k["roles"]),
+                      str(k["rate_per_minute"] or "default"), k["created_at"][:19],
+                      k["created_by"], (k["revoked_at"] or "")[:19])
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    info = _api("DELETE", f"/v1/admin/keys/{key_id}")
+    console.print(f"revoked {key_id} ({info['name']}) at {info['revoked_at']}")
+
+
+@app.command()
+def audit(
+    since: Annotated[str | None, typer.Option(help="from (ISO 8601; default 30 days ago)")
+                     ] = None,
+    until: Annotated[str | None, typer.Option(help="up to (ISO 8601; default now)")] = None,
+    actor: Annotated[str | None, typer.Option(help="one key id")] = None,
+    action: Annotated[str | None, typer.Option(help="e.g. query, view, erasure")] = None,
+    out: Annotated[Path | None, typer.Option(help="write JSON lines here")] = None,
+) -> None:
+    """Export the audit trail (admin key): a table, or JSON lines with --out."""
+    import json
+    import urllib.parse
+
+    query = {k: v for k, v in {"since": since, "until": until, "actor": actor,
+                               "action": action}.items() if v}
+    entries = _api("GET", "/v1/admin/audit?" + urllib.parse.urlencode(query))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(e) + "\n" for e in entries))
+        console.print(f"{len(entries)} entries -> {out}")
+        return
+    table = Table("time", "actor", "action", "status", "kind", "target",
+                  Column("results", overflow="fold"))
+    for e in entries:
+        table.add_row(e["at"][:19], e["actor_name"], e["action"], str(e["status"]),
+                      e["query_kind"] or "", e["target"] or "", str(len(e["result_ids"])))
     console.print(table)

@@ -382,3 +382,35 @@ def test_erasure_and_retention_remove_crops_and_vectors(site) -> None:
     probe = inv.call("POST", "/v1/query", {"image_b64": __import__("base64").b64encode(
         crops[old[0]][2]).decode(), "k": 200, "top": 200})
     assert not set(old) & {r["crop_id"] for r in probe["results"]}
+
+
+def test_keys_and_the_audit_trail_from_the_cli(site, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import env_for
+
+    settings = site[0]
+    env = {**env_for(settings), "CHATREID_SERVE__HTTP_PORT": str(PORT),
+           "CHATREID_SERVE__API_KEY": BOOTSTRAP, "COLUMNS": "200"}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "chatreid", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    issued = cli("keys", "issue", "--name", "night shift", "--role", "investigator")
+    secret = next(w for w in issued.split() if w.startswith("crk_"))
+    key_id = secret.split("_")[1]
+    night = RetrievalClient(settings.serve.base_url, timeout_s=30, api_key=secret)
+    assert night.call("GET", "/v1/me")["roles"] == ["investigator"]
+    assert key_id in cli("keys", "list")
+    cli("keys", "revoke", key_id)
+    with pytest.raises(ApiError):
+        night.call("GET", "/v1/me")
+    out = tmp_path / "audit.jsonl"
+    cli("audit", "--action", "key.revoke", "--out", str(out))
+    entries = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["target"] for e in entries][-1] == key_id
