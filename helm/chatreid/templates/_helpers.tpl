@@ -237,6 +237,8 @@ The Serve settings (YAML map) of the Ray pods of the retrieval RayService: Confi
 {{- $_ := set $d "CHATREID_SERVE__RERANK_MAX_ONGOING_REQUESTS" (toString (int $r.rerankMaxOngoingRequests)) }}
 {{- $_ := set $d "CHATREID_SERVE__LIGHT_NUM_CPUS" (include "chatreid.float" $r.lightNumCpus) }}
 {{- $_ := set $d "CHATREID_SERVE__TORCH_THREADS" (toString (int $r.torchThreads)) }}
+{{- $_ := set $d "CHATREID_ACCESS__RATE_PER_MINUTE" (toString (int (required "retrieval.ratePerMinute is required" $r.ratePerMinute))) }}
+{{- $_ := set $d "CHATREID_CONSOLE__IDLE_HOURS" (include "chatreid.float" $r.sessionIdleHours) }}
 {{- toYaml $d }}
 {{- end }}
 
