@@ -75,6 +75,8 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
         sheet = answer_sheet(engine.crop_image, engine.crop_image(query.crop_id), response,
                              out / "results.png", truth)
         console.print(f"contact sheet: {sheet}   API: {settings.serve.base_url}/docs")
+        _investigate(client, query, others, truth, k, top, console)
+        console.print(f"investigator console: {settings.serve.base_url}/console/")
     finally:
         embedder_proc.terminate()
         embedder_proc.wait(timeout=60)
@@ -92,6 +94,27 @@ def _deploy(settings: Settings, console: Console) -> RetrievalClient:
                         f"{spec.version if spec else 'none'}: load + smoke query)"):
         deploy(settings, spec)
     return RetrievalClient(settings.serve.base_url, api_key=settings.serve.api_key)
+
+
+def _investigate(client: RetrievalClient, query, others, truth: dict[str, bool], k: int,
+                 top: int, console: Console) -> None:
+    """The same search as a session: confirm the first correct hit, search again (the
+    confirmed crop joins the query), show the timeline."""
+    first = next((cid for cid, ok in truth.items() if ok), None)
+    if first is None:
+        return
+    filters = {"cameras": sorted(others), "modality": "rgb"}
+    sid = client.call("POST", "/v1/sessions", {"title": "demo", "filters": filters})["session_id"]
+    client.call("POST", f"/v1/sessions/{sid}/search", {"crop_id": query.crop_id, "k": k,
+                                                       "top": top})
+    client.call("POST", f"/v1/sessions/{sid}/feedback", {"crop_id": first, "verdict": "confirm"})
+    with console.status("session: searching again with the confirmed sighting in the query"):
+        turn = client.call("POST", f"/v1/sessions/{sid}/search", {"k": k, "top": top})
+    view = client.call("GET", f"/v1/sessions/{sid}")
+    console.print(f"session {sid}: confirmed {first[:12]}; the next search ({turn['query_kind']},"
+                  f" {len(turn['results'])} results) used it as the query image; timeline: "
+                  + ", ".join(f"{s['camera']} {s['capture_time'][11:19]}"
+                              for s in view["confirmed"]))
 
 
 def _model_note(response) -> str:
