@@ -95,14 +95,16 @@ def console_site(stack_base, ray_session):
     settings.serve.rationale_tokens = 16
     settings.serve.api_key = API_KEY
     ingestor = Ingestor(settings, source="synth")
+    photo = None  # an investigator's own picture of the person: one of the crops' JPEGs
     for crop in synth_source(5, 60, None, start_time=START):
         ingestor.submit(crop)
+        photo = photo or crop.data
     ingestor.close()
     assert EmbedderService(settings).run(until_idle_s=3).indexed == 60
     deploy(settings, ModelSpec.of_base("tiny"))
     client = RetrievalClient(settings.serve.base_url, timeout_s=120, api_key=API_KEY)
     client.wait_ready(gallery=60, timeout_s=120)
-    yield settings, client
+    yield settings, photo
     serve.shutdown()
     next(gen, None)  # drop the namespace's bucket
 
@@ -155,8 +157,9 @@ class Page:
                        ".textContent.trim()")
 
     def turns(self) -> list[dict]:
-        return self.js("return [...document.querySelectorAll('[data-testid=turn]')]"
-                       ".map(t => ({action: t.dataset.action, text: t.textContent}))")
+        return self.js("return [...document.querySelectorAll('[data-testid=turn]')].map(t => "
+                       "({action: t.dataset.action, text: t.textContent, crop: t.dataset.cropId,"
+                       " image: t.dataset.image}))")
 
     def wait(self, check: Callable[[], object], what: str, timeout: float = 30):
         from selenium.webdriver.support.ui import WebDriverWait
@@ -240,7 +243,7 @@ def walk(driver, base_url: str, key: str, upload: Path) -> None:
                      ".map(e => e.textContent)")
     assert scores[0].startswith("confidence ")  # the tiny VLM reranked the head
     search_turn = page.turns()[-1]
-    assert search_turn["action"] == "search" and f"crop {picked}" in search_turn["text"]
+    assert search_turn["action"] == "search" and search_turn["image"] == picked
     assert f"{len(results)} result" in search_turn["text"]
     assert page.no_horizontal_scroll()
     page.shot("05-results")
@@ -257,7 +260,7 @@ def walk(driver, base_url: str, key: str, upload: Path) -> None:
     assert page.ids("camera-sighting") == [first]
     page.wait(lambda: page.images_loaded("timeline") and page.images_loaded("by-camera"),
               "the sighting's images")
-    assert page.turns()[-1]["action"] == "confirm" and first in page.turns()[-1]["text"]
+    assert page.turns()[-1]["action"] == "confirm" and page.turns()[-1]["crop"] == first
     # the keyboard stays on the grid: the card that took the confirmed one's place
     assert page.js("return document.activeElement.dataset.testid") == "result-card"
     page.shot("06-confirmed")
@@ -269,7 +272,7 @@ def walk(driver, base_url: str, key: str, upload: Path) -> None:
     page.one("reject", page.one("result-card")).click()
     page.wait(lambda: second not in page.ids("result-card"), "the rejected card to go")
     assert second not in page.ids("timeline-item")
-    assert page.turns()[-1]["action"] == "reject" and second in page.turns()[-1]["text"]
+    assert page.turns()[-1]["action"] == "reject" and page.turns()[-1]["crop"] == second
     page.shot("07-rejected")
 
     # why? on the focused card (key w): the explanation, then Escape back to the card
@@ -280,7 +283,7 @@ def walk(driver, base_url: str, key: str, upload: Path) -> None:
               "the explanation", timeout=60)
     assert page.text("explanation-crop") == third
     assert page.text("explanation-rationale") and page.text("explanation-model")
-    assert page.turns()[-1]["action"] == "explain"
+    assert page.turns()[-1]["action"] == "explain" and page.turns()[-1]["crop"] == third
     page.shot("08-why")
     page.key(Keys.ESCAPE)
     page.wait(lambda: page.js("return document.activeElement.dataset.cropId") == third,
@@ -297,8 +300,9 @@ def walk(driver, base_url: str, key: str, upload: Path) -> None:
     page.key("red top\n")
     page.wait(lambda: sum(t["action"] == "search" for t in page.turns()) > searches,
               "the second search", timeout=90)
-    last = page.turns()[-1]["text"]
-    assert "an uploaded image" in last and "may have changed clothes" in last and "red top" in last
+    last = page.turns()[-1]
+    assert last["image"].startswith("upload:") and "an uploaded image" in last["text"]
+    assert "may have changed clothes" in last["text"] and "red top" in last["text"]
     page.wait(lambda: page.images_loaded("results"), "result images")
     assert first not in page.ids("result-card") and second not in page.ids("result-card")
     page.shot("09-second-search")
@@ -330,13 +334,10 @@ def assert_stayed_local(driver, base_url: str) -> None:
 
 
 @pytest.mark.stack
-def test_an_investigation_in_the_browser(console_site, browser, tmp_path) -> None:
-    settings, client = console_site
-    some_crop = client._call("GET", "/v1/cameras")  # any camera's newest crop for the upload
-    camera = json.loads(some_crop)[0]["camera"]
-    newest = json.loads(client._call("GET", f"/v1/cameras/{camera}/crops?limit=1"))[0]
+def test_an_investigation_in_the_browser(browser, console_site, tmp_path) -> None:
+    settings, photo = console_site
     upload = tmp_path / "person.jpg"
-    upload.write_bytes(client.crop(newest["crop_id"]))
+    upload.write_bytes(photo)
     base_url = settings.serve.base_url
     walk(browser, base_url, API_KEY, upload)
     assert_stayed_local(browser, base_url)

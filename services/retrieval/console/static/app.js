@@ -40,6 +40,8 @@ const when = (iso) => new Date(iso).toLocaleString(undefined,
   { dateStyle: 'medium', timeStyle: 'medium' });
 const clock = (iso) => new Date(iso).toLocaleTimeString(undefined, { timeStyle: 'medium' });
 const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+// crop ids are 32 hex digits: the transcript shows a prefix, the full id is in the tooltip
+const shortId = (id) => (id.length > 12 ? `${id.slice(0, 8)}…` : id);
 
 function score(r) {
   if (r.reranked && r.confidence !== null) return `confidence ${r.confidence.toFixed(2)}`;
@@ -51,7 +53,7 @@ function score(r) {
 
 function imageLabel(image) {
   if (!image) return null;
-  return image.startsWith('upload:') ? 'an uploaded image' : `crop ${image}`;
+  return image.startsWith('upload:') ? 'an uploaded image' : `crop ${shortId(image)}`;
 }
 
 // -- the API ----------------------------------------------------------------------------------
@@ -270,6 +272,7 @@ async function openSession(id) {
 
 function enterSession(view) {
   clearError();
+  setQuery(null);
   show('workspace');
   setSession(view);
   loadCameras();
@@ -387,7 +390,7 @@ async function search(ev) {
     return;
   }
   clearError();
-  const ok = await withBusy('Searching… the VLM can take up to 30 s', async () => {
+  const ok = await withBusy('Searching (the VLM may take 30 s)…', async () => {
     await api('POST', sessionPath('/search'), body);
     await refreshSession(); // the session derives the next query's images and clues
     return true;
@@ -496,11 +499,13 @@ function turnItem(t) {
       + `${plural(t.vlm_calls, 'VLM call')}`);
   } else {
     const s = t.sighting;
-    lines.push(s ? `crop ${t.crop_id} · ${s.camera} · ${when(s.capture_time)}` : `crop ${t.crop_id}`);
+    const crop = `crop ${shortId(t.crop_id || '?')}`;
+    lines.push(s ? `${crop} · ${s.camera} · ${when(s.capture_time)}` : crop);
   }
   if (t.note) lines.push(`note: ${t.note}`);
-  return el('li', { class: `turn ${t.action}`, 'data-testid': 'turn', 'data-action': t.action },
-    head, ...lines.map((line) => el('div', { text: line })));
+  return el('li', { class: `turn ${t.action}`, 'data-testid': 'turn', 'data-action': t.action,
+    'data-crop-id': t.crop_id, 'data-image': t.image, title: t.crop_id || t.image },
+  head, ...lines.map((line) => el('div', { text: line })));
 }
 
 function laneOf(lanes, pos, gap) {
