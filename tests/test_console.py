@@ -31,7 +31,7 @@ CROPS = 2 * PER_DAY
 
 
 @pytest.fixture(scope="module")
-def site(stack_base, ray_session):
+def site(stack_base, ray_session, tmp_path_factory):
     """An indexed synthetic site, the app on it (tiny VLM), and one key per role."""
     from ray import serve
 
@@ -47,6 +47,9 @@ def site(stack_base, ray_session):
     settings.serve.rationale_tokens = 8
     settings.serve.api_key = BOOTSTRAP
     settings.access.cache_s = 0.0  # revocation is immediate for the test
+    work = tmp_path_factory.mktemp("train")  # where a training run started by the API works
+    settings.train.world, settings.train.out_dir = work / "world", work / "out"
+    settings.train.num_workers, settings.train.cpus_per_worker = 1, 0.5
     ingestor = Ingestor(settings, source="synth")
     crops = {}
     day0 = synth_source(2, PER_DAY, None, start_time=START)
@@ -414,3 +417,20 @@ def test_keys_and_the_audit_trail_from_the_cli(site, tmp_path) -> None:
     cli("audit", "--action", "key.revoke", "--out", str(out))
     entries = [json.loads(line) for line in out.read_text().splitlines()]
     assert [e["target"] for e in entries][-1] == key_id
+
+
+@pytest.mark.slow
+def test_an_operator_starts_a_training_run_on_the_cluster(site) -> None:
+    from chatreid.checkpoints import manifests
+
+    settings, _, keys, _ = site
+    ops = keys["operator"]
+    run = ops.call("POST", "/v1/ops/train", {"target": "embedder", "preset": "micro"})
+    assert run["state"] == "running" and run["target"] == "embedder"
+    deadline = time.monotonic() + 900
+    while run["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(5)
+        run = ops.call("GET", f"/v1/ops/train/{run['run_id']}")
+    assert run["state"] == "succeeded", run["detail"]
+    version = run["detail"].split()[-1]
+    assert version in {m.version for m in manifests(settings, "embedder")}
