@@ -247,6 +247,7 @@ def walk(driver, base_url: str, key: str, upload: Path) -> None:
     assert f"{len(results)} result" in search_turn["text"]
     assert page.no_horizontal_scroll()
     page.shot("05-results")
+    tab_through(page)
 
     # confirm the first with the keyboard: it moves to the timeline and its camera's group
     first = results[0]
@@ -312,6 +313,21 @@ def walk(driver, base_url: str, key: str, upload: Path) -> None:
     assert page.no_horizontal_scroll()
     page.shot("10-narrow")
     driver.set_window_size(1366, 768)
+
+
+def tab_through(page: Page) -> None:
+    """Tab alone reaches every kind of control, and each shows its focus."""
+    from selenium.webdriver.common.keys import Keys
+
+    page.js("window.__trail = []; document.addEventListener('focusin', e => window.__trail.push("
+            "[e.target.dataset.testid, getComputedStyle(e.target).outlineStyle]));"
+            "document.querySelector('[data-testid=back-to-sessions]').focus();")
+    page.key(Keys.TAB * 60)
+    trail = page.js("return window.__trail")[1:]  # [0]: the scripted start, not a Tab
+    wanted = {"search-text", "changed-clothes", "search-submit", "upload", "camera-select",
+              "crop-pick", "result-card", "confirm", "reject", "why"}
+    assert wanted <= {testid for testid, _ in trail}, trail
+    assert all(outline != "none" for _, outline in trail), trail
 
 
 def assert_stayed_local(driver, base_url: str) -> None:
