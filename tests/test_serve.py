@@ -150,7 +150,8 @@ def test_errors_are_clear_and_the_app_keeps_answering(site) -> None:
         client.query(QueryRequest(image_b64=big))
     assert (err.value.status, err.value.error) == (413, "image.too_large")
     raw = urllib.request.Request(f"{settings.serve.base_url}/v1/query", data=b'{"kind": "x"}',
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json",
+                                          "authorization": f"Bearer {API_KEY}"})
     with pytest.raises(urllib.error.HTTPError) as http:
         urllib.request.urlopen(raw)
     assert http.value.code == 422 and b"query.invalid" in http.value.read()
