@@ -206,6 +206,7 @@ class SessionStore:
                 "created_at": session.created_at.isoformat()}
         self.objects.put(self._meta_key(session.session_id), json.dumps(meta).encode(),
                          "application/json")
+        self.objects.put(self._owner_key(owner, session.session_id), b"")  # owner's listing
         return session
 
     def load(self, session_id: str, owner: str | None = None) -> Session:
@@ -240,8 +241,10 @@ class SessionStore:
         return session
 
     def owned(self, owner: str) -> list[Session]:
+        """The owner's unexpired sessions, most recently active first (reads only theirs)."""
         sessions = []
-        for sid in self._ids():
+        prefix = self._owner_key(owner, "")
+        for sid in (k[len(prefix):] for k in self.objects.list(prefix)):
             try:
                 sessions.append(self.load(sid, owner))
             except (UnknownSession, SessionExpired):
@@ -260,6 +263,11 @@ class SessionStore:
             return None
 
     def delete(self, session_id: str) -> int:
+        try:
+            owner = json.loads(self.objects.get(self._meta_key(session_id)))["owner"]
+            self.objects.delete(self._owner_key(owner, session_id))
+        except ObjectNotFound:
+            pass
         keys = self.objects.list(f"{self.prefix}/{session_id}/")
         for key in keys:
             self.objects.delete(key)
@@ -281,6 +289,9 @@ class SessionStore:
     def _ids(self) -> list[str]:
         metas = [k for k in self.objects.list(self.prefix + "/") if k.endswith("/meta.json")]
         return [k[len(self.prefix) + 1:].split("/")[0] for k in metas]
+
+    def _owner_key(self, owner: str, session_id: str) -> str:
+        return f"{self.prefix}/_owners/{owner}/{session_id}"
 
     def _meta_key(self, session_id: str) -> str:
         return f"{self.prefix}/{session_id}/meta.json"

@@ -63,7 +63,7 @@ class Shortlister:
             key, modality = meta.object_key, meta.modality
             exclude.add(meta.crop_id)
         elif request.image_b64:
-            data = _decode(request.image_b64, self.limits)
+            data = decode_upload(request.image_b64, self.limits)
             modality = _modality_of(data)
         if kind is QueryKind.VISIBLE_INFRARED and filters.modality is None and modality:
             # cross-modality by definition: search the other spectrum unless told otherwise
@@ -116,7 +116,7 @@ def _filters(request: QueryRequest) -> SearchFilter:
         raise BadQuery(str(exc)) from None
 
 
-def _decode(image_b64: str, limits: IngestorSettings) -> bytes:
+def decode_upload(image_b64: str, limits: IngestorSettings) -> bytes:
     """The uploaded query image, held to the same limits as ingested crops."""
     from chatreid.services.ingestor.validate import CropRejected, validate_crop
 

@@ -16,7 +16,7 @@ from fastapi import Query, Request, Response
 
 from chatreid.access import Caller
 from chatreid.retrieval import EmptyGallery, UnknownCrop, assemble
-from chatreid.retrieval.shortlist import _decode
+from chatreid.retrieval.shortlist import decode_upload
 from chatreid.schemas import QueryRequest, QueryResponse
 from chatreid.schemas.console import (
     AttributeComparison,
@@ -127,7 +127,7 @@ class ConsoleRoutes(Gate):
         session = await self._session(caller, session_id)
         image = payload.crop_id
         if payload.image_b64:
-            data = _decode(payload.image_b64, self.settings.ingestor)  # 413/422 on bad images
+            data = decode_upload(payload.image_b64, self.settings.ingestor)  # 413/422 on bad images
             image = await asyncio.to_thread(self.sessions.put_upload, session_id, data)
         elif payload.crop_id:
             await remote(self.prefilter.lookup, payload.crop_id)  # 404 before it is recorded
