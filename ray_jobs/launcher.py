@@ -20,15 +20,16 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from chatreid.cluster import RAY_ENV, connect, storage_filesystem
+from chatreid.cluster import RAY_ENV, connect, share, storage_filesystem, unshare
 from chatreid.config import Settings
 from chatreid.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 def settings_from(config: dict[str, Any]) -> Settings:
-    """Inside a worker: the driver's settings, rebuilt from the loop config."""
-    return Settings.model_validate(config["settings"])
+    """Inside a worker: the driver's settings, rebuilt from the loop config (secrets from the
+    cluster, not from the config Ray Train persists)."""
+    return unshare(config["settings"])
 
 
 def run_trainer(
@@ -45,7 +46,7 @@ def run_trainer(
     ObjectStore(settings.s3).ensure_bucket()  # pyarrow cannot create it
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "settings": settings.model_dump(mode="json")},
+        train_loop_config={**loop_config, "settings": share(settings, f"train-{name}")},
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers or train.num_workers,

@@ -32,3 +32,21 @@ def test_a_misspelt_security_protocol_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("CHATREID_KAFKA__SECURITY_PROTOCOL", "SASL")
     with pytest.raises(ValueError, match="security_protocol"):
         Settings()
+
+
+@pytest.mark.stack
+def test_settings_shared_on_the_cluster_carry_no_secrets(stack_base, ray_session) -> None:
+    """Serve's args and Ray Train's loop config are logged and persisted: the secrets travel
+    through the cluster's internal KV instead, and come back whole."""
+    import json
+
+    from chatreid.cluster import share, unshare
+
+    settings = stack_base.model_copy(deep=True)
+    settings.serve.api_key, settings.kafka.sasl_password = "key-123", "kafka-456"
+    shared = share(settings, "test-config")
+    text = json.dumps(shared)
+    assert all(secret not in text for secret in ("key-123", "kafka-456",
+                                                 settings.s3.secret_key))
+    assert unshare(shared) == settings
+    assert unshare(None) == Settings()  # the portable config: the process's own environment

@@ -5,11 +5,13 @@ declarative config built from settings - the same schema ``serve deploy`` and Ku
 A declarative redeploy that changes only the rerank ``user_config`` makes Serve call
 ``reconfigure`` in place, one replica at a time, while the others keep answering.
 
-Two forms of the config: the local one (``chatreid serve``) carries the settings in ``args`` and
-the resolved, verified checkpoint in ``user_config``; the *portable* one (``chatreid serve
---print-config``, and what the Helm chart's RayService renders) carries neither secrets nor a
-resolved event: replicas read settings from their pods' environment and resolve the model
-reference (``latest``, a base name or a checkpoint version) themselves.
+Two forms of the config: the local one (``chatreid serve``) carries the settings in ``args``
+(without secrets: Ray logs the args; replicas fetch the secrets from the cluster's internal KV,
+see ``chatreid.cluster.share``) and the resolved, verified checkpoint in ``user_config``; the
+*portable* one (``chatreid serve --print-config``, and what the Helm chart's RayService
+renders) carries neither settings nor a resolved event: replicas read settings from their pods'
+environment and resolve the model reference (``latest``, a base name or a checkpoint version)
+themselves.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from ray.serve.schema import ServeDeploySchema
 
+from chatreid.cluster import redacted, share
 from chatreid.config import Settings
 from chatreid.retrieval import ModelSpec
 
@@ -34,10 +37,15 @@ def build_app(args: dict[str, Any]):
     from chatreid.services.retrieval.deployments import PrefilterDeployment, RerankDeployment
     from chatreid.services.retrieval.ingress import Ingress
 
-    # No settings in args (the portable config): every process reads its pod's environment.
-    settings = args.get("settings") or Settings().model_dump(mode="json")
+    # No settings in args (the portable config): every replica reads its pod's environment.
+    # Otherwise they come without secrets; replicas fetch those from the cluster (unshare).
+    settings = args.get("settings")
     return Ingress.bind(PrefilterDeployment.bind(settings), RerankDeployment.bind(settings),
                         settings)
+
+
+def secrets_name(settings: Settings) -> str:
+    return f"serve-{settings.serve.app_name}"
 
 
 def rerank_options(settings: Settings, spec: ModelSpec | None,
@@ -77,7 +85,7 @@ def deploy_config(settings: Settings, spec: ModelSpec | None = None, *,
             "name": cfg.app_name,
             "route_prefix": cfg.route_prefix,
             "import_path": IMPORT_PATH,
-            "args": {} if portable else {"settings": settings.model_dump(mode="json")},
+            "args": {} if portable else {"settings": redacted(settings, secrets_name(settings))[0]},
             "deployments": [
                 {"name": "Ingress", "num_replicas": cfg.ingress_replicas,
                  "ray_actor_options": light()},
@@ -97,6 +105,7 @@ def deploy(settings: Settings, spec: ModelSpec | None, *, wait: bool = True,
 
     config = ServeDeploySchema.model_validate(deploy_config(settings, spec))
     client = serve_start(http_options=config.http_options.model_dump())
+    share(settings, secrets_name(settings))  # before any replica starts
     port = client.http_config.port
     if port != settings.serve.http_port:  # Serve keeps the port it first started with
         raise DeployFailed(f"Serve on this Ray cluster already listens on port {port}, not "

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from chatreid.cluster import unshare
 from chatreid.config import Settings
 from chatreid.prefilter.store import SearchFilter, VectorMeta
 from chatreid.rerank import Candidate, Query, attribute_text
@@ -58,8 +59,8 @@ class PrefilterDeployment:
     """Serves shortlists from the prefilter store; a background thread keeps it following the
     indexed-events topic (and embedder rollouts) so new crops become searchable."""
 
-    def __init__(self, settings: dict) -> None:
-        self.settings = Settings.model_validate(settings)
+    def __init__(self, settings: dict | None) -> None:
+        self.settings = unshare(settings)
         self.search = PrefilterSearch(self.settings)
         self.search.refresh()
         self.shortlister = Shortlister(self.search, self.settings.ingestor,
@@ -189,8 +190,8 @@ class RerankDeployment:
     query, and only then swaps it in; requests already running finish on the old model.
     """
 
-    def __init__(self, settings: dict) -> None:
-        self.settings = Settings.model_validate(settings)
+    def __init__(self, settings: dict | None) -> None:
+        self.settings = unshare(settings)
         if self.settings.serve.torch_threads:
             torch.set_num_threads(self.settings.serve.torch_threads)
         self.objects = ObjectStore(self.settings.s3)

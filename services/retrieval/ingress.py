@@ -18,7 +18,7 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from chatreid.access import Caller
-from chatreid.config import Settings
+from chatreid.cluster import unshare
 from chatreid.retrieval import RetrievalError, UnknownCrop
 from chatreid.schemas import QueryRequest, QueryResponse
 from chatreid.schemas.console import Principal
@@ -35,8 +35,8 @@ _COUNTS = [1, 2, 5, 10, 20, 50, 100, 200]
 @serve.ingress()
 class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
     def __init__(self, prefilter: DeploymentHandle, rerank: DeploymentHandle,
-                 settings: dict) -> None:
-        super().__init__(Settings.model_validate(settings))
+                 settings: dict | None) -> None:
+        super().__init__(unshare(settings))
         self.prefilter, self.rerank = prefilter, rerank
         kind = ("kind",)
         self.queries = metrics.Counter(
