@@ -505,9 +505,9 @@ def train_embedder_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop; ``config["embedder"]`` is an :class:`EmbedderTrainConfig`."""
     import ray.train
 
-    from chatreid.config import Settings
+    from chatreid.cluster import unshare
 
-    settings = Settings.model_validate(config["settings"])  # what run_trainer passes workers
+    settings = unshare(config["settings"])  # what run_trainer passes workers
     if settings.train.torch_threads:
         torch.set_num_threads(settings.train.torch_threads)
     cfg = EmbedderTrainConfig.model_validate(config["embedder"])
