@@ -60,6 +60,13 @@ def test_the_portable_config_carries_no_secret_and_a_model_reference(monkeypatch
     assert model_spec(s, spec.model_dump(mode="json")) == spec  # the local config's form
     assert model_spec(s, None) is None
 
+    from chatreid.cluster import unshare
+
     monkeypatch.setenv("CHATREID_SITE", "from-the-pod")
-    app = build_app({})  # the builder reads the environment when args carry no settings
-    assert app._bound_deployment.init_args[-1]["site"] == "from-the-pod"
+    app = build_app({})  # no settings in args: each replica reads its own environment
+    assert app._bound_deployment.init_args[-1] is None
+    assert unshare(None).site == "from-the-pod"
+
+    s.serve.api_key = "the-bootstrap-key"  # the local config carries no secret either
+    local = str(deploy_config(s, ModelSpec.of_base("tiny")))
+    assert "the-bootstrap-key" not in local and s.s3.secret_key not in local
