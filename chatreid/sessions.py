@@ -269,8 +269,13 @@ class SessionStore:
         except ObjectNotFound:
             pass
         keys = self.objects.list(f"{self.prefix}/{session_id}/")
-        for key in keys:
-            self.objects.delete(key)
+        self.objects.delete_many(keys)
+        return len(keys)
+
+    def drop_uploads(self, session_id: str) -> int:
+        """Delete the session's uploaded images (an erasure); returns how many."""
+        keys = self.objects.list(f"{self.prefix}/{session_id}/uploads/")
+        self.objects.delete_many(keys)
         return len(keys)
 
     def purge_expired(self) -> int:

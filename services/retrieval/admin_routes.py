@@ -95,18 +95,12 @@ class AdminRoutes(Gate):
         out = await remote(self.prefilter.erase, crop_ids, "erasure", request_id)
         deleted = out["objects_deleted"]
         if payload.session_id:
-            deleted += await asyncio.to_thread(self._drop_uploads, payload.session_id)
+            deleted += await asyncio.to_thread(self.sessions.drop_uploads, payload.session_id)
         report = ErasureReport(erased=out["erased"], unknown=out["unknown"],
                                objects_deleted=deleted, at=datetime.now(UTC))
         await self.audit(caller, "erasure", target=payload.session_id or request_id,
                          result_ids=report.erased, detail=payload.reason)
         return report
-
-    def _drop_uploads(self, session_id: str) -> int:
-        keys = self.objects.list(f"{self.sessions.prefix}/{session_id}/uploads/")
-        for key in keys:
-            self.objects.delete(key)
-        return len(keys)
 
     @route("POST", "/v1/admin/retention/purge", role="admin",
            response_model=RetentionReport, responses=ERRORS)

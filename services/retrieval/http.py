@@ -116,7 +116,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = int(headers.get(b"content-length", b"0") or 0)
         if declared > limit:
-            return await _too_large(send, limit)
+            return await _too_large(scope, receive, send, limit)
         seen = 0
 
         async def counted():
@@ -130,18 +130,16 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except _BodyTooLarge:
-            await _too_large(send, limit)
+            await _too_large(scope, receive, send, limit)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _too_large(send, limit: int) -> None:
-    response = error(413, "request.too_large", f"request body over {limit} bytes")
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": response.body})
+async def _too_large(scope, receive, send, limit: int) -> None:
+    await error(413, "request.too_large", f"request body over {limit} bytes")(scope, receive,
+                                                                              send)
 
 
 class Gate:
@@ -164,8 +162,7 @@ class Gate:
         if role is not None and role not in caller.roles:
             await self.audit(caller, "denied", 403, target=f"{request.method} "
                              f"{request.url.path}", detail=f"needs role {role}")
-        if role is not None:
-            caller.require(role)
+            caller.require(role)  # raises Forbidden
         self.limiter.check(caller)
         return caller
 

@@ -89,7 +89,7 @@ def status(settings: Settings) -> dict[str, Any]:
         model = _rerank(current_config(), settings.serve.app_name).get("user_config", {})
         reference = model.get("model")
         model_ref = reference if isinstance(reference, str) or reference is None else \
-            reference.get("version") or _spec_version(reference)
+            _spec_version(reference)
     except OpsUnavailable:
         model_ref = None
     return {"app_status": _name(app.status),
