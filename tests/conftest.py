@@ -55,6 +55,30 @@ def namespace(stack_base: Settings) -> Iterator[Settings]:
     store.drop_bucket()  # each bucket holds server volumes; free them for the next tests
 
 
+def deploy_site(settings: Settings, crops, *, port: int, api_key: str) -> tuple:
+    """Ingest and index ``crops`` (CropInputs), deploy the retrieval app on them with the tiny
+    VLM on ``port``, wait until all are searchable. Returns (client, [(event, crop), ...]).
+    The caller shuts Serve down (``serve.shutdown()``) when done."""
+    from chatreid.client import RetrievalClient
+    from chatreid.retrieval import ModelSpec
+    from chatreid.services.embedder import EmbedderService
+    from chatreid.services.ingestor import Ingestor
+    from chatreid.services.retrieval.app import deploy
+
+    settings.serve.http_port = port
+    settings.serve.rerank_num_cpus = 0.25
+    settings.serve.light_num_cpus = 0.05
+    settings.serve.api_key = api_key
+    ingestor = Ingestor(settings, source="synth")
+    ingested = [(ingestor.submit(crop).event, crop) for crop in crops]
+    ingestor.close()
+    assert EmbedderService(settings).run(until_idle_s=3).indexed == len(ingested)
+    deploy(settings, ModelSpec.of_base("tiny"))
+    client = RetrievalClient(settings.serve.base_url, timeout_s=180, api_key=api_key)
+    client.wait_ready(gallery=len(ingested), timeout_s=120)
+    return client, ingested
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     """The same settings as environment variables, for subprocesses (``python -m chatreid``)."""
     return {

@@ -14,11 +14,9 @@ from PIL import Image
 
 from chatreid.client import ApiError, RetrievalClient
 from chatreid.embedder.colour import ColourAttributeEmbedder
-from chatreid.services.embedder import EmbedderService
-from chatreid.services.ingestor import Ingestor
 from chatreid.services.ingestor.sources import synth_source
 
-from .conftest import namespace
+from .conftest import deploy_site, namespace
 
 pytestmark = pytest.mark.stack
 
@@ -35,33 +33,19 @@ def site(stack_base, ray_session, tmp_path_factory):
     """An indexed synthetic site, the app on it (tiny VLM), and one key per role."""
     from ray import serve
 
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import deploy
-
     gen = namespace(stack_base)
     settings = next(gen)
-    settings.serve.http_port = PORT
-    settings.serve.rerank_num_cpus = 0.25
-    settings.serve.light_num_cpus = 0.05
     settings.serve.max_turns = 3  # the dialogue reranks the first few; the rest keep order
     settings.serve.rationale_tokens = 8
-    settings.serve.api_key = BOOTSTRAP
     settings.access.cache_s = 0.0  # revocation is immediate for the test
     work = tmp_path_factory.mktemp("train")  # where a training run started by the API works
     settings.train.world, settings.train.out_dir = work / "world", work / "out"
     settings.train.num_workers, settings.train.cpus_per_worker = 1, 0.5
-    ingestor = Ingestor(settings, source="synth")
-    crops = {}
     day0 = synth_source(2, PER_DAY, None, start_time=START)
     day1 = synth_source(2, PER_DAY, None, start_time=START, skip_s=86_400)
-    for crop in [*day0, *day1]:
-        result = ingestor.submit(crop)
-        crops[result.event.crop_id] = (result.event, crop.labels, crop.data)
-    ingestor.close()
-    assert EmbedderService(settings).run(until_idle_s=3).indexed == CROPS
-    deploy(settings, ModelSpec.of_base("tiny"))
-    root = RetrievalClient(settings.serve.base_url, timeout_s=180, api_key=BOOTSTRAP)
-    root.wait_ready(gallery=CROPS, timeout_s=120)
+    root, ingested = deploy_site(settings, [*day0, *day1], port=PORT, api_key=BOOTSTRAP)
+    assert len(ingested) == CROPS
+    crops = {event.crop_id: (event, crop.labels, crop.data) for event, crop in ingested}
     keys = {role: RetrievalClient(settings.serve.base_url, timeout_s=180, api_key=root.call(
         "POST", "/v1/admin/keys", {"name": f"{role} key", "roles": [role]})["secret"])
         for role in ("investigator", "operator", "admin")}

@@ -17,7 +17,7 @@ import pytest
 
 from chatreid.services.retrieval.console import CONTENT_TYPES, STATIC_DIR, asset
 
-from .conftest import namespace
+from .conftest import deploy_site, namespace
 
 START = 1_795_737_600.0  # the synthetic site's clock
 PORT = 8013  # away from a developer's app (8000) and test_serve's (8011)
@@ -79,31 +79,15 @@ def console_site(stack_base, ray_session):
     """A small indexed site and the app deployed on it with the tiny VLM."""
     from ray import serve
 
-    from chatreid.client import RetrievalClient
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.embedder import EmbedderService
-    from chatreid.services.ingestor import Ingestor
     from chatreid.services.ingestor.sources import synth_source
-    from chatreid.services.retrieval.app import deploy
 
     gen = namespace(stack_base)
     settings = next(gen)
-    settings.serve.http_port = PORT
-    settings.serve.rerank_num_cpus = 0.25
-    settings.serve.light_num_cpus = 0.05
     settings.serve.max_turns = 4  # a short dialogue: the page, not the VLM, is under test
     settings.serve.rationale_tokens = 16
-    settings.serve.api_key = API_KEY
-    ingestor = Ingestor(settings, source="synth")
-    photo = None  # an investigator's own picture of the person: one of the crops' JPEGs
-    for crop in synth_source(5, 60, None, start_time=START):
-        ingestor.submit(crop)
-        photo = photo or crop.data
-    ingestor.close()
-    assert EmbedderService(settings).run(until_idle_s=3).indexed == 60
-    deploy(settings, ModelSpec.of_base("tiny"))
-    client = RetrievalClient(settings.serve.base_url, timeout_s=120, api_key=API_KEY)
-    client.wait_ready(gallery=60, timeout_s=120)
+    _, ingested = deploy_site(settings, synth_source(5, 60, None, start_time=START),
+                              port=PORT, api_key=API_KEY)
+    photo = ingested[0][1].data  # an investigator's own picture: one of the crops' JPEGs
     yield settings, photo
     serve.shutdown()
     next(gen, None)  # drop the namespace's bucket

@@ -20,7 +20,7 @@ from chatreid.services.embedder import EmbedderService
 from chatreid.services.ingestor import Ingestor
 from chatreid.services.ingestor.sources import synth_source
 
-from .conftest import jpeg_bytes, namespace, read_events
+from .conftest import deploy_site, jpeg_bytes, namespace, read_events
 
 pytestmark = pytest.mark.stack
 
@@ -34,27 +34,13 @@ def site(stack_base, ray_session):
     """A small indexed site and the app deployed on it with the tiny VLM."""
     from ray import serve
 
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import deploy
-
     gen = namespace(stack_base)
     settings = next(gen)
-    settings.serve.http_port = PORT
-    settings.serve.rerank_num_cpus = 0.25
-    settings.serve.light_num_cpus = 0.05
     settings.serve.max_turns = 4  # K = 10 leaves candidates the dialogue does not reach
     settings.serve.rationale_tokens = 8
-    settings.serve.api_key = API_KEY
-    ingestor = Ingestor(settings, source="synth")
-    crops = {}
-    for crop in synth_source(3, 90, None, start_time=START):
-        result = ingestor.submit(crop)
-        crops[result.event.crop_id] = (result.event, crop.labels)
-    ingestor.close()
-    assert EmbedderService(settings).run(until_idle_s=3).indexed == 90
-    deploy(settings, ModelSpec.of_base("tiny"))
-    client = RetrievalClient(settings.serve.base_url, timeout_s=120, api_key=API_KEY)
-    client.wait_ready(gallery=90, timeout_s=120)
+    client, ingested = deploy_site(settings, synth_source(3, 90, None, start_time=START),
+                                   port=PORT, api_key=API_KEY)
+    crops = {event.crop_id: (event, crop.labels) for event, crop in ingested}
     yield settings, client, crops
     serve.shutdown()
     next(gen, None)  # drop the namespace's bucket
