@@ -177,6 +177,9 @@ class AccessSettings(BaseModel):
     """Who may call the API: keys with roles (kept hashed in object storage), limits per key."""
 
     key_prefix: str = Field("access/keys", description="where issued keys are stored")
+    insecure: bool = Field(False, description="turn access control off: every caller is "
+                           "'anonymous' with every role (local experiments only; logged loudly). "
+                           "Off by default: /v1 routes need a key, the bootstrap key included")
     cache_s: float = Field(5.0, ge=0, description="how long a replica trusts its key cache: "
                            "a revoked key stops working within this time")
     rate_per_minute: int = Field(600, ge=1, description="default requests per minute per key "
