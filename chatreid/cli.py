@@ -136,10 +136,15 @@ def ingest_synth(
     verbose: bool = False,
 ) -> None:
     """Play the synthetic site live: cameras emitting crops over time."""
+    import time
+
     from .services.ingestor.sources import synth_source
 
     _logging(verbose)
-    _run_ingest(synth_source(seed, limit, rate), "synth", total=limit)
+    # The site's clock runs faster than the wall clock (~6 simulated s per crop): start it a
+    # day back, so ~14k crops have capture times in the past (the ingestor refuses the future).
+    start = time.time() - 86_400
+    _run_ingest(synth_source(seed, limit, rate, start_time=start), "synth", total=limit)
 
 
 @ingest_app.command("folder")
@@ -169,12 +174,15 @@ def ingest_http(
     host: Annotated[str | None, typer.Option(help="bind address")] = None,
     port: Annotated[int | None, typer.Option(help="port")] = None,
 ) -> None:
-    """Serve the HTTP upload endpoint (POST /v1/crops)."""
+    """Serve the HTTP upload endpoint (POST /v1/crops; callers send 'Authorization: Bearer
+    <key>' of a key with the 'ingest' role: `chatreid keys issue --role ingest`)."""
     import uvicorn
 
-    from .services.ingestor.http import create_app
+    from .services.ingestor.http import ROLE, create_app
 
     settings = _settings()
+    console.print(f"POST /v1/crops needs 'Authorization: Bearer <key>' with the {ROLE!r} role "
+                  f"(chatreid keys issue --name camera-gateway --role {ROLE}); /healthz is open")
     uvicorn.run(create_app(settings), host=host or settings.ingestor.http_host,
                 port=port or settings.ingestor.http_port)
 
@@ -762,7 +770,7 @@ def _api(method: str, path: str, payload: dict | None = None):
 @keys_app.command("issue")
 def keys_issue(
     name: Annotated[str, typer.Option(help="who or what holds the key")],
-    role: Annotated[list[str], typer.Option(help="investigator | operator | admin")],
+    role: Annotated[list[str], typer.Option(help="investigator | operator | admin | ingest")],
     rate: Annotated[int | None, typer.Option(help="requests per minute")] = None,
 ) -> None:
     """Issue a key; its secret is printed once and stored only as a hash."""

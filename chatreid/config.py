@@ -64,6 +64,9 @@ class IngestorSettings(BaseModel):
     min_side: int = Field(16, description="smallest accepted crop side in pixels")
     max_side: int = Field(4096, description="largest accepted crop side in pixels")
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP")
+    max_future_skew_s: float = Field(
+        300.0, ge=0, le=86_400, description="capture times more than this far ahead of the "
+        "ingestor's clock are refused (camera clock drift allowance)")
     http_host: str = "127.0.0.1"
     http_port: int = 8070
 

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .api import QueryFilters, QueryKind, ResultItem
 from .events import Modality
 
-Role = Literal["investigator", "operator", "admin"]
-ROLES: tuple[Role, ...] = ("investigator", "operator", "admin")
+Role = Literal["investigator", "operator", "admin", "ingest"]
+ROLES: tuple[Role, ...] = ("investigator", "operator", "admin", "ingest")
 
 
 class _Api(BaseModel):

@@ -7,19 +7,46 @@ instead of misreading it. Times are timezone-aware UTC; JSON is the wire format.
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256")]
+# Camera ids are partition keys, filter values and labels on screen: words (any script), digits
+# and ``. : @ # + - _`` with single inner spaces; no control characters, no path separators, and
+# it starts with a letter or digit (so no "", "..", " c1").
+CAMERA_PATTERN = r"^\w[\w.:@#+\-]*(?: [\w.:@#+\-]+)*$"
+CameraId = Annotated[str, Field(min_length=1, max_length=128, pattern=CAMERA_PATTERN,
+                                description="camera id: letters, digits, . : @ # + - _ and "
+                                "single inner spaces, starting with a letter or digit")]
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The contract's own bound on clock skew; the ingestor refuses at its tighter
+# ``ingestor.max_future_skew_s``. Relative to ``ingested_at``, so replaying old events is stable.
+MAX_CAPTURE_SKEW = timedelta(days=1)
 Modality = Literal["rgb", "infrared"]
 Stage = Literal["ingestor", "embedder"]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Timezone-aware UTC; a naive time is taken as UTC (never as the host's local time)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class EventError(ValueError):
@@ -61,9 +88,10 @@ class CropEvent(_Event):
     kind: Literal["crop"] = "crop"
     crop_id: str = Field(min_length=1, max_length=256, description="stable id; idempotency key")
     site: str = Field(min_length=1, max_length=128)
-    camera: str = Field(min_length=1, max_length=128)
+    camera: CameraId
     modality: Modality = "rgb"
-    capture_time: datetime
+    capture_time: UtcTime = Field(description="UTC (a naive time is UTC); from 1970 on, and "
+                                  "at most a day after ingested_at")
     track_id: str | None = Field(None, max_length=128)
     detection_id: str | None = Field(None, max_length=128)
     bbox: BBox | None = None
@@ -73,10 +101,19 @@ class CropEvent(_Event):
     height: int = Field(gt=0)
     content_type: str = "image/jpeg"
     source: str = Field("unknown", description="folder | synth | http | ...")
-    ingested_at: datetime = Field(default_factory=utcnow)
+    ingested_at: UtcTime = Field(default_factory=utcnow)
     labels: dict[str, str] = Field(
         default_factory=dict, description="optional ground truth or site tags (not used to index)"
     )
+
+    @model_validator(mode="after")
+    def _plausible_capture_time(self) -> CropEvent:
+        if self.capture_time < EPOCH:
+            raise ValueError(f"capture_time {self.capture_time.isoformat()} is before 1970")
+        if self.capture_time > self.ingested_at + MAX_CAPTURE_SKEW:
+            raise ValueError(f"capture_time {self.capture_time.isoformat()} is more than "
+                             f"{MAX_CAPTURE_SKEW.total_seconds() / 3600:g} h after ingested_at")
+        return self
 
 
 class SourceOffset(BaseModel):

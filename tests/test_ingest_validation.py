@@ -1,16 +1,21 @@
 import io
 import struct
 import zlib
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from chatreid.config import IngestorSettings
-from chatreid.services.ingestor import CropRejected, validate_crop
+from chatreid.schemas import CropEvent
+from chatreid.services.ingestor import CropRejected, validate_crop, validate_metadata
 
 from .conftest import jpeg_bytes
 
 LIMITS = IngestorSettings()
+_EVENT = dict(crop_id="x1", site="s", capture_time=datetime(2026, 1, 1, tzinfo=UTC),
+              object_key="crops/ab/x.jpg", sha256="ab" * 32, width=64, height=128)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -58,3 +63,75 @@ def test_unsupported_format_is_named():
     Image.new("RGB", (64, 128)).save(buf, "GIF")
     with pytest.raises(CropRejected, match="format GIF"):
         validate_crop(buf.getvalue(), LIMITS)
+
+
+# -- metadata: camera ids and capture times --------------------------------------------------
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+BAD_CAMERAS = ["", "c\x01", "cam\n1", "c1\n", "\x1b[2Jc1", "x" * 129, "a/b", "a\\b", "..",
+               "../etc", " c1", "c1 ", "a  b", "cam\u200b1"]
+
+
+@pytest.mark.parametrize("camera", BAD_CAMERAS)
+def test_junk_camera_ids_are_refused_by_the_ingestor_and_the_contract(camera) -> None:
+    with pytest.raises(CropRejected) as info:
+        validate_metadata(camera, NOW, LIMITS, now=NOW)
+    assert info.value.error == "camera.invalid"
+    with pytest.raises(ValidationError, match="camera"):
+        CropEvent(camera=camera, **_EVENT)
+
+
+@pytest.mark.parametrize("camera", ["c1", "cam_03", "Entrée Nord", "gate-2.east", "lobby:4",
+                                    "x" * 128])
+def test_ordinary_camera_ids_pass(camera) -> None:
+    assert validate_metadata(camera, NOW, LIMITS, now=NOW) == NOW
+    assert CropEvent(camera=camera, **_EVENT).camera == camera
+
+
+def test_capture_times_are_bounded_and_naive_means_utc() -> None:
+    skew = timedelta(seconds=LIMITS.max_future_skew_s)
+    assert validate_metadata("c1", NOW + skew, LIMITS, now=NOW) == NOW + skew
+    assert validate_metadata("c1", datetime(1970, 1, 1), LIMITS, now=NOW) == datetime(
+        1970, 1, 1, tzinfo=UTC)
+    assert validate_metadata("c1", datetime(2026, 12, 1, 12), LIMITS, now=NOW) == NOW
+    plus2 = timezone(timedelta(hours=2))
+    assert validate_metadata("c1", datetime(2026, 12, 1, 14, tzinfo=plus2), LIMITS,
+                             now=NOW).tzinfo == UTC
+    for when in (datetime(9999, 12, 31, tzinfo=UTC), NOW + skew + timedelta(seconds=1),
+                 datetime(1969, 12, 31, 23, 59, 59, tzinfo=UTC)):
+        with pytest.raises(CropRejected) as info:
+            validate_metadata("c1", when, LIMITS, now=NOW)
+        assert info.value.error == "capture_time.invalid"
+    tight = IngestorSettings(max_future_skew_s=0)
+    with pytest.raises(CropRejected, match="ahead of the ingestor's clock"):
+        validate_metadata("c1", NOW + timedelta(seconds=1), tight, now=NOW)
+
+
+def test_the_contract_bounds_capture_time_against_ingested_at() -> None:
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    for when in (datetime(9999, 1, 1, tzinfo=UTC), datetime(1969, 1, 1, tzinfo=UTC)):
+        with pytest.raises(ValidationError, match="capture_time"):
+            CropEvent(**{**_EVENT, "capture_time": when, "ingested_at": at}, camera="c1")
+    naive = CropEvent(**{**_EVENT, "capture_time": datetime(2026, 1, 1)}, camera="c1")
+    assert naive.capture_time == datetime(2026, 1, 1, tzinfo=UTC)
+    # an old event replays whatever today's date: the bound is relative to ingested_at
+    old = CropEvent(**{**_EVENT, "capture_time": at, "ingested_at": at}, camera="c1")
+    assert CropEvent.from_bytes(old.to_bytes()) == old
+
+
+def test_every_source_produces_valid_camera_ids(tmp_path) -> None:
+    from chatreid.services.ingestor.sources import FolderSource
+    from chatreid.synth import SynthConfig
+    from chatreid.synth.world import build_site
+
+    site = build_site(SynthConfig(seed=0))
+    names = [cam.name for cam in site.cameras]
+    for name in names:
+        validate_metadata(name, NOW, LIMITS, now=NOW)
+    (tmp_path / "cam 2").mkdir()
+    for rel in ("cam 2/a.jpg", "0001_c3s1_000151_01.jpg", "other.jpg"):
+        (tmp_path / rel).write_bytes(jpeg_bytes())
+    source = FolderSource(tmp_path)
+    cameras = sorted(source.read(p).camera for p in source.pending())
+    assert cameras == ["c3", "cam 2", "unknown"]
+    for camera in cameras:
+        validate_metadata(camera, NOW, LIMITS, now=NOW)

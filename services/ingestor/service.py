@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from kafka import KafkaProducer
 
@@ -19,7 +19,7 @@ from chatreid.config import Settings
 from chatreid.schemas import CROPS, BBox, CropEvent, DeadLetterEvent
 from chatreid.storage import ObjectStore, crop_key, sha256_hex
 
-from .validate import CropRejected, validate_crop
+from .validate import CropRejected, validate_crop, validate_metadata
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ class Ingestor:
         self.producer.close()
 
     def _store(self, crop: CropInput) -> CropEvent:
+        capture_time = validate_metadata(crop.camera, crop.capture_time, self.settings.ingestor)
         valid = validate_crop(crop.data, self.settings.ingestor)
         digest = sha256_hex(crop.data)
         key = crop_key(digest, valid.ext)
         modality = crop.modality or ("infrared" if valid.mode in ("L", "I", "I;16") else "rgb")
-        capture_time = crop.capture_time.astimezone(UTC)
         try:
             event = CropEvent(
                 crop_id=make_crop_id(self.settings.site, crop.camera, capture_time,

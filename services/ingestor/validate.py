@@ -1,14 +1,18 @@
-"""Crop validation with Pillow: format, size limits, decompression-bomb guard, full decode."""
+"""Crop validation: the metadata (camera id, capture time) against the contract and the clock,
+and the image with Pillow: format, size limits, decompression-bomb guard, full decode."""
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from PIL import Image, UnidentifiedImageError
 
 from chatreid.config import IngestorSettings
+from chatreid.schemas.events import CAMERA_PATTERN, EPOCH, as_utc
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
@@ -36,6 +40,30 @@ class ValidCrop:
     @property
     def content_type(self) -> str:
         return Image.MIME.get(self.format, "application/octet-stream")
+
+
+_CAMERA = re.compile(CAMERA_PATTERN)  # Python's \w is Unicode too: the contract's pattern
+
+
+def validate_metadata(camera: str, capture_time: datetime, limits: IngestorSettings,
+                      now: datetime | None = None) -> datetime:
+    """Refuse a camera id the contract would refuse and an implausible capture time (before
+    1970, or more than ``max_future_skew_s`` ahead of ``now``); returns the time in UTC (a
+    naive time is UTC)."""
+    if not isinstance(camera, str) or len(camera) > 128 or not _CAMERA.fullmatch(camera):
+        raise CropRejected("camera.invalid", f"camera {camera!r:.80} is not a valid camera id "
+                           "(1-128 letters, digits, . : @ # + - _ and single inner spaces, "
+                           "starting with a letter or digit)")
+    when = as_utc(capture_time)
+    now = now or datetime.now(UTC)
+    if when < EPOCH:
+        raise CropRejected("capture_time.invalid", f"capture time {when.isoformat()} is before "
+                           "1970")
+    if when > now + timedelta(seconds=limits.max_future_skew_s):
+        raise CropRejected("capture_time.invalid", f"capture time {when.isoformat()} is more "
+                           f"than {limits.max_future_skew_s:g} s ahead of the ingestor's clock "
+                           f"({now.isoformat(timespec='seconds')})")
+    return when
 
 
 def validate_crop(data: bytes, limits: IngestorSettings) -> ValidCrop:
