@@ -70,3 +70,56 @@ def test_the_portable_config_carries_no_secret_and_a_model_reference(monkeypatch
     s.serve.api_key = "the-bootstrap-key"  # the local config carries no secret either
     local = str(deploy_config(s, ModelSpec.of_base("tiny")))
     assert "the-bootstrap-key" not in local and s.s3.secret_key not in local
+
+
+def test_a_rollout_to_a_local_directory_needs_a_valid_checkpoint(tmp_path) -> None:
+    """Any existing directory used to resolve to a model (and roll out, then fail on every
+    replica); now each cause is named before anything moves."""
+    import json
+
+    import pytest
+
+    from chatreid.checkpoints import MANIFEST, describe
+    from chatreid.model import build_model
+    from chatreid.model.builder import save_checkpoint
+    from chatreid.retrieval.vlm import check_model_dir, resolve_spec
+
+    def resolve(path) -> ModelSpec | None:
+        s = Settings()
+        s.serve.model = str(path)
+        return resolve_spec(s)
+
+    good = save_checkpoint(*build_model("tiny"), tmp_path / "good")
+    assert resolve(good) == ModelSpec.of_base(str(good))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"config\.json"):
+        resolve(empty)
+    with pytest.raises(ValueError, match=r"config\.json"):
+        resolve(tmp_path)  # a directory holding a checkpoint is not one
+    (empty / "config.json").write_text('{"model_type": "bert"}')
+    for name in ("tokenizer.json", "preprocessor_config.json", "model.safetensors"):
+        (empty / name).write_text("{}")
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        resolve(empty)
+    (empty / "config.json").write_text("not json")
+    with pytest.raises(ValueError, match="not a model checkpoint"):
+        resolve(empty)
+    (good / "model.safetensors").rename(good / "weights.bak")
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        resolve(good)
+    (good / "weights.bak").rename(good / "model.safetensors")
+
+    # a pulled checkpoint carries its manifest: every file must still match it
+    files = [f.model_dump() for f in describe(good)]
+    (good / MANIFEST).write_text(json.dumps({"files": files}))
+    check_model_dir(good)
+    with (good / "model.safetensors").open("r+b") as weights:
+        weights.seek(-4, 2)
+        weights.write(b"\0\0\0\0")
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its manifest"):
+        resolve(good)
+    (good / MANIFEST).write_text(json.dumps({"files": [{**files[0], "path": "../x"}]}))
+    with pytest.raises(ValueError, match="outside the checkpoint"):
+        resolve(good)

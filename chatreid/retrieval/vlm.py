@@ -9,6 +9,7 @@ corrupted or incomplete checkpoint never reaches ``from_pretrained``.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +64,10 @@ def resolve_spec(settings: Settings) -> ModelSpec | None:
     from chatreid.model.builder import OFFLINE_DEFAULT, TINY
 
     cfg = settings.serve
-    if cfg.model in (OFFLINE_DEFAULT, TINY) or Path(cfg.model).is_dir():
+    if cfg.model in (OFFLINE_DEFAULT, TINY):
+        return ModelSpec.of_base(cfg.model)
+    if Path(cfg.model).is_dir():
+        check_model_dir(Path(cfg.model))
         return ModelSpec.of_base(cfg.model)
     if cfg.model != "latest":
         event = find(settings, "vlm", cfg.model)
@@ -75,6 +79,39 @@ def resolve_spec(settings: Settings) -> ModelSpec | None:
     if event is not None:
         return ModelSpec.of_checkpoint(event)
     return ModelSpec.of_base(cfg.fallback_model) if cfg.fallback_model else None
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a local directory that is not a complete VLM checkpoint, before anything rolls
+    out to it: ``config.json`` of model type ``qwen2_vl``, tokenizer, image processor and
+    weights; and when it carries a ``manifest.json`` (a pulled checkpoint), every file the
+    manifest lists, with its size and sha256. Raises a ValueError naming the cause."""
+    from chatreid.checkpoints import MANIFEST, CheckpointError
+    from chatreid.model.builder import check_checkpoint_dir
+    from chatreid.schemas import CheckpointFile
+    from chatreid.storage import file_sha256
+
+    try:
+        check_checkpoint_dir(path)  # names missing files and a wrong model type
+    except (OSError, ValueError) as exc:  # ValueError: also a config.json that is not JSON
+        raise CheckpointError(f"not a model checkpoint: {exc}") from None
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        files = [CheckpointFile.model_validate(f) for f in json.loads(manifest.read_text())
+                 ["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest} is not a checkpoint manifest: {exc}") from None
+    for f in files:
+        local = path / f.path
+        if not local.resolve().is_relative_to(path.resolve()):
+            raise CheckpointError(f"{manifest} lists {f.path!r}, outside the checkpoint")
+        if not local.is_file():
+            raise CheckpointError(f"{path}: {f.path}, listed in {MANIFEST}, is missing")
+        if local.stat().st_size != f.size or file_sha256(local) != f.sha256:
+            raise CheckpointError(f"{path}: {f.path} does not match its manifest (size or "
+                                  "sha256)")
 
 
 @dataclass(frozen=True)
@@ -101,6 +138,8 @@ class VLMRuntime:
         """Build the model ``spec`` names; a checkpoint is pulled and verified first
         (``CheckpointError`` on any mismatch)."""
         if spec.source == "base":
+            if Path(spec.name).is_dir():  # a spec may arrive without resolve_spec's check
+                check_model_dir(Path(spec.name))
             model, processor = build_model(spec.name)
         else:
             assert spec.event is not None
