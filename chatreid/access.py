@@ -8,9 +8,13 @@ Keys are bearer tokens ``crk_<key id>_<secret>``. The store keeps only the token
 (the secret is 256 random bits, so a plain hash cannot be reversed) under
 ``access.key_prefix`` in object storage, where every ingress replica reads it (cached for
 ``access.cache_s``: a revoked key stops working within that time). The bootstrap key
-(``serve.api_key``, from a secret) holds every role; it issues the scoped keys. With no
-bootstrap key configured, access control is off (a single-user laptop): every caller is
-``anonymous`` with every role, and the audit log still records each action.
+(``serve.api_key``, from a secret) holds every role; it issues the scoped keys.
+
+Access control is on unless ``access.insecure`` turns it off (local experiments only; each
+replica logs a warning): then every caller is ``anonymous`` with every role, the audit log
+still records each action, and no key can be issued - a key minted by anyone is no credential.
+Records are marked with whether access control was on when they were issued; a key issued
+while it was off (or by ``anonymous``, for records older than the mark) is refused later.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -30,6 +35,9 @@ from .schemas.console import ROLES, ApiKeyCreate, ApiKeyInfo, ApiKeyIssued, Prin
 from .storage import ObjectNotFound, ObjectStore
 
 _TOKEN_PREFIX = "crk_"
+ANONYMOUS = "anonymous"
+_SECURE_MARK = "issued_with_access_control"  # in the stored record, beside the hash
+log = logging.getLogger(__name__)
 
 
 class Unauthenticated(RetrievalError):
@@ -50,6 +58,12 @@ class RateLimited(RetrievalError):
 
 class UnknownKey(RetrievalError):
     status, code = 404, "key.unknown"
+
+
+class AccessControlOff(RetrievalError):
+    """Key issuing while access control is off: such a key could be minted by anyone."""
+
+    status, code = 409, "access.insecure"
 
 
 @dataclass(frozen=True)
@@ -80,39 +94,53 @@ class KeyStore:
         self.prefix = settings.access.key_prefix.rstrip("/")
         self._cache: dict[str, tuple[float, dict | None]] = {}
         self._lock = threading.Lock()
+        if not self.enabled:  # once per store, i.e. per ingress replica
+            log.warning("ACCESS CONTROL IS OFF (access.insecure=true): every caller of this API "
+                        "holds every role, admin included. Local experiments only - unset "
+                        "CHATREID_ACCESS__INSECURE and use the bootstrap key (serve.api_key).")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.settings.serve.api_key)
+        """Access control is on unless explicitly turned off (``access.insecure``)."""
+        return not self.settings.access.insecure
 
     def authenticate(self, authorization: str | None) -> Caller:
         """The caller behind an ``Authorization`` header value; 401 when it is missing or
         invalid. Comparisons are constant-time; the token itself is never logged or kept."""
         rate = self.settings.access.rate_per_minute
         if not self.enabled:
-            return Caller("anonymous", "anonymous", frozenset(ROLES), rate)
+            return Caller(ANONYMOUS, ANONYMOUS, frozenset(ROLES), rate)
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("send 'Authorization: Bearer <API key>'")
-        bootstrap = self.settings.serve.api_key or ""
-        if hmac.compare_digest(token.encode(), bootstrap.encode()):
+        bootstrap = self.settings.serve.api_key
+        if bootstrap and hmac.compare_digest(token.encode(), bootstrap.encode()):
             return Caller("bootstrap", "bootstrap key", frozenset(ROLES), rate)
         record = self._record(_key_id(token))
         if record is None or not hmac.compare_digest(token_hash(token), record["hash"]):
             raise Unauthenticated("the API key is not valid", "auth.invalid")
         if record.get("revoked_at"):
             raise Unauthenticated("the API key was revoked", "auth.revoked")
+        if not trusted(record):
+            raise Unauthenticated("the API key was issued while access control was off, so "
+                                  "anyone could have minted it; an admin must issue a new one",
+                                  "auth.untrusted")
         return Caller(record["key_id"], record["name"], frozenset(record["roles"]),
                       record.get("rate_per_minute") or rate)
 
     def issue(self, request: ApiKeyCreate, by: str) -> ApiKeyIssued:
+        """A new key; refused (409 ``access.insecure``) while access control is off."""
+        if not self.enabled or by == ANONYMOUS:
+            raise AccessControlOff("keys cannot be issued while access control is off "
+                                   "(access.insecure): anyone could mint them. Turn it on and "
+                                   "issue keys with the bootstrap key")
         key_id = "k" + secrets.token_hex(6)
         token = f"{_TOKEN_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         info = ApiKeyInfo(key_id=key_id, name=request.name, roles=sorted(set(request.roles)),
                           rate_per_minute=request.rate_per_minute,
                           created_at=datetime.now(UTC), created_by=by)
-        self._write(info, token_hash(token))
+        self._write(info, token_hash(token), secure=True)
         return ApiKeyIssued(**info.model_dump(), secret=token)
 
     def revoke(self, key_id: str, by: str) -> ApiKeyInfo:
@@ -122,7 +150,7 @@ class KeyStore:
         info = _info(record)
         if info.revoked_at is None:
             info.revoked_at = datetime.now(UTC)
-            self._write(info, record["hash"])
+            self._write(info, record["hash"], secure=record.get(_SECURE_MARK))
         return info
 
     def list(self) -> list[ApiKeyInfo]:
@@ -130,8 +158,10 @@ class KeyStore:
         records = [json.loads(self.objects.get(k)) for k in keys]
         return sorted((_info(r) for r in records), key=lambda i: i.created_at)
 
-    def _write(self, info: ApiKeyInfo, digest: str) -> None:
+    def _write(self, info: ApiKeyInfo, digest: str, secure: bool | None) -> None:
         record = {**info.model_dump(mode="json"), "hash": digest}
+        if secure is not None:  # a record older than the mark stays without one
+            record[_SECURE_MARK] = secure
         self.objects.put(f"{self.prefix}/{info.key_id}.json", json.dumps(record).encode(),
                          "application/json")
         with self._lock:
@@ -163,8 +193,16 @@ def _key_id(token: str) -> str | None:
     return key_id if sep and key_id.isalnum() and len(key_id) <= 32 else None
 
 
+def trusted(record: dict) -> bool:
+    """Whether a stored key was issued with access control on: records carry the mark; older
+    ones without it are trusted unless ``anonymous`` created them (access control was off)."""
+    mark = record.get(_SECURE_MARK)
+    return bool(mark) if mark is not None else record.get("created_by") != ANONYMOUS
+
+
 def _info(record: dict) -> ApiKeyInfo:
-    return ApiKeyInfo.model_validate({k: v for k, v in record.items() if k != "hash"})
+    return ApiKeyInfo.model_validate({k: v for k, v in record.items()
+                                      if k not in ("hash", _SECURE_MARK)})
 
 
 class RateLimiter:

@@ -28,7 +28,9 @@ class RetrievalClient:
         self.api_key = api_key
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        headers = {"content-type": "application/json"} if body is not None else {}
+        # the API takes state changes only as JSON, also those without a body (CSRF guard)
+        json_request = body is not None or method.upper() in ("POST", "PUT", "PATCH", "DELETE")
+        headers = {"content-type": "application/json"} if json_request else {}
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.base_url + path, data=body, method=method,

@@ -188,7 +188,11 @@ class AccessSettings(BaseModel):
     rate_per_minute: int = Field(600, ge=1, description="default requests per minute per key "
                                  "(per ingress replica)")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body, except "
-                                "image uploads (ingestor.max_bytes)")
+                                "one carrying an image upload (ingestor.max_bytes)")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser origins (scheme://host[:port]) besides the "
+        "API's own (its Host, serve.public_url) allowed to send state-changing requests; a JSON "
+        "list in the environment, e.g. '[\"https://console.example\"]'")
 
 
 class AuditSettings(BaseModel):

@@ -12,6 +12,10 @@ nothing. What the next search asks is *derived* from the turns (:func:`derive`):
 * rejected crops are excluded from every later search, confirmed ones too (they are already
   on the timeline).
 
+The derived query obeys the same limits as one ``QueryRequest`` (text length, attribute count):
+a search turn that would push the session past them is refused (422
+``session.query_too_long``) and the session is left as it was.
+
 Sessions expire ``console.idle_hours`` after their last turn; the retention purge deletes
 expired ones.
 """
@@ -25,9 +29,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from pydantic import ValidationError
+
 from .config import Settings
 from .retrieval.errors import BadQuery, RetrievalError
 from .schemas import QueryFilters, QueryKind, QueryRequest
+from .schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
 from .schemas.console import (
     SearchTurn,
     SessionCreate,
@@ -113,7 +120,7 @@ class Investigation:
             self.clues, self.attributes = [], []
         if text and text.strip():
             self.clues.append(text.strip())
-        self.attributes += turn.attributes
+        self.attributes += [a for a in turn.attributes if a not in self.attributes]
         if turn.image:
             self.images = [i for i in self.images if i != turn.image] + [turn.image]
             self._ref(turn.image)
@@ -128,6 +135,7 @@ class Investigation:
         primary = anchors[0] if anchors else None
         indexed = [a for a in anchors[1:] if not a.startswith(UPLOAD)][:32]
         text = "; ".join(self.clues) or None
+        self._within_limits(text)
         exclude = sorted(self.rejected | set(self.confirmed))
         common = {"filters": self.filters, "k": turn.k, "top": turn.top, "exclude": exclude}
         if primary is None:
@@ -135,7 +143,7 @@ class Investigation:
                 raise BadQuery("nothing to search with yet: give text, attributes or an image, "
                                "or confirm a result", "session.empty_query")
             kind: QueryKind = "text_to_image" if text else "attribute"
-            return QueryRequest(kind=kind, text=text, attributes=self.attributes, **common)
+            return _request(kind=kind, text=text, attributes=self.attributes, **common)
         image = ({"image_b64": upload_b64} if primary.startswith(UPLOAD)
                  else {"crop_id": primary})
         if primary.startswith(UPLOAD) and upload_b64 is None:
@@ -144,8 +152,30 @@ class Investigation:
             kind = "multimodal"
         else:
             kind = "cloth_changing" if self.changed_clothes else "standard"
-        return QueryRequest(kind=kind, text=text, attributes=self.attributes, anchors=indexed,
-                            **image, **common)
+        return _request(kind=kind, text=text, attributes=self.attributes, anchors=indexed,
+                        **image, **common)
+
+    def _within_limits(self, text: str | None) -> None:
+        """The clues add up to one query, which has the single query's limits."""
+        advice = ("start a new session, or say the person changed clothes (that drops the "
+                  "earlier clues)")
+        if text and len(text) > MAX_TEXT_CHARS:
+            raise BadQuery(f"the session's text clues add up to {len(text)} characters, over "
+                           f"the query limit of {MAX_TEXT_CHARS}: {advice}",
+                           "session.query_too_long")
+        if len(self.attributes) > MAX_ATTRIBUTES:
+            raise BadQuery(f"the session's attributes add up to {len(self.attributes)}, over "
+                           f"the query limit of {MAX_ATTRIBUTES}: {advice}",
+                           "session.query_too_long")
+
+
+def _request(**fields) -> QueryRequest:
+    """A query a session derived; one the contract refuses is the client's 422, not a 500."""
+    try:
+        return QueryRequest(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise BadQuery(f"the session's next query is not valid: {problems}") from None
 
 
 def derive(filters: QueryFilters, turns: list[SessionTurn]) -> Investigation:

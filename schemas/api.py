@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from .events import Modality
 
@@ -17,6 +24,16 @@ QueryKind = Literal[
     "attribute",  # partial attributes, e.g. "blue top, backpack"
     "multimodal",  # image plus text clues
 ]
+# Limits a query obeys (a session's derived query too): they bound what one request can make
+# the VLM read - its prompt grows with the text and attributes (one 20 kB attribute kept a
+# replica busy for 109 s).
+MAX_TEXT_CHARS = 1000  # free-text description
+MAX_ATTRIBUTES = 16  # attribute clues per query
+MAX_ATTRIBUTE_CHARS = 64  # one attribute, e.g. "blue top"
+MAX_ID_CHARS = 256  # a crop id (as CropEvent), an anchor, an excluded id
+MAX_CAMERAS = 256  # cameras in one filter
+MAX_CAMERA_CHARS = 128  # one camera name (as CropEvent)
+
 _NEEDS_IMAGE = {"standard", "cloth_changing", "visible_infrared", "multimodal"}
 _NEEDS_TEXT = {"text_to_image", "attribute", "multimodal"}
 
@@ -26,12 +43,36 @@ class _Api(BaseModel):
     schema_version: Literal[1] = 1
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """A time in UTC: a timezone-naive one is taken to be UTC already (the contracts' rule),
+    an aware one is converted. Out-of-range results (year 0 or 10000) are a ValueError."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value.isoformat()} is outside the supported range in UTC") from None
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+CropId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+Attribute = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ATTRIBUTE_CHARS)]
+Camera = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CAMERA_CHARS)]
+
+
 class QueryFilters(BaseModel):
+    """Which crops a query may return. Times are normalised to UTC; a time without a zone is
+    read as UTC."""
+
     model_config = ConfigDict(extra="forbid")
-    cameras: list[str] | None = None
+    cameras: list[Camera] | None = Field(None, max_length=MAX_CAMERAS)
     modality: Modality | None = None
-    time_from: datetime | None = None
-    time_to: datetime | None = None
+    time_from: UtcDatetime | None = Field(None, description="captured at or after (UTC if no "
+                                          "zone is given)")
+    time_to: UtcDatetime | None = Field(None, description="captured at or before (UTC if no "
+                                        "zone is given)")
 
     @model_validator(mode="after")
     def _window(self) -> QueryFilters:
@@ -44,20 +85,21 @@ class QueryRequest(_Api):
     """What an investigator asks: an image (crop id or upload), text, attributes, filters."""
 
     kind: QueryKind = "standard"
-    crop_id: str | None = Field(None, description="query by an indexed crop")
-    image_b64: str | None = Field(None, description="or by an uploaded image (base64)")
-    text: str | None = Field(None, max_length=2000)
-    attributes: list[str] = Field(default_factory=list, max_length=32)
+    crop_id: CropId | None = Field(None, description="query by an indexed crop")
+    image_b64: str | None = Field(None, description="or by an uploaded image (base64); only a "
+                                  "body carrying one may exceed access.max_body_bytes")
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    attributes: list[Attribute] = Field(default_factory=list, max_length=MAX_ATTRIBUTES)
     filters: QueryFilters = Field(default_factory=QueryFilters)
     k: int = Field(20, ge=1, le=200, description="cap on candidates the VLM reranks")
     top: int = Field(20, ge=1, le=1000, description="results returned")
     tau: float | None = Field(None, ge=-1.0, le=1.0, description="prefilter cosine threshold")
     rationale: bool = False
-    anchors: list[str] = Field(
+    anchors: list[CropId] = Field(
         default_factory=list, max_length=32,
         description="more indexed crops of the same person (e.g. confirmed sightings): the "
         "prefilter searches with the mean of their embeddings and the query image's")
-    exclude: list[str] = Field(default_factory=list, max_length=10_000,
+    exclude: list[CropId] = Field(default_factory=list, max_length=10_000,
                                description="crop ids never returned (e.g. rejected ones)")
 
     @model_validator(mode="after")

@@ -14,7 +14,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .api import QueryFilters, QueryKind, ResultItem
+from .api import (
+    MAX_ATTRIBUTES,
+    MAX_TEXT_CHARS,
+    Attribute,
+    CropId,
+    QueryFilters,
+    QueryKind,
+    ResultItem,
+)
 from .events import Modality
 
 Role = Literal["investigator", "operator", "admin", "ingest"]
@@ -83,10 +91,14 @@ class SessionCreate(_Api):
 class SearchTurn(_Api):
     """One search step: any of text, attributes, an image (upload or indexed crop)."""
 
-    text: str | None = Field(None, max_length=2000)
-    attributes: list[str] = Field(default_factory=list, max_length=32)
-    crop_id: str | None = Field(None, description="start from an indexed crop")
-    image_b64: str | None = Field(None, description="or from an uploaded image (base64)")
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="added to the "
+                             "session's clues; all of them together obey the same limit")
+    attributes: list[Attribute] = Field(default_factory=list, max_length=MAX_ATTRIBUTES,
+                                        description="added to the session's attributes; all "
+                                        "of them together obey the same limit")
+    crop_id: CropId | None = Field(None, description="start from an indexed crop")
+    image_b64: str | None = Field(None, description="or from an uploaded image (base64); only a "
+                                  "body carrying one may exceed access.max_body_bytes")
     changed_clothes: bool = Field(
         False, description="the person may have changed clothes: earlier garment clues are "
         "dropped (also recognised in the text, e.g. 'changed clothes')")
@@ -102,13 +114,13 @@ class SearchTurn(_Api):
 
 
 class Feedback(_Api):
-    crop_id: str
+    crop_id: CropId
     verdict: Literal["confirm", "reject"]
     note: str | None = Field(None, max_length=500)
 
 
 class ExplainRequest(_Api):
-    crop_id: str
+    crop_id: CropId
 
 
 class AttributeComparison(_Api):
@@ -208,8 +220,8 @@ class AuditEntry(_Api):
 class ErasureRequest(_Api):
     """Erase a person: every confirmed crop of a session, and/or the crops named."""
 
-    session_id: str | None = None
-    crop_ids: list[str] = Field(default_factory=list, max_length=10_000)
+    session_id: str | None = Field(None, max_length=64)
+    crop_ids: list[CropId] = Field(default_factory=list, max_length=10_000)
     reason: str = Field(min_length=1, max_length=500, description="recorded in the audit log")
 
     @model_validator(mode="after")
@@ -224,6 +236,12 @@ class ErasureReport(_Api):
     unknown: list[str] = Field(description="crop ids that were not indexed")
     objects_deleted: int
     at: datetime
+
+
+# `POST /v1/admin/retention/purge?days=`: from one hour (a slip of the finger below that
+# erases the gallery) to a hundred years; finite.
+PURGE_DAYS_MIN = 1 / 24
+PURGE_DAYS_MAX = 36_525.0
 
 
 class RetentionReport(_Api):

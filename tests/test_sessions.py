@@ -13,6 +13,7 @@ from chatreid.audit import AuditLog
 from chatreid.retrieval.errors import BadQuery
 from chatreid.schemas import QueryFilters
 from chatreid.schemas.console import (
+    ROLES,
     ApiKeyCreate,
     SearchTurn,
     SessionCreate,
@@ -140,8 +141,7 @@ def test_keys_are_stored_hashed_and_revocation_takes_effect(settings) -> None:
 
     caller = keys.authenticate(f"Bearer {issued.secret}")
     assert caller.key_id == issued.key_id and caller.roles == {"investigator"}
-    assert keys.authenticate("Bearer bootstrap-secret").roles == {"investigator", "operator",
-                                                                  "admin"}
+    assert keys.authenticate("Bearer bootstrap-secret").roles == set(ROLES)  # every role
     for header in (None, "Basic abc", "Bearer nope", f"Bearer {issued.secret}x",
                    f"Bearer crk_{issued.key_id}_guess"):
         with pytest.raises(Unauthenticated):

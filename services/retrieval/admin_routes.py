@@ -11,10 +11,13 @@ from datetime import UTC, datetime, timedelta
 from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 
-from chatreid.access import Caller
+from chatreid.access import AccessControlOff, Caller
 from chatreid.ray_jobs.train import PRESETS
 from chatreid.retrieval import BadQuery
+from chatreid.schemas.api import as_utc
 from chatreid.schemas.console import (
+    PURGE_DAYS_MAX,
+    PURGE_DAYS_MIN,
     ApiKeyCreate,
     ApiKeyInfo,
     ApiKeyIssued,
@@ -39,9 +42,14 @@ class AdminRoutes(Gate):
     @route("POST", "/v1/admin/keys", role="admin",
            response_model=ApiKeyIssued, status_code=201, responses=ERRORS)
     async def issue_key(self, payload: ApiKeyCreate, request: Request) -> ApiKeyIssued:
-        """Issue a key with roles; its secret is in this response only."""
+        """Issue a key with roles; its secret is in this response only. Refused (409
+        ``access.insecure``) while access control is off: anyone could mint it."""
         caller: Caller = request.state.caller
-        issued = await asyncio.to_thread(self.keys.issue, payload, caller.key_id)
+        try:
+            issued = await asyncio.to_thread(self.keys.issue, payload, caller.key_id)
+        except AccessControlOff as exc:
+            await self.audit(caller, "key.create", exc.status, detail=exc.code)
+            raise
         await self.audit(caller, "key.create", 201, target=issued.key_id,
                          detail=f"roles={','.join(issued.roles)}")
         return issued
@@ -66,8 +74,12 @@ class AdminRoutes(Gate):
                            action: str | None = None,
                            format: str = Query("json", pattern="^(json|jsonl)$")):
         """Export audit entries in time order (``format=jsonl`` streams JSON lines). The log
-        is append-only: no route changes or deletes an entry."""
+        is append-only: no route changes or deletes an entry. Times without a zone are UTC."""
         caller: Caller = request.state.caller
+        try:
+            since, until = as_utc(since), as_utc(until)
+        except ValueError as exc:
+            raise BadQuery(str(exc)) from None
         if since and until and since > until:
             raise BadQuery("since is after until")
         entries = await asyncio.to_thread(
@@ -104,14 +116,19 @@ class AdminRoutes(Gate):
 
     @route("POST", "/v1/admin/retention/purge", role="admin",
            response_model=RetentionReport, responses=ERRORS)
-    async def purge(self, request: Request,
-                    days: float | None = Query(None, gt=0)) -> RetentionReport:
+    async def purge(self, request: Request, days: float | None = Query(
+            None, ge=PURGE_DAYS_MIN, le=PURGE_DAYS_MAX, allow_inf_nan=False,
+            description="crops captured more than this many days ago (1 hour to 100 years); "
+            "default retention.crop_days")) -> RetentionReport:
         """Purge crops and vectors older than ``days`` (default ``retention.crop_days``) and
         expired sessions, now (the scheduled job does the same)."""
         caller: Caller = request.state.caller
         days = days or self.settings.retention.crop_days
         if days is None:
             raise BadQuery("retention is off (retention.crop_days is unset): give days")
+        if not PURGE_DAYS_MIN <= days <= PURGE_DAYS_MAX:  # a misconfigured crop_days too
+            raise BadQuery(f"days must lie between {PURGE_DAYS_MIN:.4f} (1 hour) and "
+                           f"{PURGE_DAYS_MAX:g} (100 years)")
         cutoff = datetime.now(UTC) - timedelta(days=days)
         out = await remote(self.prefilter.purge, cutoff)
         sessions = await asyncio.to_thread(self.sessions.purge_expired)
@@ -164,9 +181,9 @@ class OpsRoutes(Gate):
         caller: Caller = request.state.caller
         if payload.preset not in PRESETS:
             raise BadQuery(f"unknown preset {payload.preset!r}; presets: {sorted(PRESETS)}")
-        runs = ops.training_runs(self.settings)
-        run = await runs.start.remote(self.settings.model_dump(mode="json"), payload.target,
-                                      payload.preset)
+        ref = await asyncio.to_thread(ops.start_training, self.settings, payload.target,
+                                      payload.preset)  # no secret in the actor's arguments
+        run = await ref
         await self.audit(caller, "ops.train", 202, target=run["run_id"],
                          detail=json.dumps({"target": payload.target, "preset": payload.preset}))
         return TrainRun.model_validate(run)

@@ -33,8 +33,9 @@ from chatreid.schemas.console import (
     Sighting,
 )
 from chatreid.sessions import UPLOAD, Session, changed_clothes
+from chatreid.storage import sha256_hex
 
-from .http import ERRORS, Gate, remote, route
+from .http import ERRORS, Gate, remote, route, small_unless_image
 
 
 class ConsoleRoutes(Gate):
@@ -124,11 +125,12 @@ class ConsoleRoutes(Gate):
         """One search turn: text, attributes and/or an image, on top of what the session
         already knows (confirmed crops join the query, rejected ones never come back)."""
         caller: Caller = request.state.caller
+        await small_unless_image(request, bool(payload.image_b64), self.body_limits[0])
         session = await self._session(caller, session_id)
-        image = payload.crop_id
+        image, upload = payload.crop_id, None
         if payload.image_b64:
-            data = decode_upload(payload.image_b64, self.settings.ingestor)  # 413/422 on bad images
-            image = await asyncio.to_thread(self.sessions.put_upload, session_id, data)
+            upload = decode_upload(payload.image_b64, self.settings.ingestor)  # 413/422 if bad
+            image = UPLOAD + sha256_hex(upload)  # stored once the turn is (session unchanged)
         elif payload.crop_id:
             await remote(self.prefilter.lookup, payload.crop_id)  # 404 before it is recorded
         turn = SessionTurn(
@@ -140,10 +142,12 @@ class ConsoleRoutes(Gate):
         state.apply(turn)
         primary = state.anchors[0] if state.anchors else None
         upload_b64 = None
-        if primary and primary.startswith(UPLOAD):
+        if primary and primary == image and upload is not None:
+            upload_b64 = payload.image_b64
+        elif primary and primary.startswith(UPLOAD):
             data = await asyncio.to_thread(self.sessions.get_upload, session_id, primary)
             upload_b64 = base64.b64encode(data).decode() if data is not None else None
-        query = state.query(payload, upload_b64=upload_b64)
+        query = state.query(payload, upload_b64=upload_b64)  # 422 past the query's limits
         try:
             response = await self.answer(query)
         except Exception as exc:
@@ -155,6 +159,8 @@ class ConsoleRoutes(Gate):
         turn.vlm_calls, turn.model_version = response.vlm_calls, response.model_version
         await self.audit(caller, "session.search", target=session_id, query_kind=query.kind,
                          filters=query.filters, result_ids=[r.crop_id for r in turn.results])
+        if upload is not None:
+            await asyncio.to_thread(self.sessions.put_upload, session_id, upload)
         await asyncio.to_thread(self.sessions.append, session, turn)
         return turn
 

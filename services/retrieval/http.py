@@ -1,15 +1,20 @@
-"""What every route shares: the FastAPI app, error bodies, request size limits, and the gate
-(who is calling, may they, are they over their rate) with the audit record each action leaves.
+"""What every route shares: the FastAPI app, error bodies, request size limits, the guard
+against cross-site requests, and the gate (who is calling, may they, are they over their rate)
+with the audit record each action leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from chatreid.access import Caller, KeyStore, RateLimited, RateLimiter
 from chatreid.audit import AuditLog
@@ -20,8 +25,10 @@ from chatreid.schemas.console import Role
 from chatreid.sessions import SessionStore
 from chatreid.storage import ObjectStore
 
-ERRORS = {s: {"model": ErrorResponse} for s in (401, 403, 404, 410, 413, 422, 429, 503)}
-UPLOAD_PATHS = ("/v1/query", "/v1/sessions/")  # bodies that may carry an image
+ERRORS = {s: {"model": ErrorResponse}
+          for s in (401, 403, 404, 409, 410, 413, 415, 422, 429, 503)}
+UPLOAD_ROUTES = re.compile(r"/v1/(?:query|sessions/[^/]+/search)$")  # may carry an image
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -50,6 +57,19 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return error(422, "query.invalid", detail)
 
 
+class BodyTooLarge(RetrievalError):
+    status, code = 413, "request.too_large"
+
+
+async def small_unless_image(request: Request, has_image: bool, limit: int) -> None:
+    """Only a body carrying an image may use the upload limit (413 otherwise). Checked once
+    the body is parsed - it is already bounded by the upload limit - because a JSON body
+    names its image anywhere."""
+    if not has_image and len(await request.body()) > limit:
+        raise BodyTooLarge(f"request body over {limit} bytes (access.max_body_bytes); only a "
+                           "body carrying an image (image_b64) may be larger")
+
+
 async def _failed(_: Request, exc: RetrievalError) -> JSONResponse:
     headers = ({"Retry-After": str(max(1, round(exc.retry_after_s)))}
                if isinstance(exc, RateLimited) else None)
@@ -69,9 +89,11 @@ def route(method: str, path: str, role: Role | str | None = _OPEN, **options: An
     return mark
 
 
-def build_api(instance: Any, body_limits: tuple[int, int]) -> FastAPI:
+def build_api(instance: Any, body_limits: tuple[int, int],
+              origins: frozenset[str] = frozenset()) -> FastAPI:
     """This replica's FastAPI app: every ``@route`` method of ``instance`` (its class and
-    mixins, in definition order), the error handlers and the body limit."""
+    mixins, in definition order), the error handlers, the body limit and the cross-site
+    guard (``origins``: browser origins trusted besides the request's own Host)."""
     app = FastAPI(
         title="ChatReID retrieval API",
         version="1",
@@ -82,7 +104,9 @@ def build_api(instance: Any, body_limits: tuple[int, int]) -> FastAPI:
     )
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(RetrievalError, _failed)
+    app.add_exception_handler(_BodyTooLarge, _too_large_handler)
     app.add_middleware(BodyLimit, limits=body_limits)
+    app.add_middleware(SameSiteJson, origins=origins)  # outermost: refused before anything
     seen: set[str] = set()
     for klass in reversed(type(instance).__mro__):
         for name, fn in vars(klass).items():
@@ -103,7 +127,8 @@ def _guard(instance: Gate, role: Role | None):
 
 class BodyLimit:
     """Refuse oversized bodies before they are read into memory: by Content-Length, and by
-    counting a chunked body as it streams. ``limits``: (any body, a body with an image)."""
+    counting a chunked body as it streams (the rest is never read). ``limits``: (any body, a
+    route whose body may carry an image)."""
 
     def __init__(self, app, limits: tuple[int, int]) -> None:
         self.app, self.limits = app, limits
@@ -111,12 +136,10 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        limit = self.limits[1] if path.startswith(UPLOAD_PATHS) else self.limits[0]
-        headers = dict(scope.get("headers") or [])
-        declared = int(headers.get(b"content-length", b"0") or 0)
-        if declared > limit:
-            return await _too_large(scope, receive, send, limit)
+        limit = self.limits[bool(UPLOAD_ROUTES.search(scope.get("path", "")))]
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _too_large(limit)(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -124,22 +147,84 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(limit)
             return message
 
         try:
             await self.app(scope, counted, send)
-        except _BodyTooLarge:
-            await _too_large(scope, receive, send, limit)
+        except _BodyTooLarge:  # raised where no exception handler saw it (outside a route)
+            await _too_large(limit)(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised by the counting ``receive`` while a route reads its body. An HTTPException:
+    FastAPI turns any other exception from reading the body into a 400 "error parsing the
+    body", and re-raises only these, so the app's handler answers the 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
+        self.limit = limit
 
 
-async def _too_large(scope, receive, send, limit: int) -> None:
-    await error(413, "request.too_large", f"request body over {limit} bytes")(scope, receive,
-                                                                              send)
+def _too_large(limit: int) -> JSONResponse:
+    return error(413, "request.too_large", f"request body over {limit} bytes")
+
+
+async def _too_large_handler(_: Request, exc: _BodyTooLarge) -> JSONResponse:
+    return _too_large(exc.limit)
+
+
+class SameSiteJson:
+    """The cross-site request guard (CSRF): a state-changing request (POST, PUT, PATCH,
+    DELETE) is refused when its ``Origin`` - or, without one, its ``Referer`` - names another
+    site than the request's ``Host``, ``serve.public_url`` or ``access.allowed_origins`` (403
+    ``request.cross_site``), and unless it declares a JSON body (``Content-Type:
+    application/json``, also where the parameters are in the query string; 415
+    ``request.not_json``): forms and ``text/plain`` are what another site's page can send
+    without the browser asking first. Clients that are not browsers send no Origin and pass."""
+
+    def __init__(self, app, origins: frozenset[str]) -> None:
+        self.app = app
+        self.origins = frozenset(o for o in map(_origin, origins) if o != "null")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in STATE_CHANGING:
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        sender = headers.get("origin")
+        if sender is None and headers.get("referer"):
+            sender = headers["referer"]
+        if sender is not None and not self._trusted(_origin(sender), headers.get("host")):
+            return await error(403, "request.cross_site", "state-changing requests from "
+                               "another site are refused (Origin/Referer does not match this "
+                               "API; see access.allowed_origins)")(scope, receive, send)
+        media = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            return await error(415, "request.not_json", f"{scope['method']} needs a JSON "
+                               "request (Content-Type: application/json), also when the body "
+                               "is empty")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _trusted(self, origin: str, host: str | None) -> bool:
+        own = {_origin(f"{scheme}://{host}") for scheme in ("http", "https")} if host else set()
+        return origin != "null" and (origin in own or origin in self.origins)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, lower-cased, the scheme's default port dropped;
+    "null" for anything that is not an http(s) URL (an opaque origin matches nothing)."""
+    try:
+        parts = urlsplit(url.strip())
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:
+        return "null"
+    if scheme not in _DEFAULT_PORTS or not host:
+        return "null"
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + (f":{port}" if port and port != _DEFAULT_PORTS[scheme] else "")
 
 
 class Gate:
@@ -154,6 +239,8 @@ class Gate:
         self.sessions = SessionStore(settings, self.objects)
         upload = settings.ingestor.max_bytes * 4 // 3 + 64 * 1024  # base64 image + fields
         self.body_limits = (settings.access.max_body_bytes, upload)
+        public = [settings.serve.public_url] if settings.serve.public_url else []
+        self.origins = frozenset([*public, *settings.access.allowed_origins])
 
     async def gate(self, request: Request, role: Role | None) -> Caller:
         """Authenticate, check ``role`` (None: any key), apply the rate limit."""

@@ -25,7 +25,7 @@ from chatreid.schemas.console import Principal
 
 from .admin_routes import AdminRoutes, OpsRoutes
 from .console_routes import ConsoleRoutes
-from .http import ERRORS, build_api, remote, route
+from .http import ERRORS, build_api, remote, route, small_unless_image
 
 _LATENCY_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 20_000, 60_000]
 _COUNTS = [1, 2, 5, 10, 20, 50, 100, 200]
@@ -53,13 +53,14 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
             boundaries=_COUNTS, tag_keys=kind)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self, self.body_limits)
+        return build_api(self, self.body_limits, self.origins)
 
     @route("POST", "/v1/query", role="investigator", response_model=QueryResponse, responses=ERRORS)
     async def query(self, payload: QueryRequest, request: Request) -> QueryResponse:
         """Ask where a person appeared: by crop id or uploaded image, text, attributes
         (role: investigator)."""
         caller: Caller = request.state.caller
+        await small_unless_image(request, bool(payload.image_b64), self.body_limits[0])
         t0 = time.perf_counter()
         try:
             response = await self.answer(payload)
@@ -98,7 +99,8 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
 
     @route("GET", "/healthz")
     async def healthz(self) -> dict:
-        """Liveness plus what is served: gallery size, embedder and VLM versions."""
+        """Liveness plus what is served: gallery size, embedder and VLM versions, and whether
+        access control is on (``access_control``: false only with ``access.insecure``)."""
         status = await self.prefilter.status.remote()
         return {"status": "ok", **status, "model_version": await self.rerank.version.remote(),
                 "access_control": self.keys.enabled}

@@ -89,11 +89,10 @@ async function request(path, init = {}) {
 }
 
 async function api(method, path, body) {
+  // The API takes state changes only as JSON, also those without a body (its CSRF guard).
   const init = { method };
-  if (body !== undefined) {
-    init.headers = { 'Content-Type': 'application/json' };
-    init.body = JSON.stringify(body);
-  }
+  if (body !== undefined || method !== 'GET') init.headers = { 'Content-Type': 'application/json' };
+  if (body !== undefined) init.body = JSON.stringify(body);
   const res = await request(path, init);
   return res.status === 204 ? null : res.json();
 }
@@ -636,7 +635,7 @@ async function start() {
     signIn(state.key);
     return;
   }
-  // No bootstrap key on the server (a single-user laptop): there is no key to ask for.
+  // Access control turned off on the server (access.insecure): there is no key to ask for.
   const health = await fetch(`${API}/healthz`, { cache: 'no-store' })
     .then((res) => (res.ok ? res.json() : null), () => null);
   if (health && health.access_control === false) signIn('');
