@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from chatreid.config import Settings
@@ -77,8 +78,6 @@ def test_a_rollout_to_a_local_directory_needs_a_valid_checkpoint(tmp_path) -> No
     replica); now each cause is named before anything moves."""
     import json
 
-    import pytest
-
     from chatreid.checkpoints import MANIFEST, describe
     from chatreid.model import build_model
     from chatreid.model.builder import save_checkpoint
@@ -123,3 +122,51 @@ def test_a_rollout_to_a_local_directory_needs_a_valid_checkpoint(tmp_path) -> No
     (good / MANIFEST).write_text(json.dumps({"files": [{**files[0], "path": "../x"}]}))
     with pytest.raises(ValueError, match="outside the checkpoint"):
         resolve(good)
+
+
+@pytest.mark.stack
+def test_the_training_route_sends_its_actor_no_secret(stack_base, ray_session,
+                                                      monkeypatch) -> None:
+    """`POST /v1/ops/train` hands a detached actor the settings: Ray keeps actor arguments,
+    so the secrets must travel through the cluster's KV (share/unshare) like Serve's."""
+    import json
+    import time
+    import uuid
+
+    import ray
+
+    from chatreid.cluster import unshare
+    from chatreid.services.retrieval import ops
+
+    settings = stack_base.model_copy(deep=True)
+    settings.serve.app_name = f"t{uuid.uuid4().hex[:8]}"  # its own training-runs actor
+    settings.serve.api_key, settings.kafka.sasl_password = "key-123", "kafka-456"
+    secrets = ("key-123", "kafka-456", settings.s3.secret_key)
+
+    sent: list[dict] = []
+
+    class Runs:  # what the route's call hands the actor
+        class start:  # mirrors the actor method
+            @staticmethod
+            def remote(data: dict, target: str, preset: str) -> str:
+                sent.append(data)
+                return "ref"
+
+    with monkeypatch.context() as m:
+        m.setattr(ops, "training_runs", lambda _settings: Runs)
+        assert ops.start_training(settings, "embedder", "micro") == "ref"
+    assert not any(s in json.dumps(sent[0]) for s in secrets)
+    assert unshare(sent[0]) == settings
+
+    # the real actor gets its secrets back: a bad target fails on the target, not on them
+    run = ray.get(ops.start_training(settings, "no-such-target", "micro"))
+    actor = ops.training_runs(settings)
+    try:
+        deadline = time.monotonic() + 120
+        while run["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run = ray.get(actor.get.remote(run["run_id"]))
+        assert run["state"] == "failed" and "no-such-target" in run["detail"], run
+        assert "secrets" not in run["detail"]
+    finally:
+        ray.kill(actor)

@@ -5,7 +5,9 @@ A rollout or a scale is a declarative redeploy of the *current* Serve config wit
 Rerank deployment changed (Serve then reconfigures or adds replicas one at a time; the
 ingress and prefilter are untouched, so this request's replica keeps running). Training runs
 go to a detached actor on the same Ray cluster, so a run outlives the request and any ingress
-replica; ``chatreid train`` does the same work from a shell.
+replica; ``chatreid train`` does the same work from a shell. The settings it gets carry no
+secret (``chatreid.cluster.share``: actor arguments are kept by Ray); the actor fetches them
+from the cluster's internal KV (``unshare``), as Serve replicas and Train workers do.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from chatreid.cluster import share, unshare
 from chatreid.config import Settings
 from chatreid.retrieval.errors import RetrievalError
 
@@ -119,6 +122,7 @@ class TrainingRuns:
         self.lock = threading.Lock()
 
     def start(self, settings: dict, target: str, preset: str) -> dict[str, Any]:
+        """``settings``: from :func:`chatreid.cluster.share` (no secrets in them)."""
         run = {"run_id": f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                "target": target, "preset": preset, "state": "running",
                "started_at": datetime.now(UTC).isoformat(), "finished_at": None,
@@ -139,7 +143,7 @@ class TrainingRuns:
         from chatreid.ray_jobs.train import PRESETS, train
 
         try:
-            report = train(Settings.model_validate(settings), run["target"],
+            report = train(unshare(settings), run["target"],
                            recipe=PRESETS[run["preset"]], console=Console(quiet=True))
             versions = [s.version for s in report.stages]
             if report.embedder is not None:
@@ -157,3 +161,10 @@ def training_runs(settings: Settings):
     namespace = f"chatreid-{settings.serve.app_name}"
     return TrainingRuns.options(name=TRAINER_NAME, namespace=namespace, lifetime="detached",
                                 get_if_exists=True).remote()
+
+
+def start_training(settings: Settings, target: str, preset: str) -> ray.ObjectRef:
+    """Start a run on the training-runs actor; the run's record (an ObjectRef). The settings
+    travel without their secrets, which go to the cluster's KV under this app's name."""
+    shared = share(settings, f"ops-train-{settings.serve.app_name}")
+    return training_runs(settings).start.remote(shared, target, preset)
