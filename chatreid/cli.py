@@ -454,7 +454,7 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
 
     from .evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
     from .evaluation.report import write_report
-    from .ray_jobs.evaluate import resolve_embedder, run_evaluation
+    from .ray_jobs.evaluate import ClusterBusy, resolve_embedder, run_evaluation
     from .retrieval import ModelSpec
     from .retrieval.vlm import resolve_spec
 
@@ -490,8 +490,12 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
     results = {}
     for label, spec in specs:
         console.print(f"evaluating {len(chosen)} task(s) on {root} with {label}")
-        results[label] = run_evaluation(settings, chosen, root, cfg, embedder=emb, spec=spec,
-                                        out=out, workers=workers)
+        try:
+            results[label] = run_evaluation(settings, chosen, root, cfg, embedder=emb,
+                                            spec=spec, out=out, workers=workers)
+        except ClusterBusy as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
     header = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "embedder": emb.version,
               "root": str(root), "machine": f"{os.cpu_count()} CPUs"}
     report = write_report(results, cfg, out, header)

@@ -106,6 +106,10 @@ class RaySettings(BaseModel):
     join_local_head: bool = Field(True, description="join the local stack's head when it is up "
                                   "(tests turn this off to stay isolated from it)")
     num_cpus: int = Field(2, ge=1, description="CPUs of an in-process Ray (local runs only)")
+    placement_timeout_s: float = Field(
+        300.0, gt=0, description="how long a job (e.g. `chatreid eval`) waits for the cluster to "
+        "place its actors before it fails saying what it needs and what is free (an autoscaling "
+        "cluster may need minutes to add a node)")
     temp_dir: Path = Path("/tmp/chatreid-ray")  # short: Ray's unix sockets must fit in 107 bytes
 
 

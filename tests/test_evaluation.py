@@ -109,3 +109,36 @@ def test_suite_on_ray_is_resumable_and_reported(world, embedder, ray_session, tm
     assert (tmp_path / "report" / "cmc_synth_standard.png").is_file()
     data = json.loads((tmp_path / "report" / "results.json").read_text())
     assert data["models"]["tiny"][0]["chatreid"]["queries"] == 4
+
+
+def test_eval_says_what_it_waits_for_and_fails_when_the_cluster_is_full(
+        ray_session, tmp_path, capsys) -> None:
+    """`chatreid eval` while a Serve app holds the head's CPUs used to wait forever at
+    "VLM dialogues 0/30": now it says what it waits for and gives up after the bound."""
+    import ray
+
+    from chatreid.evaluation.engine import RerankJob
+    from chatreid.ray_jobs.evaluate import ClusterBusy, RayReranker
+    from chatreid.retrieval import ModelSpec
+
+    @ray.remote
+    class Hog:  # e.g. the demo's Serve replicas
+        def ping(self) -> bool:
+            return True
+
+    total = ray.cluster_resources()["CPU"]
+    hog = Hog.options(num_cpus=total).remote()
+    try:
+        ray.get(hog.ping.remote(), timeout=60)  # the cluster's CPUs are held now
+        settings = Settings()
+        settings.ray.placement_timeout_s = 3.0
+        reranker = RayReranker(settings, ModelSpec.of_base("tiny"), tmp_path, workers=1)
+        job = RerankJob(key="q0", kind="standard", query_path=None, query_text="x",
+                        candidates=("a.png",))
+        with pytest.raises(ClusterBusy, match=r"any of 1 VLM actors needing 1 CPU each within "
+                           r"3s: it has 0 of \d+ CPUs free"):
+            reranker([job])
+        assert "waiting for 1 of 1 VLM actors needing 1 CPU each; the cluster has 0 of" in \
+            capsys.readouterr().err
+    finally:
+        ray.kill(hog)
