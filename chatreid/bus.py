@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
@@ -42,6 +42,17 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) ->
     )
     kwargs.update(overrides)
     return KafkaConsumer(**kwargs)
+
+
+def end_offsets(consumer: KafkaConsumer,
+                tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    """Each partition's log end: the larger of what ListOffsets reports and the high watermark
+    of the consumer's latest fetch response there. Some Kafka-protocol brokers (Tansu) report
+    the last batch's base offset + 1 to ListOffsets, one batch short, while their fetch
+    responses carry the real end; either is a lower bound of the end now."""
+    tps = list(tps)
+    reported = consumer.end_offsets(tps) if tps else {}
+    return {tp: max(end, consumer.highwater(tp) or 0) for tp, end in reported.items()}
 
 
 def ensure_topics(settings: KafkaSettings, names: Iterable[str] | None = None) -> list[str]:

@@ -84,6 +84,13 @@ class EmbedderSettings(BaseModel):
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
+    fetch_backoff_initial_s: float = Field(
+        0.5, gt=0, description="first wait after the object store failed transiently "
+        "(refused, reset, timeout, 5xx, SlowDown); the batch is retried from its uncommitted "
+        "offset with the partitions paused, never dead-lettered")
+    fetch_backoff_max_s: float = Field(
+        10.0, gt=0, description="longest single wait of that exponential backoff (it doubles "
+        "up to this, and keeps retrying while the store stays down)")
 
 
 class IndexSettings(BaseModel):

@@ -8,6 +8,11 @@ index events of the crop; the embedder dead-letters a replayed crop whose object
 that order a failure never leaves a searchable vector whose image was deleted unannounced, and
 erasing again is harmless.
 
+Images: each crop has its own object (``storage.crop_key``), so deleting an erased crop's
+object touches no other crop. Crops ingested before that shared content-addressed objects
+(``crops/<sha[:2]>/<sha>.<ext>``, one per distinct bytes); such a legacy object is deleted only
+when no live crop of the index outside the erased set still names it.
+
 Retention purges every indexed crop captured before a cutoff the same way, plus crop objects
 older than the cutoff that no index holds (dead-lettered or never embedded).
 """
@@ -23,7 +28,7 @@ from .config import Settings
 from .prefilter import PrefilterStore, VectorMeta
 from .prefilter.follower import IndexFollower
 from .schemas import INDEXED, ErasedEvent
-from .storage import CROPS_PREFIX, ObjectStore
+from .storage import CROPS_PREFIX, ObjectStore, legacy_key_sha256
 
 __all__ = ["RETENTION", "Eraser", "current_index"]
 
@@ -53,13 +58,22 @@ class Eraser:
         self.objects = objects or ObjectStore(settings.s3)
         self.topic = settings.kafka.topic(INDEXED.name)
 
-    def erase(self, metas: Sequence[VectorMeta], reason: str,
-              request_id: str) -> tuple[list[str], int]:
+    def erase(self, metas: Sequence[VectorMeta], reason: str, request_id: str,
+              live: Iterable[VectorMeta] | None = None) -> tuple[list[str], int]:
         """Erase these crops from every index, then delete their objects (a missing object is
-        fine). Returns (erased crop ids, objects deleted)."""
+        fine) except legacy shared ones another live crop still uses. ``live``: the index's
+        live crops; None loads the current index, only when a legacy key is involved.
+        Returns (erased crop ids, objects deleted)."""
         metas = _unique(metas)
         self._announce(metas, reason, request_id)
-        keys = sorted({m.object_key for m in metas if m.object_key})
+        keys = {m.object_key for m in metas if m.object_key}
+        if any(legacy_key_sha256(k) for k in keys):
+            if live is None:
+                index = current_index(self.settings, self.objects)
+                live = index.live_metas() if index is not None else []
+            erased = {m.crop_id for m in metas}
+            keys -= {m.object_key for m in live if m.crop_id not in erased}
+        keys = sorted(keys)
         with ThreadPoolExecutor(_STAT_WORKERS) as pool:
             present = [k for k, ok in zip(keys, pool.map(self.objects.exists, keys), strict=True)
                        if ok]
@@ -68,9 +82,8 @@ class Eraser:
 
     def purge(self, cutoff: datetime, metas: Sequence[VectorMeta]) -> tuple[int, int]:
         """Erase every crop of ``metas`` captured before ``cutoff`` (reason "retention") and
-        delete crop objects last modified before it that ``metas`` do not hold. An object a
-        newer crop shares (crops are content-addressed) is kept. Returns (crops erased,
-        objects deleted)."""
+        delete crop objects last modified before it that ``metas`` do not hold. A legacy shared
+        object a newer crop still names is kept. Returns (crops erased, objects deleted)."""
         if cutoff.tzinfo is None:
             raise ValueError("cutoff must be timezone-aware")
         metas = _unique(metas)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from minio import Minio
@@ -20,11 +21,32 @@ class ObjectNotFound(KeyError):
 
 
 CROPS_PREFIX = "crops/"  # every crop image lives under it (see crop_key)
+# Before per-crop keys, crops were content-addressed (crops/<sha[:2]>/<sha>.<ext>): two crops
+# with the same bytes share such an object, so erasing one must not delete it for the other.
+_LEGACY_KEY = re.compile(r"^crops/[0-9a-f]{2}/([0-9a-f]{64})\.\w+$")
+# Object metadata the ingestor writes beside each crop (S3 user metadata, x-amz-meta-*).
+META_SHA256 = "sha256"
+META_EVENT = "crop-event"  # the CropEvent as compact ASCII JSON, when it fits
+MAX_META_BYTES = 2000  # S3's limit on user metadata is 2 KiB in all
 
 
-def crop_key(sha256: str, ext: str) -> str:
-    """Content-addressed key: the same bytes always land on the same object."""
+def crop_key(crop_id: str, capture_time: datetime, ext: str) -> str:
+    """Per-crop key ``crops/<capture date, UTC>/<crop_id>.<ext>``: one object per crop, so
+    erasing a crop never deletes another's image; the same sighting (same crop id) always lands
+    on the same key, so a re-ingest overwrites instead of adding."""
+    day = capture_time.astimezone(UTC).strftime("%Y-%m-%d")
+    return f"{CROPS_PREFIX}{day}/{crop_id}.{ext}"
+
+
+def legacy_crop_key(sha256: str, ext: str) -> str:
+    """The old content-addressed key (shared by every crop with these bytes)."""
     return f"{CROPS_PREFIX}{sha256[:2]}/{sha256}.{ext}"
+
+
+def legacy_key_sha256(object_key: str) -> str | None:
+    """The content hash a legacy content-addressed key names; None for any other key."""
+    m = _LEGACY_KEY.match(object_key)
+    return m.group(1) if m else None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -67,6 +89,11 @@ class ObjectStore:
         )
 
     def get(self, key: str) -> bytes:
+        return self.read(key)[0]
+
+    def read(self, key: str) -> tuple[bytes, dict[str, str]]:
+        """The object's bytes and its user metadata (``x-amz-meta-*``, prefix stripped, names
+        lowercased); :class:`ObjectNotFound` when the key does not exist."""
         try:
             resp = self.client.get_object(self.bucket, key)
         except S3Error as exc:
@@ -74,10 +101,24 @@ class ObjectStore:
                 raise ObjectNotFound(key) from exc
             raise
         try:
-            return resp.read()
+            data = resp.read()
+            meta = {k.lower()[len("x-amz-meta-"):]: v for k, v in resp.headers.items()
+                    if k.lower().startswith("x-amz-meta-")}
+            return data, meta
         finally:
             resp.close()
             resp.release_conn()
+
+    def metadata(self, key: str) -> dict[str, str]:
+        """The object's user metadata without its bytes (a HEAD request)."""
+        try:
+            stat = self.client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise ObjectNotFound(key) from exc
+            raise
+        return {k.lower()[len("x-amz-meta-"):]: v for k, v in (stat.metadata or {}).items()
+                if k.lower().startswith("x-amz-meta-")}
 
     def exists(self, key: str) -> bool:
         try:

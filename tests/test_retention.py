@@ -19,7 +19,7 @@ from chatreid.retention import RETENTION, Eraser, current_index
 from chatreid.schemas import INDEXED, CropEvent, ErasedEvent, IndexedEvent, parse_index_log
 from chatreid.services.embedder import EmbedderService
 from chatreid.services.ingestor import CropInput, Ingestor
-from chatreid.storage import ObjectStore, crop_key, sha256_hex
+from chatreid.storage import ObjectStore, legacy_crop_key, sha256_hex
 
 from .conftest import env_for, jpeg_bytes, read_dead_letters, read_events
 
@@ -155,19 +155,20 @@ def test_erasure_reaches_every_index_and_sticks(settings):
 def test_purge_removes_exactly_the_older_crops_and_objects(settings):
     objects = ObjectStore(settings.s3)
     stray = jpeg_bytes(color=(1, 2, 3))  # stored long ago, never indexed (a dead letter, say)
-    stale_stray = crop_key(sha256_hex(stray), "jpg")
+    stale_stray = legacy_crop_key(sha256_hex(stray), "jpg")
     objects.put(stale_stray, stray)
     time.sleep(2.1)  # last-modified times have whole seconds
     cutoff = datetime.now(UTC)
     time.sleep(1.1)
     fresh = jpeg_bytes(color=(4, 5, 6))  # unindexed too, but newer than the cutoff
-    fresh_stray = crop_key(sha256_hex(fresh), "jpg")
+    fresh_stray = legacy_crop_key(sha256_hex(fresh), "jpg")
     objects.put(fresh_stray, fresh)
     old = ingest(settings, [(i, f"cam{i % 2}", cutoff - timedelta(days=40, minutes=i))
                             for i in range(6)])
-    # colour 5 again: a newer sighting sharing the old crop's object, which must stay
-    new = ingest(settings, [(i, f"cam{i % 2}", cutoff + timedelta(seconds=1, minutes=i))
-                            for i in range(5, 11)])
+    # colour 5 again: a newer sighting with the old crop's bytes, whose image must stay
+    new = ingest(settings, [(i, f"cam{i % 2}", cutoff + timedelta(seconds=1 + 10 * i))
+                            for i in range(5, 11)])  # within the ingestor's clock skew
+    assert old[5].object_key != new[0].object_key  # one object per crop, equal bytes or not
     embed(settings)
 
     eraser = Eraser(settings, objects)
@@ -175,12 +176,12 @@ def test_purge_removes_exactly_the_older_crops_and_objects(settings):
         eraser.purge(cutoff.replace(tzinfo=None), [])
     metas = current_index(settings, objects).live_metas()
     assert len(metas) == 12
-    assert eraser.purge(cutoff, metas) == (6, 6)  # 5 old objects + the stale stray
+    assert eraser.purge(cutoff, metas) == (6, 7)  # 6 old objects + the stale stray
 
     index = current_index(settings, objects)
     assert index.crop_ids() == {e.crop_id for e in new}
     assert not objects.exists(stale_stray) and objects.exists(fresh_stray)
-    for e in old[:5]:
+    for e in old:
         assert not objects.exists(e.object_key)
     for e in new:
         assert objects.exists(e.object_key)
@@ -195,3 +196,56 @@ def test_purge_removes_exactly_the_older_crops_and_objects(settings):
                                 env={**env_for(settings), "COLUMNS": "300", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     assert "retention purge (1 days)" in result.output
+
+
+def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
+    """Two sightings with identical bytes (a static scene, a re-sent frame) used to share one
+    content-addressed object: erasing one deleted the other's image (GET /v1/crops/B -> 500,
+    queries with B -> 500, B still in the gallery)."""
+    from chatreid.retrieval import CropGone
+    from chatreid.schemas import QueryRequest
+    from chatreid.services.retrieval.deployments import PrefilterDeployment
+
+    a, b, c = ingest(settings, [(7, "cam0", T0), (7, "cam1", T0 + timedelta(minutes=1)),
+                                (8, "cam0", T0 + timedelta(minutes=2))])
+    assert a.sha256 == b.sha256 and len({a.object_key, b.object_key, c.object_key}) == 3
+    objects = ObjectStore(settings.s3)
+    # legacy events (ingested before per-crop keys) pointing at one content-addressed object
+    shared = legacy_crop_key(a.sha256, "jpg")
+    objects.put(shared, objects.get(a.object_key))
+    legacy = [e.model_copy(update={"crop_id": f"legacy-{n}", "object_key": shared})
+              for n, e in enumerate((a, b))]
+    producer = make_producer(settings.kafka)
+    for e in legacy:
+        producer.send(settings.kafka.topic("crops.v1"), key=e.camera.encode(), value=e.to_bytes())
+    producer.flush()
+    producer.close()
+    embed(settings)
+    prefilter = PrefilterDeployment.func_or_class(settings.model_dump(mode="json"))
+    try:
+        assert prefilter.search.gallery_size() == 5
+        result = prefilter.erase([a.crop_id, "legacy-0"], "erasure", "req-shared")
+        assert sorted(result["erased"]) == sorted([a.crop_id, "legacy-0"])
+        assert result["objects_deleted"] == 1  # A's own; the legacy object legacy-1 still uses
+        assert not objects.exists(a.object_key)
+        assert objects.exists(b.object_key) and objects.exists(shared)
+        data, content_type = prefilter.crop(b.crop_id)
+        assert data == objects.get(b.object_key) and content_type == "image/jpeg"
+        assert prefilter.crop("legacy-1")[0] == data
+        shortlist = prefilter.shortlist(QueryRequest(crop_id=b.crop_id, k=5))
+        assert {i.crop_id for i in shortlist.items} == {"legacy-1", c.crop_id}
+        # the last crop naming the legacy object takes it along (the CLI loads the index)
+        assert Eraser(settings, objects).erase(
+            [prefilter.lookup("legacy-1")], "erasure", "req-legacy") == (["legacy-1"], 1)
+        assert not objects.exists(shared)
+
+        # an indexed crop whose image vanished anyway (deleted by hand, a racing erasure) is
+        # a documented 410, not a 500: viewing it, querying with it
+        objects.delete(c.object_key)
+        for call in (lambda: prefilter.crop(c.crop_id),
+                     lambda: prefilter.shortlist(QueryRequest(crop_id=c.crop_id, k=5))):
+            with pytest.raises(CropGone) as gone:
+                call()
+            assert (gone.value.status, gone.value.code) == (410, "crop.gone")
+    finally:
+        prefilter._stop.set()

@@ -27,7 +27,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from chatreid.bus import dead_letter, make_consumer, make_producer
+from chatreid.bus import dead_letter, end_offsets, make_consumer, make_producer
 from chatreid.checkpoints import CheckpointError, pull
 from chatreid.config import Settings
 from chatreid.embedder.embedder import (
@@ -104,7 +104,7 @@ class CheckpointWatcher:
     def catch_up(self, timeout_s: float = 30.0) -> list[Sighted]:
         """Everything on the topic up to now (see ``IndexFollower.catch_up`` on end offsets)."""
         consumer = self._open()
-        ends = consumer.end_offsets(list(consumer.assignment()))
+        ends = end_offsets(consumer, consumer.assignment())
         found: list[Sighted] = []
         deadline = time.monotonic() + timeout_s
         while True:

@@ -5,6 +5,14 @@ in object storage record the log offsets they cover. A restarted reader or embed
 snapshot and replays only the events after those offsets. Applying an event is idempotent by
 crop id, so overlapping replays never duplicate.
 
+Resuming at a snapshot's offsets does not trust the broker's reported log end (Tansu reports
+the last batch's base offset + 1, one batch short, which made every restart replay the whole
+log): the follower reads the record just before each snapshot offset and checks it against the
+fingerprint (sha256) the snapshot recorded for it. Only a log that does not hold that record -
+shorter (a memory-only broker restarted) or different (a new log grown past the offset) - is
+replayed from its beginning, into the restored store (idempotent by crop id).
+``stats.read`` counts the records read, ``stats.replay_gap`` what was behind at resume.
+
 Erasure: an ``ErasedEvent`` on the same log removes its crop from every follower whatever the
 embedder version, and the follower remembers the erased id (a tombstone) so that an
 ``IndexedEvent`` of that crop arriving later (a batch in flight, a rollout re-embed) is ignored.
@@ -30,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from ..bus import make_consumer
+from ..bus import end_offsets, make_consumer
 from ..config import Settings
 from ..schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
 from ..storage import ObjectNotFound, ObjectStore, sha256_hex
@@ -47,6 +55,8 @@ _SWITCH_CHECK_S = 1.0  # while following, how often a pending version's readines
 _TOMBSTONE_KEEP_S = 7 * 86400.0
 _TOMBSTONE_PRUNE_S = 3600.0  # forget expired tombstones at most once per hour of log time
 _RESTORE_TRIES = 3  # a snapshot replaced (and deleted) while it was read: read the new one
+_SNAPSHOT_RETRY_S = 10.0  # after a failed snapshot (object store down)
+_VERIFY_S = 10.0  # how long resuming waits for the records that check the snapshot's offsets
 
 
 @dataclass
@@ -58,6 +68,9 @@ class FollowerStats:
     switches: int = 0
     erased: int = 0  # crops erased (erasure events, each crop counted once)
     suppressed: int = 0  # indexed events ignored because their crop was erased
+    read: int = 0  # log records read (every kind, applied or not) since the follower opened
+    replay_gap: int = 0  # records between the resume offsets and the log end when it opened
+    log_resets: int = 0  # partitions replayed from the start: the log lost the snapshot's
     latencies_s: list[float] = field(default_factory=list)  # capture -> searchable
 
 
@@ -77,6 +90,7 @@ class IndexFollower:
         self._consumer: KafkaConsumer | None = None
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
+        self._snapshot_retry_at = 0.0
         # rollouts: a version asked for (any thread), its follower (the polling thread only)
         self._wanted: str | None = None
         self._next: IndexFollower | None = None
@@ -86,6 +100,9 @@ class IndexFollower:
         self._erased: dict[str, float] = {}
         self._log_time = 0.0
         self._pruned_at = 0.0
+        # "topic:partition" -> (offset, sha256 of its value): the last record applied there,
+        # saved with snapshots so a resume can tell the log it left from a different one
+        self._anchors: dict[str, tuple[int, str]] = {}
 
     # -- versions --------------------------------------------------------------------------------
     def active(self) -> tuple[str | None, PrefilterStore | None]:
@@ -132,6 +149,8 @@ class IndexFollower:
                 self.embedder_version = pointer["embedder_version"]
             self._erased = {str(c): float(t) for c, t in erased.items()}
             self._log_time = max(self._erased.values(), default=0.0)
+            self._anchors = {str(k): (int(v[0]), str(v[1]))
+                             for k, v in pointer.get("anchors", {}).items()}
             log.info("restored snapshot %s (%d vectors, %d tombstones)", pointer["key"],
                      len(self.store), len(self._erased))
             return True
@@ -162,6 +181,8 @@ class IndexFollower:
         pointer = {"key": key, "sha256": digest, "embedder_version": self.embedder_version,
                    "vectors": len(self.store), "offsets": dict(self.store.offsets),
                    "erased_key": erased_key, "erased_sha256": erased_digest,
+                   "anchors": {k: list(v) for k, v in self._anchors.items()
+                               if self.store.offsets.get(k) == v[0] + 1},
                    "created_at": time.time()}
         self.objects.put(self._latest_key(), json.dumps(pointer).encode(), "application/json")
         self._drop_snapshots_but({key, erased_key})
@@ -187,17 +208,63 @@ class IndexFollower:
             parts = consumer.partitions_for_topic(self.topic) or set()
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)
-            ends = consumer.end_offsets(tps)
             offsets = self.store.offsets if self.store else {}
-            for tp in tps:
-                start = offsets.get(f"{tp.topic}:{tp.partition}", 0)
-                if start > ends[tp]:  # a fresh broker (memory-only) lost the log: start over
-                    log.warning("snapshot offset %d beyond log end %d on %s; replaying all",
-                                start, ends[tp], tp)
-                    start = 0
+            starts = self._resume_offsets({tp: offsets.get(_key(tp), 0) for tp in tps},
+                                          consumer)
+            for tp, start in starts.items():
                 consumer.seek(tp, start)
+            ends = end_offsets(consumer, tps)
+            self.stats.replay_gap = sum(max(0, ends[tp] - starts[tp]) for tp in tps)
+            if offsets:
+                log.info("resuming %s at the snapshot's offsets: %d records to replay",
+                         self.topic, self.stats.replay_gap)
             self._consumer = consumer
         return self._consumer
+
+    def _resume_offsets(self, starts: dict[TopicPartition, int],
+                  consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+        """The offsets to resume at: each snapshot offset whose preceding record the log still
+        holds (and, when the snapshot recorded it, with the same content); 0 for a partition
+        whose log is shorter or different. Reads one record per partition and leaves the
+        consumer's positions to the caller."""
+        check = {tp: s for tp, s in starts.items() if s > 0}
+        if not check:
+            return starts
+        consumer.pause(*(tp for tp in starts if tp not in check))
+        for tp, start in check.items():
+            consumer.seek(tp, start - 1)
+        found: dict[TopicPartition, object | None] = {}  # the first record, None: log shorter
+        deadline = time.monotonic() + _VERIFY_S
+        while len(found) < len(check) and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                if tp in check and tp not in found and records:
+                    found[tp] = records[0]
+                    consumer.pause(tp)
+            for tp, start in check.items():
+                hw = consumer.highwater(tp)  # a fetch response's end: right where ListOffsets
+                if tp not in found and hw is not None and hw < start:  # is short (Tansu)
+                    found[tp] = None
+                    consumer.pause(tp)
+        consumer.resume(*starts)
+        result = dict(starts)
+        for tp, start in check.items():
+            if tp not in found:
+                log.warning("%s: could not read the log at the snapshot offset %d within %.0f "
+                            "s; resuming there unverified", tp, start, _VERIFY_S)
+                continue
+            record, anchor = found[tp], self._anchors.get(_key(tp))
+            if record is None:
+                why = f"the log ends at {consumer.highwater(tp)}"
+            elif (record.offset == start - 1 and anchor is not None
+                  and anchor != (record.offset, sha256_hex(record.value))):
+                why = f"its record at offset {start - 1} is not the one the snapshot saw"
+            else:  # the record is there (or retention deleted it: offset >= start - 1)
+                continue
+            log.warning("%s: snapshot offset %d not in this log (%s: the broker lost or "
+                        "replaced it); replaying the partition from its start", tp, start, why)
+            self.stats.log_resets += 1
+            result[tp] = 0
+        return result
 
     def catch_up(self, timeout_s: float = 60.0) -> int:
         """Apply everything written to the log up to now; returns vectors newly added.
@@ -206,7 +273,7 @@ class IndexFollower:
         Kafka-protocol brokers (Tansu) report the last batch's base offset + 1 as the end.
         """
         consumer = self._open()
-        ends = consumer.end_offsets(list(consumer.assignment()))
+        ends = end_offsets(consumer, list(consumer.assignment()))
         before, deadline = self.stats.applied, time.monotonic() + timeout_s
         while True:
             behind = any(consumer.position(tp) < end for tp, end in ends.items())
@@ -241,8 +308,11 @@ class IndexFollower:
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=512)
         for tp, records in polled.items():
             self._apply(records)
+            self.stats.read += len(records)
+            last = records[-1]
+            self._anchors[_key(tp)] = (last.offset, sha256_hex(last.value))
             if self.store is not None:
-                self.store.offsets[f"{tp.topic}:{tp.partition}"] = records[-1].offset + 1
+                self.store.offsets[_key(tp)] = last.offset + 1
         if self.snapshots:
             self._maybe_snapshot()
         return sum(len(records) for records in polled.values())
@@ -330,7 +400,13 @@ class IndexFollower:
             self._since_snapshot >= cfg.snapshot_every_events
             or time.monotonic() - self._last_snapshot >= cfg.snapshot_every_s
         ):
-            self.snapshot()
+            if time.monotonic() < self._snapshot_retry_at:
+                return
+            try:
+                self.snapshot()
+            except Exception as exc:  # the object store is down: keep following, retry later
+                log.warning("snapshot failed (%r); retrying in %.0f s", exc, _SNAPSHOT_RETRY_S)
+                self._snapshot_retry_at = time.monotonic() + _SNAPSHOT_RETRY_S
 
     # -- switching versions ------------------------------------------------------------------------
     def _pending(self) -> IndexFollower | None:
@@ -378,6 +454,7 @@ class IndexFollower:
             if self._consumer is not None:
                 self._consumer.close()
             self.store, self.embedder_version = nxt.store, nxt.embedder_version
+            self._anchors = nxt._anchors  # they describe the log position taken over below
             self._merge_tombstones(nxt._erased)
             self._consumer, nxt._consumer = nxt._consumer, None
             self._next, self._report = None, None
@@ -402,3 +479,8 @@ class IndexFollower:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+
+
+def _key(tp: TopicPartition) -> str:
+    """How snapshots name a partition (``store.offsets``, anchors)."""
+    return f"{tp.topic}:{tp.partition}"

@@ -10,6 +10,7 @@
 from chatreid.retrieval.answer import assemble
 from chatreid.retrieval.errors import (
     BadQuery,
+    CropGone,
     EmptyGallery,
     ImageRejected,
     ModelUnavailable,
@@ -21,6 +22,7 @@ from chatreid.retrieval.vlm import ModelSpec, RerankAnswer, SmokeCheckFailed, VL
 
 __all__ = [
     "BadQuery",
+    "CropGone",
     "EmptyGallery",
     "ImageRejected",
     "ModelSpec",

@@ -26,6 +26,13 @@ class UnknownCrop(RetrievalError):
     status, code = 404, "crop.unknown"
 
 
+class CropGone(RetrievalError):
+    """An indexed crop whose image is no longer in object storage (erased or purged since the
+    index was read): gone for good, not a server fault."""
+
+    status, code = 410, "crop.gone"
+
+
 class EmptyGallery(RetrievalError):
     status, code = 404, "gallery.empty"
 

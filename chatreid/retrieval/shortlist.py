@@ -21,9 +21,10 @@ from PIL import Image
 from chatreid.config import IngestorSettings
 from chatreid.prefilter.store import SearchFilter
 from chatreid.rerank.prompts import QueryKind
-from chatreid.retrieval.errors import BadQuery, EmptyGallery, ImageRejected, UnknownCrop
+from chatreid.retrieval.errors import BadQuery, CropGone, EmptyGallery, ImageRejected, UnknownCrop
 from chatreid.schemas import QueryRequest
 from chatreid.search import PrefilterSearch, SearchResult
+from chatreid.storage import ObjectNotFound
 
 _OTHER = {"rgb": "infrared", "infrared": "rgb"}
 
@@ -94,8 +95,13 @@ class Shortlister:
             raise UnknownCrop(f"anchor crop {crop_id!r} is not in the index") from None
 
     def _query_image(self, key: str | None, data: bytes | None) -> Image.Image:
-        raw = data if data is not None else self.search.objects.get(key)  # type: ignore[arg-type]
-        return Image.open(io.BytesIO(raw)).convert("RGB")
+        if data is None:
+            try:
+                data = self.search.objects.get(key)  # type: ignore[arg-type]
+            except ObjectNotFound:
+                raise CropGone(f"the image of the query crop ({key}) is gone: erased or "
+                               "purged") from None
+        return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def _clue(request: QueryRequest) -> str:

@@ -6,6 +6,13 @@ crop offsets committed, so a crash at any point replays the batch instead of los
 prefilter store is idempotent by crop id, so a replay never duplicates. Replicas scale up to the
 crops topic's partition count.
 
+Dead letters are for permanent causes only: an event that does not parse, a missing object, a
+sha256 mismatch, an image that does not decode. When the object store fails transiently
+(connection refused or reset, timeouts, 5xx, SlowDown), nothing of the batch is published,
+dead-lettered or committed: the consumer seeks back to the batch's first offsets, pauses its
+partitions and keeps polling (so it stays in the group) while it waits with exponential
+backoff (``embedder.fetch_backoff_*``) for the store, then retries from there.
+
 During an embedder rollout (:mod:`.rollout`) the service embeds each crop with the live and the
 incoming embedder and publishes both vectors; embedders are added and retired only between
 batches, so every batch is written under one consistent set of versions.
@@ -16,7 +23,6 @@ from __future__ import annotations
 import io
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +34,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
+from minio.error import S3Error
 from PIL import Image
 
 from chatreid.bus import dead_letter, make_consumer, make_producer, publish
@@ -42,41 +49,55 @@ from chatreid.schemas import (
     IndexedEvent,
     SourceOffset,
 )
-from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
+from chatreid.storage import (
+    META_SHA256,
+    ObjectNotFound,
+    ObjectStore,
+    legacy_key_sha256,
+    sha256_hex,
+)
 
 log = logging.getLogger(__name__)
 
+key_sha256 = legacy_key_sha256  # the sha256 a legacy content-addressed key names, if any
 
-_CONTENT_KEY = re.compile(r"^crops/[0-9a-f]{2}/([0-9a-f]{64})\.\w+$")
+# S3 answers that say "not now" or "not you" rather than "this crop is bad": retried, not
+# dead-lettered (credentials or bucket trouble would otherwise dead-letter every crop).
+_TRANSIENT_STATUS = {403, 404, 408, 429}
 
 
 class CropFailed(Exception):
+    """A permanent failure of one crop: it is dead-lettered with ``error`` and ``reason``."""
+
     def __init__(self, error: str, reason: str) -> None:
         super().__init__(f"{error}: {reason}")
         self.error, self.reason = error, reason
 
 
-def key_sha256(object_key: str) -> str | None:
-    """The content hash a content-addressed crop key (``storage.crop_key``) names, if any."""
-    m = _CONTENT_KEY.match(object_key)
-    return m.group(1) if m else None
+class StoreUnavailable(Exception):
+    """The object store failed transiently: retry later, never dead-letter."""
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, S3Error):  # NoSuchKey is ObjectNotFound; other 4xx name a bad request
+        status = exc.response.status if exc.response is not None else 500
+        return status >= 500 or status in _TRANSIENT_STATUS or exc.code == "SlowDown"
+    return True  # refused, reset, timeouts, non-XML 5xx pages, urllib3's retries exhausted
 
 
 def fetch_crop(store: ObjectStore, object_key: str, sha256: str | None) -> Image.Image:
-    """Fetch, verify and decode one crop; raises :class:`CropFailed` with a dead-letter class.
-
-    Transient object-store errors are retried; a missing object is not.
-    """
-    for attempt in range(3):
-        try:
-            data = store.get(object_key)
-            break
-        except ObjectNotFound as exc:
-            raise CropFailed("crop.missing", f"object {object_key} not found") from exc
-        except Exception as exc:
-            if attempt == 2:
-                raise CropFailed("storage.error", repr(exc)) from exc
-            time.sleep(0.5 * (attempt + 1))
+    """Fetch, verify and decode one crop. Raises :class:`CropFailed` (dead-letter class) for a
+    permanent cause and :class:`StoreUnavailable` for a transient one. ``sha256`` None: the
+    hash a legacy key names, else the one the ingestor stored in the object's metadata."""
+    try:
+        data, meta = store.read(object_key)
+    except ObjectNotFound as exc:
+        raise CropFailed("crop.missing", f"object {object_key} not found") from exc
+    except Exception as exc:
+        if _transient(exc):
+            raise StoreUnavailable(f"reading {object_key}: {exc!r}") from exc
+        raise CropFailed("crop.unreadable", f"object {object_key}: {exc}") from exc
+    sha256 = sha256 or legacy_key_sha256(object_key) or meta.get(META_SHA256)
     if sha256 is not None and sha256_hex(data) != sha256:
         raise CropFailed("crop.checksum", f"object {object_key} does not match its sha256")
     try:
@@ -93,6 +114,8 @@ class Stats:
     indexed: int = 0
     skipped: int = 0
     dead_letters: int = 0
+    store_waits: int = 0  # batches put back because the object store was unavailable
+    store_wait_s: float = 0.0  # time spent waiting for it
     embed_s: float = 0.0
     last_activity: float = 0.0
 
@@ -183,7 +206,7 @@ class EmbedderService:
                                             max_records=self.settings.embedder.batch_size)
                 records = [r for batch in polled.values() for r in batch]
                 if records:
-                    self.process(records)
+                    self.process(records)  # False: put back after a store outage, polled again
                     self.stats.last_activity = time.monotonic()
                     if max_batches and self.stats.batches >= max_batches:
                         break
@@ -207,14 +230,39 @@ class EmbedderService:
         self.consumer.close()
 
     # -- one batch ---------------------------------------------------------------------------
-    def process(self, records: list[ConsumerRecord]) -> None:
+    def process(self, records: list[ConsumerRecord]) -> bool:
+        """Embed, publish and commit one batch; False when the object store was unavailable
+        (the batch was put back and is retried after :meth:`_wait_for_store`)."""
+        try:
+            self._process(records)
+        except StoreUnavailable as exc:
+            log.warning("object store unavailable (%s); batch of %d put back, partitions "
+                        "paused until it answers", exc, len(records))
+            self._rewind(records)
+            self._wait_for_store()
+            return False
+        return True
+
+    def _process(self, records: list[ConsumerRecord]) -> None:
         self._apply_changes()
         parsed = [self._parse(r) for r in records]
-        todo = [(r, e) for r, e in zip(records, parsed, strict=True) if e is not None]
+        todo = [(r, e) for r, e in zip(records, parsed, strict=True) if isinstance(e, CropEvent)]
         fresh = [(r, e) for r, e in todo if not self.is_indexed(e.crop_id)]
-        self.stats.skipped += len(todo) - len(fresh)
+        # every fetch first: one transient failure puts the whole batch back before anything
+        # of it is published or dead-lettered, so a retry never duplicates a dead letter
         images = list(self._pool.map(lambda re: self._fetch(*re), fresh))
-        good = [(r, e, img) for (r, e), img in zip(fresh, images, strict=True) if img is not None]
+        unavailable = next((i for i in images if isinstance(i, StoreUnavailable)), None)
+        if unavailable is not None:
+            raise unavailable
+        for record, failed in zip(records, parsed, strict=True):
+            if isinstance(failed, CropFailed):
+                self._dead(record, failed.error, failed.reason, record.value)
+        for (record, event), img in zip(fresh, images, strict=True):
+            if isinstance(img, CropFailed):
+                self._dead(record, img.error, img.reason, record.value, origin=event.crop_id)
+        self.stats.skipped += len(todo) - len(fresh)
+        good = [(r, e, img) for (r, e), img in zip(fresh, images, strict=True)
+                if isinstance(img, Image.Image)]
         for embedder in self._embedders if good else ():
             t0 = time.perf_counter()
             vectors = embedder.embed([img for _, _, img in good])
@@ -227,21 +275,61 @@ class EmbedderService:
         self.stats.batches += 1
         self.stats.indexed += len(good)
 
-    def _parse(self, record: ConsumerRecord) -> CropEvent | None:
+    def _parse(self, record: ConsumerRecord) -> CropEvent | CropFailed:
         try:
             return CropEvent.from_bytes(record.value)
         except EventError as exc:
-            self._dead(record, "event.invalid", str(exc), record.value)
+            return CropFailed("event.invalid", str(exc))
         except Exception as exc:  # undecodable bytes, wrong encoding ...
-            self._dead(record, "event.undecodable", repr(exc), record.value)
-        return None
+            return CropFailed("event.undecodable", repr(exc))
 
-    def _fetch(self, record: ConsumerRecord, event: CropEvent) -> Image.Image | None:
+    def _fetch(self, record: ConsumerRecord,
+               event: CropEvent) -> Image.Image | CropFailed | StoreUnavailable:
         try:
             return fetch_crop(self.store, event.object_key, event.sha256)
-        except CropFailed as exc:
-            self._dead(record, exc.error, exc.reason, record.value, origin=event.crop_id)
-            return None
+        except (CropFailed, StoreUnavailable) as exc:
+            return exc
+
+    # -- object store outages ------------------------------------------------------------------
+    def _rewind(self, records: list[ConsumerRecord]) -> None:
+        """Seek every partition of ``records`` still ours back to its first record there (the
+        uncommitted offset): the next poll returns the batch again."""
+        first: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        owned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in owned:  # a partition moved meanwhile: its new owner starts from the commit
+                self.consumer.seek(tp, offset)
+
+    def _wait_for_store(self) -> None:
+        """Wait, with exponential backoff, until the object store answers. Partitions stay
+        paused, and polling goes on so that the group keeps this member (max_poll_interval_ms);
+        a partition assigned meanwhile is paused too, anything it returned put back."""
+        cfg = self.settings.embedder
+        delay, started = cfg.fetch_backoff_initial_s, time.monotonic()
+        self.stats.store_waits += 1
+        self.consumer.pause(*self.consumer.assignment())
+        try:
+            while not self._stop.is_set():
+                deadline = time.monotonic() + delay
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    polled = self.consumer.poll(timeout_ms=min(
+                        cfg.poll_timeout_ms, max(1, int((deadline - time.monotonic()) * 1000))))
+                    if polled:  # a rebalance gave us unpaused partitions: put back, pause
+                        self._rewind([r for batch in polled.values() for r in batch])
+                    self.consumer.pause(*self.consumer.assignment())
+                if self.store.healthy():
+                    log.info("object store answers again after %.1f s; retrying the batch",
+                             time.monotonic() - started)
+                    return
+                log.warning("object store still unavailable after %.0f s; next try in %.1f s",
+                            time.monotonic() - started, min(delay * 2, cfg.fetch_backoff_max_s))
+                delay = min(delay * 2, cfg.fetch_backoff_max_s)
+        finally:
+            self.consumer.resume(*self.consumer.assignment())
+            self.stats.store_wait_s += time.monotonic() - started
 
     def _indexed(self, record: ConsumerRecord, event: CropEvent, vec,
                  version: str) -> IndexedEvent:

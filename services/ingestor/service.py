@@ -1,14 +1,19 @@
-"""The camera ingestor: validate a crop, store it content-addressed, publish a crop event.
+"""The camera ingestor: validate a crop, store it under its own key, publish a crop event.
 
 Order matters: the object is written before the event that points at it is published, so a
-consumer never sees an event whose crop is missing. A bad crop becomes a dead letter with the
-reason; the caller's stream carries on.
+consumer never sees an event whose crop is missing. Each crop gets its own object
+(``storage.crop_key``: capture date and crop id), never one shared by equal bytes, so erasing
+a crop deletes only its own image; the object carries its sha256 and its ``CropEvent`` as
+metadata, so the object store alone can rebuild the crops stream (:func:`stored_events`). A bad
+crop becomes a dead letter with the reason; the caller's stream carries on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,12 +21,26 @@ from kafka import KafkaProducer
 
 from chatreid.bus import dead_letter, make_producer, publish
 from chatreid.config import Settings
-from chatreid.schemas import CROPS, BBox, CropEvent, DeadLetterEvent
-from chatreid.storage import ObjectStore, crop_key, sha256_hex
+from chatreid.schemas import CROPS, BBox, CropEvent, DeadLetterEvent, EventError
+from chatreid.storage import (
+    CROPS_PREFIX,
+    MAX_META_BYTES,
+    META_EVENT,
+    META_SHA256,
+    ObjectNotFound,
+    ObjectStore,
+    crop_key,
+    sha256_hex,
+)
 
 from .validate import CropRejected, validate_crop, validate_metadata
 
 log = logging.getLogger(__name__)
+
+# A rejected upload's dead letter keeps only its first bytes (enough to see what was sent) plus
+# its size and sha256 in the reason: up to ``ingestor.max_bytes`` per bad upload would turn the
+# dead-letter topic into a store of junk.
+REJECTED_PAYLOAD_BYTES = 4096
 
 
 @dataclass
@@ -91,13 +110,13 @@ class Ingestor:
         capture_time = validate_metadata(crop.camera, crop.capture_time, self.settings.ingestor)
         valid = validate_crop(crop.data, self.settings.ingestor)
         digest = sha256_hex(crop.data)
-        key = crop_key(digest, valid.ext)
         modality = crop.modality or ("infrared" if valid.mode in ("L", "I", "I;16") else "rgb")
+        crop_id = make_crop_id(self.settings.site, crop.camera, capture_time, crop.track_id,
+                               crop.detection_id, digest)
+        key = crop_key(crop_id, capture_time, valid.ext)
         try:
             event = CropEvent(
-                crop_id=make_crop_id(self.settings.site, crop.camera, capture_time,
-                                     crop.track_id, crop.detection_id, digest),
-                site=self.settings.site, camera=crop.camera, modality=modality,
+                crop_id=crop_id, site=self.settings.site, camera=crop.camera, modality=modality,
                 capture_time=capture_time, track_id=crop.track_id,
                 detection_id=crop.detection_id,
                 bbox=BBox(x=crop.bbox[0], y=crop.bbox[1], w=crop.bbox[2], h=crop.bbox[3])
@@ -107,13 +126,46 @@ class Ingestor:
             )
         except ValueError as exc:  # pydantic: bad camera name, bbox, modality ...
             raise CropRejected("event.invalid", str(exc).splitlines()[0]) from exc
-        self.store.put(key, crop.data, content_type=valid.content_type)
+        self.store.put(key, crop.data, content_type=valid.content_type,
+                       metadata=object_metadata(event))
         return event
 
     def _dead_letter(self, crop: CropInput, error: str, reason: str) -> None:
         event = DeadLetterEvent(
-            stage="ingestor", error=error, reason=reason,
+            stage="ingestor", error=error,
+            reason=f"{reason} (upload: {len(crop.data)} bytes, sha256 {sha256_hex(crop.data)}"
+                   f"; payload keeps the first {REJECTED_PAYLOAD_BYTES} bytes)",
             origin=crop.origin or f"{crop.camera}@{crop.capture_time.isoformat()}",
-            **DeadLetterEvent.wrap_payload(crop.data),
+            **DeadLetterEvent.wrap_payload(crop.data, limit=REJECTED_PAYLOAD_BYTES),
         )
         dead_letter(self.producer, self.settings.kafka, event)
+
+
+def object_metadata(event: CropEvent) -> dict[str, str]:
+    """What a crop object carries besides its bytes: its sha256 (readers verify keys that do
+    not name it) and, when it fits S3's 2 KiB, its event as ASCII JSON (see stored_events)."""
+    meta = {META_SHA256: event.sha256}
+    doc = json.dumps(event.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=True)
+    if len(doc) + len(event.sha256) + 64 <= MAX_META_BYTES:
+        meta[META_EVENT] = doc
+    else:  # long labels: the object is still served and erased, only not rebuildable
+        log.info("crop %s: event too large for object metadata (%d bytes)", event.crop_id,
+                 len(doc))
+    return meta
+
+
+def stored_events(store: ObjectStore, prefix: str = CROPS_PREFIX) -> Iterator[CropEvent]:
+    """The crop events kept in object metadata, in key order: enough to republish the crops
+    stream after the broker lost it (crop ids are stable, so whatever was already indexed is
+    deduplicated). Objects without one (legacy keys, oversized events) are skipped."""
+    for key in store.list(prefix):
+        try:
+            raw = store.metadata(key).get(META_EVENT)
+        except ObjectNotFound:  # erased while listing
+            continue
+        if raw is None:
+            continue
+        try:
+            yield CropEvent.from_bytes(raw)
+        except EventError as exc:
+            log.warning("object %s: unreadable crop event in metadata: %s", key, exc)

@@ -25,6 +25,7 @@ from chatreid.prefilter.store import SearchFilter, VectorMeta
 from chatreid.rerank import Candidate, Query, attribute_text
 from chatreid.rerank.prompts import QueryKind
 from chatreid.retrieval import (
+    CropGone,
     ModelSpec,
     ModelUnavailable,
     RerankAnswer,
@@ -36,7 +37,7 @@ from chatreid.retrieval import (
 from chatreid.retrieval.vlm import resolve_spec
 from chatreid.schemas import QueryRequest
 from chatreid.search import PrefilterSearch
-from chatreid.storage import ObjectStore
+from chatreid.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger("chatreid.serve")
 
@@ -90,7 +91,10 @@ class PrefilterDeployment:
             meta = self.search.lookup(crop_id)
         except KeyError:
             raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
-        data = self.search.objects.get(meta.object_key)
+        try:
+            data = self.search.objects.get(meta.object_key)
+        except ObjectNotFound:
+            raise CropGone(f"crop {crop_id!r}: its image is gone (erased or purged)") from None
         fmt = Image.open(io.BytesIO(data)).format or "JPEG"
         return data, Image.MIME.get(fmt, "application/octet-stream")
 
@@ -118,14 +122,22 @@ class PrefilterDeployment:
         except KeyError:
             raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
 
+    def _crop_image(self, crop_id: str) -> Image.Image:
+        try:
+            return self.search.crop_image(crop_id)
+        except KeyError:
+            raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
+        except ObjectNotFound:
+            raise CropGone(f"crop {crop_id!r}: its image is gone (erased or purged)") from None
+
     def compare(self, crop_id: str, reference: str | None, reference_bytes: bytes | None,
                 text: str | None) -> list[dict]:
         """Upper and lower garment colour of the reference (a crop, an upload, or the text
         clue) against the result crop's, as the colour matcher reads them."""
         matcher = self.search.colours.matcher
-        candidate = matcher.describe(self.search.crop_image(crop_id))
+        candidate = matcher.describe(self._crop_image(crop_id))
         if reference is not None or reference_bytes is not None:
-            image = (self.search.crop_image(reference) if reference is not None
+            image = (self._crop_image(reference) if reference is not None
                      else Image.open(io.BytesIO(reference_bytes or b"")))
             ref = matcher.describe(image)
         else:
@@ -149,8 +161,9 @@ class PrefilterDeployment:
                 metas.append(self.search.lookup(crop_id))
             except KeyError:
                 unknown.append(crop_id)
+        store = self.search.follower.active()[1]
         erased, deleted = Eraser(self.settings, self.search.objects).erase(
-            metas, reason, request_id)
+            metas, reason, request_id, live=store.live_metas() if store else [])
         self.search.refresh(timeout_s=60)
         return {"erased": erased, "unknown": unknown, "objects_deleted": deleted}
 
@@ -238,14 +251,17 @@ class RerankDeployment:
         keys = [c.object_key for c in shortlist.items]
         if shortlist.kind.has_image and shortlist.query_key:  # a text query shows no image
             keys.append(shortlist.query_key)
-        images = dict(zip(keys, self._pool.map(self._image, keys), strict=True))
+        images = dict(zip(keys, self._pool.map(self._image_or_none, keys), strict=True))
         query_image = None
         if shortlist.kind.has_image:
             query_image = (images[shortlist.query_key] if shortlist.query_key
                            else Image.open(io.BytesIO(shortlist.query_bytes or b"")))
+            if query_image is None:
+                raise CropGone("the image of the query crop is gone (erased or purged)")
         query = Query(shortlist.kind, image=query_image, text=query_text(request))
+        # a candidate erased since the shortlist was drawn is left out, not a failed query
         candidates = [Candidate(c.crop_id, images[c.object_key], c.score)
-                      for c in shortlist.items]
+                      for c in shortlist.items if images[c.object_key] is not None]
         return runtime.answer(query, candidates, rationale=request.rationale)
 
     def explain(self, text: str | None, reference: str | None, reference_bytes: bytes | None,
@@ -257,12 +273,24 @@ class RerankDeployment:
             raise ModelUnavailable("no VLM is deployed yet")
         image = None
         if reference is not None:
-            image = self._image(reference)
+            image = self._image_or_none(reference)
+            if image is None:
+                raise CropGone("the reference crop's image is gone (erased or purged)")
         elif reference_bytes is not None:
             image = Image.open(io.BytesIO(reference_bytes)).convert("RGB")
         kind = QueryKind.TEXT_TO_IMAGE if image is None else QueryKind.STANDARD
         query = Query(kind, image=image, text=text)
-        return runtime.rationale(query, self._image(crop_key)), runtime.version
+        result = self._image_or_none(crop_key)
+        if result is None:
+            raise CropGone("the result crop's image is gone (erased or purged)")
+        return runtime.rationale(query, result), runtime.version
+
+    def _image_or_none(self, key: str) -> Image.Image | None:
+        """The crop image, None when its object is gone (erased or purged meanwhile)."""
+        try:
+            return self._image(key)
+        except ObjectNotFound:
+            return None
 
     def _image(self, key: str) -> Image.Image:
         with self._cache_lock:

@@ -1,0 +1,280 @@
+"""Faults of the servers under the ingest path, on real ones: an object-store outage in the
+middle of a stream, and index readers resuming from snapshots against a broker that
+under-reports its log end, lost its log, or holds a different one.
+
+The servers these tests stop are their own (a SeaweedFS or Tansu started here on free ports,
+in a temporary folder), never the shared local stack."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chatreid.bus import broker_reachable, ensure_topics, make_producer
+from chatreid.prefilter import crop_id_to_int64
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.schemas import CROPS, INDEXED, IndexedEvent, SourceOffset
+from chatreid.services.embedder import EmbedderService
+from chatreid.services.ingestor import Ingestor
+from chatreid.services.ingestor.sources import synth_source
+from chatreid.stack import tansu_binary, weed_binary
+from chatreid.storage import ObjectStore
+
+from .conftest import read_dead_letters, read_events
+
+pytestmark = pytest.mark.stack
+
+OUTAGE_S = 30.0
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class PrivateServer:
+    """A server process of this test only (own ports, own data), stoppable and restartable."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.cmd, self.env, self.log = cmd, env, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, healthy, what: str, timeout_s: float = 60) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not healthy():
+            assert self.proc.poll() is None, f"{what} exited: {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{what} not healthy in {timeout_s}s"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def private_s3(settings, tmp_path):
+    """Settings whose object store is a SeaweedFS of this test's own (every port given, so
+    none of ``weed mini``'s fixed defaults collides with the shared one)."""
+    ports = free_ports(10)
+    flags = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+             "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"]
+    (tmp_path / "s3").mkdir()
+    cmd = [weed_binary(), "mini", f"-dir={tmp_path / 's3'}", "-ip=127.0.0.1",
+           "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+           "-s3.port.lance=0", "-master.telemetry=false",
+           *(f"-{flag}={port}" for flag, port in zip(flags, ports, strict=True))]
+    env = {"AWS_ACCESS_KEY_ID": settings.s3.access_key,
+           "AWS_SECRET_ACCESS_KEY": settings.s3.secret_key}
+    server = PrivateServer(cmd, env, tmp_path / "s3.log")
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    server.healthy = healthy
+    server.start(healthy, "SeaweedFS")
+    s = settings.model_copy(deep=True)
+    s.s3.endpoint = f"127.0.0.1:{ports[0]}"
+    ObjectStore(s.s3).ensure_bucket()
+    try:
+        yield s, server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_broker(settings, tmp_path):
+    """Settings whose broker is a Tansu of this test's own (memory only: a restart loses
+    every topic, as the local broker does)."""
+    port = free_ports(1)[0]
+    url = f"tcp://127.0.0.1:{port}"
+    server = PrivateServer([tansu_binary(), "broker", "--listener-url", url,
+                            "--advertised-listener-url", url], {}, tmp_path / "kafka.log")
+    s = settings.model_copy(deep=True)
+    s.kafka.bootstrap_servers = f"127.0.0.1:{port}"
+    server.healthy = lambda: broker_reachable(s.kafka)
+    server.start(server.healthy, "Tansu")
+    ensure_topics(s.kafka)
+    try:
+        yield s, server
+    finally:
+        server.stop()
+
+
+class HeldProducer:
+    """Stands in for the ingestor's producer: keeps the events, to publish them later."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, topic: str, key: bytes, value: bytes):
+        self.sent.append((topic, key, value))
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3):
+    """The store stops for 30 s while crop events keep arriving: the embedder waits with its
+    partitions paused instead of dead-lettering, and indexes every crop once it is back."""
+    s, server = private_s3
+    s.embedder.batch_size = 8
+    s.embedder.fetch_backoff_initial_s, s.embedder.fetch_backoff_max_s = 0.5, 2.0
+    crops = list(synth_source(5, 48, None, start_time=1.7e9))
+    ingestor = Ingestor(s, source="synth")
+    before = [ingestor.submit(c).event for c in crops[:24]]
+    ingestor.close()
+    held = HeldProducer()  # the rest is stored now, its events published during the outage
+    late = Ingestor(s, source="synth", producer=held)
+    after = [late.submit(c).event for c in crops[24:]]
+    assert all(before) and all(after) and len(held.sent) == 24
+
+    service = EmbedderService(s)
+    worker = threading.Thread(target=service.run, kwargs={"until_idle_s": 120}, daemon=True)
+    worker.start()
+    follower = IndexFollower(s)
+    try:
+        deadline = time.monotonic() + 60
+        while (follower.store is None or len(follower.store) < 24) and \
+                time.monotonic() < deadline:
+            follower.poll(timeout_ms=200)
+        assert follower.store is not None and len(follower.store) == 24
+
+        server.stop()
+        producer = make_producer(s.kafka)
+        for topic, key, value in held.sent:
+            assert topic == s.kafka.topic(CROPS.name)
+            producer.send(topic, key=key, value=value)
+        producer.flush()
+        producer.close()
+        down_until = time.monotonic() + OUTAGE_S
+        while time.monotonic() < down_until:
+            follower.poll(timeout_ms=500)
+        assert len(follower.store) == 24  # nothing indexed (nor lost) while the store is down
+        assert service.stats.dead_letters == 0 and service.stats.store_waits >= 1
+
+        server.start(server.healthy, "SeaweedFS (restarted)")
+        deadline = time.monotonic() + 60
+        while len(follower.store) < 48 and time.monotonic() < deadline:
+            follower.poll(timeout_ms=200)
+    finally:
+        service.stop()
+        worker.join(timeout=60)
+        follower.close()
+    assert not worker.is_alive()
+    stats = service.stats
+    assert stats.dead_letters == 0 and stats.indexed == 48, stats
+    assert follower.store.crop_ids() == {e.crop_id for e in before + after}
+    indexed = read_events(s, INDEXED, IndexedEvent, expect=49, timeout_s=5)
+    assert sorted(e.crop_id for e in indexed) == sorted(e.crop_id for e in before + after)
+    assert read_dead_letters(s, expect=1, timeout_s=3) == []
+
+
+def indexed_events(start: int, n: int, dim: int = 8) -> list[IndexedEvent]:
+    rng = np.random.default_rng(start)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    events = []
+    for i in range(start, start + n):
+        vec = rng.normal(size=dim).astype(np.float32)
+        vec /= np.linalg.norm(vec)
+        crop_id = f"crop-{i:04d}"
+        events.append(IndexedEvent(
+            crop_id=crop_id, vector_id=crop_id_to_int64(crop_id), site="s", camera=f"c{i % 3}",
+            modality="rgb", capture_time=t0 + timedelta(seconds=i),
+            object_key=f"crops/2026-01-01/{crop_id}.jpg", embedder_version="v-test", dim=dim,
+            vector_b64=IndexedEvent.encode_vector(vec),
+            source=SourceOffset(topic="crops", partition=0, offset=i)))
+    return events
+
+
+def publish_indexed(s, events: list[IndexedEvent], partitions: list[int],
+                    batch: int = 5) -> None:
+    """Publish in small flushed batches: multi-record batches are what Tansu under-reports."""
+    producer = make_producer(s.kafka)
+    for i, (event, partition) in enumerate(zip(events, partitions, strict=True)):
+        producer.send(s.kafka.topic(INDEXED.name), key=event.camera.encode(),
+                      value=event.to_bytes(), partition=partition)
+        if i % batch == batch - 1:
+            producer.flush()
+    producer.flush()
+    producer.close()
+
+
+def restored(s) -> IndexFollower:
+    follower = IndexFollower(s)
+    assert follower.restore()
+    follower.catch_up(timeout_s=60)
+    follower.close()
+    return follower
+
+
+def test_index_readers_resume_from_the_snapshot_whatever_the_broker_reports(private_broker):
+    s, broker = private_broker
+    assert s.kafka.partitions == 3
+    publish_indexed(s, indexed_events(0, 30), [i % 3 for i in range(30)])  # 10 a partition
+    first = IndexFollower(s)
+    first.catch_up(timeout_s=60)
+    assert len(first.store) == 30 and first.snapshot()
+    first.close()
+
+    # a restart with nothing new: nothing replayed (the broker reports each partition's end
+    # one batch short, which made every reader replay the whole log)
+    again = restored(s)
+    assert (again.stats.read, again.stats.replay_gap, again.stats.log_resets) == (0, 0, 0)
+    assert len(again.store) == 30
+
+    # a gap on one partition only: exactly the gap is replayed
+    publish_indexed(s, indexed_events(30, 20), [0] * 20)
+    gap = restored(s)
+    assert (gap.stats.read, gap.stats.replay_gap, gap.stats.log_resets) == (20, 20, 0)
+    assert len(gap.store) == 50
+
+    # the broker restarts and loses its log (memory only); the new log is shorter than the
+    # snapshot's offsets: each partition is replayed from its start, the snapshot kept
+    broker.stop()
+    broker.start(broker.healthy, "Tansu (restarted)")
+    ensure_topics(s.kafka)
+    publish_indexed(s, indexed_events(100, 9), [i % 3 for i in range(9)])  # 3 a partition
+    shorter = restored(s)
+    assert (shorter.stats.read, shorter.stats.log_resets) == (9, 3)
+    assert len(shorter.store) == 30 + 9
+
+    # ... and once the new log has grown past those offsets, its records there are not the
+    # ones the snapshot saw: still replayed from the start, nothing skipped
+    publish_indexed(s, indexed_events(200, 30), [i % 3 for i in range(30)])
+    grown = restored(s)
+    assert (grown.stats.read, grown.stats.log_resets) == (39, 3)
+    assert len(grown.store) == 30 + 9 + 30
