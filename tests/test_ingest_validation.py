@@ -135,3 +135,28 @@ def test_every_source_produces_valid_camera_ids(tmp_path) -> None:
     assert cameras == ["c3", "cam 2", "unknown"]
     for camera in cameras:
         validate_metadata(camera, NOW, LIMITS, now=NOW)
+
+
+@pytest.mark.stack
+def test_a_rejected_upload_keeps_only_its_first_4_kib_in_the_dead_letter(settings):
+    """Each rejected upload used to write its first 64 KiB to the dead-letter topic."""
+    import base64
+    import hashlib
+
+    from chatreid.services.ingestor import CropInput, Ingestor
+    from chatreid.services.ingestor.service import REJECTED_PAYLOAD_BYTES
+
+    from .conftest import read_dead_letters
+
+    junk = bytes(range(256)) * 1024  # 256 KiB that no image decoder accepts
+    ingestor = Ingestor(settings, source="test")
+    result = ingestor.submit(CropInput(data=junk, camera="c1", origin="upload-1",
+                                       capture_time=datetime(2026, 1, 1, tzinfo=UTC)))
+    ingestor.close()
+    assert not result.ok
+    [letter] = read_dead_letters(settings, expect=1)
+    assert REJECTED_PAYLOAD_BYTES == 4096
+    assert base64.b64decode(letter.payload_b64) == junk[:4096] and letter.payload_truncated
+    assert f"{len(junk)} bytes" in letter.reason
+    assert hashlib.sha256(junk).hexdigest() in letter.reason
+    assert letter.error == result.error and letter.origin == "upload-1"
