@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from typing import Any
 
@@ -11,10 +12,9 @@ import ray
 from pyarrow import fs
 
 from chatreid.config import Settings
-from chatreid.stack import LocalStack
+from chatreid.stack import LOCAL_RAY_ENV, LOOPBACK_RAY_ENV, LocalStack, is_loopback
 
-# Worker processes must not prompt for Ray's token auth on a loopback dev cluster.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+log = logging.getLogger(__name__)
 # Settings that are secrets: never part of a config Ray logs or a job persists.
 SECRETS = (("serve", "api_key"), ("s3", "secret_key"), ("kafka", "sasl_password"))
 _KV_NAMESPACE = "chatreid"
@@ -66,34 +66,71 @@ def unshare(data: dict[str, Any] | None) -> Settings:
 
 
 def connect(settings: Settings) -> None:
-    """Join the configured cluster, else the local stack's head, else start Ray in-process."""
+    """Join the configured cluster, else the local stack's head, else start Ray in-process.
+
+    Ray token auth (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``,
+    from a secret) stays as the environment sets it for every configured cluster; only a
+    loopback-only Ray, the local stack's head or an in-process one, runs without it."""
     if ray.is_initialized():
         return
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
     address = settings.ray.address
-    if address is None and settings.ray.join_local_head and LocalStack(settings).ray_healthy():
-        address = "auto"
+    stack = LocalStack(settings)
+    if address is None and settings.ray.join_local_head and stack.ray_healthy():
+        stack.check_ray_loopback()
+        _set_env(LOCAL_RAY_ENV if stack.ray_started_here() else LOOPBACK_RAY_ENV)
+        ray.init(address=f"127.0.0.1:{settings.stack.ray_port}", log_to_driver=True)
+        return
     if address is not None:
-        ray.init(address=address, log_to_driver=True)
+        _join(address)
         return
     settings.ray.temp_dir.mkdir(parents=True, exist_ok=True)
+    _set_env(LOCAL_RAY_ENV)  # inherited by its raylet and so by every worker
     ray.init(
         address="local",  # never a stale head recorded in Ray's temp dir
         num_cpus=settings.ray.num_cpus,
         include_dashboard=False,
         _temp_dir=str(settings.ray.temp_dir),
-        runtime_env={"env_vars": dict(RAY_ENV)},
     )
+
+
+def _set_env(env: dict[str, str]) -> None:
+    for key, value in env.items():
+        os.environ.setdefault(key, value)  # an explicit choice in the environment wins
+    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:
+        # Ray read it when imported (before this ran); its child processes read the env var
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ[
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
+
+
+def _join(address: str) -> None:
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if is_loopback(host):
+        _set_env(LOOPBACK_RAY_ENV)  # else Ray rewrites 127.0.0.1 to the machine's address
+    has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if has_token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ.get("RAY_AUTH_MODE") == "disabled" and not is_loopback(host):
+        log.warning("RAY_AUTH_MODE=disabled toward %s: whoever reaches that cluster runs code "
+                    "and reads its secrets; give it a token (RAY_AUTH_TOKEN)", address)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as exc:
+        if has_token:
+            raise
+        raise ConnectionError(f"{exc}. If the cluster uses token auth (the Helm chart's and "
+                              "docker-compose's do), set RAY_AUTH_TOKEN to its token") from exc
 
 
 def storage_filesystem(settings: Settings) -> fs.S3FileSystem:
     s3 = settings.s3
+    access_key, secret_key = s3.credentials()
     return fs.S3FileSystem(
         endpoint_override=s3.endpoint,
         scheme="https" if s3.secure else "http",
-        access_key=s3.access_key,
-        secret_key=s3.secret_key,
+        access_key=access_key,
+        secret_key=secret_key,
         region=s3.region or "us-east-1",
     )
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -34,12 +35,18 @@ def _start_embedder(settings: Settings) -> subprocess.Popen:
 
 
 def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: Path,
-             console: Console) -> None:
+             console: Console, on_stack_up: Callable[[LocalStack], None] | None = None) -> None:
+    """The demo on ``settings``; access control stays on (a bootstrap key is generated when
+    none is configured) unless ``access.insecure``. ``on_stack_up`` sees the started stack
+    (the CLI shows a newly generated key once)."""
     from .services.ingestor import Ingestor
     from .services.ingestor.sources import synth_source
 
+    stack = LocalStack(settings)
     with console.status("starting the local stack (Kafka-protocol broker, S3 store, Ray)"):
-        LocalStack(settings).up(ray=True)
+        stack.up(ray=True, api_key=not settings.access.insecure)
+    if on_stack_up:
+        on_stack_up(stack)
     embedder_proc = _start_embedder(settings)
     try:
         person_of: dict[str, str] = {}  # sha256 of the crop -> synthetic person id

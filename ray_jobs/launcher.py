@@ -20,7 +20,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from chatreid.cluster import RAY_ENV, connect, share, storage_filesystem, unshare
+from chatreid.cluster import connect, share, storage_filesystem, unshare
 from chatreid.config import Settings
 from chatreid.storage import ObjectStore
 
@@ -59,7 +59,8 @@ def run_trainer(
             storage_filesystem=storage_filesystem(settings),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": dict(RAY_ENV)},
+            # no env override for workers: they inherit their raylet's (and so the cluster's)
+            # Ray auth settings
         ),
     )
     log.info("ray train %s: %d workers", name, num_workers or train.num_workers)
