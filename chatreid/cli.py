@@ -31,14 +31,79 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
+_INSECURE_HELP = ("turn the API's access control off: every caller holds every role, admin "
+                  "included (local experiments only; logged loudly)")
+
+
 @app.command()
-def up(ray: Annotated[bool, typer.Option(help="also start a local Ray head")] = True) -> None:
-    """Start the local stack (broker, object store, Ray) on loopback; idempotent."""
+def up(
+    ray: Annotated[bool, typer.Option(help="also start a local Ray head")] = True,
+    insecure: Annotated[bool, typer.Option(help="generate no bootstrap API key (serve with "
+                                                "--insecure then)")] = False,
+) -> None:
+    """Start the local stack (broker, object store, Ray) on loopback; idempotent. Generates the
+    object-store keys and the API's bootstrap key where none is configured (shown once)."""
     from .stack import LocalStack
 
+    settings = _settings()
+    stack = LocalStack(settings)
     with console.status("starting the local stack"):
-        statuses = LocalStack(_settings()).up(ray=ray)
+        statuses = stack.up(ray=ray, api_key=not insecure)
     _print_status(statuses)
+    _print_credentials(stack, insecure)
+
+
+def _print_credentials(stack, insecure: bool) -> None:
+    """The bootstrap key the first time it is generated; afterwards only where it is."""
+    from .stack import API_KEY_VAR
+
+    key = stack.generated.get(API_KEY_VAR)
+    if key:
+        console.print(f"[bold]bootstrap API key[/] (every role; shown this once, kept in "
+                      f"{stack.credentials_file}, owner-only):\n  {key}", soft_wrap=True)
+    elif insecure:
+        _warn_insecure()
+    elif stack.settings.serve.api_key:
+        console.print(f"bootstrap API key: {_where(stack, API_KEY_VAR)} (serve.api_key)")
+    if stack.generated and set(stack.generated) - {API_KEY_VAR}:
+        console.print(f"object-store keys generated into {stack.credentials_file}")
+
+
+def _where(stack, var: str) -> str:
+    import os
+
+    if os.environ.get(var):
+        return f"from the environment ({var})"
+    from dotenv import dotenv_values
+
+    if stack.credentials_file.exists() and dotenv_values(stack.credentials_file).get(var):
+        return f"in {stack.credentials_file}"
+    return f"configured ({var}, .env)"
+
+
+def _warn_insecure() -> None:
+    logging.getLogger("chatreid").warning(
+        "ACCESS CONTROL IS OFF (--insecure): every caller of the API holds every role, admin "
+        "included. Local experiments only.")
+    console.print("[bold red]ACCESS CONTROL IS OFF (--insecure):[/] every caller of the API "
+                  "holds every role, admin included. Local experiments only.")
+
+
+def _require_api_key(settings: Settings, insecure: bool) -> None:
+    """Serving needs the bootstrap key, unless access control is explicitly off."""
+    if insecure:
+        settings.access.insecure = True
+    if settings.access.insecure:
+        _warn_insecure()
+        return
+    if not settings.serve.api_key:
+        from .config import credentials_file
+
+        console.print("[red]no bootstrap API key[/] (serve.api_key): run `chatreid up`, which "
+                      f"generates one into {credentials_file()} and shows it once, or set "
+                      "CHATREID_SERVE__API_KEY (environment or .env); --insecure serves "
+                      "without access control (local experiments only)")
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -264,6 +329,7 @@ def serve(
     print_config: Annotated[bool, typer.Option(
         help="print the portable Serve config (KubeRay serveConfigV2) for these settings and "
              "exit")] = False,
+    insecure: Annotated[bool, typer.Option(help=_INSECURE_HELP)] = False,
 ) -> None:
     """Deploy the retrieval app on Ray Serve (the local head, started if needed), then follow
     checkpoint events and roll each verified VLM checkpoint out replica by replica."""
@@ -290,6 +356,7 @@ def serve(
 
         typer.echo(yaml.safe_dump(deploy_config(settings, portable=True), sort_keys=False))
         return
+    _require_api_key(settings, insecure)
     if settings.ray.address is None:
         with console.status("starting the local stack (broker, object store, Ray head)"):
             LocalStack(settings).up(ray=True)
@@ -554,13 +621,20 @@ def demo(
     k: Annotated[int, typer.Option(help="candidates the VLM reranks")] = 20,
     top: Annotated[int, typer.Option(help="results to show")] = 10,
     out: Annotated[Path, typer.Option(help="where the contact sheet goes")] = Path("out/demo"),
+    insecure: Annotated[bool, typer.Option(help=_INSECURE_HELP)] = False,
 ) -> None:
     """The main job, end to end: stack up, stream a synthetic site, index it, deploy the
-    retrieval app, answer a cross-camera query reranked by the VLM."""
+    retrieval app, answer a cross-camera query reranked by the VLM. Like `chatreid up`, it
+    generates the bootstrap API key when none is configured (shown once)."""
     from .demo import run_demo
 
     _logging(False)
-    run_demo(_settings(), crops=crops, seed=seed, k=k, top=top, out=out, console=console)
+    settings = _settings()
+    if insecure:
+        settings.access.insecure = True
+        _warn_insecure()
+    run_demo(settings, crops=crops, seed=seed, k=k, top=top, out=out, console=console,
+             on_stack_up=lambda stack: _print_credentials(stack, insecure))
 
 
 @app.command()

@@ -6,11 +6,31 @@ point at the local stack (``chatreid up``) on loopback; docker-compose and Helm 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class MissingCredentials(RuntimeError):
+    """A secret the process needs is configured nowhere; the message says how to get it."""
+
+
+def credentials_file() -> Path:
+    """Where ``chatreid up`` keeps the local stack's generated secrets (owner-only):
+    ``<stack.data_dir>/credentials.env``, stack.data_dir taken from the environment or ``.env``
+    (default ``.chatreid``), relative to the working directory like ``.env`` itself."""
+    data_dir = (os.environ.get("CHATREID_STACK__DATA_DIR")
+                or dotenv_values(".env").get("CHATREID_STACK__DATA_DIR") or ".chatreid")
+    return Path(data_dir) / "credentials.env"
 
 
 class KafkaSettings(BaseModel):
@@ -41,21 +61,39 @@ class KafkaSettings(BaseModel):
 
 class S3Settings(BaseModel):
     endpoint: str = "127.0.0.1:9000"
-    access_key: str = "chatreid"
-    secret_key: str = "chatreid-secret"
+    # No defaults: well-known keys would open the store to anyone who reads this file.
+    access_key: str | None = Field(
+        None, description="object-store access key; `chatreid up` generates one for the local "
+        "stack into <stack.data_dir>/credentials.env")
+    secret_key: str | None = Field(
+        None, description="object-store secret key (generated with access_key)")
     secure: bool = False
     region: str | None = None
     bucket: str = "chatreid"
+
+    def credentials(self) -> tuple[str, str]:
+        """(access key, secret key), or an error saying how to get them."""
+        if not self.access_key or not self.secret_key:
+            raise MissingCredentials(
+                "no object-store credentials: set CHATREID_S3__ACCESS_KEY and "
+                "CHATREID_S3__SECRET_KEY (environment or .env), or run `chatreid up`, which "
+                f"generates them for the local stack into {credentials_file()}")
+        return self.access_key, self.secret_key
 
 
 class StackSettings(BaseModel):
     """The local stack started by ``chatreid up``."""
 
-    data_dir: Path = Path(".chatreid")
+    data_dir: Path = Field(Path(".chatreid"), description="logs, data, pids and the generated "
+                           "credentials.env (owner-only)")
     kafka_port: int = 9092
     s3_port: int = 9000
     ray: bool = True
     ray_num_cpus: int = 2
+    ray_port: int = Field(6379, description="the local Ray head's GCS port (127.0.0.1 only); "
+                          "keep it outside Ray's worker ports 10002-19999")
+    ray_client_port: int = Field(10001, description="the local Ray head's Ray client server "
+                                 "port (127.0.0.1 only)")
 
 
 class IngestorSettings(BaseModel):
@@ -226,9 +264,20 @@ class RetentionSettings(BaseModel):
 
 
 class Settings(BaseSettings):
+    # Sources, first wins: environment, .env, then <stack.data_dir>/credentials.env (the secrets
+    # `chatreid up` generated for values configured nowhere else), then the defaults.
     model_config = SettingsConfigDict(
         env_prefix="CHATREID_", env_nested_delimiter="__", env_file=".env", extra="ignore"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        generated = DotEnvSettingsSource(settings_cls, env_file=credentials_file())
+        return init_settings, env_settings, dotenv_settings, generated, file_secret_settings
 
     site: str = "default-site"
     kafka: KafkaSettings = KafkaSettings()
