@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
@@ -32,6 +30,10 @@ from chatreid.evaluation.engine import (
 from chatreid.evaluation.tasks import EvalTask
 from chatreid.retrieval import ModelSpec, VLMRuntime
 
+from .placement import ClusterBusy, place_actors
+
+__all__ = ["ClusterBusy", "RayReranker", "RerankActor", "resolve_embedder", "run_evaluation"]
+
 
 def rerank_one(runtime: VLMRuntime, job: RerankJob) -> RerankOutcome:
     from chatreid.rerank import Candidate, Query
@@ -44,10 +46,6 @@ def rerank_one(runtime: VLMRuntime, job: RerankJob) -> RerankOutcome:
     result = runtime.reranker.rerank(query, cands)
     order = tuple(int(r.candidate_id) for r in result.ranking if r.reranked)
     return RerankOutcome(job.key, order, result.stats.forwards)
-
-
-class ClusterBusy(RuntimeError):
-    """The cluster could not place a job's actors within ``ray.placement_timeout_s``."""
 
 
 @ray.remote
@@ -72,53 +70,6 @@ class RerankActor:
             self.runtime = VLMRuntime.load(unshare(self.settings),
                                            ModelSpec.model_validate(self.spec))
         return [rerank_one(self.runtime, job) for job in jobs]
-
-
-def cpu_summary() -> tuple[float, float]:
-    """(free, total) CPUs of the cluster now."""
-    return (float(ray.available_resources().get("CPU", 0.0)),
-            float(ray.cluster_resources().get("CPU", 0.0)))
-
-
-def place_actors(actors: list, cpus_each: float, timeout_s: float, what: str = "actors",
-                 report_every_s: float = 10.0, say: Callable[[str], None] | None = None
-                 ) -> list:
-    """Wait until ``actors`` are placed on the cluster, saying what it waits for every
-    ``report_every_s``. After ``timeout_s``: the placed ones (the rest are killed) if any,
-    else :class:`ClusterBusy` with what was needed and what the cluster has free."""
-    say = say or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    probes = {actor.placed.remote(): actor for actor in actors}
-    placed: list = []
-    start = time.monotonic()
-    while probes:
-        waited = time.monotonic() - start
-        left = timeout_s - waited
-        if left <= 0:
-            break
-        ready, _ = ray.wait(list(probes), num_returns=len(probes),
-                            timeout=min(report_every_s, left))
-        for ref in ready:
-            ray.get(ref)  # an actor that failed to start raises here
-            placed.append(probes.pop(ref))
-        if probes:
-            free, total = cpu_summary()
-            say(f"waiting for {len(probes)} of {len(actors)} {what} needing {cpus_each:g} CPU "
-                f"each; the cluster has {free:g} of {total:g} CPUs free "
-                f"({time.monotonic() - start:.0f}s of ray.placement_timeout_s={timeout_s:g})")
-    if not probes:
-        return placed
-    for actor in probes.values():
-        ray.kill(actor)
-    free, total = cpu_summary()
-    if placed:
-        say(f"going on with {len(placed)} of {len(actors)} {what}: the cluster could not place "
-            f"the other {len(probes)} within {timeout_s:g}s ({free:g} of {total:g} CPUs free)")
-        return placed
-    raise ClusterBusy(
-        f"the cluster could not place any of {len(actors)} {what} needing {cpus_each:g} CPU "
-        f"each within {timeout_s:g}s: it has {free:g} of {total:g} CPUs free. Something else "
-        "holds them (e.g. a Serve app: `chatreid down` or `serve shutdown`), or ask for less "
-        "(--workers, fewer CPUs each), or wait longer (CHATREID_RAY__PLACEMENT_TIMEOUT_S)")
 
 
 def job_hash(job: RerankJob) -> str:

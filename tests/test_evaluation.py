@@ -111,6 +111,19 @@ def test_suite_on_ray_is_resumable_and_reported(world, embedder, ray_session, tm
     assert data["models"]["tiny"][0]["chatreid"]["queries"] == 4
 
 
+def _all_cpus_free(timeout_s: float = 60) -> float:
+    """The session's Ray CPUs, once actors killed by earlier tests have released theirs."""
+    import time
+
+    import ray
+
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return total
+
+
 def test_eval_says_what_it_waits_for_and_fails_when_the_cluster_is_full(
         ray_session, tmp_path, capsys) -> None:
     """`chatreid eval` while a Serve app holds the head's CPUs used to wait forever at
@@ -126,7 +139,7 @@ def test_eval_says_what_it_waits_for_and_fails_when_the_cluster_is_full(
         def ping(self) -> bool:
             return True
 
-    total = ray.cluster_resources()["CPU"]
+    total = _all_cpus_free()
     hog = Hog.options(num_cpus=total).remote()
     try:
         ray.get(hog.ping.remote(), timeout=60)  # the cluster's CPUs are held now
@@ -140,5 +153,30 @@ def test_eval_says_what_it_waits_for_and_fails_when_the_cluster_is_full(
             reranker([job])
         assert "waiting for 1 of 1 VLM actors needing 1 CPU each; the cluster has 0 of" in \
             capsys.readouterr().err
+    finally:
+        ray.kill(hog)
+
+
+def test_a_job_goes_on_with_the_actors_the_cluster_could_place(ray_session) -> None:
+    import ray
+
+    from chatreid.ray_jobs.placement import place_actors
+
+    @ray.remote
+    class Worker:
+        def placed(self) -> bool:
+            return True
+
+    total = _all_cpus_free()
+    hog = Worker.options(num_cpus=total - 1).remote()
+    said: list[str] = []
+    try:
+        ray.get(hog.placed.remote(), timeout=60)
+        actors = [Worker.options(num_cpus=1).remote() for _ in range(2)]
+        placed = place_actors(actors, 1, timeout_s=3, what="workers", say=said.append)
+        assert len(placed) == 1 and ray.get(placed[0].placed.remote())
+        assert said[0].startswith("waiting for 1 of 2 workers needing 1 CPU each")
+        assert said[-1].startswith("going on with 1 of 2 workers")
+        ray.kill(placed[0])
     finally:
         ray.kill(hog)
