@@ -86,3 +86,28 @@ def test_query_request_rules():
     with pytest.raises(ValueError, match="time_from is after time_to"):
         QueryRequest(crop_id="a", filters={"time_from": "2026-01-02T00:00:00Z",
                                            "time_to": "2026-01-01T00:00:00Z"})
+
+
+def test_query_times_are_normalised_to_utc_and_limits_hold():
+    from chatreid.schemas.api import MAX_ATTRIBUTE_CHARS, MAX_ATTRIBUTES, MAX_TEXT_CHARS
+
+    naive_and_aware = QueryRequest(crop_id="a", filters={
+        "time_from": "2026-01-01T00:00:00", "time_to": "2026-01-01T05:00:00+05:00"})
+    window = naive_and_aware.filters
+    assert window.time_from == window.time_to == datetime(2026, 1, 1, tzinfo=UTC)
+    assert window.time_from.utcoffset().total_seconds() == 0
+    with pytest.raises(ValueError, match="time_from is after time_to"):
+        QueryRequest(crop_id="a", filters={"time_from": "2026-01-01T00:00:01",
+                                           "time_to": "2026-01-01T05:00:00+05:00"})
+    with pytest.raises(ValueError, match="outside the supported range"):
+        QueryRequest(crop_id="a", filters={"time_to": "9999-12-31T23:00:00-05:00"})
+    QueryRequest(kind="attribute", attributes=["a" * MAX_ATTRIBUTE_CHARS] * MAX_ATTRIBUTES,
+                 text="t" * MAX_TEXT_CHARS)
+    for bad in ({"attributes": ["a" * (MAX_ATTRIBUTE_CHARS + 1)]},
+                {"attributes": ["a"] * (MAX_ATTRIBUTES + 1)},
+                {"text": "t" * (MAX_TEXT_CHARS + 1)}):
+        with pytest.raises(ValueError):
+            QueryRequest(kind="attribute", **{"attributes": ["x"], **bad})
+    schema = json.loads(render_all()["QueryRequest.v1.json"])
+    assert schema["properties"]["attributes"]["maxItems"] == MAX_ATTRIBUTES
+    assert schema["properties"]["attributes"]["items"]["maxLength"] == MAX_ATTRIBUTE_CHARS

@@ -102,6 +102,23 @@ def test_an_explicit_image_and_filters_and_an_empty_session() -> None:
 
 
 
+def test_turns_adding_up_past_the_query_limits_are_refused() -> None:
+    from chatreid.schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
+
+    clue = "c" * (MAX_TEXT_CHARS // 2)
+    turns = [_search(0, text=clue), _search(1, text=clue)]  # "; " joins them: 2 over
+    with pytest.raises(BadQuery) as long_text:
+        derive(QueryFilters(), turns).query(SearchTurn())
+    assert long_text.value.code == "session.query_too_long" and long_text.value.status == 422
+    turns.append(_search(2, text="may have changed clothes, now in green", changed_clothes=True))
+    assert derive(QueryFilters(), turns).query(SearchTurn()).text == "now in green"
+    many = [_search(i, attributes=[f"a{i}", "backpack"]) for i in range(MAX_ATTRIBUTES)]
+    with pytest.raises(BadQuery) as too_many:  # 16 + "backpack" once: the repeats add nothing
+        derive(QueryFilters(), many).query(SearchTurn())
+    assert too_many.value.code == "session.query_too_long"
+    assert len(derive(QueryFilters(), many[:-1]).query(SearchTurn()).attributes) == MAX_ATTRIBUTES
+
+
 @pytest.mark.stack
 def test_sessions_persist_in_object_storage_and_expire(settings) -> None:
     store = SessionStore(settings, ObjectStore(settings.s3))
