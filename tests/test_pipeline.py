@@ -147,3 +147,30 @@ def test_snapshot_plus_replay_restores_the_same_search_results(settings):
                                                                for hits in b]
     assert np.allclose([[h.score for h in hits] for hits in a],
                        [[h.score for h in hits] for hits in b], atol=1e-5)
+
+
+def test_crop_objects_are_per_crop_and_carry_their_event(settings):
+    """Equal bytes from two sightings are two objects (erasing one never touches the other),
+    and the object store alone gives back the crop events (a broker that lost its log)."""
+    from chatreid.services.ingestor.service import stored_events
+    from chatreid.storage import META_SHA256
+
+    events = ingest_synthetic(settings, 6, seed=6)
+    ingestor = Ingestor(settings, source="test")
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    twins = [ingestor.submit(CropInput(data=jpeg_bytes(), camera=cam, capture_time=at)).event
+             for cam in ("c1", "c2")]
+    again = ingestor.submit(CropInput(data=jpeg_bytes(), camera="c1", capture_time=at)).event
+    ingestor.close()
+    assert twins[0].sha256 == twins[1].sha256 and twins[0].object_key != twins[1].object_key
+    assert again.crop_id == twins[0].crop_id and again.object_key == twins[0].object_key
+    assert twins[0].object_key == f"crops/2026-01-01/{twins[0].crop_id}.jpg"
+    objects = ObjectStore(settings.s3)
+    published = {e.crop_id: e for e in events + twins}
+    assert len(objects.list("crops/")) == len(published)
+    assert objects.metadata(twins[1].object_key)[META_SHA256] == twins[1].sha256
+    rebuilt = {e.crop_id: e for e in stored_events(objects)}
+    assert rebuilt.keys() == published.keys()
+    for crop_id, event in rebuilt.items():
+        assert event.model_dump(exclude={"ingested_at"}) == \
+            published[crop_id].model_dump(exclude={"ingested_at"})
