@@ -109,8 +109,10 @@ def _join(address: str) -> None:
     if is_loopback(host):
         _set_env(LOOPBACK_RAY_ENV)  # else Ray rewrites 127.0.0.1 to the machine's address
     has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
-    if has_token:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()  # RAY_AUTH_MODE=token, and Ray's config (read at import) reloaded
     if os.environ.get("RAY_AUTH_MODE") == "disabled" and not is_loopback(host):
         log.warning("RAY_AUTH_MODE=disabled toward %s: whoever reaches that cluster runs code "
                     "and reads its secrets; give it a token (RAY_AUTH_TOKEN)", address)

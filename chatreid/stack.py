@@ -361,6 +361,9 @@ class LocalStack:
         if _group_pids(pgid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while _group_pids(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
         return True
 
     def down(self) -> list[str]:

@@ -1,0 +1,282 @@
+"""Secure by default (issue 14): every local server listens on loopback only, Ray runs without
+token auth only where nothing beyond loopback reaches it, and the local stack's secrets are
+generated, stored owner-only and shown once. Against real servers: a Ray head started through
+``LocalStack`` on ports of its own, the broker and object store the session uses, an in-process
+Ray, and a token-protected head."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from chatreid.config import Settings
+from chatreid.stack import LocalStack
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET_VARS = ("CHATREID_S3__ACCESS_KEY", "CHATREID_S3__SECRET_KEY", "CHATREID_SERVE__API_KEY",
+               "CHATREID_STACK__DATA_DIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")
+
+
+def free_port(lo: int = 20000, hi: int = 29000) -> int:
+    """A free loopback port outside Ray's worker range (10002-19999)."""
+    while True:
+        port = random.randrange(lo, hi)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def loopback(ip: str) -> bool:
+    return ip == "::1" or ip.startswith("127.") or ip.startswith("::ffff:127.")
+
+
+def listeners(pids) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of these processes."""
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for c in proc.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    found.append((proc.name(), c.laddr.ip, c.laddr.port))
+        except psutil.Error:
+            continue
+    return found
+
+
+def group(pgid: int) -> list[int]:
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
+    return {**env, **extra}
+
+
+# Run in a subprocess (a Ray driver changes its process for good): connect the way every job
+# does, start an actor and a task, then report every listener of this driver, its children
+# and the actor's process.
+DRIVER = """
+import json, os, sys, psutil, ray
+from chatreid.config import Settings
+from chatreid.cluster import connect
+settings = Settings()
+settings.ray.join_local_head = os.environ.get("JOIN", "1") == "1"
+connect(settings)
+@ray.remote
+class Probe:
+    def pid(self):
+        return os.getpid()
+actor = Probe.remote()
+pids = [ray.get(actor.pid.remote()), os.getpid()]
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+pids += [c.pid for c in psutil.Process().children(recursive=True)]
+out = []
+for pid in pids:
+    try:
+        p = psutil.Process(pid)
+        out += [[p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        pass
+print("LISTENERS " + json.dumps(out))
+"""
+
+
+def run_driver(env: dict[str, str], timeout: float = 180) -> list[list]:
+    done = subprocess.run([sys.executable, "-c", DRIVER], env=env, cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("LISTENERS "))
+    return json.loads(line.removeprefix("LISTENERS "))
+
+
+def test_local_ray_head_listens_on_loopback_only(tmp_path: Path) -> None:
+    """The head `chatreid up` starts, and everything a job adds to it (driver, workers, actor),
+    listens on 127.0.0.1 only: before, the GCS was on *:6379 and the agents, the Ray client
+    server and the workers on the machine's address, with auth off."""
+    settings = Settings()
+    settings.stack.data_dir = tmp_path / "stack"
+    settings.stack.ray_port, settings.stack.ray_client_port = free_port(), free_port()
+    settings.stack.ray_num_cpus = 1
+    stack = LocalStack(settings)
+    try:
+        stack.start_ray()
+        pgid = stack.pids()["ray"]
+        head = listeners(group(pgid))
+        names = {name for name, _, _ in head}
+        assert ("gcs_server", settings.stack.ray_port) in {(n, p) for n, _, p in head}, head
+        assert settings.stack.ray_client_port in {p for _, _, p in head}, head
+        assert {"raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} & names, names
+        assert all(loopback(ip) for _, ip, _ in head), [x for x in head if not loopback(x[1])]
+
+        env = clean_env(CHATREID_STACK__DATA_DIR=str(settings.stack.data_dir),
+                        CHATREID_STACK__RAY_PORT=str(settings.stack.ray_port),
+                        CHATREID_S3__ACCESS_KEY="unused", CHATREID_S3__SECRET_KEY="unused")
+        driver = run_driver(env)  # its own listeners and those of the actor on the head
+        assert any(name == "ray::Probe" for name, _, _ in driver), driver
+        assert all(loopback(ip) for _, ip, _ in driver), driver
+        after = listeners(group(pgid))
+        assert all(loopback(ip) for _, ip, _ in after), [x for x in after if not loopback(x[1])]
+        assert stack.exposed() == []
+    finally:
+        stopped = stack.down()
+    assert "ray" in stopped and group(pgid) == []  # its own processes only, no `ray stop`
+
+
+def test_in_process_ray_listens_on_loopback_only() -> None:
+    """The in-process Ray (no cluster configured, no local head) is loopback-only too: it runs
+    with auth off, so before it exposed its GCS and workers on every interface."""
+    driver = run_driver(clean_env(JOIN="0", CHATREID_S3__ACCESS_KEY="unused",
+                                  CHATREID_S3__SECRET_KEY="unused"))
+    assert any(name == "gcs_server" for name, _, _ in driver), driver
+    assert all(loopback(ip) for _, ip, _ in driver), [x for x in driver if not loopback(x[1])]
+
+
+def test_broker_and_object_store_listen_on_loopback_only(stack_base: Settings) -> None:
+    conns = psutil.net_connections(kind="tcp")
+    owners = {c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.pid
+              and c.laddr.port in (stack_base.stack.kafka_port, stack_base.stack.s3_port)}
+    assert len(owners) == 2, owners  # Tansu and SeaweedFS
+    found = listeners(owners)
+    assert len(found) >= 3  # SeaweedFS alone opens master, volume, filer, S3 (+ gRPC)
+    assert all(loopback(ip) for _, ip, _ in found), [x for x in found if not loopback(x[1])]
+
+
+def test_a_configured_cluster_keeps_ray_token_auth(tmp_path: Path) -> None:
+    """A cluster beyond the local stack is joined with the token from the environment: before,
+    connect() forced RAY_AUTH_MODE=disabled for every cluster, so a token-protected one could
+    not be joined at all (and an unprotected one was the default everywhere)."""
+    import secrets
+
+    port, client = free_port(), free_port()
+    token = secrets.token_hex(32)
+    ray = str(Path(sys.executable).parent / "ray")
+    head_env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+                         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--ray-client-server-port={client}", "--num-cpus=1", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir=/tmp/chatreid-ray-t{port}"],
+        env=head_env, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=180) == 0
+        driver = run_driver(clean_env(CHATREID_RAY__ADDRESS=f"127.0.0.1:{port}",
+                                      RAY_AUTH_TOKEN=token, CHATREID_S3__ACCESS_KEY="unused",
+                                      CHATREID_S3__SECRET_KEY="unused"))
+        assert driver  # joined, and ran an actor and a task
+    finally:
+        LocalStack._stop_group(proc.pid)
+
+
+# -- generated secrets ---------------------------------------------------------------------------
+def cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chatreid", *args], cwd=cwd, env=env,
+                          text=True, capture_output=True, timeout=180)
+
+
+def stop_private_stack(data_dir: Path, env: dict[str, str]) -> None:
+    """Stop the broker `up` started there (the shared object store is not in its pids) and
+    drop the bucket it created."""
+    from chatreid.storage import ObjectStore
+
+    s = Settings()
+    s.stack.data_dir = data_dir
+    LocalStack(s).down()
+    s.s3.access_key = env["CHATREID_S3__ACCESS_KEY"]
+    s.s3.secret_key = env["CHATREID_S3__SECRET_KEY"]
+    s.s3.bucket = env["CHATREID_S3__BUCKET"]
+    ObjectStore(s.s3).drop_bucket()
+
+
+def test_up_shows_the_bootstrap_key_once_and_stores_it_owner_only(
+        stack_base: Settings, tmp_path: Path) -> None:
+    """`chatreid up` in a fresh checkout: the bootstrap key is generated into
+    .chatreid/credentials.env (0600, directory 0700), printed the first time only, read back
+    by every later command, and written to no log."""
+    kafka = free_port()
+    env = clean_env(
+        COLUMNS="200",
+        CHATREID_STACK__KAFKA_PORT=str(kafka),
+        CHATREID_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka}",
+        # the session's object store already runs with these keys: configured, so kept
+        CHATREID_S3__ACCESS_KEY=stack_base.s3.access_key,
+        CHATREID_S3__SECRET_KEY=stack_base.s3.secret_key,
+        CHATREID_S3__ENDPOINT=stack_base.s3.endpoint,
+        CHATREID_STACK__S3_PORT=str(stack_base.stack.s3_port),
+        CHATREID_S3__BUCKET="t" + os.urandom(5).hex())
+    stack_dir = tmp_path / ".chatreid"
+    try:
+        first = cli(["up", "--no-ray"], tmp_path, env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        creds = stack_dir / "credentials.env"
+        lines = dict(line.split("=", 1) for line in creds.read_text().splitlines()
+                     if line and not line.startswith("#"))
+        assert set(lines) == {"CHATREID_SERVE__API_KEY"}  # S3 keys configured: not generated
+        key = lines["CHATREID_SERVE__API_KEY"]
+        assert len(key) >= 40 and key in first.stdout
+        assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+        assert stat.S_IMODE(stack_dir.stat().st_mode) == 0o700
+
+        second = cli(["up", "--no-ray"], tmp_path, env)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert key not in second.stdout + second.stderr
+        assert "credentials.env" in second.stdout
+        assert creds.read_text().count("CHATREID_SERVE__API_KEY") == 1
+
+        # every later command in this checkout reads it (Settings: env, .env, credentials.env)
+        read = subprocess.run(
+            [sys.executable, "-c", "from chatreid.config import Settings; "
+             "print(Settings().serve.api_key)"], cwd=tmp_path, env=env, text=True,
+            capture_output=True, check=True)
+        assert read.stdout.strip() == key
+        for log in (stack_dir / "logs").iterdir():
+            text = log.read_text(errors="replace")
+            assert key not in text and stack_base.s3.secret_key not in text, log
+    finally:
+        stop_private_stack(stack_dir, env)
+
+
+def test_serve_without_a_bootstrap_key_refuses_and_says_how_to_get_one(tmp_path: Path) -> None:
+    done = cli(["serve"], tmp_path, clean_env(COLUMNS="200"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "chatreid up" in done.stdout and "--insecure" in done.stdout
+
+
+def test_up_insecure_generates_no_key_and_warns(stack_base: Settings, tmp_path: Path) -> None:
+    kafka = free_port()
+    env = clean_env(COLUMNS="200", CHATREID_STACK__KAFKA_PORT=str(kafka),
+                    CHATREID_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka}",
+                    CHATREID_S3__ACCESS_KEY=stack_base.s3.access_key,
+                    CHATREID_S3__SECRET_KEY=stack_base.s3.secret_key,
+                    CHATREID_S3__BUCKET="t" + os.urandom(5).hex())
+    try:
+        done = cli(["up", "--no-ray", "--insecure"], tmp_path, env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ACCESS CONTROL IS OFF" in done.stdout
+        creds = tmp_path / ".chatreid" / "credentials.env"
+        assert not creds.exists() or "API_KEY" not in creds.read_text()
+    finally:
+        stop_private_stack(tmp_path / ".chatreid", env)
