@@ -199,3 +199,72 @@ def test_mismatched_state_dict(tmp_path: Path) -> None:
     torch.save({"state_dict": state, "config": model.config(), "version": "x"}, path)
     with pytest.raises(WeightsError, match="do not fit"):
         build_embedder(path)
+
+
+class _Response:
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class _FlakyStore:
+    """An object store answering with a given failure (or bytes and metadata)."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    def read(self, key: str):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def _s3_error(status: int, code: str):
+    from minio.error import S3Error
+
+    return S3Error(_Response(status), code, "message", "/b/k", "req", "host")
+
+
+@pytest.mark.parametrize("failure, transient", [
+    (ConnectionRefusedError(111, "refused"), True),
+    (ConnectionResetError(104, "reset"), True),
+    (TimeoutError("read timed out"), True),
+    (_s3_error(503, "SlowDown"), True),
+    (_s3_error(500, "InternalError"), True),
+    (_s3_error(404, "NoSuchBucket"), True),  # configuration, not this crop
+    (_s3_error(403, "AccessDenied"), True),
+    (_s3_error(400, "InvalidObjectName"), False),  # a key no store will ever serve
+])
+def test_store_failures_are_transient_or_permanent(failure, transient) -> None:
+    """Transient failures must never dead-letter a crop (the embedder waits them out)."""
+    from chatreid.services.embedder.service import CropFailed, StoreUnavailable, fetch_crop
+
+    expected = StoreUnavailable if transient else CropFailed
+    with pytest.raises(expected):
+        fetch_crop(_FlakyStore(failure), "crops/2026-01-01/x.jpg", None)
+
+
+def test_missing_mismatched_and_corrupt_crops_are_permanent(tmp_path: Path) -> None:
+    import io
+
+    from chatreid.services.embedder.service import CropFailed, fetch_crop
+    from chatreid.storage import META_SHA256, ObjectNotFound, legacy_crop_key, sha256_hex
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 64), (10, 20, 30)).save(buf, "JPEG")
+    good = buf.getvalue()
+    key = "crops/2026-01-01/x.jpg"
+    cases = [
+        (ObjectNotFound(key), None, "crop.missing"),
+        ((good, {}), "0" * 64, "crop.checksum"),
+        ((good, {META_SHA256: "0" * 64}), None, "crop.checksum"),  # the object's own hash
+        ((b"\xff\xd8junk", {}), None, "image.corrupt"),
+    ]
+    for outcome, sha, error in cases:
+        with pytest.raises(CropFailed) as failed:
+            fetch_crop(_FlakyStore(outcome), key, sha)
+        assert failed.value.error == error
+    legacy = legacy_crop_key("1" * 64, "jpg")  # a legacy key names its sha256
+    with pytest.raises(CropFailed, match=r"crop\.checksum"):
+        fetch_crop(_FlakyStore((good, {})), legacy, None)
+    ok = fetch_crop(_FlakyStore((good, {META_SHA256: sha256_hex(good)})), key, None)
+    assert ok.size == (32, 64)

@@ -23,10 +23,12 @@ import pytest
 from chatreid.bus import broker_reachable, ensure_topics, make_producer
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.schemas import CROPS, INDEXED, IndexedEvent, SourceOffset
+from chatreid.retrieval import StorageUnavailable
+from chatreid.schemas import CROPS, INDEXED, IndexedEvent, QueryRequest, SourceOffset
 from chatreid.services.embedder import EmbedderService
 from chatreid.services.ingestor import Ingestor
 from chatreid.services.ingestor.sources import synth_source
+from chatreid.services.retrieval.deployments import PrefilterDeployment
 from chatreid.stack import tansu_binary, weed_binary
 from chatreid.storage import ObjectStore
 
@@ -149,7 +151,8 @@ class HeldProducer:
 
 def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3):
     """The store stops for 30 s while crop events keep arriving: the embedder waits with its
-    partitions paused instead of dead-lettering, and indexes every crop once it is back."""
+    partitions paused instead of dead-lettering, and indexes every crop once it is back; the
+    API meanwhile answers 503 storage.unavailable where it needs an image."""
     s, server = private_s3
     s.embedder.batch_size = 8
     s.embedder.fetch_backoff_initial_s, s.embedder.fetch_backoff_max_s = 0.5, 2.0
@@ -166,12 +169,15 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
     worker = threading.Thread(target=service.run, kwargs={"until_idle_s": 120}, daemon=True)
     worker.start()
     follower = IndexFollower(s)
+    prefilter = None
     try:
         deadline = time.monotonic() + 60
         while (follower.store is None or len(follower.store) < 24) and \
                 time.monotonic() < deadline:
             follower.poll(timeout_ms=200)
         assert follower.store is not None and len(follower.store) == 24
+        prefilter = PrefilterDeployment.func_or_class(s.model_dump(mode="json"))
+        assert prefilter.search.gallery_size() == 24
 
         server.stop()
         producer = make_producer(s.kafka)
@@ -181,6 +187,13 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
         producer.flush()
         producer.close()
         down_until = time.monotonic() + OUTAGE_S
+        # meanwhile the API answers a documented 503, not a 500: viewing a crop, querying
+        for call in (lambda: prefilter.crop(before[0].crop_id),
+                     lambda: prefilter.shortlist(QueryRequest(crop_id=before[0].crop_id))):
+            with pytest.raises(StorageUnavailable) as unavailable:
+                call()
+            assert (unavailable.value.status, unavailable.value.code) == (503,
+                                                                          "storage.unavailable")
         while time.monotonic() < down_until:
             follower.poll(timeout_ms=500)
         assert len(follower.store) == 24  # nothing indexed (nor lost) while the store is down
@@ -194,6 +207,8 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
         service.stop()
         worker.join(timeout=60)
         follower.close()
+        if prefilter is not None:
+            prefilter._stop.set()
     assert not worker.is_alive()
     stats = service.stats
     assert stats.dead_letters == 0 and stats.indexed == 48, stats

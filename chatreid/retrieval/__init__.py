@@ -15,7 +15,9 @@ from chatreid.retrieval.errors import (
     ImageRejected,
     ModelUnavailable,
     RetrievalError,
+    StorageUnavailable,
     UnknownCrop,
+    read_crop,
 )
 from chatreid.retrieval.shortlist import Shortlist, Shortlister
 from chatreid.retrieval.vlm import ModelSpec, RerankAnswer, SmokeCheckFailed, VLMRuntime
@@ -32,7 +34,9 @@ __all__ = [
     "Shortlist",
     "Shortlister",
     "SmokeCheckFailed",
+    "StorageUnavailable",
     "UnknownCrop",
     "VLMRuntime",
     "assemble",
+    "read_crop",
 ]

@@ -33,6 +33,12 @@ class CropGone(RetrievalError):
     status, code = 410, "crop.gone"
 
 
+class StorageUnavailable(RetrievalError):
+    """The object store did not answer (down, timing out, 5xx): retry later."""
+
+    status, code = 503, "storage.unavailable"
+
+
 class EmptyGallery(RetrievalError):
     status, code = 404, "gallery.empty"
 
@@ -50,3 +56,18 @@ class ImageRejected(RetrievalError):
 
 class ModelUnavailable(RetrievalError):
     status, code = 503, "model.unavailable"
+
+
+def read_crop(objects, key: str, what: str) -> bytes:
+    """A crop image's bytes for a query; its failures as errors a client can act on: a
+    vanished object is 410 ``crop.gone``, a store that does not answer 503
+    ``storage.unavailable`` - never a 500."""
+    from chatreid.storage import ObjectNotFound
+
+    try:
+        return objects.get(key)
+    except ObjectNotFound:
+        raise CropGone(f"{what}: its image is gone (erased or purged)") from None
+    except Exception as exc:
+        raise StorageUnavailable(f"{what}: the object store did not answer "
+                                 f"({type(exc).__name__}); retry later") from None

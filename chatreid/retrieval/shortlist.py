@@ -21,10 +21,15 @@ from PIL import Image
 from chatreid.config import IngestorSettings
 from chatreid.prefilter.store import SearchFilter
 from chatreid.rerank.prompts import QueryKind
-from chatreid.retrieval.errors import BadQuery, CropGone, EmptyGallery, ImageRejected, UnknownCrop
+from chatreid.retrieval.errors import (
+    BadQuery,
+    EmptyGallery,
+    ImageRejected,
+    UnknownCrop,
+    read_crop,
+)
 from chatreid.schemas import QueryRequest
 from chatreid.search import PrefilterSearch, SearchResult
-from chatreid.storage import ObjectNotFound
 
 _OTHER = {"rgb": "infrared", "infrared": "rgb"}
 
@@ -96,11 +101,7 @@ class Shortlister:
 
     def _query_image(self, key: str | None, data: bytes | None) -> Image.Image:
         if data is None:
-            try:
-                data = self.search.objects.get(key)  # type: ignore[arg-type]
-            except ObjectNotFound:
-                raise CropGone(f"the image of the query crop ({key}) is gone: erased or "
-                               "purged") from None
+            data = read_crop(self.search.objects, key, "the query crop")  # type: ignore[arg-type]
         return Image.open(io.BytesIO(data)).convert("RGB")
 
 

@@ -63,7 +63,9 @@ key_sha256 = legacy_key_sha256  # the sha256 a legacy content-addressed key name
 
 # S3 answers that say "not now" or "not you" rather than "this crop is bad": retried, not
 # dead-lettered (credentials or bucket trouble would otherwise dead-letter every crop).
-_TRANSIENT_STATUS = {403, 404, 408, 429}
+_TRANSIENT_STATUS = {403, 408, 429}
+_TRANSIENT_CODES = {"SlowDown", "NoSuchBucket", "RequestTimeout", "AccessDenied",
+                    "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
 class CropFailed(Exception):
@@ -81,7 +83,7 @@ class StoreUnavailable(Exception):
 def _transient(exc: Exception) -> bool:
     if isinstance(exc, S3Error):  # NoSuchKey is ObjectNotFound; other 4xx name a bad request
         status = exc.response.status if exc.response is not None else 500
-        return status >= 500 or status in _TRANSIENT_STATUS or exc.code == "SlowDown"
+        return status >= 500 or status in _TRANSIENT_STATUS or exc.code in _TRANSIENT_CODES
     return True  # refused, reset, timeouts, non-XML 5xx pages, urllib3's retries exhausted
 
 

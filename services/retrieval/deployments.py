@@ -33,11 +33,12 @@ from chatreid.retrieval import (
     Shortlister,
     UnknownCrop,
     VLMRuntime,
+    read_crop,
 )
 from chatreid.retrieval.vlm import resolve_spec
 from chatreid.schemas import QueryRequest
 from chatreid.search import PrefilterSearch
-from chatreid.storage import ObjectNotFound, ObjectStore
+from chatreid.storage import ObjectStore
 
 log = logging.getLogger("chatreid.serve")
 
@@ -91,10 +92,7 @@ class PrefilterDeployment:
             meta = self.search.lookup(crop_id)
         except KeyError:
             raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
-        try:
-            data = self.search.objects.get(meta.object_key)
-        except ObjectNotFound:
-            raise CropGone(f"crop {crop_id!r}: its image is gone (erased or purged)") from None
+        data = read_crop(self.search.objects, meta.object_key, f"crop {crop_id!r}")
         fmt = Image.open(io.BytesIO(data)).format or "JPEG"
         return data, Image.MIME.get(fmt, "application/octet-stream")
 
@@ -123,12 +121,8 @@ class PrefilterDeployment:
             raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
 
     def _crop_image(self, crop_id: str) -> Image.Image:
-        try:
-            return self.search.crop_image(crop_id)
-        except KeyError:
-            raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
-        except ObjectNotFound:
-            raise CropGone(f"crop {crop_id!r}: its image is gone (erased or purged)") from None
+        key = self.lookup(crop_id).object_key
+        return Image.open(io.BytesIO(read_crop(self.search.objects, key, f"crop {crop_id!r}")))
 
     def compare(self, crop_id: str, reference: str | None, reference_bytes: bytes | None,
                 text: str | None) -> list[dict]:
@@ -289,7 +283,7 @@ class RerankDeployment:
         """The crop image, None when its object is gone (erased or purged meanwhile)."""
         try:
             return self._image(key)
-        except ObjectNotFound:
+        except CropGone:
             return None
 
     def _image(self, key: str) -> Image.Image:
@@ -297,7 +291,7 @@ class RerankDeployment:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        image = Image.open(io.BytesIO(self.objects.get(key))).convert("RGB")
+        image = Image.open(io.BytesIO(read_crop(self.objects, key, key))).convert("RGB")
         with self._cache_lock:
             self._cache[key] = image
             while len(self._cache) > 4096:  # ~100 MB of 128x256 crops
