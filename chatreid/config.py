@@ -276,6 +276,8 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if getattr(dotenv_settings, "env_file", ".env") is None:  # Settings(_env_file=None)
+            return init_settings, env_settings, file_secret_settings
         generated = DotEnvSettingsSource(settings_cls, env_file=credentials_file())
         return init_settings, env_settings, dotenv_settings, generated, file_secret_settings
 

@@ -76,13 +76,15 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
-_VAR = re.compile(r"\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}")
+_VAR = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
 
 
 def interpolate(value: Any) -> Any:
-    """Compose ``${VAR:-default}`` interpolation with an empty environment (defaults only)."""
+    """Compose interpolation with an empty environment: ``${VAR:-default}`` takes the default;
+    a required ``${VAR:?message}`` (a secret) becomes ``<VAR>``, as if set to that."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: m["default"] or "", value)
+        return _VAR.sub(lambda m: f"<{m['name']}>" if (m["op"] or "").endswith("?")
+                        else m["default"] or "", value)
     if isinstance(value, list):
         return [interpolate(v) for v in value]
     if isinstance(value, dict):
@@ -143,7 +145,9 @@ def compose(compose_raw: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def helm() -> Any:
-    return pytest.importorskip("helm_python")
+    import helm_python  # required (dev extra): a broken install fails here, never skips
+
+    return helm_python
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +167,28 @@ def merged(*layers: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def render_all(helm: Any, values: dict[str, Any] | None) -> dict[str, str]:
-    """Every rendered template (NOTES.txt included), by path."""
+# The secrets every install must give (the chart has no default for any of them).
+SECRET_VALUES: dict[str, Any] = {
+    "s3": {"accessKey": "s3-access-key", "secretKey": "s3-secret-key"},
+    "retrieval": {"apiKey": "api-key-default"},
+    "ray": {"auth": {"token": "ray-token-value"}},
+}
+
+
+def render_all(helm: Any, values: dict[str, Any] | None, secrets: bool = True) -> dict[str, str]:
+    """Every rendered template (NOTES.txt included), by path; ``secrets``: with SECRET_VALUES
+    under ``values``."""
+    if secrets:
+        values = merged(SECRET_VALUES, values)
     with helm.Chart.load(CHART) as chart:
         manifests: dict[str, str] = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
     return manifests
 
 
-def render(helm: Any, values: dict[str, Any] | None) -> list[dict[str, Any]]:
+def render(helm: Any, values: dict[str, Any] | None, secrets: bool = True) -> list[dict[str, Any]]:
     """Render the chart offline; the Kubernetes objects (NOTES.txt and empty docs dropped)."""
     docs: list[dict[str, Any]] = []
-    for path, text in sorted(render_all(helm, values).items()):
+    for path, text in sorted(render_all(helm, values, secrets).items()):
         if path.endswith(".yaml"):
             docs += [d for d in yaml.safe_load_all(text) if d]
     return docs
@@ -428,7 +443,8 @@ def test_compose_settings_come_from_env(compose: dict[str, Any]) -> None:
         assert env["CHATREID_S3__ENDPOINT"] == "minio:9000", name
         assert {"path": ".env", "required": False} in svc["env_file"], name
         for key in env:
-            assert_known_setting(key)
+            if not key.startswith("RAY_AUTH_"):  # Ray's own (token auth), not a setting
+                assert_known_setting(key)
     # MinIO's root credentials and the clients' keys are one pair of variables.
     minio = compose["services"]["minio"]["environment"]
     embedder = compose["services"]["embedder"]["environment"]
@@ -477,8 +493,7 @@ def compose_commands(compose: dict[str, Any]) -> list[tuple[str, Argv]]:
 def test_ray_head_flags_exist(compose: dict[str, Any]) -> None:
     """The Ray head runs `ray start` from the chatreid image: its flags must exist too."""
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-    if ray is None:
-        pytest.skip("ray CLI not installed")
+    assert ray, "the ray CLI (ray[serve,train], a required dependency) is not installed"
     head = compose["services"]["ray-head"]
     assert as_argv(head["entrypoint"]) == ["ray"]
     argv = as_argv(head["command"])
@@ -504,7 +519,8 @@ def test_values_gpu_file_parses(gpu_values: dict[str, Any]) -> None:
 @pytest.mark.parametrize("variant", ["default", "gpu", "full"])
 def test_chart_lints_clean(helm: Any, gpu_values: dict[str, Any], variant: str) -> None:
     values = {"default": None, "gpu": gpu_values, "full": merged(gpu_values, FULL_VALUES)}
-    report = helm.lint(CHART, values=values[variant], strict=True, namespace=NAMESPACE)
+    report = helm.lint(CHART, values=merged(SECRET_VALUES, values[variant]), strict=True,
+                       namespace=NAMESPACE)
     assert report["errors"] == [], report
     # Severity 2 = warning, 3 = error; 1 (info, e.g. "icon is recommended") is fine.
     problems = [m for m in report["messages"] if m["severity"] >= 2]
@@ -518,7 +534,8 @@ def test_chart_lints_clean(helm: Any, gpu_values: dict[str, Any], variant: str) 
 
 @pytest.fixture(scope="module")
 def kuberay_validator() -> Any:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     schema = json.loads(KUBERAY_SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
@@ -584,7 +601,7 @@ def validate_kuberay(kv: Any, validator: Any, doc: dict[str, Any]) -> None:
 
 
 def validate_all(docs: list[dict[str, Any]], validator: Any) -> None:
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
     for doc in docs:
         if doc["kind"] in RAY_KINDS:
             validate_kuberay(kv, validator, doc)
@@ -630,7 +647,7 @@ def test_rendered_manifests_validate_full(
 
 
 def test_kubernetes_validate_has_teeth(rendered_default: list[dict[str, Any]]) -> None:
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
     deployment = next(iter(by_kind(rendered_default, "Deployment").values()))
     deployment = json.loads(json.dumps(deployment))  # a copy: the fixture is shared
     deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
@@ -642,7 +659,7 @@ def test_kuberay_checks_have_teeth(
     rendered_full: list[dict[str, Any]], kuberay_validator: Any
 ) -> None:
     """Each mutation is a mistake the real CRD or KubeRay would reject (or silently drop)."""
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
     service = next(iter(by_kind(rendered_full, "RayService").values()))
     job = next(iter(by_kind(rendered_full, "RayJob").values()))
 
@@ -862,8 +879,7 @@ def test_ray_probes_compile(rendered_full: list[dict[str, Any]]) -> None:
 @pytest.fixture(scope="module")
 def ray_start_help() -> str:
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-    if ray is None:
-        pytest.skip("ray CLI not installed")
+    assert ray, "the ray CLI (ray[serve,train], a required dependency) is not installed"
     out = subprocess.run([ray, "start", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -953,7 +969,7 @@ def test_chart_workloads(rendered_default: list[dict[str, Any]]) -> None:
 
 
 def test_retention_cronjob(helm: Any, rendered_default: list[dict[str, Any]]) -> None:
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
     cron = by_kind(rendered_default, "CronJob")[f"{RELEASE}-chatreid-retention"]
     kv.validate(cron, KUBE_VERSION, strict=True)
     assert cron["spec"]["schedule"] == "30 3 * * *"
@@ -1205,11 +1221,13 @@ def test_chart_settings_are_settings(rendered_full: list[dict[str, Any]]) -> Non
             if var["name"].startswith("CHATREID_"):
                 assert_known_setting(var["name"])
             else:
-                assert var["name"] == "HOME", where
+                assert var["name"] in {"HOME", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, where
 
 
 def test_chart_existing_secret(helm: Any) -> None:
-    docs = render(helm, {"s3": {"existingSecret": "object-store-keys"}})
+    docs = render(helm, {"s3": {"existingSecret": "object-store-keys"},
+                         "retrieval": {"existingSecret": "api-keys"},
+                         "ray": {"auth": {"existingSecret": "ray-token"}}}, secrets=False)
     assert by_kind(docs, "Secret") == {}
     for where, container in containers(docs):
         if where.endswith("/ray-job-submitter"):
@@ -1296,12 +1314,14 @@ def test_chart_api_key(
         "s3": {"existingSecret": "s3-keys"},
         "kafka": {"sasl": {"enabled": True, "existingSecret": "kafka-creds"}},
         "retrieval": {"existingSecret": "api-keys", "apiKeyKey": "token"},
-    })
+        "ray": {"auth": {"existingSecret": "ray-token"}},
+    }, secrets=False)
     assert by_kind(docs, "Secret") == {}
     names = {ref for _, c in containers(docs) for ref in secret_refs(c).values()}
     assert names == {("s3-keys", "access-key"), ("s3-keys", "secret-key"),
                      ("kafka-creds", "kafka-sasl-username"),
-                     ("kafka-creds", "kafka-sasl-password"), ("api-keys", "token")}
+                     ("kafka-creds", "kafka-sasl-password"), ("api-keys", "token"),
+                     ("ray-token", "auth_token")}
 
 
 def test_chart_rejects_bad_values(helm: Any) -> None:
@@ -1474,3 +1494,89 @@ def test_every_command_line_parses(all_commands: list[tuple[str, Argv]]) -> None
         if full.exit_code != 0:
             failures.append(f"{where}: `chatreid {' '.join(argv)}` -> {full.output.strip()}")
     assert failures == [], "\n".join(failures)
+
+
+# --------------------------------------------------------------------------------------------
+# Secure by default (issue 14): no well-known secret anywhere, Ray token auth on every cluster
+# --------------------------------------------------------------------------------------------
+
+
+def test_compose_requires_every_secret_and_runs_ray_with_a_token(
+        compose_raw: dict[str, Any], compose: dict[str, Any]) -> None:
+    text = COMPOSE.read_text()
+    for var in ("CHATREID_S3__ACCESS_KEY", "CHATREID_S3__SECRET_KEY", "CHATREID_SERVE__API_KEY",
+                "RAY_AUTH_TOKEN"):
+        uses = re.findall(r"\$\{" + var + r"(:?[-?])?[^}]*\}", text)
+        assert uses and all(op == ":?" for op in uses), f"{var}: {uses} (must be required)"
+    assert "chatreid-secret" not in text
+    for name, svc in chatreid_services(compose).items():
+        env = svc["environment"]
+        assert env["RAY_AUTH_MODE"] == "token", name  # head, workers and every client
+        assert env["RAY_AUTH_TOKEN"] == "<RAY_AUTH_TOKEN>", name
+        assert env["CHATREID_SERVE__API_KEY"] == "<CHATREID_SERVE__API_KEY>", name
+        assert "CHATREID_ACCESS__INSECURE" not in env, name
+    # published ports only on CHATREID_PUBLISH_HOST, loopback unless changed; never Ray's GCS
+    for name, svc in compose_raw["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("${CHATREID_PUBLISH_HOST:-127.0.0.1}:"), (name, port)
+            assert not port.endswith((":6379", ":10001")), (name, port)
+
+
+def test_env_example_has_no_usable_secret() -> None:
+    text = ENV_EXAMPLE.read_text()
+    for var in ("CHATREID_S3__ACCESS_KEY", "CHATREID_S3__SECRET_KEY", "CHATREID_SERVE__API_KEY",
+                "RAY_AUTH_TOKEN"):
+        (value,) = re.findall(rf"^#?{var}=(.*)$", text, re.M)
+        assert value == "", f"{var}={value!r}: .env.example must not carry a usable secret"
+
+
+def test_chart_ray_token_auth(rendered_full: list[dict[str, Any]]) -> None:
+    (secret,) = by_kind(rendered_full, "Secret").values()
+    assert secret["stringData"]["auth_token"] == "ray-token-value"  # KubeRay's key name
+    clusters = [d for d in rendered_full if d["kind"] in RAY_KINDS]
+    assert {d["kind"] for d in clusters} == RAY_KINDS
+    for doc in clusters:  # KubeRay authenticates its own dashboard calls with this Secret
+        assert ray_cluster(doc)["authOptions"] == {"mode": "token",
+                                                   "secretName": f"{RELEASE}-chatreid"}
+    ray_containers = [(w, c) for w, c in containers(rendered_full)
+                      if w.split("/")[0] in RAY_KINDS]
+    assert len(ray_containers) >= 10
+    for where, container in ray_containers:  # Ray pods, and job submitters (ray job submit)
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", where
+        assert secret_refs(container)["RAY_AUTH_TOKEN"] == (f"{RELEASE}-chatreid",
+                                                            "auth_token"), where
+    for where, container in containers(rendered_full):  # nothing else gets the token
+        if where.split("/")[0] not in RAY_KINDS:
+            assert "RAY_AUTH_TOKEN" not in secret_refs(container), where
+
+
+def test_chart_has_no_default_secrets(helm: Any) -> None:
+    for missing, message in (("s3", "s3.accessKey"), ("retrieval", "retrieval.apiKey"),
+                             ("ray", "ray.auth.token")):
+        values = {k: v for k, v in SECRET_VALUES.items() if k != missing}
+        with pytest.raises(helm.HelmError, match=re.escape(message)):
+            render(helm, values, secrets=False)
+    # The token is needed only where a Ray cluster runs.
+    docs = render(helm, {"s3": SECRET_VALUES["s3"], "retrieval": {"enabled": False}},
+                  secrets=False)
+    assert not [d for d in docs if d["kind"] in RAY_KINDS]
+
+
+def test_chart_insecure_is_explicit(helm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"s3": SECRET_VALUES["s3"], "ray": SECRET_VALUES["ray"],
+              "retrieval": {"insecure": True}}
+    docs = render(helm, values, secrets=False)
+    (secret,) = by_kind(docs, "Secret").values()
+    assert "api-key" not in secret["stringData"]
+    serve = [(w, c) for w, c in containers(docs) if w.startswith("RayService/")]
+    for where, container in serve:
+        settings = settings_of(docs, container, monkeypatch)
+        assert settings.access.insecure is True and settings.serve.api_key is None, where
+    notes = render_all(helm, values, secrets=False)["chatreid/templates/NOTES.txt"]
+    assert "ACCESS CONTROL IS OFF" in notes
+    default = render(helm, None)  # access control on, with the bootstrap key
+    for where, container in containers(default):
+        if where.startswith("RayService/"):
+            settings = settings_of(default, container, monkeypatch)
+            assert not settings.access.insecure and settings.serve.api_key, where

@@ -62,7 +62,35 @@ Secret names: each part (S3 keys, Kafka SASL credentials, API key) comes from th
 
 {{/* "true" when the retrieval API requires a key (CHATREID_SERVE__API_KEY), else "". */}}
 {{- define "chatreid.apiKeyEnabled" -}}
-{{- if and .Values.retrieval.enabled (or .Values.retrieval.apiKey .Values.retrieval.existingSecret) }}true{{ end }}
+{{- if and .Values.retrieval.enabled (not .Values.retrieval.insecure) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the release runs a Ray cluster (RayService or RayJobs), else "". */}}
+{{- define "chatreid.rayEnabled" -}}
+{{- if or .Values.retrieval.enabled .Values.training.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding the Ray token under key auth_token (KubeRay's authOptions.secretName). */}}
+{{- define "chatreid.raySecretName" -}}
+{{- default (include "chatreid.fullname" .) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{/* A Ray cluster's authOptions (token auth; KubeRay authenticates its own calls with it). */}}
+{{- define "chatreid.rayAuthOptions" -}}
+authOptions:
+  mode: token
+  secretName: {{ include "chatreid.raySecretName" . }}
+{{- end }}
+
+{{/* The Ray token as environment (Ray pods, job submitters): RAY_AUTH_MODE + RAY_AUTH_TOKEN. */}}
+{{- define "chatreid.rayAuthEnv" -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chatreid.raySecretName" . }}
+      key: auth_token
 {{- end }}
 
 {{/*
@@ -98,7 +126,8 @@ Container environment. Call with (dict "root" $ "serve" bool "ray" bool "extraEn
 the ConfigMap (all non-secret CHATREID_* settings; with serve, also the Serve ConfigMap), then
 the secrets: the object-store keys, the Kafka SASL credentials (when kafka.sasl.enabled) and,
 for Serve pods, the API key. HOME is the writable /tmp because the root filesystem is
-read-only. Ray pods join their own cluster (CHATREID_RAY__ADDRESS=auto), never an in-process one.
+read-only. Ray pods join their own cluster (CHATREID_RAY__ADDRESS=auto), never an in-process one,
+with its token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN from the Ray auth Secret).
 */}}
 {{- define "chatreid.env" -}}
 {{- $root := .root }}
@@ -116,6 +145,7 @@ env:
   {{- if .ray }}
   - name: CHATREID_RAY__ADDRESS
     value: auto
+  {{- include "chatreid.rayAuthEnv" $root | nindent 2 }}
   {{- end }}
   - name: CHATREID_S3__ACCESS_KEY
     valueFrom:
@@ -239,6 +269,9 @@ The Serve settings (YAML map) of the Ray pods of the retrieval RayService: Confi
 {{- $_ := set $d "CHATREID_SERVE__TORCH_THREADS" (toString (int $r.torchThreads)) }}
 {{- $_ := set $d "CHATREID_ACCESS__RATE_PER_MINUTE" (toString (int (required "retrieval.ratePerMinute is required" $r.ratePerMinute))) }}
 {{- $_ := set $d "CHATREID_CONSOLE__IDLE_HOURS" (include "chatreid.float" $r.sessionIdleHours) }}
+{{- if $r.insecure }}
+{{- $_ := set $d "CHATREID_ACCESS__INSECURE" "true" }}
+{{- end }}
 {{- toYaml $d }}
 {{- end }}
 
