@@ -120,9 +120,13 @@ def status() -> None:
     """Show the local stack's services, health, endpoints and logs."""
     from .stack import LocalStack
 
-    statuses = LocalStack(_settings()).status()
+    stack = LocalStack(_settings())
+    statuses = stack.status()
     _print_status(statuses)
-    if not all(s.healthy for s in statuses if s.name != "ray"):
+    exposed = stack.exposed()
+    if exposed:  # e.g. a Ray head an older `chatreid up` started on every interface
+        console.print("[bold red]listening beyond loopback:[/] " + ", ".join(exposed))
+    if exposed or not all(s.healthy for s in statuses if s.name != "ray"):
         raise typer.Exit(1)
 
 
