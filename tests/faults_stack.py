@@ -406,9 +406,10 @@ class Reading:
     restored: bool
     snapshot_vectors: int
     snapshot_offsets: dict[str, int]
-    replayed: int  # indexed-log records the reader consumed after the snapshot
-    log_records: int  # records in the indexed log now (all partitions)
-    since_snapshot: int  # records written at or after the snapshot's time (minus a margin)
+    replayed: int  # indexed-log records the reader read after restoring the snapshot
+    log_resets: int  # partitions it replayed from the start (the log lost the snapshot's)
+    log_records: int  # records in the indexed log (all partitions)
+    since_snapshot: int  # of those, written at or after the snapshot's time (minus a margin)
     ids: Counter  # (camera, capture second) -> rows holding it
     rows: int
 
@@ -429,32 +430,34 @@ def read_index(settings: Settings, margin_s: float = 5.0) -> Reading:
     follower = IndexFollower(settings, objects)
     restored = follower.restore()
     snap_vectors = len(follower.store) if follower.store is not None else 0
-    s = follower.stats
-    before = s.applied + s.duplicates + s.rejected + s.suppressed
     follower.catch_up(timeout_s=120)
-    replayed = s.applied + s.duplicates + s.rejected + s.suppressed - before
+    replayed = follower.stats.read  # every log record read after the restore
     store = follower.store
     metas = store.live_metas() if store is not None else []
     follower.close()
 
-    # the whole log, with timestamps: how much of it was written after the snapshot
+    # the whole log, with timestamps: how much of it was written after the snapshot (read
+    # until caught up with each partition's high watermark: the feed may still be writing)
     topic = settings.kafka.topic(INDEXED.name)
     consumer = make_consumer(settings.kafka, None)
     tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-    consumer.assign(tps)
-    consumer.seek_to_beginning()
     since = pointer.get("created_at", 0.0) - margin_s
     total = after = 0
-    idle_until = time.monotonic() + 3
-    while time.monotonic() < idle_until:
-        polled = consumer.poll(timeout_ms=300, max_records=2000)
-        for records in polled.values():
+    consumer.assign(tps)
+    consumer.seek_to_beginning()
+    todo, deadline = set(tps), time.monotonic() + 30
+    while todo and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=300, max_records=2000).values():
             total += len(records)
             after += sum(1 for r in records if r.timestamp / 1000 >= since)
-        if polled:
-            idle_until = time.monotonic() + 3
+        for tp in list(todo):
+            hw = consumer.highwater(tp)
+            if hw is not None and consumer.position(tp) >= hw:
+                todo.discard(tp)
+                consumer.pause(tp)
     consumer.close()
     return Reading(restored=restored, snapshot_vectors=snap_vectors,
                    snapshot_offsets=dict(pointer.get("offsets", {})), replayed=replayed,
+                   log_resets=follower.stats.log_resets,
                    log_records=total, since_snapshot=after, ids=identities(metas),
                    rows=len(store) if store is not None else 0)

@@ -66,10 +66,11 @@ pytestmark = [pytest.mark.stack, pytest.mark.faults]
 # 503 answers a client may get while a part of the system is down; each names what is missing
 # and is documented in the README's list of errors (with Retry-After where it is transient).
 ACCEPTED_503 = {
-    "model.unavailable",  # no VLM loaded (none deployed yet, or its replica is being replaced)
-    "index.unavailable",  # the prefilter replica is being replaced / has not loaded its index
-    "storage.unavailable",  # the object store does not answer (crops, audit entries)
-    "audit.unavailable",  # the audit entry an action needs cannot be written
+    "model.unavailable",  # no VLM loaded (none deployed yet, or none left to fall back to)
+    "storage.unavailable",  # the object store does not answer (crop images for the dialogue)
+    "audit.unavailable",  # the audit entry every query leaves cannot be written
+    "auth.unavailable",  # the key store (object storage) cannot be read to check a key
+    "replica.unavailable",  # a back-end replica died mid-request and no other could answer
 }
 RATE_HZ = 3.0  # crops per second the feed writes
 OUTAGE_S = 30.0  # how long the object store stays down
@@ -97,7 +98,6 @@ class FaultRun:
     probe: QueryProbe
     phases: dict[str, PhaseResult] = field(default_factory=dict)
     readings: dict[str, Reading] = field(default_factory=dict)
-    snapshot_age_s: dict[str, float] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
     final_gallery: int | None = None
     final_expected: int = 0
@@ -162,21 +162,22 @@ class Scenario:
         self.run.probe.phase = f"{name} (settling)"
         expected = self.run.feed.snapshot()
         t0 = time.monotonic()
-        last_change, last_n = t0, -1
+        last_change, last = t0, None
         while True:
             ids = self.indexed()
             self.tail_last = ids
             have = set(ids)
-            if expected <= have or time.monotonic() - t0 > limit_s:
+            gallery = self.gallery()  # the serving app's index, a refresh behind the log
+            if ((expected <= have and (gallery or 0) >= len(expected))
+                    or time.monotonic() - t0 > limit_s):
                 break
-            if len(have) != last_n:
-                last_n, last_change = len(have), time.monotonic()
+            if (len(have), gallery) != last:
+                last, last_change = (len(have), gallery), time.monotonic()
             elif time.monotonic() - last_change > stall_s:
                 break
             time.sleep(0.5)
         window = expected - self.seen_before
         self.seen_before = expected
-        gallery = self.gallery()
         result = PhaseResult(
             name=name, window=len(window), missing_window=sorted(window - have),
             missing_all=len(expected - have), duplicated=sorted(k for k, n in ids.items() if n > 1),
@@ -188,13 +189,6 @@ class Scenario:
 
     def stream(self, seconds: float) -> None:
         time.sleep(seconds)
-
-    def snapshot_age(self) -> float:
-        from chatreid.storage import ObjectStore
-
-        s = self.run.settings
-        raw = ObjectStore(s.s3).get(f"{s.index.snapshot_prefix}/latest.json")
-        return time.time() - json.loads(raw)["created_at"]
 
 
 def _wait_queries_ok(probe: QueryProbe, since: float, timeout_s: float) -> float | None:
@@ -279,7 +273,6 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         sc.stream(5)
         sc.settle("ingestor SIGKILL")
         run.readings["after process kills"] = read_index(settings)
-        run.snapshot_age_s["after process kills"] = sc.snapshot_age()
 
         # 3. Serve replicas, while queries run
         for deployment in ("Rerank", "Prefilter"):
@@ -294,11 +287,18 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
             sc.stream(3)
             sc.settle(f"{deployment} replica SIGKILL", pids=pids, queries_ok_after_s=recovered)
 
-        # 4. the object store, 30 s
+        # 4. the object store, 30 s, with crops in flight: the embedder is held (SIGSTOP, for
+        # less than its session timeout) while the ingestor publishes a burst, so it meets the
+        # outage with a backlog of crops it cannot fetch
         probe.phase = "object store down"
         with sc.lock:
+            embedder_pid = procs["embedder"].pid
+            os.killpg(embedder_pid, signal.SIGSTOP)
+            feed.write(30)
+            time.sleep(2.5)  # the ingestor polls the folder every second
             stack.s3.kill()
-        sc.mark("SIGKILL object store")
+            os.killpg(embedder_pid, signal.SIGCONT)
+        sc.mark("SIGKILL object store (30 crops waiting for the embedder)")
         time.sleep(OUTAGE_S)
         stack.start_s3()
         sc.mark("object store back")
@@ -325,7 +325,6 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         run.final_gallery = sc.gallery()
         time.sleep(max(0.0, settings.index.snapshot_every_s * 2))
         run.readings["final"] = read_index(settings)
-        run.snapshot_age_s["final"] = sc.snapshot_age()
         sc.mark("final reading")
     except Exception:
         run.error = traceback.format_exc()
@@ -353,7 +352,6 @@ def _report(run: FaultRun, logs) -> None:
         "queries": run.probe.summary(),
         "readings": {n: {k: v for k, v in vars(r).items() if k != "ids"}
                      | {"distinct": len(r.ids)} for n, r in run.readings.items()},
-        "snapshot_age_s": run.snapshot_age_s,
         "processes": {n: {"starts": p.starts, "kills": p.kills, "exits": p.exits}
                       for n, p in run.procs.items()},
         "valid": len(run.feed.valid), "invalid": len(run.feed.invalid),
@@ -399,8 +397,10 @@ def test_serve_replicas_sigkilled_are_replaced_and_queries_recover(fault_run) ->
         p = _phase(fault_run, phase)
         assert p.notes["queries_ok_after_s"] is not None, f"{phase}: queries never recovered"
         _assert_window(fault_run, phase)
-        # the replaced prefilter replica rebuilt the whole index (snapshot + log)
-        assert p.gallery == p.expected, f"{phase}: the app serves {p.gallery} of {p.expected}"
+        # the replaced prefilter replica rebuilt the whole index (snapshot + log); the feed
+        # kept writing meanwhile, so it may hold more
+        assert (p.gallery or 0) >= p.expected, (
+            f"{phase}: the app serves {p.gallery} crops, fewer than the {p.expected} written")
 
 
 def test_object_store_down_30s_loses_no_crop(fault_run) -> None:
@@ -455,9 +455,8 @@ def test_a_restarted_reader_resumes_from_the_snapshot_and_replays_only_the_gap(f
         pytest.fail(f"the scenario stopped early: {fault_run.error}")
     for name, reading in fault_run.readings.items():
         assert reading.restored and reading.snapshot_vectors > 0, f"{name}: no snapshot restored"
-        assert fault_run.snapshot_age_s[name] < 30, (
-            f"{name}: the newest snapshot is {fault_run.snapshot_age_s[name]:.0f}s old: the "
-            "snapshot writer stopped")
+        # the snapshot plus the replayed gap is the whole index: nothing was read twice
+        assert reading.snapshot_vectors + reading.replayed >= reading.rows
         # replayed: records consumed after the restore; since_snapshot: records written at or
         # after the snapshot's time (less a margin) - an upper bound for the gap
         assert reading.replayed <= reading.since_snapshot, (
