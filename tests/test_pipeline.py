@@ -152,7 +152,8 @@ def test_snapshot_plus_replay_restores_the_same_search_results(settings):
 def test_crop_objects_are_per_crop_and_carry_their_event(settings):
     """Equal bytes from two sightings are two objects (erasing one never touches the other),
     and the object store alone gives back the crop events (a broker that lost its log)."""
-    from chatreid.services.ingestor.service import stored_events
+    from chatreid.bus import ensure_topics
+    from chatreid.services.ingestor.service import republish, stored_events
     from chatreid.storage import META_SHA256
 
     events = ingest_synthetic(settings, 6, seed=6)
@@ -174,3 +175,10 @@ def test_crop_objects_are_per_crop_and_carry_their_event(settings):
     for crop_id, event in rebuilt.items():
         assert event.model_dump(exclude={"ingested_at"}) == \
             published[crop_id].model_dump(exclude={"ingested_at"})
+
+    # the broker lost its log: republished from the object store, indexed once each
+    settings.kafka.topic_prefix += "-lost"
+    ensure_topics(settings.kafka)
+    assert republish(settings) == len(published)
+    assert EmbedderService(settings).run(until_idle_s=3).indexed == len(published)
+    assert follower_caught_up(settings).store.crop_ids() == published.keys()

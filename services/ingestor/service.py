@@ -169,3 +169,25 @@ def stored_events(store: ObjectStore, prefix: str = CROPS_PREFIX) -> Iterator[Cr
             yield CropEvent.from_bytes(raw)
         except EventError as exc:
             log.warning("object %s: unreadable crop event in metadata: %s", key, exc)
+
+
+def republish(settings: Settings, store: ObjectStore | None = None,
+              producer: KafkaProducer | None = None) -> int:
+    """Publish every crop event kept in object metadata to the crops topic again - after a
+    broker lost its log (the local memory-only broker restarted) - and wait until the broker
+    has them. The embedder skips or deduplicates what was indexed already (crop ids); erased
+    crops have no object, so they do not come back. Returns the number published."""
+    store = store or ObjectStore(settings.s3)
+    own = producer is None
+    producer = producer or make_producer(settings.kafka)
+    topic = settings.kafka.topic(CROPS.name)
+    count = 0
+    try:
+        for event in stored_events(store):
+            publish(producer, topic, event.camera, event)
+            count += 1
+        producer.flush(timeout=60)
+    finally:
+        if own:
+            producer.close()
+    return count
