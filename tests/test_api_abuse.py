@@ -424,9 +424,9 @@ def test_the_deployed_app_bounds_bodies(site) -> None:
 
 def _chunked_post(settings, path: str, total: int, content_type: str = "application/json"
                   ) -> tuple[int, dict, int]:
-    """POST ``total`` bytes in chunks at about 50 MB/s (a fast client; the whole body would
-    take 2 s), stopping as soon as an answer arrives. Returns the status, the body and how
-    much was sent by then."""
+    """POST ``total`` bytes in chunks at up to 25 MB/s (a fast client: 100 MB take 4 s),
+    stopping as soon as an answer arrives. Returns the status, the body and how much was
+    sent by then."""
     host, port = settings.serve.http_host, settings.serve.http_port
     sock = socket.create_connection((host, port), timeout=60)
     sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -435,7 +435,7 @@ def _chunked_post(settings, path: str, total: int, content_type: str = "applicat
     piece, sent = b" " * (256 * 1024), 0
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
     try:
-        while sent < total and not select.select([sock], [], [], 0.005)[0]:
+        while sent < total and not select.select([sock], [], [], 0.01)[0]:
             sock.sendall(chunk)
             sent += len(piece)
         if sent >= total:
@@ -467,4 +467,5 @@ def test_the_deployed_app_refuses_a_chunked_100_mb_body_early(site) -> None:
         status, body, sent = _chunked_post(settings, path, total)
         assert (status, body["error"]) == (413, "request.too_large"), (path, body)
         # answered long before the client was done: the app stopped reading at the limit
-        assert sent < total // 2, f"{path}: {sent} bytes went in before the answer"
+        # (measured: 0.2 MiB for the 64 KiB limit, 2.8 MiB for a query's upload limit)
+        assert sent < total // 4, f"{path}: {sent} bytes went in before the answer"
