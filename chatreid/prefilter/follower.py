@@ -222,7 +222,7 @@ class IndexFollower:
         return self._consumer
 
     def _resume_offsets(self, starts: dict[TopicPartition, int],
-                  consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+                        consumer: KafkaConsumer) -> dict[TopicPartition, int]:
         """The offsets to resume at: each snapshot offset whose preceding record the log still
         holds (and, when the snapshot recorded it, with the same content); 0 for a partition
         whose log is shorter or different. Reads one record per partition and leaves the
