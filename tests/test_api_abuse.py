@@ -125,6 +125,10 @@ def test_insecure_mode_is_explicit_loud_and_mints_no_keys(settings, caplog) -> N
         routes.keys.issue(ApiKeyCreate(name="x", roles=["admin"]), by="bootstrap")
     entries = client.get("/v1/admin/audit?action=key.create").json()
     assert [(e["actor"], e["status"]) for e in entries] == [("anonymous", 409)]
+    # where anyone holds every role, the cross-site guard is what stops another site's page
+    answer = client.post("/v1/admin/retention/purge?days=0.05", content=b"",
+                         headers={"origin": EVIL, "content-type": FORM})
+    assert _error(answer) == (403, "request.cross_site")
 
 
 def test_keys_minted_while_access_control_was_off_are_refused(settings) -> None:
