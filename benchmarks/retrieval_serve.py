@@ -16,6 +16,7 @@ prefilter searches the whole gallery and the VLM reranks the top K.
 from __future__ import annotations
 
 import argparse
+import secrets
 import threading
 import time
 import uuid
@@ -164,13 +165,15 @@ def main() -> None:
         rgb = [e for e in events if e.modality == "rgb"]
         connect(settings)
         spec = ModelSpec.of_base(args.model)
+        settings.serve.api_key = settings.serve.api_key or secrets.token_urlsafe(24)
 
         def redeploy(replicas: int, threads: int, reuse: bool = True) -> RetrievalClient:
             settings.serve.rerank_replicas, settings.serve.torch_threads = replicas, threads
             settings.serve.reuse_prefix = reuse
             t0 = time.perf_counter()
             deploy(settings, spec)
-            client = RetrievalClient(settings.serve.base_url, timeout_s=600)
+            client = RetrievalClient(settings.serve.base_url, timeout_s=600,
+                                     api_key=settings.serve.api_key)
             client.wait_ready(gallery=args.gallery, timeout_s=600)
             console.print(f"deployed {replicas} rerank replica(s) x {threads} thread(s), "
                           f"prefix reuse {reuse}: {time.perf_counter() - t0:.0f}s")

@@ -784,8 +784,11 @@ def purge(
     if days is None:
         console.print("retention.crop_days is unset: crops are kept forever, nothing to purge")
         return
-    if days <= 0:
-        raise typer.BadParameter("--days must be positive")
+    from .schemas.console import PURGE_DAYS_MAX, PURGE_DAYS_MIN
+
+    if not PURGE_DAYS_MIN <= days <= PURGE_DAYS_MAX:  # the API's bounds; nan fails too
+        raise typer.BadParameter(f"--days must lie between {PURGE_DAYS_MIN:.4f} (1 hour) and "
+                                 f"{PURGE_DAYS_MAX:g} (100 years)")
     while True:
         _purge_once(settings, days)
         if not every:

@@ -216,8 +216,9 @@ class ServeSettings(BaseModel):
     text_window: int = Field(1000, ge=1, description="newest crops inside the filters a text "
                              "or attribute query's colour matcher ranks")
     rollout_timeout_s: float = Field(600.0, gt=0)
-    api_key: str | None = Field(None, description="when set, /v1/* requires the header "
-                                "'Authorization: Bearer <key>' (health and docs stay open)")
+    api_key: str | None = Field(None, description="the bootstrap key: holds every role and "
+                                "issues scoped keys (send 'Authorization: Bearer <key>'); "
+                                "`chatreid up` generates one into the stack's credentials file")
 
     @property
     def base_url(self) -> str:
