@@ -20,6 +20,29 @@ class ObjectNotFound(KeyError):
     """The key does not exist in the bucket."""
 
 
+class StoreUnavailable(Exception):
+    """The object store failed transiently: retry later (never dead-letter or drop for it)."""
+
+
+# S3 answers that say "not now" or "not you" rather than "this object/request is bad":
+# credentials or bucket trouble would otherwise condemn every crop.
+_TRANSIENT_STATUS = {403, 408, 429}
+_TRANSIENT_CODES = {"SlowDown", "NoSuchBucket", "RequestTimeout", "AccessDenied",
+                    "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def transient_error(exc: BaseException) -> bool:
+    """Whether an object-store failure may go away by itself: connection refused or reset,
+    timeouts, 5xx, SlowDown, credentials or bucket trouble. A missing key
+    (:class:`ObjectNotFound`) or another 4xx (a bad key) is permanent."""
+    if isinstance(exc, ObjectNotFound):
+        return False
+    if isinstance(exc, S3Error):
+        status = exc.response.status if exc.response is not None else 500
+        return status >= 500 or status in _TRANSIENT_STATUS or exc.code in _TRANSIENT_CODES
+    return True  # refused, reset, timeouts, non-XML 5xx pages, urllib3's retries exhausted
+
+
 CROPS_PREFIX = "crops/"  # every crop image lives under it (see crop_key)
 # Before per-crop keys, crops were content-addressed (crops/<sha[:2]>/<sha>.<ext>): two crops
 # with the same bytes share such an object, so erasing one must not delete it for the other.

@@ -30,7 +30,7 @@ from chatreid.services.ingestor import Ingestor
 from chatreid.services.ingestor.sources import synth_source
 from chatreid.services.retrieval.deployments import PrefilterDeployment
 from chatreid.stack import tansu_binary, weed_binary
-from chatreid.storage import ObjectStore
+from chatreid.storage import ObjectStore, StoreUnavailable
 
 from .conftest import read_dead_letters, read_events
 
@@ -151,12 +151,14 @@ class HeldProducer:
 
 def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3):
     """The store stops for 30 s while crop events keep arriving: the embedder waits with its
-    partitions paused instead of dead-lettering, and indexes every crop once it is back; the
-    API meanwhile answers 503 storage.unavailable where it needs an image."""
+    partitions paused instead of dead-lettering, and indexes every crop once it is back; an
+    ingestor meeting the outage waits it out; the API meanwhile answers 503
+    storage.unavailable where it needs an image."""
     s, server = private_s3
     s.embedder.batch_size = 8
     s.embedder.fetch_backoff_initial_s, s.embedder.fetch_backoff_max_s = 0.5, 2.0
     crops = list(synth_source(5, 48, None, start_time=1.7e9))
+    during = list(synth_source(6, 4, None, start_time=1.7e9))  # sent while the store is down
     ingestor = Ingestor(s, source="synth")
     before = [ingestor.submit(c).event for c in crops[:24]]
     ingestor.close()
@@ -180,13 +182,23 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
         assert prefilter.search.gallery_size() == 24
 
         server.stop()
+        down_until = time.monotonic() + OUTAGE_S
+        # an ingestor meeting the outage waits it out (up to store_wait_s), then says so
+        hurried = Ingestor(s, source="synth", store_wait_s=0.5)
+        with pytest.raises(StoreUnavailable):
+            hurried.submit(during[0])
+        hurried.close()
+        patient = Ingestor(s, source="synth", store_wait_s=90)
+        waited: list = []
+        writer = threading.Thread(target=lambda: waited.extend(
+            patient.submit(c).event for c in during), daemon=True)
+        writer.start()
         producer = make_producer(s.kafka)
         for topic, key, value in held.sent:
             assert topic == s.kafka.topic(CROPS.name)
             producer.send(topic, key=key, value=value)
         producer.flush()
         producer.close()
-        down_until = time.monotonic() + OUTAGE_S
         # meanwhile the API answers a documented 503, not a 500: viewing a crop, querying
         for call in (lambda: prefilter.crop(before[0].crop_id),
                      lambda: prefilter.shortlist(QueryRequest(crop_id=before[0].crop_id))):
@@ -199,9 +211,13 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
         assert len(follower.store) == 24  # nothing indexed (nor lost) while the store is down
         assert service.stats.dead_letters == 0 and service.stats.store_waits >= 1
 
+        assert writer.is_alive() and not waited  # still waiting for the store
         server.start(server.healthy, "SeaweedFS (restarted)")
+        writer.join(timeout=60)
+        patient.close()
+        assert len(waited) == 4 and all(waited)
         deadline = time.monotonic() + 60
-        while len(follower.store) < 48 and time.monotonic() < deadline:
+        while len(follower.store) < 52 and time.monotonic() < deadline:
             follower.poll(timeout_ms=200)
     finally:
         service.stop()
@@ -211,10 +227,11 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
             prefilter._stop.set()
     assert not worker.is_alive()
     stats = service.stats
-    assert stats.dead_letters == 0 and stats.indexed == 48, stats
-    assert follower.store.crop_ids() == {e.crop_id for e in before + after}
-    indexed = read_events(s, INDEXED, IndexedEvent, expect=49, timeout_s=5)
-    assert sorted(e.crop_id for e in indexed) == sorted(e.crop_id for e in before + after)
+    everything = before + after + waited
+    assert stats.dead_letters == 0 and stats.indexed == 52, stats
+    assert follower.store.crop_ids() == {e.crop_id for e in everything}
+    indexed = read_events(s, INDEXED, IndexedEvent, expect=53, timeout_s=5)
+    assert sorted(e.crop_id for e in indexed) == sorted(e.crop_id for e in everything)
     assert read_dead_letters(s, expect=1, timeout_s=3) == []
 
 

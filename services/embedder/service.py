@@ -34,7 +34,6 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
-from minio.error import S3Error
 from PIL import Image
 
 from chatreid.bus import dead_letter, make_consumer, make_producer, publish
@@ -53,19 +52,15 @@ from chatreid.storage import (
     META_SHA256,
     ObjectNotFound,
     ObjectStore,
+    StoreUnavailable,
     legacy_key_sha256,
     sha256_hex,
+    transient_error,
 )
 
 log = logging.getLogger(__name__)
 
 key_sha256 = legacy_key_sha256  # the sha256 a legacy content-addressed key names, if any
-
-# S3 answers that say "not now" or "not you" rather than "this crop is bad": retried, not
-# dead-lettered (credentials or bucket trouble would otherwise dead-letter every crop).
-_TRANSIENT_STATUS = {403, 408, 429}
-_TRANSIENT_CODES = {"SlowDown", "NoSuchBucket", "RequestTimeout", "AccessDenied",
-                    "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
 class CropFailed(Exception):
@@ -74,17 +69,6 @@ class CropFailed(Exception):
     def __init__(self, error: str, reason: str) -> None:
         super().__init__(f"{error}: {reason}")
         self.error, self.reason = error, reason
-
-
-class StoreUnavailable(Exception):
-    """The object store failed transiently: retry later, never dead-letter."""
-
-
-def _transient(exc: Exception) -> bool:
-    if isinstance(exc, S3Error):  # NoSuchKey is ObjectNotFound; other 4xx name a bad request
-        status = exc.response.status if exc.response is not None else 500
-        return status >= 500 or status in _TRANSIENT_STATUS or exc.code in _TRANSIENT_CODES
-    return True  # refused, reset, timeouts, non-XML 5xx pages, urllib3's retries exhausted
 
 
 def fetch_crop(store: ObjectStore, object_key: str, sha256: str | None) -> Image.Image:
@@ -96,7 +80,7 @@ def fetch_crop(store: ObjectStore, object_key: str, sha256: str | None) -> Image
     except ObjectNotFound as exc:
         raise CropFailed("crop.missing", f"object {object_key} not found") from exc
     except Exception as exc:
-        if _transient(exc):
+        if transient_error(exc):
             raise StoreUnavailable(f"reading {object_key}: {exc!r}") from exc
         raise CropFailed("crop.unreadable", f"object {object_key}: {exc}") from exc
     sha256 = sha256 or legacy_key_sha256(object_key) or meta.get(META_SHA256)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,8 +30,10 @@ from chatreid.storage import (
     META_SHA256,
     ObjectNotFound,
     ObjectStore,
+    StoreUnavailable,
     crop_key,
     sha256_hex,
+    transient_error,
 )
 
 from .validate import CropRejected, validate_crop, validate_metadata
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 # its size and sha256 in the reason: up to ``ingestor.max_bytes`` per bad upload would turn the
 # dead-letter topic into a store of junk.
 REJECTED_PAYLOAD_BYTES = 4096
+_STORE_BACKOFF_MAX_S = 4.0  # longest wait between two tries of a crop write (store down)
 
 
 @dataclass
@@ -77,9 +81,15 @@ def make_crop_id(site: str, camera: str, capture_time: datetime, track_id: str |
 
 
 class Ingestor:
+    """``store_wait_s``: how long one crop's write waits out an object-store outage (retrying
+    with backoff) before :class:`~chatreid.storage.StoreUnavailable` is raised; a long-running
+    source rides out a restart of the store, an HTTP upload should answer 503 sooner."""
+
     def __init__(self, settings: Settings, store: ObjectStore | None = None,
-                 producer: KafkaProducer | None = None, source: str = "unknown") -> None:
+                 producer: KafkaProducer | None = None, source: str = "unknown",
+                 store_wait_s: float = 60.0) -> None:
         self.settings = settings
+        self.store_wait_s = store_wait_s
         self.store = store or ObjectStore(settings.s3)
         self.producer = producer or make_producer(settings.kafka)
         self.topic = settings.kafka.topic(CROPS.name)
@@ -126,9 +136,25 @@ class Ingestor:
             )
         except ValueError as exc:  # pydantic: bad camera name, bbox, modality ...
             raise CropRejected("event.invalid", str(exc).splitlines()[0]) from exc
-        self.store.put(key, crop.data, content_type=valid.content_type,
-                       metadata=object_metadata(event))
+        self._put(key, crop.data, valid.content_type, object_metadata(event))
         return event
+
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        """Write the crop, retrying transient failures with exponential backoff for up to
+        ``store_wait_s``; the event is published only after this returns."""
+        delay, deadline = 0.5, time.monotonic() + self.store_wait_s
+        while True:
+            try:
+                self.store.put(key, data, content_type=content_type, metadata=metadata)
+                return
+            except Exception as exc:
+                if not transient_error(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"writing {key}: {exc!r}") from exc
+                log.warning("object store unavailable (%r); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, _STORE_BACKOFF_MAX_S)
 
     def _dead_letter(self, crop: CropInput, error: str, reason: str) -> None:
         event = DeadLetterEvent(

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from chatreid.storage import StoreUnavailable
+
 from .service import CropInput, Ingestor, IngestResult
 
 log = logging.getLogger(__name__)
@@ -64,9 +66,18 @@ class FolderSource:
 
     def publish(self, ingestor: Ingestor, watch: bool = False
                 ) -> Iterator[tuple[Path, IngestResult]]:
-        """Submit every pending file; a batch is remembered as done only once it is durable."""
+        """Submit every pending file; a batch is remembered as done only once it is durable.
+        With ``watch``, an object store that stays down longer than the ingestor waits leaves
+        the batch pending (retried next round; crop ids make a re-publish harmless)."""
         for batch in self.batches(watch=watch):
-            results = [(p, ingestor.submit(self.read(p))) for p in batch]
+            try:
+                results = [(p, ingestor.submit(self.read(p))) for p in batch]
+            except StoreUnavailable as exc:
+                if not watch:
+                    raise
+                log.warning("object store unavailable (%s); %d files stay pending", exc,
+                            len(batch))
+                continue
             ingestor.flush()
             self.mark_done([self._key(p) for p in batch])
             yield from results
