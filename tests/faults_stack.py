@@ -310,9 +310,23 @@ class Feed:
         with self._lock:
             return frozenset(self.valid)
 
+    def path(self, index: int) -> Path:
+        return self.root / self.cameras[index % len(self.cameras)] / f"{index:06d}.jpg"
+
+    def index_of(self, key: tuple[str, int]) -> int:
+        return key[1] - self.start_epoch
+
     def image_b64(self, index: int = 0) -> str:
-        path = self.root / self.cameras[index % len(self.cameras)] / f"{index:06d}.jpg"
-        return base64.b64encode(path.read_bytes()).decode()
+        return base64.b64encode(self.path(index).read_bytes()).decode()
+
+    def pending(self) -> int:
+        """Files the ingestor has not marked done yet (its state file, written only after
+        its producer flushed a batch)."""
+        try:
+            done = json.loads((self.root / ".chatreid-ingested.json").read_text())
+        except (OSError, ValueError):
+            done = []
+        return self.written - len(done)
 
 
 class Dripper(threading.Thread):
@@ -386,6 +400,20 @@ class QueryProbe(threading.Thread):
         while not self.halt.is_set():
             self.outcomes.append(self.ask())
             self.halt.wait(self.pause_s)
+
+    def burst(self, clients: int, seconds: float) -> list[threading.Thread]:
+        """``clients`` more askers, back to back for ``seconds`` (so that queries are in
+        flight at any instant); their outcomes join the probe's. Join the threads returned."""
+        end = time.monotonic() + seconds
+
+        def ask_until() -> None:
+            while time.monotonic() < end:
+                self.outcomes.append(self.ask())
+
+        threads = [threading.Thread(target=ask_until, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        return threads
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Per phase: answers counted by 'status code'."""

@@ -100,6 +100,7 @@ class FaultRun:
     readings: dict[str, Reading] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
     final_gallery: int | None = None
+    searches: list[tuple[tuple[str, int], int, str]] = field(default_factory=list)
     final_expected: int = 0
     error: str | None = None  # the scenario's own failure, if it stopped early
     timeline: list[tuple[float, str]] = field(default_factory=list)
@@ -191,6 +192,34 @@ class Scenario:
         time.sleep(seconds)
 
 
+def search_each(feed: Feed, settings: Settings, rng_seed: int, n: int = 24) -> list:
+    """Ask the app with the image of ``n`` valid crops (spread over the whole run, so over
+    every fault's window); each must come back as its own best match. Returns
+    (crop, status, what came back)."""
+    import base64
+    import random
+
+    from chatreid.client import ApiError, RetrievalClient
+    from chatreid.schemas import QueryRequest
+
+    client = RetrievalClient(settings.serve.base_url, timeout_s=60,
+                             api_key=settings.serve.api_key)
+    valid = sorted(feed.snapshot())
+    picks = sorted(random.Random(rng_seed).sample(valid, min(n, len(valid))))
+    out = []
+    for key in picks:
+        data = feed.path(feed.index_of(key)).read_bytes()
+        request = QueryRequest(kind="standard", image_b64=base64.b64encode(data).decode(),
+                               k=1, top=1)
+        try:
+            top = client.query(request).results[0]
+            found = (top.camera, round(top.capture_time.timestamp()))
+            out.append((key, 200, "itself" if found == key else f"other: {found}"))
+        except ApiError as exc:
+            out.append((key, exc.status, exc.error))
+    return out
+
+
 def _wait_queries_ok(probe: QueryProbe, since: float, timeout_s: float) -> float | None:
     """Seconds until the first successful query started after ``since``; None if none."""
     deadline = time.monotonic() + timeout_s
@@ -269,9 +298,10 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         probe.phase = "ingestor SIGKILL"
         feed.write(60)
         time.sleep(1.0)
+        pending_at_kill = feed.pending()
         sc.restart(procs["ingestor"])
         sc.stream(5)
-        sc.settle("ingestor SIGKILL")
+        sc.settle("ingestor SIGKILL", pending_at_kill=pending_at_kill)
         run.readings["after process kills"] = read_index(settings)
 
         # 3. Serve replicas, while queries run
@@ -279,10 +309,14 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
             probe.phase = f"{deployment} replica SIGKILL"
             pids = replica_pids(APP, deployment)
             assert pids, f"no {deployment} replica process found"
+            burst = probe.burst(clients=4, seconds=4.0)  # queries in flight at the kill
+            time.sleep(1.5)
             killed_at = time.time()
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             sc.mark(f"SIGKILL {deployment} replica {pids}")
+            for t in burst:
+                t.join()
             recovered = _wait_queries_ok(probe, killed_at, timeout_s=90)
             sc.stream(3)
             sc.settle(f"{deployment} replica SIGKILL", pids=pids, queries_ok_after_s=recovered)
@@ -323,6 +357,7 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         probe.phase = "final"
         run.final_expected = len(feed.snapshot())
         run.final_gallery = sc.gallery()
+        run.searches = search_each(feed, settings, rng_seed=len(feed.valid))
         time.sleep(max(0.0, settings.index.snapshot_every_s * 2))
         run.readings["final"] = read_index(settings)
         sc.mark("final reading")
@@ -356,6 +391,7 @@ def _report(run: FaultRun, logs) -> None:
                       for n, p in run.procs.items()},
         "valid": len(run.feed.valid), "invalid": len(run.feed.invalid),
         "final_gallery": run.final_gallery,
+        "searches": Counter(what for _, _, what in run.searches),
     }
     text = json.dumps(report, indent=1, default=str)
     (logs / "report.json").write_text(text)
@@ -437,6 +473,15 @@ def test_every_valid_crop_is_searchable_exactly_once(fault_run) -> None:
     assert have == valid
     assert run.final_gallery == len(valid), (
         f"the serving app holds {run.final_gallery} crops, not {len(valid)}")
+
+
+def test_valid_crops_from_every_fault_window_are_found_by_their_own_image(fault_run) -> None:
+    searches = fault_run.searches
+    if not searches:
+        pytest.fail(f"the scenario stopped early: {fault_run.error}")
+    wrong = [(key, status, what) for key, status, what in searches if what != "itself"]
+    assert not wrong, (f"{len(wrong)} of {len(searches)} crops are not their own image's best "
+                       f"match over the API: {wrong[:4]}")
 
 
 def test_no_query_during_the_faults_answers_an_undocumented_5xx(fault_run) -> None:
