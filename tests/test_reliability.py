@@ -24,7 +24,14 @@ from chatreid.bus import broker_reachable, ensure_topics, make_producer
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.retrieval import StorageUnavailable
-from chatreid.schemas import CROPS, INDEXED, IndexedEvent, QueryRequest, SourceOffset
+from chatreid.schemas import (
+    CROPS,
+    INDEXED,
+    CropEvent,
+    IndexedEvent,
+    QueryRequest,
+    SourceOffset,
+)
 from chatreid.services.embedder import EmbedderService
 from chatreid.services.ingestor import Ingestor
 from chatreid.services.ingestor.sources import synth_source
@@ -310,3 +317,52 @@ def test_index_readers_resume_from_the_snapshot_whatever_the_broker_reports(priv
     grown = restored(s)
     assert (grown.stats.read, grown.stats.log_resets) == (39, 3)
     assert len(grown.store) == 30 + 9 + 30
+
+
+def test_crop_events_a_restarted_broker_lost_are_published_again(private_broker, tmp_path):
+    """Tansu keeps topics in memory: crop events it acknowledged but the embedder had not
+    read die with it. The folder source notices (the newest record it had acknowledged is gone,
+    even after its own restart) and publishes again what the index does not hold."""
+    from chatreid.services.ingestor.sources import FolderSource
+
+    from .conftest import jpeg_bytes
+
+    s, broker = private_broker
+    root = tmp_path / "feed"
+    (root / "cam1").mkdir(parents=True)
+
+    def write(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            (root / "cam1" / f"{i:03d}.jpg").write_bytes(
+                jpeg_bytes(color=(20 * i % 256, 40, 255 - 9 * i % 256)))
+
+    def ingest_folder() -> tuple[int, Ingestor]:
+        ingestor = Ingestor(s, source="folder")
+        results = list(FolderSource(root).publish(ingestor))
+        ingestor.close()
+        assert all(r.ok for _, r in results)
+        return len(results), ingestor
+
+    write(0, 6)
+    assert ingest_folder()[0] == 6
+    assert EmbedderService(s).run(until_idle_s=3).indexed == 6
+    first = IndexFollower(s)
+    first.catch_up(timeout_s=60)
+    assert first.snapshot() and len(first.store) == 6
+    first.close()
+    write(6, 4)
+    assert ingest_folder()[0] == 4  # acknowledged, not embedded yet
+
+    broker.stop()  # ... and with it every topic
+    broker.start(broker.healthy, "Tansu (restarted)")
+    ensure_topics(s.kafka)
+    published, ingestor = ingest_folder()  # a restarted source: nothing new in the folder
+    assert published == 0 and ingestor.published == 0
+    # the 4 the index did not hold came back; the 6 of the snapshot were not re-sent
+    crops = read_events(s, CROPS, CropEvent, expect=5, timeout_s=5)
+    assert len(crops) == 4
+    s.embedder.group_id += "-after"  # the old group's offsets died with the broker anyway
+    assert EmbedderService(s).run(until_idle_s=3).indexed == 4
+    assert len(restored(s).store) == 10
+    ingest_folder()  # the log holds them now: nothing more is sent
+    assert read_events(s, CROPS, CropEvent, expect=5, timeout_s=3) == crops

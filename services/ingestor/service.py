@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 
 from chatreid.bus import dead_letter, make_producer, publish
 from chatreid.config import Settings
@@ -96,6 +96,10 @@ class Ingestor:
         self.source = source
         self.published = 0
         self.rejected = 0
+        # partition -> (offset, sha256 of the value) of the newest event the broker acknowledged:
+        # if the broker no longer holds that record, it lost what we handed it (log_lost)
+        self.acked: dict[int, tuple[int, str]] = {}
+        self._sent: list[tuple[object, bytes]] = []  # (send future, value) not yet noted
 
     def submit(self, crop: CropInput) -> IngestResult:
         """Validate, store, publish (asynchronously; ``flush`` makes it durable)."""
@@ -105,12 +109,87 @@ class Ingestor:
             self.rejected += 1
             self._dead_letter(crop, exc.error, exc.reason)
             return IngestResult(error=exc.error, reason=exc.reason)
-        publish(self.producer, self.topic, event.camera, event)
+        self._send(event)
         self.published += 1
         return IngestResult(event=event)
 
+    def _send(self, event: CropEvent) -> None:
+        value = event.to_bytes()
+        self._sent.append((self.producer.send(self.topic, key=event.camera.encode(),
+                                              value=value), value))
+        if len(self._sent) >= 1024:
+            self._note_acked()
+
+    def _note_acked(self) -> None:
+        """Record the newest acknowledged offset per partition; forget settled sends."""
+        pending = []
+        for future, value in self._sent:
+            if not getattr(future, "is_done", True):
+                pending.append((future, value))
+            elif getattr(future, "succeeded", lambda: False)():
+                meta = future.value
+                if meta.offset > self.acked.get(meta.partition, (-1, ""))[0]:
+                    self.acked[meta.partition] = (meta.offset, sha256_hex(value))
+        self._sent = pending
+
     def flush(self, timeout: float = 60) -> None:
         self.producer.flush(timeout=timeout)
+        self._note_acked()
+
+    def log_lost(self, timeout_s: float = 10.0) -> bool:
+        """Whether the broker lost crop events it acknowledged: the newest acknowledged record
+        of some partition is no longer there (a memory-only broker restarted, or the topic was
+        recreated). False when nothing was acknowledged or the broker cannot tell yet."""
+        if not self.acked:
+            return False
+        from chatreid.bus import make_consumer
+
+        tps = {TopicPartition(self.topic, p): at for p, at in self.acked.items()}
+        try:
+            consumer = make_consumer(self.settings.kafka, None, fetch_max_wait_ms=100)
+        except Exception:  # no broker: ask again later
+            return False
+        try:
+            consumer.assign(list(tps))
+            for tp, (offset, _) in tps.items():
+                consumer.seek(tp, offset)
+            seen: dict[TopicPartition, bool] = {}  # partition -> still holds the record
+            deadline = time.monotonic() + timeout_s
+            while len(seen) < len(tps) and time.monotonic() < deadline:
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    if tp in tps and tp not in seen and records:
+                        first = records[0]
+                        seen[tp] = (first.offset == tps[tp][0]
+                                    and sha256_hex(first.value) == tps[tp][1])
+                for tp, (offset, _) in tps.items():
+                    hw = consumer.highwater(tp)  # the fetch's log end (ListOffsets can be short)
+                    if tp not in seen and hw is not None and hw <= offset:
+                        seen[tp] = False
+        except Exception:  # the broker went away meanwhile: ask again later
+            log.debug("could not check the crops log", exc_info=True)
+            return False
+        finally:
+            consumer.close()
+        return not all(seen.get(tp, True) for tp in tps)
+
+    def recover(self) -> int:
+        """After a broker lost crop events: publish again every stored crop the index (its
+        snapshot plus the log) does not hold, and wait until the broker has them. Returns the
+        number published. Crop ids make whatever was indexed meanwhile a duplicate, dropped."""
+        from chatreid.retention import current_index
+
+        index = current_index(self.settings, self.store)
+        held = index.crop_ids() if index is not None else set()
+        self.acked.clear()  # the old offsets name the lost log
+        count = 0
+        for event in stored_events(self.store):
+            if event.crop_id not in held:
+                self._send(event)
+                count += 1
+        self.flush()
+        log.warning("the broker had lost crop events: published %d stored crops the index did "
+                    "not hold again", count)
+        return count
 
     def close(self) -> None:
         self.flush()

@@ -24,10 +24,13 @@ class FolderSource:
     restarted ``--watch`` does not republish (a republish would still be deduplicated by crop id).
     """
 
-    def __init__(self, root: Path, state_file: Path | None = None, poll_s: float = 1.0) -> None:
+    def __init__(self, root: Path, state_file: Path | None = None, poll_s: float = 1.0,
+                 check_log_s: float = 10.0) -> None:
         self.root = root
         self.state_file = state_file or root / ".chatreid-ingested.json"
+        self.acked_file = self.state_file.with_suffix(".acked.json")
         self.poll_s = poll_s
+        self.check_log_s = check_log_s  # how often --watch checks the broker kept our events
         self.done: set[str] = self._load_state()
 
     def _load_state(self) -> set[str]:
@@ -36,12 +39,30 @@ class FolderSource:
         except (OSError, ValueError):
             return set()
 
-    def mark_done(self, paths: list[str]) -> None:
-        """Call after the crops are durable (producer flushed)."""
+    def mark_done(self, paths: list[str], acked: dict[int, tuple[int, str]] | None = None) -> None:
+        """Call after the crops are durable (producer flushed); ``acked``: the ingestor's
+        newest acknowledged record per partition, kept so that a restarted source can still
+        tell whether the broker lost them (``Ingestor.log_lost``)."""
         self.done.update(paths)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(self.done)))
-        tmp.replace(self.state_file)
+        _write_json(self.state_file, sorted(self.done))
+        if acked:
+            _write_json(self.acked_file, {str(p): list(at) for p, at in acked.items()})
+
+    def load_acked(self) -> dict[int, tuple[int, str]]:
+        try:
+            raw = json.loads(self.acked_file.read_text())
+            return {int(p): (int(at[0]), str(at[1])) for p, at in raw.items()}
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            return {}
+
+    def _recover_lost(self, ingestor: Ingestor) -> None:
+        """The broker lost crop events it had acknowledged (restarted without its log):
+        publish the stored crops the index does not hold again (``Ingestor.recover``)."""
+        if ingestor.log_lost():
+            log.warning("the broker no longer holds crop events it acknowledged; "
+                        "re-publishing what the index does not hold")
+            ingestor.recover()
+            _write_json(self.acked_file, {str(p): list(at) for p, at in ingestor.acked.items()})
 
     def pending(self) -> list[Path]:
         files = (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -69,7 +90,18 @@ class FolderSource:
         """Submit every pending file; a batch is remembered as done only once it is durable.
         With ``watch``, an object store that stays down longer than the ingestor waits leaves
         the batch pending (retried next round; crop ids make a re-publish harmless)."""
+        ingestor.acked = ingestor.acked or self.load_acked()
+        self._recover_lost(ingestor)
+        checked = time.monotonic()
         for batch in self.batches(watch=watch):
+            if watch and time.monotonic() - checked >= self.check_log_s:
+                checked = time.monotonic()
+                try:
+                    self._recover_lost(ingestor)
+                except Exception:  # broker or store still coming back: the next check retries
+                    log.exception("re-publishing lost crop events failed; retrying later")
+            if not batch:
+                continue
             try:
                 results = [(p, ingestor.submit(self.read(p))) for p in batch]
             except StoreUnavailable as exc:
@@ -79,10 +111,12 @@ class FolderSource:
                             len(batch))
                 continue
             ingestor.flush()
-            self.mark_done([self._key(p) for p in batch])
+            self.mark_done([self._key(p) for p in batch], ingestor.acked)
             yield from results
 
     def batches(self, watch: bool, batch: int = 64) -> Iterator[list[Path]]:
+        """Pending files in batches; with ``watch`` an empty batch after each idle poll, so
+        the caller gets control while nothing arrives."""
         while True:
             files = self.pending()
             for i in range(0, len(files), batch):
@@ -90,6 +124,13 @@ class FolderSource:
             if not watch:
                 return
             time.sleep(self.poll_s)
+            yield []
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def synth_source(seed: int, limit: int | None, rate_hz: float | None,
