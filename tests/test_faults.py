@@ -192,6 +192,20 @@ class Scenario:
         time.sleep(seconds)
 
 
+def partitions(settings: Settings) -> dict[str, int]:
+    """Partitions of the crops and indexed topics (a client that asks for a missing topic
+    makes Tansu create it with its own default count)."""
+    from chatreid.bus import make_consumer
+    from chatreid.schemas import CROPS, INDEXED
+
+    consumer = make_consumer(settings.kafka, None)
+    try:
+        return {t.name: len(consumer.partitions_for_topic(settings.kafka.topic(t.name)) or ())
+                for t in (CROPS, INDEXED)}
+    finally:
+        consumer.close()
+
+
 def search_each(feed: Feed, settings: Settings, rng_seed: int, n: int = 24) -> list:
     """Ask the app with the image of ``n`` valid crops (spread over the whole run, so over
     every fault's window); each must come back as its own best match. Returns
@@ -351,12 +365,13 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         sc.mark("SIGKILL broker")
         time.sleep(1.0)
         stack.start_broker()
-        ensure_topics(settings.kafka)  # chatreid init: the topics, as configured
-        sc.mark("broker back, topics recreated")
+        created = ensure_topics(settings.kafka)  # chatreid init: the topics, as configured
+        sc.mark(f"broker back, {len(created)} topics recreated")
         sc.stream(8)
         dripper.halt.set()
         dripper.join()
-        sc.settle("broker SIGKILL", stall_s=25)
+        sc.settle("broker SIGKILL", stall_s=25, recreated_by_init=len(created),
+                  partitions=partitions(settings))
 
         probe.phase = "final"
         run.final_expected = len(feed.snapshot())
