@@ -6,17 +6,19 @@ import copy
 import json
 import logging
 import os
+import secrets
 from typing import Any
 
 import ray
 from pyarrow import fs
 
 from chatreid.config import Settings
-from chatreid.stack import LOCAL_RAY_ENV, LOOPBACK_RAY_ENV, LocalStack, is_loopback
+from chatreid.stack import LOOPBACK_RAY_ENV, LocalStack, is_loopback
 
 log = logging.getLogger(__name__)
 # Settings that are secrets: never part of a config Ray logs or a job persists.
-SECRETS = (("serve", "api_key"), ("s3", "secret_key"), ("kafka", "sasl_password"))
+SECRETS = (("serve", "api_key"), ("s3", "secret_key"), ("kafka", "sasl_password"),
+           ("ray", "auth_token"))
 _KV_NAMESPACE = "chatreid"
 _REF = "secrets_ref"
 
@@ -68,23 +70,27 @@ def unshare(data: dict[str, Any] | None) -> Settings:
 def connect(settings: Settings) -> None:
     """Join the configured cluster, else the local stack's head, else start Ray in-process.
 
-    Ray token auth (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``,
-    from a secret) stays as the environment sets it for every configured cluster; only a
-    loopback-only Ray, the local stack's head or an in-process one, runs without it."""
+    Ray token auth is on everywhere: a configured cluster is joined with the token in
+    ``RAY_AUTH_TOKEN`` (or ``RAY_AUTH_TOKEN_PATH``, or ``ray.auth_token``), the local stack's
+    head with the one `chatreid up` generated (``ray.auth_token``), and an in-process Ray gets a
+    token made up for this process. The last two also listen on 127.0.0.1 only."""
     if ray.is_initialized():
         return
     address = settings.ray.address
     stack = LocalStack(settings)
     if address is None and settings.ray.join_local_head and stack.ray_healthy():
         stack.check_ray_loopback()
-        _set_env(LOCAL_RAY_ENV if stack.ray_started_here() else LOOPBACK_RAY_ENV)
+        _loopback_only()
+        if settings.ray.auth_token:
+            _use_token(settings.ray.auth_token)
         ray.init(address=f"127.0.0.1:{settings.stack.ray_port}", log_to_driver=True)
         return
     if address is not None:
-        _join(address)
+        _join(address, settings.ray.auth_token)
         return
     settings.ray.temp_dir.mkdir(parents=True, exist_ok=True)
-    _set_env(LOCAL_RAY_ENV)  # inherited by its raylet and so by every worker
+    _loopback_only()  # inherited by its raylet and so by every worker, as is the token
+    _use_token(secrets.token_hex(32))
     ray.init(
         address="local",  # never a stale head recorded in Ray's temp dir
         num_cpus=settings.ray.num_cpus,
@@ -93,23 +99,34 @@ def connect(settings: Settings) -> None:
     )
 
 
-def _set_env(env: dict[str, str]) -> None:
-    for key, value in env.items():
-        os.environ.setdefault(key, value)  # an explicit choice in the environment wins
-    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:
-        # Ray read it when imported (before this ran); its child processes read the env var
-        from ray._private import ray_constants
+def _loopback_only() -> None:
+    for key, value in LOOPBACK_RAY_ENV.items():
+        os.environ[key] = value
+    # Ray read it when imported (before this ran); its child processes read the env var
+    from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = os.environ[
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def _join(address: str) -> None:
+def _use_token(token: str) -> None:
+    """Token auth with ``token`` for this process and the Ray processes it starts."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    Config.initialize("")  # Ray cached the mode when imported
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _join(address: str, token: str | None) -> None:
     host = address.split("://")[-1].rsplit(":", 1)[0]
     if is_loopback(host):
-        _set_env(LOOPBACK_RAY_ENV)  # else Ray rewrites 127.0.0.1 to the machine's address
+        _loopback_only()  # else Ray rewrites 127.0.0.1 to the machine's address
     has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
-    if has_token and "RAY_AUTH_MODE" not in os.environ:
+    if not has_token and token:
+        _use_token(token)
+        has_token = True
+    elif has_token and "RAY_AUTH_MODE" not in os.environ:
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
         _enable_token_auth()  # RAY_AUTH_MODE=token, and Ray's config (read at import) reloaded

@@ -156,6 +156,9 @@ class RaySettings(BaseModel):
         "place its actors before it fails saying what it needs and what is free (an autoscaling "
         "cluster may need minutes to add a node)")
     temp_dir: Path = Path("/tmp/chatreid-ray")  # short: Ray's unix sockets must fit in 107 bytes
+    auth_token: str | None = Field(
+        None, description="Ray token of the local stack's head (`chatreid up` generates it into "
+        "credentials.env); a cluster elsewhere takes Ray's own RAY_AUTH_TOKEN")
 
 
 class TrainSettings(BaseModel):

@@ -1,6 +1,7 @@
-"""Secure by default (issue 14): every local server listens on loopback only, Ray runs without
-token auth only where nothing beyond loopback reaches it, and the local stack's secrets are
-generated, stored owner-only and shown once. Against real servers: a Ray head started through
+"""Secure by default (issue 14): every local server listens on loopback only (but for Ray
+Serve's replica gRPC server, which Ray binds on [::] itself: it wants the token), every Ray
+runs with token auth, and the local stack's secrets are generated, stored owner-only and shown
+once. Against real servers: a Ray head started through
 ``LocalStack`` on ports of its own, the broker and object store the session uses, an in-process
 Ray, and a token-protected head."""
 
@@ -13,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -75,10 +77,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 # Run in a subprocess (a Ray driver changes its process for good): connect the way every job
-# does, start an actor and a task, then report every listener of this driver, its children
-# and the actor's process.
+# does, start an actor and a task (and with SERVE=1 a Serve app), then report every listener of
+# this driver, its children, the actor's and the replica's processes.
 DRIVER = """
-import json, os, sys, psutil, ray
+import json, os, sys, urllib.request, psutil, ray
 from chatreid.config import Settings
 from chatreid.cluster import connect
 settings = Settings()
@@ -91,6 +93,17 @@ class Probe:
 actor = Probe.remote()
 pids = [ray.get(actor.pid.remote()), os.getpid()]
 assert ray.get(ray.remote(lambda: 1).remote()) == 1
+if os.environ.get("SERVE_PORT"):
+    from ray import serve
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Hello:
+        def __call__(self, request):
+            return os.getpid()
+    port = int(os.environ["SERVE_PORT"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Hello.bind(), name="probe", route_prefix="/")
+    # the app answers over HTTP without Ray's token: that is the data plane
+    pids.append(int(urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60).read()))
 pids += [c.pid for c in psutil.Process().children(recursive=True)]
 out = []
 for pid in pids:
@@ -100,16 +113,49 @@ for pid in pids:
                 if c.status == psutil.CONN_LISTEN]
     except psutil.Error:
         pass
+import grpc  # a plain channel: no Ray token attached
+for entry in out:  # what a call without the token gets, from a non-loopback listener
+    entry.append(None)
+    if not entry[1].startswith(("127.", "::ffff:127.")) and entry[1] != "::1":
+        with grpc.insecure_channel(f"127.0.0.1:{entry[2]}") as channel:
+            try:
+                channel.unary_unary("/ray.serve.ASGIService/HandleRequest")(b"", timeout=10)
+                entry[3] = "OK"
+            except grpc.RpcError as exc:
+                entry[3] = exc.code().name
 print("LISTENERS " + json.dumps(out))
+if os.environ.get("SERVE_PORT"):
+    serve.shutdown()
 """
 
 
-def run_driver(env: dict[str, str], timeout: float = 180) -> list[list]:
+def run_driver(env: dict[str, str], timeout: float = 240) -> list[list]:
     done = subprocess.run([sys.executable, "-c", DRIVER], env=env, cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("LISTENERS "))
     return json.loads(line.removeprefix("LISTENERS "))
+
+
+def refuses_without_token(port: int, method: str) -> bool:
+    """A gRPC call without Ray's token is refused as unauthenticated (not merely unknown)."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            channel.unary_unary(method)(b"", timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
+def assert_loopback_or_authenticated(found: list) -> None:
+    """Every listener is on loopback, except Serve replicas' inter-deployment gRPC server,
+    which Ray Serve 2.60 binds on [::] itself: that one must refuse calls without the token."""
+    for name, ip, port, untokened_call in found:
+        if not loopback(ip):
+            assert name.startswith("ray::ServeRepli"), (name, ip, port)
+            assert untokened_call == "UNAUTHENTICATED", (name, ip, port, untokened_call)
 
 
 def test_local_ray_head_listens_on_loopback_only(tmp_path: Path) -> None:
@@ -124,19 +170,33 @@ def test_local_ray_head_listens_on_loopback_only(tmp_path: Path) -> None:
     try:
         stack.start_ray()
         pgid = stack.pids()["ray"]
-        head = listeners(group(pgid))
+        deadline = time.monotonic() + 60  # the Ray client server comes up last
+        while True:
+            head = listeners(group(pgid))
+            if settings.stack.ray_client_port in {p for _, _, p in head}:
+                break
+            assert time.monotonic() < deadline, head
+            time.sleep(0.5)
         names = {name for name, _, _ in head}
         assert ("gcs_server", settings.stack.ray_port) in {(n, p) for n, _, p in head}, head
         assert settings.stack.ray_client_port in {p for _, _, p in head}, head
         assert {"raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} & names, names
         assert all(loopback(ip) for _, ip, _ in head), [x for x in head if not loopback(x[1])]
+        # and it wants its token (generated into the stack's credentials file), even there
+        # the internal KV, where `share()` keeps the secrets Serve and Train processes need
+        assert refuses_without_token(settings.stack.ray_port,
+                                     "/ray.rpc.InternalKVGcsService/InternalKVKeys")
+        creds = (settings.stack.data_dir / "credentials.env").read_text()
+        assert f"CHATREID_RAY__AUTH_TOKEN={settings.ray.auth_token}" in creds
 
         env = clean_env(CHATREID_STACK__DATA_DIR=str(settings.stack.data_dir),
                         CHATREID_STACK__RAY_PORT=str(settings.stack.ray_port),
-                        CHATREID_S3__ACCESS_KEY="unused", CHATREID_S3__SECRET_KEY="unused")
-        driver = run_driver(env)  # its own listeners and those of the actor on the head
-        assert any(name == "ray::Probe" for name, _, _ in driver), driver
-        assert all(loopback(ip) for _, ip, _ in driver), driver
+                        CHATREID_S3__ACCESS_KEY="unused", CHATREID_S3__SECRET_KEY="unused",
+                        SERVE_PORT=str(free_port()))
+        driver = run_driver(env)  # a job's driver, an actor and a Serve replica on the head
+        names = {n for n, *_ in driver}
+        assert "ray::Probe" in names and any(n.startswith("ray::ServeRepli") for n in names)
+        assert_loopback_or_authenticated(driver)
         after = listeners(group(pgid))
         assert all(loopback(ip) for _, ip, _ in after), [x for x in after if not loopback(x[1])]
         assert stack.exposed() == []
@@ -146,12 +206,13 @@ def test_local_ray_head_listens_on_loopback_only(tmp_path: Path) -> None:
 
 
 def test_in_process_ray_listens_on_loopback_only() -> None:
-    """The in-process Ray (no cluster configured, no local head) is loopback-only too: it runs
-    with auth off, so before it exposed its GCS and workers on every interface."""
+    """The in-process Ray (no cluster configured, no local head) is loopback-only too, with a
+    token of its own: before, it ran with auth off and exposed its GCS and workers on every
+    interface."""
     driver = run_driver(clean_env(JOIN="0", CHATREID_S3__ACCESS_KEY="unused",
-                                  CHATREID_S3__SECRET_KEY="unused"))
-    assert any(name == "gcs_server" for name, _, _ in driver), driver
-    assert all(loopback(ip) for _, ip, _ in driver), [x for x in driver if not loopback(x[1])]
+                                  CHATREID_S3__SECRET_KEY="unused", SERVE_PORT=str(free_port())))
+    assert any(name == "gcs_server" for name, *_ in driver), driver
+    assert_loopback_or_authenticated(driver)
 
 
 def test_broker_and_object_store_listen_on_loopback_only(stack_base: Settings) -> None:
