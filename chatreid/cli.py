@@ -65,8 +65,9 @@ def _print_credentials(stack, insecure: bool) -> None:
         _warn_insecure()
     elif stack.settings.serve.api_key:
         console.print(f"bootstrap API key: {_where(stack, API_KEY_VAR)} (serve.api_key)")
-    if stack.generated and set(stack.generated) - {API_KEY_VAR}:
-        console.print(f"object-store keys generated into {stack.credentials_file}")
+    others = sorted(set(stack.generated) - {API_KEY_VAR})
+    if others:  # object-store keys, the Ray head's token: never shown
+        console.print(f"generated into {stack.credentials_file}: {', '.join(others)}")
 
 
 def _where(stack, var: str) -> str:

@@ -5,10 +5,11 @@ records pids and logs under the data directory. The application code never knows
 Tansu and SeaweedFS: it speaks Kafka through kafka-python and S3 through the minio SDK, so the
 same code runs against Apache Kafka and MinIO (docker-compose, Helm).
 
-Secure by default: every server listens on 127.0.0.1 only, and the object store's keys (and,
-for ``chatreid up``/``demo``, the API's bootstrap key) are generated on first use into
-``<data_dir>/credentials.env`` (mode 0600, directory 0700), which :class:`Settings` reads after
-the environment and ``.env``. A value configured there is never generated or overwritten.
+Secure by default: every server listens on 127.0.0.1 only (Ray with token auth as well), and
+the object store's keys, the Ray head's token and (for ``chatreid up``/``demo``) the API's
+bootstrap key are generated on first use into ``<data_dir>/credentials.env`` (mode 0600,
+directory 0700), which :class:`Settings` reads after the environment and ``.env``. A value
+configured elsewhere is never generated, and a line in the file is never rewritten.
 """
 
 from __future__ import annotations
