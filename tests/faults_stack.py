@@ -415,12 +415,14 @@ class QueryProbe(threading.Thread):
             t.start()
         return threads
 
-    def summary(self) -> dict[str, dict[str, int]]:
-        """Per phase: answers counted by 'status code'."""
-        table: dict[str, Counter] = {}
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per phase: answers counted by 'status code', and the slowest answer (s)."""
+        table: dict[str, dict[str, float]] = {}
         for o in self.outcomes:
-            table.setdefault(o.phase, Counter())[f"{o.status} {o.code}"] += 1
-        return {phase: dict(c) for phase, c in table.items()}
+            row = table.setdefault(o.phase, {"max_latency_s": 0.0})
+            row[f"{o.status} {o.code}"] = row.get(f"{o.status} {o.code}", 0) + 1
+            row["max_latency_s"] = round(max(row["max_latency_s"], o.latency_s), 1)
+        return table
 
 
 # -- the index -------------------------------------------------------------------------------
