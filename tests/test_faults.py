@@ -40,6 +40,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -511,6 +512,10 @@ def test_no_query_during_the_faults_answers_an_undocumented_5xx(fault_run) -> No
     lost = [(o.phase, o.code) for o in outcomes if o.status == 0]
     assert not bad, (f"{len(bad)} of {len(outcomes)} queries answered an undocumented 5xx: "
                      f"{Counter(bad).most_common(6)}")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    seen = {o.code for o in outcomes if o.status == 503}
+    assert all(f"503 {code}" in readme for code in seen), (
+        f"503 codes answered but not in the README's list of errors: {sorted(seen)}")
     assert not lost, f"{len(lost)} queries got no HTTP answer: {Counter(lost).most_common(6)}"
 
 
