@@ -512,10 +512,14 @@ def test_no_query_during_the_faults_answers_an_undocumented_5xx(fault_run) -> No
     lost = [(o.phase, o.code) for o in outcomes if o.status == 0]
     assert not bad, (f"{len(bad)} of {len(outcomes)} queries answered an undocumented 5xx: "
                      f"{Counter(bad).most_common(6)}")
+    # documented: named where the README describes the API and its errors (this suite's own
+    # section, which lists what it accepts, does not count)
     readme = (Path(__file__).parents[1] / "README.md").read_text()
+    head, _, rest = readme.partition("## Fault tolerance")
+    docs = head + rest[rest.find("\n## "):]
     seen = {o.code for o in outcomes if o.status == 503}
-    assert all(f"503 {code}" in readme for code in seen), (
-        f"503 codes answered but not in the README's list of errors: {sorted(seen)}")
+    assert all(f"`{code}`" in docs for code in seen), (
+        f"503 codes answered but not documented in the README: {sorted(seen)}")
     assert not lost, f"{len(lost)} queries got no HTTP answer: {Counter(lost).most_common(6)}"
 
 
