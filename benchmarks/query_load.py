@@ -229,10 +229,13 @@ def main() -> None:
             load.run(f"{mode} warm-up")  # caches, allocator, first dialogue
             load = Load(settings.serve.base_url, settings.serve.api_key, bodies,
                         args.concurrency, args.duration_s, args.timeout_s)
+            load_before = os.getloadavg()[0]
             wall = load.run(f"{mode} K={k}")
             row = {"mode": mode, "k": k, "concurrency": args.concurrency,
                    "model": args.model if mode == "rerank" else None,
                    "duration_s": args.duration_s,
+                   # the machine is shared: its 1-minute load average around the run
+                   "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                    **summarize(load.rows, wall, args.duration_s)}
             report["modes"].append(row)
             logging.info("mode %s: %s", mode, row)
