@@ -13,7 +13,7 @@ import ray
 from pyarrow import fs
 
 from chatreid.config import Settings
-from chatreid.stack import LOOPBACK_RAY_ENV, LocalStack, is_loopback
+from chatreid.stack import LOOPBACK_RAY_ENV, RAY_TOKEN_VAR, LocalStack, is_loopback
 
 log = logging.getLogger(__name__)
 # Settings that are secrets: never part of a config Ray logs or a job persists.
@@ -81,8 +81,9 @@ def connect(settings: Settings) -> None:
     if address is None and settings.ray.join_local_head and stack.ray_healthy():
         stack.check_ray_loopback()
         _loopback_only()
-        if settings.ray.auth_token:
-            _use_token(settings.ray.auth_token)
+        token = settings.ray.auth_token or stack.stored(RAY_TOKEN_VAR)
+        if token:
+            _use_token(token)
         ray.init(address=f"127.0.0.1:{settings.stack.ray_port}", log_to_driver=True)
         return
     if address is not None:

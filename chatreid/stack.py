@@ -222,6 +222,12 @@ class LocalStack:
             setattr(getattr(self.settings, section), field, new.get(var) or stored[var])
         return new
 
+    def stored(self, var: str) -> str | None:
+        """A value of this stack's credentials file (None when absent)."""
+        if not self.credentials_file.exists():
+            return None
+        return dotenv_values(self.credentials_file).get(var) or None
+
     # -- health ------------------------------------------------------------------------------
     def kafka_healthy(self) -> bool:
         from .bus import broker_reachable

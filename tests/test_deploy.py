@@ -1329,6 +1329,8 @@ def test_chart_rejects_bad_values(helm: Any) -> None:
         ({"extraConfig": {"NOT_PREFIXED": "1"}}, "CHATREID_"),
         ({"extraConfig": {"CHATREID_SERVE__MODEL": "x"}}, "set by the chart"),
         ({"extraConfig": {"CHATREID_KAFKA__PARTITIONS": "3"}}, "set by the chart"),
+        ({"extraConfig": {"CHATREID_ACCESS__INSECURE": "true"}}, "set by the chart"),
+        ({"extraConfig": {"CHATREID_RAY__AUTH_TOKEN": "t"}}, "set by the chart"),
         ({"embedder": {"imageVariant": "rocm"}}, "cpu or cuda"),
         ({"retrieval": {"rerankNumGpus": 1}}, "gpuWorkers.enabled"),
         ({"retrieval": {"upgradeStrategy": "Rolling"}}, "NewCluster or None"),

@@ -227,7 +227,7 @@ The main ConfigMap's data (YAML map): every non-secret, non-Serve setting, plus 
 {{- if $v.retrieval.enabled }}
 {{- $serve = include "chatreid.serveConfigData" . | fromYaml }}
 {{- end }}
-{{- $managed := list "CHATREID_SERVE__API_KEY" "CHATREID_S3__ACCESS_KEY" "CHATREID_S3__SECRET_KEY" "CHATREID_KAFKA__SASL_USERNAME" "CHATREID_KAFKA__SASL_PASSWORD" "CHATREID_RAY__ADDRESS" }}
+{{- $managed := list "CHATREID_SERVE__API_KEY" "CHATREID_S3__ACCESS_KEY" "CHATREID_S3__SECRET_KEY" "CHATREID_KAFKA__SASL_USERNAME" "CHATREID_KAFKA__SASL_PASSWORD" "CHATREID_RAY__ADDRESS" "CHATREID_RAY__AUTH_TOKEN" "CHATREID_ACCESS__INSECURE" }}
 {{- range $key, $value := $v.extraConfig }}
 {{- if not (hasPrefix "CHATREID_" $key) }}
 {{- fail (printf "extraConfig key %q must start with CHATREID_" $key) }}
