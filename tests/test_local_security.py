@@ -341,3 +341,45 @@ def test_up_insecure_generates_no_key_and_warns(stack_base: Settings, tmp_path: 
         assert not creds.exists() or "API_KEY" not in creds.read_text()
     finally:
         stop_private_stack(tmp_path / ".chatreid", env)
+
+
+def test_an_older_head_on_every_interface_is_refused_not_reused(tmp_path: Path) -> None:
+    """A head an older `chatreid up` left running (no --node-ip-address) is not joined or
+    reused: `up` and connect() say to restart it, and `status` reports it."""
+    import secrets
+
+    from chatreid.cluster import connect
+
+    settings = Settings()
+    settings.stack.data_dir = tmp_path / "stack"
+    settings.stack.ray_port, settings.stack.ray_client_port = free_port(), free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    # the old command line (token auth on here, so the test itself exposes nothing usable)
+    proc = subprocess.Popen(
+        [ray, "start", "--head", f"--port={settings.stack.ray_port}",
+         f"--ray-client-server-port={settings.stack.ray_client_port}", "--num-cpus=1",
+         "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir=/tmp/chatreid-ray-t{settings.stack.ray_port}"],
+        env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)),
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=180) == 0
+        stack = LocalStack(settings)
+        assert stack.ray_exposure()  # e.g. ['*:port']
+        with pytest.raises(RuntimeError, match="beyond loopback"):
+            stack.start_ray()
+        with pytest.raises(RuntimeError, match="beyond loopback"):
+            connect(settings)
+    finally:
+        LocalStack._stop_group(proc.pid)
+
+
+def test_up_names_the_cause_when_the_object_store_runs_with_other_keys(
+        stack_base: Settings, tmp_path: Path) -> None:
+    """The object store is reused when it already runs; if it was started with other keys (an
+    older `chatreid up` used the well-known ones), up says so instead of an S3 error."""
+    settings = stack_base.model_copy(deep=True)
+    settings.stack.data_dir = tmp_path / "stack"
+    settings.s3.access_key, settings.s3.secret_key = "not-its-key", "not-its-secret-key"
+    with pytest.raises(RuntimeError, match=r"refuses the configured keys.*chatreid down"):
+        LocalStack(settings).up(ray=False)
