@@ -635,11 +635,11 @@ def demo(
 
     _logging(False)
     settings = _settings()
-    if insecure:
+    if insecure or settings.access.insecure:  # the flag, or CHATREID_ACCESS__INSECURE
         settings.access.insecure = True
         _warn_insecure()
     run_demo(settings, crops=crops, seed=seed, k=k, top=top, out=out, console=console,
-             on_stack_up=lambda stack: _print_credentials(stack, insecure))
+             on_stack_up=lambda stack: _print_credentials(stack, settings.access.insecure))
 
 
 @app.command()
