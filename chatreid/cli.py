@@ -639,7 +639,7 @@ def demo(
         settings.access.insecure = True
         _warn_insecure()
     run_demo(settings, crops=crops, seed=seed, k=k, top=top, out=out, console=console,
-             on_stack_up=lambda stack: _print_credentials(stack, settings.access.insecure))
+             on_stack_up=lambda stack: _print_credentials(stack, insecure=False))
 
 
 @app.command()
