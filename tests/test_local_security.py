@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import stat
 import subprocess
@@ -202,6 +203,7 @@ def test_local_ray_head_listens_on_loopback_only(tmp_path: Path) -> None:
         assert stack.exposed() == []
     finally:
         stopped = stack.down()
+        shutil.rmtree(stack.ray_temp, ignore_errors=True)
     assert "ray" in stopped and group(pgid) == []  # its own processes only, no `ray stop`
 
 
@@ -232,6 +234,7 @@ def test_a_configured_cluster_keeps_ray_token_auth(tmp_path: Path) -> None:
     import secrets
 
     port, client = free_port(), free_port()
+    temp = f"/tmp/chatreid-ray-t{port}"  # short: Ray's socket paths must fit in 107 bytes
     token = secrets.token_hex(32)
     ray = str(Path(sys.executable).parent / "ray")
     head_env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
@@ -239,7 +242,7 @@ def test_a_configured_cluster_keeps_ray_token_auth(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--ray-client-server-port={client}", "--num-cpus=1", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir=/tmp/chatreid-ray-t{port}"],
+         "--disable-usage-stats", f"--temp-dir={temp}"],
         env=head_env, start_new_session=True, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     try:
@@ -250,6 +253,7 @@ def test_a_configured_cluster_keeps_ray_token_auth(tmp_path: Path) -> None:
         assert driver  # joined, and ran an actor and a task
     finally:
         LocalStack._stop_group(proc.pid)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # -- generated secrets ---------------------------------------------------------------------------
@@ -353,13 +357,14 @@ def test_an_older_head_on_every_interface_is_refused_not_reused(tmp_path: Path) 
     settings = Settings()
     settings.stack.data_dir = tmp_path / "stack"
     settings.stack.ray_port, settings.stack.ray_client_port = free_port(), free_port()
+    temp = f"/tmp/chatreid-ray-t{settings.stack.ray_port}"
     ray = str(Path(sys.executable).parent / "ray")
     # the old command line (token auth on here, so the test itself exposes nothing usable)
     proc = subprocess.Popen(
         [ray, "start", "--head", f"--port={settings.stack.ray_port}",
          f"--ray-client-server-port={settings.stack.ray_client_port}", "--num-cpus=1",
          "--include-dashboard=false", "--disable-usage-stats",
-         f"--temp-dir=/tmp/chatreid-ray-t{settings.stack.ray_port}"],
+         f"--temp-dir={temp}"],
         env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)),
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -372,6 +377,7 @@ def test_an_older_head_on_every_interface_is_refused_not_reused(tmp_path: Path) 
             connect(settings)
     finally:
         LocalStack._stop_group(proc.pid)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_up_names_the_cause_when_the_object_store_runs_with_other_keys(
