@@ -24,6 +24,8 @@ from chatreid.cluster import connect, share, storage_filesystem, unshare
 from chatreid.config import Settings
 from chatreid.storage import ObjectStore
 
+from .placement import wait_for_placement
+
 log = logging.getLogger(__name__)
 
 def settings_from(config: dict[str, Any]) -> Settings:
@@ -44,12 +46,14 @@ def run_trainer(
     train = settings.train
     connect(settings)
     ObjectStore(settings.s3).ensure_bucket()  # pyarrow cannot create it
+    workers = num_workers or train.num_workers
+    _wait_for_workers(settings, workers)
     trainer = TorchTrainer(
         loop,
         train_loop_config={**loop_config, "settings": share(settings, f"train-{name}")},
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers or train.num_workers,
+            num_workers=workers,
             use_gpu=train.use_gpu,
             resources_per_worker=None if train.use_gpu else {"CPU": train.cpus_per_worker},
         ),
@@ -63,5 +67,22 @@ def run_trainer(
             # Ray auth settings
         ),
     )
-    log.info("ray train %s: %d workers", name, num_workers or train.num_workers)
+    log.info("ray train %s: %d workers", name, workers)
     return trainer.fit()
+
+
+def _wait_for_workers(settings: Settings, workers: int) -> None:
+    """Ray Train waits silently forever for workers the cluster cannot place (e.g. while a
+    Serve app holds the CPUs): reserve their bundles first, saying what is missing, and fail
+    with :class:`ClusterBusy` after ``ray.placement_timeout_s``. The reservation is released
+    before the trainer asks for the same resources."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    train = settings.train
+    bundle = {"GPU": 1.0} if train.use_gpu else {"CPU": train.cpus_per_worker}
+    group = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
+    try:
+        wait_for_placement([group.ready()], train.cpus_per_worker if not train.use_gpu else 0,
+                           settings.ray.placement_timeout_s, f"sets of {workers} Ray Train workers")
+    finally:
+        remove_placement_group(group)

@@ -180,3 +180,31 @@ def test_a_job_goes_on_with_the_actors_the_cluster_could_place(ray_session) -> N
         ray.kill(placed[0])
     finally:
         ray.kill(hog)
+
+
+def test_a_training_job_says_what_it_waits_for_and_gives_up(ray_session, capsys) -> None:
+    """Ray Train waits silently for workers it cannot place: the launcher reserves them first
+    and fails with what was needed and what is free."""
+    import ray
+
+    from chatreid.ray_jobs.launcher import run_trainer
+    from chatreid.ray_jobs.placement import ClusterBusy
+
+    @ray.remote
+    class Hog:
+        def ping(self) -> bool:
+            return True
+
+    hog = Hog.options(num_cpus=_all_cpus_free()).remote()
+    try:
+        ray.get(hog.ping.remote(), timeout=60)
+        settings = Settings()
+        settings.ray.placement_timeout_s = 3.0
+        with pytest.raises(ClusterBusy, match=r"2 Ray Train workers needing 1 CPU each"):
+            run_trainer(settings, lambda config: None, {}, name="never-placed", num_workers=2)
+        said = capsys.readouterr().err
+        assert "waiting for 1 of 1 sets of 2 Ray Train workers needing 1 CPU each" in said
+        assert not [g for g in ray.util.placement_group_table().values()
+                    if g["state"] not in ("REMOVED",)]  # the reservation was released
+    finally:
+        ray.kill(hog)
