@@ -75,8 +75,8 @@ def _app(settings):
             self.prefilter = _Prefilter()
 
     routes = Routes()
-    client = TestClient(build_api(routes, routes.body_limits, routes.origins),
-                        base_url="http://testserver", raise_server_exceptions=False)
+    app = build_api(routes, routes.body_limits, routes.origins, not routes.keys.enabled)
+    client = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
     return routes, client
 
 
@@ -131,6 +131,26 @@ def test_insecure_mode_is_explicit_loud_and_mints_no_keys(settings, caplog) -> N
     assert _error(answer) == (403, "request.cross_site")
 
 
+def test_insecure_mode_answers_only_loopback_host_names(settings) -> None:
+    """DNS rebinding: a page on evil.example re-pointed at 127.0.0.1 is its own origin (Origin
+    == Host passes the cross-site guard); with access control off its Host is refused."""
+    settings.access.insecure = True
+    settings.access.allowed_origins = ["https://reid.example.org"]
+    _, client = _app(settings)
+    rebound = {"host": "evil.example:8000", "origin": "http://evil.example:8000",
+               "content-type": "application/json"}
+    for method, path in (("GET", "/v1/cameras"), ("POST", "/v1/admin/retention/purge?days=1")):
+        answer = client.request(method, path, headers=rebound)
+        assert _error(answer) == (403, "request.untrusted_host"), (method, path)
+    for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "reid.example.org"):
+        assert client.get("/v1/cameras", headers={"host": host}).status_code == 200, host
+    settings.access.insecure = False  # with keys, a rebound page has no key to send
+    settings.serve.api_key = BOOTSTRAP
+    _, client = _app(settings)
+    answer = client.get("/v1/cameras", headers={**_auth(), "host": "reid.internal:8000"})
+    assert answer.status_code == 200
+
+
 def test_keys_minted_while_access_control_was_off_are_refused(settings) -> None:
     """Records older than the mark: refused when ``anonymous`` created them; marked records:
     refused unless issued with access control on."""
@@ -176,13 +196,13 @@ def test_state_changes_need_json_from_this_site(api) -> None:
         ({"origin": EVIL, "content-type": "application/json"}, 403, "request.cross_site"),
         ({"referer": f"{EVIL}/page", "content-type": FORM}, 403, "request.cross_site"),
         ({"origin": "null", "content-type": "application/json"}, 403, "request.cross_site"),
-        ({"origin": "http://testserver.evil.example", "content-type": "application/json"},
+        ({"origin": "http://localhost.evil.example", "content-type": "application/json"},
          403, "request.cross_site"),
         ({"content-type": FORM}, 415, "request.not_json"),
         ({"content-type": "text/plain"}, 415, "request.not_json"),
         ({"content-type": "multipart/form-data; boundary=x"}, 415, "request.not_json"),
         ({}, 415, "request.not_json"),
-        ({"origin": "http://testserver", "content-type": FORM}, 415, "request.not_json"),
+        ({"origin": "http://localhost", "content-type": FORM}, 415, "request.not_json"),
     ]
     for headers, status, code in cases:
         answer = client.post(purge, content=b"days=0.0001", headers=_auth(**headers))
@@ -191,9 +211,9 @@ def test_state_changes_need_json_from_this_site(api) -> None:
         answer = client.request(method, "/v1/admin/keys/knone", headers=_auth())
         assert _error(answer) == (415, "request.not_json"), method
     # this site's own page, a client without Origin, and reads from anywhere go through
-    same = _auth(**{"origin": "http://testserver", "content-type": "application/json"})
+    same = _auth(**{"origin": "http://localhost", "content-type": "application/json"})
     assert client.post(purge, headers=same).status_code == 200
-    assert client.post(purge, headers=_auth(**{"referer": "http://testserver/console/",
+    assert client.post(purge, headers=_auth(**{"referer": "http://localhost/console/",
                                                "content-type": "application/json"})
                        ).status_code == 200
     assert client.post(purge, headers=_auth(**{"content-type": "application/json"})

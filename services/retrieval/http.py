@@ -90,10 +90,11 @@ def route(method: str, path: str, role: Role | str | None = _OPEN, **options: An
 
 
 def build_api(instance: Any, body_limits: tuple[int, int],
-              origins: frozenset[str] = frozenset()) -> FastAPI:
+              origins: frozenset[str] = frozenset(), insecure: bool = False) -> FastAPI:
     """This replica's FastAPI app: every ``@route`` method of ``instance`` (its class and
     mixins, in definition order), the error handlers, the body limit and the cross-site
-    guard (``origins``: browser origins trusted besides the request's own Host)."""
+    guard (``origins``: browser origins trusted besides the request's own Host). With access
+    control off (``insecure``) only loopback or trusted Host names are answered."""
     app = FastAPI(
         title="ChatReID retrieval API",
         version="1",
@@ -106,7 +107,9 @@ def build_api(instance: Any, body_limits: tuple[int, int],
     app.add_exception_handler(RetrievalError, _failed)
     app.add_exception_handler(_BodyTooLarge, _too_large_handler)
     app.add_middleware(BodyLimit, limits=body_limits)
-    app.add_middleware(SameSiteJson, origins=origins)  # outermost: refused before anything
+    app.add_middleware(SameSiteJson, origins=origins)
+    if insecure:
+        app.add_middleware(TrustedHostOnly, origins=origins)  # outermost: refused first
     seen: set[str] = set()
     for klass in reversed(type(instance).__mro__):
         for name, fn in vars(klass).items():
@@ -208,6 +211,30 @@ class SameSiteJson:
     def _trusted(self, origin: str, host: str | None) -> bool:
         own = {_origin(f"{scheme}://{host}") for scheme in ("http", "https")} if host else set()
         return origin != "null" and (origin in own or origin in self.origins)
+
+
+class TrustedHostOnly:
+    """With access control off, a page on any site could rebind its DNS name to 127.0.0.1 and
+    call this API as its own origin (Origin == Host, so :class:`SameSiteJson` passes). Only
+    loopback names and the hosts of ``serve.public_url`` / ``access.allowed_origins`` are
+    answered then (403 ``request.untrusted_host``)."""
+
+    LOOPBACK = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+    def __init__(self, app, origins: frozenset[str]) -> None:
+        self.app = app
+        self.hosts = self.LOOPBACK | {urlsplit(o).hostname or "" for o in map(_origin, origins)}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = urlsplit(_origin(f"http://{Headers(scope=scope).get('host', '')}")).hostname
+        if (f"[{host}]" if host and ":" in host else host) not in self.hosts:
+            return await error(403, "request.untrusted_host", "access control is off "
+                               "(access.insecure): only loopback names and the hosts of "
+                               "serve.public_url / access.allowed_origins are answered")(
+                                   scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

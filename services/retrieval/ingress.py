@@ -53,7 +53,7 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
             boundaries=_COUNTS, tag_keys=kind)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self, self.body_limits, self.origins)
+        return build_api(self, self.body_limits, self.origins, not self.keys.enabled)
 
     @route("POST", "/v1/query", role="investigator", response_model=QueryResponse, responses=ERRORS)
     async def query(self, payload: QueryRequest, request: Request) -> QueryResponse:
