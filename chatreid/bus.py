@@ -55,6 +55,16 @@ def end_offsets(consumer: KafkaConsumer,
     return {tp: max(end, consumer.highwater(tp) or 0) for tp, end in reported.items()}
 
 
+def topic_id(consumer: KafkaConsumer, topic: str):
+    """The topic's id (a UUID, newer brokers and Tansu) as the consumer's metadata last saw it,
+    or None. A changed id means the topic was recreated - a memory-only broker restarted -
+    and offsets into the old log mean nothing in the new one. (kafka-python keeps no public
+    accessor for its cluster metadata.)"""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    lookup = getattr(cluster, "topic_id", None)
+    return lookup(topic) if lookup is not None else None
+
+
 def ensure_topics(settings: KafkaSettings, names: Iterable[str] | None = None) -> list[str]:
     """Create the project's topics if missing; returns the ones it created."""
     wanted = [settings.topic(t.name) for t in ALL_TOPICS] if names is None else list(names)

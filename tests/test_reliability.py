@@ -366,3 +366,50 @@ def test_crop_events_a_restarted_broker_lost_are_published_again(private_broker,
     assert len(restored(s).store) == 10
     ingest_folder()  # the log holds them now: nothing more is sent
     assert read_events(s, CROPS, CropEvent, expect=5, timeout_s=3) == crops
+
+
+def test_an_embedder_running_through_a_broker_restart_loses_nothing(private_broker):
+    """After the broker lost its state, the embedder's idempotent producer is refused
+    (UnknownProducerId) while flush() raises nothing: the embedder used to commit those
+    batches as indexed; now it puts them back and publishes them with a new producer. And a
+    consumer whose position lies past the new log's end waited there forever (Tansu answers
+    with nothing, not OFFSET_OUT_OF_RANGE): the embedder and a running reader rewind."""
+    s, broker = private_broker
+    crops = list(synth_source(9, 16, None, start_time=1.7e9))
+    ingestor = Ingestor(s, source="synth")
+    for crop in crops[:12]:
+        ingestor.submit(crop)
+    ingestor.close()
+    service = EmbedderService(s)
+    worker = threading.Thread(target=service.run, kwargs={"until_idle_s": 120}, daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while service.stats.indexed < 12 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert service.stats.indexed == 12
+        reader = IndexFollower(s)  # follows the log through the restart
+        reader.catch_up(timeout_s=30)
+        assert len(reader.store) == 12
+        broker.stop()
+        broker.start(broker.healthy, "Tansu (restarted)")
+        ensure_topics(s.kafka)
+        ingestor = Ingestor(s, source="synth")
+        late = [ingestor.submit(c).event for c in crops[12:]]
+        ingestor.close()
+        follower = IndexFollower(s)  # the new log: it must get the 4 crops sent after
+        deadline = time.monotonic() + 60
+        while (follower.store is None or len(follower.store) < 4) and \
+                time.monotonic() < deadline:
+            follower.poll(timeout_ms=200)
+        follower.close()
+        deadline = time.monotonic() + 30  # positions past the new log's end: rewound
+        while len(reader.store) < 16 and time.monotonic() < deadline:
+            reader.poll(timeout_ms=200)
+        reader.close()
+    finally:
+        service.stop()
+        worker.join(timeout=60)
+    assert follower.store is not None and follower.store.crop_ids() == {e.crop_id for e in late}
+    assert service.stats.dead_letters == 0
+    assert len(reader.store) == 16 and reader.stats.log_resets >= 1

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from ..bus import end_offsets, make_consumer
+from ..bus import end_offsets, make_consumer, topic_id
 from ..config import Settings
 from ..schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
 from ..storage import ObjectNotFound, ObjectStore, sha256_hex
@@ -103,6 +103,7 @@ class IndexFollower:
         # "topic:partition" -> (offset, sha256 of its value): the last record applied there,
         # saved with snapshots so a resume can tell the log it left from a different one
         self._anchors: dict[str, tuple[int, str]] = {}
+        self._topic_id = None  # the log's identity when it was opened (see _log_replaced)
 
     # -- versions --------------------------------------------------------------------------------
     def active(self) -> tuple[str | None, PrefilterStore | None]:
@@ -218,6 +219,7 @@ class IndexFollower:
             if offsets:
                 log.info("resuming %s at the snapshot's offsets: %d records to replay",
                          self.topic, self.stats.replay_gap)
+            self._topic_id = topic_id(consumer, self.topic)
             self._consumer = consumer
         return self._consumer
 
@@ -276,6 +278,9 @@ class IndexFollower:
         ends = end_offsets(consumer, list(consumer.assignment()))
         before, deadline = self.stats.applied, time.monotonic() + timeout_s
         while True:
+            if self._open() is not consumer:  # the log was replaced: a new consumer reads it
+                consumer = self._open()
+                ends = end_offsets(consumer, list(consumer.assignment()))
             behind = any(consumer.position(tp) < end for tp, end in ends.items())
             if not self._poll_live(timeout_ms=200) and not behind:
                 break
@@ -306,6 +311,8 @@ class IndexFollower:
     def _poll_live(self, timeout_ms: int) -> int:
         consumer = self._open()
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=512)
+        if not polled:
+            self._rewind_past_log_end(consumer)
         for tp, records in polled.items():
             self._apply(records)
             self.stats.read += len(records)
@@ -313,9 +320,44 @@ class IndexFollower:
             self._anchors[_key(tp)] = (last.offset, sha256_hex(last.value))
             if self.store is not None:
                 self.store.offsets[_key(tp)] = last.offset + 1
+        self._log_replaced(consumer)
         if self.snapshots:
             self._maybe_snapshot()
         return sum(len(records) for records in polled.values())
+
+    def _log_replaced(self, consumer: KafkaConsumer) -> None:
+        """The topic was recreated while this follower ran (its id changed: the broker lost
+        the log): positions into the old log skip the new one's first records, so replay it
+        from its start, into the store as it is (idempotent by crop id)."""
+        now = topic_id(consumer, self.topic)
+        if now is None or now == self._topic_id:
+            return
+        if self._topic_id is None:
+            self._topic_id = now
+            return
+        log.warning("%s was recreated (the broker lost its log); replaying it from its start",
+                    self.topic)
+        self.stats.log_resets += len(consumer.assignment())
+        # a new consumer: the old one's fetch state (sessions, leader epochs) names the old
+        # log and kept fetching nothing from the new one
+        consumer.close()
+        self._consumer, self._topic_id = None, None
+        self._anchors.clear()
+        if self.store is not None:
+            self.store.offsets.clear()
+
+    def _rewind_past_log_end(self, consumer: KafkaConsumer) -> None:
+        """A position beyond the log's end (its last fetch's high watermark) means the broker
+        lost the log while this follower ran (Tansu answers such fetches with nothing, not
+        OFFSET_OUT_OF_RANGE): replay the new log from its start, into the store as it is."""
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is not None and consumer.position(tp) > hw:
+                log.warning("%s: position %d is beyond the log end %d (the broker lost its "
+                            "log); replaying the partition from its start", tp,
+                            consumer.position(tp), hw)
+                self.stats.log_resets += 1
+                consumer.seek(tp, 0)
 
     def _apply(self, records) -> int:
         """Apply a batch of the log; returns vectors added. Tombstones first: with them, an

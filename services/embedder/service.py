@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 from PIL import Image
 
-from chatreid.bus import dead_letter, make_consumer, make_producer, publish
+from chatreid.bus import dead_letter, make_consumer, make_producer, publish, topic_id
 from chatreid.config import Settings
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.schemas import (
@@ -61,6 +61,11 @@ from chatreid.storage import (
 log = logging.getLogger(__name__)
 
 key_sha256 = legacy_key_sha256  # the sha256 a legacy content-addressed key names, if any
+
+
+class PublishFailed(KafkaError):
+    """The broker did not acknowledge indexed events of a batch: it is put back, not
+    committed."""
 
 
 class CropFailed(Exception):
@@ -126,6 +131,8 @@ class EmbedderService:
         # optional fast path: a crop already in the local prefilter store is not re-embedded
         self.is_indexed = is_indexed or (lambda _crop_id: False)
         self.stats = Stats(last_activity=time.monotonic())
+        self._publish_backoff = cfg.fetch_backoff_initial_s
+        self._topic_id = None  # the crops log's identity (see _log_replaced)
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
         self.producer: KafkaProducer = make_producer(settings.kafka)
@@ -191,11 +198,15 @@ class EmbedderService:
                 polled = self.consumer.poll(timeout_ms=self.settings.embedder.poll_timeout_ms,
                                             max_records=self.settings.embedder.batch_size)
                 records = [r for batch in polled.values() for r in batch]
-                if records:
+                if self._log_replaced():  # records from stale positions: read them again
+                    self.stats.last_activity = time.monotonic()
+                elif records:
                     self.process(records)  # False: put back after a store outage, polled again
                     self.stats.last_activity = time.monotonic()
                     if max_batches and self.stats.batches >= max_batches:
                         break
+                elif self._past_log_end():
+                    self.stats.last_activity = time.monotonic()
                 elif not self.consumer.assignment():
                     # still joining the group: idle time only counts once partitions are ours
                     self.stats.last_activity = time.monotonic()
@@ -209,6 +220,42 @@ class EmbedderService:
             self.close()
         return self.stats
 
+    def _log_replaced(self) -> bool:
+        """The crops topic was recreated (its id changed: the broker lost its log): positions
+        into the old log would skip the new one's first records, so every partition starts
+        over from its committed offset in the new log, else its beginning."""
+        now = topic_id(self.consumer, self.crops_topic)
+        if now is None or now == self._topic_id:
+            return False
+        known, self._topic_id = self._topic_id, now
+        if known is None:
+            return False
+        log.warning("%s was recreated (the broker lost its log); starting over in the new log",
+                    self.crops_topic)
+        for tp in self.consumer.assignment():
+            committed = self.consumer.committed(tp)
+            self.consumer.seek(tp, committed or 0)
+        return True
+
+    def _past_log_end(self) -> bool:
+        """Rewind partitions whose position lies beyond the log's end (the high watermark of
+        their last fetch): the broker lost the log and started a new one, and Tansu answers
+        such fetches with nothing rather than OFFSET_OUT_OF_RANGE, so the consumer would wait
+        there forever. Resumes from the committed offset if it is inside the new log, else from
+        the beginning. Returns whether any partition was rewound."""
+        rewound = False
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is None or self.consumer.position(tp) <= hw:
+                continue
+            committed = self.consumer.committed(tp)
+            start = committed if committed is not None and committed <= hw else 0
+            log.warning("%s: position %d is beyond the log end %d (the broker lost its log); "
+                        "resuming at %d", tp, self.consumer.position(tp), hw, start)
+            self.consumer.seek(tp, start)
+            rewound = True
+        return rewound
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.producer.flush()
@@ -217,8 +264,8 @@ class EmbedderService:
 
     # -- one batch ---------------------------------------------------------------------------
     def process(self, records: list[ConsumerRecord]) -> bool:
-        """Embed, publish and commit one batch; False when the object store was unavailable
-        (the batch was put back and is retried after :meth:`_wait_for_store`)."""
+        """Embed, publish and commit one batch; False when the batch was put back (the object
+        store unavailable, or the broker refused what was published) and is polled again."""
         try:
             self._process(records)
         except StoreUnavailable as exc:
@@ -227,7 +274,26 @@ class EmbedderService:
             self._rewind(records)
             self._wait_for_store()
             return False
+        except KafkaError as exc:  # PublishFailed, or a dead letter the broker did not take
+            delay = self._publish_backoff
+            self._publish_backoff = min(delay * 2, self.settings.embedder.fetch_backoff_max_s)
+            log.warning("the broker did not take the batch's events (%r); batch of %d put back, "
+                        "new producer, retry in %.1f s", exc, len(records), delay)
+            self._rewind(records)
+            self._renew_producer()
+            self._paused_wait(delay)
+            return False
+        self._publish_backoff = self.settings.embedder.fetch_backoff_initial_s
         return True
+
+    def _renew_producer(self) -> None:
+        """An idempotent producer whose broker lost its state (UnknownProducerId) stays
+        broken: start a fresh one (a new producer id)."""
+        try:
+            self.producer.close(timeout=1)
+        except Exception:  # closing a broken producer may fail too
+            log.debug("closing the old producer failed", exc_info=True)
+        self.producer = make_producer(self.settings.kafka)
 
     def _process(self, records: list[ConsumerRecord]) -> None:
         self._apply_changes()
@@ -249,14 +315,19 @@ class EmbedderService:
         self.stats.skipped += len(todo) - len(fresh)
         good = [(r, e, img) for (r, e), img in zip(fresh, images, strict=True)
                 if isinstance(img, Image.Image)]
+        sent = []
         for embedder in self._embedders if good else ():
             t0 = time.perf_counter()
             vectors = embedder.embed([img for _, _, img in good])
             self.stats.embed_s += time.perf_counter() - t0
             for (record, event, _), vec in zip(good, vectors, strict=True):
-                publish(self.producer, self.indexed_topic, event.camera,
-                        self._indexed(record, event, vec, embedder.version))
+                sent.append(publish(self.producer, self.indexed_topic, event.camera,
+                                    self._indexed(record, event, vec, embedder.version)))
         self.producer.flush()  # durable (acks=all) before the offsets move
+        failed = [f.exception for f in sent if not f.succeeded()]
+        if failed:  # flush() does not raise: an offset committed now would lose the crops
+            raise PublishFailed(f"{len(failed)} of {len(sent)} indexed events refused, e.g. "
+                                f"{failed[0]!r}")
         self._commit(records)
         self.stats.batches += 1
         self.stats.indexed += len(good)
@@ -290,22 +361,14 @@ class EmbedderService:
                 self.consumer.seek(tp, offset)
 
     def _wait_for_store(self) -> None:
-        """Wait, with exponential backoff, until the object store answers. Partitions stay
-        paused, and polling goes on so that the group keeps this member (max_poll_interval_ms);
-        a partition assigned meanwhile is paused too, anything it returned put back."""
+        """Wait, with exponential backoff, until the object store answers (partitions paused,
+        see :meth:`_paused_wait`)."""
         cfg = self.settings.embedder
         delay, started = cfg.fetch_backoff_initial_s, time.monotonic()
         self.stats.store_waits += 1
-        self.consumer.pause(*self.consumer.assignment())
         try:
             while not self._stop.is_set():
-                deadline = time.monotonic() + delay
-                while not self._stop.is_set() and time.monotonic() < deadline:
-                    polled = self.consumer.poll(timeout_ms=min(
-                        cfg.poll_timeout_ms, max(1, int((deadline - time.monotonic()) * 1000))))
-                    if polled:  # a rebalance gave us unpaused partitions: put back, pause
-                        self._rewind([r for batch in polled.values() for r in batch])
-                    self.consumer.pause(*self.consumer.assignment())
+                self._paused_wait(delay)
                 if self.store.healthy():
                     log.info("object store answers again after %.1f s; retrying the batch",
                              time.monotonic() - started)
@@ -314,8 +377,24 @@ class EmbedderService:
                             time.monotonic() - started, min(delay * 2, cfg.fetch_backoff_max_s))
                 delay = min(delay * 2, cfg.fetch_backoff_max_s)
         finally:
-            self.consumer.resume(*self.consumer.assignment())
             self.stats.store_wait_s += time.monotonic() - started
+
+    def _paused_wait(self, seconds: float) -> None:
+        """Let ``seconds`` pass with every partition paused, polling all along so that the
+        group keeps this member (max_poll_interval_ms); a partition assigned meanwhile is
+        paused too, and anything it returned put back."""
+        deadline = time.monotonic() + seconds
+        self.consumer.pause(*self.consumer.assignment())
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                polled = self.consumer.poll(timeout_ms=min(
+                    self.settings.embedder.poll_timeout_ms,
+                    max(1, int((deadline - time.monotonic()) * 1000))))
+                if polled:  # a rebalance gave us unpaused partitions: put back, pause
+                    self._rewind([r for batch in polled.values() for r in batch])
+                self.consumer.pause(*self.consumer.assignment())
+        finally:
+            self.consumer.resume(*self.consumer.assignment())
 
     def _indexed(self, record: ConsumerRecord, event: CropEvent, vec,
                  version: str) -> IndexedEvent:

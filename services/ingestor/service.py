@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from kafka import KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from chatreid.bus import dead_letter, make_producer, publish
 from chatreid.config import Settings
@@ -99,7 +100,8 @@ class Ingestor:
         # partition -> (offset, sha256 of the value) of the newest event the broker acknowledged:
         # if the broker no longer holds that record, it lost what we handed it (log_lost)
         self.acked: dict[int, tuple[int, str]] = {}
-        self._sent: list[tuple[object, bytes]] = []  # (send future, value) not yet noted
+        self._sent: list[tuple[object, bytes, bytes]] = []  # (future, key, value) not settled
+        self._failed: list[tuple[bytes, bytes]] = []  # (key, value) the broker refused
 
     def submit(self, crop: CropInput) -> IngestResult:
         """Validate, store, publish (asynchronously; ``flush`` makes it durable)."""
@@ -114,27 +116,56 @@ class Ingestor:
         return IngestResult(event=event)
 
     def _send(self, event: CropEvent) -> None:
-        value = event.to_bytes()
-        self._sent.append((self.producer.send(self.topic, key=event.camera.encode(),
-                                              value=value), value))
+        self._send_raw(event.camera.encode(), event.to_bytes())
+
+    def _send_raw(self, key: bytes, value: bytes) -> None:
+        self._sent.append((self.producer.send(self.topic, key=key, value=value), key, value))
         if len(self._sent) >= 1024:
             self._note_acked()
 
     def _note_acked(self) -> None:
-        """Record the newest acknowledged offset per partition; forget settled sends."""
+        """Record the newest acknowledged offset per partition and the refused sends; forget
+        the settled ones."""
         pending = []
-        for future, value in self._sent:
-            if not getattr(future, "is_done", True):
-                pending.append((future, value))
-            elif getattr(future, "succeeded", lambda: False)():
+        for future, key, value in self._sent:
+            if future is None:  # a stand-in producer that does not report
+                continue
+            if not future.is_done:
+                pending.append((future, key, value))
+            elif future.succeeded():
                 meta = future.value
                 if meta.offset > self.acked.get(meta.partition, (-1, ""))[0]:
                     self.acked[meta.partition] = (meta.offset, sha256_hex(value))
+            else:
+                self._failed.append((key, value))
         self._sent = pending
 
     def flush(self, timeout: float = 60) -> None:
+        """Wait until the broker acknowledged every crop event sent so far. ``flush()`` of
+        the producer does not raise for refused sends: they are sent again with a fresh
+        producer (an idempotent producer whose broker lost its state stays broken), up to
+        five times with backoff; then :class:`~kafka.errors.KafkaError` is raised, so a
+        caller never takes them for durable."""
         self.producer.flush(timeout=timeout)
         self._note_acked()
+        for attempt in range(5):
+            if not self._failed:
+                return
+            failed, self._failed = self._failed, []
+            log.warning("the broker refused %d crop events; sending them again", len(failed))
+            time.sleep(0.5 * 2 ** attempt)
+            try:
+                self.producer.close(timeout=1)
+            except Exception:  # a broken producer may not close cleanly
+                log.debug("closing the old producer failed", exc_info=True)
+            self.producer = make_producer(self.settings.kafka)
+            for key, value in failed:
+                self._send_raw(key, value)
+            self.producer.flush(timeout=timeout)
+            self._note_acked()
+        if self._failed:
+            count, self._failed = len(self._failed), []
+            raise KafkaError(f"the broker refused {count} crop events after 5 tries")
 
     def log_lost(self, timeout_s: float = 10.0) -> bool:
         """Whether the broker lost crop events it acknowledged: the newest acknowledged record
