@@ -27,7 +27,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from chatreid.bus import dead_letter, end_offsets, make_consumer, make_producer
+from chatreid.bus import dead_letter, end_offsets, make_consumer, make_producer, topic_id
 from chatreid.checkpoints import CheckpointError, pull
 from chatreid.config import Settings
 from chatreid.embedder.embedder import (
@@ -83,6 +83,7 @@ class CheckpointWatcher:
         self.refused: dict[str, str] = {}
         self._consumer: KafkaConsumer | None = None
         self._producer = None
+        self._topic_id = None  # the topic's identity when opened (a recreated topic: re-read)
 
     # -- reading the topic -------------------------------------------------------------------
     def _open(self) -> KafkaConsumer:
@@ -92,11 +93,19 @@ class CheckpointWatcher:
             consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
             consumer.seek_to_beginning()
             self._consumer = consumer
+            self._topic_id = topic_id(consumer, self.topic)
         return self._consumer
 
     def poll(self, timeout_ms: int = 0) -> list[Sighted]:
         """Embedder checkpoint events published since the last call, oldest first."""
-        polled = self._open().poll(timeout_ms=timeout_ms, max_records=100)
+        consumer = self._open()
+        now = topic_id(consumer, self.topic)
+        if now is not None and now != self._topic_id:
+            if self._topic_id is not None:  # recreated: the broker lost its log, read the new
+                log.warning("%s was recreated; reading it from its start", self.topic)
+                consumer.seek_to_beginning()
+            self._topic_id = now
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=100)
         records = sorted((r for batch in polled.values() for r in batch),
                          key=lambda r: (r.partition, r.offset))
         return [s for s in map(self._sighted, records) if s is not None]
