@@ -125,7 +125,8 @@ class EmbedderSettings(BaseModel):
     fetch_backoff_initial_s: float = Field(
         0.5, gt=0, description="first wait after the object store failed transiently "
         "(refused, reset, timeout, 5xx, SlowDown); the batch is retried from its uncommitted "
-        "offset with the partitions paused, never dead-lettered")
+        "offset with the partitions paused, never dead-lettered; also the first wait before "
+        "a batch whose indexed events the broker refused is published again")
     fetch_backoff_max_s: float = Field(
         10.0, gt=0, description="longest single wait of that exponential backoff (it doubles "
         "up to this, and keeps retrying while the store stays down)")

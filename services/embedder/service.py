@@ -107,6 +107,7 @@ class Stats:
     dead_letters: int = 0
     store_waits: int = 0  # batches put back because the object store was unavailable
     store_wait_s: float = 0.0  # time spent waiting for it
+    publish_retries: int = 0  # batches put back because the broker refused their events
     embed_s: float = 0.0
     last_activity: float = 0.0
 
@@ -277,6 +278,7 @@ class EmbedderService:
         except KafkaError as exc:  # PublishFailed, or a dead letter the broker did not take
             delay = self._publish_backoff
             self._publish_backoff = min(delay * 2, self.settings.embedder.fetch_backoff_max_s)
+            self.stats.publish_retries += 1
             log.warning("the broker did not take the batch's events (%r); batch of %d put back, "
                         "new producer, retry in %.1f s", exc, len(records), delay)
             self._rewind(records)
