@@ -312,10 +312,9 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         # 2. the ingestor, mid-batch: a burst it is still publishing when it dies (the folder
         #    source marks a batch of 64 done once its producer flushed)
         probe.phase = "ingestor SIGKILL"
-        before = feed.pending()
         feed.write(150)  # three of its batches: kill once the first is done
         deadline = time.monotonic() + 15
-        while not 0 < feed.pending() < before + 150 and time.monotonic() < deadline:
+        while not 0 < feed.pending() <= 150 - 60 and time.monotonic() < deadline:
             time.sleep(0.05)
         pending_at_kill = feed.pending()
         sc.restart(procs["ingestor"])
