@@ -75,7 +75,6 @@ ACCEPTED_503 = {
 }
 RATE_HZ = 3.0  # crops per second the feed writes
 OUTAGE_S = 30.0  # how long the object store stays down
-APP = "faults"
 
 
 @dataclass
@@ -266,7 +265,9 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
     settings.embedder.height, settings.embedder.width = 128, 64
     settings.embedder.session_timeout_ms, settings.embedder.heartbeat_interval_ms = 6000, 2000
     settings.index.snapshot_every_events, settings.index.snapshot_every_s = 40, 3.0
-    settings.serve.app_name = APP
+    # its own app name: replicas are found by process title, and another run of this suite
+    # on the machine (a colleague's, CI's) must never lose its replicas to this one
+    settings.serve.app_name = f"faults{tag}"
     settings.serve.http_port = free_ports(1, lo=8300, hi=8999)[0]
     settings.serve.api_key = "faults-" + secrets.token_urlsafe(24)  # access control on
     settings.serve.rerank_num_cpus, settings.serve.light_num_cpus = 0.25, 0.05
@@ -325,7 +326,7 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         # 3. Serve replicas, while queries run
         for deployment in ("Rerank", "Prefilter"):
             probe.phase = f"{deployment} replica SIGKILL"
-            pids = replica_pids(APP, deployment)
+            pids = replica_pids(settings.serve.app_name, deployment)
             assert pids, f"no {deployment} replica process found"
             burst = probe.burst(clients=4, seconds=4.0)  # queries in flight at the kill
             time.sleep(1.5)
