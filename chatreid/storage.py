@@ -88,10 +88,11 @@ def file_sha256(path: Path) -> str:
 class ObjectStore:
     def __init__(self, settings: S3Settings) -> None:
         self.bucket = settings.bucket
+        access_key, secret_key = settings.credentials()  # a clear error when none are set
         self.client = Minio(
             settings.endpoint,
-            access_key=settings.access_key,
-            secret_key=settings.secret_key,
+            access_key=access_key,
+            secret_key=secret_key,
             secure=settings.secure,
             region=settings.region,
         )

@@ -493,3 +493,49 @@ def test_the_deployed_app_refuses_a_chunked_100_mb_body_early(site) -> None:
         # answered long before the client was done: the app stopped reading at the limit
         # (measured: 0.2 MiB for the 64 KiB limit, 2.8 MiB for a query's upload limit)
         assert sent < total // 4, f"{path}: {sent} bytes went in before the answer"
+
+
+def test_a_replica_dying_mid_call_is_retried_once_then_503() -> None:
+    """A query in flight to a SIGKILLed replica used to be a 500 (ActorDiedError)."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from chatreid.retrieval.errors import ReplicaUnavailable
+    from chatreid.services.retrieval.http import remote
+
+    def dies(times: int):
+        calls = []
+
+        def call():
+            calls.append(1)
+            if len(calls) <= times:
+                raise ActorDiedError()
+            return "answer"
+        return _Remote(call), calls
+
+    method, calls = dies(1)
+    assert asyncio.run(remote(method)) == "answer" and len(calls) == 2  # Serve re-routes it
+    method, calls = dies(2)
+    with pytest.raises(ReplicaUnavailable) as failed:
+        asyncio.run(remote(method))
+    assert (failed.value.status, failed.value.code, len(calls)) == (503, "replica.unavailable", 2)
+
+
+def test_an_unwritable_audit_trail_is_a_503_not_a_500(api) -> None:
+    """Nothing is answered without its audit entry: with the store down that is a documented
+    503 with Retry-After (it was a 500 after the client's retries)."""
+    routes, client = api
+    down = routes.settings.s3.model_copy(update={"endpoint": "127.0.0.1:9"})  # nothing there
+    routes.audit_log.objects = ObjectStore(down)
+    answer = client.post("/v1/admin/retention/purge?days=30",
+                         headers=_auth(**{"content-type": "application/json"}))
+    assert _error(answer) == (503, "audit.unavailable")
+    assert int(answer.headers["retry-after"]) > 0
+
+
+def test_an_object_store_without_credentials_names_what_to_set(settings) -> None:
+    from chatreid.config import MissingCredentials
+
+    with pytest.raises(MissingCredentials, match="CHATREID_S3__ACCESS_KEY"):
+        ObjectStore(settings.s3.model_copy(update={"access_key": None, "secret_key": None}))

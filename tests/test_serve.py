@@ -175,6 +175,8 @@ def test_openapi_health_and_prometheus_metrics(site) -> None:
     assert "QueryRequest" in json.dumps(spec["paths"]["/v1/query"])
     health = client.health()
     assert health["gallery"] == 90 and health["model_version"] == "base:tiny"
+    # a fresh replica read the whole log once (no snapshot yet): how it came back is visible
+    assert health["index_log"]["read"] >= 90 and health["index_log"]["log_resets"] == 0
     client.query(QueryRequest(crop_id=_pick(crops).crop_id, k=4))
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = ("ray_chatreid_queries", "ray_chatreid_query_latency_ms",

@@ -26,6 +26,20 @@ class UnknownCrop(RetrievalError):
     status, code = 404, "crop.unknown"
 
 
+class ReplicaUnavailable(RetrievalError):
+    """The replica answering died mid-call and its replacement did not answer either (Serve
+    is restarting it): retry in a few seconds."""
+
+    status, code = 503, "replica.unavailable"
+
+
+class AuditUnavailable(RetrievalError):
+    """The audit trail could not be written (object store down): nothing is answered without
+    its audit entry, so retry later."""
+
+    status, code = 503, "audit.unavailable"
+
+
 class CropGone(RetrievalError):
     """An indexed crop whose image is no longer in object storage (erased or purged since the
     index was read): gone for good, not a server fault."""

@@ -175,7 +175,14 @@ class PrefilterDeployment:
         return {"gallery": self.search.gallery_size(), "embedder_version": self.search.version,
                 "pending_embedder_version": self.search.pending_version,
                 "last_refresh_s_ago": round(time.monotonic() - self._last_ok, 1),
-                "refresh_error": self._error}
+                "refresh_error": self._error, "index_log": self._log_stats()}
+
+    def _log_stats(self) -> dict:
+        """How this replica's index came back: records read from the log since it opened,
+        the gap behind its snapshot at resume, partitions replayed from the start."""
+        stats = self.search.follower.stats
+        return {"read": stats.read, "replay_gap": stats.replay_gap,
+                "log_resets": stats.log_resets}
 
     def check_health(self) -> None:
         if not self._thread.is_alive():

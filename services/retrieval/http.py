@@ -13,21 +13,26 @@ from urllib.parse import urlsplit
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from minio.error import S3Error
+from ray.exceptions import RayActorError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from urllib3.exceptions import HTTPError
 
 from chatreid.access import Caller, KeyStore, RateLimited, RateLimiter
 from chatreid.audit import AuditLog
 from chatreid.config import Settings
 from chatreid.retrieval import RetrievalError
+from chatreid.retrieval.errors import AuditUnavailable, ReplicaUnavailable
 from chatreid.schemas import ErrorResponse
 from chatreid.schemas.console import Role
 from chatreid.sessions import SessionStore
-from chatreid.storage import ObjectStore
+from chatreid.storage import ObjectStore, transient_error
 
 ERRORS = {s: {"model": ErrorResponse}
           for s in (401, 403, 404, 409, 410, 413, 415, 422, 429, 503)}
 UPLOAD_ROUTES = re.compile(r"/v1/(?:query|sessions/[^/]+/search)$")  # may carry an image
+RETRY_AFTER_503_S = 5  # what a 503 (dependency restarting, store down) asks clients to wait
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -42,14 +47,22 @@ def cause(exc: BaseException) -> BaseException:
 
 
 async def remote(method, *args) -> Any:
-    """Call a deployment method; a RetrievalError raised there is re-raised here as itself."""
-    try:
-        return await method.remote(*args)
-    except Exception as exc:
-        inner = cause(exc)
-        if isinstance(inner, RetrievalError):
-            raise inner from None
-        raise
+    """Call a deployment method; a RetrievalError raised there is re-raised here as itself.
+    A replica that dies mid-call (SIGKILL, OOM, node lost) gets one retry, which Serve routes
+    to a live or replacement replica (every method called this way is safe to repeat), then
+    ``503 replica.unavailable``."""
+    for attempt in (1, 2):
+        try:
+            return await method.remote(*args)
+        except RayActorError as exc:
+            if attempt == 2:
+                raise ReplicaUnavailable(f"the replica answering died ({type(exc).__name__}) "
+                                         "and is being replaced; retry shortly") from None
+        except Exception as exc:
+            inner = cause(exc)
+            if isinstance(inner, RetrievalError):
+                raise inner from None
+            raise
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -71,8 +84,10 @@ async def small_unless_image(request: Request, has_image: bool, limit: int) -> N
 
 
 async def _failed(_: Request, exc: RetrievalError) -> JSONResponse:
-    headers = ({"Retry-After": str(max(1, round(exc.retry_after_s)))}
-               if isinstance(exc, RateLimited) else None)
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+    else:  # a 503 is "not now": say when to come back
+        headers = {"Retry-After": str(RETRY_AFTER_503_S)} if exc.status == 503 else None
     return error(exc.status, exc.code, exc.detail, headers)
 
 
@@ -281,5 +296,13 @@ class Gate:
         return caller
 
     async def audit(self, caller: Caller, action: str, status: int = 200, **fields) -> None:
-        await asyncio.to_thread(self.audit_log.record, caller.key_id, caller.name, action,
-                                status, **fields)
+        """Write the audit entry before the answer leaves; a store that cannot take it makes
+        the request a 503 ``audit.unavailable`` (never an unaudited answer, never a 500)."""
+        try:
+            await asyncio.to_thread(self.audit_log.record, caller.key_id, caller.name, action,
+                                    status, **fields)
+        except (S3Error, HTTPError, OSError) as exc:  # the store's answers, not our bugs
+            if not transient_error(exc):
+                raise
+            raise AuditUnavailable("the audit trail cannot be written now (object store "
+                                   f"unavailable: {type(exc).__name__}); retry shortly") from None
