@@ -38,3 +38,5 @@ schemas:  ## rewrite schemas/jsonschema after a deliberate contract change
 bench:
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/prefilter_search.py
+	$(PY) benchmarks/query_load.py
+	$(PY) benchmarks/readme.py  # README figures from the JSON

@@ -1,0 +1,78 @@
+"""Write benchmark figures into the README from their JSON, so the prose never drifts from the
+measurement: each ``<!-- bench:NAME -->`` … ``<!-- /bench:NAME -->`` block is rendered from
+``benchmarks/results/NAME.json``.
+
+    python benchmarks/readme.py          # rewrite the blocks
+    python benchmarks/readme.py --check  # exit 1 when a block differs from its JSON (tested)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def query_load(report: dict) -> str:
+    """The sustained-load table of ``benchmarks/query_load.py``."""
+    args = report["args"]
+    rows = ["| mode | answers | queries/s | p50 | p95 | p99 | VLM forwards/query | errors |",
+            "|---|---|---|---|---|---|---|---|"]
+    for m in report["modes"]:
+        what = ("prefilter only (K = 1)" if m["mode"] == "prefilter"
+                else f"K = {m['k']} reranked by `{m['model']}`")
+        rows.append(f"| {what} | {m['answers']:,} | {m['throughput_qps']:.2f} | "
+                    f"{_ms(m['p50_ms'])} | {_ms(m['p95_ms'])} | {_ms(m['p99_ms'])} | "
+                    f"{m['vlm_calls_per_query']:.1f} | {m['errors_total']} |")
+    load = sorted({x for m in report["modes"] for x in m.get("loadavg_1m", [])})
+    note = (f"{report['gallery']:,} crops, {args['concurrency']} closed-loop clients, "
+            f"{args['duration_s']:g} s per mode, access control "
+            f"{'on' if report.get('access_control') else 'off'}, "
+            f"{report['machine']['cpus']} cores"
+            + (f" (load average {load[0]:g}–{load[-1]:g})" if load else "")
+            + f"; measured {report['created_at']}")
+    return "\n".join(rows) + f"\n\n{note}."
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.1f} s"
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"query_load": query_load}
+_BLOCK = re.compile(r"<!-- bench:(\w+) -->\n.*?<!-- /bench:\1 -->", re.S)
+
+
+def render(text: str) -> str:
+    """``text`` with every bench block rendered from its JSON."""
+    def block(m: re.Match) -> str:
+        name = m.group(1)
+        report = json.loads((RESULTS / f"{name}.json").read_text())
+        return f"<!-- bench:{name} -->\n{RENDERERS[name](report)}\n<!-- /bench:{name} -->"
+    return _BLOCK.sub(block, text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only check; exit 1 when stale")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = p.parse_args()
+    text = args.readme.read_text()
+    fresh = render(text)
+    if args.check:
+        if fresh != text:
+            print(f"{args.readme}: benchmark figures differ from benchmarks/results; run "
+                  "python benchmarks/readme.py", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
