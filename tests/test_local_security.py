@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from chatreid.config import Settings
-from chatreid.stack import LocalStack
+from chatreid.stack import LOOPBACK_RAY_ENV, LocalStack
 
 pytestmark = pytest.mark.stack
 
@@ -359,14 +359,18 @@ def test_an_older_head_on_every_interface_is_refused_not_reused(tmp_path: Path) 
     settings.stack.ray_port, settings.stack.ray_client_port = free_port(), free_port()
     temp = f"/tmp/chatreid-ray-t{settings.stack.ray_port}"
     ray = str(Path(sys.executable).parent / "ray")
-    # the old command line (token auth on here, so the test itself exposes nothing usable)
+    # the old command line (token auth on here, so the test itself exposes nothing usable),
+    # without the loopback switch an earlier connect() in this process may have exported
+    old_env = {k: v for k, v in clean_env(RAY_AUTH_MODE="token",
+                                          RAY_AUTH_TOKEN=secrets.token_hex(32)).items()
+               if k not in LOOPBACK_RAY_ENV}
     proc = subprocess.Popen(
         [ray, "start", "--head", f"--port={settings.stack.ray_port}",
          f"--ray-client-server-port={settings.stack.ray_client_port}", "--num-cpus=1",
          "--include-dashboard=false", "--disable-usage-stats",
          f"--temp-dir={temp}"],
-        env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)),
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=old_env, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     try:
         assert proc.wait(timeout=180) == 0
         stack = LocalStack(settings)
