@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from tqdm import tqdm
+
+from chatreid.config import Settings
 
 
 def header(name: str, doc: str, args: argparse.Namespace, **machine: Any) -> dict[str, Any]:
@@ -29,3 +32,29 @@ def write(out: Path, report: dict[str, Any], console: Console) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}")
+
+
+def build_site(settings: Settings, n: int, console: Console) -> list[tuple[Any, bytes]]:
+    """Stream ``n`` synthetic crops through the real ingestor and embedding service into
+    ``settings``' namespace: (CropEvent, crop bytes) of every crop the ingestor accepted."""
+    from chatreid.bus import ensure_topics
+    from chatreid.services.embedder import EmbedderService
+    from chatreid.services.ingestor import Ingestor
+    from chatreid.services.ingestor.sources import synth_source
+    from chatreid.stack import LocalStack
+    from chatreid.storage import ObjectStore
+
+    LocalStack(settings).up(ray=False)
+    ObjectStore(settings.s3).ensure_bucket()
+    ensure_topics(settings.kafka)
+    ingestor, events = Ingestor(settings, source="synth"), []
+    for crop in tqdm(synth_source(0, n, None, start_time=1_795_737_600.0), total=n,
+                     desc="ingest", unit="crop"):
+        result = ingestor.submit(crop)
+        if result.ok:
+            events.append((result.event, crop.data))
+    ingestor.close()
+    t0 = time.perf_counter()
+    stats = EmbedderService(settings).run(until_idle_s=5)
+    console.print(f"indexed {stats.indexed} crops in {time.perf_counter() - t0:.0f}s")
+    return events

@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from common import header, write
+from common import build_site, header, write
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -56,30 +56,6 @@ def namespace(port: int) -> Settings:
     s.serve.api_key = "load-" + secrets.token_urlsafe(24)
     s.access.rate_per_minute = 1_000_000
     return s
-
-
-def build_site(settings: Settings, n: int, console: Console) -> list:
-    from chatreid.bus import ensure_topics
-    from chatreid.services.embedder import EmbedderService
-    from chatreid.services.ingestor import Ingestor
-    from chatreid.services.ingestor.sources import synth_source
-    from chatreid.stack import LocalStack
-    from chatreid.storage import ObjectStore
-
-    LocalStack(settings).up(ray=False)
-    ObjectStore(settings.s3).ensure_bucket()
-    ensure_topics(settings.kafka)
-    ingestor, events = Ingestor(settings, source="synth"), []
-    for crop in tqdm(synth_source(0, n, None, start_time=1_795_737_600.0), total=n,
-                     desc="ingest", unit="crop"):
-        result = ingestor.submit(crop)
-        if result.ok:
-            events.append((result.event, crop.data))
-    ingestor.close()
-    t0 = time.perf_counter()
-    stats = EmbedderService(settings).run(until_idle_s=5)
-    console.print(f"indexed {stats.indexed} crops in {time.perf_counter() - t0:.0f}s")
-    return events
 
 
 class Load:

@@ -24,10 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import header, write
+from common import build_site, header, write
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
 from chatreid.client import RetrievalClient
 from chatreid.config import Settings
@@ -48,28 +47,6 @@ def namespace() -> Settings:
     s.ray.join_local_head, s.ray.num_cpus = False, 4  # logical CPUs: 2 replicas + the rest
     s.serve.http_port = 8021
     return s
-
-
-def build_site(settings: Settings, n: int, console: Console) -> list:
-    from chatreid.bus import ensure_topics
-    from chatreid.services.embedder import EmbedderService
-    from chatreid.services.ingestor import Ingestor
-    from chatreid.services.ingestor.sources import synth_source
-    from chatreid.stack import LocalStack
-    from chatreid.storage import ObjectStore
-
-    LocalStack(settings).up(ray=False)
-    ObjectStore(settings.s3).ensure_bucket()
-    ensure_topics(settings.kafka)
-    ingestor, events = Ingestor(settings, source="synth"), []
-    for crop in tqdm(synth_source(0, n, None, start_time=1_795_737_600.0), total=n,
-                     desc="ingest", unit="crop"):
-        events.append(ingestor.submit(crop).event)
-    ingestor.close()
-    t0 = time.perf_counter()
-    stats = EmbedderService(settings).run(until_idle_s=5)
-    console.print(f"indexed {stats.indexed} crops in {time.perf_counter() - t0:.0f}s")
-    return events
 
 
 def request_for(kind: str, i: int, k: int, rgb: list) -> QueryRequest:
@@ -161,7 +138,7 @@ def main() -> None:
     settings = namespace()
     report = header("retrieval_serve", __doc__, args, model=args.model)
     try:
-        events = build_site(settings, args.gallery, console)
+        events = [event for event, _ in build_site(settings, args.gallery, console)]
         rgb = [e for e in events if e.modality == "rgb"]
         connect(settings)
         spec = ModelSpec.of_base(args.model)
