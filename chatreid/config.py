@@ -105,6 +105,9 @@ class IngestorSettings(BaseModel):
     max_future_skew_s: float = Field(
         300.0, ge=0, le=86_400, description="capture times more than this far ahead of the "
         "ingestor's clock are refused (camera clock drift allowance)")
+    http_store_wait_s: float = Field(
+        5.0, ge=0, description="POST /v1/crops: how long one upload's object-store write waits "
+        "out an outage before answering 503 storage.unavailable (the client retries)")
     http_host: str = "127.0.0.1"
     http_port: int = 8070
 

@@ -85,3 +85,39 @@ def test_unparseable_fields_are_422_in_the_error_shape(settings):
                           data=data)
         assert bad.status_code == 422, bad.text
         assert ErrorResponse.model_validate(bad.json()).error == "request.invalid"
+
+
+def test_store_or_broker_outage_is_a_503_with_retry_after_and_recovers(settings):
+    """StoreUnavailable / KafkaError from submit or flush: 503 in the error shape, then 201."""
+    from kafka.errors import KafkaTimeoutError
+
+    from chatreid.services.ingestor.service import Ingestor
+    from chatreid.storage import StoreUnavailable
+
+    real = Ingestor(settings, source="http",
+                    store_wait_s=settings.ingestor.http_store_wait_s)
+    faults = [StoreUnavailable("object store down"), KafkaTimeoutError("broker down")]
+
+    class Flaky:
+        def submit(self, crop):
+            if faults and isinstance(faults[0], StoreUnavailable):
+                raise faults.pop(0)
+            return real.submit(crop)
+
+        def flush(self):
+            if faults:
+                raise faults.pop(0)
+            real.flush()
+
+    settings.serve.api_key = KEY
+    client = TestClient(create_app(settings, ingestor=Flaky()),
+                        headers={"authorization": f"Bearer {KEY}"}, raise_server_exceptions=False)
+    files = {"file": ("a.jpg", jpeg_bytes(color=(10, 200, 77)), "image/jpeg")}
+    for code in ("storage.unavailable", "broker.unavailable"):
+        r = client.post("/v1/crops", data={"camera": "cam-503"}, files=files)
+        assert r.status_code == 503, r.text
+        assert ErrorResponse.model_validate(r.json()).error == code
+        assert int(r.headers["retry-after"]) > 0
+    r = client.post("/v1/crops", data={"camera": "cam-503"}, files=files)
+    assert r.status_code == 201, r.text
+    assert settings.ingestor.http_store_wait_s == 5

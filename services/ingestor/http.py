@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kafka.errors import KafkaError
 
 from chatreid.config import Settings
 from chatreid.http_limits import BodyLimit, send_error
 from chatreid.schemas import CropEvent, ErrorResponse
+from chatreid.storage import StoreUnavailable
 
 from .service import CropInput, Ingestor
 
@@ -43,7 +45,8 @@ def create_app(settings: Settings, ingestor: Ingestor | None = None,
 
     def get_ingestor() -> Ingestor:
         if "ingestor" not in state:  # created lazily: Kafka clients must live in this process
-            state["ingestor"] = ingestor or Ingestor(settings, source="http")
+            state["ingestor"] = ingestor or Ingestor(
+                settings, source="http", store_wait_s=settings.ingestor.http_store_wait_s)
         return state["ingestor"]
 
     def get_keys() -> KeyStore:
@@ -90,12 +93,22 @@ def create_app(settings: Settings, ingestor: Ingestor | None = None,
             modality=modality, track_id=track_id, detection_id=detection_id,
             bbox=box, origin=f"http:{file.filename}",
         )
-        ing = get_ingestor()
-        result = ing.submit(crop)
-        if not result.ok:
-            return _error(_STATUS.get(result.error or "", 400), result.error or "error",
-                          result.reason or "")
-        ing.flush()  # the 201 promises the event is on the broker
+        try:
+            ing = get_ingestor()
+            result = ing.submit(crop)
+            if not result.ok:
+                return _error(_STATUS.get(result.error or "", 400), result.error or "error",
+                              result.reason or "")
+            ing.flush()  # the 201 promises the event is on the broker
+        except StoreUnavailable as exc:
+            log.warning("object store unavailable: %s", exc)
+            return _error(503, "storage.unavailable",
+                          f"cannot store the crop now ({exc}); retry later", retry_after=5)
+        except KafkaError as exc:
+            log.warning("broker unavailable: %s", exc)
+            return _error(503, "broker.unavailable",
+                          f"cannot publish the crop event now ({type(exc).__name__}); "
+                          "retry later", retry_after=5)
         return result.event
 
     return app
@@ -128,9 +141,10 @@ class IngestGate:
         await self.app(scope, receive, send)
 
 
-def _error(status: int, code: str, detail: str) -> JSONResponse:
+def _error(status: int, code: str, detail: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(ErrorResponse(error=code, detail=detail).model_dump(mode="json"),
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
