@@ -413,3 +413,29 @@ def test_an_embedder_running_through_a_broker_restart_loses_nothing(private_brok
     assert follower.store is not None and follower.store.crop_ids() == {e.crop_id for e in late}
     assert service.stats.dead_letters == 0
     assert len(reader.store) == 16 and reader.stats.log_resets >= 1
+
+
+def test_a_dead_letter_after_a_broker_restart_is_sent_not_fatal(private_broker):
+    """The ingest process used to exit at the first bad crop after a broker restart: its
+    idempotent producer was dead for good and the dead-letter send raised. Now the dead
+    letter goes through the same producer renewal as crop events; the stream carries on."""
+    from chatreid.services.ingestor import CropInput
+
+    from .conftest import jpeg_bytes
+
+    s, broker = private_broker
+    ingestor = Ingestor(s, source="http")
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    good = CropInput(data=jpeg_bytes(), camera="cam1", capture_time=at)
+    assert ingestor.submit(good).ok
+    ingestor.flush()
+    broker.stop()
+    broker.start(broker.healthy, "Tansu (restarted)")
+    ensure_topics(s.kafka)
+    bad = CropInput(data=b"not an image", camera="cam1", capture_time=at, origin="http:x")
+    assert not ingestor.submit(bad).ok  # no exception: the reason reached the broker
+    assert [d.origin for d in read_dead_letters(s, expect=1)] == ["http:x"]
+    again = CropInput(data=jpeg_bytes(color=(1, 2, 3)), camera="cam1", capture_time=at)
+    assert ingestor.submit(again).ok
+    ingestor.flush()
+    ingestor.close()

@@ -153,12 +153,7 @@ class Ingestor:
                 return
             failed, self._failed = self._failed, []
             log.warning("the broker refused %d crop events; sending them again", len(failed))
-            time.sleep(0.5 * 2 ** attempt)
-            try:
-                self.producer.close(timeout=1)
-            except Exception:  # a broken producer may not close cleanly
-                log.debug("closing the old producer failed", exc_info=True)
-            self.producer = make_producer(self.settings.kafka)
+            self._renew_producer(attempt)
             for key, value in failed:
                 self._send_raw(key, value)
             self.producer.flush(timeout=timeout)
@@ -166,6 +161,16 @@ class Ingestor:
         if self._failed:
             count, self._failed = len(self._failed), []
             raise KafkaError(f"the broker refused {count} crop events after 5 tries")
+
+    def _renew_producer(self, attempt: int) -> None:
+        """Back off, then replace the producer: an idempotent producer whose broker lost its
+        state (a memory-only broker restarted) stays broken for good."""
+        time.sleep(0.5 * 2 ** attempt)
+        try:
+            self.producer.close(timeout=1)
+        except Exception:  # a broken producer may not close cleanly
+            log.debug("closing the old producer failed", exc_info=True)
+        self.producer = make_producer(self.settings.kafka)
 
     def log_lost(self, timeout_s: float = 10.0) -> bool:
         """Whether the broker lost crop events it acknowledged: the newest acknowledged record
@@ -274,7 +279,15 @@ class Ingestor:
             origin=crop.origin or f"{crop.camera}@{crop.capture_time.isoformat()}",
             **DeadLetterEvent.wrap_payload(crop.data, limit=REJECTED_PAYLOAD_BYTES),
         )
-        dead_letter(self.producer, self.settings.kafka, event)
+        for attempt in range(5):  # the same renewal as crop events: a reason is never lost
+            try:
+                return dead_letter(self.producer, self.settings.kafka, event)
+            except KafkaError as exc:
+                if attempt == 4:
+                    raise
+                log.warning("the broker refused a dead letter (%s); sending it again",
+                            type(exc).__name__)
+                self._renew_producer(attempt)
 
 
 def object_metadata(event: CropEvent) -> dict[str, str]:
