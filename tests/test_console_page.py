@@ -97,8 +97,8 @@ def console_site(stack_base, ray_session):
 def browser():
     """Headless Chromium (Debian's build and driver) that cannot resolve any host but
     127.0.0.1, with its console and network logs kept for the checks."""
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("needs chromium and chromium-driver (`make setup` installs them)")
+    # part of the install (`make setup`): missing is a broken setup, not a reason to skip
+    assert CHROMIUM and CHROMEDRIVER, "chromium and chromium-driver missing: run `make setup`"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
