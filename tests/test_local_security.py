@@ -352,7 +352,6 @@ def test_an_older_head_on_every_interface_is_refused_not_reused(tmp_path: Path) 
     reused: `up` and connect() say to restart it, and `status` reports it."""
     import secrets
 
-    from chatreid.cluster import connect
 
     settings = Settings()
     settings.stack.data_dir = tmp_path / "stack"
@@ -377,8 +376,14 @@ def test_an_older_head_on_every_interface_is_refused_not_reused(tmp_path: Path) 
         assert stack.ray_exposure()  # e.g. ['*:port']
         with pytest.raises(RuntimeError, match="beyond loopback"):
             stack.start_ray()
-        with pytest.raises(RuntimeError, match="beyond loopback"):
-            connect(settings)
+        # a job joining it (its own process: this one may have joined a Ray already)
+        join = subprocess.run(
+            [sys.executable, "-c", "from chatreid.cluster import connect\n"
+             "from chatreid.config import Settings\nconnect(Settings())"],
+            env={**clean_env(), "CHATREID_STACK__DATA_DIR": str(settings.stack.data_dir),
+                 "CHATREID_STACK__RAY_PORT": str(settings.stack.ray_port)},
+            capture_output=True, text=True, timeout=120)
+        assert join.returncode != 0 and "beyond loopback" in join.stderr, join.stderr[-2000:]
     finally:
         LocalStack._stop_group(proc.pid)
         shutil.rmtree(temp, ignore_errors=True)
