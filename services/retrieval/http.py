@@ -16,12 +16,12 @@ from fastapi.responses import JSONResponse
 from minio.error import S3Error
 from ray.exceptions import RayActorError
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from urllib3.exceptions import HTTPError
 
 from chatreid.access import Caller, KeyStore, RateLimited, RateLimiter
 from chatreid.audit import AuditLog
 from chatreid.config import Settings
+from chatreid.http_limits import BodyLimit
 from chatreid.retrieval import RetrievalError
 from chatreid.retrieval.errors import AuditUnavailable, ReplicaUnavailable
 from chatreid.schemas import ErrorResponse
@@ -120,8 +120,7 @@ def build_api(instance: Any, body_limits: tuple[int, int],
     )
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(RetrievalError, _failed)
-    app.add_exception_handler(_BodyTooLarge, _too_large_handler)
-    app.add_middleware(BodyLimit, limits=body_limits)
+    app.add_middleware(BodyLimit, limit_for=_body_limit(body_limits))
     app.add_middleware(SameSiteJson, origins=origins)
     if insecure:
         app.add_middleware(TrustedHostOnly, origins=origins)  # outermost: refused first
@@ -143,53 +142,12 @@ def _guard(instance: Gate, role: Role | None):
     return guard
 
 
-class BodyLimit:
-    """Refuse oversized bodies before they are read into memory: by Content-Length, and by
-    counting a chunked body as it streams (the rest is never read). ``limits``: (any body, a
-    route whose body may carry an image)."""
-
-    def __init__(self, app, limits: tuple[int, int]) -> None:
-        self.app, self.limits = app, limits
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.limits[bool(UPLOAD_ROUTES.search(scope.get("path", "")))]
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _too_large(limit)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _BodyTooLarge(limit)
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _BodyTooLarge:  # raised where no exception handler saw it (outside a route)
-            await _too_large(limit)(scope, receive, send)
-
-
-class _BodyTooLarge(HTTPException):
-    """Raised by the counting ``receive`` while a route reads its body. An HTTPException:
-    FastAPI turns any other exception from reading the body into a 400 "error parsing the
-    body", and re-raises only these, so the app's handler answers the 413."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body over {limit} bytes")
-        self.limit = limit
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return error(413, "request.too_large", f"request body over {limit} bytes")
-
-
-async def _too_large_handler(_: Request, exc: _BodyTooLarge) -> JSONResponse:
-    return _too_large(exc.limit)
+def _body_limit(limits: tuple[int, int]):
+    """Per path: (any body, a route whose body may carry an image) for
+    :class:`chatreid.http_limits.BodyLimit`, the one body-limit middleware."""
+    def limit_for(path: str) -> tuple[int, str]:
+        return limits[bool(UPLOAD_ROUTES.search(path))], "request.too_large"
+    return limit_for
 
 
 class SameSiteJson:
