@@ -18,6 +18,9 @@ ingest_app = typer.Typer(help="Camera ingestor: publish crops to Kafka.", no_arg
 app.add_typer(ingest_app, name="ingest")
 data_app = typer.Typer(help="Instruction datasets for the tuning stages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+embedder_app = typer.Typer(help="Prefilter embedders: import Re-ID backbones.",
+                           no_args_is_help=True)
+app.add_typer(embedder_app, name="embedder")
 console = Console()
 
 
@@ -284,6 +287,41 @@ def embed(
                   f"dead letters {stats.dead_letters}, batches {stats.batches}")
 
 
+@embedder_app.command("import")
+def embedder_import(
+    model: Annotated[Path, typer.Argument(help="an ONNX Re-ID model (one image input, one "
+                                          "(batch, dim) output)")],
+    card: Annotated[str | None, typer.Option(
+        help="its model card: a JSON file, or the convention 'torchreid' (NCHW, RGB, ImageNet "
+             "mean/std) or 'openvino' (NHWC, BGR, 0-255); default: <model>.card.json or "
+             "card.json beside it, else torchreid (sizes read from the graph)")] = None,
+    name: Annotated[str | None, typer.Option(help="short name in the version")] = None,
+    dry_run: Annotated[bool, typer.Option(help="verify only; push nothing")] = False,
+) -> None:
+    """Verify an ONNX Re-ID model on probe crops and push it as a versioned embedder
+    checkpoint; the running embedding service re-indexes and switches to it (zero downtime),
+    after the rollout gate's check."""
+    import tempfile
+
+    from .embedder import WeightsError
+    from .embedder.importer import import_onnx, prepare_onnx
+
+    try:
+        if dry_run:
+            with tempfile.TemporaryDirectory() as tmp:
+                emb, figures = prepare_onnx(model, Path(tmp) / "ckpt", card, name)
+            console.print(f"{emb.version}: {emb.card.layout} {emb.card.channel_order} "
+                          f"{emb.card.scale}, {emb.dim}-d; probe ok ({figures})")
+            return
+        with console.status(f"verifying and pushing {model}"):
+            event = import_onnx(_settings(), model, card, name)
+    except WeightsError as exc:
+        console.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"pushed embedder {event.version} ({event.prefix}); the embedding service "
+                  "rolls it out")
+
+
 # -- queries -----------------------------------------------------------------------------------
 @app.command()
 def search(
@@ -502,8 +540,10 @@ def evaluate(
         help="VLM(s), each [LABEL=]MODEL: 'latest', 'offline-default', 'tiny', a dir or a "
              "checkpoint version; several = the stage-ablation table (Table 4)")
     ] = None,
-    embedder: Annotated[str, typer.Option(help="'latest', 'imagenet' or a checkpoint file")
-                        ] = "latest",
+    embedder: Annotated[str, typer.Option(
+        help="'latest', 'imagenet', an embedder checkpoint version, a checkpoint file or "
+             "directory, or an .onnx Re-ID model (card: CHATREID_EMBEDDER__CARD)")
+    ] = "latest",
     baseline_only: Annotated[bool, typer.Option(help="embedder only, no VLM")] = False,
     workers: Annotated[int, typer.Option(help="Ray actors holding a VLM each")] = 2,
     out: Annotated[Path | None, typer.Option(help="report folder (suite) or JSON (--distmat)")
@@ -524,6 +564,7 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
     import os
     import time
 
+    from .embedder import WeightsError
     from .evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
     from .evaluation.report import write_report
     from .ray_jobs.evaluate import ClusterBusy, resolve_embedder, run_evaluation
@@ -545,7 +586,10 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
 
         root = ensure_world(settings, PRESETS["default"], console)
     cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries)
-    emb = resolve_embedder(settings, embedder)
+    try:
+        emb = resolve_embedder(settings, embedder)
+    except (LookupError, WeightsError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--embedder") from None
     specs: list[tuple[str, ModelSpec | None]] = [("baseline", None)]
     if not baseline_only:
         specs = []

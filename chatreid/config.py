@@ -117,7 +117,15 @@ class EmbedderSettings(BaseModel):
     batch_size: int = Field(32, ge=1)
     poll_timeout_ms: int = 500
     fetch_workers: int = Field(8, ge=1, description="parallel object-store reads")
-    weights: Path | None = Field(None, description="embedder checkpoint; default: ImageNet")
+    weights: Path | None = Field(
+        None, description="embedder weights: a checkpoint file or directory, or an .onnx Re-ID "
+        "model (`chatreid embedder import` pushes one as a checkpoint instead); default: the "
+        "pip-installed ImageNet MobileNetV2")
+    card: str | None = Field(
+        None, description="with an .onnx `weights` file: its model card (a JSON file, or the "
+        "convention 'torchreid' or 'openvino'); default: <file>.card.json or card.json beside "
+        "it, else torchreid. An ONNX model's card fixes its input size (height/width below "
+        "apply to the ImageNet default)")
     device: str = Field("cpu", description="torch device, e.g. cuda")
     height: int = 256
     width: int = 128

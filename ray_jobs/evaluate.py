@@ -148,25 +148,28 @@ class RayReranker:
 
 
 def resolve_embedder(settings: Settings, source: str):
-    """'latest' (newest embedder checkpoint in object storage, else ImageNet), 'imagenet', or a
-    checkpoint file."""
-    from chatreid.checkpoints import latest, pull
-    from chatreid.embedder import embedder_from_settings
-    from chatreid.embedder.embedder import CHECKPOINT_FILE, embedder_from_checkpoint
+    """'latest' (newest embedder checkpoint in object storage, else ImageNet), 'imagenet', an
+    embedder checkpoint version (`chatreid checkpoints --model embedder`), or a local file or
+    directory: a checkpoint, or an ``.onnx`` Re-ID model (its card: ``embedder.card``)."""
+    from chatreid.checkpoints import find, latest, pull
+    from chatreid.embedder import load_embedder
 
     cfg = settings.embedder
+    kw = {"device": cfg.device, "batch_size": cfg.batch_size, "threads": cfg.torch_threads}
     if source == "imagenet":
-        return embedder_from_settings(cfg.model_copy(update={"weights": None}))
-    if source != "latest":
-        return embedder_from_checkpoint(Path(source), device=cfg.device,
-                                        batch_size=cfg.batch_size)
-    event = latest(settings, "embedder", "embedder")
+        return load_embedder(None, height=cfg.height, width=cfg.width, **kw)
+    if Path(source).exists() or source.endswith((".onnx", ".pt")):
+        return load_embedder(Path(source), card=cfg.card, **kw)
+    event = (latest(settings, "embedder", "embedder") if source == "latest"
+             else find(settings, "embedder", source))
     if event is None:
-        return embedder_from_settings(cfg.model_copy(update={"weights": None}))
+        if source != "latest":
+            raise LookupError(f"no embedder checkpoint {source!r} and no such file "
+                              "(chatreid checkpoints --model embedder lists the versions)")
+        return load_embedder(None, height=cfg.height, width=cfg.width, **kw)
     with tempfile.TemporaryDirectory(prefix="eval-embedder-") as tmp:
         pull(settings, event, Path(tmp))
-        return embedder_from_checkpoint(Path(tmp) / CHECKPOINT_FILE, device=cfg.device,
-                                        batch_size=cfg.batch_size)
+        return load_embedder(Path(tmp), **kw)
 
 
 def run_evaluation(settings: Settings, tasks: Sequence[EvalTask], root: Path, cfg: EvalConfig,

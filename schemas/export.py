@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .api import API_MODELS
+from .cards import CARD_MODELS
 from .console import CONSOLE_MODELS
 from .events import EVENT_MODELS
 
@@ -15,7 +16,7 @@ SCHEMA_DIR = Path(__file__).parent / "jsonschema"
 def render_all() -> dict[str, str]:
     """File name -> JSON text, deterministic (sorted keys, trailing newline)."""
     out = {}
-    for name, model in {**EVENT_MODELS, **API_MODELS, **CONSOLE_MODELS}.items():
+    for name, model in {**EVENT_MODELS, **API_MODELS, **CONSOLE_MODELS, **CARD_MODELS}.items():
         schema = model.model_json_schema()
         out[f"{name}.v1.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out

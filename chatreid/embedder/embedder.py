@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from chatreid.config import EmbedderSettings
 from chatreid.embedder.mobilenetv2 import MobileNetV2
 from chatreid.storage import file_sha256
 
@@ -279,10 +278,6 @@ def embedder_from_checkpoint(path: Path, device: str = "cpu", batch_size: int = 
                     batch_size=batch_size)
 
 
-def embedder_from_settings(cfg: EmbedderSettings) -> Embedder:
-    """The embedder a service runs, as its settings describe it."""
-    return build_embedder(cfg.weights, height=cfg.height, width=cfg.width, device=cfg.device,
-                          batch_size=cfg.batch_size)
 
 
 def _load_checkpoint(path: Path) -> tuple[ReIDNet, str, dict[str, Any]]:

@@ -10,9 +10,10 @@ it with a :class:`CheckpointWatcher`:
 * :meth:`~CheckpointWatcher.poll` then :meth:`~CheckpointWatcher.load` for new checkpoints.
 
 Loading pulls the files and verifies the manifest and every sha256 (``checkpoints.pull``), then
-builds the embedder at the input size it was trained at and checks that its version is the
-event's. A checkpoint failing any of that is refused - logged, and dead-lettered when the
-watcher is the service's - and the caller keeps the embedder it has.
+builds the embedder (torch or ONNX: :func:`~chatreid.embedder.load_embedder`) at its input
+size and checks that its version is the event's. A checkpoint failing any of that is refused -
+logged, and dead-lettered when the watcher is the service's - and the caller keeps the embedder
+it has.
 """
 
 from __future__ import annotations
@@ -30,12 +31,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from chatreid.bus import dead_letter, end_offsets, make_consumer, make_producer, topic_id
 from chatreid.checkpoints import CheckpointError, pull
 from chatreid.config import Settings
-from chatreid.embedder.embedder import (
-    CHECKPOINT_FILE,
-    Embedder,
-    WeightsError,
-    embedder_from_checkpoint,
-)
+from chatreid.embedder.embedder import Embedder, WeightsError
+from chatreid.embedder.load import AnyEmbedder, load_embedder
 from chatreid.prefilter.rollout import read_report
 from chatreid.schemas import CHECKPOINTS, CheckpointEvent, DeadLetterEvent, EventError, SourceOffset
 from chatreid.storage import ObjectNotFound, ObjectStore
@@ -62,7 +59,7 @@ class Release:
 
     event: CheckpointEvent
     source: SourceOffset
-    embedder: Embedder
+    embedder: AnyEmbedder
 
     @property
     def version(self) -> str:
@@ -143,8 +140,8 @@ class CheckpointWatcher:
         with tempfile.TemporaryDirectory(prefix="chatreid-embedder-") as tmp:
             try:
                 pull(self.settings, event, Path(tmp))
-                embedder = embedder_from_checkpoint(Path(tmp) / CHECKPOINT_FILE,
-                                                    device=cfg.device, batch_size=cfg.batch_size)
+                embedder = load_embedder(Path(tmp), device=cfg.device,
+                                         batch_size=cfg.batch_size, threads=cfg.torch_threads)
             except CheckpointError as exc:
                 self._refuse(sighted, "checkpoint.corrupt", str(exc))
                 return None
