@@ -1,7 +1,9 @@
 """What is evaluated: a benchmark task = a reader (with its options), a protocol, a query kind.
 
 ``BENCHMARKS`` are the paper's ten benchmarks in their official layouts (under one root, each
-in its usual folder name); ``SYNTHETIC`` is the same tasks on the synthetic world's held-out
+in its usual folder name), plus ``cuhk03_pair1`` (CUHK03 camera pair 1's validation people in
+the flat ``cuhk03-pair1`` layout: queries camera A, gallery camera B and the reverse,
+averaged); ``SYNTHETIC`` is the same tasks on the synthetic world's held-out
 identities plus the two the benchmarks lack: attribute-based retrieval (the query is a few
 attributes of a test crop, from ``attributes/attributes.json``) and adaptive multi-modal
 retrieval (an LTCC query image plus a description of the person's *other* outfit, as in stage
@@ -44,6 +46,8 @@ class EvalTask:
 
 
 _REGDB = tuple({"trial": t} for t in range(1, 11))
+# Camera pair 1 of CUHK03 (real people, ``../shared``): A -> B and B -> A, averaged.
+_CUHK03_PAIR1 = ({"direction": "a2b"}, {"direction": "b2a"})
 
 BENCHMARKS: dict[str, EvalTask] = {t.name: t for t in (
     EvalTask("market1501", "market1501", "market1501", "standard", "standard"),
@@ -52,6 +56,8 @@ BENCHMARKS: dict[str, EvalTask] = {t.name: t for t in (
              {"variant": "labeled"}),
     EvalTask("cuhk03_detected", "cuhk03", "cuhk03", "standard", "standard",
              {"variant": "detected"}),
+    EvalTask("cuhk03_pair1", "cuhk03_pair1", "market1501", "standard", "standard",
+             trials=_CUHK03_PAIR1),
     EvalTask("ltcc_cc", "ltcc", "ltcc_cc", "cloth_changing", "cloth_changing"),
     EvalTask("ltcc_general", "ltcc", "ltcc_general", "cloth_changing", "cloth_changing"),
     EvalTask("prcc_cc", "prcc", "prcc", "cloth_changing", "cloth_changing",

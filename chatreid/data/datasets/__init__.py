@@ -2,6 +2,7 @@
 
 from chatreid.data.datasets.base import DatasetLayoutError, ImageDataset, ImageRecord
 from chatreid.data.datasets.cuhk03 import CUHK03
+from chatreid.data.datasets.cuhk03_pair1 import CUHK03Pair1
 from chatreid.data.datasets.cuhk_pedes import CUHKPEDES, ICFGPEDES, RSTPReid, TextDataset
 from chatreid.data.datasets.ltcc import LTCC
 from chatreid.data.datasets.market1501 import Market1501
@@ -14,6 +15,7 @@ DATASETS: dict[str, type[ImageDataset]] = {
     "market1501": Market1501,
     "msmt17": MSMT17,
     "cuhk03": CUHK03,
+    "cuhk03_pair1": CUHK03Pair1,
     "ltcc": LTCC,
     "prcc": PRCC,
     "sysu_mm01": SYSUMM01,
@@ -32,6 +34,7 @@ __all__ = [
     "MSMT17",
     "PRCC",
     "SYSUMM01",
+    "CUHK03Pair1",
     "DatasetLayoutError",
     "ImageDataset",
     "ImageRecord",
