@@ -11,6 +11,11 @@ so its bytes do not depend on which worker runs it or when. The layout in the bu
 
 Readers stream shards and verify each against the manifest; ``shards_for_worker`` splits the
 shards among training workers. Images are world-relative paths (see ``chatreid.data.worlds``).
+
+``real`` (off by default, so existing ids are unchanged) lets the identity-only tasks draw real
+people at a share (``chatreid.data.instructions.real``; attribute, caption, outfit and modality
+tasks stay synthetic-only); the id then also hashes the real set's file list and the share.
+Real images are named ``real:<dataset>/...`` and read from the real folder on every machine.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from chatreid.data.instructions import (
     TRAIN_SPLITS,
     CaptionFilter,
     InstructionSample,
+    RealImages,
     Stage2Config,
     Stage3Config,
     build_stage1,
@@ -41,6 +47,7 @@ from chatreid.data.worlds import (
     ANNOTATIONS,
     DEFAULT_CACHE,
     annotated_root,
+    real_dataset_dir,
     relativize,
     world_id,
     world_prefix,
@@ -86,6 +93,7 @@ class InstructionDatasetSpec(BaseModel):
     num_shards: int = Field(1, gt=0)
     splits: tuple[str, ...] = TRAIN_SPLITS
     overrides: dict[str, Any] = Field(default_factory=dict)
+    real: RealImages | None = None  # real people in identity-only tasks (stages 2 and 3)
 
     @field_validator("world_root")
     @classmethod
@@ -99,6 +107,9 @@ class InstructionDatasetSpec(BaseModel):
                 f"{self.num_shards} shards for {self.num_samples} samples: a shard would be empty"
             )
         self.builder_config()  # fail at the spec, not in a worker
+        if self.real is not None and self.stage == 1:
+            raise ValueError("stage 1 is attribute captioning: it has no identity-only tasks "
+                             "for real images")
         return self
 
     def builder_config(self) -> Any:
@@ -132,6 +143,8 @@ class InstructionDatasetSpec(BaseModel):
             "splits": list(self.splits),
             "config": self.builder_config_json(),
         }
+        if self.real is not None:  # absent when off: ids of synthetic-only specs stay as they were
+            identity["real"] = self.real.identity()
         return sha256_hex(json.dumps(identity, sort_keys=True).encode())[:16]
 
 
@@ -192,10 +205,16 @@ def shard_samples(spec: InstructionDatasetSpec, index: int, root: Path) -> list[
     if spec.stage == 1:
         built = build_stage1(root, seed=seed, n=n, caption_filter=config, splits=spec.splits)
     elif spec.stage == 2:
-        built = build_stage2(root, seed=seed, n=n, config=config, splits=spec.splits)
+        built = build_stage2(root, seed=seed, n=n, config=config, splits=spec.splits,
+                             real=spec.real)
     else:
-        built = build_stage3(root, seed=seed, n=n, config=config, splits=spec.splits)
-    return [s.model_copy(update={"images": [relativize(root, p) for p in s.images]}) for s in built]
+        built = build_stage3(root, seed=seed, n=n, config=config, splits=spec.splits,
+                             real=spec.real)
+    real = None
+    if spec.real is not None:
+        real = (spec.real.dataset, real_dataset_dir(spec.real.dataset, spec.real.root))
+    return [s.model_copy(update={"images": [relativize(root, p, real) for p in s.images]})
+            for s in built]
 
 
 def build_shard(

@@ -5,6 +5,11 @@ bounding_box_train/0001_c1s1_000001_00.jpg``), so a dataset is portable. ``uploa
 world's files under ``worlds/<world_id>/`` and its index ``world.json`` last, so a reader that
 finds the index finds every file. ``ImageResolver`` reads the local copy of a world when there is
 one and otherwise downloads each image once into a cache: training workers on other machines.
+
+Real images (``chatreid.data.instructions.real``) are never uploaded: a dataset names them
+``real:<dataset>/<path in the dataset folder>`` (``real:cuhk03_pair1/train/0007_05.jpg``) and
+every machine reads them from its own copy of the real folder (``ImageResolver``'s
+``real_root``, by default the ``train.real_root`` setting).
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ import os
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from chatreid.config import Settings
+from chatreid.data.datasets import DATASETS, DatasetLayoutError
 from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
 
 ANNOTATIONS: tuple[str, ...] = ("attributes/attributes.json", "attributes/identities.json")
 WORLD_INDEX = "world.json"
 # Absolute, so Ray workers (whatever their working directory) share the driver's cache.
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "chatreid-cache" / "worlds"
+# Prefix of a real image's path in a dataset; ':' never starts a world-relative path.
+REAL_SCHEME = "real:"
 
 
 class WorldError(ValueError):
@@ -60,12 +69,49 @@ def resolve_image(world_root: Path, relpath: str) -> Path:
     return Path(world_root) / check_relpath(relpath)
 
 
-def relativize(world_root: Path, path: str) -> str:
-    """Absolute image path written by a builder -> world-relative POSIX path."""
+def relativize(world_root: Path, path: str, real: tuple[str, Path] | None = None) -> str:
+    """Absolute image path written by a builder -> world-relative POSIX path, or, for an image
+    of the real set ``real = (dataset, dataset folder)``, its ``real:`` path."""
     try:
         return Path(path).relative_to(world_root).as_posix()
     except ValueError:
+        if real is not None and Path(path).is_relative_to(real[1]):
+            return f"{REAL_SCHEME}{real[0]}/{Path(path).relative_to(real[1]).as_posix()}"
         raise WorldError(f"image {path} lies outside the world {world_root}") from None
+
+
+def is_real(relpath: str) -> bool:
+    return relpath.startswith(REAL_SCHEME)
+
+
+def split_real(relpath: str) -> tuple[str, str]:
+    """``real:<dataset>/<path>`` -> (dataset, path inside the dataset folder), checked."""
+    dataset, _, rest = relpath.removeprefix(REAL_SCHEME).partition("/")
+    if dataset not in DATASETS or not rest:
+        raise WorldError(f"not a real image path: {relpath!r} (real:<dataset>/<path>)")
+    return dataset, check_relpath(rest)
+
+
+@lru_cache(maxsize=8)
+def real_dataset_dir(dataset: str, root: Path) -> Path:
+    """The folder of ``dataset`` under ``root`` (itself or a parent, as the reader accepts)."""
+    return DATASETS[dataset](root).dataset_dir
+
+
+def resolve_real(relpath: str, real_root: Path | None) -> Path:
+    """The local file of a ``real:`` path under ``real_root``; a clear error when it is not
+    there (real images are never downloaded)."""
+    dataset, rest = split_real(relpath)
+    if real_root is None:
+        raise WorldError(f"{relpath} is a real image but no real root is configured "
+                         "(train.real_root, CHATREID_TRAIN__REAL_ROOT)")
+    try:
+        path = real_dataset_dir(dataset, Path(real_root).absolute()) / rest
+    except DatasetLayoutError as exc:
+        raise WorldError(f"{relpath}: {exc}") from None
+    if not path.is_file():
+        raise WorldError(f"{relpath}: no such real image {path}")
+    return path
 
 
 # ----------------------------------------------------------------------------- upload
@@ -142,7 +188,8 @@ def annotated_root(
 
 
 class ImageResolver:
-    """World-relative image path -> local file: the local world, the cache, or a download."""
+    """World-relative image path -> local file: the local world, the cache, or a download;
+    a ``real:`` path -> the file under ``real_root``."""
 
     def __init__(
         self,
@@ -151,16 +198,20 @@ class ImageResolver:
         *,
         local_root: Path | None = None,
         cache_dir: Path = DEFAULT_CACHE,
+        real_root: Path | None = None,
     ) -> None:
         self.world_id = wid
         self.local_root = Path(local_root) if local_root is not None else None
         self.cache_root = Path(cache_dir) / wid
+        self.real_root = real_root if real_root is not None else settings.train.real_root
         self.store = ObjectStore(settings.s3)
 
     def __call__(self, relpath: str) -> Path:
         return self.path(relpath)
 
     def path(self, relpath: str) -> Path:
+        if is_real(relpath):
+            return resolve_real(relpath, self.real_root)
         check_relpath(relpath)
         if self.local_root is not None and (self.local_root / relpath).is_file():
             return self.local_root / relpath

@@ -4,10 +4,15 @@
 - stage 2 (fine-grained retrieval): the seven image/text/attribute tasks, drawn from a task mix;
 - stage 3 (Re-ID reasoning): best-choice retrieval over galleries with exactly one match.
 
+Identity-only tasks (stage 2's image-image tasks, stage 3's standard Re-ID) can also draw real
+people (``RealImages``, ``chatreid.data.instructions.real``); tasks that need attribute labels,
+captions, outfits or modalities stay synthetic-only.
+
 Every sample's ``response`` parses back to its ``answer`` with the stage's parser.
 """
 
 from chatreid.data.instructions.prompts import ParseError
+from chatreid.data.instructions.real import REAL_TASKS, RealImages
 from chatreid.data.instructions.samples import (
     IMAGE_TOKEN,
     TRAIN_SPLITS,
@@ -28,6 +33,7 @@ from chatreid.data.instructions.stage3 import STAGE3_MIX, Stage3Config, build_st
 
 __all__ = [
     "IMAGE_TOKEN",
+    "REAL_TASKS",
     "STAGE2_MIX",
     "STAGE3_MIX",
     "TRAIN_SPLITS",
@@ -35,6 +41,7 @@ __all__ = [
     "ImageEntry",
     "InstructionSample",
     "ParseError",
+    "RealImages",
     "Stage2Config",
     "Stage3Config",
     "build_stage1",

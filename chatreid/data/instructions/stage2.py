@@ -2,7 +2,9 @@
 
 Tasks are drawn per sample from ``STAGE2_MIX``. Pairs and galleries come from the RGB crops of
 training identities (one copy per crop); text and attribute tasks use only crops that pass the
-stage-1 filter, since their ground truth describes clothing that must be visible.
+stage-1 filter, since their ground truth describes clothing that must be visible. With
+``real`` set, the image-image tasks also draw real people (``chatreid.data.instructions.real``);
+the text and attribute tasks stay synthetic-only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from chatreid.data.instructions import prompts as P
+from chatreid.data.instructions.real import RealImages, real_entries, with_real
 from chatreid.data.instructions.samples import (
     TRAIN_SPLITS,
     ImageEntry,
@@ -286,7 +289,13 @@ def build_stage2(
     n: int,
     config: Stage2Config | None = None,
     splits: tuple[str, ...] = TRAIN_SPLITS,
+    real: RealImages | None = None,
 ) -> list[InstructionSample]:
     cfg = config or Stage2Config()
     pools = _pools(world_root, splits, cfg)
-    return draw_mixed(seed, BUILDERS, pools, cfg, n, stage=2)
+    builders: dict[str, Builder] = BUILDERS
+    if real is not None:
+        images = real_entries(real)  # identity-only: no captions, so nothing is "described"
+        real_pools = _Pools(images=images, described=[], pids=by_pid(images))
+        builders = with_real(BUILDERS, 2, real_pools, real.share, real.dataset)
+    return draw_mixed(seed, builders, pools, cfg, n, stage=2)

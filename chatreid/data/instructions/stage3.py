@@ -4,6 +4,8 @@ gallery of 3-8 candidates holding exactly one true match, so the best choice is 
 Each task draws from the layout it stands for: standard Re-ID from Market-1501, cloth-changing
 from LTCC (the match wears another outfit), visible-infrared from SYSU-MM01 (the gallery is of the
 other modality), text and attribute queries from the CUHK-PEDES crops with their captions.
+With ``real`` set, standard Re-ID also draws real people (``chatreid.data.instructions.real``);
+the other tasks stay synthetic-only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from chatreid.data.instructions import prompts as P
+from chatreid.data.instructions.real import RealImages, real_entries, with_real
 from chatreid.data.instructions.samples import (
     ATTRIBUTE_LABELS,
     TRAIN_SPLITS,
@@ -270,7 +273,13 @@ def build_stage3(
     n: int,
     config: Stage3Config | None = None,
     splits: tuple[str, ...] = TRAIN_SPLITS,
+    real: RealImages | None = None,
 ) -> list[InstructionSample]:
     cfg = config or Stage3Config()
     pools = _pools(world_root, splits, cfg)
-    return draw_mixed(seed, BUILDERS, pools, cfg, n, stage=3)
+    builders = BUILDERS
+    if real is not None:
+        # Standard Re-ID reads its pool from the "market1501" slot; real people fill it.
+        real_pools = _Pools({"market1501": real_entries(real)}, [], [])
+        builders = with_real(BUILDERS, 3, real_pools, real.share, real.dataset)
+    return draw_mixed(seed, builders, pools, cfg, n, stage=3)
