@@ -203,7 +203,9 @@ class ImageResolver:
         self.world_id = wid
         self.local_root = Path(local_root) if local_root is not None else None
         self.cache_root = Path(cache_dir) / wid
-        self.real_root = real_root if real_root is not None else settings.train.real_root
+        # getattr: settings from before ``train.real_root`` existed simply have no real images
+        self.real_root = real_root if real_root is not None else getattr(
+            settings.train, "real_root", None)
         self.store = ObjectStore(settings.s3)
 
     def __call__(self, relpath: str) -> Path:
