@@ -200,6 +200,9 @@ def test_dataset_id_covers_the_real_set(world: Path, tmp_path: Path) -> None:
                 }) == 3
     with pytest.raises(ValueError, match="stage 1"):
         real_spec(world, 1)
+    with pytest.raises(ValueError, match="held-out"):
+        InstructionDatasetSpec(world_root=world, stage=3, num_samples=5, splits=("test",),
+                               real=RealImages(root=SHARED))
 
     # the id hashes the file list: another place, same files = same id; one more file = new id
     a, b = small_layout(tmp_path / "a"), small_layout(tmp_path / "b")

@@ -110,6 +110,9 @@ class InstructionDatasetSpec(BaseModel):
         if self.real is not None and self.stage == 1:
             raise ValueError("stage 1 is attribute captioning: it has no identity-only tasks "
                              "for real images")
+        if self.real is not None and "test" in self.splits:
+            raise ValueError("real images come from the real training split: a spec of "
+                             "held-out (test) identities stays synthetic")
         return self
 
     def builder_config(self) -> Any:
