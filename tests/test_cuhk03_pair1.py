@@ -242,3 +242,24 @@ def test_training_workers_resolve_real_paths(stack_base, tmp_path: Path) -> None
     explicit = ImageResolver(settings, "0" * 16, real_root=folder)
     assert explicit.read_bytes("real:cuhk03_pair1/train/0002_06.jpg") == (
         folder / "train" / "0002_06.jpg").read_bytes()
+
+
+@needs_real
+@pytest.mark.stack
+def test_a_built_dataset_with_real_people_trains_from_the_real_folder(settings, world) -> None:
+    """Built into the bucket and read back as a training worker does: the manifest keeps the
+    real option, no real image is uploaded, every image resolves."""
+    from chatreid.data import build_dataset, iter_samples, load_manifest, upload_world
+    from chatreid.storage import ObjectStore
+
+    spec = InstructionDatasetSpec(world_root=world, stage=3, num_samples=40, num_shards=2,
+                                  real=RealImages(root=SHARED, share=0.8))
+    report = build_dataset(settings, spec, use_ray=False)
+    assert load_manifest(settings, report.dataset_id, 3).spec == spec
+    assert build_dataset(settings, spec, use_ray=False).reused
+    wid = upload_world(settings, world)
+    assert not any("cuhk03" in key for key in ObjectStore(settings.s3).list(""))  # nothing real
+    resolver = ImageResolver(settings, wid, local_root=world, real_root=SHARED)
+    samples = list(iter_samples(settings, report.dataset_id, 3))
+    assert any(s.meta.get("source") for s in samples)
+    assert all(resolver(p).is_file() for s in samples for p in s.images)
