@@ -755,6 +755,14 @@ def train(
     base: Annotated[str | None, typer.Option(help="offline-default | tiny | checkpoint")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
     gpu: Annotated[bool, typer.Option(help="GPU workers: DeepSpeed ZeRO + bf16")] = False,
+    real_root: Annotated[Path | None, typer.Option(
+        help="embedder: also train on real images (CUHK03 pair-1 layout) and score on them")
+    ] = None,
+    start: Annotated[str | None, typer.Option(
+        help="embedder: 'imagenet', a torch checkpoint, or an ONNX model / imported version "
+             "(frozen: a head trains on its features)")] = None,
+    teacher: Annotated[str | None, typer.Option(
+        help="embedder: an ONNX Re-ID model to distil from (torch start)")] = None,
 ) -> None:
     """Train: the prefilter embedder and/or the HPT stages, as Ray Train jobs.
 
@@ -774,6 +782,12 @@ def train(
     if workers:
         settings.train.num_workers = workers
     settings.train.use_gpu = gpu or settings.train.use_gpu
+    if real_root:
+        settings.train.real_root = real_root
+    if start:
+        settings.train.embedder_start = start
+    if teacher:
+        settings.train.embedder_teacher = teacher
     run(settings, stage, recipe=PRESETS[preset], ablation=ablation, console=console)  # type: ignore[arg-type]
 
 

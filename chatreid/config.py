@@ -180,6 +180,16 @@ class TrainSettings(BaseModel):
         "offline-default", description="'offline-default', 'tiny', a checkpoint dir or hub id"
     )
     world: Path = Field(Path("data/synth"), description="synthetic world the data engine reads")
+    real_root: Path | None = Field(
+        None, description="real person images in the CUHK03 pair-1 layout (train/, val/): the "
+        "embedder trains on train/ besides the synthetic world and is scored on val/ too")
+    embedder_start: str = Field(
+        "imagenet", description="what `train --stage embedder` starts from: 'imagenet', a "
+        "torch embedder checkpoint (path or version), or an ONNX model / imported checkpoint "
+        "(frozen; a head trains on its features)")
+    embedder_teacher: str | None = Field(
+        None, description="an ONNX Re-ID model (path or version) the torch embedder also "
+        "distils from (its pairwise similarities); None: no distillation")
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False

@@ -176,8 +176,10 @@ def train_embedder_stage(
     from chatreid.embedder.training import EmbedderTrainConfig
     from chatreid.ray_jobs.train_embedder import train_embedder
 
+    t = settings.train
     cfg = EmbedderTrainConfig(
-        world_root=world, epochs=recipe.embedder_epochs, seed=recipe.seed,
+        world_root=world, real_root=t.real_root, start=t.embedder_start,
+        teacher=t.embedder_teacher, epochs=recipe.embedder_epochs, seed=recipe.seed,
         height=recipe.embedder_size[0], width=recipe.embedder_size[1],
         steps_per_epoch=recipe.embedder_steps_per_epoch,
     )

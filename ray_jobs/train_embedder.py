@@ -1,10 +1,11 @@
 """Train the prefilter embedder on Ray Train and publish it (``chatreid train --stage embedder``).
 
-Driver side of :mod:`chatreid.embedder.training`: measure the ImageNet baseline, run the
-per-worker loop through :func:`run_trainer` (DDP, resumable, run state in the bucket), take the
-final embedder from the last checkpoint and push it with its manifest (stage, parent, data hash,
-config, metrics, sha256 of every file) and a ``CheckpointEvent`` - which is what the embedding
-service and the search side follow to hot-swap the embedder.
+Driver side of :mod:`chatreid.embedder.training`: measure the start (ImageNet, a checkpoint or
+an imported ONNX model) on the validation parts, run the per-worker loop through
+:func:`run_trainer` (DDP, resumable, run state in the bucket), take the final embedder from the
+last checkpoint and push it with its manifest (stage, parent, data hash, config, metrics,
+sha256 of every file) and a ``CheckpointEvent`` - which is what the embedding service and the
+search side follow to hot-swap the embedder (after the rollout gate).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from rich.table import Table
 
 from chatreid.checkpoints import push
 from chatreid.config import Settings
-from chatreid.embedder import CHECKPOINT_FILE, build_embedder, embedder_from_checkpoint
+from chatreid.embedder import load_embedder
 from chatreid.embedder.training import (
     HISTORY_FILE,
+    STATE_FILE,
     EmbedderTrainConfig,
-    evaluate_embedder,
+    evaluate_parts,
+    resolve_source,
     train_embedder_loop,
     train_split_hash,
 )
@@ -35,6 +38,7 @@ from chatreid.schemas import CheckpointEvent
 __all__ = ["metrics_table", "run_name", "train_embedder"]
 
 _SCORES = ("rank1", "rank5", "rank10", "mAP")
+_PARTS = ("synthetic", "real")
 
 
 def run_name(cfg: EmbedderTrainConfig, data_hash: str) -> str:
@@ -54,14 +58,18 @@ def train_embedder(
 ) -> CheckpointEvent:
     """Baseline, train, push; returns the published checkpoint event (metrics included)."""
     console = console or Console()
-    with console.status("ImageNet baseline on the query/gallery split"):
-        baseline = evaluate_embedder(build_embedder(height=cfg.height, width=cfg.width),
-                                     cfg.world_root)
-    data_hash = train_split_hash(cfg.world_root)
+    with (console.status(f"measuring the start ({cfg.start}) on the validation parts"),
+          tempfile.TemporaryDirectory(prefix="embedder-start-") as tmp):
+        start = (load_embedder(None, height=cfg.height, width=cfg.width)
+                 if cfg.start == "imagenet"
+                 else resolve_source(settings, cfg.start, cfg.start_card, Path(tmp)))
+        baseline = evaluate_parts(start, cfg.world_root, cfg.real_root)
+    data_hash = train_split_hash(cfg.world_root, cfg.real_root)
     name = name or run_name(cfg, data_hash)
     workers = num_workers or settings.train.num_workers
     console.print(f"[bold]embedder[/bold]: Ray Train run {name} on {workers} workers "
-                  f"({cfg.epochs} epochs, P={cfg.p} x K={cfg.k}, {cfg.height}x{cfg.width})")
+                  f"({cfg.epochs} epochs, P={cfg.p} x K={cfg.k}, start {cfg.start}"
+                  + (f", teacher {cfg.teacher}" if cfg.teacher else "") + ")")
     t0 = time.perf_counter()
     result = run_trainer(settings, train_embedder_loop, {"embedder": cfg.model_dump(mode="json")},
                          name=name, num_workers=workers)
@@ -70,21 +78,20 @@ def train_embedder(
         raise RuntimeError(f"embedder training {name} ended without a checkpoint: {result.error}")
     with tempfile.TemporaryDirectory(prefix="embedder-") as tmp:
         ckpt = Path(result.checkpoint.to_directory(str(Path(tmp) / "run")))
-        if not (ckpt / CHECKPOINT_FILE).is_file():
-            raise RuntimeError(f"{name}: the last checkpoint holds no {CHECKPOINT_FILE}")
         out = Path(tmp) / "push"
         out.mkdir()
-        for fname in (CHECKPOINT_FILE, HISTORY_FILE):  # not the optimiser state: serving only
-            shutil.copy2(ckpt / fname, out / fname)
+        for f in ckpt.iterdir():  # the serving files and the history, not the optimiser state
+            if f.is_file() and f.name != STATE_FILE:
+                shutil.copy2(f, out / f.name)
         history = json.loads((out / HISTORY_FILE).read_text())
-        embedder = embedder_from_checkpoint(out / CHECKPOINT_FILE)
+        embedder = load_embedder(out)  # refuses a checkpoint without its serving files
         metrics = _metrics(result.metrics, baseline, history, wall)
         with console.status(f"pushing {embedder.version}"):
             event = push(settings, out, model="embedder", stage="embedder",
                          version=embedder.version, parent_version=parent_version,
                          data_hash=data_hash, config=cfg.model_dump(mode="json"),
                          metrics=metrics)
-    console.print(metrics_table(event))
+    console.print(metrics_table(event, cfg.start))
     return event
 
 
@@ -92,9 +99,10 @@ def _metrics(final: dict, baseline: dict[str, float], history: list[dict[str, fl
              wall: float) -> dict[str, float]:
     samples = sum(h["samples"] for h in history)
     busy = sum(h["wall_s"] for h in history)
+    scored = [k for k in final if k in _SCORES or k.split("/", 1)[0] in _PARTS]
     return {
-        **{k: float(final[k]) for k in _SCORES},
-        **{f"baseline_{k}": float(baseline[k]) for k in _SCORES},
+        **{k: float(final[k]) for k in scored},
+        **{f"baseline_{k}": float(v) for k, v in baseline.items()},
         "first_loss": float(history[0]["loss"]), "loss": float(history[-1]["loss"]),
         "epochs": float(len(history)), "steps": float(history[-1]["step"]),
         "samples_per_s": samples / busy if busy else 0.0, "job_wall_s": wall,
@@ -102,14 +110,16 @@ def _metrics(final: dict, baseline: dict[str, float], history: list[dict[str, fl
     }
 
 
-def metrics_table(event: CheckpointEvent) -> Table:
-    """Before (ImageNet) vs after (trained) on the same query/gallery split."""
+def metrics_table(event: CheckpointEvent, start: str = "start") -> Table:
+    """Before (the start) vs after (trained), per validation part: rank-1 / mAP."""
     m = event.metrics
-    table = Table("embedder", "rank-1", "rank-5", "rank-10", "mAP",
+    parts = [p for p in _PARTS if f"{p}/mAP" in m]
+    table = Table("embedder", *(f"{p} rank-1 / mAP" for p in parts), "mean mAP",
                   title=f"prefilter embedder {event.version}")
-    table.add_row("ImageNet MobileNetV2 (baseline)",
-                  *(f"{m[f'baseline_{k}']:.3f}" for k in _SCORES))
-    table.add_row("trained (ID + triplet, BNNeck)", *(f"{m[k]:.3f}" for k in _SCORES))
+    for label, prefix in ((f"start: {start}", "baseline_"),
+                          ("trained (ID + triplet, BNNeck)", "")):
+        table.add_row(label, *(f"{m[f'{prefix}{p}/rank1']:.3f} / {m[f'{prefix}{p}/mAP']:.3f}"
+                               for p in parts), f"{m[f'{prefix}mAP']:.3f}")
     table.caption = (f"loss {m['first_loss']:.3f} -> {m['loss']:.3f} over {m['epochs']:.0f} "
                      f"epochs / {m['steps']:.0f} steps; {m['samples_per_s']:.1f} train samples/s")
     return table

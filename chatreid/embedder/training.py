@@ -1,20 +1,31 @@
 """Metric learning for the prefilter embedder (the paper's prefilter baseline).
 
-BNNeck recipe (Luo et al., "Bag of Tricks and a Strong Baseline for Deep Person Re-ID"): the
-ImageNet MobileNetV2, an optional projection, a BatchNorm neck; batch-hard triplet
-loss on the features *before* the neck, label-smoothed cross entropy on a classifier *after*
-it; batches of P identities x K images. At inference the classifier is dropped and the neck's
-output (L2-normalised by :class:`Embedder`) is the embedding.
+BNNeck recipe (Luo et al., "Bag of Tricks and a Strong Baseline for Deep Person Re-ID"): a
+backbone, an optional projection, a BatchNorm neck; batch-hard triplet loss on the features
+*before* the neck, label-smoothed cross entropy on a classifier *after* it; batches of P
+identities x K images. At inference the classifier is dropped and the neck's output
+(L2-normalised) is the embedding.
+
+Data: the synthetic world's train split (Market-1501 layout) and/or real images (the CUHK03
+pair-1 layout's ``train/``), identities kept apart per source. Starts (``start``):
+
+* ``imagenet`` or a torch embedder checkpoint: the MobileNetV2 backbone trains with its head;
+  optionally it also learns the batch's pairwise similarities from an ONNX ``teacher``
+  (relational distillation: the ONNX graph itself cannot be trained);
+* an ONNX model / imported checkpoint: the graph stays frozen and a head (a projection
+  initialised to the identity, plus the neck) trains on its features - computed once, the
+  ranks sharing the work - so the result starts exactly where the import stood.
 
 Pieces, small and separately testable:
 
-* :class:`IdentityDataset` - the Market-1501 train split, decoded once to uint8 at the input size;
+* :class:`IdentityDataset` - the train images, decoded once to uint8 at the input size;
 * :class:`PKSampler` - P x K index batches, the same global sequence on every rank, each rank
   taking its own slice, so ranks see disjoint batches and run the same number of steps;
 * :func:`triplet_hard_loss`, :func:`augment` - loss and flip / pad-crop on whole batches;
 * :func:`train_embedder_loop` - the Ray Train per-worker loop (DDP; resumes from the last
   reported checkpoint; rank 0 evaluates and writes the embedder at the end);
-* :func:`evaluate_embedder` - rank-1/5/10 and mAP on the query/gallery split, for any embedder.
+* :func:`evaluate_embedder` - rank-1/5/10 and mAP on the query/gallery split, for any embedder;
+  :func:`evaluate_parts` - the synthetic and the real validation parts and their mean.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import Sampler
 
@@ -44,6 +56,7 @@ from chatreid.embedder.embedder import (
     _IMAGENET_STD,
     CHECKPOINT_FILE,
     Embedder,
+    EmbeddingHead,
     ReIDNet,
     _to_rgb,
     imagenet_model,
@@ -57,7 +70,12 @@ __all__ = [
     "PKSampler",
     "augment",
     "evaluate_embedder",
+    "evaluate_parts",
+    "evaluate_real",
+    "relational_distill_loss",
+    "shared_features",
     "train_embedder_loop",
+    "train_images",
     "train_split_hash",
     "triplet_hard_loss",
 ]
@@ -73,7 +91,22 @@ class EmbedderTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    world_root: Path = Field(description="folder holding a Market-1501 layout (or market1501/)")
+    world_root: Path | None = Field(
+        None, description="synthetic world (Market-1501 layout, or market1501/ inside): its "
+        "train split is trained on, its query/gallery split evaluated")
+    real_root: Path | None = Field(
+        None, description="real images in the CUHK03 pair-1 layout (train/, val/): train/ is "
+        "trained on, val/ evaluated (camera A -> B and B -> A, averaged)")
+    start: str = Field(
+        "imagenet", description="'imagenet'; a torch embedder checkpoint (file, directory or "
+        "version): trained on; an .onnx model or imported ONNX checkpoint (path or version): "
+        "frozen, a head trains on its features")
+    start_card: str | None = Field(None, description="card of an .onnx `start` file")
+    teacher: str | None = Field(
+        None, description="an ONNX Re-ID model (file, directory or version) whose pairwise "
+        "similarities a torch student also learns (relational distillation)")
+    teacher_card: str | None = Field(None, description="card of an .onnx `teacher` file")
+    distill_weight: float = Field(1.0, ge=0, description="weight of the distillation loss")
     epochs: int = Field(10, ge=1)
     p: int = Field(8, ge=2, description="identities per batch (per rank)")
     k: int = Field(4, ge=2, description="images per identity in a batch")
@@ -98,6 +131,12 @@ class EmbedderTrainConfig(BaseModel):
     seed: int = 0
     eval_batch_size: int = Field(64, ge=1)
 
+    @model_validator(mode="after")
+    def _has_data(self) -> EmbedderTrainConfig:
+        if self.world_root is None and self.real_root is None:
+            raise ValueError("give world_root (synthetic), real_root (real images) or both")
+        return self
+
     @property
     def pad_px(self) -> int:
         return self.height // 16 if self.pad is None else self.pad
@@ -115,15 +154,42 @@ def _market(world_root: Path):
     return Market1501(world_root)
 
 
-def train_split_hash(world_root: Path) -> str:
-    """sha256 over the train split's image list: relative path, pid, camera and content hash of
-    every image, so a changed label or a changed pixel gives another data hash."""
-    ds = _market(Path(world_root))
+def _real(real_root: Path, direction: str = "a2b"):
+    from chatreid.data.datasets.cuhk03_pair1 import CUHK03Pair1
+
+    return CUHK03Pair1(real_root, direction=direction)
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    path: Path
+    identity: str  # "<source>/<pid>": people of different sources never share a label
+    camid: int
+
+
+def train_images(world_root: Path | None = None,
+                 real_root: Path | None = None) -> list[TrainImage]:
+    """Every train image of the configured sources, in a stable order."""
+    images: list[TrainImage] = []
+    if world_root is not None:
+        images += [TrainImage(r.path, f"synthetic/{r.pid}", r.camid)
+                   for r in _market(Path(world_root)).train]
+    if real_root is not None:
+        images += [TrainImage(r.path, f"real/{r.pid}", r.camid)
+                   for r in _real(Path(real_root)).train]
+    return images
+
+
+def train_split_hash(world_root: Path | None = None, real_root: Path | None = None) -> str:
+    """sha256 over the train images: source, relative path, identity, camera and content hash
+    of each, so a changed label or a changed pixel gives another data hash."""
     digest = hashlib.sha256()
-    for r in sorted(ds.train, key=lambda r: r.path):
-        content = hashlib.sha256(r.path.read_bytes()).hexdigest()
-        digest.update(f"{r.path.relative_to(ds.dataset_dir)}\t{r.pid}\t{r.camid}\t{content}\n"
-                      .encode())
+    roots = {"synthetic": world_root, "real": real_root}
+    for img in sorted(train_images(world_root, real_root), key=lambda i: (i.identity, i.path)):
+        source = img.identity.split("/", 1)[0]
+        content = hashlib.sha256(img.path.read_bytes()).hexdigest()
+        rel = img.path.relative_to(Path(roots[source])) if roots[source] else img.path.name
+        digest.update(f"{source}\t{rel}\t{img.identity}\t{img.camid}\t{content}\n".encode())
     return digest.hexdigest()
 
 
@@ -137,31 +203,37 @@ def load_pixels(path: Path, height: int, width: int) -> np.ndarray:
 
 
 class IdentityDataset:
-    """The train split, decoded once (uint8, N x 3 x H x W) with labels 0..C-1 by sorted pid.
+    """Train images with labels 0..C-1 by sorted identity; pixels decoded once (uint8,
+    N x 3 x H x W) unless ``decode=False`` (a frozen ONNX start reads features instead).
 
     Holding the pixels keeps a CPU step free of JPEG decoding; Market-1501's 12,936 train
     images take 1.3 GB at 256x128 (per worker).
     """
 
-    def __init__(self, world_root: Path, height: int, width: int) -> None:
-        records = _market(Path(world_root)).train
-        if not records:
-            raise ValueError(f"{world_root}: the train split is empty")
-        pids = sorted({r.pid for r in records})
-        self.pid_to_label = {pid: i for i, pid in enumerate(pids)}
-        self.labels = np.array([self.pid_to_label[r.pid] for r in records], dtype=np.int64)
-        pixels = np.stack([load_pixels(r.path, height, width) for r in records])
-        self.images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    def __init__(self, images: Sequence[TrainImage], height: int, width: int,
+                 decode: bool = True) -> None:
+        if not images:
+            raise ValueError("no train images")
+        self.paths = [i.path for i in images]
+        identities = sorted({i.identity for i in images})
+        self.identity_to_label = {key: n for n, key in enumerate(identities)}
+        self.labels = np.array([self.identity_to_label[i.identity] for i in images],
+                               dtype=np.int64)
+        self.images: torch.Tensor | None = None
+        if decode:
+            pixels = np.stack([load_pixels(p, height, width) for p in self.paths])
+            self.images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
     @property
     def num_classes(self) -> int:
-        return len(self.pid_to_label)
+        return len(self.identity_to_label)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
+        assert self.images is not None, "pixels were not decoded"
         return self.images[idx], torch.from_numpy(self.labels)[idx]
 
 
@@ -261,23 +333,39 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 class TrainNet(nn.Module):
-    """A BNNeck :class:`ReIDNet` plus the identity classifier used only while training."""
+    """A trunk (the MobileNetV2 backbone, or nothing when the inputs are frozen ONNX features)
+    and a BNNeck head, plus the identity classifier used only while training."""
 
-    def __init__(self, net: ReIDNet, num_classes: int) -> None:
+    def __init__(self, trunk: nn.Module, head: EmbeddingHead | None, num_classes: int) -> None:
         super().__init__()
-        if net.head is None or net.head.bn is None:
+        if head is None or head.bn is None:
             raise ValueError("training needs the BNNeck head (bnneck=True)")
-        self.net = net
-        self.classifier = nn.Linear(net.dim, num_classes, bias=False)
+        self.trunk, self.head = trunk, head
+        self.classifier = nn.Linear(head.out_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)  # BNNeck's init: small logits
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pre-neck features for the triplet loss, logits for the identity loss)."""
-        head = self.net.head
-        feats = self.net.backbone(x)
-        if head.proj is not None:
-            feats = head.proj(feats)
-        return feats, self.classifier(head.bn(feats))
+        feats = self.trunk(x)
+        if self.head.proj is not None:
+            feats = self.head.proj(feats)
+        return feats, self.classifier(self.head.bn(feats))
+
+
+def identity_head(dim: int) -> EmbeddingHead:
+    """A projection initialised to the identity, then the neck: training on frozen features
+    starts from the features themselves (cosine ranking unchanged until it learns)."""
+    head = EmbeddingHead(dim, dim, bnneck=True)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(dim))
+    return head
+
+
+def relational_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between the batch's cosine-similarity matrices (Park et al., "Relational Knowledge
+    Distillation", 2019): no shared dimension needed between student and teacher."""
+    s, t = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+    return F.mse_loss(s @ s.T, t @ t.T)
 
 
 def triplet_hard_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -343,6 +431,55 @@ def evaluate_embedder(embedder: Embedder, world_root: Path | str, max_rank: int 
             "rank10": float(cmc[min(9, len(cmc) - 1)]), "mAP": mean_ap}
 
 
+def evaluate_real(embedder, real_root: Path | str) -> dict[str, float]:
+    """The ``cuhk03_pair1`` benchmark task (validation people, camera A -> B and B -> A,
+    averaged), through the evaluation engine: the figure ``chatreid eval`` reports."""
+    from chatreid.evaluation import BENCHMARKS, EvalConfig
+    from chatreid.evaluation.engine import evaluate_task
+
+    result = evaluate_task(BENCHMARKS["cuhk03_pair1"], Path(real_root), embedder.embed, None,
+                           EvalConfig())
+    summary = result.baseline.summary()
+    return {k: float(summary[k]) for k in _SCORES}
+
+
+_SCORES = ("rank1", "rank5", "rank10", "mAP")
+
+
+def evaluate_parts(embedder, world_root: Path | None = None,
+                   real_root: Path | None = None) -> dict[str, float]:
+    """``synthetic/<score>`` (held-out synthetic people) and ``real/<score>`` (real validation
+    people) for the parts configured, and each score's mean over them (``mAP``, ...)."""
+    parts: dict[str, dict[str, float]] = {}
+    if world_root is not None:
+        parts["synthetic"] = evaluate_embedder(embedder, world_root)
+    if real_root is not None:
+        parts["real"] = evaluate_real(embedder, real_root)
+    if not parts:
+        raise ValueError("nothing to evaluate on: no world_root and no real_root")
+    out = {f"{part}/{k}": v for part, scores in parts.items() for k, v in scores.items()}
+    out.update({k: float(np.mean([p[k] for p in parts.values()])) for k in _SCORES})
+    return out
+
+
+def resolve_source(settings, source: str, card: str | None, workdir: Path):
+    """A start or teacher: a local path (file or checkpoint directory) or a checkpoint
+    version, pulled into ``workdir`` (kept: an ONNX start's graph is copied at the end)."""
+    from chatreid.embedder.load import load_embedder
+
+    path = Path(source)
+    if not path.exists():
+        from chatreid.checkpoints import find, pull
+
+        event = find(settings, "embedder", source) if settings is not None else None
+        if event is None:
+            raise FileNotFoundError(f"embedder {source!r}: no such file and no such checkpoint "
+                                    "version")
+        path = workdir / event.version.replace("/", "_").replace("@", "_")
+        pull(settings, event, path)
+    return load_embedder(path, card=card)
+
+
 # --------------------------------------------------------------------------------------------
 # The Ray Train loop
 # --------------------------------------------------------------------------------------------
@@ -351,16 +488,40 @@ def evaluate_embedder(embedder: Embedder, world_root: Path | str, max_rank: int 
 class EmbedderTrainer:
     """One worker's share of the run; ``train_embedder_loop`` builds and runs it."""
 
-    def __init__(self, cfg: EmbedderTrainConfig, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: EmbedderTrainConfig, rank: int, world_size: int,
+                 settings=None) -> None:
         import ray.train.torch
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         torch.manual_seed(cfg.seed)  # the same initial head on every rank (DDP also syncs it)
-        self.data = IdentityDataset(cfg.world_root, cfg.height, cfg.width)
+        # a pulled start/teacher lives here for the run (an ONNX start is copied at the end)
+        self._workdir = tempfile.TemporaryDirectory(prefix="embedder-train-")
+        workdir = Path(self._workdir.name)
+        start = (None if cfg.start == "imagenet"
+                 else resolve_source(settings, cfg.start, cfg.start_card, workdir))
+        self.frozen = start if _is_onnx(start) else None
+        if self.frozen is not None and cfg.teacher:
+            raise ValueError("a teacher distils into a torch start (imagenet or a torch "
+                             "checkpoint); an ONNX start is frozen already")
+        self.data = IdentityDataset(train_images(cfg.world_root, cfg.real_root), cfg.height,
+                                    cfg.width, decode=self.frozen is None)
         self.sampler = PKSampler(self.data.labels, cfg.p, cfg.k, steps=cfg.steps_per_epoch,
                                  seed=cfg.seed, rank=rank, world_size=world_size)
-        net = imagenet_model(projection_dim=cfg.projection_dim, bnneck=True)
-        self.model = ray.train.torch.prepare_model(TrainNet(net, self.data.num_classes))
+        self.inputs = self.teacher = None
+        if self.frozen is not None:  # frozen graph: a head learns on its (shared) features
+            self.inputs = shared_features(self.frozen.features, self.data.paths, rank,
+                                          world_size)
+            head = (copy.deepcopy(self.frozen.head) if self.frozen.head is not None
+                    else identity_head(self.frozen.feature_dim))
+            self.net, trunk = None, nn.Identity()
+        else:
+            self.net = _trainable(start, cfg)
+            trunk, head = self.net.backbone, self.net.head
+            if cfg.teacher:
+                teacher = resolve_source(settings, cfg.teacher, cfg.teacher_card, workdir)
+                self.teacher = shared_features(teacher.embed, self.data.paths, rank,
+                                               world_size)
+        self.model = ray.train.torch.prepare_model(TrainNet(trunk, head, self.data.num_classes))
         self.device = next(self.model.parameters()).device
         self.optimizer = torch.optim.Adam(self._param_groups(), lr=cfg.lr,
                                           weight_decay=cfg.weight_decay)
@@ -374,13 +535,16 @@ class EmbedderTrainer:
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Fresh layers (neck, classifier) learn ``head_lr_mult`` times faster than the
-        pretrained backbone, which short runs on small data would otherwise overwrite."""
+        pretrained backbone, which short runs on small data would otherwise overwrite. On
+        frozen features everything trainable is the head, which starts at the identity."""
         core = self.core
-        backbone = [p for p in core.net.backbone.parameters() if p.requires_grad]
-        fresh = [p for name, p in core.named_parameters()
-                 if p.requires_grad and not name.startswith("net.backbone.")]
-        return [{"params": backbone, "lr": self.cfg.lr},
-                {"params": fresh, "lr": self.cfg.lr * self.cfg.head_lr_mult}]
+        trunk = [p for p in core.trunk.parameters() if p.requires_grad]
+        rest = [p for name, p in core.named_parameters()
+                if p.requires_grad and not name.startswith("trunk.")]
+        if not trunk:
+            return [{"params": rest, "lr": self.cfg.lr}]
+        return [{"params": trunk, "lr": self.cfg.lr},
+                {"params": rest, "lr": self.cfg.lr * self.cfg.head_lr_mult}]
 
     @property
     def core(self) -> TrainNet:
@@ -417,19 +581,27 @@ class EmbedderTrainer:
                 }, d / STATE_FILE)
                 (d / HISTORY_FILE).write_text(json.dumps(self.history, indent=1))
                 if final:
-                    metrics.update(self.finalise(d / CHECKPOINT_FILE))
+                    metrics.update(self.finalise(d))
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    def finalise(self, path: Path) -> dict[str, float]:
-        """Rank 0: the serving embedder (classifier dropped), evaluated and saved."""
-        net = copy.deepcopy(self.core.net)  # Embedder puts it in eval mode; training goes on
-        embedder = Embedder(net, model_id=model_id_for(net), height=self.cfg.height,
-                            width=self.cfg.width, device=self.device,
-                            batch_size=self.cfg.eval_batch_size)
+    def finalise(self, directory: Path) -> dict[str, float]:
+        """Rank 0: the serving embedder (classifier dropped), saved and evaluated as loaded
+        back: ``embedder.pt``, or the ONNX graph + card + trained ``head.pt``."""
+        from chatreid.embedder.load import load_embedder, write_onnx_checkpoint
+
+        cfg = self.cfg
+        if self.frozen is None:
+            net = copy.deepcopy(self.net)  # Embedder puts it in eval mode; training goes on
+            Embedder(net, model_id=model_id_for(net), height=cfg.height,
+                     width=cfg.width).save(directory / CHECKPOINT_FILE)
+        else:
+            write_onnx_checkpoint(self.frozen.model_path, self.frozen.card, directory,
+                                  head=copy.deepcopy(self.core.head).cpu().eval())
+        embedder = load_embedder(directory, device=str(self.device),
+                                 batch_size=cfg.eval_batch_size)
         t0 = time.perf_counter()
-        scores = evaluate_embedder(embedder, self.cfg.world_root)
-        embedder.save(path)
+        scores = evaluate_parts(embedder, cfg.world_root, cfg.real_root)
         print(f"[embedder] {embedder.version}: rank-1 {scores['rank1']:.3f} "
               f"mAP {scores['mAP']:.3f} (eval {time.perf_counter() - t0:.1f} s)", flush=True)
         return {**scores, "embedder_dim": float(embedder.dim)}
@@ -441,19 +613,23 @@ class EmbedderTrainer:
         self.sampler.set_epoch(self.epoch)
         seed = np.random.SeedSequence([cfg.seed, self.epoch, self.rank]).generate_state(1)[0]
         gen = torch.Generator().manual_seed(int(seed))  # resumable: a function of the epoch
-        # loss, ce, triplet, correct, samples; on the device, so NCCL can sum it across ranks
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        # loss, ce, triplet, correct, samples, distill; on the device (NCCL sums across ranks)
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for indices in self.sampler:
             if self.step >= self.total_steps:
                 break
-            images, labels = self.data.batch(indices)
-            x = augment(normalise(images), pad=cfg.pad_px, flip=cfg.flip, generator=gen)
+            x, labels, mirror = self._batch(indices, gen)
             x, labels = x.to(self.device), labels.to(self.device)
             feats, logits = self.model(x)
             ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             tri = triplet_hard_loss(feats, labels, cfg.triplet_margin)
             loss = ce + cfg.triplet_weight * tri
+            if self.teacher is not None:
+                target = _pick(self.teacher, indices, mirror).to(self.device)
+                distill = relational_distill_loss(feats, target)
+                loss = loss + cfg.distill_weight * distill
+                sums[5] += distill.item() * len(labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -461,7 +637,7 @@ class EmbedderTrainer:
             self.step += 1
             n = len(labels)
             correct = (logits.argmax(1) == labels).sum().item()
-            sums += torch.tensor([loss.item() * n, ce.item() * n, tri.item() * n, correct, n],
+            sums += torch.tensor([loss.item() * n, ce.item() * n, tri.item() * n, correct, n, 0],
                                  dtype=torch.float64, device=self.device)
         wall = time.perf_counter() - t0
         sums = _all_reduce(sums)
@@ -469,8 +645,25 @@ class EmbedderTrainer:
         return {"epoch": float(self.epoch), "step": float(self.step),
                 "loss": sums[0].item() / n, "ce": sums[1].item() / n,
                 "triplet": sums[2].item() / n, "train_acc": sums[3].item() / n,
+                "distill": sums[5].item() / n,
                 "samples": sums[4].item(), "wall_s": wall,
                 "samples_per_s": sums[4].item() / max(wall, 1e-9)}
+
+    def _batch(self, indices: list[int], gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, labels, mirrored): pixels flipped and pad-cropped, or, on a frozen graph,
+        its features of the image or of the mirrored image."""
+        n = len(indices)
+        mirror = (torch.rand(n, generator=gen) < 0.5) if self.cfg.flip else torch.zeros(
+            n, dtype=torch.bool)
+        labels = torch.from_numpy(self.data.labels)[torch.as_tensor(indices)]
+        if self.inputs is not None:
+            return _pick(self.inputs, indices, mirror), labels, mirror
+        images, _ = self.data.batch(indices)
+        x = normalise(images)
+        x = torch.where(mirror.view(n, 1, 1, 1), x.flip(3), x)
+        x = augment(x, pad=self.cfg.pad_px, flip=False, generator=gen)
+        return x, labels, mirror
 
     def run(self) -> None:
         self.restore()
@@ -490,6 +683,61 @@ class EmbedderTrainer:
             self.report({**metrics, "first_loss": self.history[0]["loss"]}, final=final)
             if final:
                 return
+
+
+def _is_onnx(embedder) -> bool:
+    from chatreid.embedder.onnx import OnnxEmbedder
+
+    return isinstance(embedder, OnnxEmbedder)
+
+
+def _trainable(start, cfg: EmbedderTrainConfig) -> ReIDNet:
+    """The torch network a run trains: ImageNet + a fresh BNNeck head, or a checkpoint's
+    network (given a neck if it has none)."""
+    if start is None:
+        return imagenet_model(projection_dim=cfg.projection_dim, bnneck=True)
+    net = copy.deepcopy(start.model).train()
+    if net.head is None or net.head.bn is None:
+        net.head = EmbeddingHead(net.backbone.out_dim, None, bnneck=True)
+    return net
+
+
+def _pick(pairs: torch.Tensor, indices: Sequence[int], mirror: torch.Tensor) -> torch.Tensor:
+    """Rows of a (2, N, D) original/mirrored feature table, per sample."""
+    idx = torch.as_tensor(list(indices))
+    return torch.where(mirror.view(-1, 1), pairs[1][idx], pairs[0][idx])
+
+
+def shared_features(fn, paths: Sequence[Path], rank: int, world_size: int,
+                    chunk: int = 64) -> torch.Tensor:
+    """(2, N, D) float32: ``fn`` on every image and on its mirror image. Each rank computes
+    every ``world_size``-th image; the ranks then exchange their rows."""
+    mine = list(range(rank, len(paths), world_size))
+    rows: list[np.ndarray] = []
+    for start in range(0, len(mine), chunk):
+        images = [_read(paths[i]) for i in mine[start : start + chunk]]
+        mirrored = [img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for img in images]
+        rows.append(np.stack([fn(images), fn(mirrored)], axis=1))  # (n, 2, D)
+        if rank == 0 and start // chunk % 20 == 0:
+            print(f"[embedder] features {start + len(images)}/{len(mine)} (rank 0)", flush=True)
+    own = (mine, np.concatenate(rows) if rows else np.zeros((0, 2, 1), np.float32))
+    parts = _all_gather(own, world_size)
+    dim = max(p[1].shape[-1] for p in parts)
+    table = np.zeros((len(paths), 2, dim), np.float32)
+    for idx, feats in parts:
+        if len(idx):
+            table[idx] = feats
+    return torch.from_numpy(table).permute(1, 0, 2).contiguous()
+
+
+def _all_gather(obj, world_size: int) -> list:
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -512,4 +760,4 @@ def train_embedder_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(settings.train.torch_threads)
     cfg = EmbedderTrainConfig.model_validate(config["embedder"])
     ctx = ray.train.get_context()
-    EmbedderTrainer(cfg, ctx.get_world_rank(), ctx.get_world_size()).run()
+    EmbedderTrainer(cfg, ctx.get_world_rank(), ctx.get_world_size(), settings).run()
