@@ -176,3 +176,37 @@ def test_a_checkpoint_directory_loads_back_to_the_same_vectors(tmp_path: Path) -
     np.testing.assert_array_equal(loaded.embed(crops), direct.embed(crops))
     with pytest.raises(WeightsError, match="card does not match the graph"):
         write_onnx_checkpoint(OSNET, direct.card, tmp_path / "wrong")  # OMZ's card, OSNet graph
+
+
+# -- the running service rolls an imported model out -------------------------------------------
+
+
+@pytest.mark.stack
+def test_an_imported_model_is_rolled_out_by_the_running_service_at_its_own_dim(settings):
+    from chatreid.embedder.importer import import_onnx
+    from chatreid.search import PrefilterSearch
+
+    from .test_embedder_training import Running, ingest, searchable, wait_for
+
+    crops = ingest(settings, 16, seed=7)
+    running = Running(settings)  # ImageNet MobileNetV2, 1280-d
+    try:
+        reader = PrefilterSearch(settings)
+        wait_for(searchable(reader, 16))
+        old = reader.version
+        query = reader.crop_image(crops[3].crop_id)
+        event = import_onnx(settings, OSNET)  # what `chatreid embedder import` runs
+        assert event.version.startswith("onnx-osnet_x0_25_msmt17-")
+        while reader.version != event.version:  # answers keep coming during the rebuild
+            reader.refresh(timeout_s=30)
+            assert reader.search(query, k=1)[0].crop_id == crops[3].crop_id
+        version, store = reader.follower.active()
+        assert (version, store.dim) == (event.version, 512) and old != version
+        assert store.crop_ids() == {c.crop_id for c in crops}  # nothing lost, none twice
+        wait_for(lambda: running.node.service.versions == [event.version])
+        later = ingest(settings, 4, seed=8)  # new crops are embedded by the imported model
+        wait_for(searchable(reader, 20))
+        top = reader.search(reader.crop_image(later[0].crop_id), k=1)[0]
+        assert top.crop_id == later[0].crop_id and top.score > 0.999
+    finally:
+        running.stop()
