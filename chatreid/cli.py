@@ -716,14 +716,24 @@ def data_build(
     = None,
     use_ray: Annotated[bool, typer.Option("--ray/--no-ray")] = True,
     force: Annotated[bool, typer.Option(help="rebuild even if a verified build exists")] = False,
+    real_root: Annotated[Path | None, typer.Option(
+        help="stages 2-3: identity-only tasks also draw real people (CUHK03 pair-1 layout)")
+    ] = None,
+    real_share: Annotated[float, typer.Option(help="share of those tasks drawn from real people")
+                          ] = 0.5,
 ) -> None:
     """Build one stage's instruction dataset into object storage and print its stats report."""
     from .data import InstructionDatasetSpec, build_dataset, render_report
     from .data.instructions import TRAIN_SPLITS
+    from .data.instructions.real import RealImages
 
-    spec = InstructionDatasetSpec(world_root=_world(world), stage=stage, num_samples=samples,
-                                  seed=seed, num_shards=shards,
-                                  splits=tuple(split) if split else TRAIN_SPLITS)
+    real = RealImages(root=real_root, share=real_share) if real_root else None
+    try:
+        spec = InstructionDatasetSpec(world_root=_world(world), stage=stage,
+                                      num_samples=samples, seed=seed, num_shards=shards,
+                                      splits=tuple(split) if split else TRAIN_SPLITS, real=real)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     report = build_dataset(_settings(), spec, use_ray=use_ray, force=force)
     console.print(render_report(report))
     console.print(f"dataset {report.dataset_id} stage {stage}"

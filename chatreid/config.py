@@ -183,6 +183,10 @@ class TrainSettings(BaseModel):
     real_root: Path | None = Field(
         None, description="real person images in the CUHK03 pair-1 layout (train/, val/): the "
         "embedder trains on train/ besides the synthetic world and is scored on val/ too")
+    real_share: float = Field(
+        0.5, gt=0, le=1, description="with real_root: the share of the identity-only stage-2/3 "
+        "instruction samples (image-to-image retrieval, standard Re-ID reasoning) drawn from "
+        "the real people; attribute and caption tasks stay synthetic")
     embedder_start: str = Field(
         "imagenet", description="what `train --stage embedder` starts from: 'imagenet', a "
         "torch embedder checkpoint (path or version), or an ONNX model / imported checkpoint "

@@ -150,7 +150,8 @@ def train(
         for stage in stages:
             spec = InstructionDatasetSpec(world_root=world, stage=stage, seed=recipe.seed,
                                           num_samples=recipe.stages[stage].samples,
-                                          num_shards=recipe.num_shards)
+                                          num_shards=recipe.num_shards,
+                                          real=_real_images(settings, stage))
             report.datasets[stage] = build_dataset(settings, spec)
         eval_spec = InstructionDatasetSpec(world_root=world, stage=3, seed=recipe.seed + 1,
                                            num_samples=recipe.eval_samples, num_shards=1,
@@ -168,6 +169,17 @@ def train(
     console.print(report_table(report))
     console.print(f"report: {out}")
     return report
+
+
+def _real_images(settings: Settings, stage: int):
+    """Real people for stages 2 and 3 when ``train.real_root`` is set (stage 1 captions
+    attributes, which real images do not have)."""
+    from chatreid.data.instructions.real import RealImages
+
+    t = settings.train
+    if t.real_root is None or stage == 1:
+        return None
+    return RealImages(root=t.real_root, share=t.real_share)
 
 
 def train_embedder_stage(
