@@ -44,7 +44,35 @@ def _ms(value: float) -> str:
     return f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.1f} s"
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"query_load": query_load}
+def real_people(report: dict) -> str:
+    """The embedder table of ``benchmarks/real_people.py``: imports, fine-tuning, speed."""
+    rows = ["| prefilter embedder | cuhk03_pair1 mAP (A→B / B→A) | rank-1 | synthetic mAP |",
+            "|---|---|---|---|"]
+    for r in report.get("imports", []):
+        real = r["real"]
+        rows.append(f"| {r['embedder']} | **{real['mAP']:.1%}** ({real['a2b_mAP']:.1%} / "
+                    f"{real['b2a_mAP']:.1%}) | {real['rank1']:.1%} | "
+                    f"{r['synthetic']['mAP']:.1%} |")
+    for r in report.get("finetune", []):
+        b, a = r["before"], r["after"]
+        rows.append(f"| fine-tuned from {r['start']} ({r['epochs']} epochs, "
+                    f"{r['wall_s'] / 60:.0f} min) | {b['real']['mAP']:.1%} → "
+                    f"**{a['real']['mAP']:.1%}** | {b['real']['rank1']:.1%} → "
+                    f"{a['real']['rank1']:.1%} | {b['synthetic']['mAP']:.1%} → "
+                    f"{a['synthetic']['mAP']:.1%} |")
+    speed = ["| embedder | forward crops/s | `chatreid embed` end to end crops/s |",
+             "|---|---|---|"]
+    for r in report.get("throughput", []):
+        e2e = r.get("end_to_end")
+        end_to_end = f"{e2e['crops_per_s']:.1f}" if e2e else "not measured"
+        speed.append(f"| {r['embedder']} | {r['forward_crops_per_s']:.0f} | {end_to_end} |")
+    note = (f"{report['data']}; {report['machine']['cpus']} cores; measured "
+            f"{report['created_at']}")
+    return "\n".join(rows) + "\n\n" + "\n".join(speed) + f"\n\n{note}."
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"query_load": query_load,
+                                               "real_people": real_people}
 _BLOCK = re.compile(r"<!-- bench:(\w+) -->\n.*?<!-- /bench:\1 -->", re.S)
 
 
