@@ -77,7 +77,7 @@ def synthetic_scores(embedder, world: Path) -> dict[str, float]:
 
 def section_imports(settings: Settings, data: Path, world: Path) -> list[dict]:
     from chatreid.embedder.importer import import_onnx
-    from chatreid.ray_jobs.evaluate import resolve_embedder
+    from chatreid.embedder.load import resolve_embedder
 
     rows = []
     for label, (source, card) in EMBEDDERS.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings
-from .schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile
+from .schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile, ForcedRollout
 from .schemas.events import utcnow
 from .storage import ObjectStore, file_sha256, sha256_hex
 
@@ -123,3 +123,22 @@ def manifests(settings: Settings, model: str) -> list[CheckpointEvent]:
             metrics=m.get("metrics", {}), created_at=m["created_at"],
         ))
     return found
+
+
+def force(settings: Settings, model: str, version: str, *, by: str,
+          reason: str) -> CheckpointEvent:
+    """Announce a complete checkpoint again with a gate override: the rollout watchers roll it
+    even though the gate refuses it (figures still reported). The caller audits it."""
+    from .bus import make_producer, publish
+
+    event = find(settings, model, version)
+    if event is None:
+        raise LookupError(f"no complete {model} checkpoint {version!r} "
+                          f"(chatreid checkpoints --model {model} lists them)")
+    forced = event.model_copy(update={"forced": ForcedRollout(by=by, reason=reason)})
+    producer = make_producer(settings.kafka)
+    try:
+        publish(producer, settings.kafka.topic(CHECKPOINTS.name), model, forced).get(timeout=30)
+    finally:
+        producer.close()
+    return forced

@@ -313,13 +313,31 @@ def embedder_import(
             console.print(f"{emb.version}: {emb.card.layout} {emb.card.channel_order} "
                           f"{emb.card.scale}, {emb.dim}-d; probe ok ({figures})")
             return
-        with console.status(f"verifying and pushing {model}"):
-            event = import_onnx(_settings(), model, card, name)
+        settings = _settings()
+        with console.status(f"verifying, scoring and pushing {model}"):
+            event = import_onnx(settings, model, card, name, score=_gate_scorer(settings))
     except WeightsError as exc:
         console.print(f"[red]refused:[/] {exc}")
         raise typer.Exit(2) from None
     console.print(f"pushed embedder {event.version} ({event.prefix}); the embedding service "
                   "rolls it out")
+
+
+def _gate_scorer(settings: Settings):
+    """The rollout gate's figures for the manifest (None when the gate is off); a validation
+    set that cannot be read leaves them out - the gate will name it when it judges."""
+    if not settings.gate.enabled:
+        return None
+
+    def score(embedder) -> dict[str, float]:
+        from .evaluation.gate import GateError, validation_metrics
+
+        try:
+            return validation_metrics(settings, embedder)
+        except GateError as exc:
+            console.print(f"[yellow]no gate figures in the manifest:[/] {exc}")
+            return {}
+    return score
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -505,7 +523,8 @@ def checkpoints(
         raise typer.BadParameter("--model is vlm or embedder")
     found = sorted((e for e in manifests(_settings(), model) if stage in (None, e.stage)),
                    key=lambda e: e.created_at, reverse=True)
-    table = Table("stage", "parent", "created (UTC)", "loss", "rank-1 (chance)")
+    table = Table("stage", "parent", "created (UTC)", "loss", "rank-1 (chance)",
+                  "gate mAP (synthetic / real)")
     table.columns.insert(0, Column("version", no_wrap=True))  # what operators copy: never cut
     for e in found:
         m = e.metrics
@@ -513,10 +532,42 @@ def checkpoints(
                  if "eval/rank1" in m else "-")
         table.add_row(e.version, e.stage, e.parent_version or "-",
                       e.created_at.strftime("%Y-%m-%d %H:%M"),
-                      f"{m['loss']:.3f}" if "loss" in m else "-", rank1)
+                      f"{m['loss']:.3f}" if "loss" in m else "-", rank1, _gate_figures(m))
     console.print(table)
     if not found:
         console.print(f"no {model} checkpoints" + (f" of {stage}" if stage else ""))
+
+
+@app.command()
+def force(
+    version: Annotated[str, typer.Argument(help="the checkpoint version the gate refused")],
+    reason: Annotated[str, typer.Option(help="why it must serve anyway (audited)")],
+    model: Annotated[str, typer.Option(help="vlm | embedder")] = "vlm",
+) -> None:
+    """Override the rollout gate for one checkpoint: it is announced again, forced, and the
+    running services roll it out with its figures still reported (audited)."""
+    import getpass
+
+    from .checkpoints import force as force_rollout
+
+    if model not in ("vlm", "embedder"):
+        raise typer.BadParameter("--model is vlm or embedder")
+    settings = _settings()
+    try:
+        event = force_rollout(settings, model, version, by=f"cli:{getpass.getuser()}",
+                              reason=reason)
+    except LookupError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _audit_cli(settings, "checkpoint.force", target=f"{model}:{version}", detail=reason)
+    console.print(f"{model} {event.version} announced again, forced: the services roll it out")
+
+
+def _gate_figures(m: dict[str, float]) -> str:
+    """The rollout gate's validation figures a manifest carries (``gate/...``)."""
+    if "gate/mAP" not in m:
+        return "-"
+    parts = [f"{m[k]:.3f}" if k in m else "-" for k in ("gate/synthetic_mAP", "gate/real_mAP")]
+    return f"{m['gate/mAP']:.3f} ({' / '.join(parts)})"
 
 
 @app.command("eval")
@@ -565,9 +616,10 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
     import time
 
     from .embedder import WeightsError
+    from .embedder.load import resolve_embedder
     from .evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
     from .evaluation.report import write_report
-    from .ray_jobs.evaluate import ClusterBusy, resolve_embedder, run_evaluation
+    from .ray_jobs.evaluate import ClusterBusy, run_evaluation
     from .retrieval import ModelSpec
     from .retrieval.vlm import resolve_spec
 

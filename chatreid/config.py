@@ -207,6 +207,27 @@ class TrainSettings(BaseModel):
     out_dir: Path = Path("out/train")
 
 
+class GateSettings(BaseModel):
+    """The quality gate every embedder and VLM checkpoint passes before it serves."""
+
+    enabled: bool = Field(True, description="score each new checkpoint before it serves and "
+                          "refuse a worse one; `chatreid force` overrides one (audited)")
+    synthetic: bool = Field(True, description="validate on held-out synthetic people (the "
+                            "world's query/gallery split)")
+    synthetic_root: Path | None = Field(None, description="the synthetic world to validate on; "
+                                        "None: train.world")
+    real_root: Path | None = Field(
+        None, description="real validation people in the CUHK03 pair-1 layout (val/, A -> B "
+        "and B -> A); None: synthetic only")
+    max_queries: int | None = Field(300, ge=1, description="a seeded sample of queries per "
+                                    "part (None: all)")
+    tolerance: float = Field(0.0, ge=0, le=1, description="an embedder is refused when its "
+                             "mAP is below the serving one's minus this")
+    vlm_queries: int = Field(12, ge=1, description="synthetic queries a VLM reranks at the "
+                             "gate (each is a multi-turn dialogue: keep it small on CPU)")
+    vlm_k: int = Field(5, ge=2, description="candidates the VLM reranks per gate query")
+
+
 class ServeSettings(BaseModel):
     """The retrieval application on Ray Serve: ingress, prefilter, VLM rerank, rollouts."""
 
@@ -321,6 +342,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     train: TrainSettings = TrainSettings()
     serve: ServeSettings = ServeSettings()
+    gate: GateSettings = GateSettings()
     access: AccessSettings = AccessSettings()
     audit: AuditSettings = AuditSettings()
     console: ConsoleSettings = ConsoleSettings()

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import ray
-from PIL import Image
 from tqdm import tqdm
 
 from chatreid.config import Settings
@@ -26,26 +24,14 @@ from chatreid.evaluation.engine import (
     RerankOutcome,
     TaskResult,
     evaluate_task,
+    rerank_one,
 )
 from chatreid.evaluation.tasks import EvalTask
 from chatreid.retrieval import ModelSpec, VLMRuntime
 
 from .placement import ClusterBusy, place_actors
 
-__all__ = ["ClusterBusy", "RayReranker", "RerankActor", "resolve_embedder", "run_evaluation"]
-
-
-def rerank_one(runtime: VLMRuntime, job: RerankJob) -> RerankOutcome:
-    from chatreid.rerank import Candidate, Query
-
-    if not job.candidates:
-        return RerankOutcome(job.key, (), 0)
-    image = Image.open(job.query_path).convert("RGB") if job.query_path else None
-    query = Query(job.kind, image=image, text=job.query_text)
-    cands = [Candidate(str(i), Image.open(p).convert("RGB")) for i, p in enumerate(job.candidates)]
-    result = runtime.reranker.rerank(query, cands)
-    order = tuple(int(r.candidate_id) for r in result.ranking if r.reranked)
-    return RerankOutcome(job.key, order, result.stats.forwards)
+__all__ = ["ClusterBusy", "RayReranker", "RerankActor", "run_evaluation"]
 
 
 @ray.remote
@@ -145,31 +131,6 @@ class RayReranker:
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
-
-
-def resolve_embedder(settings: Settings, source: str):
-    """'latest' (newest embedder checkpoint in object storage, else ImageNet), 'imagenet', an
-    embedder checkpoint version (`chatreid checkpoints --model embedder`), or a local file or
-    directory: a checkpoint, or an ``.onnx`` Re-ID model (its card: ``embedder.card``)."""
-    from chatreid.checkpoints import find, latest, pull
-    from chatreid.embedder import load_embedder
-
-    cfg = settings.embedder
-    kw = {"device": cfg.device, "batch_size": cfg.batch_size, "threads": cfg.torch_threads}
-    if source == "imagenet":
-        return load_embedder(None, height=cfg.height, width=cfg.width, **kw)
-    if Path(source).exists() or source.endswith((".onnx", ".pt")):
-        return load_embedder(Path(source), card=cfg.card, **kw)
-    event = (latest(settings, "embedder", "embedder") if source == "latest"
-             else find(settings, "embedder", source))
-    if event is None:
-        if source != "latest":
-            raise LookupError(f"no embedder checkpoint {source!r} and no such file "
-                              "(chatreid checkpoints --model embedder lists the versions)")
-        return load_embedder(None, height=cfg.height, width=cfg.width, **kw)
-    with tempfile.TemporaryDirectory(prefix="eval-embedder-") as tmp:
-        pull(settings, event, Path(tmp))
-        return load_embedder(Path(tmp), **kw)
 
 
 def run_evaluation(settings: Settings, tasks: Sequence[EvalTask], root: Path, cfg: EvalConfig,

@@ -85,7 +85,7 @@ def train_embedder(
                 shutil.copy2(f, out / f.name)
         history = json.loads((out / HISTORY_FILE).read_text())
         embedder = load_embedder(out)  # refuses a checkpoint without its serving files
-        metrics = _metrics(result.metrics, baseline, history, wall)
+        metrics = _metrics(result.metrics, baseline, history, wall) | _gate(settings, embedder)
         with console.status(f"pushing {embedder.version}"):
             event = push(settings, out, model="embedder", stage="embedder",
                          version=embedder.version, parent_version=parent_version,
@@ -93,6 +93,19 @@ def train_embedder(
                          metrics=metrics)
     console.print(metrics_table(event, cfg.start))
     return event
+
+
+def _gate(settings: Settings, embedder) -> dict[str, float]:
+    """The rollout gate's validation figures, for the manifest (none when it cannot read its
+    validation set: the gate names that when it judges the rollout)."""
+    from chatreid.evaluation.gate import GateError, validation_metrics
+
+    if not settings.gate.enabled:
+        return {}
+    try:
+        return validation_metrics(settings, embedder)
+    except GateError:
+        return {}
 
 
 def _metrics(final: dict, baseline: dict[str, float], history: list[dict[str, float]],

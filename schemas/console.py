@@ -258,6 +258,15 @@ class RolloutRequest(_Api):
                        "version (`chatreid checkpoints`)")
 
 
+class ForceRequest(_Api):
+    """Override the rollout gate for one refused checkpoint (audited)."""
+
+    model: Literal["vlm", "embedder"] = Field("vlm", description="which model's checkpoint")
+    version: str = Field(min_length=1, max_length=300, description="the checkpoint version "
+                         "(`chatreid checkpoints`)")
+    reason: str = Field(min_length=1, max_length=1000, description="why it must serve anyway")
+
+
 class ScaleRequest(_Api):
     replicas: int = Field(ge=1, le=64, description="rerank replicas")
 
@@ -297,6 +306,7 @@ CONSOLE_MODELS: dict[str, type[BaseModel]] = {
         ApiKeyCreate, ApiKeyInfo, ApiKeyIssued, Principal, CameraInfo, CropInfo, SessionCreate,
         SearchTurn, Feedback, ExplainRequest, AttributeComparison, Explanation, Sighting,
         SessionTurn, SessionView, SessionSummary, AuditEntry, ErasureRequest, ErasureReport,
-        RetentionReport, RolloutRequest, ScaleRequest, TrainRequest, OpsStatus, TrainRun,
+        RetentionReport, RolloutRequest, ForceRequest, ScaleRequest, TrainRequest, OpsStatus,
+        TrainRun,
     )
 }

@@ -216,6 +216,16 @@ class CheckpointFile(BaseModel):
     size: int = Field(ge=0)
 
 
+class ForcedRollout(BaseModel):
+    """Who overrode the rollout gate for a checkpoint, and why (audited)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    by: str = Field(min_length=1, max_length=200, description="the principal who forced it")
+    reason: str = Field(min_length=1, max_length=1000, description="why, as given")
+    at: datetime = Field(default_factory=utcnow)
+
+
 class CheckpointEvent(_Event):
     """A model checkpoint pushed to object storage (topic ``checkpoints.v1``)."""
 
@@ -231,24 +241,35 @@ class CheckpointEvent(_Event):
     files: list[CheckpointFile] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)
+    forced: ForcedRollout | None = Field(
+        None, description="set on a re-announcement that overrides the rollout gate")
 
 
 class DeploymentEvent(_Event):
-    """A step of a VLM rollout onto the rerank replicas (topic ``deployments.v1``).
+    """A step of a rollout (topic ``deployments.v1``): a VLM onto the rerank replicas, or an
+    embedder onto the embedding service and its index.
 
-    ``started`` when a verified checkpoint begins rolling, ``completed`` when every replica
-    serves it, ``refused`` when it failed verification or the smoke query before any replica
-    moved, ``rolled_back`` when a replica failed and the previous version was restored.
+    ``started`` when a verified checkpoint that passed the rollout gate begins rolling,
+    ``completed`` when it serves, ``refused`` when it failed verification, the smoke query or
+    the gate (``candidate``/``serving``: both validation figures) before anything moved,
+    ``rolled_back`` when a replica failed and the previous version was restored.
     """
 
     kind: Literal["deployment"] = "deployment"
-    model: Literal["vlm"] = "vlm"
+    model: Literal["vlm", "embedder"] = "vlm"
     status: Literal["started", "completed", "refused", "rolled_back"]
     version: str = Field(min_length=1, description="the checkpoint version being rolled out")
     previous_version: str | None = Field(None, description="what served before (and after a "
                                          "refusal or rollback)")
     reason: str | None = Field(None, description="why it was refused or rolled back")
     replicas: int = Field(0, ge=0, description="rerank replicas serving the version")
+    candidate: dict[str, float] = Field(
+        default_factory=dict, description="the gate's validation figures of the new version "
+        "(e.g. gate/mAP); for a VLM: its reranked figures")
+    serving: dict[str, float] = Field(
+        default_factory=dict, description="the same figures of what serves now; for a VLM: the "
+        "prefilter alone, which its reranking must not fall below")
+    forced: bool = Field(False, description="rolled although the gate refused it (audited)")
     at: datetime = Field(default_factory=utcnow)
 
 

@@ -239,6 +239,7 @@ def searchable(reader: PrefilterSearch, n: int):
 
 @pytest.mark.stack
 def test_search_answers_from_the_old_index_during_the_rebuild_then_switches(settings, tmp_path):
+    settings.gate.enabled = False  # rollout mechanics; the gate: tests/test_gate.py
     first = ingest(settings, 24, seed=0)
     running = Running(settings, reindex=False)  # a replica that leaves the rebuild to another
     try:
@@ -283,6 +284,7 @@ def test_search_answers_from_the_old_index_during_the_rebuild_then_switches(sett
 @pytest.mark.stack
 def test_the_service_rebuilds_in_the_background_while_queries_keep_answering(settings,
                                                                             tmp_path):
+    settings.gate.enabled = False  # rollout mechanics; the gate: tests/test_gate.py
     crops = ingest(settings, 24, seed=2)
     running = Running(settings)  # the snapshot replica: it also rebuilds
     try:
@@ -344,6 +346,7 @@ def test_a_corrupted_checkpoint_is_refused_and_the_service_keeps_running(setting
 @pytest.mark.stack
 def test_a_crop_that_cannot_be_re_embedded_is_reported_and_does_not_block_the_switch(settings,
                                                                                    tmp_path):
+    settings.gate.enabled = False  # rollout mechanics; the gate: tests/test_gate.py
     crops = ingest(settings, 6, seed=7)
     service = EmbedderService(settings)
     old = service.embedder.version

@@ -182,12 +182,16 @@ def test_a_checkpoint_directory_loads_back_to_the_same_vectors(tmp_path: Path) -
 
 
 @pytest.mark.stack
-def test_an_imported_model_is_rolled_out_by_the_running_service_at_its_own_dim(settings):
+def test_an_imported_model_is_rolled_out_by_the_running_service_at_its_own_dim(settings,
+                                                                                 world):
     from chatreid.embedder.importer import import_onnx
+    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
     from chatreid.search import PrefilterSearch
 
+    from .conftest import read_events
     from .test_embedder_training import Running, ingest, searchable, wait_for
 
+    settings.gate.synthetic_root = world  # the gate validates on held-out synthetic people
     crops = ingest(settings, 16, seed=7)
     running = Running(settings)  # ImageNet MobileNetV2, 1280-d
     try:
@@ -210,3 +214,8 @@ def test_an_imported_model_is_rolled_out_by_the_running_service_at_its_own_dim(s
         assert top.crop_id == later[0].crop_id and top.score > 0.999
     finally:
         running.stop()
+    # the gate passed it, with both sides' figures on the deployment events
+    steps = read_events(settings, DEPLOYMENTS, DeploymentEvent, 2)
+    assert [(e.model, e.status, e.version) for e in steps] == [
+        ("embedder", "started", event.version), ("embedder", "completed", event.version)]
+    assert steps[0].candidate["gate/mAP"] >= steps[0].serving["gate/mAP"] > 0

@@ -244,6 +244,7 @@ def test_rolling_redeploy_under_continuous_queries(site, tmp_path) -> None:
     from chatreid.services.retrieval.rollout import VLMRollout
 
     settings, client, crops = site
+    settings.gate.enabled = False  # rollout mechanics; the gate: tests/test_gate.py
     settings.serve.rerank_replicas = 2
     settings.serve.fallback_model = None
     deploy(settings, None)  # two replicas, no model yet
@@ -311,6 +312,7 @@ def test_a_rollout_failing_on_a_replica_is_rolled_back(site, tmp_path) -> None:
     from chatreid.services.retrieval.rollout import VLMRollout
 
     settings = site[0]
+    settings.gate.enabled = False  # rollout mechanics; the gate: tests/test_gate.py
     deployed: list[str | None] = []
 
     def deployer(_settings, spec) -> None:

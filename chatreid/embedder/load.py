@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from chatreid.config import EmbedderSettings
+from chatreid.config import EmbedderSettings, Settings
 from chatreid.embedder.embedder import (
     CHECKPOINT_FILE,
     Embedder,
@@ -47,6 +47,7 @@ __all__ = [
     "load_embedder",
     "read_card",
     "resolve_card",
+    "resolve_embedder",
     "write_onnx_checkpoint",
 ]
 
@@ -144,3 +145,29 @@ def write_onnx_checkpoint(model: Path, card: EmbedderCard, out: Path,
     if head is not None:
         save_head(head, card.output_dim, out / HEAD_FILE)
     return out
+
+
+def resolve_embedder(settings: Settings, source: str) -> AnyEmbedder:
+    """'latest' (newest embedder checkpoint in object storage, else ImageNet), 'imagenet', an
+    embedder checkpoint version (`chatreid checkpoints --model embedder`), or a local file or
+    directory: a checkpoint, or an ``.onnx`` Re-ID model (its card: ``embedder.card``)."""
+    import tempfile
+
+    from chatreid.checkpoints import find, latest, pull
+
+    cfg = settings.embedder
+    kw = {"device": cfg.device, "batch_size": cfg.batch_size, "threads": cfg.torch_threads}
+    if source == "imagenet":
+        return load_embedder(None, height=cfg.height, width=cfg.width, **kw)
+    if Path(source).exists() or source.endswith((".onnx", ".pt")):
+        return load_embedder(Path(source), card=cfg.card, **kw)
+    event = (latest(settings, "embedder", "embedder") if source == "latest"
+             else find(settings, "embedder", source))
+    if event is None:
+        if source != "latest":
+            raise LookupError(f"no embedder checkpoint {source!r} and no such file "
+                              "(chatreid checkpoints --model embedder lists the versions)")
+        return load_embedder(None, height=cfg.height, width=cfg.width, **kw)
+    with tempfile.TemporaryDirectory(prefix="eval-embedder-") as tmp:
+        pull(settings, event, Path(tmp))
+        return load_embedder(Path(tmp), **kw)

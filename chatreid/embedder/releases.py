@@ -162,8 +162,8 @@ class CheckpointWatcher:
     def newest(self, sighted: list[Sighted]) -> Release | None:
         """The newest of ``sighted`` that loads (older ones are superseded, not loaded)."""
         for s in reversed(sighted):
-            if s.event.manifest_sha256 in self.refused:
-                continue
+            if s.event.manifest_sha256 in self.refused and s.event.forced is None:
+                continue  # refused once (corrupt, or by the gate) unless forced since
             release = self.load(s)
             if release is not None:
                 return release

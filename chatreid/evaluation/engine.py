@@ -174,3 +174,22 @@ def _reranked(dist: np.ndarray, lists: Sequence[list[int]], jobs: Sequence[Reran
         for position, c in enumerate(by_key[job.key].order):
             out[i, cands[c]] = position * 1e-3
     return out
+
+
+def rerank_one(runtime, job: RerankJob) -> RerankOutcome:
+    """One query's dialogue in this process (``runtime``: a loaded ``VLMRuntime``)."""
+    from chatreid.rerank import Candidate, Query
+
+    if not job.candidates:
+        return RerankOutcome(job.key, (), 0)
+    image = Image.open(job.query_path).convert("RGB") if job.query_path else None
+    query = Query(job.kind, image=image, text=job.query_text)
+    cands = [Candidate(str(i), Image.open(p).convert("RGB")) for i, p in enumerate(job.candidates)]
+    result = runtime.reranker.rerank(query, cands)
+    order = tuple(int(r.candidate_id) for r in result.ranking if r.reranked)
+    return RerankOutcome(job.key, order, result.stats.forwards)
+
+
+def in_process_reranker(runtime) -> Reranker:
+    """A :data:`Reranker` that runs every dialogue here, one after the other."""
+    return lambda jobs: [rerank_one(runtime, job) for job in jobs]

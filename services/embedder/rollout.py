@@ -4,12 +4,17 @@ Per checkpoint (``checkpoints`` topic, model ``embedder``), on every replica:
 
 1. pull + verify + load (:class:`~chatreid.embedder.releases.CheckpointWatcher`); a refused
    checkpoint is dead-lettered and the replica keeps its embedder;
-2. dual-write: from the next batch, each crop is published under the live and the new version,
+2. the rollout gate (:mod:`chatreid.evaluation.gate`): the release and the live embedder are
+   scored on the same held-out people; a worse release (or an unreadable validation set) is
+   refused - a ``refused`` ``DeploymentEvent`` with both figures - and the live embedder keeps
+   serving. Every replica judges (the same data gives the same verdict), the reindexing one
+   announces; a forced re-announcement (``chatreid force``) rolls regardless, audited;
+3. dual-write: from the next batch, each crop is published under the live and the new version,
    so the live index stays complete and the new one receives every new crop;
-3. rebuild: the replica that reindexes (the snapshot replica) re-embeds every crop of the live
+4. rebuild: the replica that reindexes (the snapshot replica) re-embeds every crop of the live
    index under the new version (:class:`~.reindex.Reindexer`) and writes the rollout report;
    the others wait for that report;
-4. retire the old version: single-write again. Readers switch on their own once the report
+5. retire the old version: single-write again. Readers switch on their own once the report
    exists and their copy of the new index covers the old one.
 """
 
@@ -18,10 +23,12 @@ from __future__ import annotations
 import logging
 import threading
 
+from chatreid.bus import make_producer, publish
 from chatreid.config import Settings
 from chatreid.embedder.releases import CheckpointWatcher, Release
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rollout import read_report
+from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
 
 from .reindex import ReindexCancelled, Reindexer
 from .service import EmbedderService
@@ -45,6 +52,7 @@ class Rollout:
         self.settle_s = settle_s
         self.poll_s = poll_s
         self.completed: list[str] = []  # versions this replica rolled out, oldest first
+        self.refused: list[str] = []  # versions the gate refused here
         self._busy = threading.Event()
 
     @property
@@ -79,6 +87,16 @@ class Rollout:
         old = self.service.embedder.version
         self._busy.set()
         try:
+            verdict = self._judge(release)
+            forced = release.event.forced is not None
+            if verdict is not None and not verdict.passed and not forced:
+                self.watcher.refused[release.event.manifest_sha256] = verdict.reason
+                self.refused.append(release.version)
+                log.error("rollout gate refused embedder %s: %s; still serving %s",
+                          release.version, verdict.reason, old)
+                self._announce("refused", release, old, verdict)
+                return
+            self._announce("started", release, old, verdict)
             log.info("rolling out embedder %s (serving %s)", release.version, old)
             _wait(self.service.begin_dual_write(release.embedder), stop)
             if self.follower is not None:
@@ -91,8 +109,40 @@ class Rollout:
             _wait(self.service.retire(old), stop)
             self.completed.append(release.version)
             log.info("embedder %s rolled out; %s retired", release.version, old)
+            self._announce("completed", release, old, verdict)
         finally:
             self._busy.clear()
+
+    def _judge(self, release: Release):
+        """The gate's verdict (None when the gate is off); an unreadable validation set is a
+        refusal naming it."""
+        from chatreid.evaluation.gate import GateError, Verdict, judge_embedder
+
+        if not self.settings.gate.enabled:
+            return None
+        try:
+            return judge_embedder(self.settings, release.embedder, self.service.embedder)
+        except GateError as exc:
+            return Verdict(False, {}, {}, str(exc))
+
+    def _announce(self, status: str, release: Release, previous: str, verdict) -> None:
+        """A ``DeploymentEvent`` from the replica that reindexes (one per rollout step)."""
+        if not self.reindex:
+            return
+        forced = release.event.forced is not None and verdict is not None and not verdict.passed
+        reason = verdict.reason if verdict is not None and (status == "refused" or forced) else None
+        if forced:
+            reason = f"forced by {release.event.forced.by}: {release.event.forced.reason}; {reason}"
+        event = DeploymentEvent(
+            model="embedder", status=status, version=release.version, previous_version=previous,
+            reason=reason, candidate=verdict.candidate if verdict else {},
+            serving=verdict.serving if verdict else {}, forced=forced)
+        producer = make_producer(self.settings.kafka)
+        try:
+            publish(producer, self.settings.kafka.topic(DEPLOYMENTS.name), "embedder",
+                    event).get(timeout=30)
+        finally:
+            producer.close()
 
     def _await_report(self, version: str, stop: threading.Event) -> None:
         """Replicas that do not reindex dual-write until the reindexing one reports."""

@@ -12,6 +12,7 @@ from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 
 from chatreid.access import AccessControlOff, Caller
+from chatreid.checkpoints import force as force_rollout
 from chatreid.ray_jobs.train import PRESETS
 from chatreid.retrieval import BadQuery
 from chatreid.schemas.api import as_utc
@@ -24,6 +25,7 @@ from chatreid.schemas.console import (
     AuditEntry,
     ErasureReport,
     ErasureRequest,
+    ForceRequest,
     OpsStatus,
     RetentionReport,
     RolloutRequest,
@@ -161,6 +163,22 @@ class OpsRoutes(Gate):
             raise BadQuery(str(exc), "model.unknown") from None
         await asyncio.to_thread(ops.redeploy, self.settings, model=payload.model)
         await self.audit(caller, "ops.rollout", 202, target=payload.model)
+        return await self.ops_status(request)
+
+    @route("POST", "/v1/ops/force", role="operator",
+           response_model=OpsStatus, status_code=202, responses=ERRORS)
+    async def force(self, payload: ForceRequest, request: Request) -> OpsStatus:
+        """Override the rollout gate for one checkpoint it refused: the checkpoint is announced
+        again, forced, and the rollout watchers roll it with its figures still reported."""
+        caller: Caller = request.state.caller
+        try:
+            await asyncio.to_thread(force_rollout, self.settings, payload.model,
+                                    payload.version, by=f"{caller.name} ({caller.key_id})",
+                                    reason=payload.reason)
+        except LookupError as exc:
+            raise BadQuery(str(exc), "checkpoint.unknown") from None
+        await self.audit(caller, "checkpoint.force", 202,
+                         target=f"{payload.model}:{payload.version}", detail=payload.reason)
         return await self.ops_status(request)
 
     @route("POST", "/v1/ops/scale", role="operator",

@@ -3,7 +3,10 @@
 For each new VLM checkpoint of ``serve.stage`` on the ``checkpoints`` topic:
 
 1. pull it and verify the manifest and every sha256, load it, and run the smoke query here,
-   before any replica moves - a checkpoint failing any of that is ``refused``;
+   before any replica moves - a checkpoint failing any of that is ``refused``; then the
+   rollout gate (:mod:`chatreid.evaluation.gate`): its reranking of the prefilter's shortlist
+   on held-out people must not score below the prefilter alone, else ``refused`` with both
+   figures (a forced re-announcement, ``chatreid force``, rolls regardless, audited);
 2. ``started``: apply the deploy config with the new rerank ``user_config``; Serve calls each
    replica's ``reconfigure`` in place, one at a time, and every replica verifies, loads and
    smoke-checks the model itself before swapping it in, so the others keep answering;
@@ -62,8 +65,9 @@ class VLMRollout:
                 event = CheckpointEvent.from_bytes(record.value)
             except EventError:
                 continue  # not ours to judge: the embedder's watcher dead-letters bad events
+            retry = event.manifest_sha256 not in self.refused or event.forced is not None
             if (event.model == "vlm" and event.stage == self.settings.serve.stage
-                    and event.manifest_sha256 not in self.refused and self._newer(event)):
+                    and retry and self._newer(event)):
                 found.append(event)
         return found
 
@@ -71,6 +75,8 @@ class VLMRollout:
         cur = self.current
         if cur is None or cur.event is None:  # serving a base model: any checkpoint is newer
             return True
+        if event.forced is not None:  # an operator's override may also roll back
+            return event.version != cur.version
         return event.version != cur.version and event.created_at > cur.event.created_at
 
     # -- rolling -----------------------------------------------------------------------------
@@ -82,13 +88,25 @@ class VLMRollout:
     def roll(self, event: CheckpointEvent) -> DeploymentEvent:
         spec, previous = ModelSpec.of_checkpoint(event), self.current
         try:
-            VLMRuntime.load(self.settings, spec).smoke()
+            runtime = VLMRuntime.load(self.settings, spec)
+            runtime.smoke()
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self.refused[event.manifest_sha256] = reason
             log.error("refusing VLM checkpoint %s: %s", event.version, reason)
             return self._emit("refused", event.version, previous, reason)
-        self._emit("started", event.version, previous)
+        verdict = self._judge(runtime)
+        del runtime  # the replicas load their own copy
+        figures = {"candidate": verdict.candidate, "serving": verdict.serving} if verdict else {}
+        forced = event.forced is not None and verdict is not None and not verdict.passed
+        if verdict is not None and not verdict.passed and not forced:
+            self.refused[event.manifest_sha256] = verdict.reason
+            log.error("rollout gate refused VLM checkpoint %s: %s", event.version,
+                      verdict.reason)
+            return self._emit("refused", event.version, previous, verdict.reason, **figures)
+        reason = (f"forced by {event.forced.by}: {event.forced.reason}; {verdict.reason}"
+                  if forced else None)
+        self._emit("started", event.version, previous, reason, forced=forced, **figures)
         try:
             self.deployer(self.settings, spec)
         except DeployFailed as exc:
@@ -98,8 +116,21 @@ class VLMRollout:
             self.refused[event.manifest_sha256] = str(exc)
             return self._emit("rolled_back", event.version, previous, str(exc))
         self.current = spec
-        return self._emit("completed", event.version, previous,
-                          replicas=self._replicas())
+        return self._emit("completed", event.version, previous, reason,
+                          replicas=self._replicas(), forced=forced, **figures)
+
+    def _judge(self, runtime):
+        """The gate's verdict on a loaded runtime (None when the gate is off); an unreadable
+        validation set is a refusal naming it."""
+        from chatreid.embedder.load import resolve_embedder
+        from chatreid.evaluation.gate import GateError, Verdict, judge_vlm
+
+        if not self.settings.gate.enabled:
+            return None
+        try:
+            return judge_vlm(self.settings, runtime, resolve_embedder(self.settings, "latest"))
+        except GateError as exc:
+            return Verdict(False, {}, {}, str(exc))
 
     def run(self, stop: threading.Event, on_event: Callable[[DeploymentEvent], None] | None = None
             ) -> None:
@@ -116,10 +147,13 @@ class VLMRollout:
         return int(rerank.replica_states.get("RUNNING", 0)) if rerank else 0
 
     def _emit(self, status: str, version: str, previous: ModelSpec | None,
-              reason: str | None = None, replicas: int = 0) -> DeploymentEvent:
+              reason: str | None = None, replicas: int = 0, forced: bool = False,
+              candidate: dict[str, float] | None = None,
+              serving: dict[str, float] | None = None) -> DeploymentEvent:
         event = DeploymentEvent(status=status, version=version, reason=reason,
                                 previous_version=previous.version if previous else None,
-                                replicas=replicas)
+                                replicas=replicas, forced=forced, candidate=candidate or {},
+                                serving=serving or {})
         if self._producer is None:
             self._producer = make_producer(self.settings.kafka)
         topic = self.settings.kafka.topic(DEPLOYMENTS.name)

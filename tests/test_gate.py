@@ -1,0 +1,188 @@
+"""The rollout gate: a worse embedder or a VLM that makes answers worse never serves unforced."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from chatreid.config import Settings
+from chatreid.embedder import Embedder, ReIDNet, build_embedder
+from chatreid.evaluation.gate import GateError, judge_embedder, judge_vlm, validation_metrics
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cuhk03-pair1"
+
+
+def gated(settings: Settings, world: Path, **changes) -> Settings:
+    s = settings.model_copy(deep=True)
+    s.gate.synthetic_root = world
+    for key, value in changes.items():
+        setattr(s.gate, key, value)
+    return s
+
+
+def random_embedder() -> Embedder:
+    """Untrained weights: a real embedder, and a clearly worse one than ImageNet's."""
+    import torch
+
+    torch.manual_seed(0)
+    return Embedder(ReIDNet(), model_id="random-init", height=128, width=64)
+
+
+def test_a_worse_embedder_is_refused_with_both_figures(world: Path) -> None:
+    settings = gated(Settings(), world)
+    imagenet = build_embedder(height=128, width=64)
+    verdict = judge_embedder(settings, random_embedder(), imagenet)
+    assert not verdict.passed
+    assert verdict.candidate["gate/mAP"] < verdict.serving["gate/mAP"]
+    assert verdict.candidate["gate/synthetic_mAP"] == verdict.candidate["gate/mAP"]  # one part
+    assert f"{verdict.serving['gate/mAP']:.4f}" in verdict.reason
+    assert judge_embedder(settings, imagenet, random_embedder()).passed  # the other way round
+    assert judge_embedder(settings, imagenet, imagenet).passed  # equal is not worse
+
+
+def test_real_validation_people_are_a_second_part() -> None:
+    settings = Settings()
+    settings.gate.synthetic, settings.gate.real_root, settings.gate.max_queries = False, REAL, 60
+    figures = validation_metrics(settings, build_embedder())
+    assert set(figures) == {"gate/real_mAP", "gate/real_rank1", "gate/mAP", "gate/rank1"}
+    assert 0 < figures["gate/real_mAP"] == figures["gate/mAP"] < 0.5
+
+
+def test_an_unreadable_validation_set_is_an_error_naming_it(world: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-world"
+    with pytest.raises(GateError, match=f"synthetic validation set {missing} cannot be read"):
+        validation_metrics(gated(Settings(), missing), build_embedder())
+    broken = tmp_path / "real"
+    (broken / "train").mkdir(parents=True)
+    with pytest.raises(GateError, match=f"real validation set {broken} cannot be read"):
+        validation_metrics(gated(Settings(), world, real_root=broken), build_embedder())
+    with pytest.raises(GateError, match="no validation set"):
+        validation_metrics(gated(Settings(), world, synthetic=False), build_embedder())
+
+
+class Reversed:
+    """The tiny VLM with its picks put in reverse order: a reranker that makes answers worse
+    (the random tiny model itself keeps the prefilter's order: it changes nothing)."""
+
+    def __init__(self, runtime) -> None:
+        self.inner, self.reranker = runtime.reranker, self
+
+    def rerank(self, query, candidates):
+        result = self.inner.rerank(query, candidates)
+        picked = [r for r in result.ranking if r.reranked][::-1]
+        rest = [r for r in result.ranking if not r.reranked]
+        ranking = [dataclasses.replace(r, rank=i + 1) for i, r in enumerate(picked + rest)]
+        return dataclasses.replace(result, ranking=ranking)
+
+
+def test_a_vlm_that_reranks_below_the_prefilter_is_refused(world: Path) -> None:
+    from chatreid.retrieval import ModelSpec, VLMRuntime
+
+    settings = gated(Settings(), world, vlm_queries=8, vlm_k=5)
+    runtime = VLMRuntime.load(settings, ModelSpec.of_base("tiny"))  # random weights
+    prefilter = build_embedder(height=128, width=64)
+    unchanged = judge_vlm(settings, runtime, prefilter)
+    assert unchanged.passed and unchanged.candidate == unchanged.serving  # no worse: passes
+    verdict = judge_vlm(settings, Reversed(runtime), prefilter)
+    assert not verdict.passed
+    assert verdict.candidate["gate/mAP"] < verdict.serving["gate/mAP"] == unchanged.serving[
+        "gate/mAP"]
+    assert re.search(r"below the prefilter alone \(0\.\d+\) on \d+ held-out queries",
+                     verdict.reason)
+
+
+# -- in the running services -----------------------------------------------------------------
+
+
+@pytest.mark.stack
+def test_the_embedding_service_refuses_a_worse_embedder_until_forced(settings, world,
+                                                                     tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from chatreid.audit import AuditLog
+    from chatreid.checkpoints import push
+    from chatreid.cli import app
+    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
+    from chatreid.search import PrefilterSearch
+    from chatreid.storage import ObjectStore
+
+    from .conftest import env_for, read_events
+    from .test_embedder_training import Running, ingest, searchable, wait_for
+
+    settings.gate.synthetic_root = world
+    crops = ingest(settings, 8, seed=11)
+    running = Running(settings)
+    try:
+        reader = PrefilterSearch(settings)
+        wait_for(searchable(reader, 8))
+        old = reader.version
+        worse = random_embedder()
+        worse.save(tmp_path / "worse" / "embedder.pt")
+        event = push(settings, tmp_path / "worse", model="embedder", stage="embedder",
+                     version=worse.version)
+
+        (refused,) = read_events(settings, DEPLOYMENTS, DeploymentEvent, 1, timeout_s=120)
+        assert (refused.model, refused.status, refused.version) == ("embedder", "refused",
+                                                                    event.version)
+        assert refused.previous_version == old and not refused.forced
+        assert refused.candidate["gate/mAP"] < refused.serving["gate/mAP"]
+        assert "below the serving embedder" in (refused.reason or "")
+        # the current embedder keeps serving and indexing
+        assert running.node.service.versions == [old]
+        later = ingest(settings, 4, seed=12)
+        wait_for(searchable(reader, 12))
+        assert reader.version == old
+        assert reader.search(reader.crop_image(later[0].crop_id), k=1)[0].crop_id == \
+            later[0].crop_id
+
+        # an operator forces it: audited, announced again, rolled with its figures reported
+        result = CliRunner().invoke(app, ["force", event.version, "--model", "embedder",
+                                          "--reason", "accepted for a site test"],
+                                    env=env_for(settings))
+        assert result.exit_code == 0, result.output
+        wait_for(lambda: running.node.service.versions == [event.version], timeout_s=120)
+        wait_for(lambda: reader.refresh() and reader.version == event.version, timeout_s=60)
+        assert reader.follower.active()[1].crop_ids() == {c.crop_id for c in crops + later}
+    finally:
+        running.stop()
+    steps = read_events(settings, DEPLOYMENTS, DeploymentEvent, 3)
+    assert [(e.status, e.forced) for e in steps] == [("refused", False), ("started", True),
+                                                     ("completed", True)]
+    assert "forced by cli:" in (steps[1].reason or "") and steps[1].candidate
+    (entry,) = AuditLog(settings, ObjectStore(settings.s3)).export(action="checkpoint.force")
+    assert entry.target == f"embedder:{event.version}"
+    assert entry.detail == "accepted for a site test"
+
+
+@pytest.mark.stack
+def test_a_vlm_rollout_with_an_unreadable_validation_set_is_refused_until_forced(
+        settings, tmp_path) -> None:
+    from chatreid.checkpoints import force
+    from chatreid.retrieval import ModelSpec
+    from chatreid.services.retrieval.rollout import VLMRollout
+
+    from .test_serve import _push_tiny
+
+    missing = tmp_path / "world-gone"
+    settings.gate.synthetic_root = missing
+    deployed: list[str | None] = []
+    rollout = VLMRollout(settings, ModelSpec.of_base("tiny"),
+                         deployer=lambda _s, spec: deployed.append(spec.version if spec else None))
+    try:
+        pushed = _push_tiny(settings, tmp_path, "tiny-ft-gated")
+        refused = rollout.step(timeout_ms=5000)
+        assert refused is not None and refused.status == "refused", refused
+        assert f"validation set {missing} cannot be read" in (refused.reason or "")
+        assert deployed == [] and rollout.current == ModelSpec.of_base("tiny")
+        assert rollout.step(timeout_ms=1000) is None  # refused once, not retried
+
+        force(settings, "vlm", pushed.version, by="test", reason="validation data offline")
+        done = rollout.step(timeout_ms=5000)
+        assert done is not None and (done.status, done.forced) == ("completed", True)
+        assert "forced by test: validation data offline" in (done.reason or "")
+        assert deployed == [pushed.version] and rollout.current.version == pushed.version
+    finally:
+        rollout.close()
