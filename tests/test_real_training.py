@@ -6,6 +6,7 @@ folder of symlinks in a temporary directory (nothing is copied into the project)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,26 @@ def test_a_head_fine_tuned_on_a_frozen_onnx_start_is_pushed_and_served(
     assert again["mAP"] == pytest.approx(m["real/mAP"], abs=1e-6)
     assert m["real/mAP"] != pytest.approx(start["mAP"], abs=1e-6)  # the head did learn
     assert m["loss"] < m["first_loss"]
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_a_torch_student_distils_from_an_onnx_teacher_on_real_and_synthetic_people(
+        settings, world, real_subset, ray_session, tmp_path) -> None:
+    from chatreid.ray_jobs.train_embedder import train_embedder
+
+    cfg = EmbedderTrainConfig(world_root=world, real_root=real_subset, teacher=str(OSNET),
+                              epochs=2, steps_per_epoch=4, p=8, k=4, warmup_steps=2,
+                              height=128, width=64)
+    event = train_embedder(settings, cfg)
+    m = event.metrics
+    history = pull(settings, event, tmp_path / "ckpt")["files"]
+    assert sorted(f["path"] for f in history) == ["embedder.pt", HISTORY_FILE]
+    served = load_embedder(tmp_path / "ckpt")
+    assert served.version == event.version and served.dim == 1280
+    # both parts scored before and after; the distillation loss was part of training
+    for part in ("synthetic", "real"):
+        assert 0 < m[f"baseline_{part}/mAP"] < 1 and 0 < m[f"{part}/mAP"] < 1
+    assert m["mAP"] == pytest.approx((m["synthetic/mAP"] + m["real/mAP"]) / 2)
+    epochs = json.loads((tmp_path / "ckpt" / HISTORY_FILE).read_text())
+    assert all(e["distill"] > 0 for e in epochs)
