@@ -516,15 +516,25 @@ def checkpoints(
     stage: Annotated[str | None, typer.Option(help="only this stage, e.g. stage3")] = None,
 ) -> None:
     """List the complete checkpoints in object storage, newest first: the versions an
-    operator pins (`chatreid serve --model VERSION`, Helm `retrieval.model`) or rolls back to."""
+    operator pins (`chatreid serve --model VERSION`, Helm `retrieval.model`) or rolls back to,
+    with the rollout gate's figures (from the manifest: `gate/mAP`, synthetic / real parts) and
+    each version's last rollout step (`deployments.v1`: refused, completed, forced, with the
+    gate's mAP of the version vs what served)."""
     from .checkpoints import manifests
+    from .evaluation.gate import rollout_steps
 
     if model not in ("vlm", "embedder"):
         raise typer.BadParameter("--model is vlm or embedder")
-    found = sorted((e for e in manifests(_settings(), model) if stage in (None, e.stage)),
+    settings = _settings()
+    found = sorted((e for e in manifests(settings, model) if stage in (None, e.stage)),
                    key=lambda e: e.created_at, reverse=True)
+    try:
+        steps = rollout_steps(settings, model) if found else {}
+    except Exception as exc:  # the broker is optional for a listing
+        console.print(f"[yellow]rollout steps unavailable ({type(exc).__name__}: {exc})[/]")
+        steps = None
     table = Table("stage", "parent", "created (UTC)", "loss", "rank-1 (chance)",
-                  "gate mAP (synthetic / real)")
+                  "gate mAP (synth/real)", "last rollout (mAP vs serving)")
     table.columns.insert(0, Column("version", no_wrap=True))  # what operators copy: never cut
     for e in found:
         m = e.metrics
@@ -532,7 +542,8 @@ def checkpoints(
                  if "eval/rank1" in m else "-")
         table.add_row(e.version, e.stage, e.parent_version or "-",
                       e.created_at.strftime("%Y-%m-%d %H:%M"),
-                      f"{m['loss']:.3f}" if "loss" in m else "-", rank1, _gate_figures(m))
+                      f"{m['loss']:.3f}" if "loss" in m else "-", rank1, _gate_figures(m),
+                      "?" if steps is None else _rollout_step(steps.get(e.version)))
     console.print(table)
     if not found:
         console.print(f"no {model} checkpoints" + (f" of {stage}" if stage else ""))
@@ -545,21 +556,38 @@ def force(
     model: Annotated[str, typer.Option(help="vlm | embedder")] = "vlm",
 ) -> None:
     """Override the rollout gate for one checkpoint: it is announced again, forced, and the
-    running services roll it out with its figures still reported (audited)."""
+    running services roll it out with its figures still reported (audited first)."""
     import getpass
 
+    from .checkpoints import find
     from .checkpoints import force as force_rollout
 
     if model not in ("vlm", "embedder"):
         raise typer.BadParameter("--model is vlm or embedder")
+    if not reason.strip() or len(reason) > 1000:
+        raise typer.BadParameter("--reason is required (1 to 1000 characters): it is audited")
     settings = _settings()
+    if find(settings, model, version) is None:
+        raise typer.BadParameter(f"no complete {model} checkpoint {version!r} (chatreid "
+                                 f"checkpoints --model {model} lists them)")
+    _audit_cli(settings, "checkpoint.force", target=f"{model}:{version}", detail=reason)
     try:
         event = force_rollout(settings, model, version, by=f"cli:{getpass.getuser()}",
                               reason=reason)
     except LookupError as exc:
         raise typer.BadParameter(str(exc)) from None
-    _audit_cli(settings, "checkpoint.force", target=f"{model}:{version}", detail=reason)
-    console.print(f"{model} {event.version} announced again, forced: the services roll it out")
+    console.print(f"{model} {event.version} announced again, forced: the services roll it out "
+                  "(watch `chatreid checkpoints --model " + model + "`)")
+
+
+def _rollout_step(step) -> str:
+    """A version's last rollout step, with the gate's mAP of it vs what served."""
+    if step is None:
+        return "-"
+    out = step.status + (" (forced)" if step.forced else "")
+    if "gate/mAP" in step.candidate and "gate/mAP" in step.serving:
+        out += f": {step.candidate['gate/mAP']:.3f} vs {step.serving['gate/mAP']:.3f}"
+    return out
 
 
 def _gate_figures(m: dict[str, float]) -> str:
@@ -567,7 +595,7 @@ def _gate_figures(m: dict[str, float]) -> str:
     if "gate/mAP" not in m:
         return "-"
     parts = [f"{m[k]:.3f}" if k in m else "-" for k in ("gate/synthetic_mAP", "gate/real_mAP")]
-    return f"{m['gate/mAP']:.3f} ({' / '.join(parts)})"
+    return f"{m['gate/mAP']:.3f} ({'/'.join(parts)})"
 
 
 @app.command("eval")

@@ -207,6 +207,7 @@ class TrainSettings(BaseModel):
     out_dir: Path = Path("out/train")
 
 
+# -- the rollout gate (chatreid/evaluation/gate.py) -----------------------------------------------
 class GateSettings(BaseModel):
     """The quality gate every embedder and VLM checkpoint passes before it serves."""
 
@@ -219,13 +220,16 @@ class GateSettings(BaseModel):
     real_root: Path | None = Field(
         None, description="real validation people in the CUHK03 pair-1 layout (val/, A -> B "
         "and B -> A); None: synthetic only")
-    max_queries: int | None = Field(300, ge=1, description="a seeded sample of queries per "
-                                    "part (None: all)")
+    max_people: int | None = Field(
+        100, ge=1, description="held-out people per part: a seeded choice (the same people "
+        "every time for the same data) among those with a query and a gallery image; their "
+        "queries and gallery images make the part (None: every held-out person)")
     tolerance: float = Field(0.0, ge=0, le=1, description="an embedder is refused when its "
                              "mAP is below the serving one's minus this")
     vlm_queries: int = Field(12, ge=1, description="synthetic queries a VLM reranks at the "
                              "gate (each is a multi-turn dialogue: keep it small on CPU)")
     vlm_k: int = Field(5, ge=2, description="candidates the VLM reranks per gate query")
+# -- end of the rollout gate -----------------------------------------------------------------------
 
 
 class ServeSettings(BaseModel):

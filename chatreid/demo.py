@@ -79,6 +79,7 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
         hits = sum(truth.values())
         console.print(f"{hits}/{len(response.results)} of the top {top} are the query's person "
                       f"(ground truth from the synthetic site). {_model_note(response)}")
+        _gate_notes(settings, console)
         sheet = answer_sheet(engine.crop_image, engine.crop_image(query.crop_id), response,
                              out / "results.png", truth)
         console.print(f"contact sheet: {sheet}   API: {settings.serve.base_url}/docs")
@@ -130,6 +131,29 @@ def _model_note(response) -> str:
         return (f"The VLM is the untuned base model ({version[5:]}); `chatreid train --stage "
                 "all` tunes it and the running app rolls the checkpoint out.")
     return f"VLM checkpoint {version}. The app keeps serving: try `chatreid query --help`."
+
+
+def _gate_notes(settings: Settings, console: Console) -> None:
+    """Say so when the rollout gate refused a checkpoint here: what serves is the model before
+    it (the demo goes on with it), and how to override."""
+    from .evaluation.gate import rollout_steps
+
+    for kind in ("embedder", "vlm"):
+        try:
+            steps = rollout_steps(settings, kind)
+        except Exception as exc:  # a note, never the demo's failure
+            console.print(f"[yellow]rollout steps unavailable: {exc}[/]")
+            return
+        for step in steps.values():
+            if step.status != "refused":
+                continue
+            ours, theirs = step.candidate.get("gate/mAP"), step.serving.get("gate/mAP")
+            figures = (f" (gate mAP {ours:.3f} vs {theirs:.3f})"
+                       if ours is not None and theirs is not None else "")
+            console.print(f"[yellow]The rollout gate refused {kind} checkpoint {step.version}"
+                          f"{figures}: {step.reason}. Still serving "
+                          f"{step.previous_version or 'the model before it'}; `chatreid force "
+                          f"{step.version} --model {kind} --reason ...` overrides (audited).[/]")
 
 
 def _sha(object_key: str) -> str:

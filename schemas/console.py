@@ -254,17 +254,30 @@ class RetentionReport(_Api):
 
 # -- operations ----------------------------------------------------------------------------------
 class RolloutRequest(_Api):
-    model: str = Field(min_length=1, description="'latest', a base model, or a checkpoint "
-                       "version (`chatreid checkpoints`)")
+    """Roll the VLM to a model, or - with ``force`` and a ``reason`` - override the rollout
+    gate for one checkpoint it refused (a VLM's or an embedder's; audited)."""
 
+    model: str = Field(min_length=1, max_length=300, description="'latest', a base model, or a "
+                       "checkpoint version (`chatreid checkpoints`); with force: a checkpoint "
+                       "version")
+    kind: Literal["vlm", "embedder"] = Field(
+        "vlm", description="which model: embedder checkpoints roll out on their own when "
+        "pushed, so for an embedder only a forced override is asked for here")
+    force: bool = Field(False, description="roll this checkpoint although the rollout gate "
+                        "refused it: it is announced again, forced, and the rollout watchers "
+                        "roll it with its figures still reported (audited)")
+    reason: str | None = Field(None, min_length=1, max_length=1000,
+                               description="why it must serve anyway (required with force)")
 
-class ForceRequest(_Api):
-    """Override the rollout gate for one refused checkpoint (audited)."""
-
-    model: Literal["vlm", "embedder"] = Field("vlm", description="which model's checkpoint")
-    version: str = Field(min_length=1, max_length=300, description="the checkpoint version "
-                         "(`chatreid checkpoints`)")
-    reason: str = Field(min_length=1, max_length=1000, description="why it must serve anyway")
+    @model_validator(mode="after")
+    def _forced_with_a_reason(self) -> RolloutRequest:
+        if self.force and not (self.reason or "").strip():
+            raise ValueError("force needs a reason (it is audited)")
+        if self.kind == "embedder" and not self.force:
+            raise ValueError("an embedder checkpoint rolls out when it is pushed, through the "
+                             "rollout gate; only a forced override (force, reason) is asked "
+                             "for here")
+        return self
 
 
 class ScaleRequest(_Api):
@@ -306,7 +319,6 @@ CONSOLE_MODELS: dict[str, type[BaseModel]] = {
         ApiKeyCreate, ApiKeyInfo, ApiKeyIssued, Principal, CameraInfo, CropInfo, SessionCreate,
         SearchTurn, Feedback, ExplainRequest, AttributeComparison, Explanation, Sighting,
         SessionTurn, SessionView, SessionSummary, AuditEntry, ErasureRequest, ErasureReport,
-        RetentionReport, RolloutRequest, ForceRequest, ScaleRequest, TrainRequest, OpsStatus,
-        TrainRun,
+        RetentionReport, RolloutRequest, ScaleRequest, TrainRequest, OpsStatus, TrainRun,
     )
 }

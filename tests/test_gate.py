@@ -10,7 +10,14 @@ import pytest
 
 from chatreid.config import Settings
 from chatreid.embedder import Embedder, ReIDNet, build_embedder
-from chatreid.evaluation.gate import GateError, judge_embedder, judge_vlm, validation_metrics
+from chatreid.evaluation.gate import (
+    GateError,
+    HeldOut,
+    judge_embedder,
+    judge_vlm,
+    validation_metrics,
+    validation_parts,
+)
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cuhk03-pair1"
 
@@ -43,9 +50,25 @@ def test_a_worse_embedder_is_refused_with_both_figures(world: Path) -> None:
     assert judge_embedder(settings, imagenet, imagenet).passed  # equal is not worse
 
 
+def test_the_slice_is_capped_to_the_same_held_out_people_every_time(world: Path) -> None:
+    settings = gated(Settings(), world, max_people=2)  # the tiny world has 4 query people
+    ((name, task, root),) = validation_parts(settings)
+    assert (name, task.name, root) == ("synthetic", "synth_standard", world)
+    a, b = task.load(root), task.load(root)
+    people = {r.pid for r in a.query}
+    assert len(people) == 2 and people == {r.pid for r in a.gallery} == {r.pid for r in b.query}
+    assert [r.path for r in a.gallery] == [r.path for r in b.gallery]  # deterministic
+    whole = HeldOut.of(task, None).load(root)
+    assert len(whole.query) > len(a.query) and {r.pid for r in whole.query} > people
+    everyone = HeldOut.of(task, 10_000).load(root)  # a cap above the count: all of them
+    assert {r.pid for r in everyone.query} == {r.pid for r in whole.query} & {
+        r.pid for r in whole.gallery}
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="needs ../shared/data/cuhk03-pair1")
 def test_real_validation_people_are_a_second_part() -> None:
     settings = Settings()
-    settings.gate.synthetic, settings.gate.real_root, settings.gate.max_queries = False, REAL, 60
+    settings.gate.synthetic, settings.gate.real_root, settings.gate.max_people = False, REAL, 20
     figures = validation_metrics(settings, build_embedder())
     assert set(figures) == {"gate/real_mAP", "gate/real_rank1", "gate/mAP", "gate/rank1"}
     assert 0 < figures["gate/real_mAP"] == figures["gate/mAP"] < 0.5
@@ -94,12 +117,33 @@ def test_a_vlm_that_reranks_below_the_prefilter_is_refused(world: Path) -> None:
                      verdict.reason)
 
 
+def test_the_operator_api_forces_only_with_a_reason() -> None:
+    from pydantic import ValidationError
+
+    from chatreid.schemas.console import RolloutRequest
+
+    assert RolloutRequest(model="latest").kind == "vlm"  # as before: a VLM rollout
+    with pytest.raises(ValidationError, match="force needs a reason"):
+        RolloutRequest(model="hpt3-x", force=True)
+    with pytest.raises(ValidationError, match="force needs a reason"):
+        RolloutRequest(model="hpt3-x", force=True, reason="  ")
+    with pytest.raises(ValidationError, match="only a forced override"):
+        RolloutRequest(model="embedder-x", kind="embedder")
+    forced = RolloutRequest(model="embedder-x", kind="embedder", force=True, reason="site test")
+    assert (forced.kind, forced.force, forced.reason) == ("embedder", True, "site test")
+    with pytest.raises(ValidationError):
+        RolloutRequest(model="x" * 301)
+
+
 # -- in the running services -----------------------------------------------------------------
 
 
 @pytest.mark.stack
 def test_the_embedding_service_refuses_a_worse_embedder_until_forced(settings, world,
                                                                      tmp_path) -> None:
+    """Two replicas: the reindexing one judges and announces, the other follows its verdict.
+    A worse embedder is refused once (both figures on the event, in the listing) while both keep
+    indexing and queries keep answering; a forced override is audited and rolls it on both."""
     from typer.testing import CliRunner
 
     from chatreid.audit import AuditLog
@@ -114,44 +158,57 @@ def test_the_embedding_service_refuses_a_worse_embedder_until_forced(settings, w
 
     settings.gate.synthetic_root = world
     crops = ingest(settings, 8, seed=11)
-    running = Running(settings)
+    running = Running(settings)  # the snapshot replica: it judges and rebuilds
+    other = Running(settings, snapshots=False, reindex=False)  # follows its verdict
     try:
         reader = PrefilterSearch(settings)
         wait_for(searchable(reader, 8))
         old = reader.version
         worse = random_embedder()
         worse.save(tmp_path / "worse" / "embedder.pt")
+        figures = validation_metrics(settings, worse)  # what a push site puts in the manifest
         event = push(settings, tmp_path / "worse", model="embedder", stage="embedder",
-                     version=worse.version)
+                     version=worse.version, metrics=figures)
 
         (refused,) = read_events(settings, DEPLOYMENTS, DeploymentEvent, 1, timeout_s=120)
         assert (refused.model, refused.status, refused.version) == ("embedder", "refused",
                                                                     event.version)
         assert refused.previous_version == old and not refused.forced
+        assert refused.candidate == pytest.approx(figures, abs=1e-4)  # as at the push site
         assert refused.candidate["gate/mAP"] < refused.serving["gate/mAP"]
         assert "below the serving embedder" in (refused.reason or "")
-        # the current embedder keeps serving and indexing
-        assert running.node.service.versions == [old]
-        later = ingest(settings, 4, seed=12)
-        wait_for(searchable(reader, 12))
+        wait_for(lambda: other.node.rollout.refused == [event.version])  # told, not waiting
+        assert running.node.rollout.refused == [event.version]
+        # the current embedder keeps serving and indexing, on both replicas
+        assert running.node.service.versions == other.node.service.versions == [old]
+        later = ingest(settings, 6, seed=12)
+        wait_for(searchable(reader, 14))
         assert reader.version == old
         assert reader.search(reader.crop_image(later[0].crop_id), k=1)[0].crop_id == \
             later[0].crop_id
+        listing = CliRunner().invoke(app, ["checkpoints", "--model", "embedder"],
+                                     env={**env_for(settings), "COLUMNS": "240"})
+        assert listing.exit_code == 0, listing.output
+        row = next(line for line in listing.output.splitlines() if event.version in line)
+        assert f"{figures['gate/mAP']:.3f}" in row and "refused" in row, listing.output
 
         # an operator forces it: audited, announced again, rolled with its figures reported
         result = CliRunner().invoke(app, ["force", event.version, "--model", "embedder",
                                           "--reason", "accepted for a site test"],
                                     env=env_for(settings))
         assert result.exit_code == 0, result.output
-        wait_for(lambda: running.node.service.versions == [event.version], timeout_s=120)
+        for node in (running.node, other.node):
+            wait_for(lambda n=node: n.service.versions == [event.version], timeout_s=120)
         wait_for(lambda: reader.refresh() and reader.version == event.version, timeout_s=60)
         assert reader.follower.active()[1].crop_ids() == {c.crop_id for c in crops + later}
     finally:
+        other.stop()
         running.stop()
-    steps = read_events(settings, DEPLOYMENTS, DeploymentEvent, 3)
+    steps = read_events(settings, DEPLOYMENTS, DeploymentEvent, 4, timeout_s=10)
     assert [(e.status, e.forced) for e in steps] == [("refused", False), ("started", True),
-                                                     ("completed", True)]
-    assert "forced by cli:" in (steps[1].reason or "") and steps[1].candidate
+                                                     ("completed", True)]  # one announcer
+    assert "forced by cli:" in (steps[1].reason or "")
+    assert steps[1].candidate == pytest.approx(figures, abs=1e-4)  # its figures still reported
     (entry,) = AuditLog(settings, ObjectStore(settings.s3)).export(action="checkpoint.force")
     assert entry.target == f"embedder:{event.version}"
     assert entry.detail == "accepted for a site test"

@@ -2,8 +2,10 @@
 
 Validation parts (``settings.gate``): held-out synthetic people (the world's query/gallery
 split, ``synth_standard``) and, when configured, real validation people (``cuhk03_pair1``: A -> B
-and B -> A). Each part is a seeded sample of at most ``max_queries`` queries; the gate's figure
-``gate/mAP`` is the mean over the parts (each part's own figures are kept too).
+and B -> A). Each part is capped to ``max_people`` held-out people (a seeded choice among those
+with both a query and a gallery image: their queries and their gallery images; always the same
+people for the same data), and the gate's figures ``gate/mAP`` and ``gate/rank1`` are the means
+over the parts (each part's own figures are kept too: ``gate/synthetic_mAP``, ``gate/real_mAP``).
 
 * An **embedder** is refused when its ``gate/mAP`` is below the serving embedder's minus
   ``tolerance`` (both measured here, on the same queries).
@@ -18,15 +20,18 @@ the callers refuse the rollout with it (an operator may force one, audited).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from chatreid.config import Settings
-from chatreid.data.datasets.base import DatasetLayoutError
+from chatreid.data.datasets.base import DatasetLayoutError, ImageDataset
 from chatreid.evaluation.engine import EvalConfig, Reranker, evaluate_task, in_process_reranker
 from chatreid.evaluation.tasks import BENCHMARKS, SYNTHETIC, EvalTask
 
-__all__ = ["GateError", "Verdict", "judge_embedder", "judge_vlm", "validation_metrics"]
+__all__ = ["GateError", "HeldOut", "Verdict", "judge_embedder", "judge_vlm", "rollout_steps",
+           "validation_metrics", "validation_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +51,49 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
 
 
-def _parts(settings: Settings) -> list[tuple[str, EvalTask, Path]]:
+@dataclass(frozen=True)
+class HeldOut(EvalTask):
+    """An evaluation task whose query and gallery are capped to ``max_people`` people: a seeded
+    choice among the people with both a query and a gallery image (the same for every trial of
+    the task, e.g. both directions of a camera pair)."""
+
+    max_people: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, task: EvalTask, max_people: int | None, seed: int = 0) -> HeldOut:
+        return cls(**{f.name: getattr(task, f.name) for f in fields(EvalTask)},
+                   max_people=max_people, seed=seed)
+
+    def load(self, root, **extra) -> ImageDataset:
+        ds = super().load(root, **extra)
+        if self.max_people is None:
+            return ds
+        people = sorted({r.pid for r in ds.query} & {r.pid for r in ds.gallery})
+        if not people:
+            raise DatasetLayoutError(f"{self.name}: no person has both a query and a gallery "
+                                     f"image under {root}")
+        if len(people) > self.max_people:
+            pick = np.random.default_rng(self.seed).choice(len(people), self.max_people,
+                                                           replace=False)
+            people = [people[i] for i in sorted(pick)]
+        keep = set(people)
+        ds.query = [r for r in ds.query if r.pid in keep]
+        ds.gallery = [r for r in ds.gallery if r.pid in keep]
+        return ds
+
+
+def validation_parts(settings: Settings) -> list[tuple[str, EvalTask, Path]]:
+    """(part name, task capped to ``gate.max_people``, root) for each configured part."""
     cfg = settings.gate
     parts = []
     if cfg.synthetic:
         root = Path(cfg.synthetic_root or settings.train.world)
-        parts.append(("synthetic", SYNTHETIC["synth_standard"], root))
+        parts.append(("synthetic", HeldOut.of(SYNTHETIC["synth_standard"], cfg.max_people),
+                      root))
     if cfg.real_root is not None:
-        parts.append(("real", BENCHMARKS["cuhk03_pair1"], Path(cfg.real_root)))
+        parts.append(("real", HeldOut.of(BENCHMARKS["cuhk03_pair1"], cfg.max_people),
+                      Path(cfg.real_root)))
     if not parts:
         raise GateError("the gate has no validation set: gate.synthetic is off and "
                         "gate.real_root is not set")
@@ -64,8 +104,9 @@ def _score(name: str, task: EvalTask, root: Path, embed, rerank: Reranker | None
            cfg: EvalConfig):
     try:
         return evaluate_task(task, root, embed, rerank, cfg)
-    except (DatasetLayoutError, OSError) as exc:
-        raise GateError(f"the {name} validation set {root} cannot be read: {exc}") from exc
+    except (DatasetLayoutError, OSError) as exc:  # OSError: unreadable files, undecodable images
+        raise GateError(f"the {name} validation set {root} cannot be read: "
+                        f"{type(exc).__name__}: {exc}") from exc
 
 
 def _summary(per_part: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -81,9 +122,9 @@ def _summary(per_part: dict[str, tuple[float, float]]) -> dict[str, float]:
 
 def validation_metrics(settings: Settings, embedder) -> dict[str, float]:
     """An embedder's gate figures (what its manifest carries and the gate compares)."""
-    cfg = EvalConfig(max_queries=settings.gate.max_queries)
+    cfg = EvalConfig()
     per_part = {}
-    for name, task, root in _parts(settings):
+    for name, task, root in validation_parts(settings):
         m = _score(name, task, root, embedder.embed, None, cfg).baseline
         per_part[name] = (float(m.mAP), m.rank(1))
     return _summary(per_part)
@@ -107,9 +148,9 @@ def judge_vlm(settings: Settings, runtime, embedder) -> Verdict:
     alone, on ``vlm_queries`` held-out synthetic queries (top ``vlm_k`` reranked)."""
     gate = settings.gate
     root = Path(gate.synthetic_root or settings.train.world)
+    task = HeldOut.of(SYNTHETIC["synth_standard"], gate.max_people)
     cfg = EvalConfig(k=gate.vlm_k, max_queries=gate.vlm_queries)
-    result = _score("synthetic", SYNTHETIC["synth_standard"], root, embedder.embed,
-                    in_process_reranker(runtime), cfg)
+    result = _score("synthetic", task, root, embedder.embed, in_process_reranker(runtime), cfg)
     reranked = _summary({"synthetic": (float(result.chatreid.mAP), result.chatreid.rank(1))})
     prefilter = _summary({"synthetic": (float(result.baseline.mAP), result.baseline.rank(1))})
     if reranked["gate/mAP"] < prefilter["gate/mAP"]:
@@ -118,3 +159,39 @@ def judge_vlm(settings: Settings, runtime, embedder) -> Verdict:
         return Verdict(False, reranked, prefilter, reason)
     return Verdict(True, reranked, prefilter, f"reranked mAP {reranked['gate/mAP']:.4f} >= "
                    f"prefilter {prefilter['gate/mAP']:.4f}")
+
+
+def rollout_steps(settings: Settings, kind: str, timeout_s: float = 10.0) -> dict[str, object]:
+    """Each version's latest rollout step of model ``kind`` as announced on ``deployments``
+    (a ``DeploymentEvent``: ``refused`` with the gate's figures, ``started``, ``completed``,
+    ``rolled_back``), read from the topic's start to its end now."""
+    import time
+
+    from kafka import TopicPartition
+
+    from chatreid.bus import end_offsets, make_consumer
+    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent, EventError
+
+    topic = settings.kafka.topic(DEPLOYMENTS.name)
+    consumer = make_consumer(settings.kafka, None)
+    steps: dict[str, object] = {}
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        consumer.seek_to_beginning()
+        ends = end_offsets(consumer, consumer.assignment())
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic} not read to its end within {timeout_s:g}s")
+            for records in consumer.poll(timeout_ms=200, max_records=500).values():
+                for r in records:
+                    try:
+                        event = DeploymentEvent.from_bytes(r.value)
+                    except EventError:
+                        continue  # not a step anyone can act on
+                    if event.model == kind:
+                        steps[event.version] = event
+    finally:
+        consumer.close()
+    return steps

@@ -4,11 +4,15 @@ Per checkpoint (``checkpoints`` topic, model ``embedder``), on every replica:
 
 1. pull + verify + load (:class:`~chatreid.embedder.releases.CheckpointWatcher`); a refused
    checkpoint is dead-lettered and the replica keeps its embedder;
-2. the rollout gate (:mod:`chatreid.evaluation.gate`): the release and the live embedder are
-   scored on the same held-out people; a worse release (or an unreadable validation set) is
-   refused - a ``refused`` ``DeploymentEvent`` with both figures - and the live embedder keeps
-   serving. Every replica judges (the same data gives the same verdict), the reindexing one
-   announces; a forced re-announcement (``chatreid force``) rolls regardless, audited;
+2. the rollout gate (:mod:`chatreid.evaluation.gate`): the replica that reindexes scores the
+   release and the live embedder on the same held-out people; a worse release (or an
+   unreadable validation set, or one it cannot score) is refused - a ``refused``
+   ``DeploymentEvent`` with both figures - and the live embedder keeps serving and indexing.
+   Otherwise it announces ``started`` (and ``completed`` at the end). The other replicas follow
+   that announced verdict (``deployments`` topic) instead of judging again: one verdict per
+   checkpoint, so no replica ever dual-writes for a rebuild that will not happen (or waits for
+   its report), and no replica stays behind on a rebuild that does. A forced re-announcement
+   (``chatreid force``) rolls regardless, its figures still reported, audited;
 3. dual-write: from the next batch, each crop is published under the live and the new version,
    so the live index stays complete and the new one receives every new crop;
 4. rebuild: the replica that reindexes (the snapshot replica) re-embeds every crop of the live
@@ -23,12 +27,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from chatreid.bus import make_producer, publish
+from kafka import TopicPartition
+
+from chatreid.bus import make_consumer, make_producer, publish
 from chatreid.config import Settings
 from chatreid.embedder.releases import CheckpointWatcher, Release
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rollout import read_report
-from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
+from chatreid.schemas import DEPLOYMENTS, DeploymentEvent, EventError
 
 from .reindex import ReindexCancelled, Reindexer
 from .service import EmbedderService
@@ -38,6 +44,7 @@ __all__ = ["Rollout"]
 log = logging.getLogger(__name__)
 
 _RETRY_S = 5.0
+_WAITING_LOG_S = 60.0
 
 
 class Rollout:
@@ -54,6 +61,7 @@ class Rollout:
         self.completed: list[str] = []  # versions this replica rolled out, oldest first
         self.refused: list[str] = []  # versions the gate refused here
         self._busy = threading.Event()
+        self._verdicts: _Verdicts | None = None  # the reindexing replica's, for the others
 
     @property
     def busy(self) -> bool:
@@ -61,6 +69,12 @@ class Rollout:
 
     def run(self, stop: threading.Event, pending: Release | None = None) -> None:
         """Thread body: roll out ``pending`` (found at start-up), then each newer checkpoint."""
+        try:
+            self._follow(stop, pending)
+        finally:
+            self.close()
+
+    def _follow(self, stop: threading.Event, pending: Release | None) -> None:
         release = pending
         while not stop.is_set():
             if release is None:
@@ -85,18 +99,22 @@ class Rollout:
 
     def migrate(self, release: Release, stop: threading.Event) -> None:
         old = self.service.embedder.version
+        follower = not self.reindex and self.settings.gate.enabled
+        if follower:  # not busy meanwhile: this replica embeds as before until it is told
+            refusal = self._follow_verdict(release, stop)
+            if refusal is not None:
+                self._refuse(release, old, refusal)
+                return
         self._busy.set()
         try:
-            verdict = self._judge(release)
-            forced = release.event.forced is not None
-            if verdict is not None and not verdict.passed and not forced:
-                self.watcher.refused[release.event.manifest_sha256] = verdict.reason
-                self.refused.append(release.version)
-                log.error("rollout gate refused embedder %s: %s; still serving %s",
-                          release.version, verdict.reason, old)
-                self._announce("refused", release, old, verdict)
-                return
-            self._announce("started", release, old, verdict)
+            verdict = None
+            if not follower:
+                verdict = self._judge(release)
+                if verdict is not None and not verdict.passed and release.event.forced is None:
+                    self._refuse(release, old, verdict.reason)
+                    self._announce("refused", release, old, verdict)
+                    return
+                self._announce("started", release, old, verdict)
             log.info("rolling out embedder %s (serving %s)", release.version, old)
             _wait(self.service.begin_dual_write(release.embedder), stop)
             if self.follower is not None:
@@ -113,9 +131,15 @@ class Rollout:
         finally:
             self._busy.clear()
 
+    def _refuse(self, release: Release, old: str, reason: str) -> None:
+        self.watcher.refused[release.event.manifest_sha256] = reason
+        self.refused.append(release.version)
+        log.error("rollout gate refused embedder %s: %s; still serving %s", release.version,
+                  reason, old)
+
     def _judge(self, release: Release):
-        """The gate's verdict (None when the gate is off); an unreadable validation set is a
-        refusal naming it."""
+        """The gate's verdict (None when the gate is off); an unreadable validation set, or a
+        candidate that fails on it, is a refusal naming the cause."""
         from chatreid.evaluation.gate import GateError, Verdict, judge_embedder
 
         if not self.settings.gate.enabled:
@@ -124,6 +148,36 @@ class Rollout:
             return judge_embedder(self.settings, release.embedder, self.service.embedder)
         except GateError as exc:
             return Verdict(False, {}, {}, str(exc))
+        except Exception as exc:  # the candidate cannot even be scored: it does not serve
+            log.exception("the rollout gate could not score embedder %s", release.version)
+            return Verdict(False, {}, {}, f"the rollout gate could not score it: "
+                           f"{type(exc).__name__}: {exc}")
+
+    def _follow_verdict(self, release: Release, stop: threading.Event) -> str | None:
+        """Wait for the reindexing replica's verdict on ``release``: None when it rolls it
+        (``started``), else the reason it refused it."""
+        if self._verdicts is None:
+            self._verdicts = _Verdicts(self.settings)
+        forced = release.event.forced is not None
+        waited = 0.0
+        while True:
+            found = self._verdicts.decision(release.version, forced=forced)
+            if found is not None:
+                log.info("the reindexing replica %s embedder %s", found.status, release.version)
+                return None if found.status == "started" else (found.reason or "refused")
+            if stop.wait(self.poll_s):
+                raise ReindexCancelled(f"stopped while waiting for the verdict on "
+                                       f"{release.version}")
+            waited += self.poll_s
+            if waited >= _WAITING_LOG_S:
+                waited = 0.0
+                log.info("waiting for the reindexing replica's verdict on embedder %s",
+                         release.version)
+
+    def close(self) -> None:
+        if self._verdicts is not None:
+            self._verdicts.close()
+            self._verdicts = None
 
     def _announce(self, status: str, release: Release, previous: str, verdict) -> None:
         """A ``DeploymentEvent`` from the replica that reindexes (one per rollout step)."""
@@ -149,6 +203,36 @@ class Rollout:
         while read_report(self.settings, self.watcher.objects, version) is None:
             if stop.wait(self.poll_s):
                 raise ReindexCancelled(f"stopped while waiting for the rebuild of {version}")
+
+
+class _Verdicts:
+    """The embedder steps announced on ``deployments`` (read from its start, no group)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.kafka.topic(DEPLOYMENTS.name)
+        self.consumer = make_consumer(settings.kafka, None)
+        parts = self.consumer.partitions_for_topic(self.topic) or set()
+        self.consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
+        self.consumer.seek_to_beginning()
+        self.steps: list[DeploymentEvent] = []
+
+    def decision(self, version: str, *, forced: bool) -> DeploymentEvent | None:
+        """The latest ``started`` or ``refused`` of ``version`` (for a forced release: its
+        ``started``; the refusal before the override does not count)."""
+        for records in self.consumer.poll(timeout_ms=200, max_records=500).values():
+            for r in records:
+                try:
+                    event = DeploymentEvent.from_bytes(r.value)
+                except EventError:
+                    continue  # not a step this replica can follow
+                if event.model == "embedder":
+                    self.steps.append(event)
+        wanted = ("started",) if forced else ("started", "refused")
+        found = [e for e in self.steps if e.version == version and e.status in wanted]
+        return found[-1] if found else None
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 def _wait(done: threading.Event, stop: threading.Event) -> None:

@@ -12,6 +12,7 @@ from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 
 from chatreid.access import AccessControlOff, Caller
+from chatreid.checkpoints import find as find_checkpoint
 from chatreid.checkpoints import force as force_rollout
 from chatreid.ray_jobs.train import PRESETS
 from chatreid.retrieval import BadQuery
@@ -25,7 +26,6 @@ from chatreid.schemas.console import (
     AuditEntry,
     ErasureReport,
     ErasureRequest,
-    ForceRequest,
     OpsStatus,
     RetentionReport,
     RolloutRequest,
@@ -155,30 +155,52 @@ class OpsRoutes(Gate):
            response_model=OpsStatus, status_code=202, responses=ERRORS)
     async def rollout(self, payload: RolloutRequest, request: Request) -> OpsStatus:
         """Roll the rerank replicas to a model (one at a time; each verifies and smoke-tests
-        it before serving). An unknown version is refused here, before anything changes."""
+        it before serving). An unknown version is refused here, before anything changes, and
+        so is a checkpoint the rollout gate refused (409 ``gate.refused``, with its figures).
+
+        With ``force`` and a ``reason``: override the gate for one checkpoint (``kind``: vlm or
+        embedder) - it is announced again, forced, and the rollout watchers (``chatreid
+        serve`` following ``latest``, the embedding service) roll it with its figures still
+        reported. Audited as ``checkpoint.force``."""
         caller: Caller = request.state.caller
+        if payload.force:
+            return await self._force(payload, caller, request)
         try:
-            await asyncio.to_thread(model_spec, self.settings, payload.model)
+            spec = await asyncio.to_thread(model_spec, self.settings, payload.model)
         except (ValueError, LookupError) as exc:
             raise BadQuery(str(exc), "model.unknown") from None
+        if self.settings.gate.enabled and spec is not None and spec.event is not None:
+            refusal = await asyncio.to_thread(ops.gate_refusal, self.settings, "vlm",
+                                              spec.version)
+            if refusal is not None:
+                await self.audit(caller, "ops.rollout", ops.GateRefused.status,
+                                 target=payload.model, detail="gate.refused")
+                raise ops.GateRefused(
+                    f"the rollout gate refused {spec.version}: {refusal.reason}; reranked "
+                    f"{_figures(refusal.candidate)} vs prefilter alone "
+                    f"{_figures(refusal.serving)}. To roll it anyway, send force: true with a "
+                    "reason (audited)")
         await asyncio.to_thread(ops.redeploy, self.settings, model=payload.model)
         await self.audit(caller, "ops.rollout", 202, target=payload.model)
         return await self.ops_status(request)
 
-    @route("POST", "/v1/ops/force", role="operator",
-           response_model=OpsStatus, status_code=202, responses=ERRORS)
-    async def force(self, payload: ForceRequest, request: Request) -> OpsStatus:
-        """Override the rollout gate for one checkpoint it refused: the checkpoint is announced
-        again, forced, and the rollout watchers roll it with its figures still reported."""
-        caller: Caller = request.state.caller
+    async def _force(self, payload: RolloutRequest, caller: Caller,
+                     request: Request) -> OpsStatus:
+        found = await asyncio.to_thread(find_checkpoint, self.settings, payload.kind,
+                                        payload.model)
+        if found is None:
+            raise BadQuery(f"no complete {payload.kind} checkpoint {payload.model!r} (chatreid "
+                           f"checkpoints --model {payload.kind} lists them)",
+                           "checkpoint.unknown")
+        # audited before it takes effect: an override never goes unaudited
+        await self.audit(caller, "checkpoint.force", 202,
+                         target=f"{payload.kind}:{payload.model}", detail=payload.reason)
         try:
-            await asyncio.to_thread(force_rollout, self.settings, payload.model,
-                                    payload.version, by=f"{caller.name} ({caller.key_id})",
-                                    reason=payload.reason)
+            await asyncio.to_thread(force_rollout, self.settings, payload.kind, payload.model,
+                                    by=f"{caller.name} ({caller.key_id})",
+                                    reason=payload.reason or "")
         except LookupError as exc:
             raise BadQuery(str(exc), "checkpoint.unknown") from None
-        await self.audit(caller, "checkpoint.force", 202,
-                         target=f"{payload.model}:{payload.version}", detail=payload.reason)
         return await self.ops_status(request)
 
     @route("POST", "/v1/ops/scale", role="operator",
@@ -214,3 +236,9 @@ class OpsRoutes(Gate):
             raise ops.UnknownRun(f"no training run {run_id!r}")
         return TrainRun.model_validate(run)
 
+
+def _figures(figures: dict[str, float]) -> str:
+    """``gate/mAP`` (and rank-1) as the refusal carries them, for a message."""
+    if "gate/mAP" not in figures:
+        return "(no figures)"
+    return f"mAP {figures['gate/mAP']:.4f}, rank-1 {figures.get('gate/rank1', float('nan')):.4f}"

@@ -32,8 +32,24 @@ class OpsUnavailable(RetrievalError):
     status, code = 503, "ops.unavailable"
 
 
+class GateRefused(RetrievalError):
+    status, code = 409, "gate.refused"
+
+
 class UnknownRun(RetrievalError):
     status, code = 404, "run.unknown"
+
+
+def gate_refusal(settings: Settings, kind: str, version: str):
+    """The rollout gate's standing refusal of checkpoint ``version`` of ``kind``: its latest
+    rollout step on ``deployments`` when that is a refusal, else None."""
+    from chatreid.evaluation.gate import rollout_steps
+
+    try:
+        step = rollout_steps(settings, kind).get(version)
+    except TimeoutError as exc:
+        raise OpsUnavailable(f"the rollout gate's verdicts cannot be read now: {exc}") from None
+    return step if step is not None and step.status == "refused" else None
 
 
 def _client():
