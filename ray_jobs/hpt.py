@@ -145,6 +145,8 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
         final = Path(result.checkpoint.to_directory(tmp)) / FINAL_DIR
         if not final.is_dir():
             raise RuntimeError(f"stage {job.hpt.stage}: last checkpoint holds no {FINAL_DIR}/")
+        if f"stage{job.hpt.stage}" == settings.serve.stage:  # the stage a rollout serves
+            metrics |= _gate_figures(settings, final)
         event = push(
             settings, final, model=MODEL_NAME, stage=f"stage{job.hpt.stage}", version=version,
             parent_version=job.parent.version if job.parent else None,
@@ -153,6 +155,23 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
         )
     return StageOutcome(stage=job.hpt.stage, version=version, wall_s=wall, metrics=metrics,
                         parent_version=event.parent_version, event=event)
+
+
+def _gate_figures(settings: Settings, model_dir: Path) -> dict[str, float]:
+    """The rollout gate's figures for the manifest (``gate/mAP`` reranked,
+    ``gate/prefilter_mAP`` the prefilter alone; the gate judges again at rollout). None when the
+    gate is off or cannot score it here (logged): figures never fail a training run."""
+    if not settings.gate.enabled:
+        return {}
+    from chatreid.evaluation.gate import serving_embedder, vlm_validation_metrics
+    from chatreid.retrieval import ModelSpec, VLMRuntime
+
+    try:
+        runtime = VLMRuntime.load(settings, ModelSpec.of_base(str(model_dir)))
+        return vlm_validation_metrics(settings, runtime, serving_embedder(settings))
+    except Exception as exc:
+        log.warning("no rollout gate figures in the manifest: %s: %s", type(exc).__name__, exc)
+        return {}
 
 
 def run_chain(

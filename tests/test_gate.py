@@ -243,3 +243,58 @@ def test_a_vlm_rollout_with_an_unreadable_validation_set_is_refused_until_forced
         assert deployed == [pushed.version] and rollout.current.version == pushed.version
     finally:
         rollout.close()
+
+
+@pytest.mark.stack
+def test_the_vlm_rollout_refuses_a_reranker_below_the_prefilter_with_both_figures(
+        settings, world, tmp_path, monkeypatch) -> None:
+    """The watcher's own path: verified, smoke-tested, then judged and refused with both
+    figures; nothing deploys; the operator API's check then sees the standing refusal."""
+    from chatreid.retrieval import ModelSpec, VLMRuntime
+    from chatreid.services.retrieval import ops
+    from chatreid.services.retrieval import rollout as vlm_rollout
+
+    from .test_serve import _push_tiny
+
+    settings.gate.synthetic_root, settings.gate.vlm_queries = world, 8
+    load = VLMRuntime.load
+
+    class Worse(Reversed):  # the checkpoint's runtime, its picks reversed
+        def __init__(self, runtime) -> None:
+            super().__init__(runtime)
+            self.smoke = runtime.smoke
+
+    monkeypatch.setattr(vlm_rollout.VLMRuntime, "load",
+                        classmethod(lambda cls, s, spec: Worse(load(s, spec))))
+    deployed: list[str | None] = []
+    rollout = vlm_rollout.VLMRollout(settings, ModelSpec.of_base("tiny"),
+                                     deployer=lambda _s, spec: deployed.append(spec.version))
+    try:
+        pushed = _push_tiny(settings, tmp_path, "tiny-ft-worse")
+        refused = rollout.step(timeout_ms=5000)
+        assert refused is not None and (refused.model, refused.status) == ("vlm", "refused")
+        assert refused.candidate["gate/mAP"] < refused.serving["gate/mAP"]
+        assert "below the prefilter alone" in (refused.reason or "")
+        assert deployed == [] and rollout.current == ModelSpec.of_base("tiny")
+        assert rollout.step(timeout_ms=1000) is None  # refused once, not judged again
+    finally:
+        rollout.close()
+    standing = ops.gate_refusal(settings, "vlm", pushed.version)  # POST /v1/ops/rollout: 409
+    assert standing is not None and standing.candidate == refused.candidate
+    assert ops.gate_refusal(settings, "vlm", "tiny-ft-other") is None
+
+
+@pytest.mark.stack
+def test_the_vlm_push_site_puts_the_gate_figures_in_the_manifest(settings, world,
+                                                                 tmp_path) -> None:
+    from chatreid.model import build_model, save_checkpoint
+    from chatreid.ray_jobs.hpt import _gate_figures
+
+    settings.gate.synthetic_root, settings.gate.vlm_queries = world, 4
+    model_dir = save_checkpoint(*build_model("tiny"), tmp_path / "stage3")
+    figures = _gate_figures(settings, model_dir)
+    assert set(figures) == {"gate/mAP", "gate/rank1", "gate/synthetic_mAP",
+                            "gate/synthetic_rank1", "gate/prefilter_mAP", "gate/prefilter_rank1"}
+    assert 0 < figures["gate/prefilter_mAP"] <= 1
+    settings.gate.synthetic_root = tmp_path / "gone"  # figures never fail a training run
+    assert _gate_figures(settings, model_dir) == {}

@@ -31,7 +31,7 @@ from chatreid.evaluation.engine import EvalConfig, Reranker, evaluate_task, in_p
 from chatreid.evaluation.tasks import BENCHMARKS, SYNTHETIC, EvalTask
 
 __all__ = ["GateError", "HeldOut", "Verdict", "judge_embedder", "judge_vlm", "rollout_steps",
-           "validation_metrics", "validation_parts"]
+           "serving_embedder", "validation_metrics", "validation_parts", "vlm_validation_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,9 @@ def judge_embedder(settings: Settings, candidate, serving) -> Verdict:
                    f"{old['gate/mAP']:.4f} (serving)")
 
 
-def judge_vlm(settings: Settings, runtime, embedder) -> Verdict:
-    """Refuse a VLM whose reranking of the prefilter's shortlist scores below the prefilter
-    alone, on ``vlm_queries`` held-out synthetic queries (top ``vlm_k`` reranked)."""
+def _vlm_figures(settings: Settings, runtime, embedder):
+    """(reranked, prefilter alone, queries): the top ``vlm_k`` of ``vlm_queries`` held-out
+    synthetic queries reranked by ``runtime``'s dialogue, in this process."""
     gate = settings.gate
     root = Path(gate.synthetic_root or settings.train.world)
     task = HeldOut.of(SYNTHETIC["synth_standard"], gate.max_people)
@@ -153,12 +153,47 @@ def judge_vlm(settings: Settings, runtime, embedder) -> Verdict:
     result = _score("synthetic", task, root, embedder.embed, in_process_reranker(runtime), cfg)
     reranked = _summary({"synthetic": (float(result.chatreid.mAP), result.chatreid.rank(1))})
     prefilter = _summary({"synthetic": (float(result.baseline.mAP), result.baseline.rank(1))})
+    return reranked, prefilter, result.queries
+
+
+def judge_vlm(settings: Settings, runtime, embedder) -> Verdict:
+    """Refuse a VLM whose reranking of the prefilter's shortlist scores below the prefilter
+    alone, on ``vlm_queries`` held-out synthetic queries (top ``vlm_k`` reranked)."""
+    reranked, prefilter, queries = _vlm_figures(settings, runtime, embedder)
     if reranked["gate/mAP"] < prefilter["gate/mAP"]:
         reason = (f"reranked mAP {reranked['gate/mAP']:.4f} is below the prefilter alone "
-                  f"({prefilter['gate/mAP']:.4f}) on {result.queries} held-out queries")
+                  f"({prefilter['gate/mAP']:.4f}) on {queries} held-out queries")
         return Verdict(False, reranked, prefilter, reason)
     return Verdict(True, reranked, prefilter, f"reranked mAP {reranked['gate/mAP']:.4f} >= "
                    f"prefilter {prefilter['gate/mAP']:.4f}")
+
+
+def vlm_validation_metrics(settings: Settings, runtime, embedder) -> dict[str, float]:
+    """A VLM's gate figures for its manifest: ``gate/mAP``, ``gate/rank1`` (reranked) and
+    ``gate/prefilter_mAP``, ``gate/prefilter_rank1`` (the prefilter alone, same queries)."""
+    reranked, prefilter, _ = _vlm_figures(settings, runtime, embedder)
+    return reranked | {"gate/prefilter_mAP": prefilter["gate/mAP"],
+                       "gate/prefilter_rank1": prefilter["gate/rank1"]}
+
+
+def serving_embedder(settings: Settings):
+    """The prefilter embedder that serves now, as the embedding service resolves it: the newest
+    embedder checkpoint whose index rebuild finished (never one the gate refused: those are
+    never rebuilt), else the configured one."""
+    from chatreid.embedder import embedder_from_settings
+    from chatreid.embedder.releases import CheckpointWatcher
+    from chatreid.prefilter.rollout import read_report
+
+    watcher = CheckpointWatcher(settings, dead_letters=False)
+    try:
+        for sighted in reversed(watcher.catch_up()):
+            if read_report(settings, watcher.objects, sighted.event.version) is not None:
+                release = watcher.load(sighted)
+                if release is not None:
+                    return release.embedder
+    finally:
+        watcher.close()
+    return embedder_from_settings(settings.embedder)
 
 
 def rollout_steps(settings: Settings, kind: str, timeout_s: float = 10.0) -> dict[str, object]:

@@ -35,26 +35,6 @@ log = logging.getLogger("chatreid.rollout")
 Deployer = Callable[[Settings, ModelSpec | None], None]
 
 
-def serving_embedder(settings: Settings):
-    """The prefilter embedder that serves now, as the embedding service resolves it: the newest
-    embedder checkpoint whose index rebuild finished (never one the gate refused: those are
-    never rebuilt), else the configured one."""
-    from chatreid.embedder import embedder_from_settings
-    from chatreid.embedder.releases import CheckpointWatcher
-    from chatreid.prefilter.rollout import read_report
-
-    watcher = CheckpointWatcher(settings, dead_letters=False)
-    try:
-        for sighted in reversed(watcher.catch_up()):
-            if read_report(settings, watcher.objects, sighted.event.version) is not None:
-                release = watcher.load(sighted)
-                if release is not None:
-                    return release.embedder
-    finally:
-        watcher.close()
-    return embedder_from_settings(settings.embedder)
-
-
 class VLMRollout:
     def __init__(self, settings: Settings, current: ModelSpec | None,
                  deployer: Deployer | None = None) -> None:
@@ -143,7 +123,7 @@ class VLMRollout:
         """The gate's verdict on a loaded runtime (None when the gate is off), against the
         prefilter embedder that serves now; an unreadable validation set, or a model the gate
         cannot score, is a refusal naming the cause."""
-        from chatreid.evaluation.gate import GateError, Verdict, judge_vlm
+        from chatreid.evaluation.gate import GateError, Verdict, judge_vlm, serving_embedder
 
         if not self.settings.gate.enabled:
             return None
