@@ -44,6 +44,14 @@ def _ms(value: float) -> str:
     return f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.1f} s"
 
 
+_STARTS = {  # benchmarks/real_people.py's fine-tuning recipes, as a reader should see them
+    "osnet-head": "fine-tuned: OSNet frozen + trained head",
+    "imagenet": "fine-tuned: MobileNetV2 from ImageNet (160×64)",
+    "imagenet+osnet-teacher": "fine-tuned: MobileNetV2 from ImageNet, distilled from OSNet "
+                              "(160×64)",
+}
+
+
 def real_people(report: dict) -> str:
     """The embedder table of ``benchmarks/real_people.py``: imports, fine-tuning, speed."""
     rows = ["| prefilter embedder | cuhk03_pair1 mAP (A→B / B→A) | rank-1 | synthetic mAP |",
@@ -55,7 +63,7 @@ def real_people(report: dict) -> str:
                     f"{r['synthetic']['mAP']:.1%} |")
     for r in report.get("finetune", []):
         b, a = r["before"], r["after"]
-        rows.append(f"| fine-tuned from {r['start']} ({r['epochs']} epochs, "
+        rows.append(f"| {_STARTS.get(r['start'], r['start'])} ({r['epochs']} epochs, "
                     f"{r['wall_s'] / 60:.0f} min) | {b['real']['mAP']:.1%} → "
                     f"**{a['real']['mAP']:.1%}** | {b['real']['rank1']:.1%} → "
                     f"{a['real']['rank1']:.1%} | {b['synthetic']['mAP']:.1%} → "
@@ -66,8 +74,11 @@ def real_people(report: dict) -> str:
         e2e = r.get("end_to_end")
         end_to_end = f"{e2e['crops_per_s']:.1f}" if e2e else "not measured"
         speed.append(f"| {r['embedder']} | {r['forward_crops_per_s']:.0f} | {end_to_end} |")
-    note = (f"{report['data']}; {report['machine']['cpus']} cores; measured "
-            f"{report['created_at']}")
+    note = (f"{report['data']}; fine-tuning on its train/ + the synthetic world's train split, "
+            f"scored on its val/ people (never trained on); forward = decode + preprocess + "
+            f"forward on the val crops, batch 32; end to end = `benchmarks/ingest.py` (600 "
+            f"synthetic crops) with that backbone in the embedding service; "
+            f"{report['machine']['cpus']} cores; measured {report['created_at']}")
     return "\n".join(rows) + "\n\n" + "\n".join(speed) + f"\n\n{note}."
 
 
