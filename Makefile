@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all lint up down schemas bench
+.PHONY: setup demo test test-all lint up down schemas bench bench-real
 
 setup:  ## create the virtualenv and install the project with its dev tools
 	python3 -m venv $(VENV)
@@ -40,3 +40,6 @@ bench:
 	$(PY) benchmarks/prefilter_search.py
 	$(PY) benchmarks/query_load.py
 	$(PY) benchmarks/readme.py  # README figures from the JSON
+bench-real:  ## real people (needs ../shared): imports, fine-tuning (~30 min), throughput
+	$(PY) benchmarks/real_people.py --e2e
+	$(PY) benchmarks/readme.py
