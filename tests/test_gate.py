@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,108 @@ def test_the_vlm_push_site_puts_the_gate_figures_in_the_manifest(settings, world
     assert 0 < figures["gate/prefilter_mAP"] <= 1
     settings.gate.synthetic_root = tmp_path / "gone"  # figures never fail a training run
     assert _gate_figures(settings, model_dir) == {}
+
+
+@pytest.mark.stack
+def test_the_operator_api_refuses_a_gated_version_unless_forced_and_audits_the_override(
+        stack_base, ray_session, tmp_path) -> None:
+    from ray import serve
+
+    from chatreid.audit import AuditLog
+    from chatreid.bus import make_producer, publish
+    from chatreid.client import ApiError
+    from chatreid.schemas import CHECKPOINTS, DEPLOYMENTS, CheckpointEvent, DeploymentEvent
+    from chatreid.services.ingestor.sources import synth_source
+    from chatreid.storage import ObjectStore
+
+    from .conftest import deploy_site, namespace, read_events
+    from .test_serve import _push_tiny
+
+    gen = namespace(stack_base)
+    settings = next(gen)
+    try:
+        client, _ = deploy_site(settings, list(synth_source(3, 8, None, start_time=1.7e9)),
+                                port=8021, api_key="gate-bootstrap-key")
+        pushed = _push_tiny(settings, tmp_path, "tiny-ft-refused")
+        producer = make_producer(settings.kafka)  # the watcher's verdict on it
+        publish(producer, settings.kafka.topic(DEPLOYMENTS.name), "vlm", DeploymentEvent(
+            status="refused", version=pushed.version, previous_version="base:tiny",
+            reason="reranked mAP 0.1000 is below the prefilter alone (0.5000)",
+            candidate={"gate/mAP": 0.1, "gate/rank1": 0.2},
+            serving={"gate/mAP": 0.5, "gate/rank1": 0.6})).get(timeout=30)
+        producer.close()
+
+        with pytest.raises(ApiError) as gated:
+            client.call("POST", "/v1/ops/rollout", {"model": pushed.version})
+        assert (gated.value.status, gated.value.error) == (409, "gate.refused")
+        assert "mAP 0.1000" in str(gated.value) and "mAP 0.5000" in str(gated.value)
+        with pytest.raises(ApiError) as no_reason:
+            client.call("POST", "/v1/ops/rollout", {"model": pushed.version, "force": True})
+        assert (no_reason.value.status, no_reason.value.error) == (422, "query.invalid")
+        assert "force needs a reason" in str(no_reason.value)
+        with pytest.raises(ApiError) as unknown:
+            client.call("POST", "/v1/ops/rollout", {"model": "nope", "kind": "embedder",
+                                                    "force": True, "reason": "test"})
+        assert (unknown.value.status, unknown.value.error) == (422, "checkpoint.unknown")
+
+        client.call("POST", "/v1/ops/rollout", {"model": pushed.version, "force": True,
+                                                "reason": "site acceptance"})
+        events = read_events(settings, CHECKPOINTS, CheckpointEvent, 2)
+        forced = [e for e in events if e.forced is not None]
+        assert [e.version for e in forced] == [pushed.version]
+        assert forced[0].forced.reason == "site acceptance"
+        (entry,) = AuditLog(settings, ObjectStore(settings.s3)).export(
+            action="checkpoint.force")
+        assert (entry.target, entry.detail) == (f"vlm:{pushed.version}", "site acceptance")
+        refusals = AuditLog(settings, ObjectStore(settings.s3)).export(action="ops.rollout")
+        assert [(e.status, e.detail) for e in refusals] == [(409, "gate.refused")]
+    finally:
+        serve.shutdown()
+        next(gen, None)
+
+
+@pytest.mark.stack
+def test_a_replica_that_does_not_reindex_follows_the_announced_verdict(settings,
+                                                                       tmp_path) -> None:
+    """The verdict is the reindexing replica's (here: announced by hand). The other replica
+    never judges, never dual-writes before it is told, refuses when told, rolls a refused
+    version when it is started later after all, and stops dual-writing when it is refused."""
+    from chatreid.bus import make_producer, publish
+    from chatreid.checkpoints import push
+    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
+
+    from .test_embedder_training import Running, ingest, wait_for
+
+    ingest(settings, 4, seed=21)
+    follower = Running(settings, snapshots=False, reindex=False)
+    producer = make_producer(settings.kafka)
+
+    def announce(status: str, version: str) -> None:
+        publish(producer, settings.kafka.topic(DEPLOYMENTS.name), "embedder", DeploymentEvent(
+            model="embedder", status=status, version=version, reason=f"{status} by hand")
+                ).get(timeout=30)
+
+    try:
+        service, rollout = follower.node.service, follower.node.rollout
+        wait_for(lambda: service.stats.indexed >= 4)
+        old = service.embedder.version
+        worse = random_embedder()
+        worse.save(tmp_path / "worse" / "embedder.pt")
+        new = push(settings, tmp_path / "worse", model="embedder", stage="embedder",
+                   version=worse.version).version
+        time.sleep(3)  # sighted and loaded by now: it waits to be told, embedding as before
+        assert service.versions == [old] and rollout.refused == [] and not rollout.busy
+
+        announce("refused", new)
+        wait_for(lambda: rollout.refused == [new])
+        assert service.versions == [old]
+        announce("started", new)  # the reindexing replica judged again (e.g. restarted)
+        wait_for(lambda: service.versions == [old, new])
+        announce("refused", new)  # ... and again: no report will come, stop dual-writing
+        wait_for(lambda: service.versions == [old])
+        assert rollout.refused == [new, new]
+        ingest(settings, 2, seed=22)
+        wait_for(lambda: service.stats.indexed >= 6)  # indexing went on throughout
+    finally:
+        producer.close()
+        follower.stop()

@@ -11,7 +11,9 @@ Per checkpoint (``checkpoints`` topic, model ``embedder``), on every replica:
    Otherwise it announces ``started`` (and ``completed`` at the end). The other replicas follow
    that announced verdict (``deployments`` topic) instead of judging again: one verdict per
    checkpoint, so no replica ever dual-writes for a rebuild that will not happen (or waits for
-   its report), and no replica stays behind on a rebuild that does. A forced re-announcement
+   its report), and no replica stays behind on a rebuild that does (a later ``started`` of a
+   version they were told to refuse rolls it after all; a later ``refused`` of one they
+   dual-write for stops that). A forced re-announcement
    (``chatreid force``) rolls regardless, its figures still reported, audited;
 3. dual-write: from the next batch, each crop is published under the live and the new version,
    so the live index stays complete and the new one receives every new crop;
@@ -62,6 +64,7 @@ class Rollout:
         self.refused: list[str] = []  # versions the gate refused here
         self._busy = threading.Event()
         self._verdicts: _Verdicts | None = None  # the reindexing replica's, for the others
+        self._held: dict[str, Release] = {}  # refused as told; rolled if it starts them later
 
     @property
     def busy(self) -> bool:
@@ -77,6 +80,8 @@ class Rollout:
     def _follow(self, stop: threading.Event, pending: Release | None) -> None:
         release = pending
         while not stop.is_set():
+            if release is None:
+                release = self._resumed()
             if release is None:
                 try:
                     release = self.watcher.newest(self.watcher.poll(int(self.poll_s * 1000)))
@@ -104,6 +109,7 @@ class Rollout:
             refusal = self._follow_verdict(release, stop)
             if refusal is not None:
                 self._refuse(release, old, refusal)
+                self._held[release.version] = release
                 return
         self._busy.set()
         try:
@@ -123,7 +129,12 @@ class Rollout:
                 Reindexer(self.settings, objects=self.watcher.objects,
                           settle_s=self.settle_s).run(old, release.embedder, release.source, stop)
             else:
-                self._await_report(release.version, stop)
+                withdrawn = self._await_report(release, stop, follower)
+                if withdrawn is not None:  # the reindexing replica judged again: refused
+                    _wait(self.service.retire(release.version), stop)
+                    self._refuse(release, old, withdrawn)
+                    self._held[release.version] = release
+                    return
             _wait(self.service.retire(old), stop)
             self.completed.append(release.version)
             log.info("embedder %s rolled out; %s retired", release.version, old)
@@ -198,11 +209,34 @@ class Rollout:
         finally:
             producer.close()
 
-    def _await_report(self, version: str, stop: threading.Event) -> None:
-        """Replicas that do not reindex dual-write until the reindexing one reports."""
+    def _await_report(self, release: Release, stop: threading.Event,
+                      follower: bool) -> str | None:
+        """Replicas that do not reindex dual-write until the reindexing one reports. With the
+        gate on, a refusal it announces meanwhile (it restarted and judged again) ends the
+        wait: returns its reason, and no report will come."""
+        version, forced = release.version, release.event.forced is not None
         while read_report(self.settings, self.watcher.objects, version) is None:
+            if follower and self._verdicts is not None:
+                found = self._verdicts.decision(version, forced=forced)
+                if found is not None and found.status == "refused":
+                    return found.reason or "refused"
             if stop.wait(self.poll_s):
                 raise ReindexCancelled(f"stopped while waiting for the rebuild of {version}")
+        return None
+
+    def _resumed(self) -> Release | None:
+        """A release this replica refused as told that the reindexing replica has rolled out
+        since (its latest step is ``started``: it judged again, e.g. after a restart)."""
+        if not self._held or self._verdicts is None:
+            return None
+        for version, release in list(self._held.items()):
+            found = self._verdicts.decision(version, forced=False)
+            if found is not None and found.status == "started":
+                del self._held[version]
+                self.watcher.refused.pop(release.event.manifest_sha256, None)
+                log.info("the reindexing replica now rolls embedder %s out; following", version)
+                return release
+        return None
 
 
 class _Verdicts:
