@@ -404,3 +404,26 @@ def test_a_replica_that_does_not_reindex_follows_the_announced_verdict(settings,
     finally:
         producer.close()
         follower.stop()
+
+
+@pytest.mark.stack
+def test_the_demo_says_when_the_gate_refused_a_checkpoint(settings) -> None:
+    from rich.console import Console
+
+    from chatreid.bus import make_producer, publish
+    from chatreid.demo import _gate_notes
+    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
+
+    console = Console(record=True, width=300)
+    _gate_notes(settings, console)
+    assert console.export_text().strip() == ""  # nothing refused: nothing said
+    producer = make_producer(settings.kafka)
+    publish(producer, settings.kafka.topic(DEPLOYMENTS.name), "embedder", DeploymentEvent(
+        model="embedder", status="refused", version="tuned-1", previous_version="imagenet-1",
+        reason="validation mAP 0.0340 is below the serving embedder imagenet-1's 0.1020",
+        candidate={"gate/mAP": 0.034}, serving={"gate/mAP": 0.102})).get(timeout=30)
+    producer.close()
+    _gate_notes(settings, console)
+    text = console.export_text()
+    assert "The rollout gate refused embedder checkpoint tuned-1 (gate mAP 0.034 vs 0.102)" in text
+    assert "Still serving imagenet-1" in text and "chatreid force tuned-1 --model embedder" in text
