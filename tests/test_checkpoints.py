@@ -90,6 +90,7 @@ def test_chatreid_checkpoints_lists_versions_newest_first(settings, tmp_path, mo
          version="s3-second")
     env = {f"CHATREID_S3__{k.upper()}": str(v) for k, v in settings.s3.model_dump().items()
            if v is not None}
+    env["COLUMNS"] = "200"  # a wide terminal (rich reads it; the table has 8 columns)
     out = CliRunner().invoke(app, ["checkpoints", "--stage", "stage3"], env=env,
                              terminal_width=200)
     assert out.exit_code == 0, out.output
