@@ -10,6 +10,7 @@ from chatreid.metrics.protocols import (
     sample_gallery,
 )
 from chatreid.metrics.rank import compute_distmat, evaluate_rank
+from chatreid.metrics.reranking import k_reciprocal_distances
 
 __all__ = [
     "PROTOCOLS",
@@ -18,6 +19,7 @@ __all__ = [
     "Protocol",
     "compute_distmat",
     "evaluate_rank",
+    "k_reciprocal_distances",
     "mean_metrics",
     "rank_metrics",
     "sample_gallery",
