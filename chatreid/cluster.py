@@ -67,13 +67,21 @@ def unshare(data: dict[str, Any] | None) -> Settings:
     return Settings.model_validate(data)
 
 
-def connect(settings: Settings) -> None:
+def connect(settings: Settings, log_to_driver: bool = True) -> None:
     """Join the configured cluster, else the local stack's head, else start Ray in-process.
 
     Ray token auth is on everywhere: a configured cluster is joined with the token in
     ``RAY_AUTH_TOKEN`` (or ``RAY_AUTH_TOKEN_PATH``, or ``ray.auth_token``), the local stack's
     head with the one `chatreid up` generated (``ray.auth_token``), and an in-process Ray gets a
-    token made up for this process. The last two also listen on 127.0.0.1 only."""
+    token made up for this process. The last two also listen on 127.0.0.1 only.
+
+    Args:
+        log_to_driver (bool, default True): Ray prints the stdout/stderr of this job's workers
+            here, prefixed with the actor or task (e.g. the ``[stage N] step ...`` lines of
+            `chatreid train`'s workers). False for a command whose workers are services (the
+            demo's Serve replicas and proxies): their lines stay in Ray's session logs
+            (``<ray temp dir>/session_latest/logs``). Only the first connect of a process
+            decides."""
     if ray.is_initialized():
         return
     address = settings.ray.address
@@ -84,10 +92,11 @@ def connect(settings: Settings) -> None:
         token = settings.ray.auth_token or stack.stored(RAY_TOKEN_VAR)
         if token:
             _use_token(token)
-        ray.init(address=f"127.0.0.1:{settings.stack.ray_port}", log_to_driver=True)
+        ray.init(address=f"127.0.0.1:{settings.stack.ray_port}",
+                 log_to_driver=log_to_driver)
         return
     if address is not None:
-        _join(address, settings.ray.auth_token)
+        _join(address, settings.ray.auth_token, log_to_driver)
         return
     settings.ray.temp_dir.mkdir(parents=True, exist_ok=True)
     _loopback_only()  # inherited by its raylet and so by every worker, as is the token
@@ -97,6 +106,7 @@ def connect(settings: Settings) -> None:
         num_cpus=settings.ray.num_cpus,
         include_dashboard=False,
         _temp_dir=str(settings.ray.temp_dir),
+        log_to_driver=log_to_driver,
     )
 
 
@@ -119,7 +129,7 @@ def _use_token(token: str) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def _join(address: str, token: str | None) -> None:
+def _join(address: str, token: str | None, log_to_driver: bool = True) -> None:
     host = address.split("://")[-1].rsplit(":", 1)[0]
     if is_loopback(host):
         _loopback_only()  # else Ray rewrites 127.0.0.1 to the machine's address
@@ -135,7 +145,7 @@ def _join(address: str, token: str | None) -> None:
         log.warning("RAY_AUTH_MODE=disabled toward %s: whoever reaches that cluster runs code "
                     "and reads its secrets; give it a token (RAY_AUTH_TOKEN)", address)
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     except ConnectionError as exc:
         if has_token:
             raise

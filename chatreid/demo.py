@@ -20,7 +20,7 @@ from .config import Settings
 from .schemas import QueryRequest
 from .search import PrefilterSearch
 from .stack import LocalStack
-from .viz import answer_sheet, answer_table
+from .viz import Comparison, answer_sheet, compare_answers, comparison_summary, comparison_table
 
 DEMO_EPOCH = 1_795_737_600.0  # 2026-11-27T00:00:00Z, the site's simulated morning
 
@@ -65,9 +65,14 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
         wanted = {e.crop_id for events in sightings.values() for e in events}
         _wait_indexed(engine, wanted, embedder_proc)
         client = _deploy(settings, console)
+        if settings.ray.address is None:
+            console.print(f"[dim]replica and Serve logs (the per-request log under serve/): "
+                          f"{stack.ray_temp / 'session_latest' / 'logs'}[/]")
         client.wait_ready(gallery=len(wanted), timeout_s=300)
         query, others = _pick_query(sightings)
-        request = QueryRequest(kind="standard", crop_id=query.crop_id, k=k, top=top,
+        # the whole shortlist comes back (top >= k): each result carries its prefilter rank, so
+        # the answer holds the prefilter's own order too; the first ``top`` of each are shown
+        request = QueryRequest(kind="standard", crop_id=query.crop_id, k=k, top=max(top, k),
                                filters={"cameras": sorted(others), "modality": "rgb"})
         with console.status(f"asking the VLM about the top {k} of the prefilter"):
             response = client.query(request)
@@ -75,12 +80,10 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
                  == query.labels["person_id"] for r in response.results}
         console.print(f"query: crop {query.crop_id[:12]} from camera {query.camera} at "
                       f"{query.capture_time:%H:%M:%S}; searching cameras {sorted(others)}")
-        console.print(answer_table(response, truth))
-        hits = sum(truth.values())
-        console.print(f"{hits}/{len(response.results)} of the top {top} are the query's person "
-                      f"(ground truth from the synthetic site). {_model_note(response)}")
+        report_answer(response, truth, top, console)
         _gate_notes(settings, console)
-        sheet = answer_sheet(engine.crop_image, engine.crop_image(query.crop_id), response,
+        shown = response.model_copy(update={"results": response.results[:top]})
+        sheet = answer_sheet(engine.crop_image, engine.crop_image(query.crop_id), shown,
                              out / "results.png", truth)
         console.print(f"contact sheet: {sheet}   API: {settings.serve.base_url}/docs")
         _investigate(client, query, others, truth, k, top, console)
@@ -96,7 +99,8 @@ def _deploy(settings: Settings, console: Console) -> RetrievalClient:
     from .retrieval.vlm import resolve_spec
     from .services.retrieval.app import deploy
 
-    connect(settings)
+    # the replicas' and proxies' lines stay in Ray's session logs, out of this terminal
+    connect(settings, log_to_driver=False)
     spec = resolve_spec(settings)
     with console.status(f"deploying the retrieval app on Ray Serve (VLM "
                         f"{spec.version if spec else 'none'}: load + smoke query)"):
@@ -125,12 +129,59 @@ def _investigate(client: RetrievalClient, query, others, truth: dict[str, bool],
                               for s in view["confirmed"]))
 
 
-def _model_note(response) -> str:
+QUICK_TRAIN = "chatreid train --stage all --preset quick"
+KEEPS_SERVING = "The app keeps serving: try `chatreid query --help`."
+
+
+def report_answer(response, truth: dict[str, bool], top: int, console: Console) -> Comparison:
+    """The prefilter's top beside the reranked top, a line scoring both, and - in yellow - a
+    note whenever the rerank made the answer worse than the prefilter alone; then which model
+    answered. ``response`` holds the whole shortlist (asked with top >= k)."""
+    comparison = compare_answers(response, truth, top)
+    console.print(comparison_table(comparison, response))
+    console.print(comparison_summary(comparison))
+    if comparison.worse and not response.prefilter_only:
+        console.print(f"[yellow]{worse_note(comparison, response)}[/]")
+        console.print(KEEPS_SERVING)
+    else:
+        console.print(_model_note(response))
+    return comparison
+
+
+def _served_by(response) -> str:
     version = response.model_version or ""
     if version.startswith("base:"):
-        return (f"The VLM is the untuned base model ({version[5:]}); `chatreid train --stage "
-                "all` tunes it and the running app rolls the checkpoint out.")
-    return f"VLM checkpoint {version}. The app keeps serving: try `chatreid query --help`."
+        return f"the untuned base model {version[5:]}"
+    return f"VLM checkpoint {version}"
+
+
+def worse_note(c: Comparison, response) -> str:
+    """Why this answer is worse than the prefilter's, which model gave it, how to get a better
+    one."""
+    ours, theirs = c.hits(c.reranked), c.hits(c.prefilter)
+    if ours != theirs:
+        how = (f"{ours}/{len(c.reranked)} of the person's crops in its top {c.top}, the "
+               f"prefilter had {theirs}/{len(c.prefilter)}")
+    else:
+        first = c.first_hit(c.reranked)
+        how = (f"its first correct hit is at {f'#{first}' if first else 'none'}, the "
+               f"prefilter's at #{c.first_hit(c.prefilter)}")
+    return (f"The VLM rerank made this answer worse than the prefilter alone ({how}). It was "
+            f"served by {_served_by(response)}. For a better one, train a tuned checkpoint: "
+            f"`{QUICK_TRAIN}`; the next `make demo` serves the newest, and a running "
+            "`chatreid serve` rolls it out. Until then the prefilter's column is the better "
+            "answer.")
+
+
+def _model_note(response) -> str:
+    version = response.model_version or ""
+    if response.prefilter_only or not version:
+        return "No VLM served this answer: it is the prefilter's order."
+    if version.startswith("base:"):
+        return (f"The VLM is the untuned base model ({version[5:]}): `{QUICK_TRAIN}` makes a "
+                "tuned checkpoint; the next `make demo` serves it, and a running `chatreid "
+                f"serve` rolls it out. {KEEPS_SERVING}")
+    return f"VLM checkpoint {version}. {KEEPS_SERVING}"
 
 
 def _gate_notes(settings: Settings, console: Console) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -87,6 +88,109 @@ def answer_table(response, truth: dict[str, bool] | None = None, title: str | No
             row.append((r.rationale or "")[:80])
         table.add_row(*row)
     return table
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The prefilter's top and the reranked top of one answer, scored against the truth
+    (crop id -> the query's person). Positions are 1-based; a first hit of None: none."""
+
+    top: int
+    prefilter: list  # ResultItems in the prefilter's order, its first ``top``
+    reranked: list  # ResultItems in the answer's (reranked) order, its first ``top``
+    truth: dict[str, bool]
+    relevant: int  # the person's crops in the whole shortlist
+
+    def hits(self, results: list) -> int:
+        return sum(bool(self.truth.get(r.crop_id)) for r in results)
+
+    def first_hit(self, results: list) -> int | None:
+        return next((i for i, r in enumerate(results, 1) if self.truth.get(r.crop_id)), None)
+
+    def average_precision(self, results: list) -> float:
+        """AP@top: the mean, over the positions holding the person, of the share of the person
+        among the results up to there, divided by the most hits a top can hold
+        (min(top, relevant)); 1.0 = every crop of the person the shortlist has, first."""
+        found, total = 0, 0.0
+        for i, r in enumerate(results, 1):
+            if self.truth.get(r.crop_id):
+                found += 1
+                total += found / i
+        best = min(self.top, self.relevant)
+        return total / best if best else 0.0
+
+    @property
+    def worse(self) -> bool:
+        """The reranked top holds fewer of the person's crops than the prefilter's, or as many
+        with the first one later."""
+        ours, theirs = self.hits(self.reranked), self.hits(self.prefilter)
+        if ours != theirs:
+            return ours < theirs
+        a, b = self.first_hit(self.reranked), self.first_hit(self.prefilter)
+        return b is not None and (a is None or a > b)
+
+
+def compare_answers(response, truth: dict[str, bool], top: int) -> Comparison:
+    """The prefilter's top ``top`` rebuilt from the answer (each result carries its prefilter
+    rank) next to the reranked top. The answer must hold the prefilter's whole top: ask with
+    ``top`` >= ``k`` (every shortlisted crop comes back), else a ValueError says so."""
+    by_prefilter = sorted(response.results, key=lambda r: r.prefilter_rank)
+    prefilter = by_prefilter[:top]
+    wanted = list(range(1, min(top, response.candidates) + 1))
+    if [r.prefilter_rank for r in prefilter] != wanted:
+        raise ValueError(f"the answer ({len(response.results)} results) does not hold the "
+                         f"prefilter's top {len(wanted)}: ask with top >= k")
+    relevant = sum(bool(truth.get(r.crop_id)) for r in response.results)
+    return Comparison(top, prefilter, list(response.results[:top]), dict(truth), relevant)
+
+
+def comparison_table(c: Comparison, response=None, title: str | None = None):
+    """Rank by rank: the prefilter's crop (cosine, same person?) beside the reranked crop (VLM
+    confidence, where the prefilter had it, same person?)."""
+    from rich.table import Table
+
+    if title is None and response is not None:
+        title = (f"prefilter vs VLM rerank - model {response.model_version or 'none'}, "
+                 f"{response.candidates} candidates, {response.vlm_calls} VLM calls, "
+                 f"{response.elapsed_ms / 1000:.1f} s")
+    # narrow enough for an 80-column terminal; capture times are on the contact sheet
+    table = Table("rank", "prefilter crop", "cos", "same?", "reranked crop", "conf.", "was #",
+                  "same?", title=title)
+
+    def crop(r) -> str:
+        return f"{r.crop_id[:8]} {r.camera}"
+
+    def person(r) -> str:
+        return "[green]yes[/]" if c.truth.get(r.crop_id) else "[red]no[/]"
+
+    for i in range(max(len(c.prefilter), len(c.reranked))):
+        row = [str(i + 1)]
+        if i < len(c.prefilter):
+            p = c.prefilter[i]
+            cos = f"{p.prefilter_score:.3f}" if p.prefilter_score is not None else "-"
+            row += [crop(p), cos, person(p)]
+        else:
+            row += ["", "", ""]
+        if i < len(c.reranked):
+            r = c.reranked[i]
+            row += [crop(r), f"{r.confidence:.3f}" if r.reranked else "not reranked",
+                    f"#{r.prefilter_rank}", person(r)]
+        else:
+            row += ["", "", "", ""]
+        table.add_row(*row)
+    return table
+
+
+def comparison_summary(c: Comparison) -> str:
+    """One line: the person's crops in each top, where the first one is, and AP@top."""
+    def part(name: str, results: list) -> str:
+        first = c.first_hit(results)
+        return (f"{name}: {c.hits(results)}/{len(results)} the query's person (first at "
+                f"{f'#{first}' if first else 'none'}, AP@{c.top} "
+                f"{c.average_precision(results):.2f})")
+
+    return (f"{part('prefilter', c.prefilter)}; {part('VLM reranked', c.reranked)}; "
+            f"the shortlist holds {c.relevant} of the person's crops")
 
 
 def answer_sheet(load: Callable[[str], Image.Image], query: Image.Image | None, response,

@@ -26,6 +26,17 @@ from chatreid.config import Settings
 from chatreid.retrieval import ModelSpec
 
 IMPORT_PATH = "chatreid.services.retrieval.app:build_app"
+# The environment of the local config's replicas: what they print stays in their log files and
+# out of the terminal of whoever deployed them (Ray forwards a worker's stdout/stderr to the
+# driver of its job). Serve's own lines, the per-request access log included, and whatever a
+# replica prints go to Serve's replica log files only (<ray temp dir>/session_latest/logs/serve);
+# model-loading progress bars (transformers' "Loading weights", the GGUF converter's plain tqdm,
+# hub downloads) are off: redrawn bars are noise in a log file.
+REPLICA_ENV = {
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
 
 
 class DeployFailed(RuntimeError):
@@ -74,11 +85,13 @@ def rerank_options(settings: Settings, spec: ModelSpec | None,
 def deploy_config(settings: Settings, spec: ModelSpec | None = None, *,
                   portable: bool = False) -> dict[str, Any]:
     """The whole desired state of the retrieval application as a plain dict (YAML-able).
-    ``portable``: no settings in ``args`` and the model as its reference (module docstring)."""
+    ``portable``: no settings in ``args`` and the model as its reference (module docstring);
+    nor the replicas' environment (:data:`REPLICA_ENV`): a pod's output is its log already."""
     cfg = settings.serve
     def light() -> dict[str, float]:  # a fresh dict each: YAML output without anchors
         return {"num_cpus": cfg.light_num_cpus}
 
+    local = {} if portable else {"runtime_env": {"env_vars": dict(REPLICA_ENV)}}
     return {
         "http_options": {"host": cfg.http_host, "port": cfg.http_port},
         "applications": [{
@@ -86,6 +99,7 @@ def deploy_config(settings: Settings, spec: ModelSpec | None = None, *,
             "route_prefix": cfg.route_prefix,
             "import_path": IMPORT_PATH,
             "args": {} if portable else {"settings": redacted(settings, secrets_name(settings))[0]},
+            **local,
             "deployments": [
                 {"name": "Ingress", "num_replicas": cfg.ingress_replicas,
                  "ray_actor_options": light()},
