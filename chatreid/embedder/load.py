@@ -171,3 +171,13 @@ def resolve_embedder(settings: Settings, source: str) -> AnyEmbedder:
     with tempfile.TemporaryDirectory(prefix="eval-embedder-") as tmp:
         pull(settings, event, Path(tmp))
         return load_embedder(Path(tmp), **kw)
+
+
+def write_embedder(embedder: AnyEmbedder, out: Path) -> Path:
+    """Any loaded embedder as a directory :func:`load_embedder` reads back to the same version
+    (a torch checkpoint, or an ONNX model with its card and head)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(embedder, OnnxEmbedder):
+        return write_onnx_checkpoint(embedder.model_path, embedder.card, out, embedder.head)
+    embedder.save(out / CHECKPOINT_FILE)
+    return out

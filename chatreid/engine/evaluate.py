@@ -21,6 +21,7 @@ from chatreid.data.instructions.prompts import best_match_response
 from chatreid.engine.collate import ImageLoader, encode_prompt, load_images
 from chatreid.engine.stages import StageRule
 from chatreid.model import ChatReIDProcessor
+from chatreid.model.identity import IdentityVision
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,15 @@ def choice_tokens(tokenizer: PreTrainedTokenizerBase, max_choice: int) -> Choice
     return ChoiceTokens(seqs[0][:n], index_ids)
 
 
-def index_probabilities(logits: torch.Tensor, index_ids: Sequence[int]) -> np.ndarray:
-    """Next-token logits → P(index = k), renormalised over the shown indices."""
-    scores = torch.log_softmax(logits.float()[list(index_ids)], dim=-1)
-    return scores.exp().double().cpu().numpy()
+def index_probabilities(logits: torch.Tensor, index_ids: Sequence[int],
+                        pointer: np.ndarray | None = None) -> np.ndarray:
+    """Next-token logits → P(index = k), renormalised over the shown indices; ``pointer`` (one
+    score per shown candidate, from the identity head) is added to the index logits first."""
+    index_logits = logits.float()[list(index_ids)]
+    if pointer is not None:
+        index_logits = index_logits + torch.as_tensor(pointer, dtype=torch.float32,
+                                                      device=index_logits.device)
+    return torch.softmax(index_logits, dim=-1).double().cpu().numpy()
 
 
 @torch.no_grad()
@@ -56,6 +62,7 @@ def score_answer(
     enc: dict[str, torch.Tensor],
     tokens: ChoiceTokens,
     gallery_size: int,
+    pointer: np.ndarray | None = None,
 ) -> np.ndarray:
     """One forward over an encoded prompt + the shared answer prefix; P(index = k), k ≤ size."""
     enc = {k: v.to(model.device) for k, v in enc.items()}
@@ -69,7 +76,7 @@ def score_answer(
         image_grid_thw=enc.get("image_grid_thw"),
         logits_to_keep=1,
     )
-    return index_probabilities(out.logits[0, -1], tokens.index_ids[:gallery_size])
+    return index_probabilities(out.logits[0, -1], tokens.index_ids[:gallery_size], pointer)
 
 
 def choice_probabilities(
@@ -79,10 +86,17 @@ def choice_probabilities(
     load: ImageLoader,
     rule: StageRule,
     tokens: ChoiceTokens,
+    identity: IdentityVision | None = None,
 ) -> np.ndarray:
-    """P(index = k | prompt) for k = 1..gallery size, renormalised over the gallery."""
-    enc = encode_prompt(processor, sample.prompt, load_images(sample, load, rule))
-    return score_answer(model, enc, tokens, gallery_size_of(sample))
+    """P(index = k | prompt) for k = 1..gallery size, renormalised over the gallery (with the
+    identity head's pointer term when the model has one and the query is an image)."""
+    images = load_images(sample, load, rule)
+    enc = encode_prompt(processor, sample.prompt, images)
+    pointer = None
+    kind = sample.task  # stage-3 task names are the query kinds the head scores
+    if identity is not None and sample.meta.get("query_is_image") and identity.applies_to(kind):
+        pointer = identity.scores(images[0], images[1:], kind)
+    return score_answer(model, enc, tokens, gallery_size_of(sample), pointer)
 
 
 def gallery_size_of(sample: InstructionSample) -> int:
@@ -95,20 +109,24 @@ def evaluate_best_choice(
     samples: Sequence[InstructionSample],
     load: ImageLoader,
     rule: StageRule,
+    identity: IdentityVision | None = None,
 ) -> dict[str, float]:
-    """Rank-1 (overall and per task), mean confidence in the truth, and the chance level."""
+    """Rank-1 (overall and per task, each with its chance level), mean confidence in the
+    truth; ``identity``: the model's identity head adds its pointer term, as when serving."""
     was_training = model.training
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
+    task_chance: dict[str, list[float]] = defaultdict(list)
     truth_prob, chance = [], []
     tokens = choice_tokens(processor.tokenizer, max(map(gallery_size_of, samples), default=1))
     for sample in samples:
         size = gallery_size_of(sample)
-        probs = choice_probabilities(model, processor, sample, load, rule, tokens)
+        probs = choice_probabilities(model, processor, sample, load, rule, tokens, identity)
         truth = int(sample.answer["choice"])
         hits[sample.task].append(int(np.argmax(probs)) + 1 == truth)
         truth_prob.append(float(probs[truth - 1]))
         chance.append(1.0 / size)
+        task_chance[sample.task].append(1.0 / size)
     model.train(was_training)
     all_hits = [h for task_hits in hits.values() for h in task_hits]
     out = {
@@ -118,4 +136,5 @@ def evaluate_best_choice(
         "eval_samples": float(len(all_hits)),
     }
     out.update({f"rank1/{task}": float(np.mean(h)) for task, h in sorted(hits.items())})
+    out.update({f"chance_rank1/{t}": float(np.mean(c)) for t, c in sorted(task_chance.items())})
     return out

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from chatreid.engine.collate import encode_prompt, render_prompt
 from chatreid.engine.evaluate import ChoiceTokens, index_probabilities, score_answer
 from chatreid.model import ChatReIDProcessor
+from chatreid.model.identity import IdentityVision
 from chatreid.rerank.prompts import QueryKind, best_choice_prompt, query_head
 
 SPLIT = "\ue000"  # private-use character: marks where the candidate list starts in the template
@@ -86,6 +87,10 @@ class _Base:
     candidates: Sequence[Image.Image]
     tokens: ChoiceTokens
     stats: JudgeStats = field(default_factory=JudgeStats)
+    pointer: np.ndarray | None = None  # identity head's score of each candidate (None: none)
+
+    def pointer_of(self, members: Sequence[int]) -> np.ndarray | None:
+        return None if self.pointer is None else self.pointer[list(members)]
 
     @property
     def device(self) -> torch.device:
@@ -106,7 +111,8 @@ class PlainJudge(_Base):
         enc = encode_prompt(self.processor, prompt.text, images)
         self.stats.group_forwards += 1
         self.stats.vision_images += len(images)
-        return score_answer(self.model, enc, self.tokens, len(members))
+        return score_answer(self.model, enc, self.tokens, len(members),
+                            self.pointer_of(members))
 
 
 class PrefixJudge(_Base):
@@ -224,7 +230,8 @@ class PrefixJudge(_Base):
         self.stats.group_forwards += 1
         self.stats.reused_tokens += shared
         self.stats.group_tokens += ids.shape[1]
-        return index_probabilities(out.logits[0, -1], self.tokens.index_ids[: len(members)])
+        return index_probabilities(out.logits[0, -1], self.tokens.index_ids[: len(members)],
+                                   self.pointer_of(members))
 
 
 _RECENT = 8  # cached group forwards kept per query: a bracket re-asks at most one per level
@@ -256,6 +263,12 @@ def make_judge(
     candidates: Sequence[Image.Image],
     tokens: ChoiceTokens,
     reuse_prefix: bool,
+    identity: IdentityVision | None = None,
 ) -> PlainJudge | PrefixJudge:
+    """The judge for one query; with an identity head (and an image query of a kind it scores)
+    every turn's answer distribution gets the head's pointer term."""
     cls = PrefixJudge if reuse_prefix else PlainJudge
-    return cls(model, processor, query, candidates, tokens)
+    pointer = None
+    if identity is not None and query.image is not None and identity.applies_to(query.kind.value):
+        pointer = identity.scores(query.image, candidates, query.kind.value)
+    return cls(model, processor, query, candidates, tokens, pointer=pointer)

@@ -37,6 +37,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from chatreid.engine.evaluate import choice_tokens
 from chatreid.model import ChatReIDProcessor
+from chatreid.model.identity import IdentityVision
 from chatreid.rerank.judge import JudgeStats, Query, make_judge
 
 DEFAULT_GROUP_SIZE = 8  # the largest gallery of stage-3 training (Stage3Config.gallery_size)
@@ -156,6 +157,7 @@ class BestChoiceReranker:
         group_size: int = DEFAULT_GROUP_SIZE,
         max_turns: int | None = None,
         reuse_prefix: bool = True,
+        identity: IdentityVision | None = None,
     ) -> None:
         if group_size < 2:
             raise ValueError("group_size must be at least 2: a choice needs two candidates")
@@ -168,6 +170,7 @@ class BestChoiceReranker:
         self.group_size = group_size
         self.max_turns = max_turns
         self.reuse_prefix = reuse_prefix
+        self.identity = identity  # the checkpoint's identity head: each turn's pointer term
 
     def rerank(
         self,
@@ -193,6 +196,7 @@ class BestChoiceReranker:
             [c.image.convert("RGB") for c in candidates],
             self.tokens,
             reuse,
+            self.identity,
         )
         turns = self._dialogue(judge, candidates, max_turns or self.max_turns)
         ranking = _rank(candidates, turns)
