@@ -27,6 +27,7 @@ from chatreid.rerank import (
     QueryKind,
     best_choice_prompt,
 )
+from chatreid.rerank.reranker import _rank, stick_breaking
 
 CLUE = "a woman in a red jacket and blue jeans with a black backpack"
 TEXTS = {QueryKind.TEXT_TO_IMAGE: CLUE, QueryKind.ATTRIBUTE: "gender: female; upper colour: red"}
@@ -124,18 +125,107 @@ def test_ranking_contract(max_turns, tiny, crops) -> None:
     assert [r.rank for r in ranking] == list(range(1, len(cands) + 1))
     turns = len(cands) if max_turns is None else max_turns
     assert [r.reranked for r in ranking] == [True] * turns + [False] * (len(cands) - turns)
-    confs = [r.confidence for r in ranking if r.reranked]
-    assert all(0.0 < c <= 1.0 for c in confs)
-    assert all(a >= b for a, b in itertools.pairwise(confs))
-    assert [r.turn for r in ranking if r.reranked] == list(range(turns))  # ties keep turn order
+    reranked = [r for r in ranking if r.reranked]
+    confs = [r.confidence for r in reranked]
+    assert all(0.0 < c <= 1.0 for c in confs) and sum(confs) <= 1.0 + 1e-9
+    # Ranked by confidence, ties by turn; each is its turn's stick-breaking share.
+    assert [(-r.confidence, r.turn) for r in reranked] == sorted(
+        (-r.confidence, r.turn) for r in reranked)
+    shares = stick_breaking([t.probability for t in result.turns])
+    assert [r.confidence for r in reranked] == [shares[r.turn] for r in reranked]
+    assert sorted(r.turn for r in reranked) == list(range(turns))
     # Not reranked: prefilter order, no confidence.
     rest = [r for r in ranking if not r.reranked]
     assert [r.prefilter_rank for r in rest] == sorted(r.prefilter_rank for r in rest)
     assert all(r.confidence is None for r in rest)
     # The turns: each chosen once, from what it was shown, the pool shrinking.
-    assert [t.chosen for t in result.turns] == [r.candidate_id for r in ranking[:turns]]
+    assert [t.chosen for t in result.turns] == [
+        r.candidate_id for r in sorted(reranked, key=lambda r: r.turn)]
     assert all(t.chosen in t.shown for t in result.turns)
     assert result.stats.turns == turns and result.stats.candidates == len(cands)
+
+
+# --- what the confidence means ------------------------------------------------------------------
+
+
+def preferring_first(certainty: float):
+    """A deterministic judge: the candidate shown first (best prefilter rank) gets
+    ``certainty``, the rest share what is left equally."""
+
+    def judge(shown):
+        n = len(shown)
+        return np.array([certainty] + [(1 - certainty) / (n - 1)] * (n - 1))
+
+    return judge
+
+
+def preferring(order: list[int], temperature: float):
+    """A deterministic judge with a fixed taste: softmax of ``-position in order / T``."""
+    taste = {c: i for i, c in enumerate(order)}
+
+    def judge(shown):
+        logits = np.array([-taste[c] / temperature for c in shown])
+        p = np.exp(logits - logits.max())
+        return p / p.sum()
+
+    return judge
+
+
+def dialogue_confidences(tiny, crops, judge, k: int = 10, group_size: int = 4):
+    model, processor = tiny
+    cands = candidates(crops, k)
+    reranker = BestChoiceReranker(model, processor, group_size=group_size)
+    turns = reranker._dialogue(judge, cands, None)
+    ranking = _rank(cands, turns)
+    return turns, [r for r in ranking if r.reranked]
+
+
+def test_a_certain_judge_puts_its_belief_on_the_first_pick(tiny, crops) -> None:
+    turns, ranked = dialogue_confidences(tiny, crops, preferring_first(0.999))
+    assert ranked[0].candidate_id == "crop-0" and ranked[0].confidence > 0.99
+    assert all(r.confidence < 0.01 for r in ranked[1:])
+    assert sum(r.confidence for r in ranked) == pytest.approx(1.0)  # run to the last pick
+    assert [r.turn for r in ranked] == list(range(len(turns)))  # falling shares: turn order
+
+
+def test_an_uncertain_judge_spreads_its_belief(tiny, crops) -> None:
+    _, ranked = dialogue_confidences(tiny, crops, preferring(list(range(10)), temperature=50.0))
+    confs = [r.confidence for r in ranked]
+    assert max(confs) < 0.4  # no pick holds most of the belief (3 bracket winners shown)
+    assert sum(c > 0.03 for c in confs) >= 5  # several hold a visible share
+    assert len({round(c, 6) for c in confs}) == len(confs)  # not one flat value
+    assert sum(confs) <= 1.0 + 1e-9
+
+
+def test_confidences_differ_where_the_judge_is_more_or_less_sure(tiny, crops) -> None:
+    sure = [r.confidence for r in dialogue_confidences(tiny, crops, preferring_first(0.9))[1]]
+    unsure = [r.confidence for r in dialogue_confidences(tiny, crops, preferring_first(0.4))[1]]
+    assert sure[0] > unsure[0]
+    assert sure != pytest.approx(unsure)
+    # The same choices with more doubt leave more belief for the later picks.
+    assert sum(unsure[1:]) > sum(sure[1:])
+
+
+def test_a_confident_later_pick_outranks_a_doubtful_earlier_one(tiny, crops) -> None:
+    """Ranking by the share, not by turn: a first pick made with 0.3 leaves 0.7 of the belief,
+    and a second pick made with 0.9 of it (0.63) ranks above it; equal shares keep turn order."""
+    probabilities = iter([0.3, 0.9])
+
+    def judge(shown):
+        p = next(probabilities, 0.5)
+        return np.array([p] + [(1 - p) / (len(shown) - 1)] * (len(shown) - 1))
+
+    turns, ranked = dialogue_confidences(tiny, crops, judge, k=4, group_size=4)
+    assert [t.probability for t in turns] == pytest.approx([0.3, 0.9, 0.5, 1.0])
+    assert [r.turn for r in ranked] == [1, 0, 2, 3]  # the last two tie: turn order
+    assert [r.confidence for r in ranked] == pytest.approx([0.63, 0.3, 0.035, 0.035])
+
+
+def test_stick_breaking_shares() -> None:
+    assert stick_breaking([]) == []
+    assert stick_breaking([0.5, 0.5, 1.0]) == pytest.approx([0.5, 0.25, 0.25])
+    assert stick_breaking([1.0, 0.7]) == [1.0, 0.0]  # nothing left after a certain pick
+    assert sum(stick_breaking([0.2, 0.3, 0.4])) < 1.0  # dialogue cut short: the rest unranked
 
 
 def bracket_levels(k: int, g: int) -> list[int]:

@@ -14,15 +14,24 @@ re-asking it would return. A full rerank of K candidates therefore costs about
 K / (group_size - 1) forwards for the first turn and at most one per bracket level for each
 later turn: linear in K, where re-splitting the pool every turn would be quadratic.
 
-Ranking and confidences. A turn's probability is relative to the rivals it was shown, so it
+Ranking and confidences. A turn's probability ``p_t`` (the probability the model gave its
+choice in the forward that decided turn ``t``) is relative to the rivals it was shown, so it
 tends to rise as the pool shrinks (the last candidate, alone, is chosen with certainty and no
-forward). Raw turn probabilities are therefore not monotone. The model preferred every earlier
-pick over every later one while both were in the pool, so a later pick is reported with at most
-the confidence of the pick before it: ``confidence = min(turn probability, previous
-confidence)``, non-increasing by construction. The reranked candidates are ranked by that
-confidence, ties by turn (earlier first) — which is the dialogue's order. Within a group a tie
-in probability goes to the candidate shown first (better prefilter rank). Candidates left when
-``max_turns`` ends the dialogue follow in prefilter order, with no confidence.
+forward); raw turn probabilities neither compare across turns nor sum to anything. The reported
+confidence is the dialogue's stick-breaking share: turn ``t``'s pick gets
+
+    c_t = p_t * prod_{s < t} (1 - p_s)
+
+- the belief the model had left after doubting every earlier pick, times the share of it the
+turn's pick won. The ``c_t`` sum to at most 1 over the reranked candidates and read as "the
+share of the model's belief that this candidate is the query's person": a certain judge gives
+its first pick about 1 and the rest about 0; an uncertain one spreads them; two dialogues that
+differ in certainty report different numbers (the old non-increasing cap ``min(p_t, c_{t-1})``
+flattened them). The reranked candidates are ranked by that confidence, ties by turn (earlier
+first: a pick after a near-certain one gets about 0, and the dialogue's order then decides).
+Within a group a tie in probability goes to the candidate shown first (better prefilter rank).
+Candidates left when ``max_turns`` ends the dialogue follow in prefilter order, with no
+confidence (the belief they share is ``1 - sum c_t``).
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ class Ranked:
     prefilter_rank: int  # 1-based position in the prefilter's order
     prefilter_score: float | None
     reranked: bool
-    confidence: float | None  # ranking confidence (non-increasing); None = not reranked
+    confidence: float | None  # stick-breaking share c_t in [0, 1] (module doc); None = not reranked
     turn: int | None = None  # 0-based turn that chose it
     turn_probability: float | None = None  # P(choice) in the forward that decided the turn
 
@@ -242,12 +251,20 @@ def _decide(group: _Group, pool: set[int], judge: Judge) -> _Outcome | None:
     return group.outcome
 
 
+def stick_breaking(probabilities: Sequence[float]) -> list[float]:
+    """``c_t = p_t * prod_{s<t} (1 - p_s)`` for the turn probabilities ``p_t`` in turn order:
+    each pick's share of the model's belief; they sum to at most 1."""
+    shares, left = [], 1.0
+    for p in probabilities:
+        p = min(max(float(p), 0.0), 1.0)
+        shares.append(left * p)
+        left *= 1.0 - p
+    return shares
+
+
 def _rank(candidates: Sequence[Candidate], turns: list[TurnRecord]) -> list[Ranked]:
     position = {c.id: i for i, c in enumerate(candidates)}
-    confidences, ceiling = [], 1.0
-    for turn in turns:
-        ceiling = min(ceiling, turn.probability)
-        confidences.append(ceiling)
+    confidences = stick_breaking([turn.probability for turn in turns])
     order = sorted(range(len(turns)), key=lambda t: (-confidences[t], t))
     ranked = []
     for t in order:
