@@ -839,7 +839,7 @@ def data_upload_world(world: Annotated[Path | None, typer.Option()] = None) -> N
 @app.command()
 def train(
     stage: Annotated[str, typer.Option(help="embedder | 1 | 2 | 3 | all")] = "all",
-    preset: Annotated[str, typer.Option(help="default (CPU, < 60 min) | micro (CI)")] = "default",
+    preset: Annotated[str, typer.Option(help="default (the paper's recipe at CPU scale, < 60 min) | quick (<= 20 min: embedder, a few decoder steps, the identity head) | micro (CI)")] = "default",
     ablation: Annotated[str | None, typer.Option(help="with --stage all: 3 | 2+3 | 1+2+3")]
     = None,
     base: Annotated[str | None, typer.Option(help="offline-default | tiny | checkpoint")] = None,

@@ -194,6 +194,14 @@ class TrainSettings(BaseModel):
     embedder_teacher: str | None = Field(
         None, description="an ONNX Re-ID model (path or version) the torch embedder also "
         "distils from (its pairwise similarities); None: no distillation")
+    vision_backbone: str = Field(
+        "prefilter", description="the Re-ID backbone of the VLM's identity head (trained after "
+        "stage 3, saved in the checkpoint's identity/ folder): 'prefilter' (the embedder that "
+        "serves the prefilter, the chain's new one when it trains one), 'none' (no identity "
+        "head: the decoder alone), or what `evaluate --embedder` accepts (a version, 'imagenet', "
+        "an .onnx Re-ID model or checkpoint directory)")
+    identity_epochs: int = Field(60, ge=1, description="epochs of the identity head over the "
+                                 "stage-3 groups (cached features: well under a second each)")
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
@@ -262,6 +270,14 @@ class ServeSettings(BaseModel):
     group_size: int = Field(8, ge=2, le=8, description="candidates per best-choice turn")
     max_turns: int | None = Field(None, ge=1, description="None: rank every candidate")
     reuse_prefix: bool = True
+    ranking: Literal["confidence", "fused"] = Field(
+        "confidence", description="how results are ordered: 'confidence' (the paper's: the "
+        "reranked crops by the dialogue's confidence, then the rest in prefilter order) or "
+        "'fused' (every shortlisted crop by fused_weight * confidence + (1 - fused_weight) * "
+        "softmax(prefilter score / 0.05); chatreid.evaluation.ranking)")
+    fused_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="the fused ranking's weight on the confidence; set "
+        "from the checkpoint's fitted weight when it records one")
     torch_threads: int = Field(0, ge=0, description="intra-op threads per rerank replica")
     rationale_top: int = Field(3, ge=0, description="results that get a rationale on request")
     rationale_tokens: int = Field(64, ge=8, le=256)

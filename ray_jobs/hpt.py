@@ -46,6 +46,7 @@ class StageJob(BaseModel):
     world_root: str | None = None  # local copy, when the workers share the driver's disk
     parent: CheckpointEvent | None = None
     eval_dataset_id: str | None = None  # stage-3 samples of held-out identities (rank 0 scores)
+    identity_backbone: str | None = None  # stage 3: the identity head's backbone (None: none)
 
 
 class StageOutcome(BaseModel):
@@ -145,6 +146,8 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
         final = Path(result.checkpoint.to_directory(tmp)) / FINAL_DIR
         if not final.is_dir():
             raise RuntimeError(f"stage {job.hpt.stage}: last checkpoint holds no {FINAL_DIR}/")
+        if job.hpt.stage == 3 and job.identity_backbone:
+            metrics |= attach_identity(settings, job, final)
         if f"stage{job.hpt.stage}" == settings.serve.stage:  # the stage a rollout serves
             metrics |= _gate_figures(settings, final)
         event = push(
@@ -155,6 +158,60 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
         )
     return StageOutcome(stage=job.hpt.stage, version=version, wall_s=wall, metrics=metrics,
                         parent_version=event.parent_version, event=event)
+
+
+def identity_backbone(settings: Settings, source: str):
+    """The embedder ``source`` names: 'prefilter' is the one serving the prefilter now."""
+    from chatreid.embedder import resolve_embedder
+    from chatreid.evaluation.gate import serving_embedder
+
+    return serving_embedder(settings) if source == "prefilter" \
+        else resolve_embedder(settings, source)
+
+
+def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[str, float]:
+    """Train the identity head on the stage's groups (cached backbone features; the epoch is
+    chosen on held-out people of the training split) and save it beside the model. Returns its
+    figures, and the decoder + head's held-out best-choice accuracy (as served) per task."""
+    from chatreid.engine.evaluate import evaluate_best_choice
+    from chatreid.engine.identity import (
+        HeadRecipe,
+        group_features,
+        groups_of,
+        split_by_person,
+        train_identity_head,
+    )
+    from chatreid.engine.stages import rule_for
+    from chatreid.model import build_model
+    from chatreid.model.identity import FeatureCache, IdentityVision
+
+    assert job.identity_backbone is not None
+    backbone = identity_backbone(settings, job.identity_backbone)
+    resolver = ImageResolver(settings, job.world_id,
+                             local_root=Path(job.world_root) if job.world_root else None,
+                             cache_dir=settings.train.out_dir / "cache" / "worlds")
+
+    def load(relpath: str) -> Image.Image:
+        return Image.open(resolver(relpath))
+
+    cache = FeatureCache(settings.train.out_dir / "cache" / "features", backbone.version)
+    train_groups, val_groups = split_by_person(
+        groups_of(list(iter_samples(settings, job.dataset_id, 3))), seed=job.hpt.seed)
+    head = train_identity_head(
+        train_groups, group_features(train_groups, cache, backbone, load),
+        val_groups, group_features(val_groups, cache, backbone, load), backbone.version,
+        HeadRecipe(epochs=settings.train.identity_epochs, seed=job.hpt.seed))
+    identity = IdentityVision(backbone, head)
+    identity.save(model_dir)
+    figures = {f"identity/{k}": v for k, v in head.cfg.metrics.items()}
+    figures["identity/cached_features"] = float(len(cache))
+    if job.eval_dataset_id:
+        model, processor = build_model(str(model_dir))
+        samples = list(iter_samples(settings, job.eval_dataset_id, 3))
+        scores = evaluate_best_choice(model, processor, samples, load, rule_for(3), identity)
+        figures |= {f"eval_with_identity/{k}": v for k, v in scores.items()}
+    log.info("identity head on %s: %s", backbone.version, figures)
+    return figures
 
 
 def _gate_figures(settings: Settings, model_dir: Path) -> dict[str, float]:
@@ -184,6 +241,7 @@ def run_chain(
     world_root: Path | None,
     eval_dataset_id: str | None,
     parent: CheckpointEvent | None = None,
+    identity_backbone: str | None = None,
 ) -> list[StageOutcome]:
     """Stages in order, each from the one before (the first from ``parent`` or the base)."""
     if list(stages) != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
@@ -194,7 +252,7 @@ def run_chain(
             hpt=configs[stage], dataset_id=datasets[stage].dataset_id,
             num_shards=datasets[stage].num_shards, world_id=world_id,
             world_root=str(world_root) if world_root else None, parent=parent,
-            eval_dataset_id=eval_dataset_id,
+            eval_dataset_id=eval_dataset_id, identity_backbone=identity_backbone,
         )
         outcome = run_stage(settings, job)
         outcomes.append(outcome)

@@ -36,12 +36,25 @@ class Group:
     query: str  # image key
     candidates: tuple[str, ...]
     answer: int  # 0-based position of the query's person among the candidates
+    pid: int | str | None = None  # the query's person (validation splits by person)
+
+
+def split_by_person(groups: Sequence[Group], share: float = 0.2, seed: int = 0
+                    ) -> tuple[list[Group], list[Group]]:
+    """(training, validation) groups: a seeded ``share`` of the query persons is held out, so
+    the head's epoch is chosen on people it never trained on and never on test identities."""
+    people = sorted({str(g.pid) for g in groups})
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(people, max(1, round(share * len(people))), replace=False).tolist()) \
+        if len(people) > 1 else set()
+    return ([g for g in groups if str(g.pid) not in held],
+            [g for g in groups if str(g.pid) in held])
 
 
 @dataclass(frozen=True)
 class HeadRecipe:
     epochs: int = 60
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-2
     batch_size: int = 64
     seed: int = 0
@@ -54,7 +67,8 @@ def groups_of(samples: Sequence[InstructionSample]) -> list[Group]:
         kind = QueryKind.parse(s.task).value
         if s.stage != 3 or kind not in IMAGE_KINDS or not s.meta.get("query_is_image", True):
             continue
-        out.append(Group(kind, s.images[0], tuple(s.images[1:]), int(s.answer["choice"]) - 1))
+        out.append(Group(kind, s.images[0], tuple(s.images[1:]), int(s.answer["choice"]) - 1,
+                         s.meta.get("query", {}).get("pid")))
     return out
 
 

@@ -26,6 +26,7 @@ from chatreid.config import ServeSettings, Settings
 from chatreid.data.instructions import prompts as P
 from chatreid.engine.collate import encode_prompt
 from chatreid.model import build_model
+from chatreid.model.identity import IdentityVision
 from chatreid.rerank import BestChoiceReranker, Candidate, Query, QueryKind, RerankResult
 from chatreid.schemas import CheckpointEvent
 
@@ -124,10 +125,13 @@ class RerankAnswer:
 class VLMRuntime:
     """One loaded VLM with its reranker; immutable once built (a redeploy builds a new one)."""
 
-    def __init__(self, model, processor, spec: ModelSpec, cfg: ServeSettings) -> None:
+    def __init__(self, model, processor, spec: ModelSpec, cfg: ServeSettings,
+                 identity: IdentityVision | None = None) -> None:
         self.model, self.processor, self.spec, self.cfg = model.eval(), processor, spec, cfg
+        self.identity = identity  # the checkpoint's identity head (None: the paper's VLM alone)
         self.reranker = BestChoiceReranker(model, processor, group_size=cfg.group_size,
-                                           max_turns=cfg.max_turns, reuse_prefix=cfg.reuse_prefix)
+                                           max_turns=cfg.max_turns, reuse_prefix=cfg.reuse_prefix,
+                                           identity=identity)
 
     @property
     def version(self) -> str:
@@ -141,14 +145,16 @@ class VLMRuntime:
             if Path(spec.name).is_dir():  # a spec may arrive without resolve_spec's check
                 check_model_dir(Path(spec.name))
             model, processor = build_model(spec.name)
+            identity = IdentityVision.load(Path(spec.name)) if Path(spec.name).is_dir() else None
         else:
             assert spec.event is not None
             with tempfile.TemporaryDirectory(prefix="chatreid-vlm-") as tmp:
                 pull(settings, spec.event, Path(tmp))
                 model, processor = build_model(tmp)
+                identity = IdentityVision.load(Path(tmp))
         if settings.serve.rerank_num_gpus and torch.cuda.is_available():
             model = model.to("cuda", torch.bfloat16)  # Ray set CUDA_VISIBLE_DEVICES to ours
-        return cls(model, processor, spec, settings.serve)
+        return cls(model, processor, spec, settings.serve, identity)
 
     # -- answers ---------------------------------------------------------------------------------
     @torch.inference_mode()
