@@ -24,6 +24,7 @@ import numpy as np
 import ray.train
 import torch
 from pydantic import BaseModel, Field
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from chatreid.data.instructions import InstructionSample
 from chatreid.engine.collate import ImageLoader, collate, encode_sample
@@ -49,6 +50,8 @@ class HPTConfig(BaseModel):
     warmup_steps: int = 5
     max_steps: int | None = Field(None, description="cap on optimizer steps (micro configs)")
     grad_clip: float = 1.0
+    no_vision_cache: bool = Field(False, description="recompute the frozen encoder every step "
+                                  "(the reference path; the cache gives the same loss)")
     seed: int = 0
     log_every: int = 5
 
@@ -116,6 +119,53 @@ def deepspeed_config(cfg: HPTConfig, zero_stage: int, bf16: bool) -> dict[str, A
     }
 
 
+class VisionCache:
+    """The frozen encoder's output per crop, computed once per encoder version (stage 3 and any
+    stage that freezes ``model.visual``): a step then runs only the decoder.
+
+    ``version`` is a digest of the encoder's weights; features are looked up under it, and a
+    model whose encoder differs is refused (never served features of another encoder)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.version = encoder_version(model)
+        self._feats: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def check(self, model: torch.nn.Module) -> None:
+        if encoder_version(model) != self.version:
+            raise ValueError("cached vision features belong to encoder "
+                             f"{self.version[:12]}, the model's encoder is "
+                             f"{encoder_version(model)[:12]}: refusing to mix them")
+
+    @torch.no_grad()
+    def features(self, model, keys: list[str], pixels: torch.Tensor, grid: torch.Tensor
+                 ) -> tuple[torch.Tensor, ...]:
+        """Each image's merged tokens: from the cache, else one encoder forward for the missing
+        images of this sample (rows of ``pixels`` are split by ``grid``)."""
+        rows = [int(t * h * w) for t, h, w in grid.tolist()]
+        chunks = torch.split(pixels, rows)
+        missing = [i for i, k in enumerate(keys) if k not in self._feats]
+        if missing:
+            out = model.model.get_image_features(
+                torch.cat([chunks[i] for i in missing]), grid[missing]).pooler_output
+            for i, f in zip(missing, out, strict=True):
+                self._feats[keys[i]] = f.detach()
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        return tuple(self._feats[k] for k in keys)
+
+
+def encoder_version(model: torch.nn.Module) -> str:
+    """A digest of the vision encoder's weights (what cached features are valid for)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.model.visual.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class StageTrainer:
     """One worker's training state for a stage; ``run`` is the whole loop."""
 
@@ -149,6 +199,9 @@ class StageTrainer:
         )
         self.engine = self._wrap(zero_stage)
         self.step = 0
+        # A frozen encoder computes each crop once (the cache is dropped if it ever trains).
+        self.vision_cache = None if self.rule.train_encoder or cfg.no_vision_cache \
+            else VisionCache(self.model)
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -186,6 +239,8 @@ class StageTrainer:
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
                 self.step = int(state["step"])
+        if self.vision_cache is not None:
+            self.vision_cache.check(self.core)
         return True
 
     def _save_state(self, directory: Path) -> None:
@@ -216,11 +271,12 @@ class StageTrainer:
 
     def train_step(self) -> tuple[float, int]:
         idx = batch_indices(self.cfg, self.step, len(self.samples))
-        batch = collate(
-            [encode_sample(self.samples[i], self.processor, self.load, self.rule) for i in idx],
-            self.pad_id,
-        )
+        encoded = [encode_sample(self.samples[i], self.processor, self.load, self.rule)
+                   for i in idx]
+        batch = collate(encoded, self.pad_id)
         inputs = self._to_device(batch)
+        if self.vision_cache is not None and "pixel_values" in inputs:
+            inputs = self._cached_vision(inputs, idx, encoded)
         # DeepSpeed casts the model to bf16 itself; plain DDP autocasts on its own device.
         with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16,
                             enabled=self.bf16 and not self.use_deepspeed):
@@ -238,6 +294,24 @@ class StageTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return float(loss.detach()), len(idx)
+
+    def _cached_vision(self, inputs: dict[str, torch.Tensor], idx: list[int],
+                       encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Swap the batch's pixels for the cached encoder outputs of its crops (the same order
+        ``collate`` concatenated them in)."""
+        feats: list[torch.Tensor] = []
+        for i, enc in zip(idx, encoded, strict=True):
+            if "pixel_values" not in enc:
+                continue
+            param = next(self.core.parameters())
+            keys = [f"{path}|{self.rule.stage}" for path in self.samples[i].images]
+            feats += self.vision_cache.features(
+                self.core, keys, enc["pixel_values"].to(param.device, param.dtype),
+                enc["image_grid_thw"].to(param.device))
+        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {
+            "image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+        return out
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         param = next(self.core.parameters())
@@ -265,6 +339,7 @@ class StageTrainer:
                 "first_loss": first_loss, "resumed_from_step": resumed_from,
                 "samples_per_s": seen * self.world / (time.perf_counter() - t0),
                 "train_samples_per_s": seen * self.world / busy,  # without checkpoint uploads
+                "vision_cache_hits": float(self.vision_cache.hits if self.vision_cache else 0),
                 "peak_rss_mib": peak_rss_mib(),
             }
             if done:
