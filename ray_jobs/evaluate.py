@@ -1,9 +1,10 @@
 """``chatreid eval`` on a suite: baseline and ChatReID per task, the dialogues sharded over Ray
 actors (each holds one VLM), resumable, with progress; then the report.
 
-Resumable: every finished dialogue is appended to ``<out>/dialogues/<model version>.jsonl``
-keyed by a hash of its inputs; a re-run (after a crash, or with more tasks) reranks only what
-is not there yet.
+Resumable: every finished dialogue (its order, VLM calls and per-candidate confidences) is
+appended to ``<out>/dialogues/<model version>.jsonl`` keyed by a hash of its inputs; a re-run
+(after a crash, or with more tasks) reranks only what is not there yet. Rows written before
+confidences were kept are re-run (their order followed the old confidence rule).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class RayReranker:
             for line in self.cache.read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    self.done[row["hash"]] = row
+                    if "confidences" in row:  # older rows: ranked by the old cap, re-run
+                        self.done[row["hash"]] = row
         self._actors: list = []
         self.calls_run = 0  # VLM calls made in this process (not from the cache)
 
@@ -96,8 +98,10 @@ class RayReranker:
         todo = [j for j in jobs if job_hash(j) not in self.done]
         if todo:
             self._run(todo)
-        return [RerankOutcome(j.key, tuple(self.done[job_hash(j)]["order"]),
-                              self.done[job_hash(j)]["calls"]) for j in jobs]
+        rows = [self.done[job_hash(j)] for j in jobs]
+        return [RerankOutcome(j.key, tuple(row["order"]), row["calls"],
+                              tuple(row["confidences"])) for j, row in zip(jobs, rows,
+                                                                          strict=True)]
 
     def _run(self, todo: list[RerankJob]) -> None:
         actors = self._pool()
@@ -116,7 +120,7 @@ class RayReranker:
                 actor, shard = pending.pop(ready[0])
                 for job, outcome in zip(shard, ray.get(ready[0]), strict=True):
                     row = {"hash": job_hash(job), "order": list(outcome.order),
-                           "calls": outcome.calls}
+                           "calls": outcome.calls, "confidences": list(outcome.confidences)}
                     self.done[row["hash"]] = row
                     log.write(json.dumps(row) + "\n")
                     self.calls_run += outcome.calls

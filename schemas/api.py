@@ -136,7 +136,10 @@ class ResultItem(_Api):
         None, description="cosine to the query image; None for queries without an image")
     prefilter_rank: int = Field(ge=1, description="position in the prefilter's shortlist")
     confidence: float | None = Field(
-        None, description="VLM response confidence; None = not reranked")
+        None, description="VLM response confidence: the share of the model's belief that this "
+        "crop is the query's person (each dialogue turn's pick gets its choice probability times "
+        "what the earlier picks left; the reranked results' values sum to at most 1); None = "
+        "not reranked")
     reranked: bool = False
     rationale: str | None = None
 

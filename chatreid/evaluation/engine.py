@@ -6,6 +6,13 @@ for text and attribute queries, their mean for adaptive (image + text) queries.
 ChatReID: for each query, the gallery items within τ among the prefilter's top K are reranked
 by the VLM's multi-turn best-choice dialogue; the final ranking is the reranked candidates by
 response confidence, then every other item in the prefilter's order (stated in the report).
+``EvalConfig.ranking = "fused"`` adds the fused mode (``chatreid.evaluation.ranking``: the
+dialogue's confidence blended with the prefilter's share, weight ``w``). With no
+``fused_weight`` given, each trial's queries are split in half deterministically
+(``split_queries``): ``w`` is fitted on the validation half only, and *every* row - prefilter,
+peer, ChatReID by confidence, ChatReID fused - is scored on the test half, so the rows compare.
+Peer: k-reciprocal re-ranking (Zhong et al. 2017; k1 = 20, k2 = 6, lambda = 0.3) over the same
+prefilter features, for image-only queries, in runs that rerank.
 The reranking itself is a callable (``Reranker``) so it can run in-process or sharded over Ray
 actors (``ray_jobs/evaluate.py``).
 """
@@ -22,9 +29,28 @@ from PIL import Image
 from chatreid.data.datasets import ImageRecord
 from chatreid.embedder.colour import ColourAttributeEmbedder
 from chatreid.evaluation.queries import EvalQuery, build_queries
+from chatreid.evaluation.ranking import (
+    RANKING_MODES,
+    RankingMode,
+    RankingRun,
+    fit_fused_weight,
+    ordered_distances,
+    select_rows,
+    split_queries,
+)
 from chatreid.evaluation.tasks import EvalTask
-from chatreid.metrics import Labels, Metrics, compute_distmat, mean_metrics, rank_metrics
+from chatreid.metrics import (
+    Labels,
+    Metrics,
+    compute_distmat,
+    k_reciprocal_distances,
+    mean_metrics,
+    rank_metrics,
+)
 from chatreid.metrics.protocols import sample_gallery
+
+PEER = {"k1": 20, "k2": 6, "lambda_value": 0.3}  # k-reciprocal settings (the paper's defaults)
+PEER_MAX_ITEMS = 10_000  # queries + gallery: dense (N x N) float32 matrices, ~400 MB each here
 
 
 @dataclass(frozen=True)
@@ -33,6 +59,15 @@ class EvalConfig:
     tau: float | None = None  # cosine threshold of the prefilter
     max_queries: int | None = None  # a seeded sample of queries (quick runs); None = all
     seed: int = 0
+    ranking: RankingMode = "confidence"  # "fused": also the fused row (module doc)
+    fused_weight: float | None = None  # fused mode's w; None: fitted on a validation half
+    peer: bool = True  # the k-reciprocal row (image-only queries, runs that rerank)
+
+    def __post_init__(self) -> None:
+        if self.ranking not in RANKING_MODES:
+            raise ValueError(f"ranking must be one of {RANKING_MODES}, got {self.ranking!r}")
+        if self.fused_weight is not None and not 0.0 <= self.fused_weight <= 1.0:
+            raise ValueError(f"fused_weight must be in [0, 1], got {self.fused_weight!r}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +86,13 @@ class RerankOutcome:
     key: str
     order: tuple[int, ...]  # candidate positions the dialogue ranked, best first
     calls: int  # VLM forward passes
+    # one per candidate (job order): the dialogue's confidence, None where not reranked;
+    # empty: not recorded (an outcome from before confidences were kept)
+    confidences: tuple[float | None, ...] = ()
+
+    def confidence_list(self, n: int) -> list[float | None]:
+        """The confidences over ``n`` candidates; unrecorded ones read as None."""
+        return list(self.confidences) if len(self.confidences) == n else [None] * n
 
 
 Reranker = Callable[[Sequence[RerankJob]], list[RerankOutcome]]
@@ -67,6 +109,9 @@ class TaskResult:
     queries: int = 0
     runs: int = 1  # trials x gallery draws averaged
     notes: list[str] = field(default_factory=list)
+    fused: Metrics | None = None  # ChatReID in the fused ranking mode (EvalConfig.ranking)
+    fused_weight: float | None = None  # its w (given, or fitted on the validation half)
+    peer: Metrics | None = None  # k-reciprocal re-ranking of the same prefilter
 
 
 def labels(records: Sequence[ImageRecord]) -> Labels:
@@ -80,15 +125,23 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
                   text_prefilter: ColourAttributeEmbedder | None = None) -> TaskResult:
     """Baseline and (with ``rerank``) ChatReID on ``task``. The prefilter is the image
     embedder for image queries, the colour-attribute matcher for text and attribute queries,
-    and the mean of both distances for adaptive (image + text) queries."""
+    and the mean of both distances for adaptive (image + text) queries. With ``rerank``, also
+    the peer row (image-only queries) and, in the fused mode, the fused row (module doc)."""
     text_prefilter = text_prefilter or ColourAttributeEmbedder()
+    fit = rerank is not None and cfg.ranking == "fused" and cfg.fused_weight is None
     base_runs: list[Metrics] = []
     chat_runs: list[Metrics] = []
+    peer_runs: list[Metrics] = []
+    ranking_runs: list[RankingRun] = []
+    validation: list[list[int]] = []
+    scored: list[list[int]] = []
     calls = queries = 0
+    notes = _notes(task, cfg, rerank is not None)
     for t, trial in enumerate(task.trials or ({},)):
         ds = task.load(root, **trial)
         query = _sample(build_queries(task, ds, root, cfg.seed), cfg)
         ql = labels([q.record for q in query])
+        val, rows = split_queries(len(query), cfg.seed) if fit else ([], list(range(len(query))))
         gallery = [r for r in ds.gallery if not task.indoor or r.camid in (0, 1)]
         g_images = _open(gallery)
         image_side = (embed(_open([q.record for q in query])), embed(g_images)) \
@@ -98,22 +151,68 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
         g_labels = labels(gallery)
         draws = ([sample_gallery(g_labels, 1, seed) for seed in range(task.gallery_draws)]
                  if task.gallery_draws else [np.arange(len(gallery))])
+        peer = rerank is not None and cfg.peer and not task.text_query
         for d, idx in enumerate(draws):
             sub = [gallery[i] for i in idx]
             dist = _prefilter_distances(image_side, text_side, idx, text_prefilter)
             gl = labels(sub)
-            base_runs.append(rank_metrics(dist, ql, gl, task.protocol))
-            if rerank is not None:
-                lists = [shortlist(row, cfg) for row in dist]
-                jobs = _jobs(task, f"{task.name}/t{t}/d{d}", lists, query, sub)
-                outcomes = rerank(jobs)
-                chat_runs.append(rank_metrics(_reranked(dist, lists, jobs, outcomes), ql, gl,
-                                              task.protocol))
-                calls += sum(o.calls for o in outcomes)
-            queries += len(query)
+            qs = select_rows(ql, rows)
+            base_runs.append(rank_metrics(dist[rows], qs, gl, task.protocol))
+            if rerank is None:
+                queries += len(rows)
+                continue
+            if peer and image_side is not None:
+                if len(query) + len(idx) <= PEER_MAX_ITEMS:
+                    kr = k_reciprocal_distances(image_side[0], image_side[1][idx], **PEER)
+                    peer_runs.append(rank_metrics(kr[rows], qs, gl, task.protocol))
+                elif not any(n.startswith("k-reciprocal peer skipped") for n in notes):
+                    notes.append(f"k-reciprocal peer skipped: {len(query)} queries + "
+                                 f"{len(idx)} gallery items exceed {PEER_MAX_ITEMS} (dense "
+                                 "N x N matrices)")
+            lists = [shortlist(row, cfg) for row in dist]
+            jobs = _jobs(task, f"{task.name}/t{t}/d{d}", lists, query, sub)
+            by_key = {o.key: o for o in rerank(jobs)}
+            outcomes = [by_key[j.key] for j in jobs]
+            orders = [outcomes[i].order for i in rows]
+            chat_runs.append(rank_metrics(
+                ordered_distances(dist[rows], [lists[i] for i in rows], orders), qs, gl,
+                task.protocol))
+            ranking_runs.append(RankingRun(
+                dist, lists, [o.confidence_list(len(c)) for o, c in zip(outcomes, lists,
+                                                                        strict=True)],
+                ql, gl, task.protocol))
+            validation.append(val)
+            scored.append(rows)
+            calls += sum(outcomes[i].calls for i in rows)
+            queries += len(rows)
+    fused = weight = None
+    if rerank is not None and cfg.ranking == "fused":
+        if fit:
+            found = fit_fused_weight(ranking_runs, validation)
+            weight = found.weight
+            notes.append(
+                "fused mode: score = w * confidence + (1 - w) * softmax(prefilter similarity / "
+                f"0.05) over the shortlist; w = {weight:g} fitted on a validation half of the "
+                f"queries ({sum(map(len, validation))} query runs, mAP {found.validation_mAP:.3f}"
+                "); every row of this task (prefilter, peer, confidence, fused) is scored on "
+                "the other, test half only (the validation half's dialogues ran to fit w and "
+                "are not counted in queries or VLM calls)")
+        else:
+            weight = float(cfg.fused_weight)
+            notes.append("fused mode: score = w * confidence + (1 - w) * softmax(prefilter "
+                         f"similarity / 0.05) over the shortlist; w = {weight:g} given")
+        fused = mean_metrics([_fused_metrics(run, rows, weight)
+                              for run, rows in zip(ranking_runs, scored, strict=True)])
     return TaskResult(task.name, task.task, task.protocol, mean_metrics(base_runs),
                       mean_metrics(chat_runs) if chat_runs else None, calls, queries,
-                      len(base_runs), _notes(task, cfg))
+                      len(base_runs), notes, fused, weight,
+                      mean_metrics(peer_runs) if peer_runs else None)
+
+
+def _fused_metrics(run: RankingRun, rows: list[int], w: float) -> Metrics:
+    dist = ordered_distances(run.dist[rows], [run.shortlists[i] for i in rows],
+                             run.fused_orders(w, rows))
+    return rank_metrics(dist, select_rows(run.query, rows), run.gallery, run.protocol)
 
 
 def _prefilter_distances(image_side: tuple[np.ndarray, np.ndarray] | None,
@@ -127,9 +226,12 @@ def _prefilter_distances(image_side: tuple[np.ndarray, np.ndarray] | None,
     return sum(parts) / len(parts)
 
 
-def _notes(task: EvalTask, cfg: EvalConfig) -> list[str]:
+def _notes(task: EvalTask, cfg: EvalConfig, reranked: bool = True) -> list[str]:
     notes = [f"top {cfg.k} reranked" + (f" within similarity ≥ {cfg.tau}" if cfg.tau else "")
              + "; the rest follow in the prefilter's order"]
+    if reranked and cfg.peer and not task.text_query:
+        notes.append("peer: k-reciprocal re-ranking (Zhong et al., CVPR 2017; k1 = 20, k2 = 6, "
+                     "lambda = 0.3) of the same prefilter features, training-free")
     if task.text_query:
         how = "averaged with the image embedder's cosine distance" if task.image_query else ""
         notes.append(f"{task.kind} prefilter: colour-attribute matcher (upper/lower garment "
@@ -164,18 +266,6 @@ def _jobs(task: EvalTask, prefix: str, lists: Sequence[list[int]],
             for i, q in enumerate(query)]
 
 
-def _reranked(dist: np.ndarray, lists: Sequence[list[int]], jobs: Sequence[RerankJob],
-              outcomes: Sequence[RerankOutcome]) -> np.ndarray:
-    """Distances that order each row as ChatReID ranks it: the dialogue's picks first (by
-    confidence), then everything else in the embedder's order."""
-    by_key = {o.key: o for o in outcomes}
-    out = dist.astype(np.float64) + 10.0
-    for i, (job, cands) in enumerate(zip(jobs, lists, strict=True)):
-        for position, c in enumerate(by_key[job.key].order):
-            out[i, cands[c]] = position * 1e-3
-    return out
-
-
 def rerank_one(runtime, job: RerankJob) -> RerankOutcome:
     """One query's dialogue in this process (``runtime``: a loaded ``VLMRuntime``)."""
     from chatreid.rerank import Candidate, Query
@@ -187,7 +277,9 @@ def rerank_one(runtime, job: RerankJob) -> RerankOutcome:
     cands = [Candidate(str(i), Image.open(p).convert("RGB")) for i, p in enumerate(job.candidates)]
     result = runtime.reranker.rerank(query, cands)
     order = tuple(int(r.candidate_id) for r in result.ranking if r.reranked)
-    return RerankOutcome(job.key, order, result.stats.forwards)
+    confidence = {int(r.candidate_id): r.confidence for r in result.ranking}
+    return RerankOutcome(job.key, order, result.stats.forwards,
+                         tuple(confidence[i] for i in range(len(cands))))
 
 
 def in_process_reranker(runtime) -> Reranker:

@@ -1,7 +1,16 @@
-"""Shortlist + the VLM's dialogue -> the API's ranked answer (``schemas.QueryResponse``)."""
+"""Shortlist + the VLM's dialogue -> the API's ranked answer (``schemas.QueryResponse``).
+
+Two orders (``serve.ranking``; ``chatreid.evaluation.ranking``, the same function the
+evaluation scores): ``"confidence"`` (the paper's: the reranked crops by the dialogue's
+confidence, then the rest in prefilter order) and ``"fused"`` (every shortlisted crop by
+``w * confidence + (1 - w) * softmax(prefilter score / T)``, ``w = serve.fused_weight``).
+Either way each result reports its own confidence and prefilter score.
+"""
 
 from __future__ import annotations
 
+from chatreid.evaluation.ranking import RankingMode, fused_order
+from chatreid.rerank import Ranked
 from chatreid.retrieval.shortlist import Shortlist
 from chatreid.retrieval.vlm import RerankAnswer
 from chatreid.schemas import QueryRequest, QueryResponse, ResultItem, Turn
@@ -11,13 +20,33 @@ def crop_url(base_url: str, crop_id: str) -> str:
     return f"{base_url}/v1/crops/{crop_id}"
 
 
+def ordered(shortlist: Shortlist, ranking: list[Ranked], mode: RankingMode = "confidence",
+            fused_weight: float = 0.5) -> list[Ranked]:
+    """The dialogue's ``ranking`` in ``mode``'s order (ranks renumbered from 1)."""
+    if mode == "confidence":
+        return list(ranking)
+    if mode != "fused":
+        raise ValueError(f"unknown ranking mode {mode!r} (confidence, fused)")
+    by_id = {r.candidate_id: r for r in ranking}
+    listed = [s for s in shortlist.items if s.crop_id in by_id]  # prefilter order
+    items = [by_id[s.crop_id] for s in listed]
+    order = fused_order([r.confidence for r in items], [s.score for s in listed], fused_weight)
+    return [_renumbered(items[i], n + 1) for n, i in enumerate(order)]
+
+
+def _renumbered(r: Ranked, rank: int) -> Ranked:
+    return Ranked(rank, r.candidate_id, r.prefilter_rank, r.prefilter_score, r.reranked,
+                  r.confidence, r.turn, r.turn_probability)
+
+
 def assemble(request: QueryRequest, shortlist: Shortlist, answer: RerankAnswer, *,
-             query_id: str, base_url: str, elapsed_ms: float) -> QueryResponse:
-    """Results in the dialogue's ranking (reranked by confidence, then the rest in prefilter
-    order), cut to ``request.top``; every result carries where to see it and when."""
+             query_id: str, base_url: str, elapsed_ms: float,
+             ranking: RankingMode = "confidence", fused_weight: float = 0.5) -> QueryResponse:
+    """Results in ``ranking``'s order (module doc), cut to ``request.top``; every result
+    carries its confidence, prefilter score, and where to see it and when."""
     items = {r.crop_id: r for r in shortlist.items}
     results = []
-    for r in answer.result.ranking[: request.top]:
+    for r in ordered(shortlist, answer.result.ranking, ranking, fused_weight)[: request.top]:
         s = items[r.candidate_id]
         results.append(ResultItem(
             rank=r.rank, crop_id=s.crop_id, camera=s.camera, modality=s.modality,

@@ -50,8 +50,10 @@ class ConsoleRoutes(Gate):
                                f"{shortlist.gallery} crops are indexed")
         answer = await remote(self.rerank.rerank, payload, shortlist)
         elapsed = (time.perf_counter() - t0) * 1000
+        serve = self.settings.serve
         return assemble(payload, shortlist, answer, query_id=uuid.uuid4().hex,
-                        base_url=self.settings.serve.base_url, elapsed_ms=elapsed)
+                        base_url=serve.base_url, elapsed_ms=elapsed, ranking=serve.ranking,
+                        fused_weight=serve.fused_weight)
 
     def _url(self, crop_id: str) -> str:
         return f"{self.settings.serve.base_url}/v1/crops/{crop_id}"
