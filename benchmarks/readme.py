@@ -82,8 +82,50 @@ def real_people(report: dict) -> str:
     return "\n".join(rows) + "\n\n" + "\n".join(speed) + f"\n\n{note}."
 
 
+def rerank_quality(report: dict) -> str:
+    """``benchmarks/rerank_quality.py``: prefilter, peer and ChatReID rows per task."""
+    def cell(v: dict | None, bold: bool = False) -> str:
+        if not v:
+            return "-"
+        text = f"{v['mAP']:.1f} / {v['rank1']:.1f}"
+        return f"**{text}**" if bold else text
+
+    rows = ["| checkpoint | task | prefilter | k-reciprocal (peer) | ChatReID (confidence) "
+            "| ChatReID (fused, w) |", "|---|---|---|---|---|---|"]
+    for version, entry in report.get("checkpoints", {}).items():
+        for section in ("synthetic", "real"):
+            for r in entry.get(section, {}).get("rows", []):
+                base = (r["prefilter"] or {}).get("mAP", 0.0)
+                conf, fused = r["chatreid_confidence"], r["chatreid_fused"]
+                rows.append(
+                    f"| {version[:12]} | {r['task']} | {cell(r['prefilter'])} | "
+                    f"{cell(r['peer_k_reciprocal'])} | "
+                    f"{cell(conf, bool(conf) and conf['mAP'] > base)} | "
+                    f"{cell(fused, bool(fused) and fused['mAP'] > base)} "
+                    f"({r['fused_weight']}) |")
+    acc = ["| checkpoint | stage-3 held-out task | chance | decoder alone | decoder + identity "
+           "head |", "|---|---|---|---|---|"]
+    for version, entry in report.get("checkpoints", {}).items():
+        m = entry.get("figures", {}).get("stage3", {})
+        for key in sorted(k for k in m if k.startswith("eval/rank1/")):
+            task = key.removeprefix("eval/rank1/")
+            chance = m.get(f"eval_with_identity/chance_rank1/{task}")
+            with_id = m.get(f"eval_with_identity/rank1/{task}")
+            acc.append(f"| {version[:12]} | {task} | "
+                       f"{'-' if chance is None else f'{chance:.1%}'} | {m[key]:.1%} | "
+                       f"{'-' if with_id is None else f'{with_id:.1%}'} |")
+    run = report.get("last_training_run", {})
+    note = (f"mAP / rank-1 (%), K = {report['k']}, {report['queries_per_task']} queries per task "
+            "(half fit the fused weight, every row is scored on the other half); bold: above "
+            f"the prefilter; {report['machine']}; measured {report['date']}")
+    if run:
+        note += f"; last training run {run['wall_s'] / 60:.1f} min"
+    return "\n".join(rows) + "\n\n" + "\n".join(acc) + f"\n\n{note}."
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {"query_load": query_load,
-                                               "real_people": real_people}
+                                               "real_people": real_people,
+                                               "rerank_quality": rerank_quality}
 _BLOCK = re.compile(r"<!-- bench:(\w+) -->\n.*?<!-- /bench:\1 -->", re.S)
 
 

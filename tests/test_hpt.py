@@ -209,6 +209,31 @@ def test_checkpoints_verify_and_obey_the_stage_rules(
 
 
 @pytest.mark.stack
+def test_stage3_carries_an_identity_head_on_the_chains_embedder(
+    chain, train_settings: Settings, tmp_path: Path
+) -> None:
+    from chatreid.model.identity import IdentityVision
+
+    heads = {}
+    for s in chain.stages:
+        pull(train_settings, s.event, tmp_path / s.version)
+        heads[s.stage] = IdentityVision.load(tmp_path / s.version)
+    assert heads[1] is None and heads[2] is None  # only the stage a rerank serves gets one
+    head = heads[3]
+    assert head is not None
+    embedder_dir = tmp_path / "embedder"
+    pull(train_settings, chain.embedder, embedder_dir)
+    from chatreid.embedder import load_embedder
+
+    assert head.version == load_embedder(embedder_dir).version  # the chain's new embedder
+    m = chain.stages[-1].metrics
+    assert 0.0 <= m["identity/eval/rank1"] <= 1.0 and m["identity/groups"] > 0
+    assert 0.0 <= m["eval_with_identity/rank1"] <= 1.0
+    assert m["eval_with_identity/eval_samples"] == 8
+    assert m["vision_cache_hits"] >= 0  # stage 3's frozen encoder ran from the cache
+
+
+@pytest.mark.stack
 def test_checkpoint_events_reach_the_bus(chain, train_settings: Settings) -> None:
     from chatreid.bus import make_consumer
     from chatreid.schemas import CHECKPOINTS, CheckpointEvent

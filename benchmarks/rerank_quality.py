@@ -1,0 +1,204 @@
+"""Does the VLM rerank beat the prefilter it reranks? (issue 16's acceptance figures)
+
+Per task, measured in one run on the same queries: the prefilter alone, the k-reciprocal peer
+(Zhong et al. 2017) over the same prefilter, ChatReID ranked by the dialogue's confidence (the
+paper's mode) and ChatReID fused with the prefilter (its weight fitted on a validation half of
+the queries, every row scored on the other half; ``chatreid.evaluation.ranking``).
+
+* ``synthetic`` - the six synthetic tasks, K = 10, with each VLM checkpoint named (default: the
+  newest stage-3 checkpoint, e.g. the quick preset's) and the newest embedder as the prefilter;
+* ``real`` - ``cuhk03_pair1`` (needs ``../shared``; read at run time, nothing derived is
+  written into the project) with the imported OSNet as the prefilter. The checkpoint's decoder
+  gets an identity head on OSNet trained here, in memory, on ``cuhk03-pair1/train`` groups
+  whose galleries are OSNet's own shortlists (the epoch chosen on held-out train people);
+* the checkpoints' own figures: stage-3 held-out best-choice accuracy per task against chance
+  (decoder alone and decoder + identity head), tuning samples/s, and the quick preset's wall
+  time from its training report.
+
+Needs the local stack (`chatreid up --no-ray`) and a trained checkpoint
+(`chatreid train --stage all --preset quick`).
+
+    python benchmarks/rerank_quality.py [--vlm VERSION ...] [--queries 60] [--sections ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from chatreid.checkpoints import find, latest
+from chatreid.config import Settings
+from chatreid.embedder import load_embedder, resolve_embedder
+from chatreid.evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
+from chatreid.evaluation.engine import TaskResult, evaluate_task, in_process_reranker
+from chatreid.retrieval import ModelSpec, VLMRuntime
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
+CUHK03 = SHARED / "data" / "cuhk03-pair1"
+OUT = ROOT / "benchmarks" / "results" / "rerank_quality.json"
+console = Console()
+
+
+def row(result: TaskResult) -> dict:
+    def m(metrics) -> dict | None:
+        return None if metrics is None else {"mAP": round(100 * metrics.mAP, 2),
+                                             "rank1": round(100 * metrics.cmc[0], 2)}
+    return {"task": result.task, "queries_scored": result.queries,
+            "prefilter": m(result.baseline), "peer_k_reciprocal": m(result.peer),
+            "chatreid_confidence": m(result.chatreid), "chatreid_fused": m(result.fused),
+            "fused_weight": result.fused_weight, "vlm_calls": result.vlm_calls,
+            "notes": result.notes}
+
+
+def evaluate(tasks, root: Path, embedder, runtime: VLMRuntime, cfg: EvalConfig) -> list[dict]:
+    rows = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        res = evaluate_task(task, root, embedder.embed, in_process_reranker(runtime), cfg)
+        rows.append(row(res) | {"wall_s": round(time.perf_counter() - t0, 1)})
+        show(rows[-1])
+    return rows
+
+
+def show(r: dict) -> None:
+    cells = [f"{k}: {v['mAP']:.1f}/{v['rank1']:.1f}" for k, v in r.items()
+             if isinstance(v, dict) and "mAP" in v]
+    console.print(f"[bold]{r['task']}[/] ({r['queries_scored']} queries, "
+                  f"w={r['fused_weight']}) " + "  ".join(cells))
+
+
+def checkpoint_figures(settings: Settings, version: str) -> dict:
+    """Held-out best-choice accuracy vs chance per task, tuning speed, from the manifests."""
+    event = find(settings, "vlm", version)
+    out: dict = {"version": version}
+    chain = []
+    while event is not None:
+        chain.append(event)
+        event = find(settings, "vlm", event.parent_version) if event.parent_version else None
+    for ev in chain:
+        m = ev.metrics or {}
+        keep = {k: round(v, 4) for k, v in m.items()
+                if k.startswith(("eval/", "eval_with_identity/", "identity/eval/"))
+                or k in ("train_samples_per_s", "samples_per_s", "vision_cache_hits")}
+        out[ev.stage] = keep
+    return out
+
+
+def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
+    """The checkpoint's decoder with an identity head on OSNet, trained on cuhk03 train."""
+    from chatreid.data.datasets.cuhk03_pair1 import CUHK03Pair1
+    from chatreid.engine.identity import (
+        Group,
+        HeadRecipe,
+        split_by_person,
+        train_identity_head,
+    )
+    from chatreid.model.identity import IdentityVision
+
+    osnet = load_embedder(OSNET)
+    train = CUHK03Pair1(CUHK03).train
+    feats = osnet.embed([Image.open(r.path).convert("RGB") for r in train])
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    pid = np.array([r.pid for r in train])
+    cam = np.array([r.camid for r in train])
+    rng = np.random.default_rng(0)
+    groups = []
+    for q in range(len(train)):  # every train crop queries the other camera's shortlist
+        other = np.flatnonzero(cam != cam[q])
+        top = other[np.argsort(-(unit[other] @ unit[q]))[:10]]
+        if not (pid[top] == pid[q]).any():
+            continue
+        match = int(rng.choice(top[pid[top] == pid[q]]))
+        shown = [match, *[int(i) for i in top if pid[i] != pid[q]][:7]]
+        order = rng.permutation(len(shown))
+        shown = [shown[i] for i in order]
+        groups.append(Group("standard", str(q), tuple(map(str, shown)),
+                            shown.index(match), int(pid[q])))
+    fit, val = split_by_person(groups)
+    table = {str(i): f for i, f in enumerate(feats)}
+    head = train_identity_head(fit, table, val, table, osnet.version,
+                               HeadRecipe(epochs=epochs), progress=True)
+    identity = IdentityVision(osnet, head)
+    return VLMRuntime(runtime.model, runtime.processor, runtime.spec, settings.serve,
+                      identity), osnet, head.cfg.metrics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vlm", nargs="*", default=None,
+                    help="VLM checkpoint versions (default: the newest stage-3 checkpoint)")
+    ap.add_argument("--embedder", default="latest", help="the prefilter on synthetic tasks")
+    ap.add_argument("--queries", type=int, default=60, help="queries per task (half fit w)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--sections", default="synthetic,real")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    settings = Settings()
+    sections = set(args.sections.split(","))
+    versions = args.vlm or [latest(settings, "vlm", "stage3").version]
+    cfg = EvalConfig(k=args.k, max_queries=args.queries, ranking="fused")
+    report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))}"
+                               " CPUs", "k": args.k, "queries_per_task": args.queries,
+                    "checkpoints": {}}
+    if args.out.is_file():  # keep the sections not re-run
+        report = json.loads(args.out.read_text()) | {k: v for k, v in report.items()
+                                                      if k != "checkpoints"}
+        report.setdefault("checkpoints", {})
+    synth_root = settings.train.world
+    for version in versions:
+        entry = report["checkpoints"].setdefault(version, {})
+        runtime = VLMRuntime.load(settings, ModelSpec.of_checkpoint(find(settings, "vlm",
+                                                                         version)))
+        entry["figures"] = checkpoint_figures(settings, version)
+        if "synthetic" in sections:
+            embedder = resolve_embedder(settings, args.embedder)
+            console.rule(f"synthetic suite - VLM {version}, prefilter {embedder.version}")
+            entry["synthetic"] = {"prefilter": embedder.version,
+                                  "rows": evaluate(SYNTHETIC, synth_root, embedder, runtime,
+                                                   cfg)}
+        if "real" in sections and OSNET.is_file() and CUHK03.is_dir():
+            console.rule(f"cuhk03_pair1 - VLM {version} + OSNet identity head, prefilter OSNet")
+            real_rt, osnet, head_figures = real_identity(runtime, settings, epochs=40)
+            entry["real"] = {"prefilter": osnet.version, "identity_head": head_figures,
+                             "rows": evaluate([BENCHMARKS["cuhk03_pair1"]], CUHK03, osnet,
+                                              real_rt, cfg)}
+    quick = settings.train.out_dir / "report.json"
+    if quick.is_file():
+        tr = json.loads(quick.read_text())
+        report["last_training_run"] = {"wall_s": round(tr.get("wall_s", 0.0), 1),
+                                       "stages": [s["version"] for s in tr.get("stages", [])]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    summary(report)
+    console.print(f"results: {args.out}")
+
+
+def summary(report: dict) -> None:
+    table = Table("checkpoint", "task", "prefilter", "k-reciprocal", "ChatReID (conf.)",
+                  "ChatReID (fused, w)", title="mAP / rank-1 (%)")
+    for version, entry in report["checkpoints"].items():
+        for section in ("synthetic", "real"):
+            for r in entry.get(section, {}).get("rows", []):
+                def cell(key: str, r=r) -> str:
+                    v = r.get(key)
+                    return "-" if not v else f"{v['mAP']:.1f} / {v['rank1']:.1f}"
+                table.add_row(version[:12], r["task"], cell("prefilter"),
+                              cell("peer_k_reciprocal"), cell("chatreid_confidence"),
+                              f"{cell('chatreid_fused')} ({r['fused_weight']})")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
