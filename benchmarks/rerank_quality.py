@@ -37,7 +37,7 @@ from rich.table import Table
 
 from chatreid.checkpoints import find, latest
 from chatreid.config import Settings
-from chatreid.embedder import load_embedder, resolve_embedder
+from chatreid.embedder.load import load_embedder, resolve_embedder
 from chatreid.evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
 from chatreid.evaluation.engine import TaskResult, evaluate_task, in_process_reranker
 from chatreid.retrieval import ModelSpec, VLMRuntime

@@ -162,7 +162,7 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
 
 def identity_backbone(settings: Settings, source: str):
     """The embedder ``source`` names: 'prefilter' is the one serving the prefilter now."""
-    from chatreid.embedder import resolve_embedder
+    from chatreid.embedder.load import resolve_embedder
     from chatreid.evaluation.gate import serving_embedder
 
     return serving_embedder(settings) if source == "prefilter" \
