@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
 from .config import Settings
+
+if TYPE_CHECKING:  # the evaluation engine imports numpy/PIL: loaded only by `eval`
+    from .evaluation import EvalConfig
 
 app = typer.Typer(help="ChatReID: interactive cross-camera person re-identification.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -624,6 +627,12 @@ def evaluate(
              "directory, or an .onnx Re-ID model (card: CHATREID_EMBEDDER__CARD)")
     ] = "latest",
     baseline_only: Annotated[bool, typer.Option(help="embedder only, no VLM")] = False,
+    ranking: Annotated[str, typer.Option(
+        help="confidence (the paper's) | fused: also the fused row (docs/vlm.md)")
+    ] = "confidence",
+    fused_weight: Annotated[float | None, typer.Option(
+        help="the fused mode's w; default: fitted on a validation half of the queries")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Ray actors holding a VLM each")] = 2,
     out: Annotated[Path | None, typer.Option(help="report folder (suite) or JSON (--distmat)")
                    ] = None,
@@ -631,21 +640,28 @@ def evaluate(
     """Evaluate: the baseline embedder and ChatReID on a suite (tables, CMC plots), or score
     any method's saved distance matrix under a benchmark's protocol (--distmat)."""
     if distmat is None:
-        _eval_suite(suite, task, root, k, tau, max_queries, model, embedder, baseline_only,
-                    workers, out or Path("out/eval"))
+        from .evaluation import EvalConfig
+
+        try:
+            cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries,
+                             ranking=ranking, fused_weight=fused_weight)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        _eval_suite(suite, task, root, cfg, model, embedder, baseline_only, workers,
+                    out or Path("out/eval"))
         return
     _score_distmat(distmat, protocol, max_rank, out)
 
 
-def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
-                tau: float | None, max_queries: int | None, models: list[str] | None,
+def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, cfg: EvalConfig,
+                models: list[str] | None,
                 embedder: str, baseline_only: bool, workers: int, out: Path) -> None:
     import os
     import time
 
     from .embedder import WeightsError
     from .embedder.load import resolve_embedder
-    from .evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
+    from .evaluation import BENCHMARKS, SYNTHETIC
     from .evaluation.report import write_report
     from .ray_jobs.evaluate import ClusterBusy, run_evaluation
     from .retrieval import ModelSpec
@@ -665,7 +681,6 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, k: int,
         from .ray_jobs.train import PRESETS, ensure_world
 
         root = ensure_world(settings, PRESETS["default"], console)
-    cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries)
     try:
         emb = resolve_embedder(settings, embedder)
     except (LookupError, WeightsError) as exc:
@@ -839,7 +854,9 @@ def data_upload_world(world: Annotated[Path | None, typer.Option()] = None) -> N
 @app.command()
 def train(
     stage: Annotated[str, typer.Option(help="embedder | 1 | 2 | 3 | all")] = "all",
-    preset: Annotated[str, typer.Option(help="default (the paper's recipe at CPU scale, < 60 min) | quick (<= 20 min: embedder, a few decoder steps, the identity head) | micro (CI)")] = "default",
+    preset: Annotated[str, typer.Option(
+        help="default (the paper's recipe at CPU scale, < 60 min) | quick (<= 20 min: "
+             "embedder, a few decoder steps, the identity head) | micro (CI)")] = "default",
     ablation: Annotated[str | None, typer.Option(help="with --stage all: 3 | 2+3 | 1+2+3")]
     = None,
     base: Annotated[str | None, typer.Option(help="offline-default | tiny | checkpoint")] = None,
