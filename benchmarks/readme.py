@@ -114,6 +114,17 @@ def rerank_quality(report: dict) -> str:
             acc.append(f"| {version[:12]} | {task} | "
                        f"{'-' if chance is None else f'{chance:.1%}'} | {m[key]:.1%} | "
                        f"{'-' if with_id is None else f'{with_id:.1%}'} |")
+    tune = report.get("tuning")
+    if tune:
+        acc.append("")
+        acc.append(f"Stage-3 decoder steps ({tune['model']}, batch 1): "
+                   f"{tune['pixels_samples_per_s']:.2f} samples/s recomputing the frozen encoder, "
+                   f"{tune['cached_samples_per_s']:.2f} on cached encoder outputs.")
+    for version, entry in report.get("checkpoints", {}).items():
+        ident = entry.get("figures", {}).get("stage3", {})
+        if "identity/groups_per_s" in ident:
+            acc.append(f"Identity head of {version[:12]}: {ident['identity/groups_per_s']:.0f} "
+                       "groups/s on cached features.")
     run = report.get("last_training_run", {})
     note = (f"mAP / rank-1 (%), K = {report['k']}, {report['queries_per_task']} queries per task "
             "(half fit the fused weight, every row is scored on the other half); bold: above "

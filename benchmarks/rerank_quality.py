@@ -89,7 +89,7 @@ def checkpoint_figures(settings: Settings, version: str) -> dict:
     for ev in chain:
         m = ev.metrics or {}
         keep = {k: round(v, 4) for k, v in m.items()
-                if k.startswith(("eval/", "eval_with_identity/", "identity/eval/"))
+                if k.startswith(("eval/", "eval_with_identity/", "identity/", "gate/"))
                 or k in ("train_samples_per_s", "samples_per_s", "vision_cache_hits")}
         out[ev.stage] = keep
     return out
@@ -134,6 +134,57 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
                       identity), osnet, head.cfg.metrics
 
 
+def tuning(settings: Settings, n: int = 12) -> dict:
+    """Stage-3 decoder steps/s on the last training run's stage-3 samples: the frozen encoder
+    recomputed every step (pixels) vs its cached outputs (``VisionCache``), batch 1, same
+    samples, after one warm-up pass that also fills the cache."""
+    from itertools import islice
+
+    from chatreid.data.engine import iter_samples
+    from chatreid.engine.collate import collate, encode_sample
+    from chatreid.engine.hpt import VisionCache
+    from chatreid.engine.stages import rule_for
+    from chatreid.model import build_model
+
+    run = json.loads((settings.train.out_dir / "report.json").read_text())
+    samples = list(islice(iter_samples(settings, run["datasets"]["3"]["dataset_id"], 3), n))
+    root = settings.train.world
+
+    def load(rel: str) -> Image.Image:
+        return Image.open(root / rel)
+
+    model, processor = build_model(run["base_model"])
+    model.train()
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    rule, pad = rule_for(3), processor.tokenizer.pad_token_id
+    cache = VisionCache(model)
+
+    def step(sample, cached: bool) -> None:
+        enc = encode_sample(sample, processor, load, rule)
+        batch = collate([enc], pad)
+        if cached and "pixel_values" in batch:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            feats = cache.features(model, [f"{k}|3" for k in sample.images],
+                                   enc["pixel_values"], enc["image_grid_thw"])
+            batch.pop("pixel_values")
+            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+                pooler_output=feats)}
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    out = {"samples": len(samples), "model": run["base_model"]}
+    for label, cached in (("warm-up", True), ("pixels", False), ("cached", True)):
+        t0 = time.perf_counter()
+        for sample in samples:
+            step(sample, cached)
+        if label != "warm-up":
+            out[f"{label}_samples_per_s"] = round(len(samples) / (time.perf_counter() - t0), 3)
+    console.print(f"stage-3 decoder steps: {out}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vlm", nargs="*", default=None,
@@ -141,7 +192,7 @@ def main() -> None:
     ap.add_argument("--embedder", default="latest", help="the prefilter on synthetic tasks")
     ap.add_argument("--queries", type=int, default=60, help="queries per task (half fit w)")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--sections", default="synthetic,real")
+    ap.add_argument("--sections", default="tuning,synthetic,real")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     settings = Settings()
@@ -157,6 +208,8 @@ def main() -> None:
                                                       if k != "checkpoints"}
         report.setdefault("checkpoints", {})
     synth_root = settings.train.world
+    if "tuning" in sections:
+        report["tuning"] = tuning(settings)
     for version in versions:
         entry = report["checkpoints"].setdefault(version, {})
         runtime = VLMRuntime.load(settings, ModelSpec.of_checkpoint(find(settings, "vlm",
