@@ -219,7 +219,7 @@ def main() -> None:
             embedder = resolve_embedder(settings, args.embedder)
             console.rule(f"synthetic suite - VLM {version}, prefilter {embedder.version}")
             entry["synthetic"] = {"prefilter": embedder.version,
-                                  "rows": evaluate(SYNTHETIC, synth_root, embedder, runtime,
+                                  "rows": evaluate(list(SYNTHETIC.values()), synth_root, embedder, runtime,
                                                    cfg)}
         if "real" in sections and OSNET.is_file() and CUHK03.is_dir():
             console.rule(f"cuhk03_pair1 - VLM {version} + OSNet identity head, prefilter OSNet")

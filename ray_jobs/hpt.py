@@ -173,13 +173,15 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     """Train the identity head on the stage's groups (cached backbone features; the epoch is
     chosen on held-out people of the training split) and save it beside the model. Returns its
     figures, and the decoder + head's held-out best-choice accuracy (as served) per task."""
-    from chatreid.engine.evaluate import evaluate_best_choice
+    from chatreid.engine.evaluate import choice_probabilities, choice_tokens, evaluate_best_choice
     from chatreid.engine.identity import (
         HeadRecipe,
         group_features,
         groups_of,
+        sample_index,
         split_by_person,
         train_identity_head,
+        with_decoder,
     )
     from chatreid.engine.stages import rule_for
     from chatreid.model import build_model
@@ -195,8 +197,15 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
         return Image.open(resolver(relpath))
 
     cache = FeatureCache(settings.train.out_dir / "cache" / "features", backbone.version)
-    train_groups, val_groups = split_by_person(
-        groups_of(list(iter_samples(settings, job.dataset_id, 3))), seed=job.hpt.seed)
+    samples = list(iter_samples(settings, job.dataset_id, 3))
+    model, processor = build_model(str(model_dir))
+    tokens, rule = choice_tokens(processor.tokenizer, 8), rule_for(3)
+
+    def decoder(sample):
+        return choice_probabilities(model, processor, sample, load, rule, tokens)
+
+    groups = with_decoder(groups_of(samples), sample_index(samples), decoder)
+    train_groups, val_groups = split_by_person(groups, seed=job.hpt.seed)
     head = train_identity_head(
         train_groups, group_features(train_groups, cache, backbone, load),
         val_groups, group_features(val_groups, cache, backbone, load), backbone.version,
@@ -206,9 +215,8 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     figures = {f"identity/{k}": v for k, v in head.cfg.metrics.items()}
     figures["identity/cached_features"] = float(len(cache))
     if job.eval_dataset_id:
-        model, processor = build_model(str(model_dir))
-        samples = list(iter_samples(settings, job.eval_dataset_id, 3))
-        scores = evaluate_best_choice(model, processor, samples, load, rule_for(3), identity)
+        held = list(iter_samples(settings, job.eval_dataset_id, 3))
+        scores = evaluate_best_choice(model, processor, held, load, rule, identity)
         figures |= {f"eval_with_identity/{k}": v for k, v in scores.items()}
     log.info("identity head on %s: %s", backbone.version, figures)
     return figures

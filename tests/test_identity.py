@@ -135,7 +135,7 @@ def test_each_turn_adds_the_pointer_term(backbone):
     head = IdentityHead(IdentityConfig(feature_dim=backbone.dim,
                                        encoder_version=backbone.version))
     with torch.no_grad():
-        head.scale.fill_(200.0)  # a confident head: its pointer term outweighs the decoder
+        head.log_scale.fill_(float(np.log(200.0)))  # a confident head: its pointer term outweighs the decoder
     identity = IdentityVision(backbone, head)
     assert int(np.argmax(identity.scores(query, shown, "standard"))) == 2
     cands = [Candidate(str(i), im) for i, im in enumerate(shown)]
@@ -146,3 +146,35 @@ def test_each_turn_adds_the_pointer_term(backbone):
     assert plain.rerank(Query("standard", image=query), cands).turns[0].probability < 0.9
     text_query = Query("text_to_image", text="a person in a red jacket")
     assert with_head.rerank(text_query, cands).turns[0].probability < 0.9
+
+
+def test_the_head_learns_to_outweigh_a_noisy_decoder():
+    """Trained on the answer distribution a turn uses (decoder logits + head), the head grows
+    its scale until a decoder that guesses no longer drowns what the features show."""
+    rng = np.random.default_rng(3)
+
+    def world(n: int, seed: int) -> tuple[list[Group], dict[str, np.ndarray]]:
+        r = np.random.default_rng(seed)
+        feats, groups = {}, []
+        for p in range(n):
+            me = r.normal(size=16)
+            feats[f"{seed}/{p}/q"] = me.astype(np.float32)
+            feats[f"{seed}/{p}/0"] = (me + r.normal(size=16) * 0.8).astype(np.float32)
+            for j in range(1, 6):
+                feats[f"{seed}/{p}/{j}"] = r.normal(size=16).astype(np.float32)
+            noise = tuple(float(x) for x in rng.normal(size=6) * 4.0)  # a guessing decoder
+            groups.append(Group("standard", f"{seed}/{p}/q",
+                                tuple(f"{seed}/{p}/{j}" for j in range(6)), 0, p, noise))
+        return groups, feats
+
+    train, f_train = world(300, 1)
+    held, f_held = world(120, 2)
+    untrained = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    before = head_accuracy(untrained, held, f_held)
+    head = train_identity_head(train, f_train, held[:60], f_held, "v", HeadRecipe(epochs=30),
+                               progress=False)
+    after = head_accuracy(head, held[60:], f_held)
+    assert before["decoder_rank1"] < 0.4 and before["rank1"] < before["cosine_rank1"]
+    before_test = head_accuracy(untrained, held[60:], f_held)
+    assert after["rank1"] > before_test["rank1"] + 0.1  # it learned not to trust the decoder
+    assert after["rank1"] >= after["cosine_rank1"] - 0.1

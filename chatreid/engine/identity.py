@@ -2,8 +2,9 @@
 
 Each stage-3 sample with a query image is one group: the query, its gallery (3-8 crops, exactly
 one of the query's person) and the answer. The head is trained listwise — cross-entropy of the
-answer under ``softmax(s(q, c))`` over the group, the same distribution the pointer term feeds
-into each dialogue turn — on cached backbone features, so an epoch over a thousand groups takes
+answer under ``softmax(decoder logits + s(q, c))`` over the group, the very distribution a
+dialogue turn answers with (the decoder's logits computed once per group, ``with_decoder``) —
+on cached backbone features, so an epoch over a thousand groups takes
 well under a second and the head can see every group many times. The state with the best
 held-out accuracy (identities the training never saw) is kept.
 """
@@ -37,6 +38,7 @@ class Group:
     candidates: tuple[str, ...]
     answer: int  # 0-based position of the query's person among the candidates
     pid: int | str | None = None  # the query's person (validation splits by person)
+    prior: tuple[float, ...] | None = None  # the decoder's index log-probabilities, if known
 
 
 def split_by_person(groups: Sequence[Group], share: float = 0.2, seed: int = 0
@@ -89,15 +91,39 @@ class _Batch:
         self.c, self.mask = torch.from_numpy(c), torch.from_numpy(mask)
         self.answer = torch.tensor([g.answer for g in groups])
         self.kind = torch.tensor([head.kind_index(g.task) for g in groups])
+        prior = np.zeros((len(groups), n), np.float32)
+        for i, g in enumerate(groups):
+            if g.prior is not None:
+                prior[i, :len(g.prior)] = g.prior
+        self.prior = torch.from_numpy(prior)
 
     def logits(self, head: IdentityHead) -> torch.Tensor:
-        return head(self.q, self.c, self.kind).masked_fill(~self.mask, float("-inf"))
+        """The turn's answer logits as served: the decoder's (when known) + the head's."""
+        return (self.prior + head(self.q, self.c, self.kind)).masked_fill(~self.mask,
+                                                                          float("-inf"))
 
 
 def group_features(groups: Sequence[Group], cache: FeatureCache, backbone,
                    load: Callable[[str], Image.Image]) -> dict[str, np.ndarray]:
     keys = list(dict.fromkeys(k for g in groups for k in (g.query, *g.candidates)))
     return dict(zip(keys, cache.get(keys, load, backbone), strict=True))
+
+
+def with_decoder(groups: Sequence[Group], samples: dict[str, InstructionSample],
+                 prior: Callable[[InstructionSample], np.ndarray]) -> list[Group]:
+    """``groups`` with the decoder's index log-probabilities (``prior(sample)``: one forward
+    each), so the head learns how far to trust itself over the decoder."""
+    out = []
+    for g in tqdm(groups, desc="decoder answers", unit="group"):
+        logp = np.log(np.clip(prior(samples[g.query + "|" + ",".join(g.candidates)]), 1e-12, 1))
+        out.append(Group(g.task, g.query, g.candidates, g.answer, g.pid,
+                         tuple(float(x) for x in logp)))
+    return out
+
+
+def sample_index(samples: Sequence[InstructionSample]) -> dict[str, InstructionSample]:
+    """Stage-3 samples by their group key (query + candidates), for :func:`with_decoder`."""
+    return {s.images[0] + "|" + ",".join(s.images[1:]): s for s in samples}
 
 
 @torch.no_grad()
@@ -109,14 +135,18 @@ def head_accuracy(head: IdentityHead, groups: Sequence[Group],
         return {}
     batch = _Batch(groups, feats, head)
     picks = batch.logits(head).argmax(-1)
+    decoder_picks = batch.prior.masked_fill(~batch.mask, float("-inf")).argmax(-1)
+    has_prior = all(g.prior is not None for g in groups)
     q = torch.nn.functional.normalize(batch.q, dim=-1)[:, None, :]
     cos = (q * torch.nn.functional.normalize(batch.c, dim=-1)).sum(-1)
     cos_picks = cos.masked_fill(~batch.mask, float("-inf")).argmax(-1)
     hits, cos_hits, chance = defaultdict(list), defaultdict(list), defaultdict(list)
+    dec_hits = defaultdict(list)
     for i, g in enumerate(groups):
         for task in ("all", g.task):
             hits[task].append(bool(picks[i] == g.answer))
             cos_hits[task].append(bool(cos_picks[i] == g.answer))
+            dec_hits[task].append(bool(decoder_picks[i] == g.answer))
             chance[task].append(1.0 / len(g.candidates))
     out = {}
     for task in hits:
@@ -124,6 +154,8 @@ def head_accuracy(head: IdentityHead, groups: Sequence[Group],
         out[f"rank1{suffix}"] = float(np.mean(hits[task]))
         out[f"cosine_rank1{suffix}"] = float(np.mean(cos_hits[task]))
         out[f"chance_rank1{suffix}"] = float(np.mean(chance[task]))
+        if has_prior:
+            out[f"decoder_rank1{suffix}"] = float(np.mean(dec_hits[task]))
     return out
 
 

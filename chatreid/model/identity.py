@@ -75,7 +75,9 @@ class IdentityHead(nn.Module):
         self.cfg = cfg
         d, k = cfg.feature_dim, len(cfg.kinds)
         self.metric = nn.Parameter(torch.ones(k, d))
-        self.scale = nn.Parameter(torch.tensor(INITIAL_SCALE))
+        # log-space: the scale can grow by orders of magnitude (over a noisy decoder) in a
+        # few hundred Adam steps
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(INITIAL_SCALE))))
         self.mlp = None
         if cfg.hidden:
             self.mlp = nn.Sequential(nn.Linear(2 * d + k, cfg.hidden), nn.GELU(),
@@ -95,7 +97,7 @@ class IdentityHead(nn.Module):
         q = nn.functional.normalize(q, dim=-1)[:, None, :].expand_as(c)
         c = nn.functional.normalize(c, dim=-1)
         w = self.metric[kind][:, None, :]
-        linear = self.scale * (w * q * c).sum(-1)
+        linear = self.log_scale.exp() * (w * q * c).sum(-1)
         if self.mlp is None:
             return linear
         onehot = nn.functional.one_hot(kind, len(self.cfg.kinds)).float()
