@@ -125,12 +125,9 @@ def rerank_quality(report: dict) -> str:
         if "identity/groups_per_s" in ident:
             acc.append(f"Identity head of {version[:12]}: {ident['identity/groups_per_s']:.0f} "
                        "groups/s on cached features.")
-    run = report.get("last_training_run", {})
     note = (f"mAP / rank-1 (%), K = {report['k']}, {report['queries_per_task']} queries per task "
             "(half fit the fused weight, every row is scored on the other half); bold: above "
             f"the prefilter; {report['machine']}; measured {report['date']}")
-    if run:
-        note += f"; last training run {run['wall_s'] / 60:.1f} min"
     return "\n".join(rows) + "\n\n" + "\n".join(acc) + f"\n\n{note}."
 
 

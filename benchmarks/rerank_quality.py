@@ -218,20 +218,15 @@ def main() -> None:
         if "synthetic" in sections:
             embedder = resolve_embedder(settings, args.embedder)
             console.rule(f"synthetic suite - VLM {version}, prefilter {embedder.version}")
+            tasks = list(SYNTHETIC.values())
             entry["synthetic"] = {"prefilter": embedder.version,
-                                  "rows": evaluate(list(SYNTHETIC.values()), synth_root, embedder, runtime,
-                                                   cfg)}
+                                  "rows": evaluate(tasks, synth_root, embedder, runtime, cfg)}
         if "real" in sections and OSNET.is_file() and CUHK03.is_dir():
             console.rule(f"cuhk03_pair1 - VLM {version} + OSNet identity head, prefilter OSNet")
             real_rt, osnet, head_figures = real_identity(runtime, settings, epochs=40)
             entry["real"] = {"prefilter": osnet.version, "identity_head": head_figures,
                              "rows": evaluate([BENCHMARKS["cuhk03_pair1"]], CUHK03, osnet,
                                               real_rt, cfg)}
-    quick = settings.train.out_dir / "report.json"
-    if quick.is_file():
-        tr = json.loads(quick.read_text())
-        report["last_training_run"] = {"wall_s": round(tr.get("wall_s", 0.0), 1),
-                                       "stages": [s["version"] for s in tr.get("stages", [])]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     summary(report)
