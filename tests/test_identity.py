@@ -121,7 +121,7 @@ def test_identity_folder_round_trip(tmp_path, backbone):
                                vision.scores(crop((190, 40, 40)), cands, "standard"), rtol=1e-5)
     assert IdentityVision.load(tmp_path / "nothing-here") is None
     (tmp_path / "identity" / "head.safetensors").unlink()
-    with pytest.raises(IdentityError, match="lacks head.safetensors"):
+    with pytest.raises(IdentityError, match=r"lacks head\.safetensors"):
         IdentityVision.load(tmp_path)
 
 
@@ -135,7 +135,8 @@ def test_each_turn_adds_the_pointer_term(backbone):
     head = IdentityHead(IdentityConfig(feature_dim=backbone.dim,
                                        encoder_version=backbone.version))
     with torch.no_grad():
-        head.log_scale.fill_(float(np.log(200.0)))  # a confident head: its pointer term outweighs the decoder
+        # a confident head: its pointer term outweighs the decoder
+        head.log_scale.fill_(float(np.log(200.0)))
     identity = IdentityVision(backbone, head)
     assert int(np.argmax(identity.scores(query, shown, "standard"))) == 2
     cands = [Candidate(str(i), im) for i, im in enumerate(shown)]
