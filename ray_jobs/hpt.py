@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,16 @@ def version_for(job: StageJob, runtime: Runtime) -> str:
 # --- worker side -------------------------------------------------------------------------------
 
 
+def image_loader(settings: Settings, job: StageJob) -> Callable[[str], Image.Image]:
+    """World-relative image paths → images (local copy, else fetched from object storage)."""
+    resolver = ImageResolver(
+        settings, job.world_id,
+        local_root=Path(job.world_root) if job.world_root else None,
+        cache_dir=settings.train.out_dir / "cache" / "worlds",
+    )
+    return lambda relpath: Image.open(resolver(relpath))
+
+
 def hpt_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point (every worker): fetch data and parent, then train the stage."""
     import ray.train
@@ -104,15 +114,7 @@ def hpt_loop(config: dict[str, Any]) -> None:
     eval_samples = []
     if job.eval_dataset_id and ctx.get_world_rank() == 0:
         eval_samples = list(iter_samples(settings, job.eval_dataset_id, 3))
-    resolver = ImageResolver(
-        settings, job.world_id,
-        local_root=Path(job.world_root) if job.world_root else None,
-        cache_dir=train.out_dir / "cache" / "worlds",
-    )
-
-    def load(relpath: str) -> Image.Image:
-        return Image.open(resolver(relpath))
-
+    load = image_loader(settings, job)
     with tempfile.TemporaryDirectory(prefix="parent-") as tmp:
         parent_dir = None
         if job.parent is not None:
@@ -189,13 +191,7 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
 
     assert job.identity_backbone is not None
     backbone = identity_backbone(settings, job.identity_backbone)
-    resolver = ImageResolver(settings, job.world_id,
-                             local_root=Path(job.world_root) if job.world_root else None,
-                             cache_dir=settings.train.out_dir / "cache" / "worlds")
-
-    def load(relpath: str) -> Image.Image:
-        return Image.open(resolver(relpath))
-
+    load = image_loader(settings, job)
     cache = FeatureCache(settings.train.out_dir / "cache" / "features", backbone.version)
     samples = list(iter_samples(settings, job.dataset_id, 3))
     model, processor = build_model(str(model_dir))

@@ -300,10 +300,10 @@ class StageTrainer:
         """Swap the batch's pixels for the cached encoder outputs of its crops (the same order
         ``collate`` concatenated them in)."""
         feats: list[torch.Tensor] = []
+        param = next(self.core.parameters())
         for i, enc in zip(idx, encoded, strict=True):
             if "pixel_values" not in enc:
                 continue
-            param = next(self.core.parameters())
             keys = [f"{path}|{self.rule.stage}" for path in self.samples[i].images]
             feats += self.vision_cache.features(
                 self.core, keys, enc["pixel_values"].to(param.device, param.dtype),

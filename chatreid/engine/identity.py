@@ -115,7 +115,7 @@ def with_decoder(groups: Sequence[Group], samples: dict[str, InstructionSample],
     each), so the head learns how far to trust itself over the decoder."""
     out = []
     for g in tqdm(groups, desc="decoder answers", unit="group"):
-        logp = np.log(np.clip(prior(samples[g.query + "|" + ",".join(g.candidates)]), 1e-12, 1))
+        logp = np.log(np.clip(prior(samples[_key(g.query, g.candidates)]), 1e-12, 1))
         out.append(Group(g.task, g.query, g.candidates, g.answer, g.pid,
                          tuple(float(x) for x in logp)))
     return out
@@ -123,7 +123,11 @@ def with_decoder(groups: Sequence[Group], samples: dict[str, InstructionSample],
 
 def sample_index(samples: Sequence[InstructionSample]) -> dict[str, InstructionSample]:
     """Stage-3 samples by their group key (query + candidates), for :func:`with_decoder`."""
-    return {s.images[0] + "|" + ",".join(s.images[1:]): s for s in samples}
+    return {_key(s.images[0], s.images[1:]): s for s in samples}
+
+
+def _key(query: str, candidates: Sequence[str]) -> str:
+    return query + "|" + ",".join(candidates)
 
 
 @torch.no_grad()
