@@ -34,7 +34,7 @@ up:
 down:
 	$(BIN)/chatreid down
 schemas:  ## rewrite schemas/jsonschema after a deliberate contract change
-	$(PY) -m chatreid.schemas
+	$(PY) -m schemas
 bench:
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/prefilter_search.py

@@ -37,12 +37,12 @@ def write(out: Path, report: dict[str, Any], console: Console) -> None:
 def build_site(settings: Settings, n: int, console: Console) -> list[tuple[Any, bytes]]:
     """Stream ``n`` synthetic crops through the real ingestor and embedding service into
     ``settings``' namespace: (CropEvent, crop bytes) of every crop the ingestor accepted."""
+    from chatreid.app.stack import LocalStack
     from chatreid.bus import ensure_topics
-    from chatreid.services.embedder import EmbedderService
-    from chatreid.services.ingestor import Ingestor
-    from chatreid.services.ingestor.sources import synth_source
-    from chatreid.stack import LocalStack
     from chatreid.storage import ObjectStore
+    from services.embedder import EmbedderService
+    from services.ingestor import Ingestor
+    from services.ingestor.sources import synth_source
 
     LocalStack(settings).up(ray=False)
     ObjectStore(settings.s3).ensure_bucket()

@@ -22,9 +22,9 @@ from rich.console import Console
 
 from chatreid.bus import ensure_topics
 from chatreid.config import Settings
-from chatreid.ray_jobs.train import PRESETS, train
 from chatreid.storage import ObjectStore
 from chatreid.viz import bar_chart
+from ray_jobs.train import PRESETS, train
 
 TARGET_MIN = 60.0
 

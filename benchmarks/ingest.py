@@ -30,14 +30,14 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from chatreid.app.stack import LocalStack
 from chatreid.bus import ensure_topics
 from chatreid.config import Settings
 from chatreid.embedder import embedder_from_settings
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.services.ingestor import CropInput, Ingestor
-from chatreid.stack import LocalStack
 from chatreid.storage import ObjectStore
 from chatreid.synth import SynthConfig, iter_live_crops
+from services.ingestor import CropInput, Ingestor
 
 
 def render_crops(n: int, seed: int) -> list:

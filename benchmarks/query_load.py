@@ -169,9 +169,9 @@ def main() -> None:
     from ray import serve
 
     from chatreid.cluster import connect
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import deploy
+    from chatreid.query import ModelSpec
     from chatreid.storage import ObjectStore
+    from services.retrieval.app import deploy
 
     settings = namespace(args.port)
     settings.serve.rerank_replicas = args.rerank_replicas

@@ -41,7 +41,7 @@ from rich.table import Table
 from chatreid.config import Settings
 from chatreid.embedder import load_embedder
 from chatreid.evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
-from chatreid.evaluation.engine import evaluate_task
+from chatreid.evaluation.runner import evaluate_task
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -99,7 +99,7 @@ def section_imports(settings: Settings, data: Path, world: Path) -> list[dict]:
 def section_finetune(settings: Settings, data: Path, world: Path, starts: list[str],
                      epochs: int) -> list[dict]:
     from chatreid.embedder.training import EmbedderTrainConfig
-    from chatreid.ray_jobs.train_embedder import train_embedder
+    from ray_jobs.train_embedder import train_embedder
 
     osnet = str(EMBEDDERS["osnet_x0_25_msmt17 (ONNX)"][0])
     recipes = {
@@ -192,7 +192,7 @@ def main() -> int:
     if not (args.data / "val").is_dir():
         console.print(f"[red]no real data at {args.data}[/] (see ../shared/data/README)")
         return 2
-    from chatreid.ray_jobs.train import PRESETS, ensure_world
+    from ray_jobs.train import PRESETS, ensure_world
 
     settings = Settings()
     world = ensure_world(settings, PRESETS["default"], console)

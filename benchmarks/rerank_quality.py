@@ -39,8 +39,8 @@ from chatreid.checkpoints import find, latest
 from chatreid.config import Settings
 from chatreid.embedder.load import load_embedder, resolve_embedder
 from chatreid.evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
-from chatreid.evaluation.engine import TaskResult, evaluate_task, in_process_reranker
-from chatreid.retrieval import ModelSpec, VLMRuntime
+from chatreid.evaluation.runner import TaskResult, evaluate_task, in_process_reranker
+from chatreid.query import ModelSpec, VLMRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -98,13 +98,13 @@ def checkpoint_figures(settings: Settings, version: str) -> dict:
 def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     """The checkpoint's decoder with an identity head on OSNet, trained on cuhk03 train."""
     from chatreid.data.datasets.cuhk03_pair1 import CUHK03Pair1
-    from chatreid.engine.identity import (
+    from chatreid.model.identity import IdentityVision
+    from chatreid.tuning.identity import (
         Group,
         HeadRecipe,
         split_by_person,
         train_identity_head,
     )
-    from chatreid.model.identity import IdentityVision
 
     osnet = load_embedder(OSNET)
     train = CUHK03Pair1(CUHK03).train
@@ -140,11 +140,11 @@ def tuning(settings: Settings, n: int = 12) -> dict:
     samples, after one warm-up pass that also fills the cache."""
     from itertools import islice
 
-    from chatreid.data.engine import iter_samples
-    from chatreid.engine.collate import collate, encode_sample
-    from chatreid.engine.hpt import VisionCache
-    from chatreid.engine.stages import rule_for
+    from chatreid.data.build import iter_samples
     from chatreid.model import build_model
+    from chatreid.tuning.collate import collate, encode_sample
+    from chatreid.tuning.hpt import VisionCache
+    from chatreid.tuning.stages import rule_for
 
     run = json.loads((settings.train.out_dir / "report.json").read_text())
     samples = list(islice(iter_samples(settings, run["datasets"]["3"]["dataset_id"], 3), n))

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from chatreid.client import RetrievalClient
 from chatreid.config import Settings
-from chatreid.schemas import QueryRequest
+from schemas import QueryRequest
 
 KINDS = ("standard", "cloth_changing", "visible_infrared", "text_to_image", "attribute",
          "multimodal")
@@ -131,9 +131,9 @@ def main() -> None:
     from ray import serve
 
     from chatreid.cluster import connect
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import deploy
+    from chatreid.query import ModelSpec
     from chatreid.storage import ObjectStore
+    from services.retrieval.app import deploy
 
     settings = namespace()
     report = header("retrieval_serve", __doc__, args, model=args.model)

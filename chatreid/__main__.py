@@ -1,3 +1,3 @@
-from chatreid.cli import app
+from chatreid.app.cli import app
 
 app()

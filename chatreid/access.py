@@ -29,10 +29,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .config import Settings
-from .retrieval.errors import RetrievalError
-from .schemas.console import ROLES, ApiKeyCreate, ApiKeyInfo, ApiKeyIssued, Principal, Role
-from .storage import ObjectNotFound, ObjectStore
+from chatreid.config import Settings
+from chatreid.query.errors import RetrievalError
+from chatreid.storage import ObjectNotFound, ObjectStore
+from schemas.console import ROLES, ApiKeyCreate, ApiKeyInfo, ApiKeyIssued, Principal, Role
 
 _TOKEN_PREFIX = "crk_"
 ANONYMOUS = "anonymous"

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-from .config import Settings
-from .schemas.api import as_utc
-from .schemas.console import AuditEntry
-from .storage import ObjectStore
+from chatreid.config import Settings
+from chatreid.storage import ObjectStore
+from schemas.api import as_utc
+from schemas.console import AuditEntry
 
 _LIST_DAYS = 62  # a longer window lists the whole prefix once instead of one list per day
 

@@ -9,9 +9,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from .config import KafkaSettings
-from .schemas import ALL_TOPICS, DeadLetterEvent
-from .schemas.events import _Event
+from chatreid.config import KafkaSettings
+from schemas import ALL_TOPICS, DeadLetterEvent
+from schemas.events import _Event
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def publish(producer: KafkaProducer, topic: str, key: str, event: _Event):
 
 def dead_letter(producer: KafkaProducer, settings: KafkaSettings, event: DeadLetterEvent) -> None:
     """Dead letters are sent synchronously: losing the reason would lose the crop silently."""
-    from .schemas import DEADLETTER
+    from schemas import DEADLETTER
 
     log.warning("dead letter (%s): %s %s", event.stage, event.error, event.reason)
     publish(producer, settings.topic(DEADLETTER.name), event.stage, event).get(timeout=30)

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile, ForcedRollout
-from .schemas.events import utcnow
-from .storage import ObjectStore, file_sha256, sha256_hex
+from chatreid.config import Settings
+from chatreid.storage import ObjectStore, file_sha256, sha256_hex
+from schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile, ForcedRollout
+from schemas.events import utcnow
 
 MANIFEST = "manifest.json"
 
@@ -39,7 +39,7 @@ def push(settings: Settings, directory: Path, *, model: str, stage: str, version
          config: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
          producer=None) -> CheckpointEvent:
     """Upload ``directory`` with its manifest and publish the checkpoint event."""
-    from .bus import make_producer, publish
+    from chatreid.bus import make_producer, publish
 
     objects = ObjectStore(settings.s3)
     prefix = f"checkpoints/{model}/{version}"
@@ -129,7 +129,7 @@ def force(settings: Settings, model: str, version: str, *, by: str,
           reason: str) -> CheckpointEvent:
     """Announce a complete checkpoint again with a gate override: the rollout watchers roll it
     even though the gate refuses it (figures still reported). The caller audits it."""
-    from .bus import make_producer, publish
+    from chatreid.bus import make_producer, publish
 
     event = find(settings, model, version)
     if event is None:

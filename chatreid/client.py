@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .schemas import ErrorResponse, QueryRequest, QueryResponse
+from schemas import ErrorResponse, QueryRequest, QueryResponse
 
 
 class ApiError(RuntimeError):

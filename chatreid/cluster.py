@@ -12,8 +12,8 @@ from typing import Any
 import ray
 from pyarrow import fs
 
+from chatreid.app.stack import LOOPBACK_RAY_ENV, RAY_TOKEN_VAR, LocalStack, is_loopback
 from chatreid.config import Settings
-from chatreid.stack import LOOPBACK_RAY_ENV, RAY_TOKEN_VAR, LocalStack, is_loopback
 
 log = logging.getLogger(__name__)
 # Settings that are secrets: never part of a config Ray logs or a job persists.

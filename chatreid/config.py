@@ -45,7 +45,7 @@ class KafkaSettings(BaseModel):
     sasl_password: str | None = None
 
     def topic(self, name: str) -> str:
-        """Full topic name for a logical topic (see ``chatreid.schemas.topics``)."""
+        """Full topic name for a logical topic (see ``schemas.topics``)."""
         return f"{self.topic_prefix}.{name}"
 
     def client_options(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from chatreid.schemas import ErrorResponse
+from schemas import ErrorResponse
 
 # path -> (largest body in bytes, the error code of a refusal)
 LimitFor = Callable[[str], tuple[int, str]]

@@ -23,12 +23,12 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-from .bus import make_producer, publish
-from .config import Settings
-from .prefilter import PrefilterStore, VectorMeta
-from .prefilter.follower import IndexFollower
-from .schemas import INDEXED, ErasedEvent
-from .storage import CROPS_PREFIX, ObjectStore, legacy_key_sha256
+from chatreid.bus import make_producer, publish
+from chatreid.config import Settings
+from chatreid.prefilter import PrefilterStore, VectorMeta
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.storage import CROPS_PREFIX, ObjectStore, legacy_key_sha256
+from schemas import INDEXED, ErasedEvent
 
 __all__ = ["RETENTION", "Eraser", "current_index"]
 

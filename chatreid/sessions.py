@@ -31,11 +31,12 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 
-from .config import Settings
-from .retrieval.errors import BadQuery, RetrievalError
-from .schemas import QueryFilters, QueryKind, QueryRequest
-from .schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
-from .schemas.console import (
+from chatreid.config import Settings
+from chatreid.query.errors import BadQuery, RetrievalError
+from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
+from schemas import QueryFilters, QueryKind, QueryRequest
+from schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
+from schemas.console import (
     SearchTurn,
     SessionCreate,
     SessionSummary,
@@ -43,7 +44,6 @@ from .schemas.console import (
     SessionView,
     Sighting,
 )
-from .storage import ObjectNotFound, ObjectStore, sha256_hex
 
 UPLOAD = "upload:"
 _CHANGED = re.compile(

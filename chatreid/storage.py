@@ -13,7 +13,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
-from .config import S3Settings
+from chatreid.config import S3Settings
 
 
 class ObjectNotFound(KeyError):

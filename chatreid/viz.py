@@ -212,7 +212,7 @@ def answer_sheet(load: Callable[[str], Image.Image], query: Image.Image | None, 
 def world_sheet(root: Path, identities: int = 6, per_identity: int = 8) -> Image.Image:
     """Sample identities of a generated world across cameras, outfits and modalities: one row
     per person, from the LTCC-style split (clothes ids) and the SYSU-style split (infrared)."""
-    from .data.datasets import LTCC, SYSUMM01
+    from chatreid.data.datasets import LTCC, SYSUMM01
 
     ltcc, sysu = LTCC(root / "ltcc"), SYSUMM01(root / "sysu_mm01")
     rgb = {}

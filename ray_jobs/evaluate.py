@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from chatreid.config import Settings
 from chatreid.data.datasets.base import DatasetLayoutError
-from chatreid.evaluation.engine import (
+from chatreid.evaluation.runner import (
     EvalConfig,
     RerankJob,
     RerankOutcome,
@@ -28,9 +28,8 @@ from chatreid.evaluation.engine import (
     rerank_one,
 )
 from chatreid.evaluation.tasks import EvalTask
-from chatreid.retrieval import ModelSpec, VLMRuntime
-
-from .placement import ClusterBusy, place_actors
+from chatreid.query import ModelSpec, VLMRuntime
+from ray_jobs.placement import ClusterBusy, place_actors
 
 __all__ = ["ClusterBusy", "RayReranker", "RerankActor", "run_evaluation"]
 

@@ -1,6 +1,6 @@
 """Hierarchical Progressive Tuning as Ray Train jobs: one job per stage, chained by checkpoints.
 
-``run_stage`` trains one stage on the Ray cluster (see ``chatreid.engine.hpt`` for the loop) and
+``run_stage`` trains one stage on the Ray cluster (see ``chatreid.tuning.hpt`` for the loop) and
 pushes the result to object storage with a manifest and a ``checkpoints`` event; ``run_chain``
 runs the stages in order, each starting from the previous one's pushed checkpoint. Skipping
 stages gives the paper's Table 4 ablation: ``(3,)``, ``(2, 3)`` or ``(1, 2, 3)``.
@@ -23,12 +23,12 @@ from pydantic import BaseModel
 
 from chatreid.checkpoints import pull, push
 from chatreid.config import Settings, TrainSettings
-from chatreid.data.engine import iter_samples, shards_for_worker
+from chatreid.data.build import iter_samples, shards_for_worker
 from chatreid.data.report import DatasetReport
 from chatreid.data.worlds import ImageResolver
-from chatreid.engine.hpt import FINAL_DIR, HPTConfig, StageTrainer
-from chatreid.ray_jobs.launcher import run_trainer, settings_from
-from chatreid.schemas import CheckpointEvent
+from chatreid.tuning.hpt import FINAL_DIR, HPTConfig, StageTrainer
+from ray_jobs.launcher import run_trainer, settings_from
+from schemas import CheckpointEvent
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,10 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     """Train the identity head on the stage's groups (cached backbone features; the epoch is
     chosen on held-out people of the training split) and save it beside the model. Returns its
     figures, and the decoder + head's held-out best-choice accuracy (as served) per task."""
-    from chatreid.engine.evaluate import choice_probabilities, choice_tokens, evaluate_best_choice
-    from chatreid.engine.identity import (
+    from chatreid.model import build_model
+    from chatreid.model.identity import FeatureCache, IdentityVision
+    from chatreid.tuning.evaluate import choice_probabilities, choice_tokens, evaluate_best_choice
+    from chatreid.tuning.identity import (
         HeadRecipe,
         group_features,
         groups_of,
@@ -185,9 +187,7 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
         train_identity_head,
         with_decoder,
     )
-    from chatreid.engine.stages import rule_for
-    from chatreid.model import build_model
-    from chatreid.model.identity import FeatureCache, IdentityVision
+    from chatreid.tuning.stages import rule_for
 
     assert job.identity_backbone is not None
     backbone = identity_backbone(settings, job.identity_backbone)
@@ -225,7 +225,7 @@ def _gate_figures(settings: Settings, model_dir: Path) -> dict[str, float]:
     if not settings.gate.enabled:
         return {}
     from chatreid.evaluation.gate import serving_embedder, vlm_validation_metrics
-    from chatreid.retrieval import ModelSpec, VLMRuntime
+    from chatreid.query import ModelSpec, VLMRuntime
 
     try:
         runtime = VLMRuntime.load(settings, ModelSpec.of_base(str(model_dir)))

@@ -23,8 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from chatreid.cluster import connect, share, storage_filesystem, unshare
 from chatreid.config import Settings
 from chatreid.storage import ObjectStore
-
-from .placement import wait_for_placement
+from ray_jobs.placement import wait_for_placement
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ from rich.table import Table
 from chatreid.checkpoints import latest
 from chatreid.cluster import connect
 from chatreid.config import Settings
-from chatreid.data.engine import InstructionDatasetSpec, build_dataset
+from chatreid.data.build import InstructionDatasetSpec, build_dataset
 from chatreid.data.report import DatasetReport
 from chatreid.data.worlds import upload_world
-from chatreid.engine.hpt import HPTConfig
-from chatreid.ray_jobs.hpt import ABLATIONS, MODEL_NAME, StageOutcome, run_chain
-from chatreid.schemas import CheckpointEvent
+from chatreid.tuning.hpt import HPTConfig
+from ray_jobs.hpt import ABLATIONS, MODEL_NAME, StageOutcome, run_chain
+from schemas import CheckpointEvent
 
 Target = Literal["embedder", "1", "2", "3", "all"]
 
@@ -207,7 +207,7 @@ def train_embedder_stage(
     settings: Settings, recipe: TrainRecipe, world: Path, console: Console
 ) -> CheckpointEvent:
     from chatreid.embedder.training import EmbedderTrainConfig
-    from chatreid.ray_jobs.train_embedder import train_embedder
+    from ray_jobs.train_embedder import train_embedder
 
     t = settings.train
     cfg = EmbedderTrainConfig(

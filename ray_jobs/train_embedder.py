@@ -32,8 +32,8 @@ from chatreid.embedder.training import (
     train_embedder_loop,
     train_split_hash,
 )
-from chatreid.ray_jobs.launcher import run_trainer
-from chatreid.schemas import CheckpointEvent
+from ray_jobs.launcher import run_trainer
+from schemas import CheckpointEvent
 
 __all__ = ["metrics_table", "run_name", "train_embedder"]
 

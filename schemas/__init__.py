@@ -1,10 +1,10 @@
 """Contracts: every event and API payload, versioned (pydantic v2).
 
-JSON Schema exports live in ``jsonschema/`` beside this file; ``python -m chatreid.schemas``
+JSON Schema exports live in ``jsonschema/`` beside this file; ``python -m schemas``
 rewrites them and ``tests/test_schemas.py`` fails when they drift from the models.
 """
 
-from .api import (
+from schemas.api import (
     API_MODELS,
     ErrorResponse,
     QueryFilters,
@@ -14,8 +14,8 @@ from .api import (
     ResultItem,
     Turn,
 )
-from .console import CONSOLE_MODELS, ROLES, Role
-from .events import (
+from schemas.console import CONSOLE_MODELS, ROLES, Role
+from schemas.events import (
     EVENT_MODELS,
     BBox,
     CheckpointEvent,
@@ -31,7 +31,7 @@ from .events import (
     SourceOffset,
     parse_index_log,
 )
-from .topics import ALL_TOPICS, CHECKPOINTS, CROPS, DEADLETTER, DEPLOYMENTS, INDEXED, Topic
+from schemas.topics import ALL_TOPICS, CHECKPOINTS, CROPS, DEADLETTER, DEPLOYMENTS, INDEXED, Topic
 
 __all__ = [
     "ALL_TOPICS",

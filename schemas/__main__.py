@@ -1,4 +1,4 @@
-from .export import write_all
+from schemas.export import write_all
 
 for path in write_all():
     print(path)

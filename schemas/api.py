@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from .events import Modality
+from schemas.events import Modality
 
 QueryKind = Literal[
     "standard",  # image -> image

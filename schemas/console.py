@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .api import (
+from schemas.api import (
     MAX_ATTRIBUTES,
     MAX_TEXT_CHARS,
     Attribute,
@@ -23,7 +23,7 @@ from .api import (
     QueryKind,
     ResultItem,
 )
-from .events import Modality
+from schemas.events import Modality
 
 Role = Literal["investigator", "operator", "admin", "ingest"]
 ROLES: tuple[Role, ...] = ("investigator", "operator", "admin", "ingest")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .api import API_MODELS
-from .cards import CARD_MODELS
-from .console import CONSOLE_MODELS
-from .events import EVENT_MODELS
+from schemas.api import API_MODELS
+from schemas.cards import CARD_MODELS
+from schemas.console import CONSOLE_MODELS
+from schemas.events import EVENT_MODELS
 
 SCHEMA_DIR = Path(__file__).parent / "jsonschema"
 

@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from chatreid.config import Settings
-from chatreid.schemas import DEADLETTER, DeadLetterEvent
+from schemas import DEADLETTER, DeadLetterEvent
 
 
 @pytest.fixture(scope="session")
 def stack_base() -> Settings:
-    from chatreid.stack import LocalStack
+    from chatreid.app.stack import LocalStack
 
     settings = Settings()
     settings.ray.join_local_head = False  # a developer's running stack is not the tests' Ray
@@ -60,10 +60,10 @@ def deploy_site(settings: Settings, crops, *, port: int, api_key: str) -> tuple:
     VLM on ``port``, wait until all are searchable. Returns (client, [(event, crop), ...]).
     The caller shuts Serve down (``serve.shutdown()``) when done."""
     from chatreid.client import RetrievalClient
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.embedder import EmbedderService
-    from chatreid.services.ingestor import Ingestor
-    from chatreid.services.retrieval.app import deploy
+    from chatreid.query import ModelSpec
+    from services.embedder import EmbedderService
+    from services.ingestor import Ingestor
+    from services.retrieval.app import deploy
 
     settings.serve.http_port = port
     settings.serve.rerank_num_cpus = 0.25

@@ -4,7 +4,7 @@ processes it SIGKILLs and supervises like a container runtime would, a query pro
 every answer, a folder feed, and an index reader that counts what it replays.
 
 Nothing here stands in for a server: the broker is Tansu and the object store SeaweedFS, started
-the way ``chatreid.stack.LocalStack`` starts them, only on other ports and data directories.
+the way ``chatreid.app.stack.LocalStack`` starts them, only on other ports and data directories.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class PrivateStack:
     under ``root``; settings pointing at them come from :meth:`settings`."""
 
     def __init__(self, root: Path) -> None:
-        from chatreid.stack import tansu_binary, weed_binary
+        from chatreid.app.stack import tansu_binary, weed_binary
 
         self.root = root
         self.logs = root / "logs"
@@ -449,8 +449,8 @@ def read_index(settings: Settings, margin_s: float = 5.0) -> Reading:
 
     from chatreid.bus import make_consumer
     from chatreid.prefilter.follower import IndexFollower
-    from chatreid.schemas import INDEXED
     from chatreid.storage import ObjectNotFound, ObjectStore
+    from schemas import INDEXED
 
     objects = ObjectStore(settings.s3)
     try:

@@ -21,11 +21,11 @@ from fastapi.testclient import TestClient
 
 from chatreid.access import KeyStore, Unauthenticated, token_hash
 from chatreid.client import ApiError
-from chatreid.retrieval import EmptyGallery
-from chatreid.schemas import QueryRequest
-from chatreid.schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
-from chatreid.schemas.console import ApiKeyCreate, SessionTurn
+from chatreid.query import EmptyGallery
 from chatreid.storage import ObjectStore
+from schemas import QueryRequest
+from schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
+from schemas.console import ApiKeyCreate, SessionTurn
 
 from .conftest import deploy_site, namespace
 
@@ -65,9 +65,9 @@ class _Prefilter:
 
 def _app(settings):
     """The ingress's investigator and admin routes on ``settings``, in-process."""
-    from chatreid.services.retrieval.admin_routes import AdminRoutes, OpsRoutes
-    from chatreid.services.retrieval.console_routes import ConsoleRoutes
-    from chatreid.services.retrieval.http import build_api
+    from services.retrieval.admin_routes import AdminRoutes, OpsRoutes
+    from services.retrieval.console_routes import ConsoleRoutes
+    from services.retrieval.http import build_api
 
     class Routes(ConsoleRoutes, AdminRoutes, OpsRoutes):
         def __init__(self) -> None:
@@ -380,7 +380,7 @@ def test_bodies_over_the_limits_are_413(api, settings) -> None:
 def site(stack_base, ray_session):
     from ray import serve
 
-    from chatreid.services.ingestor.sources import synth_source
+    from services.ingestor.sources import synth_source
 
     gen = namespace(stack_base)
     settings = next(gen)
@@ -501,8 +501,8 @@ def test_a_replica_dying_mid_call_is_retried_once_then_503() -> None:
 
     from ray.exceptions import ActorDiedError
 
-    from chatreid.retrieval.errors import ReplicaUnavailable
-    from chatreid.services.retrieval.http import remote
+    from chatreid.query.errors import ReplicaUnavailable
+    from services.retrieval.http import remote
 
     def dies(times: int):
         calls = []

@@ -6,8 +6,8 @@ import pytest
 
 from chatreid.bus import make_consumer
 from chatreid.checkpoints import CheckpointError, pull, push
-from chatreid.schemas import CHECKPOINTS, CheckpointEvent
 from chatreid.storage import ObjectStore
+from schemas import CHECKPOINTS, CheckpointEvent
 
 pytestmark = pytest.mark.stack
 
@@ -56,7 +56,7 @@ def test_an_empty_directory_is_not_a_checkpoint(settings, tmp_path):
 
 def test_a_version_can_be_pinned_and_latest_follows_the_newest(settings, tmp_path):
     from chatreid.checkpoints import find, latest
-    from chatreid.retrieval.vlm import resolve_spec
+    from chatreid.query.vlm import resolve_spec
 
     old = push(settings, make_checkpoint(tmp_path / "a"), model="vlm", stage="stage3",
                version="s3-old")
@@ -80,7 +80,7 @@ def test_a_version_can_be_pinned_and_latest_follows_the_newest(settings, tmp_pat
 def test_chatreid_checkpoints_lists_versions_newest_first(settings, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from chatreid.cli import app
+    from chatreid.app.cli import app
 
     push(settings, make_checkpoint(tmp_path / "a"), model="vlm", stage="stage3",
          version="s3-first", metrics={"loss": 2.5, "eval/rank1": 0.4, "eval/chance_rank1": 0.2})

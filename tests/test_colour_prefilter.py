@@ -75,7 +75,7 @@ def test_text_to_image_on_the_world_beats_chance(world, colour) -> None:
 def test_crops_colour_vectors_are_cached_and_a_missing_crop_matches_nothing(settings) -> None:
     import io
 
-    from chatreid.search import ColourCache
+    from chatreid.prefilter.search import ColourCache
     from chatreid.storage import ObjectStore
 
     objects = ObjectStore(settings.s3)

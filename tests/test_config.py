@@ -79,7 +79,7 @@ def test_generated_credentials_are_owner_only_and_read_after_env_and_dotenv(
         checkout, monkeypatch) -> None:
     import stat
 
-    from chatreid.stack import LocalStack
+    from chatreid.app.stack import LocalStack
 
     settings = Settings()
     new = LocalStack(settings).ensure_credentials(api_key=True)
@@ -108,7 +108,7 @@ def test_existing_credentials_are_kept_and_configured_ones_not_generated(
         checkout, monkeypatch) -> None:
     """The shared stack's file (keys the running object store was started with) is appended
     to, never rewritten; a key set in the environment is not generated into it."""
-    from chatreid.stack import LocalStack
+    from chatreid.app.stack import LocalStack
 
     creds = checkout / ".chatreid" / "credentials.env"
     creds.parent.mkdir()
@@ -127,7 +127,7 @@ def test_existing_credentials_are_kept_and_configured_ones_not_generated(
 
 
 def test_a_non_default_data_dir_keeps_its_credentials_there(checkout, monkeypatch) -> None:
-    from chatreid.stack import LocalStack
+    from chatreid.app.stack import LocalStack
 
     monkeypatch.setenv("CHATREID_STACK__DATA_DIR", str(checkout / "elsewhere"))
     new = LocalStack(Settings()).ensure_credentials()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from chatreid.client import ApiError, RetrievalClient
 from chatreid.embedder.colour import ColourAttributeEmbedder
-from chatreid.services.ingestor.sources import synth_source
+from services.ingestor.sources import synth_source
 
 from .conftest import deploy_site, namespace
 

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from chatreid.services.retrieval.console import CONTENT_TYPES, STATIC_DIR, asset
+from services.retrieval.console import CONTENT_TYPES, STATIC_DIR, asset
 
 from .conftest import deploy_site, namespace
 
@@ -59,7 +59,7 @@ def test_every_static_file_is_servable_and_ships_with_the_package() -> None:
     for name in names:
         assert asset(name)[1] == CONTENT_TYPES[Path(name).suffix]
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '"chatreid.services.retrieval.console" = ["static/*"]' in pyproject
+    assert '"services.retrieval.console" = ["static/*"]' in pyproject
 
 
 def test_the_page_is_self_contained_and_escapes_server_text() -> None:
@@ -79,7 +79,7 @@ def console_site(stack_base, ray_session):
     """A small indexed site and the app deployed on it with the tiny VLM."""
     from ray import serve
 
-    from chatreid.services.ingestor.sources import synth_source
+    from services.ingestor.sources import synth_source
 
     gen = namespace(stack_base)
     settings = next(gen)

@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from chatreid.data import DATASETS, DatasetLayoutError, InstructionDatasetSpec, WorldError
+from chatreid.data.build import shard_samples
 from chatreid.data.datasets import CUHK03Pair1
 from chatreid.data.datasets.cuhk03_pair1 import VAL_PID_OFFSET
-from chatreid.data.engine import shard_samples
 from chatreid.data.instructions import REAL_TASKS, RealImages, parse_stage2, parse_stage3
 from chatreid.data.worlds import ImageResolver, is_real, resolve_real
 from chatreid.evaluation import BENCHMARKS, EvalConfig
-from chatreid.evaluation.engine import evaluate_task
+from chatreid.evaluation.runner import evaluate_task
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL = SHARED / "cuhk03-pair1"

@@ -26,7 +26,7 @@ from chatreid.data import (
     upload_world,
     world_id,
 )
-from chatreid.data.engine import encode_samples, shard_samples, verify
+from chatreid.data.build import encode_samples, shard_samples, verify
 from chatreid.data.instructions import STAGE2_MIX
 from chatreid.data.worlds import annotated_root
 from chatreid.storage import ObjectStore

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from rich.console import Console
 
-from chatreid.schemas import QueryResponse, ResultItem
+from schemas import QueryResponse, ResultItem
 
 T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
 
@@ -43,7 +43,7 @@ def truth_for(response: QueryResponse, person: set[int]) -> dict[str, bool]:
 
 
 def printed(response: QueryResponse, truth: dict[str, bool], top: int = 10) -> tuple[str, str]:
-    from chatreid.demo import report_answer
+    from chatreid.app.demo import report_answer
 
     console = Console(record=True, width=200, force_terminal=True, color_system="standard",
                       file=io.StringIO())
@@ -138,8 +138,8 @@ def test_local_replicas_log_to_files_with_progress_bars_off() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     from chatreid.config import Settings
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import REPLICA_ENV, deploy_config
+    from chatreid.query import ModelSpec
+    from services.retrieval.app import REPLICA_ENV, deploy_config
 
     local = deploy_config(Settings(), ModelSpec.of_base("tiny"))
     app = ServeDeploySchema.model_validate(local).applications[0]

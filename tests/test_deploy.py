@@ -9,7 +9,7 @@ schemas (kubernetes-validate, strict). KubeRay's RayService/RayJob cannot be val
 PodTemplate, and the RayService's serveConfigV2 against Ray Serve's schema and against what the
 app's own ``deploy_config`` produces for the settings the pods get. Every ``chatreid ...``
 command line these files run (RayJob entrypoints included) is parsed against the real CLI
-(``chatreid.cli.app``), so a renamed command or flag fails here instead of in a crash-looping pod.
+(``chatreid.app.cli.app``), so a renamed command or flag fails here, not in a crash-looping pod.
 """
 
 from __future__ import annotations
@@ -728,10 +728,10 @@ def pod_environment(docs: list[dict[str, Any]], container: dict[str, Any]) -> di
 
 @pytest.fixture(scope="module")
 def deploy_config() -> Any:
-    """``deploy_config`` of the retrieval app (imports torch via chatreid.retrieval: slow once)."""
+    """``deploy_config`` of the retrieval app (imports torch via chatreid.query: slow once)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from chatreid.services.retrieval.app import deploy_config
+        from services.retrieval.app import deploy_config
 
     return deploy_config
 
@@ -1169,7 +1169,7 @@ def test_ingresses(rendered_full: list[dict[str, Any]]) -> None:
 
 
 def test_training_rayjobs(rendered_training: list[dict[str, Any]]) -> None:
-    from chatreid.ray_jobs.train import PRESETS
+    from ray_jobs.train import PRESETS
 
     jobs = by_kind(rendered_training, "RayJob")
     expected = {"embedder": ("embedder", False), "stage1": ("1", False),
@@ -1458,7 +1458,7 @@ def split_subcommand(argv: Argv) -> tuple[Argv, Any]:
     """Walk the click tree: (subcommand path, the click command it names)."""
     import typer
 
-    from chatreid.cli import app
+    from chatreid.app.cli import app
 
     command: Any = typer.main.get_command(app)
     path: Argv = []
@@ -1475,7 +1475,7 @@ def split_subcommand(argv: Argv) -> tuple[Argv, Any]:
 def test_every_command_line_parses(all_commands: list[tuple[str, Argv]]) -> None:
     from typer.testing import CliRunner
 
-    from chatreid.cli import app
+    from chatreid.app.cli import app
 
     runner = CliRunner()
     env = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}

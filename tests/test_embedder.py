@@ -236,7 +236,7 @@ def _s3_error(status: int, code: str):
 ])
 def test_store_failures_are_transient_or_permanent(failure, transient) -> None:
     """Transient failures must never dead-letter a crop (the embedder waits them out)."""
-    from chatreid.services.embedder.service import CropFailed, StoreUnavailable, fetch_crop
+    from services.embedder.service import CropFailed, StoreUnavailable, fetch_crop
 
     expected = StoreUnavailable if transient else CropFailed
     with pytest.raises(expected):
@@ -246,8 +246,8 @@ def test_store_failures_are_transient_or_permanent(failure, transient) -> None:
 def test_missing_mismatched_and_corrupt_crops_are_permanent(tmp_path: Path) -> None:
     import io
 
-    from chatreid.services.embedder.service import CropFailed, fetch_crop
     from chatreid.storage import META_SHA256, ObjectNotFound, legacy_crop_key, sha256_hex
+    from services.embedder.service import CropFailed, fetch_crop
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 64), (10, 20, 30)).save(buf, "JPEG")

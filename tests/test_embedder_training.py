@@ -35,13 +35,13 @@ from chatreid.embedder.training import (
     triplet_hard_loss,
 )
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.schemas import CheckpointEvent, CropEvent
-from chatreid.search import PrefilterSearch
-from chatreid.services.embedder import EmbedderService, EmbeddingNode, Reindexer
-from chatreid.services.ingestor import Ingestor
-from chatreid.services.ingestor.sources import synth_source
+from chatreid.prefilter.search import PrefilterSearch
 from chatreid.storage import ObjectStore
 from chatreid.synth import SynthConfig, generate_world
+from schemas import CheckpointEvent, CropEvent
+from services.embedder import EmbedderService, EmbeddingNode, Reindexer
+from services.ingestor import Ingestor
+from services.ingestor.sources import synth_source
 
 from .conftest import read_dead_letters
 
@@ -133,7 +133,7 @@ def test_evaluate_embedder_baseline(world: Path) -> None:
 @pytest.mark.stack
 def test_training_lowers_the_loss_beats_imagenet_and_publishes(settings, world, ray_session,
                                                                 tmp_path):
-    from chatreid.ray_jobs.train_embedder import train_embedder
+    from ray_jobs.train_embedder import train_embedder
 
     cfg = small_config(world)
     event = train_embedder(settings, cfg, parent_version="imagenet-test")

@@ -10,7 +10,7 @@ import pytest
 
 from chatreid.config import Settings
 from chatreid.evaluation import SYNTHETIC, EvalConfig, RerankOutcome
-from chatreid.evaluation.engine import evaluate_task, shortlist
+from chatreid.evaluation.runner import evaluate_task, shortlist
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_tau_shortens_the_shortlist() -> None:
 
 def test_suite_on_ray_is_resumable_and_reported(world, embedder, ray_session, tmp_path) -> None:
     from chatreid.evaluation.report import write_report
-    from chatreid.ray_jobs.evaluate import run_evaluation
-    from chatreid.retrieval import ModelSpec
+    from chatreid.query import ModelSpec
+    from ray_jobs.evaluate import run_evaluation
 
     settings = Settings()
     cfg = EvalConfig(k=4, max_queries=4)
@@ -130,9 +130,9 @@ def test_eval_says_what_it_waits_for_and_fails_when_the_cluster_is_full(
     "VLM dialogues 0/30": now it says what it waits for and gives up after the bound."""
     import ray
 
-    from chatreid.evaluation.engine import RerankJob
-    from chatreid.ray_jobs.evaluate import ClusterBusy, RayReranker
-    from chatreid.retrieval import ModelSpec
+    from chatreid.evaluation.runner import RerankJob
+    from chatreid.query import ModelSpec
+    from ray_jobs.evaluate import ClusterBusy, RayReranker
 
     @ray.remote
     class Hog:  # e.g. the demo's Serve replicas
@@ -160,7 +160,7 @@ def test_eval_says_what_it_waits_for_and_fails_when_the_cluster_is_full(
 def test_a_job_goes_on_with_the_actors_the_cluster_could_place(ray_session) -> None:
     import ray
 
-    from chatreid.ray_jobs.placement import place_actors
+    from ray_jobs.placement import place_actors
 
     @ray.remote
     class Worker:
@@ -187,8 +187,8 @@ def test_a_training_job_says_what_it_waits_for_and_gives_up(ray_session, capsys)
     and fails with what was needed and what is free."""
     import ray
 
-    from chatreid.ray_jobs.launcher import run_trainer
-    from chatreid.ray_jobs.placement import ClusterBusy
+    from ray_jobs.launcher import run_trainer
+    from ray_jobs.placement import ClusterBusy
 
     @ray.remote
     class Hog:

@@ -196,7 +196,7 @@ def partitions(settings: Settings) -> dict[str, int]:
     """Partitions of the crops and indexed topics (a client that asks for a missing topic
     makes Tansu create it with its own default count)."""
     from chatreid.bus import make_consumer
-    from chatreid.schemas import CROPS, INDEXED
+    from schemas import CROPS, INDEXED
 
     consumer = make_consumer(settings.kafka, None)
     try:
@@ -214,7 +214,7 @@ def search_each(feed: Feed, settings: Settings, rng_seed: int, n: int = 24) -> l
     import random
 
     from chatreid.client import ApiError, RetrievalClient
-    from chatreid.schemas import QueryRequest
+    from schemas import QueryRequest
 
     client = RetrievalClient(settings.serve.base_url, timeout_s=60,
                              api_key=settings.serve.api_key)
@@ -251,9 +251,9 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
 
     from chatreid.bus import ensure_topics
     from chatreid.client import RetrievalClient
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import deploy
+    from chatreid.query import ModelSpec
     from chatreid.storage import ObjectStore
+    from services.retrieval.app import deploy
 
     root = tmp_path_factory.mktemp("faults")
     stack = PrivateStack(root / "stack")

@@ -103,7 +103,7 @@ class Reversed:
 
 
 def test_a_vlm_that_reranks_below_the_prefilter_is_refused(world: Path) -> None:
-    from chatreid.retrieval import ModelSpec, VLMRuntime
+    from chatreid.query import ModelSpec, VLMRuntime
 
     settings = gated(Settings(), world, vlm_queries=8, vlm_k=5)
     runtime = VLMRuntime.load(settings, ModelSpec.of_base("tiny"))  # random weights
@@ -121,7 +121,7 @@ def test_a_vlm_that_reranks_below_the_prefilter_is_refused(world: Path) -> None:
 def test_the_operator_api_forces_only_with_a_reason() -> None:
     from pydantic import ValidationError
 
-    from chatreid.schemas.console import RolloutRequest
+    from schemas.console import RolloutRequest
 
     assert RolloutRequest(model="latest").kind == "vlm"  # as before: a VLM rollout
     with pytest.raises(ValidationError, match="force needs a reason"):
@@ -147,12 +147,12 @@ def test_the_embedding_service_refuses_a_worse_embedder_until_forced(settings, w
     indexing and queries keep answering; a forced override is audited and rolls it on both."""
     from typer.testing import CliRunner
 
+    from chatreid.app.cli import app
     from chatreid.audit import AuditLog
     from chatreid.checkpoints import push
-    from chatreid.cli import app
-    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
-    from chatreid.search import PrefilterSearch
+    from chatreid.prefilter.search import PrefilterSearch
     from chatreid.storage import ObjectStore
+    from schemas import DEPLOYMENTS, DeploymentEvent
 
     from .conftest import env_for, read_events
     from .test_embedder_training import Running, ingest, searchable, wait_for
@@ -219,8 +219,8 @@ def test_the_embedding_service_refuses_a_worse_embedder_until_forced(settings, w
 def test_a_vlm_rollout_with_an_unreadable_validation_set_is_refused_until_forced(
         settings, tmp_path) -> None:
     from chatreid.checkpoints import force
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.rollout import VLMRollout
+    from chatreid.query import ModelSpec
+    from services.retrieval.vlm_rollout import VLMRollout
 
     from .test_serve import _push_tiny
 
@@ -251,9 +251,9 @@ def test_the_vlm_rollout_refuses_a_reranker_below_the_prefilter_with_both_figure
         settings, world, tmp_path, monkeypatch) -> None:
     """The watcher's own path: verified, smoke-tested, then judged and refused with both
     figures; nothing deploys; the operator API's check then sees the standing refusal."""
-    from chatreid.retrieval import ModelSpec, VLMRuntime
-    from chatreid.services.retrieval import ops
-    from chatreid.services.retrieval import rollout as vlm_rollout
+    from chatreid.query import ModelSpec, VLMRuntime
+    from services.retrieval import ops
+    from services.retrieval import rollout as vlm_rollout
 
     from .test_serve import _push_tiny
 
@@ -289,7 +289,7 @@ def test_the_vlm_rollout_refuses_a_reranker_below_the_prefilter_with_both_figure
 def test_the_vlm_push_site_puts_the_gate_figures_in_the_manifest(settings, world,
                                                                  tmp_path) -> None:
     from chatreid.model import build_model, save_checkpoint
-    from chatreid.ray_jobs.hpt import _gate_figures
+    from ray_jobs.hpt import _gate_figures
 
     settings.gate.synthetic_root, settings.gate.vlm_queries = world, 4
     model_dir = save_checkpoint(*build_model("tiny"), tmp_path / "stage3")
@@ -309,9 +309,9 @@ def test_the_operator_api_refuses_a_gated_version_unless_forced_and_audits_the_o
     from chatreid.audit import AuditLog
     from chatreid.bus import make_producer, publish
     from chatreid.client import ApiError
-    from chatreid.schemas import CHECKPOINTS, DEPLOYMENTS, CheckpointEvent, DeploymentEvent
-    from chatreid.services.ingestor.sources import synth_source
     from chatreid.storage import ObjectStore
+    from schemas import CHECKPOINTS, DEPLOYMENTS, CheckpointEvent, DeploymentEvent
+    from services.ingestor.sources import synth_source
 
     from .conftest import deploy_site, namespace, read_events
     from .test_serve import _push_tiny
@@ -367,7 +367,7 @@ def test_a_replica_that_does_not_reindex_follows_the_announced_verdict(settings,
     version when it is started later after all, and stops dual-writing when it is refused."""
     from chatreid.bus import make_producer, publish
     from chatreid.checkpoints import push
-    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
+    from schemas import DEPLOYMENTS, DeploymentEvent
 
     from .test_embedder_training import Running, ingest, wait_for
 
@@ -410,9 +410,9 @@ def test_a_replica_that_does_not_reindex_follows_the_announced_verdict(settings,
 def test_the_demo_says_when_the_gate_refused_a_checkpoint(settings) -> None:
     from rich.console import Console
 
+    from chatreid.app.demo import _gate_notes
     from chatreid.bus import make_producer, publish
-    from chatreid.demo import _gate_notes
-    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
+    from schemas import DEPLOYMENTS, DeploymentEvent
 
     console = Console(record=True, width=300)
     _gate_notes(settings, console)

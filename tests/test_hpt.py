@@ -19,7 +19,8 @@ from PIL import Image
 from chatreid.checkpoints import pull
 from chatreid.config import Settings
 from chatreid.data.instructions import build_stage1, build_stage3
-from chatreid.engine import (
+from chatreid.model import build_model, save_checkpoint
+from chatreid.tuning import (
     IGNORE,
     choice_probabilities,
     choice_tokens,
@@ -29,7 +30,6 @@ from chatreid.engine import (
     resize_for,
     rule_for,
 )
-from chatreid.model import build_model, save_checkpoint
 
 
 def load(path: str) -> Image.Image:
@@ -160,7 +160,7 @@ def train_settings(stack_base: Settings, world: Path, tmp_path_factory: pytest.T
 
 @pytest.fixture(scope="module")
 def chain(train_settings: Settings, ray_session):
-    from chatreid.ray_jobs.train import PRESETS, train
+    from ray_jobs.train import PRESETS, train
 
     return train(train_settings, "all", recipe=PRESETS["micro"])  # embedder → S1 → S2 → S3
 
@@ -236,7 +236,7 @@ def test_stage3_carries_an_identity_head_on_the_chains_embedder(
 @pytest.mark.stack
 def test_checkpoint_events_reach_the_bus(chain, train_settings: Settings) -> None:
     from chatreid.bus import make_consumer
-    from chatreid.schemas import CHECKPOINTS, CheckpointEvent
+    from schemas import CHECKPOINTS, CheckpointEvent
 
     consumer = make_consumer(train_settings.kafka, group_id=None)
     topic = train_settings.kafka.topic(CHECKPOINTS.name)
@@ -272,9 +272,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     chain, train_settings: Settings
 ) -> None:
     """SIGKILL one worker after the first checkpoint: the job restarts and finishes from it."""
-    from chatreid.engine.hpt import HPTConfig
-    from chatreid.ray_jobs.hpt import StageJob, run_stage
     from chatreid.storage import ObjectStore
+    from chatreid.tuning.hpt import HPTConfig
+    from ray_jobs.hpt import StageJob, run_stage
 
     cfg = HPTConfig(stage=3, base_model="tiny", lr=1e-3, max_steps=60, epochs=30, seed=7)
     stage3 = chain.stages[-1]
@@ -310,8 +310,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
 @pytest.mark.stack
 def test_the_deepspeed_path_trains_through_the_same_job(chain, train_settings: Settings) -> None:
     """ZeRO-2 through Ray Train (the GPU path; on CPU DeepSpeed's CPU accelerator over gloo)."""
-    from chatreid.engine.hpt import HPTConfig
-    from chatreid.ray_jobs.hpt import StageJob, run_stage
+    from chatreid.tuning.hpt import HPTConfig
+    from ray_jobs.hpt import StageJob, run_stage
 
     settings = train_settings.model_copy(deep=True)
     settings.train.deepspeed, settings.train.zero_stage = True, 2
@@ -326,7 +326,7 @@ def test_the_deepspeed_path_trains_through_the_same_job(chain, train_settings: S
 
 
 def test_ablation_switch_selects_the_papers_rows() -> None:
-    from chatreid.ray_jobs.train import vlm_stages
+    from ray_jobs.train import vlm_stages
 
     assert vlm_stages("all", None) == (1, 2, 3)
     assert vlm_stages("all", "2+3") == (2, 3)
@@ -341,7 +341,7 @@ def test_ablation_switch_selects_the_papers_rows() -> None:
 
 @pytest.mark.stack
 def test_a_single_later_stage_needs_its_parent(settings: Settings) -> None:
-    from chatreid.ray_jobs.train import parent_for
+    from ray_jobs.train import parent_for
 
     assert parent_for(settings, (1,), "1") is None  # stage 1 starts from the base
     with pytest.raises(LookupError, match="needs a stage 2 checkpoint"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from chatreid.schemas import ErrorResponse
-from chatreid.services.ingestor.http import create_app
 from chatreid.storage import ObjectStore
+from schemas import ErrorResponse
+from services.ingestor.http import create_app
 
 from .conftest import jpeg_bytes
 from .test_pipeline import read_dead_letters
@@ -91,8 +91,8 @@ def test_store_or_broker_outage_is_a_503_with_retry_after_and_recovers(settings)
     """StoreUnavailable / KafkaError from submit or flush: 503 in the error shape, then 201."""
     from kafka.errors import KafkaTimeoutError
 
-    from chatreid.services.ingestor.service import Ingestor
     from chatreid.storage import StoreUnavailable
+    from services.ingestor.service import Ingestor
 
     real = Ingestor(settings, source="http",
                     store_wait_s=settings.ingestor.http_store_wait_s)

@@ -8,13 +8,6 @@ import torch
 from PIL import Image
 
 from chatreid.embedder.load import load_embedder
-from chatreid.engine.identity import (
-    Group,
-    HeadRecipe,
-    head_accuracy,
-    split_by_person,
-    train_identity_head,
-)
 from chatreid.model import build_model
 from chatreid.model.identity import (
     FeatureCache,
@@ -24,6 +17,13 @@ from chatreid.model.identity import (
     IdentityVision,
 )
 from chatreid.rerank import BestChoiceReranker, Candidate, Query
+from chatreid.tuning.identity import (
+    Group,
+    HeadRecipe,
+    head_accuracy,
+    split_by_person,
+    train_identity_head,
+)
 
 
 @pytest.fixture(scope="module")

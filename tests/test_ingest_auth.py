@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 
 from chatreid.access import Caller, KeyStore, Unauthenticated
 from chatreid.config import Settings
-from chatreid.schemas import ErrorResponse
-from chatreid.schemas.console import ApiKeyCreate
-from chatreid.services.ingestor.http import create_app
 from chatreid.storage import ObjectStore
+from schemas import ErrorResponse
+from schemas.console import ApiKeyCreate
+from services.ingestor.http import create_app
 
 from .conftest import jpeg_bytes
 

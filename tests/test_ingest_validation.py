@@ -8,8 +8,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from chatreid.config import IngestorSettings
-from chatreid.schemas import CropEvent
-from chatreid.services.ingestor import CropRejected, validate_crop, validate_metadata
+from schemas import CropEvent
+from services.ingestor import CropRejected, validate_crop, validate_metadata
 
 from .conftest import jpeg_bytes
 
@@ -119,9 +119,9 @@ def test_the_contract_bounds_capture_time_against_ingested_at() -> None:
 
 
 def test_every_source_produces_valid_camera_ids(tmp_path) -> None:
-    from chatreid.services.ingestor.sources import FolderSource
     from chatreid.synth import SynthConfig
     from chatreid.synth.world import build_site
+    from services.ingestor.sources import FolderSource
 
     site = build_site(SynthConfig(seed=0))
     names = [cam.name for cam in site.cameras]
@@ -143,8 +143,8 @@ def test_a_rejected_upload_keeps_only_its_first_4_kib_in_the_dead_letter(setting
     import base64
     import hashlib
 
-    from chatreid.services.ingestor import CropInput, Ingestor
-    from chatreid.services.ingestor.service import REJECTED_PAYLOAD_BYTES
+    from services.ingestor import CropInput, Ingestor
+    from services.ingestor.service import REJECTED_PAYLOAD_BYTES
 
     from .conftest import read_dead_letters
 

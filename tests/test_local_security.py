@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from chatreid.app.stack import LOOPBACK_RAY_ENV, LocalStack
 from chatreid.config import Settings
-from chatreid.stack import LOOPBACK_RAY_ENV, LocalStack
 
 pytestmark = pytest.mark.stack
 

@@ -26,7 +26,7 @@ from chatreid.embedder import (
 )
 from chatreid.embedder.importer import prepare_onnx
 from chatreid.embedder.onnx import probe_crops
-from chatreid.schemas.cards import EmbedderCard
+from schemas.cards import EmbedderCard
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 OSNET = WEIGHTS / "osnet_x0_25_msmt17.onnx"
@@ -185,8 +185,8 @@ def test_a_checkpoint_directory_loads_back_to_the_same_vectors(tmp_path: Path) -
 def test_an_imported_model_is_rolled_out_by_the_running_service_at_its_own_dim(settings,
                                                                                  world):
     from chatreid.embedder.importer import import_onnx
-    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent
-    from chatreid.search import PrefilterSearch
+    from chatreid.prefilter.search import PrefilterSearch
+    from schemas import DEPLOYMENTS, DeploymentEvent
 
     from .conftest import read_events
     from .test_embedder_training import Running, ingest, searchable, wait_for

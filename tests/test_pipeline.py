@@ -16,11 +16,11 @@ from PIL import Image
 
 from chatreid.bus import make_producer
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.schemas import CROPS, CropEvent
-from chatreid.services.embedder import EmbedderService
-from chatreid.services.ingestor import CropInput, Ingestor
-from chatreid.services.ingestor.sources import synth_source
 from chatreid.storage import ObjectStore, crop_key, sha256_hex
+from schemas import CROPS, CropEvent
+from services.embedder import EmbedderService
+from services.ingestor import CropInput, Ingestor
+from services.ingestor.sources import synth_source
 
 from .conftest import env_for, jpeg_bytes, read_dead_letters
 
@@ -153,8 +153,8 @@ def test_crop_objects_are_per_crop_and_carry_their_event(settings):
     """Equal bytes from two sightings are two objects (erasing one never touches the other),
     and the object store alone gives back the crop events (a broker that lost its log)."""
     from chatreid.bus import ensure_topics
-    from chatreid.services.ingestor.service import republish, stored_events
     from chatreid.storage import META_SHA256
+    from services.ingestor.service import republish, stored_events
 
     events = ingest_synthetic(settings, 6, seed=6)
     ingestor = Ingestor(settings, source="test")

@@ -216,7 +216,7 @@ def test_chatreid_eval_scores_a_saved_matrix(tmp_path) -> None:
 
     from typer.testing import CliRunner
 
-    from chatreid.cli import app
+    from chatreid.app.cli import app
 
     d, q, g = _one([(-1, 2, 0), (0, 2, 0), (1, 2, 0), (7, 3, 0), (1, 4, 0)])
     path = tmp_path / "run.npz"

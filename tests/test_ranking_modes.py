@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from chatreid.evaluation import SYNTHETIC, EvalConfig, RerankOutcome
-from chatreid.evaluation.engine import evaluate_task
 from chatreid.evaluation.ranking import (
     PREFILTER_TEMPERATURE,
     RankingRun,
@@ -19,6 +18,7 @@ from chatreid.evaluation.ranking import (
     prefilter_shares,
     split_queries,
 )
+from chatreid.evaluation.runner import evaluate_task
 from chatreid.metrics import Labels
 
 # --- the fused score ---------------------------------------------------------------------------
@@ -207,11 +207,11 @@ def test_the_report_shows_the_peer_and_fused_rows(world, embedder, tmp_path) -> 
 def test_serving_orders_results_by_the_fused_score() -> None:
     from datetime import UTC, datetime
 
+    from chatreid.prefilter.search import SearchResult
+    from chatreid.query.answer import ordered
+    from chatreid.query.shortlist import Shortlist
     from chatreid.rerank import Ranked
     from chatreid.rerank.prompts import QueryKind
-    from chatreid.retrieval.answer import ordered
-    from chatreid.retrieval.shortlist import Shortlist
-    from chatreid.search import SearchResult
 
     scores = [0.91, 0.90, 0.84]
     items = [SearchResult(i + 1, f"c{i}", s, "cam", "rgb", datetime.now(UTC), f"k{i}")

@@ -86,7 +86,7 @@ def test_shared_features_hold_each_image_and_its_mirror(real_subset: Path) -> No
 @pytest.mark.stack
 def test_a_head_fine_tuned_on_a_frozen_onnx_start_is_pushed_and_served(
         settings, real_subset, ray_session, tmp_path) -> None:
-    from chatreid.ray_jobs.train_embedder import train_embedder
+    from ray_jobs.train_embedder import train_embedder
 
     cfg = EmbedderTrainConfig(real_root=real_subset, start=str(OSNET), epochs=2,
                               steps_per_epoch=6, p=8, k=4, warmup_steps=2)
@@ -113,7 +113,7 @@ def test_a_head_fine_tuned_on_a_frozen_onnx_start_is_pushed_and_served(
 @pytest.mark.slow
 def test_a_torch_student_distils_from_an_onnx_teacher_on_real_and_synthetic_people(
         settings, world, real_subset, ray_session, tmp_path) -> None:
-    from chatreid.ray_jobs.train_embedder import train_embedder
+    from ray_jobs.train_embedder import train_embedder
 
     cfg = EmbedderTrainConfig(world_root=world, real_root=real_subset, teacher=str(OSNET),
                               epochs=2, steps_per_epoch=4, p=8, k=4, warmup_steps=2,

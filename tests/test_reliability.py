@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chatreid.app.stack import tansu_binary, weed_binary
 from chatreid.bus import broker_reachable, ensure_topics, make_producer
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.retrieval import StorageUnavailable
-from chatreid.schemas import (
+from chatreid.query import StorageUnavailable
+from chatreid.storage import ObjectStore, StoreUnavailable
+from schemas import (
     CROPS,
     INDEXED,
     CropEvent,
@@ -32,12 +34,10 @@ from chatreid.schemas import (
     QueryRequest,
     SourceOffset,
 )
-from chatreid.services.embedder import EmbedderService
-from chatreid.services.ingestor import Ingestor
-from chatreid.services.ingestor.sources import synth_source
-from chatreid.services.retrieval.deployments import PrefilterDeployment
-from chatreid.stack import tansu_binary, weed_binary
-from chatreid.storage import ObjectStore, StoreUnavailable
+from services.embedder import EmbedderService
+from services.ingestor import Ingestor
+from services.ingestor.sources import synth_source
+from services.retrieval.deployments import PrefilterDeployment
 
 from .conftest import read_dead_letters, read_events
 
@@ -323,7 +323,7 @@ def test_crop_events_a_restarted_broker_lost_are_published_again(private_broker,
     """Tansu keeps topics in memory: crop events it acknowledged but the embedder had not
     read die with it. The folder source notices (the newest record it had acknowledged is gone,
     even after its own restart) and publishes again what the index does not hold."""
-    from chatreid.services.ingestor.sources import FolderSource
+    from services.ingestor.sources import FolderSource
 
     from .conftest import jpeg_bytes
 
@@ -419,7 +419,7 @@ def test_a_dead_letter_after_a_broker_restart_is_sent_not_fatal(private_broker):
     """The ingest process used to exit at the first bad crop after a broker restart: its
     idempotent producer was dead for good and the dead-letter send raised. Now the dead
     letter goes through the same producer renewal as crop events; the stream carries on."""
-    from chatreid.services.ingestor import CropInput
+    from services.ingestor import CropInput
 
     from .conftest import jpeg_bytes
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from chatreid.app.cli import app
 from chatreid.bus import make_producer
-from chatreid.cli import app
 from chatreid.prefilter import SearchFilter
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.retention import RETENTION, Eraser, current_index
-from chatreid.schemas import INDEXED, CropEvent, ErasedEvent, IndexedEvent, parse_index_log
-from chatreid.services.embedder import EmbedderService
-from chatreid.services.ingestor import CropInput, Ingestor
 from chatreid.storage import ObjectStore, legacy_crop_key, sha256_hex
+from schemas import INDEXED, CropEvent, ErasedEvent, IndexedEvent, parse_index_log
+from services.embedder import EmbedderService
+from services.ingestor import CropInput, Ingestor
 
 from .conftest import env_for, jpeg_bytes, read_dead_letters, read_events
 
@@ -202,9 +202,9 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
     """Two sightings with identical bytes (a static scene, a re-sent frame) used to share one
     content-addressed object: erasing one deleted the other's image (GET /v1/crops/B -> 500,
     queries with B -> 500, B still in the gallery)."""
-    from chatreid.retrieval import CropGone
-    from chatreid.schemas import QueryRequest
-    from chatreid.services.retrieval.deployments import PrefilterDeployment
+    from chatreid.query import CropGone
+    from schemas import QueryRequest
+    from services.retrieval.deployments import PrefilterDeployment
 
     a, b, c = ingest(settings, [(7, "cam0", T0), (7, "cam1", T0 + timedelta(minutes=1)),
                                 (8, "cam0", T0 + timedelta(minutes=2))])

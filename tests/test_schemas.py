@@ -3,7 +3,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from chatreid.schemas import (
+from schemas import (
     CropEvent,
     DeadLetterEvent,
     EventError,
@@ -11,7 +11,7 @@ from chatreid.schemas import (
     QueryRequest,
     SourceOffset,
 )
-from chatreid.schemas.export import SCHEMA_DIR, render_all
+from schemas.export import SCHEMA_DIR, render_all
 
 SHA = "ab" * 32
 
@@ -23,7 +23,7 @@ def crop_event(**over) -> CropEvent:
 
 
 def test_exported_json_schemas_match_the_models():
-    """Regenerate with `python -m chatreid.schemas` when a contract changes on purpose."""
+    """Regenerate with `python -m schemas` when a contract changes on purpose."""
     rendered = render_all()
     on_disk = {p.name: p.read_text() for p in SCHEMA_DIR.glob("*.json")}
     assert on_disk == rendered
@@ -89,7 +89,7 @@ def test_query_request_rules():
 
 
 def test_query_times_are_normalised_to_utc_and_limits_hold():
-    from chatreid.schemas.api import MAX_ATTRIBUTE_CHARS, MAX_ATTRIBUTES, MAX_TEXT_CHARS
+    from schemas.api import MAX_ATTRIBUTE_CHARS, MAX_ATTRIBUTES, MAX_TEXT_CHARS
 
     naive_and_aware = QueryRequest(crop_id="a", filters={
         "time_from": "2026-01-01T00:00:00", "time_to": "2026-01-01T05:00:00+05:00"})

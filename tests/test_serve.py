@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from chatreid.client import ApiError, RetrievalClient
-from chatreid.schemas import DEPLOYMENTS, DeploymentEvent, QueryRequest
-from chatreid.services.embedder import EmbedderService
-from chatreid.services.ingestor import Ingestor
-from chatreid.services.ingestor.sources import synth_source
+from schemas import DEPLOYMENTS, DeploymentEvent, QueryRequest
+from services.embedder import EmbedderService
+from services.ingestor import Ingestor
+from services.ingestor.sources import synth_source
 
 from .conftest import deploy_site, jpeg_bytes, namespace, read_events
 
@@ -231,7 +231,7 @@ class _Held:
     @staticmethod
     def release(settings, event) -> None:
         from chatreid.bus import make_producer, publish
-        from chatreid.schemas import CHECKPOINTS
+        from schemas import CHECKPOINTS
 
         producer = make_producer(settings.kafka)
         publish(producer, settings.kafka.topic(CHECKPOINTS.name), "vlm", event).get(timeout=30)
@@ -239,9 +239,9 @@ class _Held:
 
 
 def test_rolling_redeploy_under_continuous_queries(site, tmp_path) -> None:
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import deploy
-    from chatreid.services.retrieval.rollout import VLMRollout
+    from chatreid.query import ModelSpec
+    from services.retrieval.app import deploy
+    from services.retrieval.vlm_rollout import VLMRollout
 
     settings, client, crops = site
     settings.gate.enabled = False  # rollout mechanics; the gate: tests/test_gate.py
@@ -307,9 +307,9 @@ def test_a_rollout_failing_on_a_replica_is_rolled_back(site, tmp_path) -> None:
     """The watcher's side of a failed rollout: the previous model is deployed again and the
     event says why. (Serve itself is exercised above; here the deploy fails on purpose, as when
     a replica runs out of memory loading the new model.)"""
-    from chatreid.retrieval import ModelSpec
-    from chatreid.services.retrieval.app import DeployFailed
-    from chatreid.services.retrieval.rollout import VLMRollout
+    from chatreid.query import ModelSpec
+    from services.retrieval.app import DeployFailed
+    from services.retrieval.vlm_rollout import VLMRollout
 
     settings = site[0]
     settings.gate.enabled = False  # rollout mechanics; the gate: tests/test_gate.py
@@ -337,7 +337,7 @@ def test_a_rollout_failing_on_a_replica_is_rolled_back(site, tmp_path) -> None:
 def test_chatreid_query_prints_the_answer_and_writes_a_contact_sheet(site, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from chatreid.cli import app
+    from chatreid.app.cli import app
 
     settings, _, crops = site
     query = _pick(crops)
@@ -372,7 +372,7 @@ def _painted(upper: str, lower: str) -> bytes:
 
 def test_a_text_query_shortlists_the_crops_in_the_named_colours(site) -> None:
     """Last in this file: it adds crops to the site's gallery."""
-    from chatreid.services.ingestor.service import CropInput
+    from services.ingestor.service import CropInput
 
     settings, client, _ = site
     outfits = [("green", "black"), ("red", "blue"), ("yellow", "white"), ("red", "black")]

@@ -6,8 +6,8 @@ import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from chatreid.config import Settings
-from chatreid.retrieval import ModelSpec
-from chatreid.services.retrieval.app import deploy_config
+from chatreid.query import ModelSpec
+from services.retrieval.app import deploy_config
 
 
 def _rerank(config: dict) -> dict:
@@ -45,8 +45,8 @@ def test_the_model_travels_in_user_config_only() -> None:
 def test_the_portable_config_carries_no_secret_and_a_model_reference(monkeypatch) -> None:
     """What `chatreid serve --print-config` prints and the Helm chart's RayService renders:
     settings come from each pod's environment, the replicas resolve the model themselves."""
-    from chatreid.services.retrieval.app import build_app
-    from chatreid.services.retrieval.deployments import model_spec
+    from services.retrieval.app import build_app
+    from services.retrieval.deployments import model_spec
 
     s = Settings()
     s.serve.model = "tiny"
@@ -81,7 +81,7 @@ def test_a_rollout_to_a_local_directory_needs_a_valid_checkpoint(tmp_path) -> No
     from chatreid.checkpoints import MANIFEST, describe
     from chatreid.model import build_model
     from chatreid.model.builder import save_checkpoint
-    from chatreid.retrieval.vlm import check_model_dir, resolve_spec
+    from chatreid.query.vlm import check_model_dir, resolve_spec
 
     def resolve(path) -> ModelSpec | None:
         s = Settings()
@@ -136,7 +136,7 @@ def test_the_training_route_sends_its_actor_no_secret(stack_base, ray_session,
     import ray
 
     from chatreid.cluster import unshare
-    from chatreid.services.retrieval import ops
+    from services.retrieval import ops
 
     settings = stack_base.model_copy(deep=True)
     settings.serve.app_name = f"t{uuid.uuid4().hex[:8]}"  # its own training-runs actor

@@ -10,16 +10,7 @@ import pytest
 
 from chatreid.access import Caller, KeyStore, RateLimited, RateLimiter, Unauthenticated
 from chatreid.audit import AuditLog
-from chatreid.retrieval.errors import BadQuery
-from chatreid.schemas import QueryFilters
-from chatreid.schemas.console import (
-    ROLES,
-    ApiKeyCreate,
-    SearchTurn,
-    SessionCreate,
-    SessionTurn,
-    Sighting,
-)
+from chatreid.query.errors import BadQuery
 from chatreid.sessions import (
     SessionExpired,
     SessionStore,
@@ -28,6 +19,15 @@ from chatreid.sessions import (
     derive,
 )
 from chatreid.storage import ObjectStore
+from schemas import QueryFilters
+from schemas.console import (
+    ROLES,
+    ApiKeyCreate,
+    SearchTurn,
+    SessionCreate,
+    SessionTurn,
+    Sighting,
+)
 
 NOW = datetime.now(UTC) - timedelta(minutes=1)
 
@@ -103,7 +103,7 @@ def test_an_explicit_image_and_filters_and_an_empty_session() -> None:
 
 
 def test_turns_adding_up_past_the_query_limits_are_refused() -> None:
-    from chatreid.schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
+    from schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
 
     clue = "c" * (MAX_TEXT_CHARS // 2)
     turns = [_search(0, text=clue), _search(1, text=clue)]  # "; " joins them: 2 over

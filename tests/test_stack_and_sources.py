@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from chatreid.app.stack import LocalStack
 from chatreid.config import Settings
-from chatreid.services.ingestor import Ingestor
-from chatreid.services.ingestor.sources import FolderSource
-from chatreid.stack import LocalStack
+from services.ingestor import Ingestor
+from services.ingestor.sources import FolderSource
 
 from .conftest import jpeg_bytes
 

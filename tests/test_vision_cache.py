@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from chatreid.data.instructions import InstructionSample
-from chatreid.engine.collate import collate, encode_sample
-from chatreid.engine.hpt import VisionCache
-from chatreid.engine.stages import rule_for
 from chatreid.model import build_model
+from chatreid.tuning.collate import collate, encode_sample
+from chatreid.tuning.hpt import VisionCache
+from chatreid.tuning.stages import rule_for
 
 IMAGES = {"a.png": Image.new("RGB", (48, 96), (200, 40, 40)),
           "b.png": Image.new("RGB", (40, 80), (40, 40, 200))}

@@ -1,17 +1,7 @@
 """Datasets: readers of on-disk benchmark layouts, and the instruction data engine that builds
 the three tuning stages' datasets into object storage (``engine``, ``worlds``, ``report``)."""
 
-from chatreid.data.datasets import (
-    CUHKPEDES,
-    DATASETS,
-    LTCC,
-    SYSUMM01,
-    DatasetLayoutError,
-    ImageDataset,
-    ImageRecord,
-    Market1501,
-)
-from chatreid.data.engine import (
+from chatreid.data.build import (
     CorruptShardError,
     DatasetError,
     DatasetManifest,
@@ -21,6 +11,16 @@ from chatreid.data.engine import (
     load_manifest,
     load_report,
     shards_for_worker,
+)
+from chatreid.data.datasets import (
+    CUHKPEDES,
+    DATASETS,
+    LTCC,
+    SYSUMM01,
+    DatasetLayoutError,
+    ImageDataset,
+    ImageRecord,
+    Market1501,
 )
 from chatreid.data.report import DatasetReport, render_report
 from chatreid.data.worlds import ImageResolver, WorldError, resolve_image, upload_world, world_id

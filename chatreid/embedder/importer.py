@@ -15,8 +15,8 @@ from pathlib import Path
 from chatreid.config import Settings
 from chatreid.embedder.load import load_embedder, resolve_card, write_onnx_checkpoint
 from chatreid.embedder.onnx import probe
-from chatreid.schemas import CheckpointEvent
-from chatreid.schemas.cards import EmbedderCard
+from schemas import CheckpointEvent
+from schemas.cards import EmbedderCard
 
 __all__ = ["import_onnx", "prepare_onnx"]
 

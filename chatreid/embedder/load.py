@@ -34,8 +34,8 @@ from chatreid.embedder.onnx import (
     open_session,
     save_head,
 )
-from chatreid.schemas.cards import EmbedderCard
 from chatreid.storage import file_sha256
+from schemas.cards import EmbedderCard
 
 __all__ = [
     "CARD_FILE",

@@ -2,7 +2,7 @@
 
 :class:`OnnxEmbedder` is the same kind of object as the torch :class:`~.embedder.Embedder`
 (``embed``, ``version``, ``dim``, ``batch_size``): crops in, unit vectors out. Its
-preprocessing follows the model's :class:`~chatreid.schemas.cards.EmbedderCard`, which
+preprocessing follows the model's :class:`~schemas.cards.EmbedderCard`, which
 :func:`inspect_graph` / :func:`check_card` hold against the graph before anything embeds, and
 :func:`probe` runs the model on two probe crops: a file that is not a Re-ID embedder (wrong
 input rank, no (batch, dim) output, NaNs, a constant output) is a clear
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from chatreid.embedder.embedder import EmbeddingHead, WeightsError, _to_rgb
-from chatreid.schemas.cards import EmbedderCard
 from chatreid.storage import file_sha256
+from schemas.cards import EmbedderCard
 
 __all__ = [
     "HEAD_FORMAT",

@@ -33,9 +33,9 @@ from chatreid.checkpoints import CheckpointError, pull
 from chatreid.config import Settings
 from chatreid.embedder.embedder import Embedder, WeightsError
 from chatreid.embedder.load import AnyEmbedder, load_embedder
-from chatreid.prefilter.rollout import read_report
-from chatreid.schemas import CHECKPOINTS, CheckpointEvent, DeadLetterEvent, EventError, SourceOffset
+from chatreid.prefilter.rebuild import read_report
 from chatreid.storage import ObjectNotFound, ObjectStore
+from schemas import CHECKPOINTS, CheckpointEvent, DeadLetterEvent, EventError, SourceOffset
 
 __all__ = ["CheckpointWatcher", "Release", "Sighted"]
 

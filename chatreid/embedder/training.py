@@ -435,7 +435,7 @@ def evaluate_real(embedder, real_root: Path | str) -> dict[str, float]:
     """The ``cuhk03_pair1`` benchmark task (validation people, camera A -> B and B -> A,
     averaged), through the evaluation engine: the figure ``chatreid eval`` reports."""
     from chatreid.evaluation import BENCHMARKS, EvalConfig
-    from chatreid.evaluation.engine import evaluate_task
+    from chatreid.evaluation.runner import evaluate_task
 
     result = evaluate_task(BENCHMARKS["cuhk03_pair1"], Path(real_root), embedder.embed, None,
                            EvalConfig())

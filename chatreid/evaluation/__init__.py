@@ -6,7 +6,7 @@
 The Ray job that shards the dialogues is ``ray_jobs/evaluate.py``.
 """
 
-from chatreid.evaluation.engine import EvalConfig, RerankJob, RerankOutcome, TaskResult
+from chatreid.evaluation.runner import EvalConfig, RerankJob, RerankOutcome, TaskResult
 from chatreid.evaluation.tasks import BENCHMARKS, SYNTHETIC, EvalTask
 
 __all__ = ["BENCHMARKS", "SYNTHETIC", "EvalConfig", "EvalTask", "RerankJob", "RerankOutcome",

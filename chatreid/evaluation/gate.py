@@ -27,7 +27,7 @@ import numpy as np
 
 from chatreid.config import Settings
 from chatreid.data.datasets.base import DatasetLayoutError, ImageDataset
-from chatreid.evaluation.engine import EvalConfig, Reranker, evaluate_task, in_process_reranker
+from chatreid.evaluation.runner import EvalConfig, Reranker, evaluate_task, in_process_reranker
 from chatreid.evaluation.tasks import BENCHMARKS, SYNTHETIC, EvalTask
 
 __all__ = ["GateError", "HeldOut", "Verdict", "judge_embedder", "judge_vlm", "rollout_steps",
@@ -182,7 +182,7 @@ def serving_embedder(settings: Settings):
     never rebuilt), else the configured one."""
     from chatreid.embedder import embedder_from_settings
     from chatreid.embedder.releases import CheckpointWatcher
-    from chatreid.prefilter.rollout import read_report
+    from chatreid.prefilter.rebuild import read_report
 
     watcher = CheckpointWatcher(settings, dead_letters=False)
     try:
@@ -205,7 +205,7 @@ def rollout_steps(settings: Settings, kind: str, timeout_s: float = 10.0) -> dic
     from kafka import TopicPartition
 
     from chatreid.bus import end_offsets, make_consumer
-    from chatreid.schemas import DEPLOYMENTS, DeploymentEvent, EventError
+    from schemas import DEPLOYMENTS, DeploymentEvent, EventError
 
     topic = settings.kafka.topic(DEPLOYMENTS.name)
     consumer = make_consumer(settings.kafka, None)

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from chatreid.evaluation.engine import EvalConfig, TaskResult
+from chatreid.evaluation.runner import EvalConfig, TaskResult
 from chatreid.viz import line_chart
 
 FAMILIES = {

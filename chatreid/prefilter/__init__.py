@@ -1,6 +1,6 @@
 """Prefilter vector store: cosine top-k with threshold and metadata filters over FAISS."""
 
-from .store import (
+from chatreid.prefilter.store import (
     FORMAT_VERSION,
     MODALITIES,
     AddReport,

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from ..bus import end_offsets, make_consumer, topic_id
-from ..config import Settings
-from ..schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
-from ..storage import ObjectNotFound, ObjectStore, sha256_hex
-from .rollout import RolloutReport, read_report
-from .store import PrefilterStore, VectorMeta
+from chatreid.bus import end_offsets, make_consumer, topic_id
+from chatreid.config import Settings
+from chatreid.prefilter.rebuild import RolloutReport, read_report
+from chatreid.prefilter.store import PrefilterStore, VectorMeta
+from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
+from schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
 
 log = logging.getLogger(__name__)
 

@@ -44,10 +44,10 @@ import numpy as np
 from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
 
-from chatreid.engine.evaluate import choice_tokens
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
 from chatreid.rerank.judge import JudgeStats, Query, make_judge
+from chatreid.tuning.evaluate import choice_tokens
 
 DEFAULT_GROUP_SIZE = 8  # the largest gallery of stage-3 training (Stage3Config.gallery_size)
 

@@ -9,9 +9,8 @@ import threading
 from chatreid.config import Settings
 from chatreid.embedder.releases import CheckpointWatcher
 from chatreid.prefilter.follower import IndexFollower
-
-from .rollout import Rollout
-from .service import EmbedderService, Stats
+from services.embedder.embedder_rollout import Rollout
+from services.embedder.service import EmbedderService, Stats
 
 __all__ = ["EmbeddingNode", "serve"]
 

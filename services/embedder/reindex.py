@@ -26,11 +26,10 @@ from chatreid.bus import dead_letter, make_producer, publish
 from chatreid.config import Settings
 from chatreid.prefilter import VectorMeta, crop_id_to_int64
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.prefilter.rollout import RolloutReport, write_report
-from chatreid.schemas import INDEXED, DeadLetterEvent, IndexedEvent, SourceOffset
+from chatreid.prefilter.rebuild import RolloutReport, write_report
 from chatreid.storage import ObjectStore
-
-from .service import CropFailed, fetch_crop, key_sha256
+from schemas import INDEXED, DeadLetterEvent, IndexedEvent, SourceOffset
+from services.embedder.service import CropFailed, fetch_crop, key_sha256
 
 __all__ = ["ReindexCancelled", "Reindexer"]
 

@@ -39,15 +39,6 @@ from PIL import Image
 from chatreid.bus import dead_letter, make_consumer, make_producer, publish, topic_id
 from chatreid.config import Settings
 from chatreid.prefilter import crop_id_to_int64
-from chatreid.schemas import (
-    CROPS,
-    INDEXED,
-    CropEvent,
-    DeadLetterEvent,
-    EventError,
-    IndexedEvent,
-    SourceOffset,
-)
 from chatreid.storage import (
     META_SHA256,
     ObjectNotFound,
@@ -56,6 +47,15 @@ from chatreid.storage import (
     legacy_key_sha256,
     sha256_hex,
     transient_error,
+)
+from schemas import (
+    CROPS,
+    INDEXED,
+    CropEvent,
+    DeadLetterEvent,
+    EventError,
+    IndexedEvent,
+    SourceOffset,
 )
 
 log = logging.getLogger(__name__)

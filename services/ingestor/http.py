@@ -20,10 +20,9 @@ from kafka.errors import KafkaError
 
 from chatreid.config import Settings
 from chatreid.http_limits import BodyLimit, send_error
-from chatreid.schemas import CropEvent, ErrorResponse
 from chatreid.storage import StoreUnavailable
-
-from .service import CropInput, Ingestor
+from schemas import CropEvent, ErrorResponse
+from services.ingestor.service import CropInput, Ingestor
 
 if TYPE_CHECKING:
     from chatreid.access import KeyStore
@@ -124,7 +123,7 @@ class IngestGate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             return await self.app(scope, receive, send)
-        from chatreid.retrieval.errors import RetrievalError
+        from chatreid.query.errors import RetrievalError
 
         raw = dict(scope.get("headers") or []).get(b"authorization")
         try:

@@ -23,7 +23,6 @@ from kafka.errors import KafkaError
 
 from chatreid.bus import dead_letter, make_producer, publish
 from chatreid.config import Settings
-from chatreid.schemas import CROPS, BBox, CropEvent, DeadLetterEvent, EventError
 from chatreid.storage import (
     CROPS_PREFIX,
     MAX_META_BYTES,
@@ -36,8 +35,8 @@ from chatreid.storage import (
     sha256_hex,
     transient_error,
 )
-
-from .validate import CropRejected, validate_crop, validate_metadata
+from schemas import CROPS, BBox, CropEvent, DeadLetterEvent, EventError
+from services.ingestor.validate import CropRejected, validate_crop, validate_metadata
 
 log = logging.getLogger(__name__)
 

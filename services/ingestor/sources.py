@@ -10,8 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from chatreid.storage import StoreUnavailable
-
-from .service import CropInput, Ingestor, IngestResult
+from services.ingestor.service import CropInput, Ingestor, IngestResult
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}

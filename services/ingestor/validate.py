@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from PIL import Image, UnidentifiedImageError
 
 from chatreid.config import IngestorSettings
-from chatreid.schemas.events import CAMERA_PATTERN, EPOCH, as_utc
+from schemas.events import CAMERA_PATTERN, EPOCH, as_utc
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 

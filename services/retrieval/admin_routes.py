@@ -14,10 +14,11 @@ from fastapi.responses import StreamingResponse
 from chatreid.access import AccessControlOff, Caller
 from chatreid.checkpoints import find as find_checkpoint
 from chatreid.checkpoints import force as force_rollout
-from chatreid.ray_jobs.train import PRESETS
-from chatreid.retrieval import BadQuery
-from chatreid.schemas.api import as_utc
-from chatreid.schemas.console import (
+from chatreid.query import BadQuery
+from chatreid.sessions import UPLOAD
+from ray_jobs.train import PRESETS
+from schemas.api import as_utc
+from schemas.console import (
     PURGE_DAYS_MAX,
     PURGE_DAYS_MIN,
     ApiKeyCreate,
@@ -33,11 +34,9 @@ from chatreid.schemas.console import (
     TrainRequest,
     TrainRun,
 )
-from chatreid.sessions import UPLOAD
-
-from . import ops
-from .deployments import model_spec
-from .http import ERRORS, Gate, remote, route
+from services.retrieval import ops
+from services.retrieval.deployments import model_spec
+from services.retrieval.http import ERRORS, Gate, remote, route
 
 
 class AdminRoutes(Gate):

@@ -23,9 +23,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from chatreid.cluster import redacted, share
 from chatreid.config import Settings
-from chatreid.retrieval import ModelSpec
+from chatreid.query import ModelSpec
 
-IMPORT_PATH = "chatreid.services.retrieval.app:build_app"
+IMPORT_PATH = "services.retrieval.app:build_app"
 # The environment of the local config's replicas: what they print stays in their log files and
 # out of the terminal of whoever deployed them (Ray forwards a worker's stdout/stderr to the
 # driver of its job). Serve's own lines, the per-request access log included, and whatever a
@@ -45,8 +45,8 @@ class DeployFailed(RuntimeError):
 
 def build_app(args: dict[str, Any]):
     """Serve's application builder (``import_path`` of the deploy config)."""
-    from chatreid.services.retrieval.deployments import PrefilterDeployment, RerankDeployment
-    from chatreid.services.retrieval.ingress import Ingress
+    from services.retrieval.deployments import PrefilterDeployment, RerankDeployment
+    from services.retrieval.ingress import Ingress
 
     # No settings in args (the portable config): every replica reads its pod's environment.
     # Otherwise they come without secrets; replicas fetch those from the cluster (unshare).

@@ -15,10 +15,12 @@ from datetime import UTC, datetime
 from fastapi import Query, Request, Response
 
 from chatreid.access import Caller
-from chatreid.retrieval import EmptyGallery, UnknownCrop, assemble
-from chatreid.retrieval.shortlist import decode_upload
-from chatreid.schemas import QueryRequest, QueryResponse
-from chatreid.schemas.console import (
+from chatreid.query import EmptyGallery, UnknownCrop, assemble
+from chatreid.query.shortlist import decode_upload
+from chatreid.sessions import UPLOAD, Session, changed_clothes
+from chatreid.storage import sha256_hex
+from schemas import QueryRequest, QueryResponse
+from schemas.console import (
     AttributeComparison,
     CameraInfo,
     CropInfo,
@@ -32,10 +34,7 @@ from chatreid.schemas.console import (
     SessionView,
     Sighting,
 )
-from chatreid.sessions import UPLOAD, Session, changed_clothes
-from chatreid.storage import sha256_hex
-
-from .http import ERRORS, Gate, remote, route, small_unless_image
+from services.retrieval.http import ERRORS, Gate, remote, route, small_unless_image
 
 
 class ConsoleRoutes(Gate):

@@ -21,10 +21,9 @@ from ray import serve
 
 from chatreid.cluster import unshare
 from chatreid.config import Settings
+from chatreid.prefilter.search import PrefilterSearch
 from chatreid.prefilter.store import SearchFilter, VectorMeta
-from chatreid.rerank import Candidate, Query, attribute_text
-from chatreid.rerank.prompts import QueryKind
-from chatreid.retrieval import (
+from chatreid.query import (
     CropGone,
     ModelSpec,
     ModelUnavailable,
@@ -35,10 +34,11 @@ from chatreid.retrieval import (
     VLMRuntime,
     read_crop,
 )
-from chatreid.retrieval.vlm import resolve_spec
-from chatreid.schemas import QueryRequest
-from chatreid.search import PrefilterSearch
+from chatreid.query.vlm import resolve_spec
+from chatreid.rerank import Candidate, Query, attribute_text
+from chatreid.rerank.prompts import QueryKind
 from chatreid.storage import ObjectStore
+from schemas import QueryRequest
 
 log = logging.getLogger("chatreid.serve")
 

@@ -22,12 +22,12 @@ from chatreid.access import Caller, KeyStore, RateLimited, RateLimiter
 from chatreid.audit import AuditLog
 from chatreid.config import Settings
 from chatreid.http_limits import BodyLimit
-from chatreid.retrieval import RetrievalError
-from chatreid.retrieval.errors import AuditUnavailable, ReplicaUnavailable
-from chatreid.schemas import ErrorResponse
-from chatreid.schemas.console import Role
+from chatreid.query import RetrievalError
+from chatreid.query.errors import AuditUnavailable, ReplicaUnavailable
 from chatreid.sessions import SessionStore
 from chatreid.storage import ObjectStore, transient_error
+from schemas import ErrorResponse
+from schemas.console import Role
 
 ERRORS = {s: {"model": ErrorResponse}
           for s in (401, 403, 404, 409, 410, 413, 415, 422, 429, 503)}

@@ -19,13 +19,12 @@ from ray.serve.handle import DeploymentHandle
 
 from chatreid.access import Caller
 from chatreid.cluster import unshare
-from chatreid.retrieval import RetrievalError, UnknownCrop
-from chatreid.schemas import QueryRequest, QueryResponse
-from chatreid.schemas.console import Principal
-
-from .admin_routes import AdminRoutes, OpsRoutes
-from .console_routes import ConsoleRoutes
-from .http import ERRORS, build_api, remote, route, small_unless_image
+from chatreid.query import RetrievalError, UnknownCrop
+from schemas import QueryRequest, QueryResponse
+from schemas.console import Principal
+from services.retrieval.admin_routes import AdminRoutes, OpsRoutes
+from services.retrieval.console_routes import ConsoleRoutes
+from services.retrieval.http import ERRORS, build_api, remote, route, small_unless_image
 
 _LATENCY_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 20_000, 60_000]
 _COUNTS = [1, 2, 5, 10, 20, 50, 100, 200]
@@ -119,7 +118,7 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         return self._asset(name)
 
     def _asset(self, name: str) -> Response:
-        from .console import asset
+        from services.retrieval.console import asset
 
         try:
             data, content_type = asset(name)

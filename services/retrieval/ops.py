@@ -23,7 +23,7 @@ from ray import serve
 
 from chatreid.cluster import share, unshare
 from chatreid.config import Settings
-from chatreid.retrieval.errors import RetrievalError
+from chatreid.query.errors import RetrievalError
 
 TRAINER_NAME = "chatreid-training-runs"
 
@@ -121,7 +121,7 @@ def _name(status) -> str:
 
 
 def _spec_version(spec: dict) -> str | None:
-    from chatreid.retrieval import ModelSpec
+    from chatreid.query import ModelSpec
 
     try:
         return ModelSpec.model_validate(spec).version
@@ -156,7 +156,7 @@ class TrainingRuns:
     def _run(self, run: dict[str, Any], settings: dict) -> None:
         from rich.console import Console
 
-        from chatreid.ray_jobs.train import PRESETS, train
+        from ray_jobs.train import PRESETS, train
 
         try:
             report = train(unshare(settings), run["target"],

@@ -298,7 +298,7 @@ http_options:
 applications:
   - name: chatreid
     route_prefix: /
-    import_path: chatreid.services.retrieval.app:build_app
+    import_path: services.retrieval.app:build_app
     args: {}
     deployments:
       - name: Ingress

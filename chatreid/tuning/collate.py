@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from chatreid.data.instructions import IMAGE_TOKEN, InstructionSample
-from chatreid.engine.stages import StageRule, resize_for
 from chatreid.model import ChatReIDProcessor
+from chatreid.tuning.stages import StageRule, resize_for
 
 IGNORE = -100  # label of tokens the loss skips (prompt, image patches, padding)
 END_OF_TURN = "<|im_end|>"

@@ -26,9 +26,9 @@ from kafka import TopicPartition
 
 from chatreid.bus import make_consumer, make_producer, publish
 from chatreid.config import Settings
-from chatreid.retrieval import ModelSpec, VLMRuntime
-from chatreid.schemas import CHECKPOINTS, DEPLOYMENTS, CheckpointEvent, DeploymentEvent, EventError
-from chatreid.services.retrieval.app import DeployFailed, deploy
+from chatreid.query import ModelSpec, VLMRuntime
+from schemas import CHECKPOINTS, DEPLOYMENTS, CheckpointEvent, DeploymentEvent, EventError
+from services.retrieval.app import DeployFailed, deploy
 
 log = logging.getLogger("chatreid.rollout")
 

@@ -6,10 +6,10 @@
 - ``evaluate``: best-choice rank-1 and response confidences.
 """
 
-from chatreid.engine.collate import IGNORE, collate, encode_sample, messages_for
-from chatreid.engine.evaluate import choice_probabilities, choice_tokens, evaluate_best_choice
-from chatreid.engine.hpt import HPTConfig, StageTrainer, deepspeed_config
-from chatreid.engine.stages import RULES, StageRule, prepare_stage_model, resize_for, rule_for
+from chatreid.tuning.collate import IGNORE, collate, encode_sample, messages_for
+from chatreid.tuning.evaluate import choice_probabilities, choice_tokens, evaluate_best_choice
+from chatreid.tuning.hpt import HPTConfig, StageTrainer, deepspeed_config
+from chatreid.tuning.stages import RULES, StageRule, prepare_stage_model, resize_for, rule_for
 
 __all__ = [
     "IGNORE",

@@ -7,8 +7,8 @@
 - ``answer``: shortlist + rerank result -> the API's ``QueryResponse``.
 """
 
-from chatreid.retrieval.answer import assemble
-from chatreid.retrieval.errors import (
+from chatreid.query.answer import assemble
+from chatreid.query.errors import (
     BadQuery,
     CropGone,
     EmptyGallery,
@@ -19,8 +19,8 @@ from chatreid.retrieval.errors import (
     UnknownCrop,
     read_crop,
 )
-from chatreid.retrieval.shortlist import Shortlist, Shortlister
-from chatreid.retrieval.vlm import ModelSpec, RerankAnswer, SmokeCheckFailed, VLMRuntime
+from chatreid.query.shortlist import Shortlist, Shortlister
+from chatreid.query.vlm import ModelSpec, RerankAnswer, SmokeCheckFailed, VLMRuntime
 
 __all__ = [
     "BadQuery",

@@ -36,7 +36,7 @@ from typing import IO
 import psutil
 from dotenv import dotenv_values
 
-from .config import Settings
+from chatreid.config import Settings
 
 RAY_TEMP = Path("/tmp/chatreid-ray")  # short: Ray's unix sockets must fit in 107 bytes
 # The local head and an in-process Ray: Ray resolves 127.0.0.1 to the machine's address and
@@ -230,7 +230,7 @@ class LocalStack:
 
     # -- health ------------------------------------------------------------------------------
     def kafka_healthy(self) -> bool:
-        from .bus import broker_reachable
+        from chatreid.bus import broker_reachable
 
         return _port_open(self.settings.stack.kafka_port) and broker_reachable(self.settings.kafka)
 
@@ -342,8 +342,8 @@ class LocalStack:
         """Topics and bucket; safe to run any number of times."""
         from minio.error import S3Error
 
-        from .bus import ensure_topics
-        from .storage import ObjectStore
+        from chatreid.bus import ensure_topics
+        from chatreid.storage import ObjectStore
 
         try:
             ObjectStore(self.settings.s3).ensure_bucket()

@@ -18,10 +18,10 @@ from transformers import PreTrainedTokenizerBase, Qwen2VLForConditionalGeneratio
 
 from chatreid.data.instructions import InstructionSample
 from chatreid.data.instructions.prompts import best_match_response
-from chatreid.engine.collate import ImageLoader, encode_prompt, load_images
-from chatreid.engine.stages import StageRule
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
+from chatreid.tuning.collate import ImageLoader, encode_prompt, load_images
+from chatreid.tuning.stages import StageRule
 
 
 @dataclass(frozen=True)

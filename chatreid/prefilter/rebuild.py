@@ -14,9 +14,9 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import Settings
-from ..schemas import SourceOffset
-from ..storage import ObjectNotFound, ObjectStore
+from chatreid.config import Settings
+from chatreid.storage import ObjectNotFound, ObjectStore
+from schemas import SourceOffset
 
 __all__ = ["RolloutReport", "read_report", "report_key", "write_report"]
 

@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from .config import Settings
+from chatreid.config import Settings
 
 if TYPE_CHECKING:  # the evaluation engine imports numpy/PIL: loaded only by `eval`
-    from .evaluation import EvalConfig
+    from chatreid.evaluation import EvalConfig
 
 app = typer.Typer(help="ChatReID: interactive cross-camera person re-identification.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -49,7 +49,7 @@ def up(
 ) -> None:
     """Start the local stack (broker, object store, Ray) on loopback; idempotent. Generates the
     object-store keys and the API's bootstrap key where none is configured (shown once)."""
-    from .stack import LocalStack
+    from chatreid.app.stack import LocalStack
 
     settings = _settings()
     stack = LocalStack(settings)
@@ -61,7 +61,7 @@ def up(
 
 def _print_credentials(stack, insecure: bool) -> None:
     """The bootstrap key the first time it is generated; afterwards only where it is."""
-    from .stack import API_KEY_VAR
+    from chatreid.app.stack import API_KEY_VAR
 
     key = stack.generated.get(API_KEY_VAR)
     if key:
@@ -104,7 +104,7 @@ def _require_api_key(settings: Settings, insecure: bool) -> None:
         _warn_insecure()
         return
     if not settings.serve.api_key:
-        from .config import credentials_file
+        from chatreid.config import credentials_file
 
         console.print("[red]no bootstrap API key[/] (serve.api_key): run `chatreid up`, which "
                       f"generates one into {credentials_file()} and shows it once, or set "
@@ -116,7 +116,7 @@ def _require_api_key(settings: Settings, insecure: bool) -> None:
 @app.command()
 def down() -> None:
     """Stop the local stack's processes (data stays in the data directory)."""
-    from .stack import LocalStack
+    from chatreid.app.stack import LocalStack
 
     stopped = LocalStack(_settings()).down()
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
@@ -125,7 +125,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show the local stack's services, health, endpoints and logs."""
-    from .stack import LocalStack
+    from chatreid.app.stack import LocalStack
 
     stack = LocalStack(_settings())
     statuses = stack.status()
@@ -149,8 +149,8 @@ def _print_status(statuses) -> None:
 @app.command()
 def init() -> None:
     """Create the Kafka topics and the object-store bucket (one-shot; idempotent)."""
-    from .bus import ensure_topics
-    from .storage import ObjectStore
+    from chatreid.bus import ensure_topics
+    from chatreid.storage import ObjectStore
 
     settings = _settings()
     ObjectStore(settings.s3).ensure_bucket()
@@ -167,8 +167,8 @@ def synth(
     sheet: Annotated[Path | None, typer.Option(help="also write a contact sheet PNG")] = None,
 ) -> None:
     """Generate the synthetic multi-camera world in the benchmarks' layouts."""
-    from .synth import SynthConfig, generate_world
-    from .viz import world_sheet
+    from chatreid.synth import SynthConfig, generate_world
+    from chatreid.viz import world_sheet
 
     if size not in ("small", "tiny"):
         raise typer.BadParameter("size must be small or tiny")
@@ -191,7 +191,7 @@ def synth(
 def _run_ingest(crops, source: str, total: int | None = None) -> None:
     from tqdm import tqdm
 
-    from .services.ingestor import Ingestor
+    from services.ingestor import Ingestor
 
     ingestor = Ingestor(_settings(), source=source)
     try:
@@ -214,7 +214,7 @@ def ingest_synth(
     """Play the synthetic site live: cameras emitting crops over time."""
     import time
 
-    from .services.ingestor.sources import synth_source
+    from services.ingestor.sources import synth_source
 
     _logging(verbose)
     # The site's clock runs faster than the wall clock (~6 simulated s per crop): start it a
@@ -230,8 +230,8 @@ def ingest_folder(
     verbose: bool = False,
 ) -> None:
     """Publish every crop in a folder (and, with --watch, those that arrive later)."""
-    from .services.ingestor import Ingestor
-    from .services.ingestor.sources import FolderSource
+    from services.ingestor import Ingestor
+    from services.ingestor.sources import FolderSource
 
     _logging(verbose)
     source = FolderSource(path)
@@ -254,7 +254,7 @@ def ingest_http(
     <key>' of a key with the 'ingest' role: `chatreid keys issue --role ingest`)."""
     import uvicorn
 
-    from .services.ingestor.http import ROLE, create_app
+    from services.ingestor.http import ROLE, create_app
 
     settings = _settings()
     console.print(f"POST /v1/crops needs 'Authorization: Bearer <key>' with the {ROLE!r} role "
@@ -282,7 +282,7 @@ def embed(
     A new embedder checkpoint on the checkpoints topic is verified, loaded and rolled out
     without a restart: new crops go to both spaces while the index is rebuilt in the background.
     """
-    from .services.embedder import serve
+    from services.embedder import serve
 
     _logging(verbose)
     stats = serve(_settings(), until_idle_s=until_idle, snapshots=snapshots, reindex=reindex)
@@ -306,8 +306,8 @@ def embedder_import(
     after the rollout gate's check."""
     import tempfile
 
-    from .embedder import WeightsError
-    from .embedder.importer import import_onnx, prepare_onnx
+    from chatreid.embedder import WeightsError
+    from chatreid.embedder.importer import import_onnx, prepare_onnx
 
     try:
         if dry_run:
@@ -333,7 +333,7 @@ def _gate_scorer(settings: Settings):
         return None
 
     def score(embedder) -> dict[str, float]:
-        from .evaluation.gate import GateError, validation_metrics
+        from chatreid.evaluation.gate import GateError, validation_metrics
 
         try:
             return validation_metrics(settings, embedder)
@@ -358,9 +358,9 @@ def search(
     deployed retrieval app, which reranks with the VLM)."""
     from PIL import Image
 
-    from .prefilter import SearchFilter
-    from .search import PrefilterSearch
-    from .viz import results_sheet, results_table
+    from chatreid.prefilter import SearchFilter
+    from chatreid.prefilter.search import PrefilterSearch
+    from chatreid.viz import results_sheet, results_table
 
     if (image is None) == (crop_id is None):
         raise typer.BadParameter("give an image path or --crop-id")
@@ -399,11 +399,11 @@ def serve(
     checkpoint events and roll each verified VLM checkpoint out replica by replica."""
     import threading
 
-    from .cluster import connect
-    from .retrieval.vlm import resolve_spec
-    from .services.retrieval.app import deploy
-    from .services.retrieval.rollout import VLMRollout
-    from .stack import LocalStack
+    from chatreid.app.stack import LocalStack
+    from chatreid.cluster import connect
+    from chatreid.query.vlm import resolve_spec
+    from services.retrieval.app import deploy
+    from services.retrieval.vlm_rollout import VLMRollout
 
     _logging(False)
     settings = _settings()
@@ -416,7 +416,7 @@ def serve(
     if print_config:
         import yaml
 
-        from .services.retrieval.app import deploy_config
+        from services.retrieval.app import deploy_config
 
         typer.echo(yaml.safe_dump(deploy_config(settings, portable=True), sort_keys=False))
         return
@@ -480,9 +480,9 @@ def query(
     from PIL import Image
     from pydantic import ValidationError
 
-    from .client import ApiError, RetrievalClient
-    from .schemas import QueryRequest
-    from .viz import answer_sheet, answer_table
+    from chatreid.client import ApiError, RetrievalClient
+    from chatreid.viz import answer_sheet, answer_table
+    from schemas import QueryRequest
 
     try:
         request = QueryRequest(
@@ -523,8 +523,8 @@ def checkpoints(
     with the rollout gate's figures (from the manifest: `gate/mAP`, synthetic / real parts) and
     each version's last rollout step (`deployments.v1`: refused, completed, forced, with the
     gate's mAP of the version vs what served)."""
-    from .checkpoints import manifests
-    from .evaluation.gate import rollout_steps
+    from chatreid.checkpoints import manifests
+    from chatreid.evaluation.gate import rollout_steps
 
     if model not in ("vlm", "embedder"):
         raise typer.BadParameter("--model is vlm or embedder")
@@ -562,8 +562,8 @@ def force(
     running services roll it out with its figures still reported (audited first)."""
     import getpass
 
-    from .checkpoints import find
-    from .checkpoints import force as force_rollout
+    from chatreid.checkpoints import find
+    from chatreid.checkpoints import force as force_rollout
 
     if model not in ("vlm", "embedder"):
         raise typer.BadParameter("--model is vlm or embedder")
@@ -640,7 +640,7 @@ def evaluate(
     """Evaluate: the baseline embedder and ChatReID on a suite (tables, CMC plots), or score
     any method's saved distance matrix under a benchmark's protocol (--distmat)."""
     if distmat is None:
-        from .evaluation import EvalConfig
+        from chatreid.evaluation import EvalConfig
 
         try:
             cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries,
@@ -659,13 +659,13 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, cfg: Eva
     import os
     import time
 
-    from .embedder import WeightsError
-    from .embedder.load import resolve_embedder
-    from .evaluation import BENCHMARKS, SYNTHETIC
-    from .evaluation.report import write_report
-    from .ray_jobs.evaluate import ClusterBusy, run_evaluation
-    from .retrieval import ModelSpec
-    from .retrieval.vlm import resolve_spec
+    from chatreid.embedder import WeightsError
+    from chatreid.embedder.load import resolve_embedder
+    from chatreid.evaluation import BENCHMARKS, SYNTHETIC
+    from chatreid.evaluation.report import write_report
+    from chatreid.query import ModelSpec
+    from chatreid.query.vlm import resolve_spec
+    from ray_jobs.evaluate import ClusterBusy, run_evaluation
 
     settings = _settings()
     registry = {"synthetic": SYNTHETIC, "benchmarks": BENCHMARKS}.get(suite)
@@ -678,7 +678,7 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, cfg: Eva
     if root is None:
         if suite != "synthetic":
             raise typer.BadParameter("--root is required for the benchmarks suite")
-        from .ray_jobs.train import PRESETS, ensure_world
+        from ray_jobs.train import PRESETS, ensure_world
 
         root = ensure_world(settings, PRESETS["default"], console)
     try:
@@ -719,7 +719,7 @@ def _score_distmat(distmat: Path, protocol: str, max_rank: int, out: Path | None
 
     import numpy as np
 
-    from .metrics import PROTOCOLS, Labels, rank_metrics
+    from chatreid.metrics import PROTOCOLS, Labels, rank_metrics
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}")
@@ -770,7 +770,7 @@ def demo(
     """The main job, end to end: stack up, stream a synthetic site, index it, deploy the
     retrieval app, answer a cross-camera query reranked by the VLM. Like `chatreid up`, it
     generates the bootstrap API key when none is configured (shown once)."""
-    from .demo import run_demo
+    from chatreid.app.demo import run_demo
 
     _logging(False)
     settings = _settings()
@@ -784,8 +784,8 @@ def demo(
 @app.command()
 def health() -> None:
     """Exit 0 when the configured broker and object store answer (container health check)."""
-    from .bus import broker_reachable
-    from .storage import ObjectStore
+    from chatreid.bus import broker_reachable
+    from chatreid.storage import ObjectStore
 
     settings = _settings()
     checks = {"kafka": broker_reachable(settings.kafka),
@@ -818,9 +818,9 @@ def data_build(
                           ] = 0.5,
 ) -> None:
     """Build one stage's instruction dataset into object storage and print its stats report."""
-    from .data import InstructionDatasetSpec, build_dataset, render_report
-    from .data.instructions import TRAIN_SPLITS
-    from .data.instructions.real import RealImages
+    from chatreid.data import InstructionDatasetSpec, build_dataset, render_report
+    from chatreid.data.instructions import TRAIN_SPLITS
+    from chatreid.data.instructions.real import RealImages
 
     real = RealImages(root=real_root, share=real_share) if real_root else None
     try:
@@ -838,7 +838,7 @@ def data_build(
 @data_app.command("stats")
 def data_stats(dataset_id: str, stage: Annotated[int, typer.Option()]) -> None:
     """The stats report of a built dataset."""
-    from .data import load_report, render_report
+    from chatreid.data import load_report, render_report
 
     console.print(render_report(load_report(_settings(), dataset_id, stage)))
 
@@ -846,7 +846,7 @@ def data_stats(dataset_id: str, stage: Annotated[int, typer.Option()]) -> None:
 @data_app.command("upload-world")
 def data_upload_world(world: Annotated[Path | None, typer.Option()] = None) -> None:
     """Put a world's images and annotations into object storage (for remote workers)."""
-    from .data.worlds import upload_world
+    from chatreid.data.worlds import upload_world
 
     console.print(f"world {upload_world(_settings(), _world(world))}")
 
@@ -876,8 +876,8 @@ def train(
     Every result is pushed to object storage with a manifest and announced on the checkpoints
     topic; a single stage 2 or 3 continues the newest checkpoint of the stage before it.
     """
-    from .ray_jobs.train import PRESETS
-    from .ray_jobs.train import train as run
+    from ray_jobs.train import PRESETS
+    from ray_jobs.train import train as run
 
     if stage not in ("embedder", "1", "2", "3", "all"):
         raise typer.BadParameter("--stage must be embedder, 1, 2, 3 or all")
@@ -911,7 +911,7 @@ def erase(
     import uuid
     from datetime import UTC, datetime
 
-    from .retention import Eraser, current_index
+    from chatreid.retention import Eraser, current_index
 
     settings = _settings()
     with console.status("loading the index (snapshot + log)"):
@@ -950,7 +950,7 @@ def purge(
     if days is None:
         console.print("retention.crop_days is unset: crops are kept forever, nothing to purge")
         return
-    from .schemas.console import PURGE_DAYS_MAX, PURGE_DAYS_MIN
+    from schemas.console import PURGE_DAYS_MAX, PURGE_DAYS_MIN
 
     if not PURGE_DAYS_MIN <= days <= PURGE_DAYS_MAX:  # the API's bounds; nan fails too
         raise typer.BadParameter(f"--days must lie between {PURGE_DAYS_MIN:.4f} (1 hour) and "
@@ -965,9 +965,9 @@ def purge(
 def _purge_once(settings: Settings, days: float) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from .retention import Eraser, current_index
-    from .sessions import SessionStore
-    from .storage import ObjectStore
+    from chatreid.retention import Eraser, current_index
+    from chatreid.sessions import SessionStore
+    from chatreid.storage import ObjectStore
 
     cutoff = datetime.now(UTC) - timedelta(days=days)
     with console.status("loading the index (snapshot + log)"):
@@ -988,8 +988,8 @@ def _audit_cli(settings: Settings, action: str, **fields) -> None:
     """Erasures and purges run from a shell are accountable too (actor: the OS user)."""
     import getpass
 
-    from .audit import AuditLog
-    from .storage import ObjectStore
+    from chatreid.audit import AuditLog
+    from chatreid.storage import ObjectStore
 
     AuditLog(settings, ObjectStore(settings.s3)).record("cli", f"cli:{getpass.getuser()}",
                                                         action, 200, **fields)
@@ -1002,14 +1002,14 @@ app.add_typer(keys_app, name="keys")
 
 
 def _admin_client():
-    from .client import RetrievalClient
+    from chatreid.client import RetrievalClient
 
     settings = _settings()
     return RetrievalClient(settings.serve.base_url, timeout_s=60, api_key=settings.serve.api_key)
 
 
 def _api(method: str, path: str, payload: dict | None = None):
-    from .client import ApiError
+    from chatreid.client import ApiError
 
     try:
         return _admin_client().call(method, path, payload)

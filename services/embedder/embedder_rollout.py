@@ -35,11 +35,10 @@ from chatreid.bus import make_consumer, make_producer, publish
 from chatreid.config import Settings
 from chatreid.embedder.releases import CheckpointWatcher, Release
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.prefilter.rollout import read_report
-from chatreid.schemas import DEPLOYMENTS, DeploymentEvent, EventError
-
-from .reindex import ReindexCancelled, Reindexer
-from .service import EmbedderService
+from chatreid.prefilter.rebuild import read_report
+from schemas import DEPLOYMENTS, DeploymentEvent, EventError
+from services.embedder.reindex import ReindexCancelled, Reindexer
+from services.embedder.service import EmbedderService
 
 __all__ = ["Rollout"]
 

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 import numpy as np
 from PIL import Image
 
-from .config import Settings
-from .prefilter.follower import IndexFollower
-from .prefilter.store import Hit, SearchFilter, VectorMeta
-from .storage import ObjectStore
+from chatreid.config import Settings
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.prefilter.store import Hit, SearchFilter, VectorMeta
+from chatreid.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class PrefilterSearch:
 
     def __init__(self, settings: Settings, embedder=None,
                  follow_checkpoints: bool | None = None) -> None:
-        from .embedder import embedder_from_settings
-        from .embedder.releases import CheckpointWatcher
+        from chatreid.embedder import embedder_from_settings
+        from chatreid.embedder.releases import CheckpointWatcher
 
         def configured():
             return embedder or embedder_from_settings(settings.embedder)
@@ -202,7 +202,7 @@ class ColourCache:
     in parallel) and kept in a bounded LRU map: text queries re-rank the same recent crops."""
 
     def __init__(self, objects: ObjectStore, workers: int = 8, capacity: int = 200_000) -> None:
-        from .embedder.colour import ColourAttributeEmbedder
+        from chatreid.embedder.colour import ColourAttributeEmbedder
 
         self.objects, self.capacity = objects, capacity
         self.matcher = ColourAttributeEmbedder()

@@ -10,10 +10,10 @@ Either way each result reports its own confidence and prefilter score.
 from __future__ import annotations
 
 from chatreid.evaluation.ranking import RankingMode, fused_order
+from chatreid.query.shortlist import Shortlist
+from chatreid.query.vlm import RerankAnswer
 from chatreid.rerank import Ranked
-from chatreid.retrieval.shortlist import Shortlist
-from chatreid.retrieval.vlm import RerankAnswer
-from chatreid.schemas import QueryRequest, QueryResponse, ResultItem, Turn
+from schemas import QueryRequest, QueryResponse, ResultItem, Turn
 
 
 def crop_url(base_url: str, crop_id: str) -> str:

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from PIL import Image
 
 from chatreid.config import IngestorSettings
+from chatreid.prefilter.search import PrefilterSearch, SearchResult
 from chatreid.prefilter.store import SearchFilter
-from chatreid.rerank.prompts import QueryKind
-from chatreid.retrieval.errors import (
+from chatreid.query.errors import (
     BadQuery,
     EmptyGallery,
     ImageRejected,
     UnknownCrop,
     read_crop,
 )
-from chatreid.schemas import QueryRequest
-from chatreid.search import PrefilterSearch, SearchResult
+from chatreid.rerank.prompts import QueryKind
+from schemas import QueryRequest
 
 _OTHER = {"rgb": "infrared", "infrared": "rgb"}
 
@@ -125,7 +125,7 @@ def _filters(request: QueryRequest) -> SearchFilter:
 
 def decode_upload(image_b64: str, limits: IngestorSettings) -> bytes:
     """The uploaded query image, held to the same limits as ingested crops."""
-    from chatreid.services.ingestor.validate import CropRejected, validate_crop
+    from services.ingestor.validate import CropRejected, validate_crop
 
     if len(image_b64) > limits.max_bytes * 4 // 3 + 4:
         raise ImageRejected(f"the image exceeds the limit of {limits.max_bytes} bytes",

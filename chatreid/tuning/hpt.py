@@ -27,10 +27,10 @@ from pydantic import BaseModel, Field
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from chatreid.data.instructions import InstructionSample
-from chatreid.engine.collate import ImageLoader, collate, encode_sample
-from chatreid.engine.evaluate import evaluate_best_choice
-from chatreid.engine.stages import prepare_stage_model, rule_for
 from chatreid.model import save_checkpoint
+from chatreid.tuning.collate import ImageLoader, collate, encode_sample
+from chatreid.tuning.evaluate import evaluate_best_choice
+from chatreid.tuning.stages import prepare_stage_model, rule_for
 
 STATE_FILE = "train_state.pt"
 FINAL_DIR = "model"

@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict
 from chatreid.checkpoints import pull
 from chatreid.config import ServeSettings, Settings
 from chatreid.data.instructions import prompts as P
-from chatreid.engine.collate import encode_prompt
 from chatreid.model import build_model
 from chatreid.model.identity import IdentityVision
 from chatreid.rerank import BestChoiceReranker, Candidate, Query, QueryKind, RerankResult
-from chatreid.schemas import CheckpointEvent
+from chatreid.tuning.collate import encode_prompt
+from schemas import CheckpointEvent
 
 
 class SmokeCheckFailed(RuntimeError):
@@ -89,8 +89,8 @@ def check_model_dir(path: Path) -> None:
     manifest lists, with its size and sha256. Raises a ValueError naming the cause."""
     from chatreid.checkpoints import MANIFEST, CheckpointError
     from chatreid.model.builder import check_checkpoint_dir
-    from chatreid.schemas import CheckpointFile
     from chatreid.storage import file_sha256
+    from schemas import CheckpointFile
 
     try:
         check_checkpoint_dir(path)  # names missing files and a wrong model type

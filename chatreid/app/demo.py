@@ -15,12 +15,18 @@ from pathlib import Path
 from rich.console import Console
 from tqdm import tqdm
 
-from .client import RetrievalClient
-from .config import Settings
-from .schemas import QueryRequest
-from .search import PrefilterSearch
-from .stack import LocalStack
-from .viz import Comparison, answer_sheet, compare_answers, comparison_summary, comparison_table
+from chatreid.app.stack import LocalStack
+from chatreid.client import RetrievalClient
+from chatreid.config import Settings
+from chatreid.prefilter.search import PrefilterSearch
+from chatreid.viz import (
+    Comparison,
+    answer_sheet,
+    compare_answers,
+    comparison_summary,
+    comparison_table,
+)
+from schemas import QueryRequest
 
 DEMO_EPOCH = 1_795_737_600.0  # 2026-11-27T00:00:00Z, the site's simulated morning
 
@@ -39,8 +45,8 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
     """The demo on ``settings``; access control stays on (a bootstrap key is generated when
     none is configured) unless ``access.insecure``. ``on_stack_up`` sees the started stack
     (the CLI shows a newly generated key once)."""
-    from .services.ingestor import Ingestor
-    from .services.ingestor.sources import synth_source
+    from services.ingestor import Ingestor
+    from services.ingestor.sources import synth_source
 
     stack = LocalStack(settings)
     with console.status("starting the local stack (Kafka-protocol broker, S3 store, Ray)"):
@@ -95,9 +101,9 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
 
 def _deploy(settings: Settings, console: Console) -> RetrievalClient:
     """The retrieval app on the stack's Ray head (it outlives this command)."""
-    from .cluster import connect
-    from .retrieval.vlm import resolve_spec
-    from .services.retrieval.app import deploy
+    from chatreid.cluster import connect
+    from chatreid.query.vlm import resolve_spec
+    from services.retrieval.app import deploy
 
     # the replicas' and proxies' lines stay in Ray's session logs, out of this terminal
     connect(settings, log_to_driver=False)
@@ -187,7 +193,7 @@ def _model_note(response) -> str:
 def _gate_notes(settings: Settings, console: Console) -> None:
     """Say so when the rollout gate refused a checkpoint here: what serves is the model before
     it (the demo goes on with it), and how to override."""
-    from .evaluation.gate import rollout_steps
+    from chatreid.evaluation.gate import rollout_steps
 
     for kind in ("embedder", "vlm"):
         try:
