@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from chatreid.config import Settings
-from chatreid.query.errors import RetrievalError
+from chatreid.errors import AccessError
 from chatreid.storage import ObjectNotFound, ObjectStore
 from schemas.console import ROLES, ApiKeyCreate, ApiKeyInfo, ApiKeyIssued, Principal, Role
 
@@ -40,27 +40,27 @@ _SECURE_MARK = "issued_with_access_control"  # in the stored record, beside the 
 log = logging.getLogger(__name__)
 
 
-class Unauthenticated(RetrievalError):
+class Unauthenticated(AccessError):
     status, code = 401, "auth.required"
 
 
-class Forbidden(RetrievalError):
+class Forbidden(AccessError):
     status, code = 403, "auth.forbidden"
 
 
-class RateLimited(RetrievalError):
+class RateLimited(AccessError):
     status, code = 429, "rate.limited"
 
     def __init__(self, detail: str, code: str | None = None, retry_after_s: float = 1.0) -> None:
         super().__init__(detail, code)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s: float = retry_after_s
 
 
-class UnknownKey(RetrievalError):
+class UnknownKey(AccessError):
     status, code = 404, "key.unknown"
 
 
-class AccessControlOff(RetrievalError):
+class AccessControlOff(AccessError):
     """Key issuing while access control is off: such a key could be minted by anyone."""
 
     status, code = 409, "access.insecure"

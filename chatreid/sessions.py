@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import ValidationError
 
 from chatreid.config import Settings
-from chatreid.query.errors import BadQuery, RetrievalError
+from chatreid.errors import BadQuery, SessionError
 from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
 from schemas import QueryFilters, QueryKind, QueryRequest
 from schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
@@ -57,15 +57,15 @@ _CHANGED = re.compile(
 _FILLER = re.compile(r"^[\s,.;:!-]*(?:and|but|so|now|he|she|they)?[\s,.;:!-]*$", re.IGNORECASE)
 
 
-class UnknownSession(RetrievalError):
+class UnknownSession(SessionError):
     status, code = 404, "session.unknown"
 
 
-class SessionExpired(RetrievalError):
+class SessionExpired(SessionError):
     status, code = 410, "session.expired"
 
 
-class SessionFull(RetrievalError):
+class SessionFull(SessionError):
     status, code = 409, "session.full"
 
 

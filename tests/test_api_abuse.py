@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from chatreid.access import KeyStore, Unauthenticated, token_hash
 from chatreid.client import ApiError
-from chatreid.query import EmptyGallery
+from chatreid.errors import EmptyGallery
 from chatreid.storage import ObjectStore
 from schemas import QueryRequest
 from schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
@@ -501,7 +501,7 @@ def test_a_replica_dying_mid_call_is_retried_once_then_503() -> None:
 
     from ray.exceptions import ActorDiedError
 
-    from chatreid.query.errors import ReplicaUnavailable
+    from chatreid.errors import ReplicaUnavailable
     from services.retrieval.http import remote
 
     def dies(times: int):

@@ -22,9 +22,9 @@ import pytest
 
 from chatreid.app.stack import tansu_binary, weed_binary
 from chatreid.bus import broker_reachable, ensure_topics, make_producer
+from chatreid.errors import StorageUnavailable
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.query import StorageUnavailable
 from chatreid.storage import ObjectStore, StoreUnavailable
 from schemas import (
     CROPS,

@@ -202,7 +202,7 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
     """Two sightings with identical bytes (a static scene, a re-sent frame) used to share one
     content-addressed object: erasing one deleted the other's image (GET /v1/crops/B -> 500,
     queries with B -> 500, B still in the gallery)."""
-    from chatreid.query import CropGone
+    from chatreid.errors import CropGone
     from schemas import QueryRequest
     from services.retrieval.deployments import PrefilterDeployment
 

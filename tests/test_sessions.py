@@ -10,7 +10,7 @@ import pytest
 
 from chatreid.access import Caller, KeyStore, RateLimited, RateLimiter, Unauthenticated
 from chatreid.audit import AuditLog
-from chatreid.query.errors import BadQuery
+from chatreid.errors import BadQuery
 from chatreid.sessions import (
     SessionExpired,
     SessionStore,

@@ -7,18 +7,17 @@
 - ``answer``: shortlist + rerank result -> the API's ``QueryResponse``.
 """
 
-from chatreid.query.answer import assemble
-from chatreid.query.errors import (
+from chatreid.errors import (
     BadQuery,
     CropGone,
     EmptyGallery,
     ImageRejected,
     ModelUnavailable,
-    RetrievalError,
     StorageUnavailable,
     UnknownCrop,
-    read_crop,
 )
+from chatreid.query.answer import assemble
+from chatreid.query.errors import read_crop
 from chatreid.query.shortlist import Shortlist, Shortlister
 from chatreid.query.vlm import ModelSpec, RerankAnswer, SmokeCheckFailed, VLMRuntime
 
@@ -30,7 +29,6 @@ __all__ = [
     "ModelSpec",
     "ModelUnavailable",
     "RerankAnswer",
-    "RetrievalError",
     "Shortlist",
     "Shortlister",
     "SmokeCheckFailed",

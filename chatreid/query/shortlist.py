@@ -19,15 +19,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from chatreid.config import IngestorSettings
+from chatreid.errors import BadQuery, EmptyGallery, ImageRejected, UnknownCrop
 from chatreid.prefilter.search import PrefilterSearch, SearchResult
 from chatreid.prefilter.store import SearchFilter
-from chatreid.query.errors import (
-    BadQuery,
-    EmptyGallery,
-    ImageRejected,
-    UnknownCrop,
-    read_crop,
-)
+from chatreid.query.errors import read_crop
 from chatreid.rerank.prompts import QueryKind
 from schemas import QueryRequest
 

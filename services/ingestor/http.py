@@ -123,14 +123,14 @@ class IngestGate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             return await self.app(scope, receive, send)
-        from chatreid.query.errors import RetrievalError
+        from chatreid.errors import AccessError
 
         raw = dict(scope.get("headers") or []).get(b"authorization")
         try:
             caller = await asyncio.to_thread(self.keys().authenticate,
                                              raw.decode("latin-1") if raw else None)
             caller.require(ROLE)
-        except RetrievalError as exc:  # 401 auth.*, 403 auth.forbidden
+        except AccessError as exc:  # 401 auth.*, 403 auth.forbidden
             return await send_error(send, exc.status, exc.code, exc.detail)
         except Exception as exc:  # the key store unreachable: say so, do not guess
             log.exception("key store unavailable")

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from chatreid.access import AccessControlOff, Caller
 from chatreid.checkpoints import find as find_checkpoint
 from chatreid.checkpoints import force as force_rollout
-from chatreid.query import BadQuery
+from chatreid.errors import BadQuery
 from chatreid.sessions import UPLOAD
 from ray_jobs.train import PRESETS
 from schemas.api import as_utc

@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from fastapi import Query, Request, Response
 
 from chatreid.access import Caller
-from chatreid.query import EmptyGallery, UnknownCrop, assemble
+from chatreid.errors import EmptyGallery, UnknownCrop
+from chatreid.query import assemble
 from chatreid.query.shortlist import decode_upload
 from chatreid.sessions import UPLOAD, Session, changed_clothes
 from chatreid.storage import sha256_hex

@@ -21,16 +21,14 @@ from ray import serve
 
 from chatreid.cluster import unshare
 from chatreid.config import Settings
+from chatreid.errors import CropGone, ModelUnavailable, UnknownCrop
 from chatreid.prefilter.search import PrefilterSearch
 from chatreid.prefilter.store import SearchFilter, VectorMeta
 from chatreid.query import (
-    CropGone,
     ModelSpec,
-    ModelUnavailable,
     RerankAnswer,
     Shortlist,
     Shortlister,
-    UnknownCrop,
     VLMRuntime,
     read_crop,
 )

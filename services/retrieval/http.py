@@ -21,9 +21,8 @@ from urllib3.exceptions import HTTPError
 from chatreid.access import Caller, KeyStore, RateLimited, RateLimiter
 from chatreid.audit import AuditLog
 from chatreid.config import Settings
+from chatreid.errors import AuditUnavailable, ChatReIDError, ReplicaUnavailable
 from chatreid.http_limits import BodyLimit
-from chatreid.query import RetrievalError
-from chatreid.query.errors import AuditUnavailable, ReplicaUnavailable
 from chatreid.sessions import SessionStore
 from chatreid.storage import ObjectStore, transient_error
 from schemas import ErrorResponse
@@ -47,7 +46,7 @@ def cause(exc: BaseException) -> BaseException:
 
 
 async def remote(method, *args) -> Any:
-    """Call a deployment method; a RetrievalError raised there is re-raised here as itself.
+    """Call a deployment method; a ChatReIDError raised there is re-raised here as itself.
     A replica that dies mid-call (SIGKILL, OOM, node lost) gets one retry, which Serve routes
     to a live or replacement replica (every method called this way is safe to repeat), then
     ``503 replica.unavailable``."""
@@ -60,7 +59,7 @@ async def remote(method, *args) -> Any:
                                          "and is being replaced; retry shortly") from None
         except Exception as exc:
             inner = cause(exc)
-            if isinstance(inner, RetrievalError):
+            if isinstance(inner, ChatReIDError):
                 raise inner from None
             raise
 
@@ -70,7 +69,7 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return error(422, "query.invalid", detail)
 
 
-class BodyTooLarge(RetrievalError):
+class BodyTooLarge(ChatReIDError):
     status, code = 413, "request.too_large"
 
 
@@ -83,7 +82,7 @@ async def small_unless_image(request: Request, has_image: bool, limit: int) -> N
                            "body carrying an image (image_b64) may be larger")
 
 
-async def _failed(_: Request, exc: RetrievalError) -> JSONResponse:
+async def _failed(_: Request, exc: ChatReIDError) -> JSONResponse:
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
     else:  # a 503 is "not now": say when to come back
@@ -119,7 +118,7 @@ def build_api(instance: Any, body_limits: tuple[int, int],
         "'Authorization: Bearer <API key>' and the role it names.",
     )
     app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(RetrievalError, _failed)
+    app.add_exception_handler(ChatReIDError, _failed)
     app.add_middleware(BodyLimit, limit_for=_body_limit(body_limits))
     app.add_middleware(SameSiteJson, origins=origins)
     if insecure:

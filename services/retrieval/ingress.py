@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from chatreid.access import Caller
 from chatreid.cluster import unshare
-from chatreid.query import RetrievalError, UnknownCrop
+from chatreid.errors import ChatReIDError, UnknownCrop
 from schemas import QueryRequest, QueryResponse
 from schemas.console import Principal
 from services.retrieval.admin_routes import AdminRoutes, OpsRoutes
@@ -63,7 +63,7 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         t0 = time.perf_counter()
         try:
             response = await self.answer(payload)
-        except RetrievalError as exc:
+        except ChatReIDError as exc:
             self.queries.inc(tags={"kind": payload.kind, "outcome": exc.code})
             await self.audit(caller, "query", exc.status, query_kind=payload.kind,
                              filters=payload.filters, detail=exc.code)

@@ -23,20 +23,20 @@ from ray import serve
 
 from chatreid.cluster import share, unshare
 from chatreid.config import Settings
-from chatreid.query.errors import RetrievalError
+from chatreid.errors import OpsError
 
 TRAINER_NAME = "chatreid-training-runs"
 
 
-class OpsUnavailable(RetrievalError):
+class OpsUnavailable(OpsError):
     status, code = 503, "ops.unavailable"
 
 
-class GateRefused(RetrievalError):
+class GateRefused(OpsError):
     status, code = 409, "gate.refused"
 
 
-class UnknownRun(RetrievalError):
+class UnknownRun(OpsError):
     status, code = 404, "run.unknown"
 
 
