@@ -16,7 +16,7 @@ from chatreid.checkpoints import find as find_checkpoint
 from chatreid.checkpoints import force as force_rollout
 from chatreid.errors import BadQuery
 from chatreid.sessions import UPLOAD
-from ray_jobs.train import PRESETS
+from chatreid.tuning.presets import PRESETS
 from schemas.api import as_utc
 from schemas.console import (
     PURGE_DAYS_MAX,

@@ -156,7 +156,8 @@ class TrainingRuns:
     def _run(self, run: dict[str, Any], settings: dict) -> None:
         from rich.console import Console
 
-        from ray_jobs.train import PRESETS, train
+        from chatreid.tuning.presets import PRESETS
+        from ray_jobs.train import train
 
         try:
             report = train(unshare(settings), run["target"],
