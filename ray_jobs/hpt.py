@@ -177,7 +177,8 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     figures, and the decoder + head's held-out best-choice accuracy (as served) per task."""
     from chatreid.model import build_model
     from chatreid.model.identity import FeatureCache, IdentityVision
-    from chatreid.tuning.evaluate import choice_probabilities, choice_tokens, evaluate_best_choice
+    from chatreid.model.prompting import choice_tokens
+    from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
     from chatreid.tuning.identity import (
         HeadRecipe,
         group_features,

@@ -20,10 +20,10 @@ from chatreid.checkpoints import pull
 from chatreid.config import Settings
 from chatreid.data.instructions import build_stage1, build_stage3
 from chatreid.model import build_model, save_checkpoint
+from chatreid.model.prompting import choice_tokens
 from chatreid.tuning import (
     IGNORE,
     choice_probabilities,
-    choice_tokens,
     collate,
     encode_sample,
     prepare_stage_model,

@@ -15,6 +15,7 @@ from PIL import Image
 from chatreid.data.datasets import CUHKPEDES, Market1501
 from chatreid.data.instructions import prompts as P
 from chatreid.model import build_model
+from chatreid.model.prompting import choice_tokens, encode_prompt
 from chatreid.rerank import (
     BestChoiceReranker,
     Candidate,
@@ -26,8 +27,6 @@ from chatreid.rerank import (
     best_choice_prompt,
 )
 from chatreid.rerank.reranker import _rank, stick_breaking
-from chatreid.tuning.collate import encode_prompt
-from chatreid.tuning.evaluate import choice_tokens
 
 CLUE = "a woman in a red jacket and blue jeans with a black backpack"
 TEXTS = {QueryKind.TEXT_TO_IMAGE: CLUE, QueryKind.ATTRIBUTE: "gender: female; upper colour: red"}

@@ -26,8 +26,8 @@ from chatreid.config import ServeSettings, Settings
 from chatreid.data.instructions import prompts as P
 from chatreid.model import build_model
 from chatreid.model.identity import IdentityVision
+from chatreid.model.prompting import encode_prompt
 from chatreid.rerank import BestChoiceReranker, Candidate, Query, QueryKind, RerankResult
-from chatreid.tuning.collate import encode_prompt
 from schemas import CheckpointEvent
 
 

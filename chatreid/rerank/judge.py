@@ -1,6 +1,6 @@
 """One best-choice judgement: the query and a group of candidates in, P(choice = k) out.
 
-As in ``chatreid.tuning.evaluate``, one forward over the prompt plus the answer's shared
+As in ``chatreid.model.prompting``, one forward over the prompt plus the answer's shared
 prefix ("The best match is image") gives the next-token distribution over the index tokens,
 renormalised over the group shown.
 
@@ -30,9 +30,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
+from chatreid.model.prompting import (
+    ChoiceTokens,
+    encode_prompt,
+    index_probabilities,
+    render_prompt,
+    score_answer,
+)
 from chatreid.rerank.prompts import QueryKind, best_choice_prompt, query_head
-from chatreid.tuning.collate import encode_prompt, render_prompt
-from chatreid.tuning.evaluate import ChoiceTokens, index_probabilities, score_answer
 
 SPLIT = "\ue000"  # private-use character: marks where the candidate list starts in the template
 

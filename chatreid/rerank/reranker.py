@@ -46,8 +46,8 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
+from chatreid.model.prompting import choice_tokens
 from chatreid.rerank.judge import JudgeStats, Query, make_judge
-from chatreid.tuning.evaluate import choice_tokens
 
 DEFAULT_GROUP_SIZE = 8  # the largest gallery of stage-3 training (Stage3Config.gallery_size)
 

@@ -4,10 +4,13 @@
 - ``collate``: instruction samples → model inputs, loss on response tokens only;
 - ``hpt``: the per-worker training loop Ray Train runs (DDP on CPU, DeepSpeed on GPU);
 - ``evaluate``: best-choice rank-1 and response confidences.
+
+How a prompt is encoded and a best-choice answer read is the model's own
+(``chatreid.model.prompting``), shared with the reranker.
 """
 
-from chatreid.tuning.collate import IGNORE, collate, encode_sample, messages_for
-from chatreid.tuning.evaluate import choice_probabilities, choice_tokens, evaluate_best_choice
+from chatreid.tuning.collate import IGNORE, collate, encode_sample
+from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
 from chatreid.tuning.hpt import HPTConfig, StageTrainer, deepspeed_config
 from chatreid.tuning.stages import RULES, StageRule, prepare_stage_model, resize_for, rule_for
 
@@ -18,12 +21,10 @@ __all__ = [
     "StageRule",
     "StageTrainer",
     "choice_probabilities",
-    "choice_tokens",
     "collate",
     "deepspeed_config",
     "encode_sample",
     "evaluate_best_choice",
-    "messages_for",
     "prepare_stage_model",
     "resize_for",
     "rule_for",

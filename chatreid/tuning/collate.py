@@ -1,52 +1,26 @@
 """Instruction samples → model inputs, with the loss on response tokens only.
 
-The prompt goes through the processor (which expands each image placeholder to its patch
-tokens); the response is tokenized on its own and appended, so the boundary between "what the
-user said" and "what the model must say" is exact rather than found by re-tokenizing.
+The prompt is encoded as the model is asked at serving time (``chatreid.model.prompting``);
+the response is tokenized on its own and appended, so the boundary between "what the user
+said" and "what the model must say" is exact rather than found by re-tokenizing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from PIL import Image
 
-from chatreid.data.instructions import IMAGE_TOKEN, InstructionSample
+from chatreid.data.instructions import InstructionSample
 from chatreid.model import ChatReIDProcessor
+from chatreid.model.prompting import encode_prompt
 from chatreid.tuning.stages import StageRule, resize_for
 
 IGNORE = -100  # label of tokens the loss skips (prompt, image patches, padding)
 END_OF_TURN = "<|im_end|>"
 
 ImageLoader = Callable[[str], Image.Image]
-
-
-def messages_for(prompt: str) -> list[dict[str, Any]]:
-    """The user turn: text with ``<image>`` placeholders → Qwen2-VL content parts."""
-    parts: list[dict[str, Any]] = []
-    for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
-        if i:
-            parts.append({"type": "image"})
-        if chunk:
-            parts.append({"type": "text", "text": chunk})
-    return [{"role": "user", "content": parts}]
-
-
-def render_prompt(processor: ChatReIDProcessor, prompt: str) -> str:
-    """The chat text the model trains and answers on: user turn + assistant header."""
-    return processor.apply_chat_template(
-        messages_for(prompt), add_generation_prompt=True, tokenize=False
-    )
-
-
-def encode_prompt(
-    processor: ChatReIDProcessor, prompt: str, images: Sequence[Image.Image]
-) -> dict[str, torch.Tensor]:
-    """Processor output for the user turn plus the assistant header (batch of one)."""
-    text = render_prompt(processor, prompt)
-    return dict(processor(text=[text], images=list(images) or None, return_tensors="pt"))
 
 
 def load_images(sample: InstructionSample, load: ImageLoader, rule: StageRule) -> list[Image.Image]:

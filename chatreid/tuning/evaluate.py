@@ -1,82 +1,21 @@
-"""Best-choice evaluation: the model's confidence in each gallery index, read in one forward.
-
-The stage-3 answer is ``"The best match is image {k}."``. The tokens before the index are the
-same for every ``k``, so one forward over prompt + that prefix yields the next-token
-distribution over the index tokens: its argmax is the model's choice and its probabilities are
-the response confidences the retrieval service ranks by.
+"""Best-choice evaluation: the model's confidence in each gallery index, read in one forward
+(how the answer is read: ``chatreid.model.prompting``), and rank-1 over instruction samples.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import torch
-from transformers import PreTrainedTokenizerBase, Qwen2VLForConditionalGeneration
+from transformers import Qwen2VLForConditionalGeneration
 
 from chatreid.data.instructions import InstructionSample
-from chatreid.data.instructions.prompts import best_match_response
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
-from chatreid.tuning.collate import ImageLoader, encode_prompt, load_images
+from chatreid.model.prompting import ChoiceTokens, choice_tokens, encode_prompt, score_answer
+from chatreid.tuning.collate import ImageLoader, load_images
 from chatreid.tuning.stages import StageRule
-
-
-@dataclass(frozen=True)
-class ChoiceTokens:
-    prefix: list[int]  # answer tokens shared by every index
-    index_ids: list[int]  # next token for index 1, 2, ...
-
-
-def choice_tokens(tokenizer: PreTrainedTokenizerBase, max_choice: int) -> ChoiceTokens:
-    """Split the answer's token ids into the shared prefix and a distinct token per index."""
-    seqs = [
-        tokenizer(best_match_response(k), add_special_tokens=False)["input_ids"]
-        for k in range(1, max_choice + 1)
-    ]
-    n = 0
-    while all(len(s) > n and s[n] == seqs[0][n] for s in seqs):
-        n += 1
-    index_ids = [s[n] for s in seqs]
-    if len(set(index_ids)) != len(index_ids):
-        raise ValueError(f"the tokenizer does not give indices 1..{max_choice} distinct tokens")
-    return ChoiceTokens(seqs[0][:n], index_ids)
-
-
-def index_probabilities(logits: torch.Tensor, index_ids: Sequence[int],
-                        pointer: np.ndarray | None = None) -> np.ndarray:
-    """Next-token logits → P(index = k), renormalised over the shown indices; ``pointer`` (one
-    score per shown candidate, from the identity head) is added to the index logits first."""
-    index_logits = logits.float()[list(index_ids)]
-    if pointer is not None:
-        index_logits = index_logits + torch.as_tensor(pointer, dtype=torch.float32,
-                                                      device=index_logits.device)
-    return torch.softmax(index_logits, dim=-1).double().cpu().numpy()
-
-
-@torch.no_grad()
-def score_answer(
-    model: Qwen2VLForConditionalGeneration,
-    enc: dict[str, torch.Tensor],
-    tokens: ChoiceTokens,
-    gallery_size: int,
-    pointer: np.ndarray | None = None,
-) -> np.ndarray:
-    """One forward over an encoded prompt + the shared answer prefix; P(index = k), k ≤ size."""
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    answer = torch.tensor([tokens.prefix], dtype=torch.long, device=model.device)
-    ids = torch.cat([enc["input_ids"], answer], dim=1)
-    out = model(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        mm_token_type_ids=torch.cat([enc["mm_token_type_ids"], torch.zeros_like(answer)], dim=1),
-        pixel_values=enc.get("pixel_values"),
-        image_grid_thw=enc.get("image_grid_thw"),
-        logits_to_keep=1,
-    )
-    return index_probabilities(out.logits[0, -1], tokens.index_ids[:gallery_size], pointer)
 
 
 def choice_probabilities(
