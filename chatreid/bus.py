@@ -44,6 +44,29 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) ->
     return KafkaConsumer(**kwargs)
 
 
+def assign_all(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` to ``consumer`` (no consumer group: nothing is
+    shared out, this reader sees every record); returns them in partition order."""
+    parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    return tps
+
+
+def read_from_start(settings: KafkaSettings, topic: str, **overrides) -> KafkaConsumer:
+    """A consumer of the whole of ``topic``, from each partition's first record, outside any
+    consumer group: every replica or watcher reading this way sees every record (checkpoint
+    announcements, rollout verdicts), and commits nothing."""
+    consumer = make_consumer(settings, None, **overrides)
+    try:
+        assign_all(consumer, topic)
+        consumer.seek_to_beginning()
+    except Exception:
+        consumer.close()
+        raise
+    return consumer
+
+
 def end_offsets(consumer: KafkaConsumer,
                 tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
     """Each partition's log end: the larger of what ListOffsets reports and the high watermark

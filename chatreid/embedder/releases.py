@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 
-from chatreid.bus import dead_letter, end_offsets, make_consumer, make_producer, topic_id
+from chatreid.bus import dead_letter, end_offsets, make_producer, read_from_start, topic_id
 from chatreid.checkpoints import CheckpointError, pull
 from chatreid.config import Settings
 from chatreid.embedder.embedder import Embedder, WeightsError
@@ -85,10 +85,7 @@ class CheckpointWatcher:
     # -- reading the topic -------------------------------------------------------------------
     def _open(self) -> KafkaConsumer:
         if self._consumer is None:
-            consumer = make_consumer(self.settings.kafka, None)
-            parts = consumer.partitions_for_topic(self.topic) or set()
-            consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
-            consumer.seek_to_beginning()
+            consumer = read_from_start(self.settings.kafka, self.topic)
             self._consumer = consumer
             self._topic_id = topic_id(consumer, self.topic)
         return self._consumer

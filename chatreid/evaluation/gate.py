@@ -202,18 +202,13 @@ def rollout_steps(settings: Settings, kind: str, timeout_s: float = 10.0) -> dic
     ``rolled_back``), read from the topic's start to its end now."""
     import time
 
-    from kafka import TopicPartition
-
-    from chatreid.bus import end_offsets, make_consumer
+    from chatreid.bus import end_offsets, read_from_start
     from schemas import DEPLOYMENTS, DeploymentEvent, EventError
 
     topic = settings.kafka.topic(DEPLOYMENTS.name)
-    consumer = make_consumer(settings.kafka, None)
+    consumer = read_from_start(settings.kafka, topic)
     steps: dict[str, object] = {}
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
-        consumer.seek_to_beginning()
         ends = end_offsets(consumer, consumer.assignment())
         deadline = time.monotonic() + timeout_s
         while any(consumer.position(tp) < end for tp, end in ends.items()):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from chatreid.bus import end_offsets, make_consumer, topic_id
+from chatreid.bus import assign_all, end_offsets, make_consumer, topic_id
 from chatreid.config import Settings
 from chatreid.prefilter.rebuild import RolloutReport, read_report
 from chatreid.prefilter.store import PrefilterStore, VectorMeta
@@ -206,9 +206,7 @@ class IndexFollower:
     def _open(self) -> KafkaConsumer:
         if self._consumer is None:
             consumer = make_consumer(self.settings.kafka, None)  # no group: every partition
-            parts = consumer.partitions_for_topic(self.topic) or set()
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
+            tps = assign_all(consumer, self.topic)
             offsets = self.store.offsets if self.store else {}
             starts = self._resume_offsets({tp: offsets.get(_key(tp), 0) for tp in tps},
                                           consumer)

@@ -29,9 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from kafka import TopicPartition
-
-from chatreid.bus import make_consumer, make_producer, publish
+from chatreid.bus import make_producer, publish, read_from_start
 from chatreid.config import Settings
 from chatreid.embedder.releases import CheckpointWatcher, Release
 from chatreid.prefilter.follower import IndexFollower
@@ -243,10 +241,7 @@ class _Verdicts:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.kafka.topic(DEPLOYMENTS.name)
-        self.consumer = make_consumer(settings.kafka, None)
-        parts = self.consumer.partitions_for_topic(self.topic) or set()
-        self.consumer.assign([TopicPartition(self.topic, p) for p in sorted(parts)])
-        self.consumer.seek_to_beginning()
+        self.consumer = read_from_start(settings.kafka, self.topic)
         self.steps: list[DeploymentEvent] = []
 
     def decision(self, version: str, *, forced: bool) -> DeploymentEvent | None:

@@ -22,9 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from kafka import TopicPartition
-
-from chatreid.bus import make_consumer, make_producer, publish
+from chatreid.bus import make_producer, publish, read_from_start
 from chatreid.config import Settings
 from chatreid.query import ModelSpec, VLMRuntime
 from schemas import CHECKPOINTS, DEPLOYMENTS, CheckpointEvent, DeploymentEvent, EventError
@@ -49,11 +47,8 @@ class VLMRollout:
     def _open(self):
         if self._consumer is None:
             topic = self.settings.kafka.topic(CHECKPOINTS.name)
-            consumer = make_consumer(self.settings.kafka, None)  # every watcher sees everything
-            parts = consumer.partitions_for_topic(topic) or set()
-            consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
-            consumer.seek_to_beginning()
-            self._consumer = consumer
+            # every watcher sees everything
+            self._consumer = read_from_start(self.settings.kafka, topic)
         return self._consumer
 
     def pending(self, timeout_ms: int = 1000) -> list[CheckpointEvent]:
