@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import numpy as np
+from cachetools import LRUCache
 from PIL import Image
 
 from chatreid.config import Settings
@@ -207,26 +207,20 @@ class ColourCache:
         self.objects, self.capacity = objects, capacity
         self.matcher = ColourAttributeEmbedder()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="colours")
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: LRUCache[str, np.ndarray] = LRUCache(capacity)  # crop id -> vector
+        self._lock = threading.Lock()  # LRUCache is not thread-safe
 
     def vectors(self, crops: list[tuple[str, str]]) -> np.ndarray:
         """One vector per (crop id, object key), in order."""
-        with self._lock:
-            missing = [(c, k) for c, k in crops if c not in self._cache]
+        with self._lock:  # reading a cached vector makes it the most recently used
+            known = {c: self._cache[c] for c, _ in crops if c in self._cache}
+        missing = [(c, k) for c, k in crops if c not in known]
         fresh = dict(zip((c for c, _ in missing),
                          self._pool.map(self._compute, (k for _, k in missing)), strict=True))
         with self._lock:
             self._cache.update((c, v) for c, v in fresh.items() if not np.isnan(v).any())
-            out = []
-            for crop_id, _ in crops:
-                if crop_id in self._cache:
-                    self._cache.move_to_end(crop_id)
-                    out.append(self._cache[crop_id])
-                else:
-                    out.append(np.nan_to_num(fresh[crop_id]))  # unreadable: matches nothing
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
+        # unreadable now (NaN): matches nothing, and is not cached
+        out = [known[c] if c in known else np.nan_to_num(fresh[c]) for c, _ in crops]
         return np.stack(out) if out else np.zeros((0, self.matcher.dim), np.float32)
 
     def _compute(self, key: str) -> np.ndarray:

@@ -10,12 +10,12 @@ import io
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from cachetools import LRUCache
 from PIL import Image
 from ray import serve
 
@@ -210,8 +210,9 @@ class RerankDeployment:
         self.runtime: VLMRuntime | None = None
         self._swap = threading.Lock()
         self._pool = ThreadPoolExecutor(self.settings.serve.fetch_workers)
-        self._cache: OrderedDict[str, Image.Image] = OrderedDict()  # object key -> crop
-        self._cache_lock = threading.Lock()
+        # object key -> crop; ~100 MB of 128x256 crops
+        self._cache: LRUCache[str, Image.Image] = LRUCache(4096)
+        self._cache_lock = threading.Lock()  # LRUCache is not thread-safe
 
     def reconfigure(self, config: dict) -> None:
         spec = model_spec(self.settings, config.get("model"))
@@ -293,14 +294,11 @@ class RerankDeployment:
 
     def _image(self, key: str) -> Image.Image:
         with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        image = Image.open(io.BytesIO(read_crop(self.objects, key, key))).convert("RGB")
-        with self._cache_lock:
-            self._cache[key] = image
-            while len(self._cache) > 4096:  # ~100 MB of 128x256 crops
-                self._cache.popitem(last=False)
+            image = self._cache.get(key)  # a hit becomes the most recently used
+        if image is None:
+            image = Image.open(io.BytesIO(read_crop(self.objects, key, key))).convert("RGB")
+            with self._cache_lock:
+                self._cache[key] = image  # the least recently used goes past 4096
         return image
 
 
