@@ -143,7 +143,7 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"stage {job.hpt.stage} ended without a checkpoint: {result.error}")
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
         final = Path(result.checkpoint.to_directory(tmp)) / FINAL_DIR
         if not final.is_dir():

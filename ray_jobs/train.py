@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -112,7 +112,9 @@ def train(
     if stages:
         parent = parent_for(settings, stages, target)
         for stage in stages:
-            spec = InstructionDatasetSpec(world_root=world, stage=stage, seed=recipe.seed,
+            # vlm_stages yields only 1, 2 or 3 (the spec re-validates it)
+            spec = InstructionDatasetSpec(world_root=world, stage=cast(Literal[1, 2, 3], stage),
+                                          seed=recipe.seed,
                                           num_samples=recipe.stages[stage].samples,
                                           num_shards=recipe.num_shards,
                                           real=_real_images(settings, stage))

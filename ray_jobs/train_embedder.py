@@ -85,7 +85,8 @@ def train_embedder(
                 shutil.copy2(f, out / f.name)
         history = json.loads((out / HISTORY_FILE).read_text())
         embedder = load_embedder(out)  # refuses a checkpoint without its serving files
-        metrics = _metrics(result.metrics, baseline, history, wall) | _gate(settings, embedder)
+        final = result.metrics or {}  # None only for a run that never reported
+        metrics = _metrics(final, baseline, history, wall) | _gate(settings, embedder)
         with console.status(f"pushing {embedder.version}"):
             event = push(settings, out, model="embedder", stage="embedder",
                          version=embedder.version, parent_version=parent_version,

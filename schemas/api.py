@@ -67,12 +67,12 @@ class QueryFilters(BaseModel):
     read as UTC."""
 
     model_config = ConfigDict(extra="forbid")
-    cameras: list[Camera] | None = Field(None, max_length=MAX_CAMERAS)
+    cameras: list[Camera] | None = Field(default=None, max_length=MAX_CAMERAS)
     modality: Modality | None = None
-    time_from: UtcDatetime | None = Field(None, description="captured at or after (UTC if no "
-                                          "zone is given)")
-    time_to: UtcDatetime | None = Field(None, description="captured at or before (UTC if no "
-                                        "zone is given)")
+    time_from: UtcDatetime | None = Field(
+        default=None, description="captured at or after (UTC if no zone is given)")
+    time_to: UtcDatetime | None = Field(
+        default=None, description="captured at or before (UTC if no zone is given)")
 
     @model_validator(mode="after")
     def _window(self) -> QueryFilters:

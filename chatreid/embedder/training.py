@@ -92,44 +92,48 @@ class EmbedderTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     world_root: Path | None = Field(
-        None, description="synthetic world (Market-1501 layout, or market1501/ inside): its "
+        default=None,
+        description="synthetic world (Market-1501 layout, or market1501/ inside): its "
         "train split is trained on, its query/gallery split evaluated")
     real_root: Path | None = Field(
-        None, description="real images in the CUHK03 pair-1 layout (train/, val/): train/ is "
+        default=None,
+        description="real images in the CUHK03 pair-1 layout (train/, val/): train/ is "
         "trained on, val/ evaluated (camera A -> B and B -> A, averaged)")
     start: str = Field(
-        "imagenet", description="'imagenet'; a torch embedder checkpoint (file, directory or "
+        default="imagenet",
+        description="'imagenet'; a torch embedder checkpoint (file, directory or "
         "version): trained on; an .onnx model or imported ONNX checkpoint (path or version): "
         "frozen, a head trains on its features")
-    start_card: str | None = Field(None, description="card of an .onnx `start` file")
+    start_card: str | None = Field(default=None, description="card of an .onnx `start` file")
     teacher: str | None = Field(
-        None, description="an ONNX Re-ID model (file, directory or version) whose pairwise "
+        default=None, description="an ONNX Re-ID model (file, directory or version) whose pairwise "
         "similarities a torch student also learns (relational distillation)")
-    teacher_card: str | None = Field(None, description="card of an .onnx `teacher` file")
-    distill_weight: float = Field(1.0, ge=0, description="weight of the distillation loss")
-    epochs: int = Field(10, ge=1)
-    p: int = Field(8, ge=2, description="identities per batch (per rank)")
-    k: int = Field(4, ge=2, description="images per identity in a batch")
+    teacher_card: str | None = Field(default=None, description="card of an .onnx `teacher` file")
+    distill_weight: float = Field(default=1.0, ge=0, description="weight of the distillation loss")
+    epochs: int = Field(default=10, ge=1)
+    p: int = Field(default=8, ge=2, description="identities per batch (per rank)")
+    k: int = Field(default=4, ge=2, description="images per identity in a batch")
     steps_per_epoch: int | None = Field(
-        None, ge=1, description="per rank; default: one pass over the train images"
+        default=None, ge=1, description="per rank; default: one pass over the train images"
     )
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps in all")
-    lr: float = Field(3.5e-4, gt=0)
-    head_lr_mult: float = Field(10.0, gt=0, description="lr factor for the fresh layers")
-    weight_decay: float = Field(5e-4, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    triplet_margin: float = Field(0.3, gt=0)
-    triplet_weight: float = Field(1.0, ge=0)
-    height: int = Field(256, ge=32)
-    width: int = Field(128, ge=32)
+    max_steps: int | None = Field(
+        default=None, ge=1, description="stop after this many steps in all")
+    lr: float = Field(default=3.5e-4, gt=0)
+    head_lr_mult: float = Field(default=10.0, gt=0, description="lr factor for the fresh layers")
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    triplet_margin: float = Field(default=0.3, gt=0)
+    triplet_weight: float = Field(default=1.0, ge=0)
+    height: int = Field(default=256, ge=32)
+    width: int = Field(default=128, ge=32)
     projection_dim: int | None = Field(
-        None, ge=8, description="Linear projection before the neck; None keeps the 1280-d "
+        default=None, ge=8, description="Linear projection before the neck; None keeps the 1280-d "
         "features (better on small data: a fresh projection discards ImageNet's features)")
     flip: bool = True
-    pad: int | None = Field(None, ge=0, description="pad-crop pixels; default height // 16")
+    pad: int | None = Field(default=None, ge=0, description="pad-crop pixels; default height // 16")
     seed: int = 0
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")
     def _has_data(self) -> EmbedderTrainConfig:

@@ -71,23 +71,29 @@ class SynthConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(default=0, ge=0)
     site: str = "synth-site"
-    n_identities: int = Field(60, ge=2, description="regular identities (split train/test)")
-    n_distractors: int = Field(12, ge=0, description="test-only look-alikes of other identities")
-    n_cameras: int = Field(6, ge=2, le=16)
-    ir_cameras: tuple[int, ...] = Field((2, 5), description="0-based indices of infrared cameras")
+    n_identities: int = Field(default=60, ge=2, description="regular identities (split train/test)")
+    n_distractors: int = Field(
+        default=12, ge=0, description="test-only look-alikes of other identities")
+    n_cameras: int = Field(default=6, ge=2, le=16)
+    ir_cameras: tuple[int, ...] = Field(
+        default=(2, 5), description="0-based indices of infrared cameras")
     outfits_per_identity: tuple[int, int] = (1, 3)
-    images_per_camera: tuple[int, int] = Field((2, 7), description="per identity per camera")
-    camera_coverage: float = Field(0.8, ge=0.0, le=1.0, description="P(identity passes a camera)")
-    crop_size: tuple[int, int] = Field((128, 64), description="base crop (height, width)")
-    scale_jitter: tuple[float, float] = Field((1.0, 2.0), description="crop height / base height")
-    train_fraction: float = Field(0.5, gt=0.0, lt=1.0)
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="of train ids (SYSU, PEDES)")
-    junk_images: int = Field(16, ge=0, description="Market pid -1 bad detections")
-    occlusion_rate: float = Field(0.2, ge=0.0, le=1.0)
-    jpeg_quality: int = Field(90, ge=30, le=100)
-    captions_per_image: int = Field(2, ge=1, le=5)
+    images_per_camera: tuple[int, int] = Field(
+        default=(2, 7), description="per identity per camera")
+    camera_coverage: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="P(identity passes a camera)")
+    crop_size: tuple[int, int] = Field(default=(128, 64), description="base crop (height, width)")
+    scale_jitter: tuple[float, float] = Field(
+        default=(1.0, 2.0), description="crop height / base height")
+    train_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    val_fraction: float = Field(
+        default=0.15, ge=0.0, lt=1.0, description="of train ids (SYSU, PEDES)")
+    junk_images: int = Field(default=16, ge=0, description="Market pid -1 bad detections")
+    occlusion_rate: float = Field(default=0.2, ge=0.0, le=1.0)
+    jpeg_quality: int = Field(default=90, ge=30, le=100)
+    captions_per_image: int = Field(default=2, ge=1, le=5)
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:

@@ -42,16 +42,18 @@ class HPTConfig(BaseModel):
 
     stage: int = Field(ge=1, le=3)
     base_model: str = "offline-default"
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(1, ge=1, description="samples per worker per step")
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=1, ge=1, description="samples per worker per step")
     lr: float = 2e-5
-    encoder_lr: float | None = Field(None, description="None: same as lr")
+    encoder_lr: float | None = Field(default=None, description="None: same as lr")
     weight_decay: float = 0.0
     warmup_steps: int = 5
-    max_steps: int | None = Field(None, description="cap on optimizer steps (micro configs)")
+    max_steps: int | None = Field(
+        default=None, description="cap on optimizer steps (micro configs)")
     grad_clip: float = 1.0
-    no_vision_cache: bool = Field(False, description="recompute the frozen encoder every step "
-                                  "(the reference path; the cache gives the same loss)")
+    no_vision_cache: bool = Field(
+        default=False, description="recompute the frozen encoder every step (the reference path; "
+        "the cache gives the same loss)")
     seed: int = 0
     log_every: int = 5
 
