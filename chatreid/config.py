@@ -274,7 +274,7 @@ class ServeSettings(BaseModel):
         "confidence", description="how results are ordered: 'confidence' (the paper's: the "
         "reranked crops by the dialogue's confidence, then the rest in prefilter order) or "
         "'fused' (every shortlisted crop by fused_weight * confidence + (1 - fused_weight) * "
-        "softmax(prefilter score / 0.05); chatreid.evaluation.ranking)")
+        "softmax(prefilter score / 0.05); chatreid.rerank.ranking)")
     fused_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="the fused ranking's weight on the confidence; set "
         "from the checkpoint's fitted weight when it records one")

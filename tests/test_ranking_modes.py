@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 
 from chatreid.evaluation import SYNTHETIC, EvalConfig, RerankOutcome
-from chatreid.evaluation.ranking import (
-    PREFILTER_TEMPERATURE,
-    RankingRun,
-    fit_fused_weight,
-    fused_mAP,
-    fused_order,
-    prefilter_shares,
-    split_queries,
-)
+from chatreid.evaluation.ranking import RankingRun, fit_fused_weight, fused_mAP, split_queries
 from chatreid.evaluation.runner import evaluate_task
 from chatreid.metrics import Labels
+from chatreid.rerank.ranking import PREFILTER_TEMPERATURE, fused_order, prefilter_shares
 
 # --- the fused score ---------------------------------------------------------------------------
 

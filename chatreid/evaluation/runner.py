@@ -6,7 +6,7 @@ for text and attribute queries, their mean for adaptive (image + text) queries.
 ChatReID: for each query, the gallery items within τ among the prefilter's top K are reranked
 by the VLM's multi-turn best-choice dialogue; the final ranking is the reranked candidates by
 response confidence, then every other item in the prefilter's order (stated in the report).
-``EvalConfig.ranking = "fused"`` adds the fused mode (``chatreid.evaluation.ranking``: the
+``EvalConfig.ranking = "fused"`` adds the fused mode (``chatreid.rerank.ranking``: the
 dialogue's confidence blended with the prefilter's share, weight ``w``). With no
 ``fused_weight`` given, each trial's queries are split in half deterministically
 (``split_queries``): ``w`` is fitted on the validation half only, and *every* row - prefilter,
@@ -30,8 +30,6 @@ from chatreid.data.datasets import ImageRecord
 from chatreid.embedder.colour import ColourAttributeEmbedder
 from chatreid.evaluation.queries import EvalQuery, build_queries
 from chatreid.evaluation.ranking import (
-    RANKING_MODES,
-    RankingMode,
     RankingRun,
     fit_fused_weight,
     ordered_distances,
@@ -48,6 +46,7 @@ from chatreid.metrics import (
     rank_metrics,
 )
 from chatreid.metrics.protocols import sample_gallery
+from chatreid.rerank.ranking import RANKING_MODES, RankingMode
 
 PEER = {"k1": 20, "k2": 6, "lambda_value": 0.3}  # k-reciprocal settings (the paper's defaults)
 PEER_MAX_ITEMS = 10_000  # queries + gallery: dense (N x N) float32 matrices, ~400 MB each here

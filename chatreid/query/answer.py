@@ -1,6 +1,6 @@
 """Shortlist + the VLM's dialogue -> the API's ranked answer (``schemas.QueryResponse``).
 
-Two orders (``serve.ranking``; ``chatreid.evaluation.ranking``, the same function the
+Two orders (``serve.ranking``; ``chatreid.rerank.ranking``, the same function the
 evaluation scores): ``"confidence"`` (the paper's: the reranked crops by the dialogue's
 confidence, then the rest in prefilter order) and ``"fused"`` (every shortlisted crop by
 ``w * confidence + (1 - w) * softmax(prefilter score / T)``, ``w = serve.fused_weight``).
@@ -9,10 +9,10 @@ Either way each result reports its own confidence and prefilter score.
 
 from __future__ import annotations
 
-from chatreid.evaluation.ranking import RankingMode, fused_order
 from chatreid.query.shortlist import Shortlist
 from chatreid.query.vlm import RerankAnswer
 from chatreid.rerank import Ranked
+from chatreid.rerank.ranking import RankingMode, fused_order
 from schemas import QueryRequest, QueryResponse, ResultItem, Turn
 
 
