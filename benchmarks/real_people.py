@@ -98,7 +98,7 @@ def section_imports(settings: Settings, data: Path, world: Path) -> list[dict]:
 
 def section_finetune(settings: Settings, data: Path, world: Path, starts: list[str],
                      epochs: int) -> list[dict]:
-    from chatreid.embedder.training import EmbedderTrainConfig
+    from chatreid.tuning.embedder_training import EmbedderTrainConfig
     from ray_jobs.train_embedder import train_embedder
 
     osnet = str(EMBEDDERS["osnet_x0_25_msmt17 (ONNX)"][0])

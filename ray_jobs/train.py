@@ -160,7 +160,7 @@ def identity_source(settings: Settings, embedder: CheckpointEvent | None) -> str
 def train_embedder_stage(
     settings: Settings, recipe: TrainRecipe, world: Path, console: Console
 ) -> CheckpointEvent:
-    from chatreid.embedder.training import EmbedderTrainConfig
+    from chatreid.tuning.embedder_training import EmbedderTrainConfig
     from ray_jobs.train_embedder import train_embedder
 
     t = settings.train

@@ -1,7 +1,7 @@
 """Train the prefilter embedder on Ray Train and publish it (``chatreid train --stage embedder``).
 
-Driver side of :mod:`chatreid.embedder.training`: measure the start (ImageNet, a checkpoint or
-an imported ONNX model) on the validation parts, run the per-worker loop through
+Driver side of :mod:`chatreid.tuning.embedder_training`: measure the start (ImageNet, a
+checkpoint or an imported ONNX model) on the validation parts, run the per-worker loop through
 :func:`run_trainer` (DDP, resumable, run state in the bucket), take the final embedder from the
 last checkpoint and push it with its manifest (stage, parent, data hash, config, metrics,
 sha256 of every file) and a ``CheckpointEvent`` - which is what the embedding service and the
@@ -23,7 +23,7 @@ from rich.table import Table
 from chatreid.checkpoints import push
 from chatreid.config import Settings
 from chatreid.embedder import load_embedder
-from chatreid.embedder.training import (
+from chatreid.tuning.embedder_training import (
     HISTORY_FILE,
     STATE_FILE,
     EmbedderTrainConfig,

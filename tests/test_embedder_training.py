@@ -23,8 +23,12 @@ from chatreid.embedder import (
     embedder_from_checkpoint,
     imagenet_model,
 )
-from chatreid.embedder.releases import CheckpointWatcher
-from chatreid.embedder.training import (
+from chatreid.prefilter.follower import IndexFollower
+from chatreid.prefilter.releases import CheckpointWatcher
+from chatreid.prefilter.search import PrefilterSearch
+from chatreid.storage import ObjectStore
+from chatreid.synth import SynthConfig, generate_world
+from chatreid.tuning.embedder_training import (
     HISTORY_FILE,
     EmbedderTrainConfig,
     PKSampler,
@@ -34,10 +38,6 @@ from chatreid.embedder.training import (
     train_split_hash,
     triplet_hard_loss,
 )
-from chatreid.prefilter.follower import IndexFollower
-from chatreid.prefilter.search import PrefilterSearch
-from chatreid.storage import ObjectStore
-from chatreid.synth import SynthConfig, generate_world
 from schemas import CheckpointEvent, CropEvent
 from services.embedder import EmbedderService, EmbeddingNode, Reindexer
 from services.ingestor import Ingestor

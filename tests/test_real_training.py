@@ -16,7 +16,7 @@ from PIL import Image
 
 from chatreid.checkpoints import pull
 from chatreid.embedder import CARD_FILE, HEAD_FILE, ONNX_FILE, load_embedder
-from chatreid.embedder.training import (
+from chatreid.tuning.embedder_training import (
     HISTORY_FILE,
     EmbedderTrainConfig,
     IdentityDataset,

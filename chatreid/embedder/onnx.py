@@ -10,7 +10,7 @@ input rank, no (batch, dim) output, NaNs, a constant output) is a clear
 
 An optional trained head (:class:`~.embedder.EmbeddingHead`, ``head.pt``) on top of the ONNX
 features is how an imported backbone is fine-tuned: the graph stays frozen (it cannot be
-trained), the head learns on the target images (``chatreid.embedder.training``).
+trained), the head learns on the target images (``chatreid.tuning.embedder_training``).
 """
 
 from __future__ import annotations

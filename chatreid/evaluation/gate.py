@@ -181,8 +181,8 @@ def serving_embedder(settings: Settings):
     embedder checkpoint whose index rebuild finished (never one the gate refused: those are
     never rebuilt), else the configured one."""
     from chatreid.embedder import embedder_from_settings
-    from chatreid.embedder.releases import CheckpointWatcher
     from chatreid.prefilter.rebuild import read_report
+    from chatreid.prefilter.releases import CheckpointWatcher
 
     watcher = CheckpointWatcher(settings, dead_letters=False)
     try:

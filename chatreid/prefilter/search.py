@@ -50,7 +50,7 @@ class PrefilterSearch:
     def __init__(self, settings: Settings, embedder=None,
                  follow_checkpoints: bool | None = None) -> None:
         from chatreid.embedder import embedder_from_settings
-        from chatreid.embedder.releases import CheckpointWatcher
+        from chatreid.prefilter.releases import CheckpointWatcher
 
         def configured():
             return embedder or embedder_from_settings(settings.embedder)

@@ -2,7 +2,7 @@
 
 Per checkpoint (``checkpoints`` topic, model ``embedder``), on every replica:
 
-1. pull + verify + load (:class:`~chatreid.embedder.releases.CheckpointWatcher`); a refused
+1. pull + verify + load (:class:`~chatreid.prefilter.releases.CheckpointWatcher`); a refused
    checkpoint is dead-lettered and the replica keeps its embedder;
 2. the rollout gate (:mod:`chatreid.evaluation.gate`): the replica that reindexes scores the
    release and the live embedder on the same held-out people; a worse release (or an
@@ -31,9 +31,9 @@ import threading
 
 from chatreid.bus import make_producer, publish, read_from_start
 from chatreid.config import Settings
-from chatreid.embedder.releases import CheckpointWatcher, Release
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rebuild import read_report
+from chatreid.prefilter.releases import CheckpointWatcher, Release
 from schemas import DEPLOYMENTS, DeploymentEvent, EventError
 from services.embedder.reindex import ReindexCancelled, Reindexer
 from services.embedder.service import EmbedderService

@@ -7,8 +7,8 @@ import signal
 import threading
 
 from chatreid.config import Settings
-from chatreid.embedder.releases import CheckpointWatcher
 from chatreid.prefilter.follower import IndexFollower
+from chatreid.prefilter.releases import CheckpointWatcher
 from services.embedder.embedder_rollout import Rollout
 from services.embedder.service import EmbedderService, Stats
 

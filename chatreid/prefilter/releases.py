@@ -1,4 +1,6 @@
-"""Embedder releases: the ``checkpoints`` topic's embedder checkpoints, pulled and verified.
+"""Embedder releases as the index sees them: the ``checkpoints`` topic's embedder checkpoints,
+pulled and verified, and the one to serve (the newest whose index rebuild finished). Here, in
+the prefilter, because it reads the rebuild reports (``chatreid.prefilter.rebuild``).
 
 The topic is the rollout log (keyed by model kind, so one partition holds every embedder
 checkpoint in push order). Whoever embeds - the embedding service, the search side - follows
