@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatreid.data.instructions import prompts as P
+import chatreid.data.instructions.prompts as P
 from chatreid.data.instructions.real import RealImages, real_entries, with_real
 from chatreid.data.instructions.samples import (
     TRAIN_SPLITS,
