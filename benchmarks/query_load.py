@@ -187,7 +187,7 @@ def main() -> None:
         from chatreid.client import RetrievalClient
 
         client = RetrievalClient(settings.serve.base_url, timeout_s=600,
-                                 api_key=settings.serve.api_key)
+                                 api_key=settings.serve.api_key.get_secret_value())
         health = client.wait_ready(gallery=len(site), timeout_s=600)
         console.print(f"deployed {args.model} in {time.perf_counter() - t0:.0f}s; "
                       f"gallery {health['gallery']}")
@@ -200,10 +200,10 @@ def main() -> None:
                 q = ({"image_b64": base64.b64encode(data).decode()} if args.upload
                      else {"crop_id": event.crop_id})
                 bodies.append(json.dumps({"kind": "standard", "k": k, "top": k, **q}).encode())
-            load = Load(settings.serve.base_url, settings.serve.api_key, bodies,
+            load = Load(settings.serve.base_url, settings.serve.api_key.get_secret_value(), bodies,
                         args.concurrency, 10.0, args.timeout_s)
             load.run(f"{mode} warm-up")  # caches, allocator, first dialogue
-            load = Load(settings.serve.base_url, settings.serve.api_key, bodies,
+            load = Load(settings.serve.base_url, settings.serve.api_key.get_secret_value(), bodies,
                         args.concurrency, args.duration_s, args.timeout_s)
             load_before = os.getloadavg()[0]
             wall = load.run(f"{mode} K={k}")

@@ -150,7 +150,7 @@ def main() -> None:
             t0 = time.perf_counter()
             deploy(settings, spec)
             client = RetrievalClient(settings.serve.base_url, timeout_s=600,
-                                     api_key=settings.serve.api_key)
+                                     api_key=settings.serve.api_key.get_secret_value())
             client.wait_ready(gallery=args.gallery, timeout_s=600)
             console.print(f"deployed {replicas} rerank replica(s) x {threads} thread(s), "
                           f"prefix reuse {reuse}: {time.perf_counter() - t0:.0f}s")

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from chatreid.config import Settings
+from chatreid.config import Settings, reveal
 from chatreid.errors import AccessError
 from chatreid.storage import ObjectNotFound, ObjectStore
 from schemas.console import ROLES, ApiKeyCreate, ApiKeyInfo, ApiKeyIssued, Principal, Role
@@ -114,7 +114,7 @@ class KeyStore:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("send 'Authorization: Bearer <API key>'")
-        bootstrap = self.settings.serve.api_key
+        bootstrap = reveal(self.settings.serve.api_key)
         if bootstrap and hmac.compare_digest(token.encode(), bootstrap.encode()):
             return Caller("bootstrap", "bootstrap key", frozenset(ROLES), rate)
         record = self._record(_key_id(token))

@@ -12,13 +12,12 @@ from typing import Any
 import ray
 from pyarrow import fs
 
-from chatreid.app.stack import LOOPBACK_RAY_ENV, RAY_TOKEN_VAR, LocalStack, is_loopback
-from chatreid.config import Settings
+from chatreid.config import Settings, reveal, secret_paths
+from chatreid.local_head import LOOPBACK_RAY_ENV, LocalHead, is_loopback
 
 log = logging.getLogger(__name__)
-# Settings that are secrets: never part of a config Ray logs or a job persists.
-SECRETS = (("serve", "api_key"), ("s3", "secret_key"), ("kafka", "sasl_password"),
-           ("ray", "auth_token"))
+# Settings that are secrets (typed SecretStr): never part of a config Ray logs or a job persists.
+SECRETS = tuple(secret_paths())
 _KV_NAMESPACE = "chatreid"
 _REF = "secrets_ref"
 
@@ -26,10 +25,10 @@ _REF = "secrets_ref"
 def redacted(settings: Settings, name: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The settings as a plain dict with the secrets left out (a reference ``name`` in their
     place), and the secrets. Pure: :func:`share` also stores the secrets on the cluster."""
-    data = settings.model_dump(mode="json")
-    secrets = {f"{s}.{f}": data[s][f] for s, f in SECRETS if data[s].get(f)}
-    for key in secrets:
-        section, field = key.split(".")
+    data = settings.model_dump(mode="json")  # a SecretStr dumps masked; None below
+    secrets = {f"{s}.{f}": value for s, f in SECRETS
+               if (value := reveal(getattr(getattr(settings, s), f)))}
+    for section, field in SECRETS:
         data[section][field] = None
     if secrets:
         data[_REF] = name
@@ -40,12 +39,9 @@ def share(settings: Settings, name: str) -> dict[str, Any]:
     """Settings for processes elsewhere on the cluster (Serve replicas, Ray Train workers):
     the secrets go to Ray's internal KV under ``name``, which is neither logged nor saved with
     a job's config, and :func:`unshare` puts them back. Needs a Ray connection."""
-    from ray.experimental.internal_kv import _internal_kv_put
-
     data, secrets = redacted(settings, name)
     if secrets:
-        _internal_kv_put(f"secrets/{name}", json.dumps(secrets).encode(), overwrite=True,
-                         namespace=_KV_NAMESPACE)
+        _kv_put(f"secrets/{name}", json.dumps(secrets).encode())
     return data
 
 
@@ -56,15 +52,39 @@ def unshare(data: dict[str, Any] | None) -> Settings:
     data = copy.deepcopy(data)
     name = data.pop(_REF, None)
     if name:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get(f"secrets/{name}", namespace=_KV_NAMESPACE)
+        raw = _kv_get(f"secrets/{name}")
         if raw is None:
             raise RuntimeError(f"the secrets of {name!r} are not on this Ray cluster")
         for key, value in json.loads(raw).items():
             section, field = key.split(".")
             data[section][field] = value
     return Settings.model_validate(data)
+
+
+# Ray has no public key-value API (2.60). Its internal KV (in the GCS, readable by the cluster's
+# processes only, never logged nor saved with a job or an actor's arguments) is what Ray's own
+# libraries keep cluster-scoped state in; these two functions are the only use of it here.
+def _kv_put(key: str, value: bytes) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, value, overwrite=True, namespace=_KV_NAMESPACE)
+
+
+def _kv_get(key: str) -> bytes | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key, namespace=_KV_NAMESPACE)
+
+
+def serve_controller() -> Any:
+    """Ray Serve's controller client: deploys a whole Serve config (``deploy_apps``) and reads
+    it back (``get_serve_details``). Ray 2.60 has no public Python API for either (`serve
+    deploy` goes through the dashboard's REST API, which these clusters run without, and Ray's
+    own `serve run config.yaml` uses this client); the one private Serve API used here. Serve
+    must be running (``serve.start``)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()
 
 
 def connect(settings: Settings, log_to_driver: bool = True) -> None:
@@ -85,18 +105,18 @@ def connect(settings: Settings, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     address = settings.ray.address
-    stack = LocalStack(settings)
-    if address is None and settings.ray.join_local_head and stack.ray_healthy():
-        stack.check_ray_loopback()
+    head = LocalHead(settings)
+    if address is None and settings.ray.join_local_head and head.healthy():
+        head.check_loopback()
         _loopback_only()
-        token = settings.ray.auth_token or stack.stored(RAY_TOKEN_VAR)
+        token = head.token()
         if token:
             _use_token(token)
         ray.init(address=f"127.0.0.1:{settings.stack.ray_port}",
                  log_to_driver=log_to_driver)
         return
     if address is not None:
-        _join(address, settings.ray.auth_token, log_to_driver)
+        _join(address, reveal(settings.ray.auth_token), log_to_driver)
         return
     settings.ray.temp_dir.mkdir(parents=True, exist_ok=True)
     _loopback_only()  # inherited by its raylet and so by every worker, as is the token
@@ -111,21 +131,28 @@ def connect(settings: Settings, log_to_driver: bool = True) -> None:
 
 
 def _loopback_only() -> None:
-    for key, value in LOOPBACK_RAY_ENV.items():
-        os.environ[key] = value
-    # Ray read it when imported (before this ran); its child processes read the env var
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.update(LOOPBACK_RAY_ENV)
+    _ray_reread_environment(loopback=True)  # its child processes read the variable themselves
 
 
 def _use_token(token: str) -> None:
     """Token auth with ``token`` for this process and the Ray processes it starts."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    Config.initialize("")  # Ray cached the mode when imported
+    _ray_reread_environment()
+
+
+def _ray_reread_environment(loopback: bool = False) -> None:
+    """Make Ray in this process see the RAY_* variables just set. Ray reads them once, when it
+    is imported (its config, the auth mode and token, whether it may run as a cluster), which
+    here happened before the settings said what to join; Ray 2.60 has no public API to re-read
+    them (Ray's docs: set them before starting), hence the only private Ray core calls here."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if loopback:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    Config.initialize("")  # re-reads RAY_AUTH_MODE and the rest of Ray's config
     AuthenticationTokenLoader.instance().reset_cache()
 
 
@@ -138,9 +165,8 @@ def _join(address: str, token: str | None, log_to_driver: bool = True) -> None:
         _use_token(token)
         has_token = True
     elif has_token and "RAY_AUTH_MODE" not in os.environ:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-
-        _enable_token_auth()  # RAY_AUTH_MODE=token, and Ray's config (read at import) reloaded
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _ray_reread_environment()
     if os.environ.get("RAY_AUTH_MODE") == "disabled" and not is_loopback(host):
         log.warning("RAY_AUTH_MODE=disabled toward %s: whoever reaches that cluster runs code "
                     "and reads its secrets; give it a token (RAY_AUTH_TOKEN)", address)

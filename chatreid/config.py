@@ -6,18 +6,40 @@ point at the local stack (``chatreid up``) on loopback; docker-compose and Helm 
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+log = logging.getLogger(__name__)
+ENV_PREFIX, NESTED = "CHATREID_", "__"
+# CHATREID_* variables that are no setting: docker-compose interpolates them (.env is read by
+# both compose and the host CLI); .env.example documents them.
+COMPOSE_VARIABLES = frozenset({
+    "CHATREID_IMAGE", "CHATREID_IMAGE_CUDA", "CHATREID_EMBEDDER_CPU_REPLICAS",
+    "CHATREID_PUBLISH_HOST", "CHATREID_INGESTOR_HOST_PORT", "CHATREID_API_HOST_PORT"})
+
+
+def reveal(secret: SecretStr | None) -> str | None:
+    """A secret setting's value, at the point of use (None or "" when it is not set)."""
+    return None if secret is None else secret.get_secret_value()
+
+
+class Section(BaseModel):
+    """A group of settings (``CHATREID_<GROUP>__<NAME>``). Assignments are validated, so a
+    secret assigned as a plain ``str`` still becomes a :class:`SecretStr` (never in a repr)."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class MissingCredentials(RuntimeError):
@@ -33,16 +55,30 @@ def credentials_file() -> Path:
     return Path(data_dir) / "credentials.env"
 
 
-class KafkaSettings(BaseModel):
-    bootstrap_servers: str = "127.0.0.1:9092"
-    client_id: str = "chatreid"
-    topic_prefix: str = "chatreid"
-    partitions: int = Field(6, ge=1, description="partitions for topics this project creates")
-    replication_factor: int = Field(1, ge=1)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = None
+class KafkaSettings(Section):
+    """The Kafka cluster every service talks to (topics under ``topic_prefix``)."""
+
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="host:port[,host:port] of the Kafka brokers; the default "
+        "is the local stack's broker (`chatreid up`)")
+    client_id: str = Field("chatreid", description="Kafka client id of every producer and "
+                           "consumer (the admin client appends -admin); shows in broker logs "
+                           "and quotas")
+    topic_prefix: str = Field("chatreid", description="prefix of every topic "
+                              "(<prefix>.<topic>); change it to run two deployments on one "
+                              "Kafka cluster")
+    partitions: int = Field(6, ge=1, description="partitions of the topics `chatreid init` "
+                            "creates; bounds how many embedders share the work (one consumer "
+                            "per partition). Existing topics keep theirs")
+    replication_factor: int = Field(1, ge=1, description="replication factor of the topics "
+                                    "`chatreid init` creates (3 on a production cluster)")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients connect: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT "
+        "or SASL_SSL (SASL credentials below)")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism with a SASL_* security_protocol; None: PLAIN")
+    sasl_username: str | None = Field(None, description="SASL user name (SASL_* only)")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (SASL_* only)")
 
     def topic(self, name: str) -> str:
         """Full topic name for a logical topic (see ``schemas.topics``)."""
@@ -55,67 +91,89 @@ class KafkaSettings(BaseModel):
         if self.security_protocol.startswith("SASL"):
             options.update(sasl_mechanism=self.sasl_mechanism or "PLAIN",
                            sasl_plain_username=self.sasl_username,
-                           sasl_plain_password=self.sasl_password)
+                           sasl_plain_password=reveal(self.sasl_password))
         return options
 
 
-class S3Settings(BaseModel):
-    endpoint: str = "127.0.0.1:9000"
+class S3Settings(Section):
+    """The S3-compatible object store: crops, snapshots, checkpoints, keys, audit, sessions."""
+
+    endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3-compatible "
+                          "object store (no scheme; see secure); the default is the local "
+                          "stack's")
     # No defaults: well-known keys would open the store to anyone who reads this file.
-    access_key: str | None = Field(
+    access_key: SecretStr | None = Field(
         None, description="object-store access key; `chatreid up` generates one for the local "
         "stack into <stack.data_dir>/credentials.env")
-    secret_key: str | None = Field(
+    secret_key: SecretStr | None = Field(
         None, description="object-store secret key (generated with access_key)")
-    secure: bool = False
-    region: str | None = None
-    bucket: str = "chatreid"
+    secure: bool = Field(False, description="talk to the object store over TLS (https)")
+    region: str | None = Field(None, description="the store's region, if it needs one; None: "
+                               "unset (us-east-1 for Ray Train's storage)")
+    bucket: str = Field("chatreid", description="the one bucket everything is kept in "
+                        "(`chatreid init` creates it)")
 
     def credentials(self) -> tuple[str, str]:
         """(access key, secret key), or an error saying how to get them."""
-        if not self.access_key or not self.secret_key:
+        access_key, secret_key = reveal(self.access_key), reveal(self.secret_key)
+        if not access_key or not secret_key:
             raise MissingCredentials(
                 "no object-store credentials: set CHATREID_S3__ACCESS_KEY and "
                 "CHATREID_S3__SECRET_KEY (environment or .env), or run `chatreid up`, which "
                 f"generates them for the local stack into {credentials_file()}")
-        return self.access_key, self.secret_key
+        return access_key, secret_key
 
 
-class StackSettings(BaseModel):
+class StackSettings(Section):
     """The local stack started by ``chatreid up``."""
 
     data_dir: Path = Field(Path(".chatreid"), description="logs, data, pids and the generated "
                            "credentials.env (owner-only)")
-    kafka_port: int = 9092
-    s3_port: int = 9000
-    ray: bool = True
-    ray_num_cpus: int = 2
+    kafka_port: int = Field(9092, description="port of the local Kafka-protocol broker "
+                            "(127.0.0.1 only); change kafka.bootstrap_servers with it")
+    s3_port: int = Field(9000, description="port of the local S3 object store (127.0.0.1 "
+                         "only); change s3.endpoint with it")
+    ray: bool = Field(True, description="`chatreid up` also starts a local Ray head (jobs "
+                      "then join it instead of starting Ray in-process)")
+    ray_num_cpus: int = Field(2, description="CPUs the local Ray head offers its jobs and "
+                              "Serve replicas")
     ray_port: int = Field(6379, description="the local Ray head's GCS port (127.0.0.1 only); "
                           "keep it outside Ray's worker ports 10002-19999")
     ray_client_port: int = Field(10001, description="the local Ray head's Ray client server "
                                  "port (127.0.0.1 only)")
 
 
-class IngestorSettings(BaseModel):
-    max_bytes: int = Field(2 * 1024 * 1024, description="largest accepted encoded crop")
-    max_pixels: int = Field(4096 * 4096, description="decompression-bomb guard")
+class IngestorSettings(Section):
+    max_bytes: int = Field(2 * 1024 * 1024, description="largest accepted encoded crop, in "
+                           "bytes (uploads and query images)")
+    max_pixels: int = Field(4096 * 4096, description="largest accepted width x height of a "
+                            "crop (decompression-bomb guard)")
     min_side: int = Field(16, description="smallest accepted crop side in pixels")
     max_side: int = Field(4096, description="largest accepted crop side in pixels")
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP")
+    formats: tuple[str, ...] = Field(("JPEG", "PNG", "WEBP", "BMP"), description="accepted "
+                                     "image formats (Pillow names); a JSON list in the "
+                                     "environment")
     max_future_skew_s: float = Field(
         300.0, ge=0, le=86_400, description="capture times more than this far ahead of the "
         "ingestor's clock are refused (camera clock drift allowance)")
     http_store_wait_s: float = Field(
         5.0, ge=0, description="POST /v1/crops: how long one upload's object-store write waits "
         "out an outage before answering 503 storage.unavailable (the client retries)")
-    http_host: str = "127.0.0.1"
-    http_port: int = 8070
+    http_host: str = Field("127.0.0.1", description="interface `chatreid ingest http` "
+                           "listens on (0.0.0.0 in a container); --host overrides it")
+    http_port: int = Field(8070, description="port of `chatreid ingest http`; --port "
+                           "overrides it")
 
 
-class EmbedderSettings(BaseModel):
-    group_id: str = "chatreid-embedder"
-    batch_size: int = Field(32, ge=1)
-    poll_timeout_ms: int = 500
+class EmbedderSettings(Section):
+    """The prefilter embedder workers (`chatreid embed`): a Kafka consumer group."""
+
+    group_id: str = Field("chatreid-embedder", description="Kafka consumer group of the "
+                          "embedder workers; workers of one group share the partitions")
+    batch_size: int = Field(32, ge=1, description="crops per forward pass (and most records "
+                            "per poll)")
+    poll_timeout_ms: int = Field(500, description="how long one poll waits for new crops, in "
+                                 "milliseconds")
     fetch_workers: int = Field(8, ge=1, description="parallel object-store reads")
     weights: Path | None = Field(
         None, description="embedder weights: a checkpoint file or directory, or an .onnx Re-ID "
@@ -127,12 +185,17 @@ class EmbedderSettings(BaseModel):
         "it, else torchreid. An ONNX model's card fixes its input size (height/width below "
         "apply to the ImageNet default)")
     device: str = Field("cpu", description="torch device, e.g. cuda")
-    height: int = 256
-    width: int = 128
+    height: int = Field(256, description="input height in pixels of the torch embedder (an "
+                        "ONNX model's card fixes its own)")
+    width: int = Field(128, description="input width in pixels of the torch embedder")
     torch_threads: int = Field(0, ge=0, description="0 = torch default")
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 3_000
-    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = Field(10_000, description="Kafka consumer session timeout (ms): "
+                                    "a worker silent this long loses its partitions")
+    heartbeat_interval_ms: int = Field(3_000, description="Kafka consumer heartbeat interval "
+                                       "(ms); keep it under a third of session_timeout_ms")
+    max_poll_interval_ms: int = Field(300_000, description="longest time (ms) between polls "
+                                      "before the group takes the worker's partitions away; "
+                                      "raise it for slow batches (large batch_size on CPU)")
     fetch_backoff_initial_s: float = Field(
         0.5, gt=0, description="first wait after the object store failed transiently "
         "(refused, reset, timeout, 5xx, SlowDown); the batch is retried from its uncommitted "
@@ -143,18 +206,23 @@ class EmbedderSettings(BaseModel):
         "up to this, and keeps retrying while the store stays down)")
 
 
-class IndexSettings(BaseModel):
+class IndexSettings(Section):
     """The prefilter store's follower/snapshotter."""
 
-    snapshot_every_events: int = Field(2000, ge=1)
-    snapshot_every_s: float = Field(60.0, gt=0)
-    snapshot_prefix: str = "prefilter/snapshots"
+    snapshot_every_events: int = Field(2000, ge=1, description="the snapshot writer saves "
+                                       "the index after this many new indexed events ...")
+    snapshot_every_s: float = Field(60.0, gt=0, description="... or this many seconds, "
+                                    "whichever comes first; a restart replays the log from "
+                                    "the latest snapshot")
+    snapshot_prefix: str = Field("prefilter/snapshots", description="where index snapshots "
+                                 "(and rebuild reports) are kept in the bucket")
     exact_max: int | None = Field(
-        None, description="largest exact (flat) index; None: sized from the vector dim"
+        None, description="largest exact (flat) index, in vectors; beyond it the index is "
+        "approximate; None: sized from the vector dim"
     )
 
 
-class RaySettings(BaseModel):
+class RaySettings(Section):
     """Where Ray jobs run: a cluster address, or the local stack's head, or an in-process one."""
 
     address: str | None = Field(
@@ -167,13 +235,15 @@ class RaySettings(BaseModel):
         300.0, gt=0, description="how long a job (e.g. `chatreid eval`) waits for the cluster to "
         "place its actors before it fails saying what it needs and what is free (an autoscaling "
         "cluster may need minutes to add a node)")
-    temp_dir: Path = Path("/tmp/chatreid-ray")  # short: Ray's unix sockets must fit in 107 bytes
-    auth_token: str | None = Field(
+    # short: Ray's unix sockets must fit in 107 bytes
+    temp_dir: Path = Field(Path("/tmp/chatreid-ray"), description="session directory of an "
+                           "in-process Ray (logs, sockets); keep the path short")
+    auth_token: SecretStr | None = Field(
         None, description="Ray token of the local stack's head (`chatreid up` generates it into "
         "credentials.env); a cluster elsewhere takes Ray's own RAY_AUTH_TOKEN")
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(Section):
     """Ray Train jobs (HPT stages, embedder): scale, precision, fault tolerance, storage."""
 
     base_model: str = Field(
@@ -202,21 +272,26 @@ class TrainSettings(BaseModel):
         "an .onnx Re-ID model or checkpoint directory)")
     identity_epochs: int = Field(60, ge=1, description="epochs of the identity head over the "
                                  "stage-3 groups (cached features: well under a second each)")
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1, description="Ray Train workers per job (data-parallel "
+                             "ranks); `chatreid train --workers` overrides it")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (CPU "
+                                   "training; with use_gpu each worker takes one GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; `chatreid train "
+                          "--gpu` turns it on")
     deepspeed: bool | None = Field(None, description="None: DeepSpeed exactly when use_gpu")
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (with "
+                            "deepspeed)")
     bf16: bool | None = Field(None, description="None: bf16 exactly when use_gpu")
     torch_threads: int = Field(1, ge=0, description="intra-op threads per worker; 0 = default")
     max_failures: int = Field(1, ge=0, description="worker failures a job survives")
     storage_prefix: str = Field("train-runs", description="Ray Train run state in the bucket")
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
-    out_dir: Path = Path("out/train")
+    out_dir: Path = Field(Path("out/train"), description="local output of `chatreid train`: "
+                          "report.json and the world and feature caches")
 
 
 # -- the rollout gate (chatreid/evaluation/gate.py) -----------------------------------------------
-class GateSettings(BaseModel):
+class GateSettings(Section):
     """The quality gate every embedder and VLM checkpoint passes before it serves."""
 
     enabled: bool = Field(True, description="score each new checkpoint before it serves and "
@@ -240,13 +315,16 @@ class GateSettings(BaseModel):
 # -- end of the rollout gate -----------------------------------------------------------------------
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(Section):
     """The retrieval application on Ray Serve: ingress, prefilter, VLM rerank, rollouts."""
 
-    app_name: str = "chatreid"
-    route_prefix: str = "/"
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
+    app_name: str = Field("chatreid", description="the Serve application's name (and the key "
+                          "of its secrets on the cluster)")
+    route_prefix: str = Field("/", description="URL path the API is mounted at")
+    http_host: str = Field("127.0.0.1", description="interface Serve's HTTP proxy listens on "
+                           "(0.0.0.0 in a cluster)")
+    http_port: int = Field(8000, description="port of Serve's HTTP proxy; Serve keeps the "
+                           "port it first started with on a cluster")
     public_url: str | None = Field(
         None, description="base URL clients reach the API at (crop URLs); None: host:port")
     model: str = Field(
@@ -255,21 +333,30 @@ class ServeSettings(BaseModel):
     stage: str = Field("stage3", description="which HPT stage's checkpoints serve and roll out")
     fallback_model: str | None = Field(
         "offline-default", description="served while no checkpoint exists; None: answer 503")
-    ingress_replicas: int = Field(1, ge=1)
-    prefilter_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (HTTP routes, access "
+                                  "control, rate limits, sessions)")
+    prefilter_replicas: int = Field(1, ge=1, description="Prefilter replicas (each follows "
+                                    "and holds the whole index)")
     rerank_replicas: int = Field(1, ge=1, description="fixed count when autoscaling is off")
-    rerank_autoscaling: bool = False
-    rerank_min_replicas: int = Field(1, ge=0)
-    rerank_max_replicas: int = Field(2, ge=1)
-    rerank_target_ongoing_requests: float = Field(2.0, gt=0)
+    rerank_autoscaling: bool = Field(False, description="let Serve scale the rerank "
+                                     "replicas between the two bounds below")
+    rerank_min_replicas: int = Field(1, ge=0, description="fewest rerank replicas when "
+                                     "autoscaling (0: none while idle)")
+    rerank_max_replicas: int = Field(2, ge=1, description="most rerank replicas when "
+                                     "autoscaling")
+    rerank_target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight "
+                                                  "per rerank replica autoscaling aims for")
     rerank_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rerank replica")
     rerank_num_gpus: float = Field(0.0, ge=0, description="GPUs per rerank replica; > 0 serves "
                                    "the VLM on CUDA in bf16")
-    rerank_max_ongoing_requests: int = Field(4, ge=1)
+    rerank_max_ongoing_requests: int = Field(4, ge=1, description="requests one rerank "
+                                             "replica takes at once; more queue")
     light_num_cpus: float = Field(0.1, ge=0, description="CPUs of ingress/prefilter replicas")
     group_size: int = Field(8, ge=2, le=8, description="candidates per best-choice turn")
     max_turns: int | None = Field(None, ge=1, description="None: rank every candidate")
-    reuse_prefix: bool = True
+    reuse_prefix: bool = Field(True, description="encode the query and each candidate crop "
+                               "once per query and reuse them across turns; off: a plain full "
+                               "forward per group (the reference path)")
     ranking: Literal["confidence", "fused"] = Field(
         "confidence", description="how results are ordered: 'confidence' (the paper's: the "
         "reranked crops by the dialogue's confidence, then the rest in prefilter order) or "
@@ -280,13 +367,16 @@ class ServeSettings(BaseModel):
         "from the checkpoint's fitted weight when it records one")
     torch_threads: int = Field(0, ge=0, description="intra-op threads per rerank replica")
     rationale_top: int = Field(3, ge=0, description="results that get a rationale on request")
-    rationale_tokens: int = Field(64, ge=8, le=256)
+    rationale_tokens: int = Field(64, ge=8, le=256, description="longest rationale, in "
+                                  "generated tokens")
     refresh_every_s: float = Field(1.0, gt=0, description="prefilter index follow interval")
     fetch_workers: int = Field(8, ge=1, description="parallel crop reads per rerank")
     text_window: int = Field(1000, ge=1, description="newest crops inside the filters a text "
                              "or attribute query's colour matcher ranks")
-    rollout_timeout_s: float = Field(600.0, gt=0)
-    api_key: str | None = Field(None, description="the bootstrap key: holds every role and "
+    rollout_timeout_s: float = Field(600.0, gt=0, description="how long `chatreid serve` (and "
+                                     "a model rollout) waits for the application to run the "
+                                     "new config before it fails")
+    api_key: SecretStr | None = Field(None, description="the bootstrap key: holds every role and "
                                 "issues scoped keys (send 'Authorization: Bearer <key>'); "
                                 "`chatreid up` generates one into the stack's credentials file")
 
@@ -296,7 +386,7 @@ class ServeSettings(BaseModel):
         return root.rstrip("/") + self.route_prefix.rstrip("/")
 
 
-class AccessSettings(BaseModel):
+class AccessSettings(Section):
     """Who may call the API: keys with roles (kept hashed in object storage), limits per key."""
 
     key_prefix: str = Field("access/keys", description="where issued keys are stored")
@@ -315,11 +405,13 @@ class AccessSettings(BaseModel):
         "list in the environment, e.g. '[\"https://console.example\"]'")
 
 
-class AuditSettings(BaseModel):
+class AuditSettings(Section):
+    """The audit log of every access-controlled action."""
+
     prefix: str = Field("audit", description="append-only audit entries in object storage")
 
 
-class ConsoleSettings(BaseModel):
+class ConsoleSettings(Section):
     """Investigation sessions."""
 
     prefix: str = Field("sessions", description="session turn logs in object storage")
@@ -327,7 +419,9 @@ class ConsoleSettings(BaseModel):
     max_turns: int = Field(500, ge=1, description="turns one session may hold")
 
 
-class RetentionSettings(BaseModel):
+class RetentionSettings(Section):
+    """How long crops are kept (`chatreid purge`)."""
+
     crop_days: float | None = Field(
         30.0, gt=0, description="crops and vectors older than this are purged; None keeps all")
     purge_every_hours: float = Field(24.0, gt=0, description="how often the purge job runs "
@@ -336,9 +430,10 @@ class RetentionSettings(BaseModel):
 
 class Settings(BaseSettings):
     # Sources, first wins: environment, .env, then <stack.data_dir>/credentials.env (the secrets
-    # `chatreid up` generated for values configured nowhere else), then the defaults.
+    # `chatreid up` generated for values configured nowhere else), then the defaults. Unknown
+    # CHATREID_* variables are ignored, with a warning naming the closest setting.
     model_config = SettingsConfigDict(
-        env_prefix="CHATREID_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+        env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED, env_file=".env", extra="ignore"
     )
 
     @classmethod
@@ -347,12 +442,17 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        if getattr(dotenv_settings, "env_file", ".env") is None:  # Settings(_env_file=None)
+        env_file = getattr(dotenv_settings, "env_file", ".env")
+        warn_unknown(os.environ, "the environment")
+        if env_file is None:  # Settings(_env_file=None)
             return init_settings, env_settings, file_secret_settings
+        if isinstance(env_file, str | Path) and Path(env_file).is_file():
+            warn_unknown(dotenv_values(env_file), str(env_file))
         generated = DotEnvSettingsSource(settings_cls, env_file=credentials_file())
         return init_settings, env_settings, dotenv_settings, generated, file_secret_settings
 
-    site: str = "default-site"
+    site: str = Field("default-site", description="site name written on every event (which "
+                      "deployment a crop came from)")
     kafka: KafkaSettings = KafkaSettings()
     s3: S3Settings = S3Settings()
     stack: StackSettings = StackSettings()
@@ -367,3 +467,64 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     console: ConsoleSettings = ConsoleSettings()
     retention: RetentionSettings = RetentionSettings()
+
+
+# -- what the settings are called outside Python ---------------------------------------------------
+def env_name(*path: str) -> str:
+    """The environment variable of a setting: ``env_name("serve", "api_key")`` is
+    ``CHATREID_SERVE__API_KEY``."""
+    return ENV_PREFIX + NESTED.join(path).upper()
+
+
+def setting_paths() -> list[tuple[str, ...]]:
+    """Every setting, as (group, name) or (name,) for an ungrouped one, in declaration order."""
+    paths: list[tuple[str, ...]] = []
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            paths += [(name, sub) for sub in section.model_fields]
+        else:
+            paths.append((name,))
+    return paths
+
+
+def secret_paths() -> list[tuple[str, str]]:
+    """The (group, name) of every secret setting (typed :class:`SecretStr`)."""
+    return [(g, n) for g, n in (p for p in setting_paths() if len(p) == 2)
+            if _is_secret(Settings.model_fields[g].annotation.model_fields[n].annotation)]
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in getattr(annotation, "__args__", ())
+
+
+def known_variables() -> set[str]:
+    """Every CHATREID_* variable that means something: each setting, each group (a JSON
+    object for a whole group) and the compose-only variables."""
+    names = {env_name(*p) for p in setting_paths()}
+    names |= {env_name(p[0]) for p in setting_paths()}
+    return names | COMPOSE_VARIABLES
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def unknown_variables(names: Any) -> dict[str, str | None]:
+    """The CHATREID_* names among ``names`` that are no setting -> the closest real one."""
+    known = known_variables()
+    unknown = {n.upper() for n in names
+               if n.upper().startswith(ENV_PREFIX) and n.upper() not in known}
+    return {n: next(iter(difflib.get_close_matches(n, known, n=1, cutoff=0.6)), None)
+            for n in sorted(unknown)}
+
+
+def warn_unknown(variables: Any, where: str) -> None:
+    """Log (once per process and name) each unknown CHATREID_* variable in ``variables``: it
+    would otherwise be ignored silently, e.g. a misspelt key in ``.env``."""
+    for name, closest in unknown_variables(variables).items():
+        if (where, name) in _warned:
+            continue
+        _warned.add((where, name))
+        hint = f"; did you mean {closest}?" if closest else ""
+        log.warning("%s in %s is not a setting and is ignored%s (every setting: "
+                    "docs/configuration.md)", name, where, hint)

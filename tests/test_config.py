@@ -47,7 +47,7 @@ def test_settings_shared_on_the_cluster_carry_no_secrets(stack_base, ray_session
     shared = share(settings, "test-config")
     text = json.dumps(shared)
     assert all(secret not in text for secret in ("key-123", "kafka-456",
-                                                 settings.s3.secret_key))
+                                                 settings.s3.secret_key.get_secret_value()))
     assert unshare(shared) == settings
     assert unshare(None) == Settings()  # the portable config: the process's own environment
 
@@ -93,15 +93,16 @@ def test_generated_credentials_are_owner_only_and_read_after_env_and_dotenv(
                                          new["CHATREID_S3__SECRET_KEY"])
 
     again = Settings()  # a later process reads them back, and nothing is generated twice
-    assert again.serve.api_key == new["CHATREID_SERVE__API_KEY"]
+    assert again.serve.api_key.get_secret_value() == new["CHATREID_SERVE__API_KEY"]
     assert LocalStack(again).ensure_credentials(api_key=True) == {}
 
     # what is configured wins: .env over the generated file, the environment over both
     (checkout / ".env").write_text("CHATREID_SERVE__API_KEY=from-dotenv\n")
-    assert Settings().serve.api_key == "from-dotenv"
+    assert Settings().serve.api_key.get_secret_value() == "from-dotenv"
     monkeypatch.setenv("CHATREID_SERVE__API_KEY", "from-env")
-    assert Settings().serve.api_key == "from-env"
-    assert Settings().s3.access_key == new["CHATREID_S3__ACCESS_KEY"]  # still from the file
+    assert Settings().serve.api_key.get_secret_value() == "from-env"
+    # still from the file
+    assert Settings().s3.access_key.get_secret_value() == new["CHATREID_S3__ACCESS_KEY"]
 
 
 def test_existing_credentials_are_kept_and_configured_ones_not_generated(
@@ -133,4 +134,4 @@ def test_a_non_default_data_dir_keeps_its_credentials_there(checkout, monkeypatc
     new = LocalStack(Settings()).ensure_credentials()
     assert (checkout / "elsewhere" / "credentials.env").exists()
     assert not (checkout / ".chatreid").exists()
-    assert Settings().s3.secret_key == new["CHATREID_S3__SECRET_KEY"]
+    assert Settings().s3.secret_key.get_secret_value() == new["CHATREID_S3__SECRET_KEY"]

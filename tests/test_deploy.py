@@ -1305,7 +1305,7 @@ def test_chart_api_key(
         if where.startswith("RayService/"):
             assert refs["CHATREID_SERVE__API_KEY"] == (f"{RELEASE}-chatreid", "api-key"), where
             settings = settings_of(rendered_full, container, monkeypatch)
-            assert settings.serve.api_key == "api-key-value", where
+            assert settings.serve.api_key.get_secret_value() == "api-key-value", where
         else:  # only the Serve pods get it
             assert "CHATREID_SERVE__API_KEY" not in refs, where
 

@@ -217,7 +217,7 @@ def search_each(feed: Feed, settings: Settings, rng_seed: int, n: int = 24) -> l
     from schemas import QueryRequest
 
     client = RetrievalClient(settings.serve.base_url, timeout_s=60,
-                             api_key=settings.serve.api_key)
+                             api_key=settings.serve.api_key.get_secret_value())
     valid = sorted(feed.snapshot())
     picks = sorted(random.Random(rng_seed).sample(valid, min(n, len(valid))))
     out = []
@@ -286,8 +286,9 @@ def fault_run(stack_base, ray_session, tmp_path_factory):
         "ingestor": Proc("ingestor", chatreid_cmd("ingest", "folder", str(feed.root), "--watch",
                                                   "--verbose"), logs / "ingestor.log", env),
     }
-    client = RetrievalClient(settings.serve.base_url, timeout_s=30, api_key=settings.serve.api_key)
-    probe = QueryProbe(settings.serve.base_url, settings.serve.api_key,
+    client = RetrievalClient(settings.serve.base_url, timeout_s=30,
+                             api_key=settings.serve.api_key.get_secret_value())
+    probe = QueryProbe(settings.serve.base_url, settings.serve.api_key.get_secret_value(),
                        {"kind": "standard", "image_b64": feed.image_b64(0), "k": 3, "top": 3})
     run = FaultRun(settings=settings, feed=feed, probe=probe, procs=procs)
     sc = Scenario(run, stack, client, logs)

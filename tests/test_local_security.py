@@ -21,8 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from chatreid.app.stack import LOOPBACK_RAY_ENV, LocalStack
+from chatreid.app.stack import LocalStack
 from chatreid.config import Settings
+from chatreid.local_head import LOOPBACK_RAY_ENV
 
 pytestmark = pytest.mark.stack
 
@@ -188,7 +189,7 @@ def test_local_ray_head_listens_on_loopback_only(tmp_path: Path) -> None:
         assert refuses_without_token(settings.stack.ray_port,
                                      "/ray.rpc.InternalKVGcsService/InternalKVKeys")
         creds = (settings.stack.data_dir / "credentials.env").read_text()
-        assert f"CHATREID_RAY__AUTH_TOKEN={settings.ray.auth_token}" in creds
+        assert f"CHATREID_RAY__AUTH_TOKEN={settings.ray.auth_token.get_secret_value()}" in creds
 
         env = clean_env(CHATREID_STACK__DATA_DIR=str(settings.stack.data_dir),
                         CHATREID_STACK__RAY_PORT=str(settings.stack.ray_port),
@@ -287,8 +288,8 @@ def test_up_shows_the_bootstrap_key_once_and_stores_it_owner_only(
         CHATREID_STACK__KAFKA_PORT=str(kafka),
         CHATREID_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka}",
         # the session's object store already runs with these keys: configured, so kept
-        CHATREID_S3__ACCESS_KEY=stack_base.s3.access_key,
-        CHATREID_S3__SECRET_KEY=stack_base.s3.secret_key,
+        CHATREID_S3__ACCESS_KEY=stack_base.s3.access_key.get_secret_value(),
+        CHATREID_S3__SECRET_KEY=stack_base.s3.secret_key.get_secret_value(),
         CHATREID_S3__ENDPOINT=stack_base.s3.endpoint,
         CHATREID_STACK__S3_PORT=str(stack_base.stack.s3_port),
         CHATREID_S3__BUCKET="t" + os.urandom(5).hex())
@@ -314,12 +315,12 @@ def test_up_shows_the_bootstrap_key_once_and_stores_it_owner_only(
         # every later command in this checkout reads it (Settings: env, .env, credentials.env)
         read = subprocess.run(
             [sys.executable, "-c", "from chatreid.config import Settings; "
-             "print(Settings().serve.api_key)"], cwd=tmp_path, env=env, text=True,
-            capture_output=True, check=True)
+             "print(Settings().serve.api_key.get_secret_value())"], cwd=tmp_path, env=env,
+            text=True, capture_output=True, check=True)
         assert read.stdout.strip() == key
         for log in (stack_dir / "logs").iterdir():
             text = log.read_text(errors="replace")
-            assert key not in text and stack_base.s3.secret_key not in text, log
+            assert key not in text and stack_base.s3.secret_key.get_secret_value() not in text, log
     finally:
         stop_private_stack(stack_dir, env)
 
@@ -334,8 +335,8 @@ def test_up_insecure_generates_no_key_and_warns(stack_base: Settings, tmp_path: 
     kafka = free_port()
     env = clean_env(COLUMNS="200", CHATREID_STACK__KAFKA_PORT=str(kafka),
                     CHATREID_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka}",
-                    CHATREID_S3__ACCESS_KEY=stack_base.s3.access_key,
-                    CHATREID_S3__SECRET_KEY=stack_base.s3.secret_key,
+                    CHATREID_S3__ACCESS_KEY=stack_base.s3.access_key.get_secret_value(),
+                    CHATREID_S3__SECRET_KEY=stack_base.s3.secret_key.get_secret_value(),
                     CHATREID_S3__BUCKET="t" + os.urandom(5).hex())
     try:
         done = cli(["up", "--no-ray", "--insecure"], tmp_path, env)

@@ -99,8 +99,8 @@ def private_s3(settings, tmp_path):
            "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
            "-s3.port.lance=0", "-master.telemetry=false",
            *(f"-{flag}={port}" for flag, port in zip(flags, ports, strict=True))]
-    env = {"AWS_ACCESS_KEY_ID": settings.s3.access_key,
-           "AWS_SECRET_ACCESS_KEY": settings.s3.secret_key}
+    env = {"AWS_ACCESS_KEY_ID": settings.s3.access_key.get_secret_value(),
+           "AWS_SECRET_ACCESS_KEY": settings.s3.secret_key.get_secret_value()}
     server = PrivateServer(cmd, env, tmp_path / "s3.log")
 
     def healthy() -> bool:

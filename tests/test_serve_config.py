@@ -53,7 +53,7 @@ def test_the_portable_config_carries_no_secret_and_a_model_reference(monkeypatch
     portable = deploy_config(s, portable=True)
     ServeDeploySchema.model_validate(portable)
     assert portable["applications"][0]["args"] == {}
-    assert s.s3.secret_key not in str(portable)
+    assert s.s3.secret_key.get_secret_value() not in str(portable)
     assert _rerank(portable)["user_config"] == {"model": "tiny"}
 
     spec = model_spec(s, "tiny")  # what a replica does with the reference
@@ -70,7 +70,7 @@ def test_the_portable_config_carries_no_secret_and_a_model_reference(monkeypatch
 
     s.serve.api_key = "the-bootstrap-key"  # the local config carries no secret either
     local = str(deploy_config(s, ModelSpec.of_base("tiny")))
-    assert "the-bootstrap-key" not in local and s.s3.secret_key not in local
+    assert "the-bootstrap-key" not in local and s.s3.secret_key.get_secret_value() not in local
 
 
 def test_a_rollout_to_a_local_directory_needs_a_valid_checkpoint(tmp_path) -> None:
@@ -141,7 +141,7 @@ def test_the_training_route_sends_its_actor_no_secret(stack_base, ray_session,
     settings = stack_base.model_copy(deep=True)
     settings.serve.app_name = f"t{uuid.uuid4().hex[:8]}"  # its own training-runs actor
     settings.serve.api_key, settings.kafka.sasl_password = "key-123", "kafka-456"
-    secrets = ("key-123", "kafka-456", settings.s3.secret_key)
+    secrets = ("key-123", "kafka-456", settings.s3.secret_key.get_secret_value())
 
     sent: list[dict] = []
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from chatreid.config import Settings
+from chatreid.config import Settings, reveal
 
 if TYPE_CHECKING:  # the evaluation engine imports numpy/PIL: loaded only by `eval`
     from chatreid.evaluation import EvalConfig
@@ -69,7 +69,7 @@ def _print_credentials(stack, insecure: bool) -> None:
                       f"{stack.credentials_file}, owner-only):\n  {key}", soft_wrap=True)
     elif insecure:
         _warn_insecure()
-    elif stack.settings.serve.api_key:
+    elif reveal(stack.settings.serve.api_key):
         console.print(f"bootstrap API key: {_where(stack, API_KEY_VAR)} (serve.api_key)")
     others = sorted(set(stack.generated) - {API_KEY_VAR})
     if others:  # object-store keys, the Ray head's token: never shown
@@ -103,7 +103,7 @@ def _require_api_key(settings: Settings, insecure: bool) -> None:
     if settings.access.insecure:
         _warn_insecure()
         return
-    if not settings.serve.api_key:
+    if not reveal(settings.serve.api_key):
         from chatreid.config import credentials_file
 
         console.print("[red]no bootstrap API key[/] (serve.api_key): run `chatreid up`, which "
@@ -494,7 +494,7 @@ def query(
     except (ValidationError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     settings = _settings()
-    client = RetrievalClient(url or settings.serve.base_url, api_key=settings.serve.api_key)
+    client = RetrievalClient(url or settings.serve.base_url, api_key=reveal(settings.serve.api_key))
     try:
         with console.status("asking the retrieval app"):
             response = client.query(request)
@@ -1005,7 +1005,8 @@ def _admin_client():
     from chatreid.client import RetrievalClient
 
     settings = _settings()
-    return RetrievalClient(settings.serve.base_url, timeout_s=60, api_key=settings.serve.api_key)
+    return RetrievalClient(settings.serve.base_url, timeout_s=60,
+                           api_key=reveal(settings.serve.api_key))
 
 
 def _api(method: str, path: str, payload: dict | None = None):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from chatreid.app.stack import LocalStack
 from chatreid.client import RetrievalClient
-from chatreid.config import Settings
+from chatreid.config import Settings, reveal
 from chatreid.prefilter.search import PrefilterSearch
 from chatreid.viz import (
     Comparison,
@@ -111,7 +111,7 @@ def _deploy(settings: Settings, console: Console) -> RetrievalClient:
     with console.status(f"deploying the retrieval app on Ray Serve (VLM "
                         f"{spec.version if spec else 'none'}: load + smoke query)"):
         deploy(settings, spec)
-    return RetrievalClient(settings.serve.base_url, api_key=settings.serve.api_key)
+    return RetrievalClient(settings.serve.base_url, api_key=reveal(settings.serve.api_key))
 
 
 def _investigate(client: RetrievalClient, query, others, truth: dict[str, bool], k: int,

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray.serve.schema import ServeDeploySchema
 
-from chatreid.cluster import redacted, share
+from chatreid.cluster import redacted, serve_controller, share
 from chatreid.config import Settings
 from chatreid.query import ModelSpec
 
@@ -115,10 +115,11 @@ def deploy(settings: Settings, spec: ModelSpec | None, *, wait: bool = True,
            timeout_s: float | None = None) -> None:
     """Apply the config (Serve starts on the connected Ray if needed); with ``wait``, return
     once the application RUNS this config, else raise :class:`DeployFailed`."""
-    from ray.serve._private.api import serve_start
+    from ray import serve
 
     config = ServeDeploySchema.model_validate(deploy_config(settings, spec))
-    client = serve_start(http_options=config.http_options.model_dump())
+    serve.start(http_options=config.http_options.model_dump())
+    client = serve_controller()
     share(settings, secrets_name(settings))  # before any replica starts
     port = client.http_config.port
     if port != settings.serve.http_port:  # Serve keeps the port it first started with

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from chatreid.cluster import share, unshare
+from chatreid.cluster import serve_controller, share, unshare
 from chatreid.config import Settings
 from chatreid.errors import OpsError
 
@@ -52,15 +52,9 @@ def gate_refusal(settings: Settings, kind: str, version: str):
     return step if step is not None and step.status == "refused" else None
 
 
-def _client():
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client()
-
-
 def current_config() -> dict[str, Any]:
     """Every application's deployed config (``deploy_apps`` replaces all of them)."""
-    details = _client().get_serve_details()
+    details = serve_controller().get_serve_details()
     apps = [a["deployed_app_config"] for a in details.get("applications", {}).values()
             if a.get("deployed_app_config")]
     if not apps:
@@ -95,7 +89,7 @@ def redeploy(settings: Settings, *, model: str | None = None,
     if replicas is not None:
         rerank.pop("autoscaling_config", None)
         rerank["num_replicas"] = replicas
-    _client().deploy_apps(ServeDeploySchema.model_validate(config))
+    serve_controller().deploy_apps(ServeDeploySchema.model_validate(config))
     return rerank
 
 
