@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from chatreid.embedder.colour import COLOUR_TERMS, ColourAttributeEmbedder
+from chatreid.embedder.colour import COLOUR_TERMS, ColourAttributeMatcher
 
 
 @pytest.fixture(scope="module")
-def colour() -> ColourAttributeEmbedder:
-    return ColourAttributeEmbedder()
+def colour() -> ColourAttributeMatcher:
+    return ColourAttributeMatcher()
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -84,7 +84,7 @@ def test_crops_colour_vectors_are_cached_and_a_missing_crop_matches_nothing(sett
     objects.put("crops/painted.png", buf.getvalue())
     cache = ColourCache(objects, workers=2)
     vectors = cache.vectors([("painted", "crops/painted.png"), ("gone", "crops/deleted.png")])
-    text = ColourAttributeEmbedder().embed_texts(["a red shirt and blue jeans"])
-    assert ColourAttributeEmbedder().distance(text, vectors)[0].tolist() == pytest.approx(
+    text = ColourAttributeMatcher().embed_texts(["a red shirt and blue jeans"])
+    assert ColourAttributeMatcher().distance(text, vectors)[0].tolist() == pytest.approx(
         [0.0, 1.0])  # the deleted crop only loses its own match; the query goes on
     assert "painted" in cache._cache and "gone" not in cache._cache  # retried next time

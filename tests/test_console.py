@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from chatreid.client import ApiError, RetrievalClient
-from chatreid.embedder.colour import ColourAttributeEmbedder
+from chatreid.embedder.colour import ColourAttributeMatcher
 from services.ingestor.sources import synth_source
 
 from .conftest import deploy_site, namespace
@@ -55,7 +55,7 @@ def site(stack_base, ray_session, tmp_path_factory):
 
 
 def _colours(data: bytes) -> dict[str, str]:
-    return ColourAttributeEmbedder().describe(Image.open(io.BytesIO(data)))
+    return ColourAttributeMatcher().describe(Image.open(io.BytesIO(data)))
 
 
 def _describe(data: bytes) -> str:

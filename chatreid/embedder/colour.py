@@ -48,7 +48,7 @@ _STOP = frozenset({"with", "wearing", "wears", "in", "has", "is"}) | UPPER_NOUNS
 _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
 
-class ColourAttributeEmbedder:
+class ColourAttributeMatcher:
     """Images and texts to comparable (2 × 13)-d vectors; see the module docstring."""
 
     version = "colour-attributes-v1"

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from chatreid.data.datasets import ImageRecord
-from chatreid.embedder.colour import ColourAttributeEmbedder
+from chatreid.embedder.colour import ColourAttributeMatcher
 from chatreid.evaluation.queries import EvalQuery, build_queries
 from chatreid.evaluation.ranking import (
     RankingRun,
@@ -121,12 +121,12 @@ def labels(records: Sequence[ImageRecord]) -> Labels:
 
 def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]], np.ndarray],
                   rerank: Reranker | None, cfg: EvalConfig,
-                  text_prefilter: ColourAttributeEmbedder | None = None) -> TaskResult:
+                  text_prefilter: ColourAttributeMatcher | None = None) -> TaskResult:
     """Baseline and (with ``rerank``) ChatReID on ``task``. The prefilter is the image
     embedder for image queries, the colour-attribute matcher for text and attribute queries,
     and the mean of both distances for adaptive (image + text) queries. With ``rerank``, also
     the peer row (image-only queries) and, in the fused mode, the fused row (module doc)."""
-    text_prefilter = text_prefilter or ColourAttributeEmbedder()
+    text_prefilter = text_prefilter or ColourAttributeMatcher()
     fit = rerank is not None and cfg.ranking == "fused" and cfg.fused_weight is None
     base_runs: list[Metrics] = []
     chat_runs: list[Metrics] = []
@@ -216,7 +216,7 @@ def _fused_metrics(run: RankingRun, rows: list[int], w: float) -> Metrics:
 
 def _prefilter_distances(image_side: tuple[np.ndarray, np.ndarray] | None,
                          text_side: tuple[np.ndarray, np.ndarray] | None, idx: np.ndarray,
-                         text_prefilter: ColourAttributeEmbedder) -> np.ndarray:
+                         text_prefilter: ColourAttributeMatcher) -> np.ndarray:
     parts = []
     if image_side is not None:
         parts.append(compute_distmat(image_side[0], image_side[1][idx]))

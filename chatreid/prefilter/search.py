@@ -202,10 +202,10 @@ class ColourCache:
     in parallel) and kept in a bounded LRU map: text queries re-rank the same recent crops."""
 
     def __init__(self, objects: ObjectStore, workers: int = 8, capacity: int = 200_000) -> None:
-        from chatreid.embedder.colour import ColourAttributeEmbedder
+        from chatreid.embedder.colour import ColourAttributeMatcher
 
         self.objects, self.capacity = objects, capacity
-        self.matcher = ColourAttributeEmbedder()
+        self.matcher = ColourAttributeMatcher()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="colours")
         self._cache: LRUCache[str, np.ndarray] = LRUCache(capacity)  # crop id -> vector
         self._lock = threading.Lock()  # LRUCache is not thread-safe
