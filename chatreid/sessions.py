@@ -142,16 +142,16 @@ class Investigation:
             if not (text or self.attributes):
                 raise BadQuery("nothing to search with yet: give text, attributes or an image, "
                                "or confirm a result", "session.empty_query")
-            kind: QueryKind = "text_to_image" if text else "attribute"
+            kind = QueryKind.TEXT_TO_IMAGE if text else QueryKind.ATTRIBUTE
             return _request(kind=kind, text=text, attributes=self.attributes, **common)
         image = ({"image_b64": upload_b64} if primary.startswith(UPLOAD)
                  else {"crop_id": primary})
         if primary.startswith(UPLOAD) and upload_b64 is None:
             raise BadQuery("the uploaded image is no longer stored", "session.upload_missing")
         if text or self.attributes:
-            kind = "multimodal"
+            kind = QueryKind.MULTIMODAL
         else:
-            kind = "cloth_changing" if self.changed_clothes else "standard"
+            kind = QueryKind.CLOTH_CHANGING if self.changed_clothes else QueryKind.STANDARD
         return _request(kind=kind, text=text, attributes=self.attributes, anchors=indexed,
                         **image, **common)
 

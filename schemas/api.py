@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -11,19 +12,57 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 
 from schemas.events import Modality
 
-QueryKind = Literal[
-    "standard",  # image -> image
-    "cloth_changing",
-    "visible_infrared",
-    "text_to_image",
-    "attribute",  # partial attributes, e.g. "blue top, backpack"
-    "multimodal",  # image plus text clues
-]
+
+class QueryKind(StrEnum):
+    """What a query asks with - the one list of kinds, for the API, sessions, the prefilter,
+    the rerank prompts and the evaluation - and what each kind needs (:attr:`has_image`,
+    :attr:`has_text`)."""
+
+    STANDARD = "standard"  # image -> image
+    CLOTH_CHANGING = "cloth_changing"
+    VISIBLE_INFRARED = "visible_infrared"
+    TEXT_TO_IMAGE = "text_to_image"
+    ATTRIBUTE = "attribute"  # partial attributes, e.g. "blue top, backpack"
+    MULTIMODAL = "multimodal"  # image plus text clues: the paper's "adaptive multi-modal"
+
+    @property
+    def has_image(self) -> bool:
+        """A query of this kind needs an image (an indexed crop or an upload)."""
+        return self not in _TEXT_ONLY
+
+    @property
+    def has_text(self) -> bool:
+        """A query of this kind needs a text clue (free text or attributes)."""
+        return self in _TEXT_ONLY or self is QueryKind.MULTIMODAL
+
+    @classmethod
+    def parse(cls, value: str | QueryKind) -> QueryKind:
+        """The kind named ``value``, older names included (:data:`QUERY_KIND_ALIASES`: stored
+        instruction datasets and results say ``"adaptive"``). The API itself takes the
+        current names only."""
+        value = QUERY_KIND_ALIASES.get(str(value), str(value))
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(k.value for k in cls)
+            raise ValueError(f"unknown query kind {value!r}; kinds are {names}") from None
+
+
+_TEXT_ONLY = frozenset({QueryKind.TEXT_TO_IMAGE, QueryKind.ATTRIBUTE})
+# Older names still found in stored data: the paper's "adaptive" query (stage-3 instruction
+# datasets, evaluation results, identity heads' kind lists) and stage 3's "attribute_query".
+QUERY_KIND_ALIASES = {"adaptive": QueryKind.MULTIMODAL.value,
+                      "attribute_query": QueryKind.ATTRIBUTE.value}
+# The API field: validated as the enum, published as the plain string enum it always was
+# (give such a field its title: a replaced schema loses the automatic one).
+ApiQueryKind = Annotated[QueryKind, WithJsonSchema(
+    {"type": "string", "enum": [k.value for k in QueryKind]})]
 # Limits a query obeys (a session's derived query too): they bound what one request can make
 # the VLM read - its prompt grows with the text and attributes (one 20 kB attribute kept a
 # replica busy for 109 s).
@@ -33,9 +72,6 @@ MAX_ATTRIBUTE_CHARS = 64  # one attribute, e.g. "blue top"
 MAX_ID_CHARS = 256  # a crop id (as CropEvent), an anchor, an excluded id
 MAX_CAMERAS = 256  # cameras in one filter
 MAX_CAMERA_CHARS = 128  # one camera name (as CropEvent)
-
-_NEEDS_IMAGE = {"standard", "cloth_changing", "visible_infrared", "multimodal"}
-_NEEDS_TEXT = {"text_to_image", "attribute", "multimodal"}
 
 
 class _Api(BaseModel):
@@ -84,7 +120,7 @@ class QueryFilters(BaseModel):
 class QueryRequest(_Api):
     """What an investigator asks: an image (crop id or upload), text, attributes, filters."""
 
-    kind: QueryKind = "standard"
+    kind: ApiQueryKind = Field(QueryKind.STANDARD, title="Kind")
     crop_id: CropId | None = Field(None, description="query by an indexed crop")
     image_b64: str | None = Field(None, description="or by an uploaded image (base64); only a "
                                   "body carrying one may exceed access.max_body_bytes")
@@ -107,12 +143,12 @@ class QueryRequest(_Api):
         has_image = bool(self.crop_id or self.image_b64)
         if self.crop_id and self.image_b64:
             raise ValueError("give crop_id or image_b64, not both")
-        if self.kind in _NEEDS_IMAGE and not has_image:
-            raise ValueError(f"query kind {self.kind!r} needs crop_id or image_b64")
+        if self.kind.has_image and not has_image:
+            raise ValueError(f"query kind {self.kind.value!r} needs crop_id or image_b64")
         if self.anchors and not has_image:
             raise ValueError("anchors join a query image: give crop_id or image_b64 too")
-        if self.kind in _NEEDS_TEXT and not (self.text or self.attributes):
-            raise ValueError(f"query kind {self.kind!r} needs text or attributes")
+        if self.kind.has_text and not (self.text or self.attributes):
+            raise ValueError(f"query kind {self.kind.value!r} needs text or attributes")
         return self
 
 
@@ -146,7 +182,7 @@ class ResultItem(_Api):
 
 class QueryResponse(_Api):
     query_id: str
-    kind: QueryKind
+    kind: ApiQueryKind = Field(title="Kind")
     results: list[ResultItem]
     turns: list[Turn] = Field(default_factory=list)
     candidates: int = Field(ge=0, description="gallery items that passed the prefilter")

@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.api import (
     MAX_ATTRIBUTES,
     MAX_TEXT_CHARS,
+    ApiQueryKind,
     Attribute,
     CropId,
     QueryFilters,
-    QueryKind,
     ResultItem,
 )
 from schemas.events import Modality
@@ -161,7 +161,7 @@ class SessionTurn(_Api):
     image: str | None = Field(None, description="crop id, or 'upload:<sha256>'")
     changed_clothes: bool = False
     filters: QueryFilters | None = None
-    query_kind: QueryKind | None = None
+    query_kind: ApiQueryKind | None = Field(None, title="Query Kind")
     results: list[ResultItem] = Field(default_factory=list)
     vlm_calls: int = 0
     model_version: str | None = None
@@ -209,7 +209,7 @@ class AuditEntry(_Api):
     actor_name: str
     action: str = Field(description="query | view | session.create | session.search | ... ")
     status: int = Field(description="HTTP status of the answer")
-    query_kind: QueryKind | None = None
+    query_kind: ApiQueryKind | None = Field(None, title="Query Kind")
     filters: QueryFilters | None = None
     result_ids: list[str] = Field(default_factory=list)
     target: str | None = Field(None, description="crop, session, key or model acted on")

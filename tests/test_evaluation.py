@@ -42,7 +42,7 @@ def test_reranking_in_prefilter_order_reproduces_the_baseline(world, embedder) -
     assert flipped.chatreid.mAP != pytest.approx(same.baseline.mAP)  # the order is used
 
 
-def test_text_and_adaptive_queries_carry_their_clues(world, embedder) -> None:
+def test_text_and_multimodal_queries_carry_their_clues(world, embedder) -> None:
     cfg = EvalConfig(k=3, max_queries=3)
     seen: dict[str, list] = {}
 
@@ -50,13 +50,13 @@ def test_text_and_adaptive_queries_carry_their_clues(world, embedder) -> None:
         seen.setdefault(jobs[0].kind, []).extend(jobs)
         return [RerankOutcome(j.key, tuple(range(len(j.candidates))), 1) for j in jobs]
 
-    for name in ("synth_text_to_image", "synth_attribute", "synth_adaptive"):
+    for name in ("synth_text_to_image", "synth_attribute", "synth_multimodal"):
         result = evaluate_task(SYNTHETIC[name], world, embedder.embed, record, cfg)
         assert result.chatreid.mAP == pytest.approx(result.baseline.mAP)
-    text, attribute, adaptive = seen["text_to_image"], seen["attribute"], seen["adaptive"]
+    text, attribute, multimodal = seen["text_to_image"], seen["attribute"], seen["multimodal"]
     assert all(j.query_path is None and j.query_text for j in text + attribute)
     assert all("upper clothing colour: " in j.query_text for j in attribute)
-    assert all(j.query_path and j.query_text for j in adaptive)  # image + the other outfit
+    assert all(j.query_path and j.query_text for j in multimodal)  # image + the other outfit
 
 
 def test_missing_annotations_name_the_file(tmp_path, world, embedder) -> None:
@@ -84,7 +84,7 @@ def test_suite_on_ray_is_resumable_and_reported(world, embedder, ray_session, tm
     settings = Settings()
     cfg = EvalConfig(k=4, max_queries=4)
     tasks = [SYNTHETIC[t] for t in ("synth_standard", "synth_visible_infrared",
-                                    "synth_text_to_image", "synth_attribute", "synth_adaptive")]
+                                    "synth_text_to_image", "synth_attribute", "synth_multimodal")]
     spec = ModelSpec.of_base("tiny")
     results = run_evaluation(settings, tasks, world, cfg, embedder=embedder, spec=spec,
                              out=tmp_path, workers=1)

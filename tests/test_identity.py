@@ -45,6 +45,17 @@ def test_untrained_head_scores_are_scaled_cosines():
     assert torch.allclose(head(q, c, torch.tensor([0, 1])), 10 * cos, atol=1e-5)
 
 
+
+def test_a_head_saved_with_the_old_kind_name_scores_multimodal_queries():
+    """Heads and stage-3 samples from before the rename say "adaptive" for "multimodal"."""
+    old = IdentityConfig(feature_dim=8, encoder_version="v",
+                         kinds=["standard", "cloth_changing", "visible_infrared", "adaptive"])
+    head = IdentityHead(old)
+    assert old.kinds[-1] == "multimodal"
+    assert head.kind_index("multimodal") == head.kind_index("adaptive") == 3
+    with pytest.raises(IdentityError):
+        head.kind_index("text_to_image")
+
 def _clothes_world(n_people: int, seed: int) -> tuple[list[Group], dict[str, np.ndarray]]:
     """Features = 4 identity dims + 12 clothing dims; cloth-changing galleries show the person
     in other clothes, while the impostors wear the query's clothes."""

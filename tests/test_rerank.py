@@ -87,8 +87,11 @@ def test_prompts_are_the_stage3_wording() -> None:
     assert attr == P.ATTRIBUTE_QUERY_PROMPT.replace("{text}", "hair: long").replace(
         "{gallery}", P.gallery_block(2)
     )
-    adaptive = best_choice_prompt("multimodal", 3, CLUE)  # the API's name for it
-    assert adaptive.kind is QueryKind.ADAPTIVE and f'"{CLUE}"' in adaptive.head
+    multimodal = best_choice_prompt("multimodal", 3, CLUE)
+    assert multimodal.kind is QueryKind.MULTIMODAL and f'"{CLUE}"' in multimodal.head
+    assert multimodal.head.startswith(P.ADAPTIVE_PROMPT.partition('"{text}"')[0])  # stage 3's
+    stored = best_choice_prompt("adaptive", 3, CLUE)  # the name stored data still uses
+    assert stored == multimodal
 
 
 def test_bad_queries_are_refused(tiny, crops) -> None:
@@ -303,7 +306,7 @@ def test_the_equivalence_check_would_catch_wrong_positions(tiny, crops) -> None:
 
 def test_rerank_with_and_without_reuse_agree(tiny, crops) -> None:
     model, processor = tiny
-    query, cands = query_for(QueryKind.ADAPTIVE, crops), candidates(crops, 9)
+    query, cands = query_for(QueryKind.MULTIMODAL, crops), candidates(crops, 9)
     reranker = BestChoiceReranker(model, processor, group_size=4)
     a = reranker.rerank(query, cands, reuse_prefix=True)
     b = reranker.rerank(query, cands, reuse_prefix=False)

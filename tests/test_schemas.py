@@ -111,3 +111,34 @@ def test_query_times_are_normalised_to_utc_and_limits_hold():
     schema = json.loads(render_all()["QueryRequest.v1.json"])
     assert schema["properties"]["attributes"]["maxItems"] == MAX_ATTRIBUTES
     assert schema["properties"]["attributes"]["items"]["maxLength"] == MAX_ATTRIBUTE_CHARS
+
+
+def test_one_query_kind_says_what_each_kind_needs():
+    """The kind decides image / text once (schemas.QueryKind): the API's validation, the
+    rerank prompts and the evaluation read the same answer; older stored names still parse,
+    the API takes only today's."""
+    from chatreid.evaluation.tasks import SYNTHETIC, TASK_ALIASES
+    from chatreid.rerank.prompts import TEMPLATES
+    from schemas import QueryKind
+
+    needs = {k.value: (k.has_image, k.has_text) for k in QueryKind}
+    assert needs == {"standard": (True, False), "cloth_changing": (True, False),
+                     "visible_infrared": (True, False), "text_to_image": (False, True),
+                     "attribute": (False, True), "multimodal": (True, True)}
+    for kind in QueryKind:
+        image = {"crop_id": "a"} if kind.has_image else {}
+        text = {"text": "in red"} if kind.has_text else {}
+        assert QueryRequest(kind=kind.value, **image, **text).kind is kind
+        if kind.has_image:
+            with pytest.raises(ValueError, match="needs crop_id or image_b64"):
+                QueryRequest(kind=kind.value, **text)
+        if kind.has_text:
+            with pytest.raises(ValueError, match="needs text or attributes"):
+                QueryRequest(kind=kind.value, **image)
+    assert set(TEMPLATES) == set(QueryKind)
+    assert QueryKind.parse("adaptive") is QueryKind.MULTIMODAL
+    with pytest.raises(ValueError):
+        QueryRequest(kind="adaptive", crop_id="a", text="in red")
+    task = SYNTHETIC[TASK_ALIASES["synth_adaptive"]]
+    assert task.kind is QueryKind.MULTIMODAL and task.image_query and task.text_query
+    assert QueryRequest(crop_id="a").model_dump(mode="json")["kind"] == "standard"

@@ -663,6 +663,7 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, cfg: Eva
     from chatreid.embedder.load import resolve_embedder
     from chatreid.evaluation import BENCHMARKS, SYNTHETIC
     from chatreid.evaluation.report import write_report
+    from chatreid.evaluation.tasks import TASK_ALIASES
     from chatreid.query import ModelSpec
     from chatreid.query.vlm import resolve_spec
     from ray_jobs.evaluate import ClusterBusy, run_evaluation
@@ -671,6 +672,7 @@ def _eval_suite(suite: str, tasks: list[str] | None, root: Path | None, cfg: Eva
     registry = {"synthetic": SYNTHETIC, "benchmarks": BENCHMARKS}.get(suite)
     if registry is None:
         raise typer.BadParameter("--suite is 'synthetic' or 'benchmarks'")
+    tasks = [TASK_ALIASES.get(t, t) for t in tasks] if tasks else tasks  # older names too
     unknown = set(tasks or ()) - set(registry)
     if unknown:
         raise typer.BadParameter(f"unknown tasks {sorted(unknown)}; {suite}: {sorted(registry)}")

@@ -1,13 +1,13 @@
-"""The queries of a task: a query crop, a text clue, or both (adaptive).
+"""The queries of a task: a query crop, a text clue, or both (multimodal).
 
 * image kinds (standard, cloth-changing, visible-infrared): the reader's query records;
 * text-to-image: one query per caption of each test image (the benchmarks' convention);
 * attribute (synthetic): the salient attributes of a test crop (gender, garment types and
   colours) from the world's ``attributes/attributes.json``;
-* adaptive (synthetic): an LTCC query crop plus a caption of the same person in *another*
-  outfit from the gallery, drawn with a seeded generator; a query whose person never changes
-  clothes in the gallery has no such clue and is left out (it would be skipped by the
-  cloth-changing protocol anyway).
+* multimodal (synthetic; the paper's adaptive query): an LTCC query crop plus a caption of
+  the same person in *another* outfit from the gallery, drawn with a seeded generator; a
+  query whose person never changes clothes in the gallery has no such clue and is left out
+  (it would be skipped by the cloth-changing protocol anyway).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from chatreid.data.datasets.base import DatasetLayoutError
 from chatreid.data.instructions.samples import SALIENT_FIELDS, canonical_attributes
 from chatreid.evaluation.tasks import EvalTask
 from chatreid.rerank import attribute_text
+from schemas.api import QueryKind
 
 ATTRIBUTES_FILE = Path("attributes") / "attributes.json"
 
@@ -43,8 +44,8 @@ def build_queries(task: EvalTask, ds: ImageDataset, root: Path, seed: int = 0
         return _caption_queries(task, ds.query)
     if task.kind == "attribute":
         return [_attribute_query(r, _annotation(root, r)) for r in ds.query]
-    if task.kind == "adaptive":
-        return _adaptive_queries(ds, root, seed)
+    if task.kind is QueryKind.MULTIMODAL:
+        return _multimodal_queries(ds, root, seed)
     return [EvalQuery(r) for r in ds.query]
 
 
@@ -61,7 +62,7 @@ def _attribute_query(record: ImageRecord, annotation: Mapping[str, Any]) -> Eval
     return EvalQuery(record, attribute_text(query), query)
 
 
-def _adaptive_queries(ds: ImageDataset, root: Path, seed: int) -> list[EvalQuery]:
+def _multimodal_queries(ds: ImageDataset, root: Path, seed: int) -> list[EvalQuery]:
     from chatreid.synth.world import make_captions
 
     out = []
@@ -90,5 +91,6 @@ def _annotations(root: Path) -> dict[str, Any]:
     path = root / ATTRIBUTES_FILE
     if not path.is_file():
         raise DatasetLayoutError(
-            f"attribute and adaptive tasks need the synthetic world's annotations: missing {path}")
+            "attribute and multimodal tasks need the synthetic world's annotations: "
+            f"missing {path}")
     return json.loads(path.read_text())

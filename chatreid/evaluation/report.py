@@ -22,7 +22,7 @@ FAMILIES = {
     "visible_infrared": "Table 3 - visible-infrared Re-ID",
     "text_to_image": "Table 5 - text-to-image Re-ID",
     "attribute": "Attribute-based retrieval",
-    "adaptive": "Adaptive multi-modal retrieval (image + text, cloth-changing)",
+    "multimodal": "Adaptive multi-modal retrieval (image + text, cloth-changing)",
 }
 
 

@@ -5,10 +5,12 @@ in its usual folder name), plus ``cuhk03_pair1`` (CUHK03 camera pair 1's validat
 the flat ``cuhk03-pair1`` layout: queries camera A, gallery camera B and the reverse,
 averaged); ``SYNTHETIC`` is the same tasks on the synthetic world's held-out
 identities plus the two the benchmarks lack: attribute-based retrieval (the query is a few
-attributes of a test crop, from ``attributes/attributes.json``) and adaptive multi-modal
-retrieval (an LTCC query image plus a description of the person's *other* outfit, as in stage
-3's adaptive task, scored cloth-changing). Trials (RegDB's ten splits, SYSU-MM01's ten gallery
-draws) are part of a task. How each query's clue is made: ``chatreid.evaluation.queries``.
+attributes of a test crop, from ``attributes/attributes.json``) and multimodal retrieval (the
+paper's "adaptive multi-modal retrieval": an LTCC query image plus a description of the
+person's *other* outfit, as in stage 3's adaptive task, scored cloth-changing; results stored
+before the rename call it ``synth_adaptive``, see :data:`TASK_ALIASES`). Trials (RegDB's ten
+splits, SYSU-MM01's ten gallery draws) are part of a task. How each query's clue is made:
+``chatreid.evaluation.queries``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatreid.data.datasets import DATASETS, ImageDataset
+from schemas.api import QueryKind
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class EvalTask:
     name: str
     dataset: str  # key of chatreid.data.datasets.DATASETS
     protocol: str  # key of chatreid.metrics.PROTOCOLS
-    kind: str  # rerank query kind (chatreid.rerank.QueryKind)
+    kind: QueryKind  # what a query of this task carries (an image, a text clue, both)
     task: str  # the paper's task family, for the report's tables
     options: dict[str, Any] = field(default_factory=dict)  # reader keyword arguments
     trials: tuple[dict[str, Any], ...] = ()  # per-trial reader options, averaged
@@ -34,15 +37,18 @@ class EvalTask:
     def load(self, root, **extra) -> ImageDataset:
         return DATASETS[self.dataset](root, **{**self.options, **extra})
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", QueryKind.parse(self.kind))
+
     @property
     def image_query(self) -> bool:
-        """The query has an image (every kind but text-to-image and attribute)."""
-        return self.kind not in ("text_to_image", "attribute")
+        """The query has an image (:attr:`QueryKind.has_image`)."""
+        return self.kind.has_image
 
     @property
     def text_query(self) -> bool:
-        """The query has a text clue (text-to-image, attribute, adaptive)."""
-        return self.kind in ("text_to_image", "attribute", "adaptive")
+        """The query has a text clue (:attr:`QueryKind.has_text`)."""
+        return self.kind.has_text
 
 
 _REGDB = tuple({"trial": t} for t in range(1, 11))
@@ -84,5 +90,8 @@ SYNTHETIC: dict[str, EvalTask] = {t.name: t for t in (
              "visible_infrared"),
     EvalTask("synth_text_to_image", "cuhk_pedes", "text", "text_to_image", "text_to_image"),
     EvalTask("synth_attribute", "cuhk_pedes", "text", "attribute", "attribute"),
-    EvalTask("synth_adaptive", "ltcc", "ltcc_cc", "adaptive", "adaptive"),
+    EvalTask("synth_multimodal", "ltcc", "ltcc_cc", "multimodal", "multimodal"),
 )}
+
+# Task names stored results and scripts may still use -> today's name.
+TASK_ALIASES = {"synth_adaptive": "synth_multimodal"}

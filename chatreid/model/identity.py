@@ -41,13 +41,24 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from schemas.api import QueryKind
+
 IDENTITY_DIR = "identity"
 CONFIG_FILE = "config.json"
 HEAD_FILE = "head.safetensors"
 BACKBONE_DIR = "backbone"
 # Image-query kinds the head scores (text-only kinds have no query image to relate to).
-IMAGE_KINDS = ("standard", "cloth_changing", "visible_infrared", "adaptive")
+IMAGE_KINDS = ("standard", "cloth_changing", "visible_infrared", "multimodal")
 INITIAL_SCALE = 10.0  # s = 10 cos at start: a 0.1 cosine gap is one logit
+
+
+def _kind_name(kind: str) -> str:
+    """Today's name of a query kind: stage-3 samples and heads saved before the rename say
+    "adaptive" for "multimodal"."""
+    try:
+        return QueryKind.parse(kind).value
+    except ValueError:  # not a query kind at all: the lookup reports it
+        return kind
 
 
 class IdentityError(ValueError):
@@ -66,6 +77,10 @@ class IdentityConfig:
     # training identities: cuhk03 held-out rank-1 35.7 with 256 vs 38.7 without, cosine 34.3)
     metrics: dict[str, float] = field(default_factory=dict)  # training/validation figures
 
+    def __post_init__(self) -> None:
+        # heads saved before the rename list "adaptive": read it as today's name
+        self.kinds = [_kind_name(k) for k in self.kinds]
+
 
 class IdentityHead(nn.Module):
     """Relation scores between a query feature and candidate features, per query kind."""
@@ -82,12 +97,13 @@ class IdentityHead(nn.Module):
         if cfg.hidden:
             self.mlp = nn.Sequential(nn.Linear(2 * d + k, cfg.hidden), nn.GELU(),
                                      nn.Linear(cfg.hidden, 1))
-            nn.init.zeros_(self.mlp[2].weight)  # the residual starts at 0: s = scale * cos
-            nn.init.zeros_(self.mlp[2].bias)
+            # the residual starts at 0: s = scale * cos (mlp[2] is the Linear: Tensors, not Modules)
+            nn.init.zeros_(self.mlp[2].weight)  # pyright: ignore[reportArgumentType]
+            nn.init.zeros_(self.mlp[2].bias)  # pyright: ignore[reportArgumentType]
 
     def kind_index(self, kind: str) -> int:
         try:
-            return self.cfg.kinds.index(kind)
+            return self.cfg.kinds.index(_kind_name(kind))
         except ValueError:
             raise IdentityError(f"the identity head scores {self.cfg.kinds}, not {kind!r}") \
                 from None
@@ -125,7 +141,7 @@ class IdentityVision:
         return np.asarray(self.backbone.embed([im.convert("RGB") for im in images]), np.float32)
 
     def applies_to(self, kind: str) -> bool:
-        return kind in self.head.cfg.kinds
+        return _kind_name(kind) in self.head.cfg.kinds
 
     @torch.no_grad()
     def scores(self, query: Image.Image, candidates: Sequence[Image.Image], kind: str

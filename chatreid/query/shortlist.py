@@ -23,8 +23,7 @@ from chatreid.errors import BadQuery, EmptyGallery, ImageRejected, UnknownCrop
 from chatreid.prefilter.search import PrefilterSearch, SearchResult
 from chatreid.prefilter.store import SearchFilter
 from chatreid.query.errors import read_crop
-from chatreid.rerank.prompts import QueryKind
-from schemas import QueryRequest
+from schemas import QueryKind, QueryRequest
 
 _OTHER = {"rgb": "infrared", "infrared": "rgb"}
 
@@ -51,7 +50,7 @@ class Shortlister:
         self.text_window = text_window
 
     def shortlist(self, request: QueryRequest) -> Shortlist:
-        kind = QueryKind.parse(request.kind)
+        kind = request.kind
         filters = _filters(request)
         key = data = modality = None
         exclude: set[str] = set(request.exclude)

@@ -10,43 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from chatreid.data.instructions import IMAGE_TOKEN
 from chatreid.data.instructions import prompts as P
+from schemas.api import QueryKind  # the one list of kinds; re-exported here
 
 GALLERY = "{gallery}"
 TEXT = "{text}"
 
-
-class QueryKind(StrEnum):
-    STANDARD = "standard"
-    CLOTH_CHANGING = "cloth_changing"
-    VISIBLE_INFRARED = "visible_infrared"
-    TEXT_TO_IMAGE = "text_to_image"
-    ATTRIBUTE = "attribute"
-    ADAPTIVE = "adaptive"
-
-    @classmethod
-    def parse(cls, value: str | QueryKind) -> QueryKind:
-        """The kind named ``value``; the API's ``"multimodal"`` is the paper's adaptive query."""
-        value = ALIASES.get(str(value), str(value))
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(k.value for k in cls)
-            raise ValueError(f"unknown query kind {value!r}; kinds are {names}") from None
-
-    @property
-    def has_image(self) -> bool:
-        return self not in (QueryKind.TEXT_TO_IMAGE, QueryKind.ATTRIBUTE)
-
-    @property
-    def has_text(self) -> bool:
-        return self in (QueryKind.TEXT_TO_IMAGE, QueryKind.ATTRIBUTE, QueryKind.ADAPTIVE)
-
-
-ALIASES = {"multimodal": "adaptive", "attribute_query": "attribute"}
 
 TEMPLATES: dict[QueryKind, str] = {
     QueryKind.STANDARD: P.STANDARD_PROMPT,
@@ -54,7 +25,7 @@ TEMPLATES: dict[QueryKind, str] = {
     QueryKind.VISIBLE_INFRARED: P.VISIBLE_INFRARED_PROMPT,
     QueryKind.TEXT_TO_IMAGE: P.TEXT_TO_IMAGE_PROMPT,
     QueryKind.ATTRIBUTE: P.ATTRIBUTE_QUERY_PROMPT,
-    QueryKind.ADAPTIVE: P.ADAPTIVE_PROMPT,
+    QueryKind.MULTIMODAL: P.ADAPTIVE_PROMPT,  # stage 3 calls it the adaptive prompt
 }
 
 

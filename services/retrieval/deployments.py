@@ -34,9 +34,8 @@ from chatreid.query import (
 )
 from chatreid.query.vlm import resolve_spec
 from chatreid.rerank import Candidate, Query, attribute_text
-from chatreid.rerank.prompts import QueryKind
 from chatreid.storage import ObjectStore
-from schemas import QueryRequest
+from schemas import QueryKind, QueryRequest
 
 log = logging.getLogger("chatreid.serve")
 
