@@ -21,15 +21,9 @@ from chatreid.config import Settings
 from chatreid.data.instructions import build_stage1, build_stage3
 from chatreid.model import build_model, save_checkpoint
 from chatreid.model.prompting import choice_tokens
-from chatreid.tuning import (
-    IGNORE,
-    choice_probabilities,
-    collate,
-    encode_sample,
-    prepare_stage_model,
-    resize_for,
-    rule_for,
-)
+from chatreid.tuning.collate import IGNORE, collate, encode_sample
+from chatreid.tuning.evaluate import choice_probabilities
+from chatreid.tuning.stages import prepare_stage_model, resize_for, rule_for
 
 
 def load(path: str) -> Image.Image:

@@ -6,29 +6,11 @@ the evaluation engine) and rerank (the identity head trains per query kind).
 - ``collate``: instruction samples → model inputs, loss on response tokens only;
 - ``hpt``: the per-worker training loop Ray Train runs (DDP on CPU, DeepSpeed on GPU);
 - ``evaluate``: best-choice rank-1 and response confidences;
-- ``embedder_training``: the prefilter embedder's metric learning on Ray Train.
+- ``embedder_training``: the prefilter embedder's metric learning on Ray Train;
+- ``presets``: the named training recipes (plain data, light).
 
 How a prompt is encoded and a best-choice answer read is the model's own
 (``chatreid.model.prompting``), shared with the reranker.
+
+The package itself imports nothing: importing ``presets`` must not load torch or Ray.
 """
-
-from chatreid.tuning.collate import IGNORE, collate, encode_sample
-from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
-from chatreid.tuning.hpt import HPTConfig, StageTrainer, deepspeed_config
-from chatreid.tuning.stages import RULES, StageRule, prepare_stage_model, resize_for, rule_for
-
-__all__ = [
-    "IGNORE",
-    "RULES",
-    "HPTConfig",
-    "StageRule",
-    "StageTrainer",
-    "choice_probabilities",
-    "collate",
-    "deepspeed_config",
-    "encode_sample",
-    "evaluate_best_choice",
-    "prepare_stage_model",
-    "resize_for",
-    "rule_for",
-]
