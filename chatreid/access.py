@@ -206,7 +206,12 @@ def _info(record: dict) -> ApiKeyInfo:
 
 
 class RateLimiter:
-    """A token bucket per key (per replica): ``rate_per_minute`` requests, refilled evenly."""
+    """A token bucket per key (per replica): ``rate_per_minute`` requests, refilled evenly.
+
+    Kept by hand on purpose: the rate-limit libraries (e.g. ``limits``) offer fixed, moving
+    and sliding-counter windows, with which a key that spent its minute waits until its window
+    moves (up to a minute); here one request comes back every 60/rate seconds, and that wait
+    is what ``Retry-After`` says."""
 
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, updated)
