@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from transformers import (
@@ -96,7 +97,8 @@ def build_model(
         if vision is not None:
             raise ValueError("vision= only applies to 'tiny' and 'offline-default'")
         return load_checkpoint(source, dtype=dtype)
-    return model.to(dtype).eval(), processor
+    # transformers' overloads of .to() hide the dtype form
+    return model.to(dtype).eval(), processor  # pyright: ignore[reportArgumentType]
 
 
 def save_checkpoint(
@@ -161,8 +163,15 @@ def mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * spatial, spatial, spatial]
 
 
-def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    ids = tokenizer.convert_tokens_to_ids
+class SpecialTokenIds(TypedDict):
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialTokenIds:
+    ids = cast(Callable[[str], int], tokenizer.convert_tokens_to_ids)  # one token: one id
     return {
         "image_token_id": ids("<|image_pad|>"),
         "video_token_id": ids("<|video_pad|>"),
@@ -291,7 +300,8 @@ def _filled_elsewhere(key: str) -> bool:
 
 def transplant_text_weights(llm: PreTrainedModel, model: Qwen2VLForConditionalGeneration) -> None:
     """Copy a Llama-style decoder into Qwen2-VL's text half (vision tower left as it is)."""
-    vocab = model.config.text_config.vocab_size
+    # Qwen2VLConfig.__init__ turns the text_config argument into a Qwen2VLTextConfig
+    vocab = model.config.text_config.vocab_size  # pyright: ignore[reportAttributeAccessIssue, reportOptionalMemberAccess]
     state: dict[str, torch.Tensor] = {}
     for key, value in llm.state_dict().items():
         if key.startswith("model."):
@@ -299,7 +309,10 @@ def transplant_text_weights(llm: PreTrainedModel, model: Qwen2VLForConditionalGe
     embed_key = "model.language_model.embed_tokens.weight"
     state[embed_key] = _grow_rows(state[embed_key], vocab)
     if not model.config.tie_word_embeddings:
-        state["lm_head.weight"] = _grow_rows(llm.get_output_embeddings().weight, vocab)
+        head = llm.get_output_embeddings()
+        if head is None:
+            raise CheckpointError("an untied text model without an output embedding")
+        state["lm_head.weight"] = _grow_rows(head.weight, vocab)
 
     missing, unexpected = model.load_state_dict(state, strict=False)
     left = [k for k in missing if not _filled_elsewhere(k)]
@@ -308,8 +321,9 @@ def transplant_text_weights(llm: PreTrainedModel, model: Qwen2VLForConditionalGe
     # Llama has no q/k/v biases; zero biases make Qwen2's layers compute the same thing.
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.zero_()
+            attn = layer.self_attn  # torch submodules: attributes the checker cannot see
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):  # pyright: ignore[reportAttributeAccessIssue]
+                proj.bias.zero_()  # pyright: ignore[reportAttributeAccessIssue, reportCallIssue]
 
 
 def build_offline_default(

@@ -82,7 +82,8 @@ def tiny_tokenizer(vocab_size: int = 1024) -> TokenizersBackend:
 def add_vision_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Give a text tokenizer Qwen2-VL's vision tokens (as unsplittable specials) and chat format."""
     missing = [t for t in VISION_TOKENS if t not in tokenizer.get_vocab()]
-    tokenizer.add_tokens([AddedToken(t, special=True) for t in missing], special_tokens=True)
+    # transformers hints its fallback AddedToken class, not the tokenizers one it uses
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in missing], special_tokens=True)  # pyright: ignore[reportArgumentType]
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -124,7 +125,10 @@ class ChatReIDProcessor(Qwen2VLProcessor):
         out.mkdir(parents=True, exist_ok=True)
         files = [str(f) for f in self.tokenizer.save_pretrained(out)]
         files += self.image_processor.save_pretrained(out)
-        (out / CHAT_TEMPLATE_FILE).write_text(self.chat_template or "")
+        template = self.chat_template or ""
+        if not isinstance(template, str):  # transformers also allows a dict of named templates
+            raise TypeError("ChatReIDProcessor saves a single chat template")
+        (out / CHAT_TEMPLATE_FILE).write_text(template)
         return sorted({*files, str(out / CHAT_TEMPLATE_FILE)})
 
     @classmethod

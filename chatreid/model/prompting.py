@@ -47,7 +47,8 @@ def encode_prompt(
 ) -> dict[str, torch.Tensor]:
     """Processor output for the user turn plus the assistant header (batch of one)."""
     text = render_prompt(processor, prompt)
-    return dict(processor(text=[text], images=list(images) or None, return_tensors="pt"))
+    # the processor takes flat kwargs that its Unpack[ProcessingKwargs] hint does not list
+    return dict(processor(text=[text], images=list(images) or None, return_tensors="pt"))  # pyright: ignore[reportCallIssue]
 
 
 @dataclass(frozen=True)

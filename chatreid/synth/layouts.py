@@ -124,7 +124,7 @@ def _plan_market(site: Site, sightings: list[Sighting], plan: Plan) -> dict[str,
             groups[(s.pid, s.camera)].append(s)
     queries = _pick_queries(groups, _rng(site, 1))
     det_index: dict[tuple[int, int, int], int] = defaultdict(int)
-    counts = dict.fromkeys(("train", "query", "gallery", "distractors", "junk"), 0)
+    counts: dict[str, int] = dict.fromkeys(("train", "query", "gallery", "distractors", "junk"), 0)
     for s in rgb:
         ident = site.identity(s.pid)
         if s.junk:
@@ -157,7 +157,7 @@ def _plan_ltcc(site: Site, sightings: list[Sighting], plan: Plan) -> dict[str, i
             groups[(s.pid, s.clothes_id)].append(s)
     queries = _pick_queries(groups, _rng(site, 2))
     used: set[str] = set()
-    counts = dict.fromkeys(("train", "query", "gallery"), 0)
+    counts: dict[str, int] = dict.fromkeys(("train", "query", "gallery"), 0)
     for s in rgb:
         split = site.identity(s.pid).split
         folder, key = (
@@ -188,7 +188,7 @@ def sysu_camera_map(site: Site) -> dict[int, int]:
 def _plan_sysu(site: Site, sightings: list[Sighting], plan: Plan) -> dict[str, int]:
     cams = sysu_camera_map(site)
     serial: dict[tuple[int, int], int] = defaultdict(int)
-    counts = dict.fromkeys(("train", "query", "gallery", "rgb", "ir"), 0)
+    counts: dict[str, int] = dict.fromkeys(("train", "query", "gallery", "rgb", "ir"), 0)
     for s in sightings:
         if s.junk:
             continue
@@ -207,7 +207,7 @@ def _plan_sysu(site: Site, sightings: list[Sighting], plan: Plan) -> dict[str, i
 
 
 def _plan_pedes(site: Site, sightings: list[Sighting], plan: Plan) -> dict[str, int]:
-    counts = dict.fromkeys(("train", "val", "test"), 0)
+    counts: dict[str, int] = dict.fromkeys(("train", "val", "test"), 0)
     for s in sightings:
         if s.junk or site.cameras[s.camera].modality != "rgb":
             continue

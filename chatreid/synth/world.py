@@ -128,7 +128,7 @@ class SynthConfig(BaseModel):
             "junk_images": 3,
         }
         base.update(overrides)
-        return cls(**base)
+        return cls.model_validate(base)  # validated like cls(**base), typed for the checker
 
     @property
     def rgb_cameras(self) -> tuple[int, ...]:
