@@ -237,6 +237,25 @@ def metrics_speed(report: Report) -> str:
         f"protocol, {args['repeats']} repeats, {_cpus(report)}; measured {_when(report)}.")
 
 
+# --- start-up ----------------------------------------------------------------------------------
+
+def import_time(report: Report) -> str:
+    """``benchmarks/import_time.py``: cold imports of the light modules and the CLI's help."""
+    rows = []
+    for case, r in report["cases"].items():
+        target = r.get("target_s")
+        verdict = ("-" if target is None
+                   else f"< {target:g} s: {'met' if r['meets_target'] else '**not met**'}")
+        total = r.get("importtime_s")
+        rows.append([f"`{case}`", f"{r['median_s']:.2f} s",
+                     ", ".join(f"{s:.2f}" for s in r["all_s"]),
+                     "-" if total is None else f"{total:.2f} s", verdict])
+    return "\n".join(_table(["command", "median", "all runs (s)", "`-X importtime` total",
+                             "target"], rows)) + (
+        f"\n\nEach run a fresh interpreter, {report['args']['runs']} runs, "
+        f"{_cpus(report)}; measured {_when(report)}.")
+
+
 # --- query load (existing) ----------------------------------------------------------------------
 
 def query_load(report: Report) -> str:
@@ -467,6 +486,7 @@ BLOCKS: dict[str, Block] = {
     "rerank_prefix": Block(rerank_prefix, _results("rerank_prefix")),
     "metrics_speed": Block(metrics_speed, _results("metrics_speed")),
     "query_load": Block(query_load, _results("query_load")),
+    "import_time": Block(import_time, _results("import_time")),
     "real_people": Block(real_people, _results("real_people")),
     "cuhk03_default": Block(cuhk03_default, _results("real_people")),
     "rerank_quality": Block(rerank_quality, _results("rerank_quality")),

@@ -81,7 +81,8 @@ def _anchors(doc: Path) -> set[str]:
     return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("doc", [*DOCS, ROOT / "deploy" / "README.md"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves(doc: Path) -> None:
     text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
     broken = []
@@ -96,3 +97,48 @@ def test_every_relative_link_resolves(doc: Path) -> None:
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target} (no heading #{anchor})")
     assert not broken, f"{doc.relative_to(ROOT)}: broken links: {broken}"
+
+
+_ROOTS = "chatreid|services|ray_jobs|schemas|tests|benchmarks|helm|deploy"
+_PATH = re.compile(rf"(?<![\w/.])((?:{_ROOTS})/[\w/.\-]*\w/?)(?:::(\w+))?")
+_DOTTED = re.compile(r"(?<![\w/.])((?:chatreid|services|ray_jobs|schemas)(?:\.\w+)+)")
+
+
+def _module(parts: list[str]) -> tuple[Path | None, list[str]]:
+    """The longest importable prefix of a dotted name and the attribute path after it."""
+    for i in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:i])
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.exists():
+                return candidate, parts[i:]
+    return None, parts
+
+
+def _defines(source: Path, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", source.read_text()) is not None
+
+
+@pytest.mark.parametrize("doc", [*DOCS, ROOT / "deploy" / "README.md"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_code_path_the_docs_name_exists(doc: Path) -> None:
+    """Folders, files and dotted names in backticks (``chatreid/query/``,
+    ``ray_jobs/hpt.py::attach_identity``, ``chatreid.model.identity.FeatureCache``) still exist:
+    a rename that forgets the docs fails here."""
+    missing = []
+    for code in re.findall(r"`([^`]+)`", doc.read_text()):
+        for m in _PATH.finditer(code):
+            path, attr = m.group(1), m.group(2)
+            if "<" in path or "*" in path:
+                continue  # a pattern, not a path
+            if not (ROOT / path).exists():
+                missing.append(path)
+            elif attr and not _defines(ROOT / path, attr):
+                missing.append(f"{path}::{attr}")
+        for m in _DOTTED.finditer(code):
+            name = m.group(1)
+            if re.search(r"\.v\d+$", name):
+                continue  # a topic (chatreid.crops.v1)
+            source, rest = _module(name.split("."))
+            if source is None or (rest and not _defines(source, rest[0])):
+                missing.append(name)
+    assert not missing, f"{doc.relative_to(ROOT)} names what no longer exists: {missing}"
