@@ -604,7 +604,7 @@ def _gate_figures(m: dict[str, float]) -> str:
 @app.command("eval")
 def evaluate(
     distmat: Annotated[Path | None, typer.Option(
-        help="score a saved matrix (.npz, see README) instead of running a suite")] = None,
+        help="score a saved matrix (.npz: docs/evaluation.md) instead of a suite")] = None,
     protocol: Annotated[str, typer.Option(help="with --distmat: standard | market1501 | msmt17 "
                                           "| cuhk03 | cuhk03_classic | ltcc_general | ltcc_cc "
                                           "| ltcc_same | prcc | sysu_mm01 | regdb | text")
