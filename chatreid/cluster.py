@@ -148,7 +148,10 @@ def _ray_reread_environment(loopback: bool = False) -> None:
     here happened before the settings said what to join; Ray 2.60 has no public API to re-read
     them (Ray's docs: set them before starting), hence the only private Ray core calls here."""
     from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import (  # compiled: no stubs
+        AuthenticationTokenLoader,  # pyright: ignore[reportAttributeAccessIssue]
+        Config,  # pyright: ignore[reportAttributeAccessIssue]
+    )
 
     if loopback:
         ray_constants.ENABLE_RAY_CLUSTER = False

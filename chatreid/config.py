@@ -59,26 +59,28 @@ class KafkaSettings(Section):
     """The Kafka cluster every service talks to (topics under ``topic_prefix``)."""
 
     bootstrap_servers: str = Field(
-        "127.0.0.1:9092", description="host:port[,host:port] of the Kafka brokers; the default "
+        default="127.0.0.1:9092",
+        description="host:port[,host:port] of the Kafka brokers; the default "
         "is the local stack's broker (`chatreid up`)")
-    client_id: str = Field("chatreid", description="Kafka client id of every producer and "
+    client_id: str = Field(default="chatreid", description="Kafka client id of every producer and "
                            "consumer (the admin client appends -admin); shows in broker logs "
                            "and quotas")
-    topic_prefix: str = Field("chatreid", description="prefix of every topic "
+    topic_prefix: str = Field(default="chatreid", description="prefix of every topic "
                               "(<prefix>.<topic>); change it to run two deployments on one "
                               "Kafka cluster")
-    partitions: int = Field(6, ge=1, description="partitions of the topics `chatreid init` "
+    partitions: int = Field(default=6, ge=1, description="partitions of the topics `chatreid init` "
                             "creates; bounds how many embedders share the work (one consumer "
                             "per partition). Existing topics keep theirs")
-    replication_factor: int = Field(1, ge=1, description="replication factor of the topics "
+    replication_factor: int = Field(default=1, ge=1, description="replication factor of the topics "
                                     "`chatreid init` creates (3 on a production cluster)")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="how clients connect: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT "
+        default="PLAINTEXT",
+        description="how clients connect: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT "
         "or SASL_SSL (SASL credentials below)")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
-        None, description="SASL mechanism with a SASL_* security_protocol; None: PLAIN")
-    sasl_username: str | None = Field(None, description="SASL user name (SASL_* only)")
-    sasl_password: SecretStr | None = Field(None, description="SASL password (SASL_* only)")
+        default=None, description="SASL mechanism with a SASL_* security_protocol; None: PLAIN")
+    sasl_username: str | None = Field(default=None, description="SASL user name (SASL_* only)")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password (SASL_* only)")
 
     def topic(self, name: str) -> str:
         """Full topic name for a logical topic (see ``schemas.topics``)."""
@@ -98,20 +100,26 @@ class KafkaSettings(Section):
 class S3Settings(Section):
     """The S3-compatible object store: crops, snapshots, checkpoints, keys, audit, sessions."""
 
-    endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3-compatible "
+    endpoint: str = Field(default="127.0.0.1:9000", description="host:port of the S3-compatible "
                           "object store (no scheme; see secure); the default is the local "
                           "stack's")
     # No defaults: well-known keys would open the store to anyone who reads this file.
     access_key: SecretStr | None = Field(
-        None, description="object-store access key; `chatreid up` generates one for the local "
+        default=None,
+        description="object-store access key; `chatreid up` generates one for the local "
         "stack into <stack.data_dir>/credentials.env")
     secret_key: SecretStr | None = Field(
-        None, description="object-store secret key (generated with access_key)")
-    secure: bool = Field(False, description="talk to the object store over TLS (https)")
-    region: str | None = Field(None, description="the store's region, if it needs one; None: "
-                               "unset (us-east-1 for Ray Train's storage)")
-    bucket: str = Field("chatreid", description="the one bucket everything is kept in "
+        default=None, description="object-store secret key (generated with access_key)")
+    secure: bool = Field(default=False, description="talk to the object store over TLS (https)")
+    region: str | None = Field(
+        default=None, description="the store's region, if it needs one; None: "
+        "unset (us-east-1 for Ray Train's storage)")
+    bucket: str = Field(default="chatreid", description="the one bucket everything is kept in "
                         "(`chatreid init` creates it)")
+    public_endpoint: str | None = Field(
+        default=None, description="the object store as API clients reach it ([http(s)://]host"
+        ":port; no scheme: see secure): crop images are served by a redirect to a short-lived "
+        "presigned URL signed for this endpoint; None: endpoint")
 
     def credentials(self) -> tuple[str, str]:
         """(access key, secret key), or an error saying how to get them."""
@@ -127,97 +135,109 @@ class S3Settings(Section):
 class StackSettings(Section):
     """The local stack started by ``chatreid up``."""
 
-    data_dir: Path = Field(Path(".chatreid"), description="logs, data, pids and the generated "
-                           "credentials.env (owner-only)")
-    kafka_port: int = Field(9092, description="port of the local Kafka-protocol broker "
+    data_dir: Path = Field(
+        default=Path(".chatreid"), description="logs, data, pids and the generated "
+        "credentials.env (owner-only)")
+    kafka_port: int = Field(default=9092, description="port of the local Kafka-protocol broker "
                             "(127.0.0.1 only); change kafka.bootstrap_servers with it")
-    s3_port: int = Field(9000, description="port of the local S3 object store (127.0.0.1 "
+    s3_port: int = Field(default=9000, description="port of the local S3 object store (127.0.0.1 "
                          "only); change s3.endpoint with it")
-    ray: bool = Field(True, description="`chatreid up` also starts a local Ray head (jobs "
+    ray: bool = Field(default=True, description="`chatreid up` also starts a local Ray head (jobs "
                       "then join it instead of starting Ray in-process)")
-    ray_num_cpus: int = Field(2, description="CPUs the local Ray head offers its jobs and "
+    ray_num_cpus: int = Field(default=2, description="CPUs the local Ray head offers its jobs and "
                               "Serve replicas")
-    ray_port: int = Field(6379, description="the local Ray head's GCS port (127.0.0.1 only); "
-                          "keep it outside Ray's worker ports 10002-19999")
-    ray_client_port: int = Field(10001, description="the local Ray head's Ray client server "
-                                 "port (127.0.0.1 only)")
+    ray_port: int = Field(
+        default=6379, description="the local Ray head's GCS port (127.0.0.1 only); "
+        "keep it outside Ray's worker ports 10002-19999")
+    ray_client_port: int = Field(
+        default=10001, description="the local Ray head's Ray client server "
+        "port (127.0.0.1 only)")
 
 
 class IngestorSettings(Section):
-    max_bytes: int = Field(2 * 1024 * 1024, description="largest accepted encoded crop, in "
+    max_bytes: int = Field(default=2 * 1024 * 1024, description="largest accepted encoded crop, in "
                            "bytes (uploads and query images)")
-    max_pixels: int = Field(4096 * 4096, description="largest accepted width x height of a "
+    max_pixels: int = Field(default=4096 * 4096, description="largest accepted width x height of a "
                             "crop (decompression-bomb guard)")
-    min_side: int = Field(16, description="smallest accepted crop side in pixels")
-    max_side: int = Field(4096, description="largest accepted crop side in pixels")
-    formats: tuple[str, ...] = Field(("JPEG", "PNG", "WEBP", "BMP"), description="accepted "
+    min_side: int = Field(default=16, description="smallest accepted crop side in pixels")
+    max_side: int = Field(default=4096, description="largest accepted crop side in pixels")
+    formats: tuple[str, ...] = Field(default=("JPEG", "PNG", "WEBP", "BMP"), description="accepted "
                                      "image formats (Pillow names); a JSON list in the "
                                      "environment")
     max_future_skew_s: float = Field(
-        300.0, ge=0, le=86_400, description="capture times more than this far ahead of the "
+        default=300.0, ge=0, le=86_400, description="capture times more than this far ahead of the "
         "ingestor's clock are refused (camera clock drift allowance)")
     http_store_wait_s: float = Field(
-        5.0, ge=0, description="POST /v1/crops: how long one upload's object-store write waits "
+        default=5.0, ge=0,
+        description="POST /v1/crops: how long one upload's object-store write waits "
         "out an outage before answering 503 storage.unavailable (the client retries)")
-    http_host: str = Field("127.0.0.1", description="interface `chatreid ingest http` "
+    http_host: str = Field(default="127.0.0.1", description="interface `chatreid ingest http` "
                            "listens on (0.0.0.0 in a container); --host overrides it")
-    http_port: int = Field(8070, description="port of `chatreid ingest http`; --port "
+    http_port: int = Field(default=8070, description="port of `chatreid ingest http`; --port "
                            "overrides it")
 
 
 class EmbedderSettings(Section):
     """The prefilter embedder workers (`chatreid embed`): a Kafka consumer group."""
 
-    group_id: str = Field("chatreid-embedder", description="Kafka consumer group of the "
+    group_id: str = Field(default="chatreid-embedder", description="Kafka consumer group of the "
                           "embedder workers; workers of one group share the partitions")
-    batch_size: int = Field(32, ge=1, description="crops per forward pass (and most records "
-                            "per poll)")
-    poll_timeout_ms: int = Field(500, description="how long one poll waits for new crops, in "
-                                 "milliseconds")
-    fetch_workers: int = Field(8, ge=1, description="parallel object-store reads")
+    batch_size: int = Field(
+        default=32, ge=1, description="crops per forward pass (and most records "
+        "per poll)")
+    poll_timeout_ms: int = Field(
+        default=500, description="how long one poll waits for new crops, in "
+        "milliseconds")
+    fetch_workers: int = Field(default=8, ge=1, description="parallel object-store reads")
     weights: Path | None = Field(
-        None, description="embedder weights: a checkpoint file or directory, or an .onnx Re-ID "
+        default=None,
+        description="embedder weights: a checkpoint file or directory, or an .onnx Re-ID "
         "model (`chatreid embedder import` pushes one as a checkpoint instead); default: the "
         "pip-installed ImageNet MobileNetV2")
     card: str | None = Field(
-        None, description="with an .onnx `weights` file: its model card (a JSON file, or the "
+        default=None,
+        description="with an .onnx `weights` file: its model card (a JSON file, or the "
         "convention 'torchreid' or 'openvino'); default: <file>.card.json or card.json beside "
         "it, else torchreid. An ONNX model's card fixes its input size (height/width below "
         "apply to the ImageNet default)")
-    device: str = Field("cpu", description="torch device, e.g. cuda")
-    height: int = Field(256, description="input height in pixels of the torch embedder (an "
+    device: str = Field(default="cpu", description="torch device, e.g. cuda")
+    height: int = Field(default=256, description="input height in pixels of the torch embedder (an "
                         "ONNX model's card fixes its own)")
-    width: int = Field(128, description="input width in pixels of the torch embedder")
-    torch_threads: int = Field(0, ge=0, description="0 = torch default")
-    session_timeout_ms: int = Field(10_000, description="Kafka consumer session timeout (ms): "
-                                    "a worker silent this long loses its partitions")
-    heartbeat_interval_ms: int = Field(3_000, description="Kafka consumer heartbeat interval "
-                                       "(ms); keep it under a third of session_timeout_ms")
-    max_poll_interval_ms: int = Field(300_000, description="longest time (ms) between polls "
-                                      "before the group takes the worker's partitions away; "
-                                      "raise it for slow batches (large batch_size on CPU)")
+    width: int = Field(default=128, description="input width in pixels of the torch embedder")
+    torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    session_timeout_ms: int = Field(
+        default=10_000, description="Kafka consumer session timeout (ms): "
+        "a worker silent this long loses its partitions")
+    heartbeat_interval_ms: int = Field(
+        default=3_000, description="Kafka consumer heartbeat interval "
+        "(ms); keep it under a third of session_timeout_ms")
+    max_poll_interval_ms: int = Field(
+        default=300_000, description="longest time (ms) between polls "
+        "before the group takes the worker's partitions away; "
+        "raise it for slow batches (large batch_size on CPU)")
     fetch_backoff_initial_s: float = Field(
-        0.5, gt=0, description="first wait after the object store failed transiently "
+        default=0.5, gt=0, description="first wait after the object store failed transiently "
         "(refused, reset, timeout, 5xx, SlowDown); the batch is retried from its uncommitted "
         "offset with the partitions paused, never dead-lettered; also the first wait before "
         "a batch whose indexed events the broker refused is published again")
     fetch_backoff_max_s: float = Field(
-        10.0, gt=0, description="longest single wait of that exponential backoff (it doubles "
+        default=10.0, gt=0,
+        description="longest single wait of that exponential backoff (it doubles "
         "up to this, and keeps retrying while the store stays down)")
 
 
 class IndexSettings(Section):
     """The prefilter store's follower/snapshotter."""
 
-    snapshot_every_events: int = Field(2000, ge=1, description="the snapshot writer saves "
+    snapshot_every_events: int = Field(default=2000, ge=1, description="the snapshot writer saves "
                                        "the index after this many new indexed events ...")
-    snapshot_every_s: float = Field(60.0, gt=0, description="... or this many seconds, "
+    snapshot_every_s: float = Field(default=60.0, gt=0, description="... or this many seconds, "
                                     "whichever comes first; a restart replays the log from "
                                     "the latest snapshot")
-    snapshot_prefix: str = Field("prefilter/snapshots", description="where index snapshots "
+    snapshot_prefix: str = Field(default="prefilter/snapshots", description="where index snapshots "
                                  "(and rebuild reports) are kept in the bucket")
     exact_max: int | None = Field(
-        None, description="largest exact (flat) index, in vectors; beyond it the index is "
+        default=None, description="largest exact (flat) index, in vectors; beyond it the index is "
         "approximate; None: sized from the vector dim"
     )
 
@@ -226,20 +246,25 @@ class RaySettings(Section):
     """Where Ray jobs run: a cluster address, or the local stack's head, or an in-process one."""
 
     address: str | None = Field(
-        None, description="ray:// or host:port; None joins the local head if up, else starts one"
+        default=None,
+        description="ray:// or host:port; None joins the local head if up, else starts one"
     )
-    join_local_head: bool = Field(True, description="join the local stack's head when it is up "
-                                  "(tests turn this off to stay isolated from it)")
-    num_cpus: int = Field(2, ge=1, description="CPUs of an in-process Ray (local runs only)")
+    join_local_head: bool = Field(
+        default=True, description="join the local stack's head when it is up "
+        "(tests turn this off to stay isolated from it)")
+    num_cpus: int = Field(
+        default=2, ge=1, description="CPUs of an in-process Ray (local runs only)")
     placement_timeout_s: float = Field(
-        300.0, gt=0, description="how long a job (e.g. `chatreid eval`) waits for the cluster to "
+        default=300.0, gt=0,
+        description="how long a job (e.g. `chatreid eval`) waits for the cluster to "
         "place its actors before it fails saying what it needs and what is free (an autoscaling "
         "cluster may need minutes to add a node)")
     # short: Ray's unix sockets must fit in 107 bytes
-    temp_dir: Path = Field(Path("/tmp/chatreid-ray"), description="session directory of an "
+    temp_dir: Path = Field(default=Path("/tmp/chatreid-ray"), description="session directory of an "
                            "in-process Ray (logs, sockets); keep the path short")
     auth_token: SecretStr | None = Field(
-        None, description="Ray token of the local stack's head (`chatreid up` generates it into "
+        default=None,
+        description="Ray token of the local stack's head (`chatreid up` generates it into "
         "credentials.env); a cluster elsewhere takes Ray's own RAY_AUTH_TOKEN")
 
 
@@ -247,138 +272,167 @@ class TrainSettings(Section):
     """Ray Train jobs (HPT stages, embedder): scale, precision, fault tolerance, storage."""
 
     base_model: str = Field(
-        "offline-default", description="'offline-default', 'tiny', a checkpoint dir or hub id"
+        default="offline-default",
+        description="'offline-default', 'tiny', a checkpoint dir or hub id"
     )
-    world: Path = Field(Path("data/synth"), description="synthetic world the data engine reads")
+    world: Path = Field(
+        default=Path("data/synth"), description="synthetic world the data engine reads")
     real_root: Path | None = Field(
-        None, description="real person images in the CUHK03 pair-1 layout (train/, val/): the "
+        default=None,
+        description="real person images in the CUHK03 pair-1 layout (train/, val/): the "
         "embedder trains on train/ besides the synthetic world and is scored on val/ too")
     real_share: float = Field(
-        0.5, gt=0, le=1, description="with real_root: the share of the identity-only stage-2/3 "
+        default=0.5, gt=0, le=1,
+        description="with real_root: the share of the identity-only stage-2/3 "
         "instruction samples (image-to-image retrieval, standard Re-ID reasoning) drawn from "
         "the real people; attribute and caption tasks stay synthetic")
     embedder_start: str = Field(
-        "imagenet", description="what `train --stage embedder` starts from: 'imagenet', a "
+        default="imagenet", description="what `train --stage embedder` starts from: 'imagenet', a "
         "torch embedder checkpoint (path or version), or an ONNX model / imported checkpoint "
         "(frozen; a head trains on its features)")
     embedder_teacher: str | None = Field(
-        None, description="an ONNX Re-ID model (path or version) the torch embedder also "
+        default=None, description="an ONNX Re-ID model (path or version) the torch embedder also "
         "distils from (its pairwise similarities); None: no distillation")
     vision_backbone: str = Field(
-        "prefilter", description="the Re-ID backbone of the VLM's identity head (trained after "
+        default="prefilter",
+        description="the Re-ID backbone of the VLM's identity head (trained after "
         "stage 3, saved in the checkpoint's identity/ folder): 'prefilter' (the embedder that "
         "serves the prefilter, the chain's new one when it trains one), 'none' (no identity "
         "head: the decoder alone), or what `evaluate --embedder` accepts (a version, 'imagenet', "
         "an .onnx Re-ID model or checkpoint directory)")
-    identity_epochs: int = Field(60, ge=1, description="epochs of the identity head over the "
-                                 "stage-3 groups (cached features: well under a second each)")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers per job (data-parallel "
-                             "ranks); `chatreid train --workers` overrides it")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (CPU "
+    identity_epochs: int = Field(
+        default=60, ge=1, description="epochs of the identity head over the "
+        "stage-3 groups (cached features: well under a second each)")
+    num_workers: int = Field(
+        default=2, ge=1, description="Ray Train workers per job (data-parallel "
+        "ranks); `chatreid train --workers` overrides it")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each worker reserves (CPU "
                                    "training; with use_gpu each worker takes one GPU)")
-    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; `chatreid train "
+    use_gpu: bool = Field(default=False, description="one GPU per worker, NCCL; `chatreid train "
                           "--gpu` turns it on")
-    deepspeed: bool | None = Field(None, description="None: DeepSpeed exactly when use_gpu")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (with "
+    deepspeed: bool | None = Field(default=None, description="None: DeepSpeed exactly when use_gpu")
+    zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage (with "
                             "deepspeed)")
-    bf16: bool | None = Field(None, description="None: bf16 exactly when use_gpu")
-    torch_threads: int = Field(1, ge=0, description="intra-op threads per worker; 0 = default")
-    max_failures: int = Field(1, ge=0, description="worker failures a job survives")
-    storage_prefix: str = Field("train-runs", description="Ray Train run state in the bucket")
-    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
-    out_dir: Path = Field(Path("out/train"), description="local output of `chatreid train`: "
-                          "report.json and the world and feature caches")
+    bf16: bool | None = Field(default=None, description="None: bf16 exactly when use_gpu")
+    torch_threads: int = Field(
+        default=1, ge=0, description="intra-op threads per worker; 0 = default")
+    max_failures: int = Field(default=1, ge=0, description="worker failures a job survives")
+    storage_prefix: str = Field(
+        default="train-runs", description="Ray Train run state in the bucket")
+    checkpoint_every: int = Field(
+        default=50, ge=1, description="steps between resumable checkpoints")
+    out_dir: Path = Field(
+        default=Path("out/train"), description="local output of `chatreid train`: "
+        "report.json and the world and feature caches")
 
 
 # -- the rollout gate (chatreid/evaluation/gate.py) -----------------------------------------------
 class GateSettings(Section):
     """The quality gate every embedder and VLM checkpoint passes before it serves."""
 
-    enabled: bool = Field(True, description="score each new checkpoint before it serves and "
-                          "refuse a worse one; `chatreid force` overrides one (audited)")
-    synthetic: bool = Field(True, description="validate on held-out synthetic people (the "
+    enabled: bool = Field(
+        default=True, description="score each new checkpoint before it serves and "
+        "refuse a worse one; `chatreid force` overrides one (audited)")
+    synthetic: bool = Field(default=True, description="validate on held-out synthetic people (the "
                             "world's query/gallery split)")
-    synthetic_root: Path | None = Field(None, description="the synthetic world to validate on; "
-                                        "None: train.world")
+    synthetic_root: Path | None = Field(
+        default=None, description="the synthetic world to validate on; "
+        "None: train.world")
     real_root: Path | None = Field(
-        None, description="real validation people in the CUHK03 pair-1 layout (val/, A -> B "
+        default=None,
+        description="real validation people in the CUHK03 pair-1 layout (val/, A -> B "
         "and B -> A); None: synthetic only")
     max_people: int | None = Field(
-        100, ge=1, description="held-out people per part: a seeded choice (the same people "
+        default=100, ge=1, description="held-out people per part: a seeded choice (the same people "
         "every time for the same data) among those with a query and a gallery image; their "
         "queries and gallery images make the part (None: every held-out person)")
-    tolerance: float = Field(0.0, ge=0, le=1, description="an embedder is refused when its "
+    tolerance: float = Field(default=0.0, ge=0, le=1, description="an embedder is refused when its "
                              "mAP is below the serving one's minus this")
-    vlm_queries: int = Field(12, ge=1, description="synthetic queries a VLM reranks at the "
+    vlm_queries: int = Field(default=12, ge=1, description="synthetic queries a VLM reranks at the "
                              "gate (each is a multi-turn dialogue: keep it small on CPU)")
-    vlm_k: int = Field(5, ge=2, description="candidates the VLM reranks per gate query")
+    vlm_k: int = Field(default=5, ge=2, description="candidates the VLM reranks per gate query")
 # -- end of the rollout gate -----------------------------------------------------------------------
 
 
 class ServeSettings(Section):
     """The retrieval application on Ray Serve: ingress, prefilter, VLM rerank, rollouts."""
 
-    app_name: str = Field("chatreid", description="the Serve application's name (and the key "
-                          "of its secrets on the cluster)")
-    route_prefix: str = Field("/", description="URL path the API is mounted at")
-    http_host: str = Field("127.0.0.1", description="interface Serve's HTTP proxy listens on "
-                           "(0.0.0.0 in a cluster)")
-    http_port: int = Field(8000, description="port of Serve's HTTP proxy; Serve keeps the "
+    app_name: str = Field(
+        default="chatreid", description="the Serve application's name (and the key "
+        "of its secrets on the cluster)")
+    route_prefix: str = Field(default="/", description="URL path the API is mounted at")
+    http_host: str = Field(
+        default="127.0.0.1", description="interface Serve's HTTP proxy listens on "
+        "(0.0.0.0 in a cluster)")
+    http_port: int = Field(default=8000, description="port of Serve's HTTP proxy; Serve keeps the "
                            "port it first started with on a cluster")
     public_url: str | None = Field(
-        None, description="base URL clients reach the API at (crop URLs); None: host:port")
+        default=None, description="base URL clients reach the API at (crop URLs); None: host:port")
     model: str = Field(
-        "latest", description="'latest' (newest VLM checkpoint of `stage` in object storage), "
+        default="latest",
+        description="'latest' (newest VLM checkpoint of `stage` in object storage), "
         "or 'offline-default', 'tiny', a checkpoint dir")
-    stage: str = Field("stage3", description="which HPT stage's checkpoints serve and roll out")
+    stage: str = Field(
+        default="stage3", description="which HPT stage's checkpoints serve and roll out")
     fallback_model: str | None = Field(
-        "offline-default", description="served while no checkpoint exists; None: answer 503")
-    ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (HTTP routes, access "
-                                  "control, rate limits, sessions)")
-    prefilter_replicas: int = Field(1, ge=1, description="Prefilter replicas (each follows "
+        default="offline-default",
+        description="served while no checkpoint exists; None: answer 503")
+    ingress_replicas: int = Field(
+        default=1, ge=1, description="Ingress replicas (HTTP routes, access "
+        "control, rate limits, sessions)")
+    prefilter_replicas: int = Field(default=1, ge=1, description="Prefilter replicas (each follows "
                                     "and holds the whole index)")
-    rerank_replicas: int = Field(1, ge=1, description="fixed count when autoscaling is off")
-    rerank_autoscaling: bool = Field(False, description="let Serve scale the rerank "
+    rerank_replicas: int = Field(default=1, ge=1, description="fixed count when autoscaling is off")
+    rerank_autoscaling: bool = Field(default=False, description="let Serve scale the rerank "
                                      "replicas between the two bounds below")
-    rerank_min_replicas: int = Field(1, ge=0, description="fewest rerank replicas when "
+    rerank_min_replicas: int = Field(default=1, ge=0, description="fewest rerank replicas when "
                                      "autoscaling (0: none while idle)")
-    rerank_max_replicas: int = Field(2, ge=1, description="most rerank replicas when "
+    rerank_max_replicas: int = Field(default=2, ge=1, description="most rerank replicas when "
                                      "autoscaling")
-    rerank_target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight "
-                                                  "per rerank replica autoscaling aims for")
-    rerank_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rerank replica")
-    rerank_num_gpus: float = Field(0.0, ge=0, description="GPUs per rerank replica; > 0 serves "
-                                   "the VLM on CUDA in bf16")
-    rerank_max_ongoing_requests: int = Field(4, ge=1, description="requests one rerank "
+    rerank_target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="requests in flight "
+        "per rerank replica autoscaling aims for")
+    rerank_num_cpus: float = Field(
+        default=1.0, ge=0, description="CPUs reserved per rerank replica")
+    rerank_num_gpus: float = Field(
+        default=0.0, ge=0, description="GPUs per rerank replica; > 0 serves "
+        "the VLM on CUDA in bf16")
+    rerank_max_ongoing_requests: int = Field(default=4, ge=1, description="requests one rerank "
                                              "replica takes at once; more queue")
-    light_num_cpus: float = Field(0.1, ge=0, description="CPUs of ingress/prefilter replicas")
-    group_size: int = Field(8, ge=2, le=8, description="candidates per best-choice turn")
-    max_turns: int | None = Field(None, ge=1, description="None: rank every candidate")
-    reuse_prefix: bool = Field(True, description="encode the query and each candidate crop "
+    light_num_cpus: float = Field(
+        default=0.1, ge=0, description="CPUs of ingress/prefilter replicas")
+    group_size: int = Field(default=8, ge=2, le=8, description="candidates per best-choice turn")
+    max_turns: int | None = Field(default=None, ge=1, description="None: rank every candidate")
+    reuse_prefix: bool = Field(default=True, description="encode the query and each candidate crop "
                                "once per query and reuse them across turns; off: a plain full "
                                "forward per group (the reference path)")
     ranking: Literal["confidence", "fused"] = Field(
-        "confidence", description="how results are ordered: 'confidence' (the paper's: the "
+        default="confidence", description="how results are ordered: 'confidence' (the paper's: the "
         "reranked crops by the dialogue's confidence, then the rest in prefilter order) or "
         "'fused' (every shortlisted crop by fused_weight * confidence + (1 - fused_weight) * "
         "softmax(prefilter score / 0.05); chatreid.rerank.ranking)")
     fused_weight: float = Field(
-        0.5, ge=0.0, le=1.0, description="the fused ranking's weight on the confidence; set "
+        default=0.5, ge=0.0, le=1.0,
+        description="the fused ranking's weight on the confidence; set "
         "from the checkpoint's fitted weight when it records one")
-    torch_threads: int = Field(0, ge=0, description="intra-op threads per rerank replica")
-    rationale_top: int = Field(3, ge=0, description="results that get a rationale on request")
-    rationale_tokens: int = Field(64, ge=8, le=256, description="longest rationale, in "
+    torch_threads: int = Field(default=0, ge=0, description="intra-op threads per rerank replica")
+    rationale_top: int = Field(
+        default=3, ge=0, description="results that get a rationale on request")
+    rationale_tokens: int = Field(default=64, ge=8, le=256, description="longest rationale, in "
                                   "generated tokens")
-    refresh_every_s: float = Field(1.0, gt=0, description="prefilter index follow interval")
-    fetch_workers: int = Field(8, ge=1, description="parallel crop reads per rerank")
-    text_window: int = Field(1000, ge=1, description="newest crops inside the filters a text "
-                             "or attribute query's colour matcher ranks")
-    rollout_timeout_s: float = Field(600.0, gt=0, description="how long `chatreid serve` (and "
-                                     "a model rollout) waits for the application to run the "
-                                     "new config before it fails")
-    api_key: SecretStr | None = Field(None, description="the bootstrap key: holds every role and "
-                                "issues scoped keys (send 'Authorization: Bearer <key>'); "
-                                "`chatreid up` generates one into the stack's credentials file")
+    refresh_every_s: float = Field(default=1.0, gt=0, description="prefilter index follow interval")
+    fetch_workers: int = Field(default=8, ge=1, description="parallel crop reads per rerank")
+    text_window: int = Field(
+        default=1000, ge=1, description="newest crops inside the filters a text "
+        "or attribute query's colour matcher ranks")
+    rollout_timeout_s: float = Field(
+        default=600.0, gt=0, description="how long `chatreid serve` (and "
+        "a model rollout) waits for the application to run the "
+        "new config before it fails")
+    api_key: SecretStr | None = Field(
+        default=None, description="the bootstrap key: holds every role and "
+        "issues scoped keys (send 'Authorization: Bearer <key>'); "
+        "`chatreid up` generates one into the stack's credentials file")
 
     @property
     def base_url(self) -> str:
@@ -389,16 +443,19 @@ class ServeSettings(Section):
 class AccessSettings(Section):
     """Who may call the API: keys with roles (kept hashed in object storage), limits per key."""
 
-    key_prefix: str = Field("access/keys", description="where issued keys are stored")
-    insecure: bool = Field(False, description="turn access control off: every caller is "
+    key_prefix: str = Field(default="access/keys", description="where issued keys are stored")
+    insecure: bool = Field(default=False, description="turn access control off: every caller is "
                            "'anonymous' with every role (local experiments only; logged loudly). "
                            "Off by default: /v1 routes need a key, the bootstrap key included")
-    cache_s: float = Field(5.0, ge=0, description="how long a replica trusts its key cache: "
-                           "a revoked key stops working within this time")
-    rate_per_minute: int = Field(600, ge=1, description="default requests per minute per key "
-                                 "(per ingress replica)")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body, except "
-                                "one carrying an image upload (ingestor.max_bytes)")
+    cache_s: float = Field(
+        default=5.0, ge=0, description="how long a replica trusts its key cache: "
+        "a revoked key stops working within this time")
+    rate_per_minute: int = Field(
+        default=600, ge=1, description="default requests per minute per key "
+        "(per ingress replica)")
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="largest request body, except "
+        "one carrying an image upload (ingestor.max_bytes)")
     allowed_origins: list[str] = Field(
         default_factory=list, description="browser origins (scheme://host[:port]) besides the "
         "API's own (its Host, serve.public_url) allowed to send state-changing requests; a JSON "
@@ -408,23 +465,25 @@ class AccessSettings(Section):
 class AuditSettings(Section):
     """The audit log of every access-controlled action."""
 
-    prefix: str = Field("audit", description="append-only audit entries in object storage")
+    prefix: str = Field(default="audit", description="append-only audit entries in object storage")
 
 
 class ConsoleSettings(Section):
     """Investigation sessions."""
 
-    prefix: str = Field("sessions", description="session turn logs in object storage")
-    idle_hours: float = Field(24.0, gt=0, description="a session untouched this long expires")
-    max_turns: int = Field(500, ge=1, description="turns one session may hold")
+    prefix: str = Field(default="sessions", description="session turn logs in object storage")
+    idle_hours: float = Field(
+        default=24.0, gt=0, description="a session untouched this long expires")
+    max_turns: int = Field(default=500, ge=1, description="turns one session may hold")
 
 
 class RetentionSettings(Section):
     """How long crops are kept (`chatreid purge`)."""
 
     crop_days: float | None = Field(
-        30.0, gt=0, description="crops and vectors older than this are purged; None keeps all")
-    purge_every_hours: float = Field(24.0, gt=0, description="how often the purge job runs "
+        default=30.0, gt=0,
+        description="crops and vectors older than this are purged; None keeps all")
+    purge_every_hours: float = Field(default=24.0, gt=0, description="how often the purge job runs "
                                      "(the chart's CronJob, `chatreid purge --every`)")
 
 
@@ -451,7 +510,7 @@ class Settings(BaseSettings):
         generated = DotEnvSettingsSource(settings_cls, env_file=credentials_file())
         return init_settings, env_settings, dotenv_settings, generated, file_secret_settings
 
-    site: str = Field("default-site", description="site name written on every event (which "
+    site: str = Field(default="default-site", description="site name written on every event (which "
                       "deployment a crop came from)")
     kafka: KafkaSettings = KafkaSettings()
     s3: S3Settings = S3Settings()
@@ -491,7 +550,13 @@ def setting_paths() -> list[tuple[str, ...]]:
 def secret_paths() -> list[tuple[str, str]]:
     """The (group, name) of every secret setting (typed :class:`SecretStr`)."""
     return [(g, n) for g, n in (p for p in setting_paths() if len(p) == 2)
-            if _is_secret(Settings.model_fields[g].annotation.model_fields[n].annotation)]
+            if _is_secret(_section(g).model_fields[n].annotation)]
+
+
+def _section(name: str) -> type[BaseModel]:
+    section = Settings.model_fields[name].annotation
+    assert isinstance(section, type) and issubclass(section, BaseModel), name
+    return section
 
 
 def _is_secret(annotation: Any) -> bool:

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import socket
 from pathlib import Path
+from typing import Any
 
 import psutil
 from dotenv import dotenv_values
@@ -81,9 +82,10 @@ class LocalHead:
         exposed: list[str] = []
         with contextlib.suppress(psutil.Error):
             for conn in psutil.net_connections(kind="tcp"):
-                if (conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.port
-                        and not is_loopback(conn.laddr.ip)):
-                    exposed.append(f"{conn.laddr.ip or '*'}:{self.port}")
+                laddr: Any = conn.laddr  # an addr(ip, port) once listening
+                if (conn.status == psutil.CONN_LISTEN and laddr.port == self.port
+                        and not is_loopback(laddr.ip)):
+                    exposed.append(f"{laddr.ip or '*'}:{self.port}")
         return exposed
 
     def check_loopback(self) -> None:
