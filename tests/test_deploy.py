@@ -1224,6 +1224,53 @@ def test_chart_settings_are_settings(rendered_full: list[dict[str, Any]]) -> Non
                 assert var["name"] in {"HOME", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, where
 
 
+# Chart defaults that differ from the settings' on purpose (the settings default to the local
+# stack; the chart to an in-cluster Kafka/MinIO and the Ray pods' writable /tmp).
+CHART_DEFAULT_DIFFERS = {
+    "CHATREID_KAFKA__BOOTSTRAP_SERVERS", "CHATREID_S3__ENDPOINT",
+    "CHATREID_KAFKA__SECURITY_PROTOCOL", "CHATREID_KAFKA__SASL_MECHANISM",  # only with sasl.on
+    "CHATREID_TRAIN__WORLD", "CHATREID_TRAIN__OUT_DIR",
+}
+
+
+def test_chart_values_map_to_settings_with_the_same_defaults() -> None:
+    """The chart's values -> CHATREID_* mapping (read from the templates, as in
+    docs/configuration.md) names real settings, and a values.yaml default equals the setting's
+    default unless listed above: a default changed on one side only fails here."""
+    from chatreid.config import env_name, setting_paths
+    from chatreid.config_reference import default_of, field_info, helm_mapping
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    paths = {env_name(*p): p for p in setting_paths()}
+
+    def norm(value: Any) -> Any:
+        if value in (None, ""):
+            return ""
+        if isinstance(value, bool):
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
+
+    compared, differ = 0, set()
+    for var, source in helm_mapping().items():
+        assert var in paths, f"the chart sets {var}, which is no setting"
+        path = re.fullmatch(r"`([\w.]+)`(?: \(.*\))?", source)
+        if not path:
+            continue
+        chart: Any = values
+        for key in path[1].split("."):
+            assert isinstance(chart, dict) and key in chart, f"{var}: no value {path[1]}"
+            chart = chart[key]
+        setting = default_of(field_info(paths[var]))
+        compared += 1
+        if norm(chart) != norm(setting):
+            differ.add(var)
+    assert compared >= 35
+    assert differ == CHART_DEFAULT_DIFFERS, differ ^ CHART_DEFAULT_DIFFERS
+
+
 def test_chart_existing_secret(helm: Any) -> None:
     docs = render(helm, {"s3": {"existingSecret": "object-store-keys"},
                          "retrieval": {"existingSecret": "api-keys"},
