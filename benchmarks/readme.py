@@ -60,6 +60,11 @@ def _cpus(report: Report) -> str:
     return str(machine)
 
 
+def _span(values: list[float]) -> str:
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return low if low == high else f"{low}–{high}"
+
+
 def _verdict(met: bool, what: str) -> str:
     return f"**{what}: met**" if met else f"**{what}: not met**"
 
@@ -183,10 +188,10 @@ def retrieval_serve(report: Report) -> str:
         calls = [r["vlm_calls_per_query"] for r in by_kind.values()]
         rows.append([str(k)] + [f"{_s(by_kind[c]['p50_ms'])} / {_s(by_kind[c]['p95_ms'])} s"
                                 if c in by_kind else "-" for c in _KINDS]
-                    + [f"{min(calls):.0f}–{max(calls):.0f}"])
+                    + [_span(calls)])
     table = _table(["K", *(c.replace("_", " ") for c in _KINDS), "VLM calls / query"], rows)
     reuse = report["prefix_reuse_k20"]
-    thr = "; ".join(f"{t['replicas']} replica(s) × {t['torch_threads']} thread(s): "
+    thr = "; ".join(f"{t['replicas']} × {t['torch_threads']} (replicas × torch threads): "
                     f"{t['queries_per_s']:.3f} queries/s (p50 {_s(t['p50_ms'])} s)"
                     for t in report["throughput"])
     peak = max(m["peak_rss_mb"] for m in report["replicas_1x2_threads"])
@@ -458,7 +463,7 @@ def eval_synthetic(report: Report) -> str:
     return "\n".join(_table(["method", *(t.removeprefix("synth_").replace("_", " ")
                                          for t in tasks)], rows)) + (
         f"\n\nmAP / rank-1 (%), K = {cfg['k']}, up to {cfg['max_queries']} queries per task, "
-        f"prefilter `{report['embedder']}`, {min(calls):.0f}–{max(calls):.0f} VLM calls per query, "
+        f"prefilter `{report['embedder']}`, {_span(calls)} VLM calls per query, "
         f"{report['machine']}; measured {report['date']}.")
 
 
