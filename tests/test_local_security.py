@@ -166,6 +166,7 @@ def test_local_ray_head_listens_on_loopback_only(tmp_path: Path) -> None:
     server and the workers on the machine's address, with auth off."""
     settings = Settings()
     settings.stack.data_dir = tmp_path / "stack"
+    settings.ray.auth_token = None  # a fresh stack: not the token of this checkout's own stack
     settings.stack.ray_port, settings.stack.ray_client_port = free_port(), free_port()
     settings.stack.ray_num_cpus = 1
     stack = LocalStack(settings)
