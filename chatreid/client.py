@@ -31,10 +31,10 @@ class RetrievalClient:
         # the API takes state changes only as JSON, also those without a body (CSRF guard)
         json_request = body is not None or method.upper() in ("POST", "PUT", "PATCH", "DELETE")
         headers = {"content-type": "application/json"} if json_request else {}
-        if self.api_key:
-            headers["authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.base_url + path, data=body, method=method,
                                          headers=headers)
+        if self.api_key:  # not sent on where a redirect leads (a crop's presigned URL)
+            request.add_unredirected_header("Authorization", f"Bearer {self.api_key}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()
@@ -61,6 +61,7 @@ class RetrievalClient:
         return QueryResponse.model_validate_json(raw)
 
     def crop(self, crop_id: str) -> bytes:
+        """The crop's image (the API redirects to the object store; followed here)."""
         return self._call("GET", f"/v1/crops/{crop_id}")
 
     def health(self) -> dict:

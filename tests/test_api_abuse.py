@@ -21,13 +21,14 @@ from fastapi.testclient import TestClient
 
 from chatreid.access import KeyStore, Unauthenticated, token_hash
 from chatreid.client import ApiError
-from chatreid.errors import EmptyGallery
+from chatreid.errors import EmptyGallery, UnknownCrop
+from chatreid.prefilter.store import VectorMeta
 from chatreid.storage import ObjectStore
 from schemas import QueryRequest
 from schemas.api import MAX_ATTRIBUTES, MAX_TEXT_CHARS
 from schemas.console import ApiKeyCreate, SessionTurn
 
-from .conftest import deploy_site, namespace
+from .conftest import deploy_site, jpeg_bytes, namespace
 
 pytestmark = pytest.mark.stack
 
@@ -54,13 +55,22 @@ class _Remote:
 class _Prefilter:
     def __init__(self) -> None:
         self.asked: list = []  # shortlist payloads, to see what a session derived
+        self.uploads: list = []  # the upload bytes each shortlist call got
+        self.indexed: dict[str, VectorMeta] = {}  # what lookup finds
         self.shortlist = _Remote(self._shortlist)
+        self.lookup = _Remote(self._lookup)
         self.purge = _Remote(lambda cutoff: {"crops_erased": 0, "objects_deleted": 0})
         self.cameras = _Remote(lambda: [])
 
-    def _shortlist(self, payload):
+    def _shortlist(self, payload, upload=None):
         self.asked.append(payload)
+        self.uploads.append(upload)
         raise EmptyGallery("stub: nothing indexed")
+
+    def _lookup(self, crop_id):
+        if crop_id not in self.indexed:
+            raise UnknownCrop(f"crop {crop_id!r} is not in the index")
+        return self.indexed[crop_id]
 
 
 def _app(settings):
@@ -539,3 +549,45 @@ def test_an_object_store_without_credentials_names_what_to_set(settings) -> None
 
     with pytest.raises(MissingCredentials, match="CHATREID_S3__ACCESS_KEY"):
         ObjectStore(settings.s3.model_copy(update={"access_key": None, "secret_key": None}))
+
+
+def test_a_crop_is_a_redirect_to_the_object_store_after_the_access_check(api) -> None:
+    """GET /v1/crops/{id}: the crop's bytes come from the object store (a short-lived
+    presigned URL), not through the API; unknown crops are 404 and gone ones 410 as before,
+    and every view is audited."""
+    routes, client = api
+    image = jpeg_bytes()
+    key = "crops/2026-01-01/c1.jpg"
+    routes.objects.put(key, image, "image/jpeg")
+    routes.prefilter.indexed["c1"] = VectorMeta(crop_id="c1", camera="cam0", modality="rgb",
+                                                capture_time=START, site="s", object_key=key)
+    assert _error(client.get("/v1/crops/c1")) == (401, "auth.required")
+    answer = client.get("/v1/crops/c1", headers=_auth(), follow_redirects=False)
+    assert answer.status_code == 307, answer.text
+    url = answer.headers["location"]
+    assert url.startswith(f"http://{routes.settings.s3.endpoint}/") and "X-Amz-Signature" in url
+    with urllib.request.urlopen(url) as stored:  # no API key: the URL itself grants the read
+        assert stored.read() == image and stored.headers["Content-Type"] == "image/jpeg"
+    assert _error(client.get("/v1/crops/nope", headers=_auth())) == (404, "crop.unknown")
+    routes.objects.delete(key)  # erased or purged since the index was read
+    assert _error(client.get("/v1/crops/c1", headers=_auth())) == (410, "crop.gone")
+    views = [e for e in routes.audit_log.export(None, None, None, "view")]
+    assert [(e.target, e.status) for e in views] == [("c1", 200), ("nope", 404)]
+
+
+def test_an_upload_is_validated_once_before_any_hop(api) -> None:
+    """A search's uploaded image is checked in the ingress (the same limits as ingested
+    crops); the prefilter gets its bytes, not the base64 again, and a bad one never leaves."""
+    import base64
+
+    routes, client = api
+    sid = client.post("/v1/sessions", json={}, headers=_auth()).json()["session_id"]
+    bad = base64.b64encode(b"not an image").decode()
+    assert _error(_search(client, sid, {"image_b64": bad})) == (422, "image.corrupt")
+    assert routes.prefilter.asked == []
+    image = jpeg_bytes()
+    answer = _search(client, sid, {"image_b64": base64.b64encode(image).decode()})
+    assert _error(answer) == (404, "gallery.empty")  # the stub's answer: the query went out
+    assert routes.prefilter.uploads == [image]
+    assert routes.prefilter.asked[-1].image_b64 is None and routes.prefilter.asked[-1].kind \
+        == "standard"

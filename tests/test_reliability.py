@@ -37,6 +37,7 @@ from schemas import (
 from services.embedder import EmbedderService
 from services.ingestor import Ingestor
 from services.ingestor.sources import synth_source
+from services.retrieval.crop_links import CropLinks
 from services.retrieval.deployments import PrefilterDeployment
 
 from .conftest import read_dead_letters, read_events
@@ -207,7 +208,9 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
         producer.flush()
         producer.close()
         # meanwhile the API answers a documented 503, not a 500: viewing a crop, querying
-        for call in (lambda: prefilter.crop(before[0].crop_id),
+        links = CropLinks(s.s3)
+        key = prefilter.lookup(before[0].crop_id).object_key
+        for call in (lambda: links.link(key, before[0].crop_id),  # GET /v1/crops/{crop_id}
                      lambda: prefilter.shortlist(QueryRequest(crop_id=before[0].crop_id))):
             with pytest.raises(StorageUnavailable) as unavailable:
                 call()

@@ -202,8 +202,11 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
     """Two sightings with identical bytes (a static scene, a re-sent frame) used to share one
     content-addressed object: erasing one deleted the other's image (GET /v1/crops/B -> 500,
     queries with B -> 500, B still in the gallery)."""
+    import urllib.request
+
     from chatreid.errors import CropGone
     from schemas import QueryRequest
+    from services.retrieval.crop_links import CropLinks
     from services.retrieval.deployments import PrefilterDeployment
 
     a, b, c = ingest(settings, [(7, "cam0", T0), (7, "cam1", T0 + timedelta(minutes=1)),
@@ -222,6 +225,13 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
     producer.close()
     embed(settings)
     prefilter = PrefilterDeployment.func_or_class(settings.model_dump(mode="json"))
+    links = CropLinks(settings.s3, objects)
+
+    def crop(crop_id: str) -> tuple[bytes, str]:  # what GET /v1/crops/{crop_id} leads to
+        with urllib.request.urlopen(links.link(prefilter.lookup(crop_id).object_key,
+                                               crop_id)) as answer:
+            return answer.read(), answer.headers["Content-Type"]
+
     try:
         assert prefilter.search.gallery_size() == 5
         result = prefilter.erase([a.crop_id, "legacy-0"], "erasure", "req-shared")
@@ -229,9 +239,9 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
         assert result["objects_deleted"] == 1  # A's own; the legacy object legacy-1 still uses
         assert not objects.exists(a.object_key)
         assert objects.exists(b.object_key) and objects.exists(shared)
-        data, content_type = prefilter.crop(b.crop_id)
+        data, content_type = crop(b.crop_id)
         assert data == objects.get(b.object_key) and content_type == "image/jpeg"
-        assert prefilter.crop("legacy-1")[0] == data
+        assert crop("legacy-1")[0] == data
         shortlist = prefilter.shortlist(QueryRequest(crop_id=b.crop_id, k=5))
         assert {i.crop_id for i in shortlist.items} == {"legacy-1", c.crop_id}
         # the last crop naming the legacy object takes it along (the CLI loads the index)
@@ -242,7 +252,7 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
         # an indexed crop whose image vanished anyway (deleted by hand, a racing erasure) is
         # a documented 410, not a 500: viewing it, querying with it
         objects.delete(c.object_key)
-        for call in (lambda: prefilter.crop(c.crop_id),
+        for call in (lambda: crop(c.crop_id),
                      lambda: prefilter.shortlist(QueryRequest(crop_id=c.crop_id, k=5))):
             with pytest.raises(CropGone) as gone:
                 call()

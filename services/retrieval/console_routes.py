@@ -1,5 +1,6 @@
-"""Investigator routes (role ``investigator``): cameras and their recent crops, and sessions -
-the multi-turn conversation (search, confirm, reject, explain) kept in object storage.
+"""Investigator routes (role ``investigator``): the query path (:meth:`ConsoleRoutes.answer`),
+crop images, cameras and their recent crops, and sessions - the multi-turn conversation
+(search, confirm, reject, explain) kept in object storage.
 
 Every search, result list and crop view is audited with the result ids it showed.
 """
@@ -11,15 +12,17 @@ import base64
 import time
 import uuid
 from datetime import UTC, datetime
+from functools import cached_property
 
 from fastapi import Query, Request, Response
+from fastapi.responses import RedirectResponse
 
 from chatreid.access import Caller
 from chatreid.errors import EmptyGallery, UnknownCrop
 from chatreid.query import assemble
-from chatreid.query.shortlist import decode_upload
 from chatreid.sessions import UPLOAD, Session, changed_clothes
 from chatreid.storage import sha256_hex
+from chatreid.uploads import decode_upload
 from schemas import QueryRequest, QueryResponse
 from schemas.console import (
     AttributeComparison,
@@ -35,6 +38,7 @@ from schemas.console import (
     SessionView,
     Sighting,
 )
+from services.retrieval.crop_links import CropLinks
 from services.retrieval.http import ERRORS, Gate, remote, route, small_unless_image
 
 
@@ -42,13 +46,20 @@ class ConsoleRoutes(Gate):
     """Mixed into the Ingress deployment (``prefilter`` and ``rerank`` handles come from it)."""
 
     # -- answering a query (also what /v1/query runs) --------------------------------------------
-    async def answer(self, payload: QueryRequest) -> QueryResponse:
+    async def answer(self, payload: QueryRequest, upload: bytes | None = None) -> QueryResponse:
+        """The one query path: the upload validated here, once (413/422 before any hop; pass
+        ``upload`` when it was validated already), the prefilter replica's shortlist, a rerank
+        replica's dialogue, the answer assembled here. The replicas get the image as bytes,
+        not as base64 in the request."""
         t0 = time.perf_counter()
-        shortlist = await remote(self.prefilter.shortlist, payload)
+        if payload.image_b64 and upload is None:
+            upload = decode_upload(payload.image_b64, self.settings.ingestor)
+        request = payload.model_copy(update={"image_b64": None}) if upload else payload
+        shortlist = await remote(self.prefilter.shortlist, request, upload)
         if not shortlist.items:
             raise EmptyGallery("no crop passed the prefilter (filters, tau): "
                                f"{shortlist.gallery} crops are indexed")
-        answer = await remote(self.rerank.rerank, payload, shortlist)
+        answer = await remote(self.rerank.rerank, request, shortlist)
         elapsed = (time.perf_counter() - t0) * 1000
         serve = self.settings.serve
         return assemble(payload, shortlist, answer, query_id=uuid.uuid4().hex,
@@ -57,6 +68,27 @@ class ConsoleRoutes(Gate):
 
     def _url(self, crop_id: str) -> str:
         return f"{self.settings.serve.base_url}/v1/crops/{crop_id}"
+
+    # -- crop images -------------------------------------------------------------------------------
+    @cached_property
+    def crop_links(self) -> CropLinks:
+        return CropLinks(self.settings.s3, self.objects)
+
+    @route("GET", "/v1/crops/{crop_id}", role="investigator",
+           responses={307: {"description": "to the crop image: a short-lived presigned URL of "
+                            "the object store (clients follow it)"}, **ERRORS})
+    async def crop(self, crop_id: str, request: Request) -> Response:
+        """The crop image behind a result's ``url`` (role: investigator; audited as a view): a
+        redirect to the image in the object store, valid for a few minutes."""
+        caller: Caller = request.state.caller
+        try:
+            meta = await remote(self.prefilter.lookup, crop_id)
+        except UnknownCrop:
+            await self.audit(caller, "view", 404, target=crop_id)
+            raise
+        url = await asyncio.to_thread(self.crop_links.link, meta.object_key, crop_id)
+        await self.audit(caller, "view", target=crop_id, result_ids=[crop_id])
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
 
     # -- cameras -----------------------------------------------------------------------------------
     @route("GET", "/v1/cameras", role="investigator",
@@ -143,15 +175,16 @@ class ConsoleRoutes(Gate):
         state = session.state()
         state.apply(turn)
         primary = state.anchors[0] if state.anchors else None
-        upload_b64 = None
+        upload_b64 = query_image = None  # the query's image, if an upload: validated already
         if primary and primary == image and upload is not None:
-            upload_b64 = payload.image_b64
+            upload_b64, query_image = payload.image_b64, upload
         elif primary and primary.startswith(UPLOAD):
-            data = await asyncio.to_thread(self.sessions.get_upload, session_id, primary)
-            upload_b64 = base64.b64encode(data).decode() if data is not None else None
+            query_image = await asyncio.to_thread(self.sessions.get_upload, session_id, primary)
+            if query_image is not None:
+                upload_b64 = base64.b64encode(query_image).decode()
         query = state.query(payload, upload_b64=upload_b64)  # 422 past the query's limits
         try:
-            response = await self.answer(query)
+            response = await self.answer(query, query_image)
         except Exception as exc:
             await self.audit(caller, "session.search", getattr(exc, "status", 500),
                              target=session_id, query_kind=query.kind, filters=query.filters,

@@ -1,4 +1,6 @@
-"""The two back-end deployments: the prefilter store and the VLM rerank.
+"""The two back-end deployments: the prefilter index and the VLM rerank. Each is a deployment
+of its own because it holds a large, slow-to-build state (the index: snapshot + log replay;
+the VLM: a verified checkpoint) and scales apart from the HTTP front (``ingress``).
 
 Kafka and S3 clients are created inside ``__init__`` (they cannot be pickled, and a client
 inherited across ``fork`` is dead), so every replica owns its own.
@@ -28,8 +30,8 @@ from chatreid.query import (
     ModelSpec,
     RerankAnswer,
     Shortlist,
-    Shortlister,
     VLMRuntime,
+    build_shortlist,
     read_crop,
 )
 from chatreid.query.vlm import resolve_spec
@@ -55,15 +57,17 @@ def model_spec(settings: Settings, raw: dict | str | None) -> ModelSpec | None:
 
 @serve.deployment(name="Prefilter")
 class PrefilterDeployment:
-    """Serves shortlists from the prefilter store; a background thread keeps it following the
-    indexed-events topic (and embedder rollouts) so new crops become searchable."""
+    """The gallery index, in memory, and what needs it: shortlists, crop metadata (the crop
+    route's and the console's lookups), the console's views of the index (cameras, recent
+    crops, colour comparison), and erasure and purge, which apply their tombstones to this
+    replica's index before answering. A background thread keeps the index following the
+    indexed-events topic (and embedder rollouts) so new crops become searchable. Crop bytes
+    never pass through here: the ingress redirects to the object store."""
 
     def __init__(self, settings: dict | None) -> None:
         self.settings = unshare(settings)
         self.search = PrefilterSearch(self.settings)
         self.search.refresh()
-        self.shortlister = Shortlister(self.search, self.settings.ingestor,
-                                       self.settings.serve.text_window)
         self._last_ok = time.monotonic()
         self._error: str | None = None
         self._stop = threading.Event()
@@ -80,18 +84,10 @@ class PrefilterDeployment:
                 self._error = f"{type(exc).__name__}: {exc}"
                 log.exception("prefilter refresh failed; serving the current index")
 
-    def shortlist(self, request: QueryRequest) -> Shortlist:
-        return self.shortlister.shortlist(request)
-
-    def crop(self, crop_id: str) -> tuple[bytes, str]:
-        """The indexed crop's bytes and content type."""
-        try:
-            meta = self.search.lookup(crop_id)
-        except KeyError:
-            raise UnknownCrop(f"crop {crop_id!r} is not in the index") from None
-        data = read_crop(self.search.objects, meta.object_key, f"crop {crop_id!r}")
-        fmt = Image.open(io.BytesIO(data)).format or "JPEG"
-        return data, Image.MIME.get(fmt, "application/octet-stream")
+    def shortlist(self, request: QueryRequest, upload: bytes | None = None) -> Shortlist:
+        """``upload``: the query image's bytes, validated by the ingress."""
+        return build_shortlist(self.search, request, upload,
+                               window=self.settings.serve.text_window)
 
     # -- the console: cameras, recent crops, attribute comparison, erasure -----------------------
     def cameras(self) -> list[dict]:

@@ -1,10 +1,12 @@
 """The HTTP API (FastAPI on Serve's proxy): query, crops, health, the investigator console and
 its sessions, admin and operator routes; OpenAPI at ``/docs``.
 
-A query is two hops: the prefilter deployment shortlists the gallery, a rerank replica runs the
-best-choice dialogue over the shortlist; the answer is assembled here. Every /v1 route checks
-the caller's key and role (``chatreid.access``) and leaves an audit entry; every failure a
-client can act on comes back as an ``ErrorResponse`` with its HTTP status.
+A query is two hops (``ConsoleRoutes.answer``, the one query path): an upload is validated
+here, the prefilter deployment shortlists the gallery, a rerank replica runs the best-choice
+dialogue over the shortlist; the answer is assembled here. Crop images are a redirect to the
+object store (``console_routes``, ``crop_links``), after the access check and audit. Every /v1
+route checks the caller's key and role (``chatreid.access``) and leaves an audit entry; every
+failure a client can act on comes back as an ``ErrorResponse`` with its HTTP status.
 """
 
 # No `from __future__ import annotations` here: Serve pickles this class by value, and FastAPI
@@ -19,12 +21,12 @@ from ray.serve.handle import DeploymentHandle
 
 from chatreid.access import Caller
 from chatreid.cluster import unshare
-from chatreid.errors import ChatReIDError, UnknownCrop
+from chatreid.errors import ChatReIDError
 from schemas import QueryRequest, QueryResponse
 from schemas.console import Principal
 from services.retrieval.admin_routes import AdminRoutes, OpsRoutes
 from services.retrieval.console_routes import ConsoleRoutes
-from services.retrieval.http import ERRORS, build_api, remote, route, small_unless_image
+from services.retrieval.http import ERRORS, build_api, route, small_unless_image
 
 _LATENCY_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 20_000, 60_000]
 _COUNTS = [1, 2, 5, 10, 20, 50, 100, 200]
@@ -78,19 +80,6 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         self.reranked.observe(sum(r.reranked for r in response.results), tags=tags)
         return response
 
-    @route("GET", "/v1/crops/{crop_id}", role="investigator",
-           responses={200: {"content": {"image/*": {}}}, **ERRORS})
-    async def crop(self, crop_id: str, request: Request) -> Response:
-        """The crop image behind a result's ``url`` (role: investigator; audited as a view)."""
-        caller: Caller = request.state.caller
-        try:
-            data, content_type = await remote(self.prefilter.crop, crop_id)
-        except UnknownCrop:
-            await self.audit(caller, "view", 404, target=crop_id)
-            raise
-        await self.audit(caller, "view", target=crop_id, result_ids=[crop_id])
-        return Response(content=data, media_type=content_type)
-
     @route("GET", "/v1/me", role=None, response_model=Principal, responses=ERRORS)
     async def me(self, request: Request) -> Principal:
         """Who the key belongs to and its roles."""
@@ -128,4 +117,5 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
             "Cache-Control": "no-cache",
             "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
                                        "style-src 'self'; script-src 'self'; "
-                                       "connect-src 'self'; frame-ancestors 'none'"})
+                                       f"connect-src 'self' {self.crop_links.origin}; "
+                                       "frame-ancestors 'none'"})
