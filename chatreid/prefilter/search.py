@@ -1,9 +1,13 @@
-"""Prefilter-only search over the live index (until the VLM rerank is deployed).
+"""Search over the live index: an image's nearest crops (cosine), a text clue's best colour
+matches among the newest crops, or both, inside the store's filters.
 
-The search side follows embedder rollouts like the embedding service does: it loads each new
-embedder checkpoint (verified), builds the new version's index beside the live one, and keeps
-answering from the live one until the new index is complete; then store and query embedder
-switch together, so a query is never embedded in one space and searched in another.
+Why a layer of its own (below ``chatreid.query.shortlist``, above ``follower`` and ``store``):
+it pairs each index with the embedder that wrote it. It follows embedder rollouts like the
+embedding service does: it loads each new embedder checkpoint (verified), builds the new
+version's index beside the live one (``IndexFollower``), and keeps answering from the live one
+until the new index is complete; then store and query embedder switch together, so a query is
+never embedded in one space and searched in another. Evaluation, the rollout gate and the CLI
+search through it too, without a query request.
 """
 
 from __future__ import annotations
