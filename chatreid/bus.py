@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import TopicPartition
 
 from chatreid.config import KafkaSettings
 from schemas import ALL_TOPICS, DeadLetterEvent
@@ -76,6 +77,15 @@ def end_offsets(consumer: KafkaConsumer,
     tps = list(tps)
     reported = consumer.end_offsets(tps) if tps else {}
     return {tp: max(end, consumer.highwater(tp) or 0) for tp, end in reported.items()}
+
+
+def position(consumer: KafkaConsumer, tp: TopicPartition) -> int:
+    """The offset ``consumer`` reads next on ``tp``. kafka-python returns None only when a
+    timeout runs out first, and without one it waits until it knows."""
+    offset = consumer.position(tp)
+    if offset is None:
+        raise KafkaTimeoutError(f"no position for {tp}")
+    return offset
 
 
 def topic_id(consumer: KafkaConsumer, topic: str):

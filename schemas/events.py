@@ -35,6 +35,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_CAPTURE_SKEW = timedelta(days=1)
 Modality = Literal["rgb", "infrared"]
 Stage = Literal["ingestor", "embedder"]
+RolloutStatus = Literal["started", "completed", "refused", "rolled_back"]
 
 
 def utcnow() -> datetime:
@@ -257,12 +258,12 @@ class DeploymentEvent(_Event):
 
     kind: Literal["deployment"] = "deployment"
     model: Literal["vlm", "embedder"] = "vlm"
-    status: Literal["started", "completed", "refused", "rolled_back"]
+    status: RolloutStatus
     version: str = Field(min_length=1, description="the checkpoint version being rolled out")
     previous_version: str | None = Field(None, description="what served before (and after a "
                                          "refusal or rollback)")
     reason: str | None = Field(None, description="why it was refused or rolled back")
-    replicas: int = Field(0, ge=0, description="rerank replicas serving the version")
+    replicas: int = Field(default=0, ge=0, description="rerank replicas serving the version")
     candidate: dict[str, float] = Field(
         default_factory=dict, description="the gate's validation figures of the new version "
         "(e.g. gate/mAP); for a VLM: its reranked figures")

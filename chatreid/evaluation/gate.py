@@ -151,6 +151,7 @@ def _vlm_figures(settings: Settings, runtime, embedder):
     task = HeldOut.of(SYNTHETIC["synth_standard"], gate.max_people)
     cfg = EvalConfig(k=gate.vlm_k, max_queries=gate.vlm_queries)
     result = _score("synthetic", task, root, embedder.embed, in_process_reranker(runtime), cfg)
+    assert result.chatreid is not None  # scored with a reranker
     reranked = _summary({"synthetic": (float(result.chatreid.mAP), result.chatreid.rank(1))})
     prefilter = _summary({"synthetic": (float(result.baseline.mAP), result.baseline.rank(1))})
     return reranked, prefilter, result.queries
@@ -202,7 +203,7 @@ def rollout_steps(settings: Settings, kind: str, timeout_s: float = 10.0) -> dic
     ``rolled_back``), read from the topic's start to its end now."""
     import time
 
-    from chatreid.bus import end_offsets, read_from_start
+    from chatreid.bus import end_offsets, position, read_from_start
     from schemas import DEPLOYMENTS, DeploymentEvent, EventError
 
     topic = settings.kafka.topic(DEPLOYMENTS.name)
@@ -211,7 +212,7 @@ def rollout_steps(settings: Settings, kind: str, timeout_s: float = 10.0) -> dic
     try:
         ends = end_offsets(consumer, consumer.assignment())
         deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
+        while any(position(consumer, tp) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic} not read to its end within {timeout_s:g}s")
             for records in consumer.poll(timeout_ms=200, max_records=500).values():

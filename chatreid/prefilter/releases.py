@@ -30,10 +30,17 @@ from pathlib import Path
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 
-from chatreid.bus import dead_letter, end_offsets, make_producer, read_from_start, topic_id
+from chatreid.bus import (
+    dead_letter,
+    end_offsets,
+    make_producer,
+    position,
+    read_from_start,
+    topic_id,
+)
 from chatreid.checkpoints import CheckpointError, pull
 from chatreid.config import Settings
-from chatreid.embedder.embedder import Embedder, WeightsError
+from chatreid.embedder.embedder import WeightsError
 from chatreid.embedder.load import AnyEmbedder, load_embedder
 from chatreid.prefilter.rebuild import read_report
 from chatreid.storage import ObjectNotFound, ObjectStore
@@ -113,7 +120,7 @@ class CheckpointWatcher:
         found: list[Sighted] = []
         deadline = time.monotonic() + timeout_s
         while True:
-            behind = any(consumer.position(tp) < end for tp, end in ends.items())
+            behind = any(position(consumer, tp) < end for tp, end in ends.items())
             batch = self.poll(timeout_ms=200)
             found += batch
             if not batch and not behind:
@@ -168,7 +175,7 @@ class CheckpointWatcher:
                 return release
         return None
 
-    def resolve(self, default: Callable[[], Embedder]) -> tuple[Embedder, Release | None]:
+    def resolve(self, default: Callable[[], AnyEmbedder]) -> tuple[AnyEmbedder, Release | None]:
         """(embedder to serve now, release still being rolled out or ``None``).
 
         Serve the newest checkpoint whose index rebuild finished (it has a rollout report),
@@ -177,7 +184,7 @@ class CheckpointWatcher:
         sighted = self.catch_up()
         done = [i for i, s in enumerate(sighted)
                 if read_report(self.settings, self.objects, s.event.version) is not None]
-        current: Embedder | None = None
+        current: AnyEmbedder | None = None
         later = sighted
         for i in reversed(done):
             release = self.load(sighted[i])

@@ -35,6 +35,7 @@ from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rebuild import read_report
 from chatreid.prefilter.releases import CheckpointWatcher, Release
 from schemas import DEPLOYMENTS, DeploymentEvent, EventError
+from schemas.events import RolloutStatus
 from services.embedder.reindex import ReindexCancelled, Reindexer
 from services.embedder.service import EmbedderService
 
@@ -187,14 +188,15 @@ class Rollout:
             self._verdicts.close()
             self._verdicts = None
 
-    def _announce(self, status: str, release: Release, previous: str, verdict) -> None:
+    def _announce(self, status: RolloutStatus, release: Release, previous: str, verdict) -> None:
         """A ``DeploymentEvent`` from the replica that reindexes (one per rollout step)."""
         if not self.reindex:
             return
-        forced = release.event.forced is not None and verdict is not None and not verdict.passed
+        force = release.event.forced
+        forced = force is not None and verdict is not None and not verdict.passed
         reason = verdict.reason if verdict is not None and (status == "refused" or forced) else None
-        if forced:
-            reason = f"forced by {release.event.forced.by}: {release.event.forced.reason}; {reason}"
+        if force is not None and forced:
+            reason = f"forced by {force.by}: {force.reason}; {reason}"
         event = DeploymentEvent(
             model="embedder", status=status, version=release.version, previous_version=previous,
             reason=reason, candidate=verdict.candidate if verdict else {},

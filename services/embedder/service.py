@@ -30,13 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
 from PIL import Image
 
-from chatreid.bus import dead_letter, make_consumer, make_producer, publish, topic_id
+from chatreid.bus import dead_letter, make_consumer, make_producer, position, publish, topic_id
 from chatreid.config import Settings
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.storage import (
@@ -166,7 +166,12 @@ class EmbedderService:
 
     def _change(self, apply: Callable[[], None]) -> threading.Event:
         done = threading.Event()
-        self._changes.put(lambda: (apply(), done.set()))
+
+        def apply_then_signal() -> None:
+            apply()
+            done.set()
+
+        self._changes.put(apply_then_signal)
         return done
 
     def _apply_changes(self) -> None:
@@ -247,12 +252,12 @@ class EmbedderService:
         rewound = False
         for tp in self.consumer.assignment():
             hw = self.consumer.highwater(tp)
-            if hw is None or self.consumer.position(tp) <= hw:
+            if hw is None or position(self.consumer, tp) <= hw:
                 continue
             committed = self.consumer.committed(tp)
             start = committed if committed is not None and committed <= hw else 0
             log.warning("%s: position %d is beyond the log end %d (the broker lost its log); "
-                        "resuming at %d", tp, self.consumer.position(tp), hw, start)
+                        "resuming at %d", tp, position(self.consumer, tp), hw, start)
             self.consumer.seek(tp, start)
             rewound = True
         return rewound

@@ -17,9 +17,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
-from kafka import KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from kafka.errors import KafkaError
+from kafka.producer.future import FutureRecordMetadata
+from kafka.structs import TopicPartition
 
 from chatreid.bus import dead_letter, make_producer, publish
 from chatreid.config import Settings
@@ -36,6 +39,7 @@ from chatreid.storage import (
     transient_error,
 )
 from schemas import CROPS, BBox, CropEvent, DeadLetterEvent, EventError
+from schemas.events import Modality
 from services.ingestor.validate import CropRejected, validate_crop, validate_metadata
 
 log = logging.getLogger(__name__)
@@ -99,7 +103,8 @@ class Ingestor:
         # partition -> (offset, sha256 of the value) of the newest event the broker acknowledged:
         # if the broker no longer holds that record, it lost what we handed it (log_lost)
         self.acked: dict[int, tuple[int, str]] = {}
-        self._sent: list[tuple[object, bytes, bytes]] = []  # (future, key, value) not settled
+        # (future, key, value) not settled
+        self._sent: list[tuple[FutureRecordMetadata | None, bytes, bytes]] = []
         self._failed: list[tuple[bytes, bytes]] = []  # (key, value) the broker refused
 
     def submit(self, crop: CropInput) -> IngestResult:
@@ -234,7 +239,9 @@ class Ingestor:
         capture_time = validate_metadata(crop.camera, crop.capture_time, self.settings.ingestor)
         valid = validate_crop(crop.data, self.settings.ingestor)
         digest = sha256_hex(crop.data)
-        modality = crop.modality or ("infrared" if valid.mode in ("L", "I", "I;16") else "rgb")
+        # a given modality is the sender's string: CropEvent checks it (rejected below)
+        modality = cast(Modality, crop.modality
+                        or ("infrared" if valid.mode in ("L", "I", "I;16") else "rgb"))
         crop_id = make_crop_id(self.settings.site, crop.camera, capture_time, crop.track_id,
                                crop.detection_id, digest)
         key = crop_key(crop_id, capture_time, valid.ext)
