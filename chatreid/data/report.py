@@ -164,7 +164,7 @@ class DatasetReport(BaseModel):
     images: int
     prompt_words: LengthStats
     response_words: LengthStats
-    reused: bool = Field(False, exclude=True)  # this call found the dataset built already
+    reused: bool = Field(default=False, exclude=True)  # this call found the dataset built already
 
     @classmethod
     def from_stats(

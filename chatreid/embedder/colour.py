@@ -91,7 +91,8 @@ class ColourAttributeMatcher:
         return {part: self.terms[int(vec[p].argmax())] for p, part in enumerate(PARTS)}
 
     def _image(self, image: Image.Image) -> np.ndarray:
-        pixels = np.asarray(image.convert("RGB").resize(_SIZE, Image.BILINEAR), np.float32)
+        small = image.convert("RGB").resize(_SIZE, Image.Resampling.BILINEAR)
+        pixels = np.asarray(small, np.float32)
         h, w = pixels.shape[:2]
         c0, c1 = int(_COLUMNS[0] * w), int(np.ceil(_COLUMNS[1] * w))
         out = []

@@ -11,10 +11,11 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from chatreid.config import Settings
 from chatreid.embedder.load import load_embedder, resolve_card, write_onnx_checkpoint
-from chatreid.embedder.onnx import probe
+from chatreid.embedder.onnx import OnnxEmbedder, probe
 from schemas import CheckpointEvent
 from schemas.cards import EmbedderCard
 
@@ -24,7 +25,7 @@ Scorer = Callable[[object], dict[str, float]]
 
 
 def prepare_onnx(model: Path, out: Path, card: str | Path | EmbedderCard | None = None,
-                 name: str | None = None) -> tuple[object, dict[str, float]]:
+                 name: str | None = None) -> tuple[OnnxEmbedder, dict[str, float]]:
     """Verify ``model`` and write its checkpoint directory to ``out``; returns the embedder
     loaded back from ``out`` (what serving will load) and the probe figures."""
     model = Path(model)
@@ -32,7 +33,7 @@ def prepare_onnx(model: Path, out: Path, card: str | Path | EmbedderCard | None 
     if name and resolved.name != name:
         resolved = resolved.model_copy(update={"name": name})
     write_onnx_checkpoint(model, resolved, out)
-    embedder = load_embedder(out)
+    embedder = cast(OnnxEmbedder, load_embedder(out))  # an ONNX checkpoint loads as one
     return embedder, probe(embedder)
 
 

@@ -190,7 +190,7 @@ class _RWLock:
 class _Column:
     """Growable 1-d numpy buffer (amortised O(1) append)."""
 
-    def __init__(self, dtype: Any, values: np.ndarray | None = None) -> None:
+    def __init__(self, dtype: Any, values: np.ndarray | Sequence[Any] | None = None) -> None:
         self._buf = np.empty(1024, dtype=dtype) if values is None else np.array(values, dtype)
         self.n = 0 if values is None else len(values)
 
@@ -371,7 +371,8 @@ class PrefilterStore:
                 "calibrated_vectors": self._calibrated_rows, "gpu": self._gpu is not None,
             }
             if self._approx is not None and self._approx_kind == "ivf":
-                info["nlist"] = self._approx.nlist
+                # faiss.Index is the SWIG base class: an IVF index's own fields are not on it
+                info["nlist"] = self._approx.nlist  # pyright: ignore[reportAttributeAccessIssue]
             return info
 
     def get_meta(self, crop_id: str) -> VectorMeta | None:
@@ -433,7 +434,8 @@ class PrefilterStore:
         if self._approx_kind == "ivf":
             ivf = faiss.extract_index_ivf(self._approx)
             return ivf.ntotal * (ivf.code_size + 8) + ivf.nlist * self.dim * 4
-        hnsw = self._approx.hnsw  # its vectors are _flat's, already counted
+        # its vectors are _flat's, already counted (hnsw: a field of the HNSW SWIG class)
+        hnsw = self._approx.hnsw  # pyright: ignore[reportAttributeAccessIssue]
         return hnsw.neighbors.size() * 4 + hnsw.offsets.size() * 8 + hnsw.levels.size() * 4
 
     def _python_bytes(self) -> int:
@@ -488,7 +490,9 @@ class PrefilterStore:
     def _append(self, x: np.ndarray, ids: list[int], metas: list[VectorMeta]) -> None:
         first = self._flat.ntotal
         in_graph = self._flat_in_graph
-        (self._approx if in_graph else self._flat).add(x)  # HNSW adds to its storage itself
+        target = self._approx if in_graph else self._flat  # HNSW adds to its storage itself
+        assert target is not None  # in_graph: _flat is the graph's storage
+        target.add(x)
         self._ids.extend(np.asarray(ids, dtype=np.int64))
         self._alive.extend(np.ones(len(ids), dtype=np.bool_))
         self._cams.extend(np.fromiter((self._camera_code(m.camera) for m in metas), np.int32,
@@ -613,7 +617,7 @@ class PrefilterStore:
             index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
         index.add(xb)  # every row, dead ones included, so labels stay row numbers
         if kind == "hnsw":  # the graph copied the vectors into its storage: keep only that copy
-            self._flat = faiss.downcast_index(index.storage)
+            self._flat = faiss.downcast_index(index.storage)  # pyright: ignore[reportAttributeAccessIssue]
             self._flat_in_graph = True
         self._approx, self._approx_kind = index, kind
         self._trained_rows = len(self._row_of)
@@ -644,7 +648,8 @@ class PrefilterStore:
         queries = self._calibration_queries(live, mask)
         truth = [set(r.tolist()) for r, _ in self._exact(queries, k, mask)]
         if self._approx_kind == "ivf":
-            knobs = (*(p for p in _IVF_NPROBES if p < self._approx.nlist), self._approx.nlist)
+            nlist = self._approx.nlist  # pyright: ignore[reportAttributeAccessIssue, reportOptionalMemberAccess]
+            knobs = (*(p for p in _IVF_NPROBES if p < nlist), nlist)
         else:  # searches use efSearch >= candidates wanted, so only such values are measurable
             knobs = tuple(e for e in _HNSW_EFS if e >= k * _RERANK) or (k * _RERANK,)
         for knob in knobs:
@@ -694,7 +699,8 @@ class PrefilterStore:
         n = self._flat.ntotal
         if n == 0:
             return np.empty((0, self.dim), np.float32)
-        return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
+        xb = self._flat.get_xb()  # pyright: ignore[reportAttributeAccessIssue]
+        return faiss.rev_swig_ptr(xb, n * self.dim).reshape(n, self.dim)
 
     # -- search --------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, tau: float | None = None,
@@ -759,11 +765,12 @@ class PrefilterStore:
         if mask is not None and len(q) >= _SUBSET_BLAS_MIN_QUERIES:
             return self._exact_subset(q, k, np.flatnonzero(mask))
         if mask is None:
-            use_gpu = self._gpu is not None and self._approx is None and k <= _GPU_MAX_K
-            scores, rows = (self._gpu if use_gpu else self._flat).search(q, k)
+            gpu = self._gpu if self._approx is None and k <= _GPU_MAX_K else None
+            scores, rows = (gpu if gpu is not None else self._flat).search(q, k)
         else:
             sel, _bits = _bitmap_selector(mask)
-            scores, rows = self._flat.search(q, k, params=faiss.SearchParameters(sel=sel))
+            # SWIG constructors take their fields as keywords that the stubs do not list
+            scores, rows = self._flat.search(q, k, params=faiss.SearchParameters(sel=sel))  # pyright: ignore[reportCallIssue]
         return [_sorted_hits(r[r >= 0], s[r >= 0], k) for r, s in zip(rows, scores, strict=True)]
 
     def _exact_subset(self, q: np.ndarray, k: int,
@@ -800,6 +807,7 @@ class PrefilterStore:
             _, rows = self._gpu.search(q, k2)
         else:
             params, _bits = self._approx_params(mask, m, knob, k2)
+            assert self._approx is not None  # only searched when there is one
             _, rows = self._approx.search(q, k2, params=params)
         xb = self._xb()
         out = []
@@ -811,13 +819,13 @@ class PrefilterStore:
     def _approx_params(self, mask: np.ndarray | None, m: int, knob: int,
                        k2: int) -> tuple[faiss.SearchParameters, np.ndarray | None]:
         if self._approx_kind == "ivf":
-            nlist = self._approx.nlist
+            nlist = self._approx.nlist  # pyright: ignore[reportAttributeAccessIssue, reportOptionalMemberAccess]
             # a filter keeping a fraction f of rows needs ~1/f more lists for the same matches
             nprobe = knob if mask is None else math.ceil(knob * len(mask) / m)
-            params = faiss.SearchParametersIVF(nprobe=min(nlist, nprobe))
+            params = faiss.SearchParametersIVF(nprobe=min(nlist, nprobe))  # pyright: ignore[reportCallIssue]
         else:  # the graph walk also visits filtered-out nodes: widen the beam to match
             ef = max(knob, k2) if mask is None else math.ceil(max(knob, k2) * len(mask) / m)
-            params = faiss.SearchParametersHNSW(efSearch=min(ef, _HNSW_MAX_EF))
+            params = faiss.SearchParametersHNSW(efSearch=min(ef, _HNSW_MAX_EF))  # pyright: ignore[reportAttributeAccessIssue]
         bits = None
         if mask is not None:
             params.sel, bits = _bitmap_selector(mask)
@@ -885,7 +893,8 @@ class PrefilterStore:
             "metas": np.frombuffer(json.dumps(metas, separators=(",", ":")).encode(), np.uint8),
             "approx": approx,
         }
-        return [(name, memoryview(np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)))
+        # .data: the array's memoryview (numpy's hints lack __buffer__ before Python 3.12)
+        return [(name, np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8).data)
                 for name in _SECTIONS]
 
     @classmethod
@@ -924,9 +933,9 @@ class PrefilterStore:
 
     def _restore_vectors(self, vectors: np.ndarray, n: int, in_approx: bool) -> None:
         if in_approx:
-            if self._approx_kind != "hnsw" or len(vectors):
+            if self._approx is None or self._approx_kind != "hnsw" or len(vectors):
                 raise ValueError("prefilter snapshot keeps its vectors in a missing HNSW index")
-            self._flat = faiss.downcast_index(self._approx.storage)
+            self._flat = faiss.downcast_index(self._approx.storage)  # pyright: ignore[reportAttributeAccessIssue]
             self._flat_in_graph = True
         elif len(vectors) != n * self.dim:
             raise ValueError("prefilter snapshot sections disagree on the number of rows")

@@ -41,7 +41,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ from chatreid.embedder.embedder import (
     imagenet_model,
 )
 from chatreid.metrics import compute_distmat, evaluate_rank
+
+if TYPE_CHECKING:
+    from chatreid.embedder.onnx import OnnxEmbedder
 
 __all__ = [
     "HISTORY_FILE",
@@ -158,7 +161,7 @@ def _market(world_root: Path):
     return Market1501(world_root)
 
 
-def _real(real_root: Path, direction: str = "a2b"):
+def _real(real_root: Path, direction: Literal["a2b", "b2a"] = "a2b"):
     from chatreid.data.datasets.cuhk03_pair1 import CUHK03Pair1
 
     return CUHK03Pair1(real_root, direction=direction)
@@ -192,7 +195,8 @@ def train_split_hash(world_root: Path | None = None, real_root: Path | None = No
     for img in sorted(train_images(world_root, real_root), key=lambda i: (i.identity, i.path)):
         source = img.identity.split("/", 1)[0]
         content = hashlib.sha256(img.path.read_bytes()).hexdigest()
-        rel = img.path.relative_to(Path(roots[source])) if roots[source] else img.path.name
+        root = roots[source]
+        rel = img.path.relative_to(Path(root)) if root else img.path.name
         digest.update(f"{source}\t{rel}\t{img.identity}\t{img.camid}\t{content}\n".encode())
     return digest.hexdigest()
 
@@ -251,7 +255,8 @@ class PKSampler(Sampler[list[int]]):
     same global list and takes batches ``rank, rank + world_size, ...``: disjoint, equal counts.
     """
 
-    def __init__(self, labels: Sequence[int], p: int, k: int, *, steps: int | None = None,
+    def __init__(self, labels: Sequence[int] | np.ndarray, p: int, k: int, *,
+                 steps: int | None = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         by_label: dict[int, list[int]] = defaultdict(list)
         for i, label in enumerate(labels):
@@ -353,6 +358,7 @@ class TrainNet(nn.Module):
         feats = self.trunk(x)
         if self.head.proj is not None:
             feats = self.head.proj(feats)
+        assert self.head.bn is not None  # __init__ refuses a head without its neck
         return feats, self.classifier(self.head.bn(feats))
 
 
@@ -360,6 +366,7 @@ def identity_head(dim: int) -> EmbeddingHead:
     """A projection initialised to the identity, then the neck: training on frozen features
     starts from the features themselves (cosine ranking unchanged until it learns)."""
     head = EmbeddingHead(dim, dim, bnneck=True)
+    assert head.proj is not None  # a projection_dim gives one
     with torch.no_grad():
         head.proj.weight.copy_(torch.eye(dim))
     return head
@@ -476,7 +483,7 @@ def resolve_source(settings, source: str, card: str | None, workdir: Path):
         from chatreid.checkpoints import find, pull
 
         event = find(settings, "embedder", source) if settings is not None else None
-        if event is None:
+        if event is None or settings is None:
             raise FileNotFoundError(f"embedder {source!r}: no such file and no such checkpoint "
                                     "version")
         path = workdir / event.version.replace("/", "_").replace("@", "_")
@@ -552,7 +559,7 @@ class EmbedderTrainer:
 
     @property
     def core(self) -> TrainNet:
-        return getattr(self.model, "module", self.model)
+        return cast(TrainNet, getattr(self.model, "module", self.model))  # DDP's, or itself
 
     # -- checkpoints -----------------------------------------------------------------------
     def restore(self) -> bool:
@@ -596,6 +603,7 @@ class EmbedderTrainer:
 
         cfg = self.cfg
         if self.frozen is None:
+            assert self.net is not None  # trained whenever nothing is frozen
             net = copy.deepcopy(self.net)  # Embedder puts it in eval mode; training goes on
             Embedder(net, model_id=model_id_for(net), height=cfg.height,
                      width=cfg.width).save(directory / CHECKPOINT_FILE)
@@ -689,7 +697,7 @@ class EmbedderTrainer:
                 return
 
 
-def _is_onnx(embedder) -> bool:
+def _is_onnx(embedder) -> TypeGuard[OnnxEmbedder]:
     from chatreid.embedder.onnx import OnnxEmbedder
 
     return isinstance(embedder, OnnxEmbedder)

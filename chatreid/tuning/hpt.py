@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 from pydantic import BaseModel, Field
+from transformers import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from chatreid.data.instructions import InstructionSample
@@ -128,12 +130,12 @@ class VisionCache:
     ``version`` is a digest of the encoder's weights; features are looked up under it, and a
     model whose encoder differs is refused (never served features of another encoder)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: Qwen2VLForConditionalGeneration) -> None:
         self.version = encoder_version(model)
         self._feats: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
 
-    def check(self, model: torch.nn.Module) -> None:
+    def check(self, model: Qwen2VLForConditionalGeneration) -> None:
         if encoder_version(model) != self.version:
             raise ValueError("cached vision features belong to encoder "
                              f"{self.version[:12]}, the model's encoder is "
@@ -157,7 +159,7 @@ class VisionCache:
         return tuple(self._feats[k] for k in keys)
 
 
-def encoder_version(model: torch.nn.Module) -> str:
+def encoder_version(model: Qwen2VLForConditionalGeneration) -> str:
     """A digest of the vision encoder's weights (what cached features are valid for)."""
     import hashlib
 
@@ -194,9 +196,9 @@ class StageTrainer:
         self.model, self.processor = prepare_stage_model(cfg.stage, cfg.base_model, parent_dir)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.steps = total_steps(cfg, sum_over_ranks(len(samples)), self.world)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg),
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(param_groups(self.model, cfg),
                                            weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, self.steps)
         )
         self.engine = self._wrap(zero_stage)
@@ -207,21 +209,23 @@ class StageTrainer:
 
     # --- setup ---------------------------------------------------------------------------
 
-    def _wrap(self, zero_stage: int) -> torch.nn.Module:
+    def _wrap(self, zero_stage: int) -> Any:  # a DeepSpeedEngine or the DDP-wrapped model
         if self.use_deepspeed:
             import deepspeed
 
-            engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            # DeepSpeed's wrappers replace the torch optimizer and schedule (its engine steps
+            # them); its hints predate torch's public LRScheduler
+            engine, self.optimizer, _, self.scheduler = deepspeed.initialize(  # pyright: ignore[reportAttributeAccessIssue]
                 model=self.model,
                 optimizer=self.optimizer,
-                lr_scheduler=self.scheduler,
+                lr_scheduler=self.scheduler,  # pyright: ignore[reportArgumentType]
                 config=deepspeed_config(self.cfg, zero_stage, self.bf16),
             )
             return engine
         return ray.train.torch.prepare_model(self.model)
 
     @property
-    def core(self) -> torch.nn.Module:
+    def core(self) -> Qwen2VLForConditionalGeneration:
         """The bare model under the DDP/DeepSpeed wrapper."""
         return getattr(self.engine, "module", self.engine)
 
@@ -298,9 +302,10 @@ class StageTrainer:
         return float(loss.detach()), len(idx)
 
     def _cached_vision(self, inputs: dict[str, torch.Tensor], idx: list[int],
-                       encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                       encoded: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Swap the batch's pixels for the cached encoder outputs of its crops (the same order
         ``collate`` concatenated them in)."""
+        assert self.vision_cache is not None  # train_step calls this only with a cache
         feats: list[torch.Tensor] = []
         param = next(self.core.parameters())
         for i, enc in zip(idx, encoded, strict=True):
@@ -310,9 +315,10 @@ class StageTrainer:
             feats += self.vision_cache.features(
                 self.core, keys, enc["pixel_values"].to(param.device, param.dtype),
                 enc["image_grid_thw"].to(param.device))
-        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out: dict[str, Any] = {k: v for k, v in inputs.items() if k != "pixel_values"}
         out["mm_encoder_outputs"] = {
-            "image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+            # Qwen2-VL's image features are one tensor per image (as get_image_features returns)
+            "image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}  # pyright: ignore[reportArgumentType]
         return out
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
