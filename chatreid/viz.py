@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,7 +269,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str,
     return img
 
 
-def line_chart(series: dict[str, Sequence[float]], title: str, x_label: str = "rank",
+def line_chart(series: Mapping[str, Collection[float]], title: str, x_label: str = "rank",
                size: tuple[int, int] = (520, 320)) -> Image.Image:
     """Curves of values in [0, 1] against 1..n (a CMC curve per method), with a legend."""
     w, h = size

@@ -19,7 +19,9 @@ actors (``ray_jobs/evaluate.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from chatreid.metrics import (
 )
 from chatreid.metrics.protocols import sample_gallery
 from chatreid.rerank.ranking import RANKING_MODES, RankingMode
+from schemas.api import QueryKind
 
 PEER = {"k1": 20, "k2": 6, "lambda_value": 0.3}  # k-reciprocal settings (the paper's defaults)
 PEER_MAX_ITEMS = 10_000  # queries + gallery: dense (N x N) float32 matrices, ~400 MB each here
@@ -145,7 +148,7 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
         g_images = _open(gallery)
         image_side = (embed(_open([q.record for q in query])), embed(g_images)) \
             if task.image_query else None
-        text_side = (text_prefilter.embed_texts([q.clue for q in query]),
+        text_side = (text_prefilter.embed_texts([_clue(q) for q in query]),
                      text_prefilter.embed_images(g_images)) if task.text_query else None
         g_labels = labels(gallery)
         draws = ([sample_gallery(g_labels, 1, seed) for seed in range(task.gallery_draws)]
@@ -186,7 +189,7 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
             queries += len(rows)
     fused = weight = None
     if rerank is not None and cfg.ranking == "fused":
-        if fit:
+        if cfg.fused_weight is None:  # = fit here
             found = fit_fused_weight(ranking_runs, validation)
             weight = found.weight
             notes.append(
@@ -222,7 +225,14 @@ def _prefilter_distances(image_side: tuple[np.ndarray, np.ndarray] | None,
         parts.append(compute_distmat(image_side[0], image_side[1][idx]))
     if text_side is not None:
         parts.append(text_prefilter.distance(text_side[0], text_side[1][idx]))
-    return sum(parts) / len(parts)
+    return functools.reduce(operator.add, parts) / len(parts)
+
+
+def _clue(query: EvalQuery) -> str | Mapping[str, str]:
+    """What the text prefilter parses: every query of a text task carries one."""
+    if query.clue is None:
+        raise ValueError(f"query {query.record.path} of a text task has no clue")
+    return query.clue
 
 
 def _notes(task: EvalTask, cfg: EvalConfig, reranked: bool = True) -> list[str]:
@@ -272,7 +282,7 @@ def rerank_one(runtime, job: RerankJob) -> RerankOutcome:
     if not job.candidates:
         return RerankOutcome(job.key, (), 0)
     image = Image.open(job.query_path).convert("RGB") if job.query_path else None
-    query = Query(job.kind, image=image, text=job.query_text)
+    query = Query(QueryKind.parse(job.kind), image=image, text=job.query_text)
     cands = [Candidate(str(i), Image.open(p).convert("RGB")) for i, p in enumerate(job.candidates)]
     result = runtime.reranker.rerank(query, cands)
     order = tuple(int(r.candidate_id) for r in result.ranking if r.reranked)

@@ -22,6 +22,9 @@ city-scale gallery would need the sparse form.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import numpy as np
 
 __all__ = ["k_reciprocal_distances"]
@@ -77,7 +80,7 @@ def k_reciprocal_distances(q_feats: np.ndarray, g_feats: np.ndarray, k1: int = 2
         weight = np.exp(-dist[p, members])
         v[p, members] = weight / weight.sum()
     if k2 > 1:  # local query expansion: each row becomes the mean of its top-k2 rows
-        v = sum(v[ranked[:, j]] for j in range(k2)) / np.float32(k2)
+        v = functools.reduce(operator.add, (v[ranked[:, j]] for j in range(k2))) / np.float32(k2)
 
     # rows of V sum to 1, so sum max(V_p, V_g) = 2 - sum min(V_p, V_g)
     v_gallery = v[n_q:]

@@ -141,7 +141,8 @@ class PrefixJudge(_Base):
     def prepare(self) -> None:
         """Prefill the query part and encode every candidate crop (once per query)."""
         images = [self.query.image] if self.query.image is not None else None
-        enc = self.processor(text=[self._prefix_text], images=images, return_tensors="pt")
+        # the processor takes flat kwargs that its Unpack[ProcessingKwargs] hint does not list
+        enc = self.processor(text=[self._prefix_text], images=images, return_tensors="pt")  # pyright: ignore[reportCallIssue]
         enc = enc.to(self.device)
         grid = enc.get("image_grid_thw")
         positions = self.model.model.get_rope_index(
@@ -165,10 +166,12 @@ class PrefixJudge(_Base):
     def _encode_candidates(self) -> None:
         pix = self.processor.image_processor(images=list(self.candidates), return_tensors="pt")
         self._grids = pix["image_grid_thw"].to(self.device)
+        # transformers hints the legacy LongTensor (an int64 Tensor is what it takes) and a
+        # Tensor pooler_output (Qwen2-VL returns one tensor per image there)
         features = self.model.model.get_image_features(
-            pix["pixel_values"].to(self.device), self._grids
+            pix["pixel_values"].to(self.device), self._grids  # pyright: ignore[reportArgumentType]
         )
-        self._features = list(features.pooler_output)
+        self._features = list(features.pooler_output)  # pyright: ignore[reportArgumentType, reportAttributeAccessIssue]
         self.stats.vision_images += len(self.candidates)
 
     def _suffix_text(self, n: int) -> str:
@@ -216,11 +219,14 @@ class PrefixJudge(_Base):
             self.prepare()
         ids, source = self._suffix_ids(members)
         mm_types = (ids == self.processor.image_token_id).int()
+        assert self._grids is not None  # prepare() encoded the candidates
         grids = self._grids[list(members)]
-        positions = self.model.model.get_rope_index(ids, mm_types, image_grid_thw=grids)[0]
+        # LongTensor hints, as above
+        positions = self.model.model.get_rope_index(ids, mm_types, image_grid_thw=grids)[0]  # pyright: ignore[reportArgumentType]
         shared, base = self._reusable(ids, source)
         tail = [i for i in dict.fromkeys(source[shared:].tolist()) if i >= 0]
-        feats = BaseModelOutputWithPooling(pooler_output=tuple(self._features[i] for i in tail))
+        # one tensor per image, as get_image_features returns them
+        feats = BaseModelOutputWithPooling(pooler_output=tuple(self._features[i] for i in tail))  # pyright: ignore[reportArgumentType]
         mask = torch.ones(1, self._prefix_len + ids.shape[1], dtype=torch.long, device=self.device)
         out = self.model(
             input_ids=ids[:, shared:],
