@@ -394,11 +394,11 @@ def test_a_text_query_shortlists_the_crops_in_the_named_colours(site) -> None:
     assert ids[by_prefilter[1].crop_id] == ("red", "black")  # one of two
     scores = [r.prefilter_score for r in by_prefilter]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0.8 > scores[-1]
-    # Adaptive (image + text): the image's cosine shortlist re-ordered with the colour match.
+    # Multimodal (image + text): the image's cosine shortlist re-ordered with the colour match.
     query_id = next(c for c, look in ids.items() if look == ("green", "black"))
-    adaptive = client.query(QueryRequest(
+    multimodal = client.query(QueryRequest(
         kind="multimodal", crop_id=query_id, text="now in a yellow shirt and white trousers",
         k=3, top=3, filters={"cameras": ["painted"]}))
-    first = min(adaptive.results, key=lambda r: r.prefilter_rank)
+    first = min(multimodal.results, key=lambda r: r.prefilter_rank)
     assert ids[first.crop_id] == ("yellow", "white")
-    assert query_id not in {r.crop_id for r in adaptive.results}
+    assert query_id not in {r.crop_id for r in multimodal.results}

@@ -67,7 +67,7 @@ def test_turns_add_up_to_the_next_query() -> None:
     state = derive(QueryFilters(), turns)
     query = state.query(SearchTurn(k=7))
     # the newest confirmed crop is the query image, the other joins as an anchor; the text
-    # still applies (image + text: the adaptive query); confirmed and rejected are excluded
+    # still applies (image + text: the multimodal query); confirmed and rejected are excluded
     assert (query.kind, query.crop_id, query.anchors) == ("multimodal", "c", ["a"])
     assert set(query.exclude) == {"a", "b", "c"} and query.k == 7
 

@@ -152,11 +152,11 @@ class PrefilterSearch:
         person, e.g. confirmed sightings) join the query: it searches with the normalised mean
         of all their embeddings.
 
-        With a ``clue`` naming garment colours (an adaptive query: image + text, e.g. "may
+        With a ``clue`` naming garment colours (a multimodal query: image + text, e.g. "may
         have changed clothes, now in a yellow shirt"), the candidates are the image's cosine
         top ``pool`` and the clue's colour-match top ``pool`` among the newest ``window``
         crops - a changed outfit puts the person outside the image's neighbours - ranked by
-        the mean of cosine and colour match, as the evaluation's adaptive prefilter does."""
+        the mean of cosine and colour match, as the evaluation's multimodal prefilter does."""
         version, store = self.follower.active()  # embedder and store of the same version
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
@@ -188,7 +188,7 @@ class PrefilterSearch:
 
     def _by_colour(self, results: list[SearchResult], text: np.ndarray, k: int, blend: bool,
                    tau: float | None = None) -> list[SearchResult]:
-        """Re-order by colour match (blended with the cosine for adaptive queries), keep those
+        """Re-order by colour match (blended with the cosine for multimodal queries), keep those
         scoring ≥ ``tau``, cap at ``k``; stable, so equal scores keep the incoming order."""
         vectors = self.colours.vectors([(r.crop_id, r.object_key) for r in results])
         match = 1.0 - self.colours.matcher.distance(text, vectors)[0]
