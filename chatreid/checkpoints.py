@@ -16,7 +16,7 @@ from typing import Any
 from chatreid.config import Settings
 from chatreid.storage import ObjectStore, file_sha256, sha256_hex
 from schemas import CHECKPOINTS, CheckpointEvent, CheckpointFile, ForcedRollout
-from schemas.events import utcnow
+from schemas.events import CheckpointModel, CheckpointStage, utcnow
 
 MANIFEST = "manifest.json"
 
@@ -34,8 +34,8 @@ def describe(directory: Path) -> list[CheckpointFile]:
                            size=p.stat().st_size) for p in files]
 
 
-def push(settings: Settings, directory: Path, *, model: str, stage: str, version: str,
-         parent_version: str | None = None, data_hash: str | None = None,
+def push(settings: Settings, directory: Path, *, model: CheckpointModel, stage: CheckpointStage,
+         version: str, parent_version: str | None = None, data_hash: str | None = None,
          config: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
          producer=None) -> CheckpointEvent:
     """Upload ``directory`` with its manifest and publish the checkpoint event."""

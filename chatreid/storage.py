@@ -109,7 +109,7 @@ class ObjectStore:
             metadata: dict[str, str] | None = None) -> None:
         self.client.put_object(
             self.bucket, key, io.BytesIO(data), len(data),
-            content_type=content_type, metadata=metadata,
+            content_type=content_type, metadata=dict(metadata) if metadata is not None else None,
         )
 
     def get(self, key: str) -> bytes:
@@ -153,14 +153,15 @@ class ObjectStore:
             raise
         return True
 
+    # minio hints every Object field Optional; a listed object always has its name and mtime
     def list(self, prefix: str) -> list[str]:
         return sorted(
-            o.object_name for o in self.client.list_objects(self.bucket, prefix, recursive=True)
+            o.object_name for o in self.client.list_objects(self.bucket, prefix, recursive=True)  # pyright: ignore[reportArgumentType]
         )
 
     def list_modified(self, prefix: str) -> list[tuple[str, datetime]]:
         """Keys under ``prefix`` with their last-modified times (timezone-aware), by key."""
-        return sorted(
+        return sorted(  # pyright: ignore[reportReturnType]
             (o.object_name, o.last_modified)
             for o in self.client.list_objects(self.bucket, prefix, recursive=True)
         )

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
 import torch
 from PIL import Image
@@ -29,10 +29,11 @@ from chatreid.data.worlds import ImageResolver
 from chatreid.tuning.hpt import FINAL_DIR, HPTConfig, StageTrainer
 from ray_jobs.launcher import run_trainer, settings_from
 from schemas import CheckpointEvent
+from schemas.events import CheckpointStage
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "vlm"
+MODEL_NAME: Final = "vlm"
 ABLATIONS: dict[str, tuple[int, ...]] = {"3": (3,), "2+3": (2, 3), "1+2+3": (1, 2, 3)}
 
 
@@ -153,7 +154,8 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
         if f"stage{job.hpt.stage}" == settings.serve.stage:  # the stage a rollout serves
             metrics |= _gate_figures(settings, final)
         event = push(
-            settings, final, model=MODEL_NAME, stage=f"stage{job.hpt.stage}", version=version,
+            settings, final, model=MODEL_NAME, version=version,
+            stage=cast(CheckpointStage, f"stage{job.hpt.stage}"),  # HPTConfig: stage 1..3
             parent_version=job.parent.version if job.parent else None,
             data_hash=job.dataset_id, metrics=metrics,
             config={**job.hpt.model_dump(), "runtime": runtime.model_dump()},

@@ -36,6 +36,8 @@ MAX_CAPTURE_SKEW = timedelta(days=1)
 Modality = Literal["rgb", "infrared"]
 Stage = Literal["ingestor", "embedder"]
 RolloutStatus = Literal["started", "completed", "refused", "rolled_back"]
+CheckpointModel = Literal["embedder", "vlm"]
+CheckpointStage = Literal["embedder", "stage1", "stage2", "stage3"]
 
 
 def utcnow() -> datetime:
@@ -231,8 +233,8 @@ class CheckpointEvent(_Event):
     """A model checkpoint pushed to object storage (topic ``checkpoints.v1``)."""
 
     kind: Literal["checkpoint"] = "checkpoint"
-    model: Literal["embedder", "vlm"]
-    stage: Literal["embedder", "stage1", "stage2", "stage3"]
+    model: CheckpointModel
+    stage: CheckpointStage
     version: str = Field(min_length=1)
     bucket: str
     prefix: str = Field(description="object prefix holding the checkpoint files")
@@ -243,7 +245,7 @@ class CheckpointEvent(_Event):
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)
     forced: ForcedRollout | None = Field(
-        None, description="set on a re-announcement that overrides the rollout gate")
+        default=None, description="set on a re-announcement that overrides the rollout gate")
 
 
 class DeploymentEvent(_Event):
@@ -270,7 +272,8 @@ class DeploymentEvent(_Event):
     serving: dict[str, float] = Field(
         default_factory=dict, description="the same figures of what serves now; for a VLM: the "
         "prefilter alone, which its reranking must not fall below")
-    forced: bool = Field(False, description="rolled although the gate refused it (audited)")
+    forced: bool = Field(
+        default=False, description="rolled although the gate refused it (audited)")
     at: datetime = Field(default_factory=utcnow)
 
 
