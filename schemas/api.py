@@ -120,7 +120,7 @@ class QueryFilters(BaseModel):
 class QueryRequest(_Api):
     """What an investigator asks: an image (crop id or upload), text, attributes, filters."""
 
-    kind: ApiQueryKind = Field(QueryKind.STANDARD, title="Kind")
+    kind: ApiQueryKind = Field(default=QueryKind.STANDARD, title="Kind")
     crop_id: CropId | None = Field(None, description="query by an indexed crop")
     image_b64: str | None = Field(None, description="or by an uploaded image (base64); only a "
                                   "body carrying one may exceed access.max_body_bytes")

@@ -158,10 +158,10 @@ class SessionTurn(_Api):
     # search
     text: str | None = None
     attributes: list[str] = Field(default_factory=list)
-    image: str | None = Field(None, description="crop id, or 'upload:<sha256>'")
+    image: str | None = Field(default=None, description="crop id, or 'upload:<sha256>'")
     changed_clothes: bool = False
     filters: QueryFilters | None = None
-    query_kind: ApiQueryKind | None = Field(None, title="Query Kind")
+    query_kind: ApiQueryKind | None = Field(default=None, title="Query Kind")
     results: list[ResultItem] = Field(default_factory=list)
     vlm_calls: int = 0
     model_version: str | None = None
@@ -209,7 +209,7 @@ class AuditEntry(_Api):
     actor_name: str
     action: str = Field(description="query | view | session.create | session.search | ... ")
     status: int = Field(description="HTTP status of the answer")
-    query_kind: ApiQueryKind | None = Field(None, title="Query Kind")
+    query_kind: ApiQueryKind | None = Field(default=None, title="Query Kind")
     filters: QueryFilters | None = None
     result_ids: list[str] = Field(default_factory=list)
     target: str | None = Field(None, description="crop, session, key or model acted on")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from chatreid.errors import BadQuery, EmptyGallery, UnknownCrop
@@ -125,6 +126,6 @@ def _modality_of(data: bytes) -> str:
     img = Image.open(io.BytesIO(data))
     if img.mode in ("L", "I", "I;16", "F"):
         return "infrared"
-    small = img.convert("RGB").resize((16, 32))
-    spread = max(max(px) - min(px) for px in small.getdata())
+    small = np.asarray(img.convert("RGB").resize((16, 32)), dtype=np.int16)
+    spread = int((small.max(axis=2) - small.min(axis=2)).max())  # the most colourful pixel
     return "infrared" if spread <= 6 else "rgb"

@@ -16,6 +16,7 @@ from functools import cached_property
 
 from fastapi import Query, Request, Response
 from fastapi.responses import RedirectResponse
+from ray.serve.handle import DeploymentHandle
 
 from chatreid.access import Caller
 from chatreid.errors import EmptyGallery, UnknownCrop
@@ -44,6 +45,9 @@ from services.retrieval.http import ERRORS, Gate, remote, route, small_unless_im
 
 class ConsoleRoutes(Gate):
     """Mixed into the Ingress deployment (``prefilter`` and ``rerank`` handles come from it)."""
+
+    prefilter: DeploymentHandle  # the Prefilter deployment (deployments.PrefilterDeployment)
+    rerank: DeploymentHandle  # the Rerank deployment (deployments.RerankDeployment)
 
     # -- answering a query (also what /v1/query runs) --------------------------------------------
     async def answer(self, payload: QueryRequest, upload: bytes | None = None) -> QueryResponse:

@@ -28,8 +28,8 @@ from services.retrieval.admin_routes import AdminRoutes, OpsRoutes
 from services.retrieval.console_routes import ConsoleRoutes
 from services.retrieval.http import ERRORS, build_api, route, small_unless_image
 
-_LATENCY_MS = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 20_000, 60_000]
-_COUNTS = [1, 2, 5, 10, 20, 50, 100, 200]
+_LATENCY_MS: list[float] = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 20_000, 60_000]
+_COUNTS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200]
 
 
 @serve.deployment(name="Ingress")
@@ -42,7 +42,7 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         kind = ("kind",)
         self.queries = metrics.Counter(
             "chatreid_queries", description="queries answered, by kind and outcome",
-            tag_keys=("kind", "outcome"))
+            tag_keys=("kind", "outcome"))  # pyright: ignore[reportArgumentType] (Ray: Tuple[str])
         self.latency = metrics.Histogram(
             "chatreid_query_latency_ms", description="end-to-end query latency",
             boundaries=_LATENCY_MS, tag_keys=kind)
@@ -66,14 +66,14 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         try:
             response = await self.answer(payload)
         except ChatReIDError as exc:
-            self.queries.inc(tags={"kind": payload.kind, "outcome": exc.code})
+            self.queries.inc(tags={"kind": payload.kind.value, "outcome": exc.code})
             await self.audit(caller, "query", exc.status, query_kind=payload.kind,
                              filters=payload.filters, detail=exc.code)
             raise
         await self.audit(caller, "query", query_kind=payload.kind, filters=payload.filters,
                          target=payload.crop_id,
                          result_ids=[r.crop_id for r in response.results])
-        tags = {"kind": payload.kind}
+        tags = {"kind": payload.kind.value}
         self.queries.inc(tags={**tags, "outcome": "ok"})
         self.latency.observe((time.perf_counter() - t0) * 1000, tags=tags)
         self.vlm_calls.observe(response.vlm_calls, tags=tags)
