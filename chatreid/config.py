@@ -46,6 +46,20 @@ class MissingCredentials(RuntimeError):
     """A secret the process needs is configured nowhere; the message says how to get it."""
 
 
+def revealed(model: BaseModel) -> dict[str, Any]:
+    """``model`` (the settings or one group) as JSON data with its secrets in clear, for a
+    process this one starts or builds in-process (a child's environment, a test's deployment).
+    Never for logs, saved configs or Ray actors' arguments: :func:`chatreid.cluster.share`."""
+    data = model.model_dump(mode="json")
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
+        elif isinstance(value, BaseModel):
+            data[name] = revealed(value)
+    return data
+
+
 def credentials_file() -> Path:
     """Where ``chatreid up`` keeps the local stack's generated secrets (owner-only):
     ``<stack.data_dir>/credentials.env``, stack.data_dir taken from the environment or ``.env``

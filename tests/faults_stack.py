@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from chatreid.config import Settings
+from chatreid.config import Settings, revealed
 
 # -- ports -----------------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment for ``python -m chatreid ...`` with every setting a service reads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATREID_")}
     for section in ("kafka", "s3", "embedder", "index", "ingestor"):
-        for name, value in getattr(settings, section).model_dump(mode="json").items():
+        for name, value in revealed(getattr(settings, section)).items():
             if value is None:
                 continue
             env[f"CHATREID_{section.upper()}__{name.upper()}"] = (

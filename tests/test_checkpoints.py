@@ -6,6 +6,7 @@ import pytest
 
 from chatreid.bus import make_consumer
 from chatreid.checkpoints import CheckpointError, pull, push
+from chatreid.config import revealed
 from chatreid.storage import ObjectStore
 from schemas import CHECKPOINTS, CheckpointEvent
 
@@ -88,7 +89,7 @@ def test_chatreid_checkpoints_lists_versions_newest_first(settings, tmp_path, mo
          version="s2-other")
     push(settings, make_checkpoint(tmp_path / "c"), model="vlm", stage="stage3",
          version="s3-second")
-    env = {f"CHATREID_S3__{k.upper()}": str(v) for k, v in settings.s3.model_dump().items()
+    env = {f"CHATREID_S3__{k.upper()}": str(v) for k, v in revealed(settings.s3).items()
            if v is not None}
     env["COLUMNS"] = "200"  # a wide terminal (rich reads it; the table has 8 columns)
     out = CliRunner().invoke(app, ["checkpoints", "--stage", "stage3"], env=env,

@@ -22,6 +22,7 @@ import pytest
 
 from chatreid.app.stack import tansu_binary, weed_binary
 from chatreid.bus import broker_reachable, ensure_topics, make_producer
+from chatreid.config import revealed
 from chatreid.errors import StorageUnavailable
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.prefilter.follower import IndexFollower
@@ -186,7 +187,7 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
                 time.monotonic() < deadline:
             follower.poll(timeout_ms=200)
         assert follower.store is not None and len(follower.store) == 24
-        prefilter = PrefilterDeployment.func_or_class(s.model_dump(mode="json"))
+        prefilter = PrefilterDeployment.func_or_class(revealed(s))
         assert prefilter.search.gallery_size() == 24
 
         server.stop()

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from chatreid.app.cli import app
 from chatreid.bus import make_producer
+from chatreid.config import revealed
 from chatreid.prefilter import SearchFilter
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.retention import RETENTION, Eraser, current_index
@@ -224,7 +225,7 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
     producer.flush()
     producer.close()
     embed(settings)
-    prefilter = PrefilterDeployment.func_or_class(settings.model_dump(mode="json"))
+    prefilter = PrefilterDeployment.func_or_class(revealed(settings))
     links = CropLinks(settings.s3, objects)
 
     def crop(crop_id: str) -> tuple[bytes, str]:  # what GET /v1/crops/{crop_id} leads to
