@@ -53,6 +53,16 @@ def test_asset_refuses_anything_else(name) -> None:
         asset(name)
 
 
+def test_the_index_page_may_fetch_crops_from_the_object_store_only() -> None:
+    """Crop images are a redirect to the object store: the page's own CSP names its origin
+    (and nothing a misconfigured endpoint could smuggle in)."""
+    plain = asset("index.html")[0]
+    page = asset("index.html", "http://127.0.0.1:9000")[0]
+    assert b"connect-src 'self' http://127.0.0.1:9000;" in page and page != plain
+    assert asset("index.html", "http://x; script-src *")[0] == plain
+    assert asset("app.js", "http://127.0.0.1:9000")[0] == asset("app.js")[0]
+
+
 def test_every_static_file_is_servable_and_ships_with_the_package() -> None:
     names = sorted(p.name for p in STATIC_DIR.iterdir())
     assert {"index.html", "app.js", "app.css"} <= set(names)
@@ -314,20 +324,29 @@ def tab_through(page: Page) -> None:
     assert all(outline != "none" for _, outline in trail), trail
 
 
-def assert_stayed_local(driver, base_url: str) -> None:
-    """Every request the page made went to the app; the page logged no errors."""
-    origin = urlparse(base_url)
-    hosts = set()
+def assert_stayed_local(driver, base_url: str, settings) -> None:
+    """Every request the page made went to the app, or to the site's object store for a crop
+    image the app redirected it to (a presigned URL); the page logged no errors."""
+    origin, store = urlparse(base_url), urlparse(f"http://{settings.s3.endpoint}")
+    hosts, crops = set(), 0
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
             url = urlparse(message["params"]["request"]["url"])
-            if url.scheme not in ("blob", "data"):
-                hosts.add((url.scheme, url.hostname, url.port))
-    assert hosts == {(origin.scheme, origin.hostname, origin.port)}, hosts
+            if url.scheme in ("blob", "data"):
+                continue
+            hosts.add((url.scheme, url.hostname, url.port))
+            if (url.hostname, url.port) == (store.hostname, store.port):
+                assert url.path.startswith(f"/{settings.s3.bucket}/crops/"), url
+                assert "X-Amz-Signature=" in url.query, url
+                crops += 1
+    assert hosts == {(origin.scheme, origin.hostname, origin.port),
+                     (store.scheme, store.hostname, store.port)}, hosts
+    assert crops  # the images came straight from the store
     resources = driver.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name)")
-    assert all(r.startswith((base_url, "blob:", "data:")) for r in resources), resources
+    assert all(r.startswith((base_url, f"http://{settings.s3.endpoint}/", "blob:", "data:"))
+               for r in resources), resources
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
               and "401" not in e["message"]]  # the wrong key's answer is logged by Chromium
     assert not severe, severe
@@ -340,4 +359,4 @@ def test_an_investigation_in_the_browser(browser, console_site, tmp_path) -> Non
     upload.write_bytes(photo)
     base_url = settings.serve.base_url
     walk(browser, base_url, API_KEY, upload)
-    assert_stayed_local(browser, base_url)
+    assert_stayed_local(browser, base_url, settings)

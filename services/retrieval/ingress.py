@@ -110,7 +110,7 @@ class Ingress(ConsoleRoutes, AdminRoutes, OpsRoutes):
         from services.retrieval.console import asset
 
         try:
-            data, content_type = asset(name)
+            data, content_type = asset(name, self.crop_links.origin)
         except KeyError:
             return Response(status_code=404)
         return Response(content=data, media_type=content_type, headers={
