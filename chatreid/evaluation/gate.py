@@ -29,6 +29,7 @@ from chatreid.config import Settings
 from chatreid.data.datasets.base import DatasetLayoutError, ImageDataset
 from chatreid.evaluation.runner import EvalConfig, Reranker, evaluate_task, in_process_reranker
 from chatreid.evaluation.tasks import BENCHMARKS, SYNTHETIC, EvalTask
+from schemas import DeploymentEvent
 
 __all__ = ["GateError", "HeldOut", "Verdict", "judge_embedder", "judge_vlm", "rollout_steps",
            "serving_embedder", "validation_metrics", "validation_parts", "vlm_validation_metrics"]
@@ -197,18 +198,19 @@ def serving_embedder(settings: Settings):
     return embedder_from_settings(settings.embedder)
 
 
-def rollout_steps(settings: Settings, kind: str, timeout_s: float = 10.0) -> dict[str, object]:
+def rollout_steps(settings: Settings, kind: str,
+                  timeout_s: float = 10.0) -> dict[str, DeploymentEvent]:
     """Each version's latest rollout step of model ``kind`` as announced on ``deployments``
     (a ``DeploymentEvent``: ``refused`` with the gate's figures, ``started``, ``completed``,
     ``rolled_back``), read from the topic's start to its end now."""
     import time
 
     from chatreid.bus import end_offsets, position, read_from_start
-    from schemas import DEPLOYMENTS, DeploymentEvent, EventError
+    from schemas import DEPLOYMENTS, EventError
 
     topic = settings.kafka.topic(DEPLOYMENTS.name)
     consumer = read_from_start(settings.kafka, topic)
-    steps: dict[str, object] = {}
+    steps: dict[str, DeploymentEvent] = {}
     try:
         ends = end_offsets(consumer, consumer.assignment())
         deadline = time.monotonic() + timeout_s
