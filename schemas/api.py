@@ -121,15 +121,17 @@ class QueryRequest(_Api):
     """What an investigator asks: an image (crop id or upload), text, attributes, filters."""
 
     kind: ApiQueryKind = Field(default=QueryKind.STANDARD, title="Kind")
-    crop_id: CropId | None = Field(None, description="query by an indexed crop")
-    image_b64: str | None = Field(None, description="or by an uploaded image (base64); only a "
-                                  "body carrying one may exceed access.max_body_bytes")
-    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    crop_id: CropId | None = Field(default=None, description="query by an indexed crop")
+    image_b64: str | None = Field(
+        default=None, description="or by an uploaded image (base64); only a body carrying one "
+        "may exceed access.max_body_bytes")
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     attributes: list[Attribute] = Field(default_factory=list, max_length=MAX_ATTRIBUTES)
     filters: QueryFilters = Field(default_factory=QueryFilters)
-    k: int = Field(20, ge=1, le=200, description="cap on candidates the VLM reranks")
-    top: int = Field(20, ge=1, le=1000, description="results returned")
-    tau: float | None = Field(None, ge=-1.0, le=1.0, description="prefilter cosine threshold")
+    k: int = Field(default=20, ge=1, le=200, description="cap on candidates the VLM reranks")
+    top: int = Field(default=20, ge=1, le=1000, description="results returned")
+    tau: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="prefilter cosine threshold")
     rationale: bool = False
     anchors: list[CropId] = Field(
         default_factory=list, max_length=32,
