@@ -252,8 +252,7 @@ def test_the_vlm_rollout_refuses_a_reranker_below_the_prefilter_with_both_figure
     """The watcher's own path: verified, smoke-tested, then judged and refused with both
     figures; nothing deploys; the operator API's check then sees the standing refusal."""
     from chatreid.query import ModelSpec, VLMRuntime
-    from services.retrieval import ops
-    from services.retrieval import vlm_rollout
+    from services.retrieval import ops, vlm_rollout
 
     from .test_serve import _push_tiny
 
