@@ -35,6 +35,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from PIL import Image
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from chatreid.bus import dead_letter, make_consumer, make_producer, position, publish, topic_id
 from chatreid.config import Settings
@@ -431,16 +432,16 @@ class EmbedderService:
             tp = TopicPartition(r.topic, r.partition)
             if tp not in offsets or offsets[tp].offset <= r.offset:
                 offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
-        for attempt in range(5):
-            try:
-                self.consumer.commit(offsets)
-                return
-            except RebalanceInProgressError:
-                self.consumer.poll(timeout_ms=0)  # let the rejoin happen, then retry
-                time.sleep(0.2 * (attempt + 1))
-            except CommitFailedError:
-                # partitions moved to another replica, which will replay this batch;
-                # the store is idempotent by crop id, so nothing duplicates
-                log.warning("commit failed after a rebalance; the new owner replays the batch")
-                return
-        log.warning("commit still rebalancing after retries; the batch will be replayed")
+        # A rebalance in progress clears once the group rejoins (a poll drives it): retry the
+        # commit a few times; a commit refused after the rebalance means another replica owns
+        # the partitions now and replays the batch (the store is idempotent by crop id).
+        retrying = Retrying(
+            retry=retry_if_exception_type(RebalanceInProgressError),
+            stop=stop_after_attempt(5), wait=wait_incrementing(0.2, 0.2),
+            before_sleep=lambda _: self.consumer.poll(timeout_ms=0), reraise=True)
+        try:
+            retrying(self.consumer.commit, offsets)
+        except CommitFailedError:
+            log.warning("commit failed after a rebalance; the new owner replays the batch")
+        except RebalanceInProgressError:
+            log.warning("commit still rebalancing after retries; the batch will be replayed")
