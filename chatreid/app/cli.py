@@ -878,13 +878,14 @@ def train(
     Every result is pushed to object storage with a manifest and announced on the checkpoints
     topic; a single stage 2 or 3 continues the newest checkpoint of the stage before it.
     """
-    from ray_jobs.train import PRESETS
-    from ray_jobs.train import train as run
+    from chatreid.tuning.presets import PRESETS  # light: a bad flag fails before Ray loads
 
     if stage not in ("embedder", "1", "2", "3", "all"):
         raise typer.BadParameter("--stage must be embedder, 1, 2, 3 or all")
     if preset not in PRESETS:
         raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}")
+    from ray_jobs.train import train as run
+
     settings = _settings()
     if base:
         settings.train.base_model = base
