@@ -214,6 +214,9 @@ The main ConfigMap's data (YAML map): every non-secret, non-Serve setting, plus 
 {{- with $v.s3.region }}
 {{- $_ := set $d "CHATREID_S3__REGION" (toString .) }}
 {{- end }}
+{{- with $v.s3.publicEndpoint }}
+{{- $_ := set $d "CHATREID_S3__PUBLIC_ENDPOINT" (toString .) }}
+{{- end }}
 {{- $_ := set $d "CHATREID_INGESTOR__HTTP_HOST" "0.0.0.0" }}
 {{- $_ := set $d "CHATREID_INGESTOR__HTTP_PORT" (toString (int $v.ingestor.port)) }}
 {{- $_ := set $d "CHATREID_EMBEDDER__DEVICE" (toString $v.embedder.device) }}
