@@ -146,7 +146,7 @@ def test_stage3_best_choice_invariants(stage3) -> None:
     _check_placeholders(stage3)
     assert set(Counter(s.task for s in stage3)) == {
         "standard", "cloth_changing", "visible_infrared", "text_to_image", "attribute_query",
-        "adaptive",
+        "multimodal",
     }  # fmt: skip
     for s in stage3:
         assert parse_stage3(s.response) == s.answer

@@ -89,7 +89,7 @@ def test_prompts_are_the_stage3_wording() -> None:
     )
     multimodal = best_choice_prompt("multimodal", 3, CLUE)
     assert multimodal.kind is QueryKind.MULTIMODAL and f'"{CLUE}"' in multimodal.head
-    assert multimodal.head.startswith(P.ADAPTIVE_PROMPT.partition('"{text}"')[0])  # stage 3's
+    assert multimodal.head.startswith(P.MULTIMODAL_PROMPT.partition('"{text}"')[0])  # stage 3's
     stored = best_choice_prompt("adaptive", 3, CLUE)  # the name stored data still uses
     assert stored == multimodal
 

@@ -1,7 +1,7 @@
 """The text prefilter: a training-free colour-attribute matcher for text and attribute queries.
 
 The image embedder cannot read text, and no text-image Re-ID weights install offline, so the
-cheap first stage for text, attribute and adaptive (image + text) queries compares what both
+cheap first stage for text, attribute and multimodal (image + text) queries compares what both
 sides can state about a person: the colour of the upper and of the lower garment.
 
 * an image becomes two colour histograms (13 basic colour terms), one over the torso band and

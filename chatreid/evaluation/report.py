@@ -63,7 +63,7 @@ def write_report(results: dict[str, list[TaskResult]], cfg: EvalConfig, out: Pat
              "0.05); where w was fitted, it was fitted on a validation half of each task's "
              "queries and every row of that task is scored on the other half (see Notes). "
              "The prefilter (baseline row) is the image embedder for image queries, the "
-             "colour-attribute matcher for text and attribute queries, and both for adaptive "
+             "colour-attribute matcher for text and attribute queries, and both for multimodal "
              "ones; the k-reciprocal peer re-ranks the same image features (k1 = 20, k2 = 6, "
              "lambda = 0.3; image-only queries). Cells are mAP / rank-1 (%).", ""]
     for family, title in FAMILIES.items():

@@ -2,7 +2,7 @@
 
 Baseline: the prefilter's distances, scored under the task's protocol - the image embedder's
 cosine distance for image queries, the colour-attribute matcher (``chatreid.embedder.colour``)
-for text and attribute queries, their mean for adaptive (image + text) queries.
+for text and attribute queries, their mean for multimodal (image + text) queries.
 ChatReID: for each query, the gallery items within τ among the prefilter's top K are reranked
 by the VLM's multi-turn best-choice dialogue; the final ranking is the reranked candidates by
 response confidence, then every other item in the prefilter's order (stated in the report).
@@ -127,7 +127,7 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
                   text_prefilter: ColourAttributeMatcher | None = None) -> TaskResult:
     """Baseline and (with ``rerank``) ChatReID on ``task``. The prefilter is the image
     embedder for image queries, the colour-attribute matcher for text and attribute queries,
-    and the mean of both distances for adaptive (image + text) queries. With ``rerank``, also
+    and the mean of both distances for multimodal (image + text) queries. With ``rerank``, also
     the peer row (image-only queries) and, in the fused mode, the fused row (module doc)."""
     text_prefilter = text_prefilter or ColourAttributeMatcher()
     fit = rerank is not None and cfg.ranking == "fused" and cfg.fused_weight is None

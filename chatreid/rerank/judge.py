@@ -44,7 +44,7 @@ SPLIT = "\ue000"  # private-use character: marks where the candidate list starts
 
 @dataclass(frozen=True)
 class Query:
-    """What is searched for: an image, a text/attribute clue, or both (adaptive)."""
+    """What is searched for: an image, a text/attribute clue, or both (multimodal)."""
 
     kind: QueryKind
     image: Image.Image | None = None

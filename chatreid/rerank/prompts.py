@@ -25,7 +25,7 @@ TEMPLATES: dict[QueryKind, str] = {
     QueryKind.VISIBLE_INFRARED: P.VISIBLE_INFRARED_PROMPT,
     QueryKind.TEXT_TO_IMAGE: P.TEXT_TO_IMAGE_PROMPT,
     QueryKind.ATTRIBUTE: P.ATTRIBUTE_QUERY_PROMPT,
-    QueryKind.MULTIMODAL: P.ADAPTIVE_PROMPT,  # stage 3 calls it the adaptive prompt
+    QueryKind.MULTIMODAL: P.MULTIMODAL_PROMPT,
 }
 
 

@@ -11,7 +11,7 @@ Modes (``RankingMode``):
       score_i = w * c_i + (1 - w) * s_i,   s_i = softmax(sim / T)_i over the shortlist,
 
   ``sim`` the prefilter's similarity (cosine for image queries, the colour-match share for text
-  ones, their mean for adaptive ones), ``c_i = 0`` for a candidate the dialogue did not reach.
+  ones, their mean for multimodal ones), ``c_i = 0`` for a candidate the dialogue did not reach.
   Both terms are shares of one unit over the same shortlist, so ``w`` weighs like against like.
   ``T = PREFILTER_TEMPERATURE = 0.05``: a shortlist's top cosines lie within about 0.05-0.2 of
   each other, so a 0.05 step in cosine is a factor ``e`` in share - the prefilter's share then

@@ -63,7 +63,7 @@ TEXT_TO_IMAGE_PROMPT = (
 ATTRIBUTE_QUERY_PROMPT = (
     "Select the image of the pedestrian with the following attributes: {text}.\n{gallery}"
 )
-ADAPTIVE_PROMPT = (
+MULTIMODAL_PROMPT = (  # the paper's adaptive multi-modal retrieval
     'Given the <image> provided and the additional clue "{text}", select which of the '
     "following images shows the same pedestrian.\n{gallery}"
 )

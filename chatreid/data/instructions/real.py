@@ -6,7 +6,7 @@ Some tasks need nothing but person ids and cameras: stage 2's image-image tasks
 (``cuhk03_pair1``'s ``train/``, read by ``chatreid.data.datasets``) with probability ``share``,
 else from the synthetic world as before; a sample never mixes both, so "real vs rendered" is
 never a shortcut to the answer. Every other task (attribute captioning, text-image,
-attribute, cloth-changing, visible-infrared, adaptive) needs attribute labels, captions,
+attribute, cloth-changing, visible-infrared, multimodal) needs attribute labels, captions,
 clothes ids or modalities that the real set lacks, so it stays synthetic-only.
 
 Real samples carry ``meta["source"]`` (the dataset name); their pids are offset by

@@ -41,7 +41,7 @@ STAGE3_MIX: dict[str, float] = {
     "visible_infrared": 1 / 6,
     "text_to_image": 1 / 6,
     "attribute_query": 1 / 6,
-    "adaptive": 1 / 6,
+    "multimodal": 1 / 6,
 }
 # Attributes a partial query may name (the identity-level look; posture/build are too subtle).
 QUERY_FIELDS = (
@@ -219,7 +219,7 @@ def attribute_query(
     return _sample("attribute_query", None, gallery, choice, prompt, target, attributes=query)
 
 
-def adaptive(rng: np.random.Generator, p: _Pools, cfg: Stage3Config) -> InstructionSample | None:
+def multimodal(rng: np.random.Generator, p: _Pools, cfg: Stage3Config) -> InstructionSample | None:
     """Image + text clue: the image gives the person, the text their look in the gallery (LTCC,
     so the clue often describes a different outfit than the query wears)."""
     query = pick(rng, p.layouts["ltcc"])
@@ -232,8 +232,8 @@ def adaptive(rng: np.random.Generator, p: _Pools, cfg: Stage3Config) -> Instruct
     if drawn is None:
         return None
     gallery, choice = drawn
-    prompt = P.ADAPTIVE_PROMPT.replace("{text}", pick(rng, match.captions))
-    return _sample("adaptive", query, gallery, choice, prompt, query)
+    prompt = P.MULTIMODAL_PROMPT.replace("{text}", pick(rng, match.captions))
+    return _sample("multimodal", query, gallery, choice, prompt, query)
 
 
 BUILDERS: dict[
@@ -244,7 +244,7 @@ BUILDERS: dict[
     "visible_infrared": visible_infrared,
     "text_to_image": text_to_image,
     "attribute_query": attribute_query,
-    "adaptive": adaptive,
+    "multimodal": multimodal,
 }
 
 
