@@ -70,7 +70,7 @@ class AccessControlOff(AccessError):
 class Caller:
     key_id: str
     name: str
-    roles: frozenset[str]
+    roles: frozenset[Role]
     rate_per_minute: int
 
     def require(self, role: Role) -> None:

@@ -368,7 +368,11 @@ def search(
     with console.status("loading the index (snapshot + log)"):
         size = engine.refresh()
     try:
-        query = Image.open(image) if image else engine.crop_image(crop_id)
+        if image is not None:  # exactly one of image and crop_id (checked above)
+            query = Image.open(image)
+        else:
+            assert crop_id is not None
+            query = engine.crop_image(crop_id)
     except (OSError, KeyError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     filters = SearchFilter(cameras=frozenset(camera) if camera else None, modality=modality)
@@ -485,12 +489,12 @@ def query(
     from schemas import QueryRequest
 
     try:
-        request = QueryRequest(
+        request = QueryRequest.model_validate(dict(  # the flags' strings, validated
             kind=kind, crop_id=crop_id, text=text, attributes=attr or [], k=k, top=top,
             tau=tau, rationale=rationale,
             image_b64=base64.b64encode(image.read_bytes()).decode() if image else None,
             filters={"cameras": camera, "modality": modality, "time_from": since,
-                     "time_to": until})
+                     "time_to": until}))
     except (ValidationError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     settings = _settings()
@@ -826,9 +830,9 @@ def data_build(
 
     real = RealImages(root=real_root, share=real_share) if real_root else None
     try:
-        spec = InstructionDatasetSpec(world_root=_world(world), stage=stage,
-                                      num_samples=samples, seed=seed, num_shards=shards,
-                                      splits=tuple(split) if split else TRAIN_SPLITS, real=real)
+        spec = InstructionDatasetSpec.model_validate(dict(  # --stage is validated here
+            world_root=_world(world), stage=stage, num_samples=samples, seed=seed,
+            num_shards=shards, splits=tuple(split) if split else TRAIN_SPLITS, real=real))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     report = build_dataset(_settings(), spec, use_ray=use_ray, force=force)

@@ -27,6 +27,7 @@ from chatreid.viz import (
     comparison_table,
 )
 from schemas import QueryRequest
+from schemas.api import QueryFilters, QueryKind
 
 DEMO_EPOCH = 1_795_737_600.0  # 2026-11-27T00:00:00Z, the site's simulated morning
 
@@ -62,7 +63,7 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
         stream = synth_source(seed, crops, None, start_time=DEMO_EPOCH)
         for crop in tqdm(stream, total=crops, desc="ingest", unit="crop"):
             result = ingestor.submit(crop)
-            if result.ok:
+            if result.event is not None:  # = result.ok
                 person_of[result.event.sha256] = crop.labels["person_id"]
                 sightings[crop.labels["person_id"]].append(result.event)
         ingestor.close()
@@ -78,8 +79,9 @@ def run_demo(settings: Settings, crops: int, seed: int, k: int, top: int, out: P
         query, others = _pick_query(sightings)
         # the whole shortlist comes back (top >= k): each result carries its prefilter rank, so
         # the answer holds the prefilter's own order too; the first ``top`` of each are shown
-        request = QueryRequest(kind="standard", crop_id=query.crop_id, k=k, top=max(top, k),
-                               filters={"cameras": sorted(others), "modality": "rgb"})
+        request = QueryRequest(kind=QueryKind.STANDARD, crop_id=query.crop_id, k=k,
+                               top=max(top, k),
+                               filters=QueryFilters(cameras=sorted(others), modality="rgb"))
         with console.status(f"asking the VLM about the top {k} of the prefilter"):
             response = client.query(request)
         truth = {r.crop_id: person_of.get(_sha(engine.lookup(r.crop_id).object_key))

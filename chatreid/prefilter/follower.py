@@ -36,9 +36,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
 
-from chatreid.bus import assign_all, end_offsets, make_consumer, topic_id
+from chatreid.bus import assign_all, end_offsets, make_consumer, position, topic_id
 from chatreid.config import Settings
 from chatreid.prefilter.rebuild import RolloutReport, read_report
 from chatreid.prefilter.store import PrefilterStore, VectorMeta
@@ -233,7 +235,8 @@ class IndexFollower:
         consumer.pause(*(tp for tp in starts if tp not in check))
         for tp, start in check.items():
             consumer.seek(tp, start - 1)
-        found: dict[TopicPartition, object | None] = {}  # the first record, None: log shorter
+        # the first record, None: the log is shorter
+        found: dict[TopicPartition, ConsumerRecord | None] = {}
         deadline = time.monotonic() + _VERIFY_S
         while len(found) < len(check) and time.monotonic() < deadline:
             for tp, records in consumer.poll(timeout_ms=200).items():
@@ -279,7 +282,7 @@ class IndexFollower:
             if self._open() is not consumer:  # the log was replaced: a new consumer reads it
                 consumer = self._open()
                 ends = end_offsets(consumer, list(consumer.assignment()))
-            behind = any(consumer.position(tp) < end for tp, end in ends.items())
+            behind = any(position(consumer, tp) < end for tp, end in ends.items())
             if not self._poll_live(timeout_ms=200) and not behind:
                 break
             if time.monotonic() > deadline:
@@ -350,10 +353,10 @@ class IndexFollower:
         OFFSET_OUT_OF_RANGE): replay the new log from its start, into the store as it is."""
         for tp in consumer.assignment():
             hw = consumer.highwater(tp)
-            if hw is not None and consumer.position(tp) > hw:
+            if hw is not None and position(consumer, tp) > hw:
                 log.warning("%s: position %d is beyond the log end %d (the broker lost its "
                             "log); replaying the partition from its start", tp,
-                            consumer.position(tp), hw)
+                            position(consumer, tp), hw)
                 self.stats.log_resets += 1
                 consumer.seek(tp, 0)
 
@@ -475,6 +478,7 @@ class IndexFollower:
         if nxt is None:
             return False
         if self._report is None:
+            assert nxt.embedder_version is not None  # a pending index is for a named version
             self._report = read_report(self.settings, self.objects, nxt.embedder_version)
             if self._report is None:
                 return False

@@ -27,6 +27,7 @@ from chatreid.config import Settings
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.store import Hit, SearchFilter, VectorMeta
 from chatreid.storage import ObjectStore
+from schemas.events import Modality
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class SearchResult:
     # when the clue named no garment colour (newest first)
     score: float | None
     camera: str
-    modality: str
+    modality: Modality
     capture_time: datetime
     object_key: str
 

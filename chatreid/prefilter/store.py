@@ -44,6 +44,8 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from schemas.events import Modality
+
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
@@ -85,7 +87,7 @@ _GPU_MAX_K = 2048  # faiss GPU k limit
 class VectorMeta:
     crop_id: str
     camera: str
-    modality: str
+    modality: Modality
     capture_time: float
     site: str = ""
     object_key: str = ""

@@ -153,7 +153,8 @@ class VLMRuntime:
                 model, processor = build_model(tmp)
                 identity = IdentityVision.load(Path(tmp))
         if settings.serve.rerank_num_gpus and torch.cuda.is_available():
-            model = model.to("cuda", torch.bfloat16)  # Ray set CUDA_VISIBLE_DEVICES to ours
+            # Ray set CUDA_VISIBLE_DEVICES to ours (transformers' .to() overloads hide this form)
+            model = model.to("cuda", torch.bfloat16)  # pyright: ignore[reportArgumentType]
         return cls(model, processor, spec, settings.serve, identity)
 
     # -- answers ---------------------------------------------------------------------------------

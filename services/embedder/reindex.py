@@ -19,7 +19,6 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import cast
 
 from PIL import Image
 
@@ -30,7 +29,6 @@ from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rebuild import RolloutReport, write_report
 from chatreid.storage import ObjectStore
 from schemas import INDEXED, DeadLetterEvent, IndexedEvent, SourceOffset
-from schemas.events import Modality
 from services.embedder.service import CropFailed, fetch_crop, key_sha256
 
 __all__ = ["ReindexCancelled", "Reindexer"]
@@ -128,7 +126,7 @@ class Reindexer:
                  source: SourceOffset) -> IndexedEvent:
         return IndexedEvent(
             crop_id=meta.crop_id, vector_id=crop_id_to_int64(meta.crop_id), site=meta.site,
-            camera=meta.camera, modality=cast(Modality, meta.modality),  # the store checked it
+            camera=meta.camera, modality=meta.modality,
             capture_time=datetime.fromtimestamp(meta.capture_time, UTC),
             object_key=meta.object_key, embedder_version=version, dim=int(vec.shape[0]),
             vector_b64=IndexedEvent.encode_vector(vec),

@@ -435,10 +435,13 @@ class EmbedderService:
         # A rebalance in progress clears once the group rejoins (a poll drives it): retry the
         # commit a few times; a commit refused after the rebalance means another replica owns
         # the partitions now and replays the batch (the store is idempotent by crop id).
+        def rejoin(_: object) -> None:  # the poll drives the group's rejoin
+            self.consumer.poll(timeout_ms=0)
+
         retrying = Retrying(
             retry=retry_if_exception_type(RebalanceInProgressError),
             stop=stop_after_attempt(5), wait=wait_incrementing(0.2, 0.2),
-            before_sleep=lambda _: self.consumer.poll(timeout_ms=0), reraise=True)
+            before_sleep=rejoin, reraise=True)
         try:
             retrying(self.consumer.commit, offsets)
         except CommitFailedError:

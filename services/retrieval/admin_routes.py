@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
+from ray.serve.handle import DeploymentHandle
 
 from chatreid.access import AccessControlOff, Caller
 from chatreid.checkpoints import find as find_checkpoint
@@ -40,6 +41,8 @@ from services.retrieval.http import ERRORS, Gate, remote, route
 
 
 class AdminRoutes(Gate):
+    prefilter: DeploymentHandle  # set by the Ingress deployment these routes are mixed into
+
     @route("POST", "/v1/admin/keys", role="admin",
            response_model=ApiKeyIssued, status_code=201, responses=ERRORS)
     async def issue_key(self, payload: ApiKeyCreate, request: Request) -> ApiKeyIssued:
@@ -142,6 +145,9 @@ class AdminRoutes(Gate):
 
 
 class OpsRoutes(Gate):
+    prefilter: DeploymentHandle  # both set by the Ingress deployment, as for AdminRoutes
+    rerank: DeploymentHandle
+
     @route("GET", "/v1/ops/status", role="operator", response_model=OpsStatus, responses=ERRORS)
     async def ops_status(self, request: Request) -> OpsStatus:
         """The application's deployments and replicas, the model served, the gallery."""

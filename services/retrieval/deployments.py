@@ -255,8 +255,8 @@ class RerankDeployment:
                 raise CropGone("the image of the query crop is gone (erased or purged)")
         query = Query(shortlist.kind, image=query_image, text=query_text(request))
         # a candidate erased since the shortlist was drawn is left out, not a failed query
-        candidates = [Candidate(c.crop_id, images[c.object_key], c.score)
-                      for c in shortlist.items if images[c.object_key] is not None]
+        candidates = [Candidate(c.crop_id, image, c.score)
+                      for c in shortlist.items if (image := images[c.object_key]) is not None]
         return runtime.answer(query, candidates, rationale=request.rationale)
 
     def explain(self, text: str | None, reference: str | None, reference_bytes: bytes | None,

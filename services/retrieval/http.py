@@ -117,8 +117,9 @@ def build_api(instance: Any, body_limits: tuple[int, int],
         "investigation sessions, access control and an audit trail. Every /v1 route needs "
         "'Authorization: Bearer <API key>' and the role it names.",
     )
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(ChatReIDError, _failed)
+    # Starlette hints handlers as taking any Exception; each is registered for its own class
+    app.add_exception_handler(RequestValidationError, _invalid)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(ChatReIDError, _failed)  # pyright: ignore[reportArgumentType]
     app.add_middleware(BodyLimit, limit_for=_body_limit(body_limits))
     app.add_middleware(SameSiteJson, origins=origins)
     if insecure:

@@ -21,16 +21,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TypedDict
 
 from chatreid.bus import make_producer, publish, read_from_start
 from chatreid.config import Settings
 from chatreid.query import ModelSpec, VLMRuntime
 from schemas import CHECKPOINTS, DEPLOYMENTS, CheckpointEvent, DeploymentEvent, EventError
+from schemas.events import RolloutStatus
 from services.retrieval.app import DeployFailed, deploy
 
 log = logging.getLogger("chatreid.rollout")
 
 Deployer = Callable[[Settings, ModelSpec | None], None]
+
+
+class _Figures(TypedDict, total=False):
+    """The gate's figures a rollout step reports (none when the gate is off)."""
+
+    candidate: dict[str, float]
+    serving: dict[str, float]
 
 
 class VLMRollout:
@@ -92,15 +101,17 @@ class VLMRollout:
             return self._emit("refused", event.version, previous, reason)
         verdict = self._judge(runtime)
         del runtime  # the replicas load their own copy
-        figures = {"candidate": verdict.candidate, "serving": verdict.serving} if verdict else {}
-        forced = event.forced is not None and verdict is not None and not verdict.passed
+        figures: _Figures = (
+            {"candidate": verdict.candidate, "serving": verdict.serving} if verdict else {})
+        force = event.forced
+        forced = force is not None and verdict is not None and not verdict.passed
         if verdict is not None and not verdict.passed and not forced:
             self.refused[event.manifest_sha256] = verdict.reason
             log.error("rollout gate refused VLM checkpoint %s: %s", event.version,
                       verdict.reason)
             return self._emit("refused", event.version, previous, verdict.reason, **figures)
-        reason = (f"forced by {event.forced.by}: {event.forced.reason}; {verdict.reason}"
-                  if forced else None)
+        reason = (f"forced by {force.by}: {force.reason}; {verdict.reason}"
+                  if forced and force is not None and verdict is not None else None)
         self._emit("started", event.version, previous, reason, forced=forced, **figures)
         try:
             self.deployer(self.settings, spec)
@@ -143,9 +154,10 @@ class VLMRollout:
 
         app = serve.status().applications.get(self.settings.serve.app_name)
         rerank = app.deployments.get("Rerank") if app else None
-        return int(rerank.replica_states.get("RUNNING", 0)) if rerank else 0
+        # keyed by Ray's private ReplicaState, a str enum: "RUNNING" is equal to its member
+        return int(rerank.replica_states.get("RUNNING", 0)) if rerank else 0  # pyright: ignore[reportCallIssue, reportArgumentType]
 
-    def _emit(self, status: str, version: str, previous: ModelSpec | None,
+    def _emit(self, status: RolloutStatus, version: str, previous: ModelSpec | None,
               reason: str | None = None, replicas: int = 0, forced: bool = False,
               candidate: dict[str, float] | None = None,
               serving: dict[str, float] | None = None) -> DeploymentEvent:
