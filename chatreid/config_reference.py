@@ -77,7 +77,7 @@ def bounds(info: FieldInfo) -> str:
 
 
 def default_of(info: FieldInfo) -> Any:
-    return info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+    return info.default_factory() if info.default_factory else info.default  # pyright: ignore[reportCallIssue]  (pydantic types it as taking the data too)
 
 
 def env_value(value: Any) -> str:

@@ -648,7 +648,7 @@ def evaluate(
 
         try:
             cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries,
-                             ranking=ranking, fused_weight=fused_weight)  # type: ignore[arg-type]
+                             ranking=ranking, fused_weight=fused_weight)  # pyright: ignore[reportArgumentType]  (EvalConfig checks ranking)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         _eval_suite(suite, task, root, cfg, model, embedder, baseline_only, workers,

@@ -297,7 +297,7 @@ def _same_identity_junk(rows: np.ndarray, cols: np.ndarray, q: Labels, g: Labels
     if protocol.same_camera_junk:
         junk |= g.camids[cols] == q.camids[rows]
     if protocol.clothes != "any":
-        same = g.clothes[cols] == q.clothes[rows]  # type: ignore[index]
+        same = g.clothes[cols] == q.clothes[rows]  # pyright: ignore[reportOptionalSubscript]  (protocol.clothes needs them)
         junk |= same if protocol.clothes == "changed" else ~same
     return junk
 
@@ -361,7 +361,7 @@ def _junk(order: np.ndarray, match: np.ndarray, g_pids: np.ndarray, q: Labels, g
     if protocol.junk_pids:
         junk |= np.isin(g_pids, list(protocol.junk_pids))
     if protocol.clothes != "any":
-        same = g.clothes[order] == q.clothes[:, None]  # type: ignore[index]
+        same = g.clothes[order] == q.clothes[:, None]  # pyright: ignore[reportOptionalSubscript]  (as above)
         junk |= match & (same if protocol.clothes == "changed" else ~same)
     return junk
 

@@ -112,7 +112,7 @@ def _lookup(search: PrefilterSearch, crop_id: str, unknown: str) -> VectorMeta:
 
 def _image(search: PrefilterSearch, key: str | None, data: bytes | None) -> Image.Image:
     if data is None:
-        data = read_crop(search.objects, key, "the query crop")  # type: ignore[arg-type]
+        data = read_crop(search.objects, key, "the query crop")  # pyright: ignore[reportArgumentType]  (key or data)
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 

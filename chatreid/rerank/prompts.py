@@ -66,7 +66,7 @@ def query_head(kind: QueryKind | str, text: str | None = None) -> str:
     template = TEMPLATES[kind]
     if kind.has_text:
         # A clue holding "{gallery}" must stay text: substitute only the template's own slot.
-        template = template.replace(TEXT, text.strip())  # type: ignore[union-attr]
+        template = template.replace(TEXT, text.strip())  # pyright: ignore[reportOptionalMemberAccess]  (checked above)
     head, sep, tail = template.rpartition(GALLERY)
     if not sep or tail:
         raise ValueError(f"the {kind.value} template must end with {GALLERY}")

@@ -139,7 +139,7 @@ class _Bracket:
             level = [_Group(list(c)) for c in _balanced(level, group_size)]
             for g in level:
                 for child in g.entries:
-                    child.parent = g  # type: ignore[union-attr]
+                    child.parent = g  # pyright: ignore[reportAttributeAccessIssue]  (above the leaves, entries are _Groups)
         self.root = level[0]
         self.pool = set(range(n))
 

@@ -270,7 +270,7 @@ def _pick(
 
 def _jitter(rgb: Rgb, rng: np.random.Generator, amount: int = 12) -> Rgb:
     delta = rng.integers(-amount, amount + 1, size=3)
-    return tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(rgb, delta, strict=True))  # type: ignore[return-value]
+    return tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(rgb, delta, strict=True))  # pyright: ignore[reportReturnType]  (3 channels)
 
 
 def _sample_traits(rng: np.random.Generator) -> BodyTraits:
@@ -366,7 +366,7 @@ def _sample_camera(rng: np.random.Generator, index: int, config: SynthConfig) ->
         resolution=float(rng.uniform(0.45, 1.0)),
         gain=float(rng.uniform(0.75, 1.2)),
         gamma=float(rng.uniform(0.85, 1.2)),
-        tint=tuple(float(t) for t in rng.uniform(0.88, 1.12, size=3)),  # type: ignore[arg-type]
+        tint=tuple(float(t) for t in rng.uniform(0.88, 1.12, size=3)),  # pyright: ignore[reportArgumentType]  (size=3)
         blur=float(rng.uniform(0.0, 0.9) + (0.5 if infrared else 0.0)),
         occlusion=float(min(1.0, config.occlusion_rate * rng.uniform(0.5, 1.5))),
         clutter=int(rng.integers(6, 18)),
@@ -398,7 +398,7 @@ def build_site(config: SynthConfig) -> Site:
         outfits = tuple(_sample_outfit(rng, next_clothes + j, traits.gender) for j in range(k))
         next_clothes += k
         cams = _sample_cameras_for(rng, config)
-        identities.append(Identity(pid, split[pid], traits, outfits, cams))  # type: ignore[arg-type]
+        identities.append(Identity(pid, split[pid], traits, outfits, cams))  # pyright: ignore[reportArgumentType]  (a split name)
     for d in range(config.n_distractors):
         pid = config.n_identities + d + 1
         target = identities[int(rng.integers(config.n_identities))]
@@ -717,7 +717,7 @@ class _Phrases:
         return f"{self.colour(self.a['shoes_colour'])} {self.choose(_SHOES)}"
 
     def accessories(self) -> list[str]:
-        colours: dict[str, str] = self.a["accessory_colours"]  # type: ignore[assignment]
+        colours: dict[str, str] = self.a["accessory_colours"]  # pyright: ignore[reportAssignmentType]  (sampled so)
         out = []
         if "backpack" in colours:
             c = self.colour(colours["backpack"])

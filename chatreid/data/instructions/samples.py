@@ -78,7 +78,7 @@ def entry_from_annotation(
         camid=int(ann["camid"]),
         modality=str(ann["modality"]),
         split=split,
-        bbox=tuple(int(v) for v in ann["bbox"]),  # type: ignore[arg-type]
+        bbox=tuple(int(v) for v in ann["bbox"]),  # pyright: ignore[reportArgumentType]  (x, y, w, h)
         attributes=ann["attributes"],
         captions=tuple(ann.get("captions", ())),
         sighting=(ann["track_id"], ann["capture_time"], tuple(ann["bbox"])),
