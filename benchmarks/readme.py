@@ -535,7 +535,7 @@ def stale_blocks(text: str, root: Path = ROOT) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--check", action="store_true",
                    help="only check; exit 1 naming every stale block")
     p.add_argument("paths", nargs="*", type=Path,
