@@ -26,8 +26,10 @@ test-all: lint  ## everything, slow tests included
 	$(BIN)/chatreid up --no-ray
 	$(PY) -m pytest -m ""
 
-lint:
+lint:  ## style, the layer contracts (.importlinter) and the type checker (pyrightconfig.json)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/basedpyright
 
 up:
 	$(BIN)/chatreid up
