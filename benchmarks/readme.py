@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -26,7 +27,7 @@ Report = dict[str, Any]
 def documents(root: Path = ROOT) -> list[Path]:
     """Every Markdown file whose figures this script owns."""
     return [root / "README.md", root / "benchmarks" / "README.md",
-            *sorted((root / "docs").glob("*.md"))]
+            root / "deploy" / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 # --- small formatting helpers -------------------------------------------------------------------
@@ -480,6 +481,46 @@ class Block:
     sources: tuple[str, ...]  # JSON files relative to the repository root, passed in order
 
 
+def scaling(ingest_: Report, search: Report, serve: Report) -> str:
+    """deploy/README's sizing table: what one replica of each tier measured, and the planning
+    figure derived from it (per core, per million crops, per replica)."""
+    cpus = ingest_["machine"]["cpus"]
+    e2e, fwd = ingest_["end_to_end"], ingest_["embedder"]
+    h, w = fwd["input"]
+    runs = sorted(search["results"], key=lambda r: r["n"])
+    p50s = ", ".join(f"{r['p50_ms']:.1f} ms at {r['n']:,}" for r in runs)
+    per_vec = max(r["memory_bytes_per_vector"] for r in runs)
+    lat = serve["latency"]
+    spans = "; ".join(
+        f"K = {k}: {_span([r['p50_ms'] / 1000 for r in lat if r['k'] == k])} s p50"
+        for k in sorted({r["k"] for r in lat}))
+    best = max(serve["throughput"], key=lambda t: t["queries_per_s"])
+    rss = [m["rss_mb"] for t in serve["throughput"] for m in t["replica_memory"]]
+    peak = max(m["peak_rss_mb"] for m in serve["replicas_1x2_threads"])
+    ingestor = sum(v for k, v in e2e["cpu_core_seconds"].items() if k.startswith("ingestor"))
+    rows = _table(["component", "measured", "plan with"], [
+        [f"embedder ({fwd['batch']} × {h}×{w} batches)",
+         f"{fwd['forward_crops_per_s']:.0f} crops/s forward alone; {e2e['crops_per_s']:.1f} "
+         "crops/s end to end with ingestor, broker and store on the same cores",
+         f"≈ {e2e['crops_per_s'] / cpus:.0f} crops/s per CPU core per embedder replica; a "
+         "site's crop rate ÷ that = replicas (≤ partitions − 1)"],
+        [f"prefilter search ({runs[0]['dim']}-d, k = {search['args']['k']})",
+         f"{p50s} crops; {per_vec / 1000:.1f} KB per crop",
+         f"memory ≈ {per_vec * 1e6 / 1e9:.1f} GB per million crops per Prefilter replica"],
+        [f"rerank replica (`{serve['args']['model']}`, full dialogue)",
+         f"{spans}; {best['queries_per_s']:.3f} queries/s at K = 20 with "
+         f"{serve['args']['concurrency']} clients; {min(rss) / 1024:.1f}–{max(rss) / 1024:.1f} "
+         f"GiB resident ({peak / 1024:.1f} GiB peak)",
+         f"≈ {best['queries_per_s'] / cpus:.2f} queries/s per core at K = 20; "
+         f"{math.ceil(peak / 1024)} GiB per replica (its peak, rounded up)"],
+        ["ingestor", f"validate + store + publish: {ingestor:g} of "
+         f"{e2e['cpu_core_seconds_available']:g} core-seconds in the ingest benchmark",
+         "not the bottleneck: 1–2 replicas per site"],
+    ])
+    return "\n".join(rows) + (f"\n\n{cpus} CPU cores, no GPU; measured "
+                               f"{_when(ingest_)}, {_when(search)}, {_when(serve)}.")
+
+
 def _results(*names: str) -> tuple[str, ...]:
     return tuple(f"benchmarks/results/{n}.json" for n in names)
 
@@ -503,6 +544,7 @@ BLOCKS: dict[str, Block] = {
     "identity_head": Block(identity_head, _results("rerank_quality")),
     "status": Block(status, _results("rerank_quality", "real_people")),
     "eval_synthetic": Block(eval_synthetic, ("docs/eval/results.json",)),
+    "scaling": Block(scaling, _results("ingest", "prefilter_search", "retrieval_serve")),
 }
 _BLOCK = re.compile(r"<!-- bench:(\w+) -->\n.*?<!-- /bench:\1 -->", re.S)
 _OPEN = re.compile(r"<!-- bench:(\w+) -->")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md",
+DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "deploy" / "README.md",
         *sorted((ROOT / "docs").glob("*.md"))]
 
 
@@ -81,7 +81,7 @@ def _anchors(doc: Path) -> set[str]:
     return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
 
 
-@pytest.mark.parametrize("doc", [*DOCS, ROOT / "deploy" / "README.md"],
+@pytest.mark.parametrize("doc", DOCS,
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves(doc: Path) -> None:
     text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
@@ -118,7 +118,7 @@ def _defines(source: Path, name: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", source.read_text()) is not None
 
 
-@pytest.mark.parametrize("doc", [*DOCS, ROOT / "deploy" / "README.md"],
+@pytest.mark.parametrize("doc", DOCS,
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_code_path_the_docs_name_exists(doc: Path) -> None:
     """Folders, files and dotted names in backticks (``chatreid/query/``,
