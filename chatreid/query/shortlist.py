@@ -27,7 +27,7 @@ from PIL import Image
 from chatreid.errors import BadQuery, EmptyGallery, UnknownCrop
 from chatreid.prefilter.search import PrefilterSearch, SearchResult
 from chatreid.prefilter.store import SearchFilter, VectorMeta
-from chatreid.query.errors import read_crop
+from chatreid.query.crops import read_crop
 from schemas import QueryKind, QueryRequest
 
 _OTHER = {"rgb": "infrared", "infrared": "rgb"}

@@ -11,21 +11,19 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kafka.errors import KafkaError
 
+from chatreid.access import KeyStore
 from chatreid.config import Settings
 from chatreid.http_limits import BodyLimit, send_error
-from chatreid.storage import StoreUnavailable
+from chatreid.storage import ObjectStore, StoreUnavailable
 from schemas import CropEvent, ErrorResponse
 from services.ingestor.service import CropInput, Ingestor
-
-if TYPE_CHECKING:
-    from chatreid.access import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +48,6 @@ def create_app(settings: Settings, ingestor: Ingestor | None = None,
 
     def get_keys() -> KeyStore:
         if "keys" not in state:
-            from chatreid.access import KeyStore  # imports the retrieval errors: only when used
-            from chatreid.storage import ObjectStore
-
             state["keys"] = keys or KeyStore(settings, ObjectStore(settings.s3))
         return state["keys"]
 
