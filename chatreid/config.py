@@ -60,13 +60,15 @@ def revealed(model: BaseModel) -> dict[str, Any]:
     return data
 
 
-def credentials_file() -> Path:
+def credentials_file(data_dir: Path | None = None) -> Path:
     """Where ``chatreid up`` keeps the local stack's generated secrets (owner-only):
-    ``<stack.data_dir>/credentials.env``, stack.data_dir taken from the environment or ``.env``
+    ``<stack.data_dir>/credentials.env``. Without ``data_dir`` (before the settings exist, as
+    when they are being read) stack.data_dir is taken from the environment or ``.env``
     (default ``.chatreid``), relative to the working directory like ``.env`` itself."""
-    data_dir = (os.environ.get("CHATREID_STACK__DATA_DIR")
-                or dotenv_values(".env").get("CHATREID_STACK__DATA_DIR") or ".chatreid")
-    return Path(data_dir) / "credentials.env"
+    if data_dir is None:
+        data_dir = Path(os.environ.get("CHATREID_STACK__DATA_DIR")
+                        or dotenv_values(".env").get("CHATREID_STACK__DATA_DIR") or ".chatreid")
+    return data_dir / "credentials.env"
 
 
 class KafkaSettings(Section):

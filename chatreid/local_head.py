@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from pathlib import Path
 from typing import Any
 
 import psutil
 from dotenv import dotenv_values
 
-from chatreid.config import Settings
+from chatreid.config import Settings, credentials_file
 
 # The local head and an in-process Ray: Ray resolves 127.0.0.1 to the machine's address and
 # binds the GCS, raylet, agents and workers on every interface unless it runs as a single-node
@@ -53,14 +52,9 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
-def credentials_path(settings: Settings) -> Path:
-    """The stack's generated secrets (``chatreid up`` writes them, owner-only)."""
-    return settings.stack.data_dir.resolve() / "credentials.env"
-
-
 def stored(settings: Settings, var: str) -> str | None:
     """A value of the stack's credentials file (None when absent)."""
-    path = credentials_path(settings)
+    path = credentials_file(settings.stack.data_dir.resolve())
     if not path.exists():
         return None
     return dotenv_values(path).get(var) or None

@@ -34,11 +34,10 @@ from typing import IO
 import psutil
 from dotenv import dotenv_values
 
-from chatreid.config import Settings, reveal
+from chatreid.config import Settings, credentials_file, reveal
 from chatreid.local_head import (
     RAY_TOKEN_VAR,
     LocalHead,
-    credentials_path,
     is_loopback,
     port_open,
     ray_token_env,
@@ -130,7 +129,7 @@ class LocalStack:
         self.root = settings.stack.data_dir.resolve()
         self.logs = self.root / "logs"
         self.pidfile = self.root / "pids.json"
-        self.credentials_file = credentials_path(settings)
+        self.credentials_file = credentials_file(settings.stack.data_dir.resolve())
         self.generated: dict[str, str] = {}  # what the last up() generated (shown once)
 
     # -- bookkeeping -------------------------------------------------------------------------
