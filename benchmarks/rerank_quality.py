@@ -102,6 +102,8 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     from chatreid.tuning.identity import (
         Group,
         HeadRecipe,
+        fit_memory,
+        shortlists,
         split_by_person,
         train_identity_head,
     )
@@ -129,6 +131,13 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     table = {str(i): f for i, f in enumerate(feats)}
     head = train_identity_head(fit, table, val, table, osnet.version,
                                HeadRecipe(epochs=epochs), progress=True)
+    # dialogue memory fitted on the held-out train people's cross-camera shortlists
+    people = {int(g.pid) for g in val if g.pid is not None}
+    queries = [i for i in range(len(train)) if pid[i] in people]
+    head.cfg.memory, figures = fit_memory(head, shortlists(
+        "standard", queries, feats, pid, [np.flatnonzero(cam != cam[i]) for i in queries]))
+    head.cfg.metrics |= figures
+    console.print(f"dialogue memory on cuhk03 train (held-out people): {figures}")
     identity = IdentityVision(osnet, head)
     return VLMRuntime(runtime.model, runtime.processor, runtime.spec, settings.serve,
                       identity), osnet, head.cfg.metrics

@@ -183,8 +183,10 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
     from chatreid.tuning.identity import (
         HeadRecipe,
+        fit_memory,
         group_features,
         groups_of,
+        held_out_shortlists,
         sample_index,
         split_by_person,
         train_identity_head,
@@ -209,6 +211,11 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
         train_groups, group_features(train_groups, cache, backbone, load),
         val_groups, group_features(val_groups, cache, backbone, load), backbone.version,
         HeadRecipe(epochs=settings.train.identity_epochs, seed=job.hpt.seed))
+    # the dialogue memory's weight: fitted on the same held-out people's shortlists
+    lists = held_out_shortlists(samples, {str(g.pid) for g in val_groups},
+                                lambda keys: cache.get(keys, load, backbone))
+    head.cfg.memory, memory_figures = fit_memory(head, lists)
+    head.cfg.metrics |= memory_figures
     identity = IdentityVision(backbone, head)
     identity.save(model_dir)
     figures = {f"identity/{k}": v for k, v in head.cfg.metrics.items()}

@@ -76,6 +76,8 @@ class IdentityConfig:
     hidden: int = 0  # width of the MLP residual; 0 = none (on ~1k groups an MLP memorises the
     # training identities: cuhk03 held-out rank-1 35.7 with 256 vs 38.7 without, cosine 34.3)
     metrics: dict[str, float] = field(default_factory=dict)  # training/validation figures
+    memory: float = 0.0  # dialogue memory: weight of the earlier picks in each turn's pointer
+    # term (``IdentityVision.relations``); fitted on held-out people, 0 = off (heads before it)
 
     def __post_init__(self) -> None:
         # heads saved before the rename list "adaptive": read it as today's name
@@ -151,6 +153,18 @@ class IdentityVision:
         kind_t = torch.tensor([self.head.kind_index(kind)])
         return self.head(feats[:1], feats[None, 1:], kind_t)[0].double().numpy()
 
+    @torch.no_grad()
+    def relations(self, query: Image.Image, candidates: Sequence[Image.Image], kind: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(s(q, c) for every candidate, s(c_i, c_j) between candidates): what a dialogue with
+        memory needs — a candidate the dialogue already picked counts as evidence of the
+        person, so later turns also relate the rest to it (``memory_pointer``)."""
+        feats = torch.from_numpy(self.features([query, *candidates]))
+        n, kind_t = len(candidates), torch.tensor([self.head.kind_index(kind)])
+        to_query = self.head(feats[:1], feats[None, 1:], kind_t)[0]
+        between = self.head(feats[1:], feats[None, 1:].expand(n, -1, -1), kind_t.expand(n))
+        return to_query.double().numpy(), between.double().numpy()
+
     # -- files -----------------------------------------------------------------------------------
     def save(self, model_dir: Path) -> Path:
         from chatreid.embedder.load import write_embedder
@@ -170,6 +184,21 @@ class IdentityVision:
             return None
         head = load_identity_head(folder)
         return cls(load_embedder(folder / BACKBONE_DIR, device=device), head)
+
+
+def memory_pointer(to_query: np.ndarray, between: np.ndarray | None, memory: float,
+                   picks: Sequence[tuple[int, float]]) -> np.ndarray:
+    """A turn's pointer term with dialogue memory: ``s(q, c) + memory * sum_p pi_p s(p, c) /
+    sum_p pi_p`` over the earlier picks ``p`` and the probability ``pi_p`` their turn gave them
+    (a sure pick weighs more than a guess). Query expansion inside the dialogue: a second view
+    of the person found in turn 1 helps find a third one in turn 2."""
+    if between is None or not memory or not picks:
+        return to_query
+    weights = np.array([w for _, w in picks], np.float64)
+    if weights.sum() <= 0:
+        return to_query
+    rows = between[[i for i, _ in picks]]
+    return to_query + memory * (weights @ rows) / weights.sum()
 
 
 def save_identity_head(head: IdentityHead, folder: Path) -> None:

@@ -72,18 +72,27 @@ def choice_tokens(tokenizer: PreTrainedTokenizerBase, max_choice: int) -> Choice
     return ChoiceTokens(seqs[0][:n], index_ids)
 
 
+def index_logits(logits: torch.Tensor, index_ids: Sequence[int]) -> np.ndarray:
+    """Next-token logits → the logits of the shown indices' tokens (float64)."""
+    return logits.float()[list(index_ids)].double().cpu().numpy()
+
+
+def answer_distribution(index_logit: np.ndarray, pointer: np.ndarray | None = None
+                        ) -> np.ndarray:
+    """P(index = k) over the shown indices: softmax of the decoder's index logits plus
+    ``pointer`` (one score per shown candidate, from the identity head)."""
+    z = index_logit if pointer is None else index_logit + np.asarray(pointer, np.float64)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
 def index_probabilities(logits: torch.Tensor, index_ids: Sequence[int],
                         pointer: np.ndarray | None = None) -> np.ndarray:
     """Next-token logits → P(index = k), renormalised over the shown indices; ``pointer`` (one
     score per shown candidate, from the identity head) is added to the index logits first."""
-    index_logits = logits.float()[list(index_ids)]
-    if pointer is not None:
-        index_logits = index_logits + torch.as_tensor(pointer, dtype=torch.float32,
-                                                      device=index_logits.device)
-    return torch.softmax(index_logits, dim=-1).double().cpu().numpy()
+    return answer_distribution(index_logits(logits, index_ids), pointer)
 
 
-@torch.no_grad()
 def score_answer(
     model: Qwen2VLForConditionalGeneration,
     enc: dict[str, torch.Tensor],
@@ -92,6 +101,17 @@ def score_answer(
     pointer: np.ndarray | None = None,
 ) -> np.ndarray:
     """One forward over an encoded prompt + the shared answer prefix; P(index = k), k ≤ size."""
+    return answer_distribution(answer_logits(model, enc, tokens, gallery_size), pointer)
+
+
+@torch.no_grad()
+def answer_logits(
+    model: Qwen2VLForConditionalGeneration,
+    enc: dict[str, torch.Tensor],
+    tokens: ChoiceTokens,
+    gallery_size: int,
+) -> np.ndarray:
+    """One forward over an encoded prompt + the shared answer prefix; the index logits."""
     enc = {k: v.to(model.device) for k, v in enc.items()}
     answer = torch.tensor([tokens.prefix], dtype=torch.long, device=model.device)
     ids = torch.cat([enc["input_ids"], answer], dim=1)
@@ -103,4 +123,4 @@ def score_answer(
         image_grid_thw=enc.get("image_grid_thw"),
         logits_to_keep=1,
     )
-    return index_probabilities(out.logits[0, -1], tokens.index_ids[:gallery_size], pointer)
+    return index_logits(out.logits[0, -1], tokens.index_ids[:gallery_size])

@@ -29,13 +29,14 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from chatreid.model import ChatReIDProcessor
-from chatreid.model.identity import IdentityVision
+from chatreid.model.identity import IdentityVision, memory_pointer
 from chatreid.model.prompting import (
     ChoiceTokens,
+    answer_distribution,
+    answer_logits,
     encode_prompt,
-    index_probabilities,
+    index_logits,
     render_prompt,
-    score_answer,
 )
 from chatreid.rerank.prompts import QueryKind, best_choice_prompt, query_head
 
@@ -85,7 +86,10 @@ def split_rendered(processor: ChatReIDProcessor, head: str, gallery: str) -> tup
 
 
 @dataclass
-class _Base:
+class BestChoiceJudge:
+    """What both judges share: the pointer term (with dialogue memory) over the decoder's index
+    logits, which are computed once per group shown."""
+
     model: Qwen2VLForConditionalGeneration
     processor: ChatReIDProcessor
     query: Query
@@ -93,9 +97,36 @@ class _Base:
     tokens: ChoiceTokens
     stats: JudgeStats = field(default_factory=JudgeStats)
     pointer: np.ndarray | None = None  # identity head's score of each candidate (None: none)
+    between: np.ndarray | None = None  # its scores between candidates (dialogue memory)
+    memory: float = 0.0  # weight of the earlier picks in the pointer term (0: no memory)
+    picks: list[tuple[int, float]] = field(default_factory=list)  # (candidate, turn probability)
+    # the decoder's index logits per group shown: a group asked again with a new pointer term
+    # (the memory changed after a pick) costs no forward
+    _logits: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
+
+    @property
+    def remembers(self) -> bool:
+        """Whether a pick changes later turns' answers to groups it was not in."""
+        return self.pointer is not None and self.between is not None and self.memory > 0
+
+    def remember(self, chosen: int, probability: float) -> None:
+        """A turn chose ``chosen`` with ``probability``: later turns relate candidates to it."""
+        self.picks.append((chosen, probability))
 
     def pointer_of(self, members: Sequence[int]) -> np.ndarray | None:
-        return None if self.pointer is None else self.pointer[list(members)]
+        if self.pointer is None:
+            return None
+        full = memory_pointer(self.pointer, self.between, self.memory, self.picks)
+        return full[list(members)]
+
+    def __call__(self, members: Sequence[int]) -> np.ndarray:
+        key = tuple(members)
+        if key not in self._logits:
+            self._logits[key] = self._index_logits(members)
+        return answer_distribution(self._logits[key], self.pointer_of(members))
+
+    def _index_logits(self, members: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
@@ -105,22 +136,21 @@ class _Base:
         return torch.tensor([self.tokens.prefix], dtype=torch.long, device=self.device)
 
 
-class PlainJudge(_Base):
+class PlainJudge(BestChoiceJudge):
     """The reference: the processor encodes the full prompt; one full forward per group."""
 
     @torch.no_grad()
-    def __call__(self, members: Sequence[int]) -> np.ndarray:
+    def _index_logits(self, members: Sequence[int]) -> np.ndarray:
         prompt = best_choice_prompt(self.query.kind, len(members), self.query.text)
         images = [self.query.image] if self.query.image is not None else []
         images += [self.candidates[i] for i in members]
         enc = encode_prompt(self.processor, prompt.text, images)
         self.stats.group_forwards += 1
         self.stats.vision_images += len(images)
-        return score_answer(self.model, enc, self.tokens, len(members),
-                            self.pointer_of(members))
+        return answer_logits(self.model, enc, self.tokens, len(members))
 
 
-class PrefixJudge(_Base):
+class PrefixJudge(BestChoiceJudge):
     """Query part prefilled once, candidate crops encoded once; per group only the list runs."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -214,7 +244,7 @@ class PrefixJudge(_Base):
         return best, cache
 
     @torch.no_grad()
-    def __call__(self, members: Sequence[int]) -> np.ndarray:
+    def _index_logits(self, members: Sequence[int]) -> np.ndarray:
         if self._cache is None:
             self.prepare()
         ids, source = self._suffix_ids(members)
@@ -241,8 +271,7 @@ class PrefixJudge(_Base):
         self.stats.group_forwards += 1
         self.stats.reused_tokens += shared
         self.stats.group_tokens += ids.shape[1]
-        return index_probabilities(out.logits[0, -1], self.tokens.index_ids[: len(members)],
-                                   self.pointer_of(members))
+        return index_logits(out.logits[0, -1], self.tokens.index_ids[: len(members)])
 
 
 _RECENT = 8  # cached group forwards kept per query: a bracket re-asks at most one per level
@@ -277,9 +306,15 @@ def make_judge(
     identity: IdentityVision | None = None,
 ) -> PlainJudge | PrefixJudge:
     """The judge for one query; with an identity head (and an image query of a kind it scores)
-    every turn's answer distribution gets the head's pointer term."""
+    every turn's answer distribution gets the head's pointer term, and with the head's memory
+    on, that term also relates candidates to the dialogue's earlier picks."""
     cls = PrefixJudge if reuse_prefix else PlainJudge
-    pointer = None
-    if identity is not None and query.image is not None and identity.applies_to(query.kind.value):
-        pointer = identity.scores(query.image, candidates, query.kind.value)
-    return cls(model, processor, query, candidates, tokens, pointer=pointer)
+    if identity is None or query.image is None or not identity.applies_to(query.kind.value):
+        return cls(model, processor, query, candidates, tokens)
+    memory = identity.head.cfg.memory
+    if memory > 0:
+        pointer, between = identity.relations(query.image, candidates, query.kind.value)
+    else:
+        pointer, between = identity.scores(query.image, candidates, query.kind.value), None
+    return cls(model, processor, query, candidates, tokens, pointer=pointer, between=between,
+               memory=memory)

@@ -30,6 +30,9 @@ differ in certainty report different numbers (the old non-increasing cap ``min(p
 flattened them). The reranked candidates are ranked by that confidence, ties by turn (earlier
 first: a pick after a near-certain one gets about 0, and the dialogue's order then decides).
 Within a group a tie in probability goes to the candidate shown first (better prefilter rank).
+With the identity head's dialogue memory on (``IdentityConfig.memory``), each pick also enters
+later turns' pointer term (``chatreid.model.identity.memory_pointer``), so after a pick every
+group is judged again - on the decoder logits it already computed, with no new forward.
 Candidates left when ``max_turns`` ends the dialogue follow in prefilter order, with no
 confidence (the belief they share is ``1 - sum c_t``).
 """
@@ -47,7 +50,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
 from chatreid.model.prompting import choice_tokens
-from chatreid.rerank.judge import JudgeStats, Query, make_judge
+from chatreid.rerank.judge import BestChoiceJudge, JudgeStats, Query, make_judge
 
 DEFAULT_GROUP_SIZE = 8  # the largest gallery of stage-3 training (Stage3Config.gallery_size)
 
@@ -143,6 +146,14 @@ class _Bracket:
         self.root = level[0]
         self.pool = set(range(n))
 
+    def invalidate(self) -> None:
+        """Every group judged again at the next turn (the judge's pointer term changed)."""
+        for leaf in self.leaf_of.values():
+            node: _Group | None = leaf
+            while node is not None:
+                node.dirty = True
+                node = node.parent
+
     def remove(self, i: int) -> None:
         self.pool.discard(i)
         node: _Group | None = self.leaf_of[i]
@@ -217,6 +228,7 @@ class BestChoiceReranker:
     ) -> list[TurnRecord]:
         bracket = _Bracket(len(candidates), self.group_size)
         limit = len(candidates) if max_turns is None else min(max_turns, len(candidates))
+        remembers = isinstance(judge, BestChoiceJudge) and judge.remembers
         turns: list[TurnRecord] = []
         for t in range(limit):
             outcome = _decide(bracket.root, bracket.pool, judge)
@@ -224,6 +236,9 @@ class BestChoiceReranker:
             ids = [candidates[i].id for i in outcome.shown]
             turns.append(TurnRecord(t, ids, candidates[outcome.winner].id, outcome.probability))
             bracket.remove(outcome.winner)
+            if remembers:  # every group's answer may change: re-judged (no forward, cached)
+                judge.remember(outcome.winner, outcome.probability)
+                bracket.invalidate()
         return turns
 
 

@@ -201,3 +201,126 @@ def train_identity_head(groups: Sequence[Group], feats: dict[str, np.ndarray],
                 "eval/rank1_untrained": start}
     head.cfg.metrics = figures
     return head.eval()
+
+
+# --- dialogue memory -------------------------------------------------------------------------
+
+MEMORY_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # candidate weights; the fit keeps the best (ties: less)
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """One held-out query's prefilter shortlist: what a dialogue reranks."""
+
+    kind: str
+    query: np.ndarray  # (d,) backbone feature
+    candidates: np.ndarray  # (k, d), prefilter order
+    relevant: np.ndarray  # (k,) bool: the query's person (as the task's protocol counts it)
+    total: int  # the query's relevant items in the whole gallery (the AP denominator)
+
+
+def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.ndarray,
+               allowed: Sequence[np.ndarray], k: int = 10) -> list[Shortlist]:
+    """A shortlist per query index ``queries[n]`` into ``feats``: the ``k`` items of
+    ``allowed[n]`` (the indices the task's protocol lets it match: another camera, other
+    clothes, the other modality) nearest by cosine, as the prefilter returns them. Queries
+    with no relevant item allowed are skipped."""
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    out = []
+    for i, gallery in zip(queries, allowed, strict=True):
+        relevant = pids[gallery] == pids[i]
+        if not relevant.any():
+            continue
+        top = np.argsort(-(unit[gallery] @ unit[i]), kind="stable")[:k]
+        out.append(Shortlist(kind, feats[i], feats[gallery[top]], relevant[top],
+                             int(relevant.sum())))
+    return out
+
+
+@torch.no_grad()
+def dialogue_order(head: IdentityHead, item: Shortlist, memory: float) -> list[int]:
+    """The head's own best-choice dialogue over one shortlist (one group, no decoder): each turn
+    picks the most likely remaining candidate under the pointer term with ``memory``."""
+    from chatreid.model.identity import memory_pointer
+
+    c = torch.from_numpy(np.asarray(item.candidates, np.float32))
+    n, kind = len(c), torch.tensor([head.kind_index(item.kind)])
+    to_query = head(torch.from_numpy(np.asarray(item.query, np.float32))[None], c[None],
+                    kind)[0].double().numpy()
+    between = head(c, c[None].expand(n, -1, -1), kind.expand(n)).double().numpy()
+    left, picks = list(range(n)), []
+    while left:
+        s = memory_pointer(to_query, between, memory, picks)[left]
+        p = np.exp(s - s.max())
+        best = int(np.argmax(p))
+        picks.append((left.pop(best), float(p[best] / p.sum())))
+    return [i for i, _ in picks]
+
+
+def average_precision(relevant_in_order: np.ndarray, total: int) -> float:
+    """AP of a ranked list whose first entries are ``relevant_in_order`` (the rest of the
+    gallery after them is the same whatever the order, so it cancels in a comparison)."""
+    hits = np.cumsum(relevant_in_order)
+    ranks = np.flatnonzero(relevant_in_order) + 1
+    return float((hits[relevant_in_order] / ranks).sum() / max(total, 1))
+
+
+def fit_memory(head: IdentityHead, lists: Sequence[Shortlist],
+               grid: Sequence[float] = MEMORY_GRID) -> tuple[float, dict[str, float]]:
+    """The dialogue-memory weight with the best mean AP on held-out shortlists (ties: the
+    smaller: no memory unless it helps), and the figures behind the choice."""
+    if not lists:
+        return 0.0, {}
+    scores = {m: float(np.mean([average_precision(s.relevant[dialogue_order(head, s, m)],
+                                                  s.total) for s in lists]))
+              for m in grid}
+    best = max(grid, key=lambda m: (round(scores[m], 6), -m))
+    figures = {f"memory/mAP@{m:g}": v for m, v in scores.items()}
+    figures |= {"memory/weight": float(best), "memory/shortlists": float(len(lists))}
+    return float(best), figures
+
+
+def held_out_shortlists(samples: Sequence[InstructionSample], people: set[str],
+                        features: Callable[[list[str]], np.ndarray], k: int = 10
+                        ) -> list[Shortlist]:
+    """Shortlists for the memory fit from stage-3 samples whose query person is in ``people``
+    (held out of the head's training): per task, every crop those samples show forms the
+    gallery, labelled from the samples' metadata; each query crop is matched under the task's
+    protocol (another camera, other clothes, the other modality)."""
+    out = []
+    for kind in IMAGE_KINDS:
+        crops: dict[str, dict] = {}
+        queries: list[str] = []
+        for s in samples:
+            q = s.meta.get("query", {})
+            if (s.stage != 3 or QueryKind.parse(s.task).value != kind
+                    or not s.meta.get("query_is_image", True) or str(q.get("pid")) not in people):
+                continue
+            crops.setdefault(s.images[0], q)
+            queries.append(s.images[0])
+            for key, info in zip(s.images[1:], s.meta.get("gallery", []), strict=False):
+                crops.setdefault(key, info)
+        if not queries:
+            continue
+        keys = list(crops)
+        info = [crops[key] for key in keys]
+        pids = np.array([str(i.get("pid")) for i in info])
+        feats = features(keys)
+        index = {key: i for i, key in enumerate(keys)}
+        qs = [index[q] for q in dict.fromkeys(queries)]
+        rule = _PROTOCOL.get(kind, _PROTOCOL["standard"])
+        allowed = [np.array([j for j in range(len(keys)) if j != i and rule(info[i], info[j],
+                                                                              pids[i] == pids[j])],
+                            dtype=np.int64) for i in qs]
+        lists = shortlists(kind, qs, feats, pids, allowed, k)
+        out += lists
+    return out
+
+
+# what a query may be matched with: (query info, gallery info, same person) -> allowed
+_PROTOCOL: dict[str, Callable[[dict, dict, bool], bool]] = {
+    "standard": lambda q, g, same: not (same and q.get("camid") == g.get("camid")),
+    "multimodal": lambda q, g, same: not (same and q.get("camid") == g.get("camid")),
+    "cloth_changing": lambda q, g, same: not (same and q.get("clothes_id") == g.get("clothes_id")),
+    "visible_infrared": lambda q, g, same: q.get("modality") != g.get("modality"),
+}

@@ -1,0 +1,200 @@
+"""Dialogue memory: a pick of the multi-turn dialogue counts as evidence of the person in later
+turns (query expansion inside the dialogue), at no extra decoder forward, with its weight
+fitted on held-out people and never switched on where it does not help."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chatreid.data.instructions.samples import IMAGE_TOKEN, InstructionSample
+from chatreid.model import build_model
+from chatreid.model.identity import (
+    IdentityConfig,
+    IdentityHead,
+    IdentityVision,
+    load_identity_head,
+    memory_pointer,
+    save_identity_head,
+)
+from chatreid.model.prompting import choice_tokens
+from chatreid.rerank import BestChoiceReranker, Candidate, Query
+from chatreid.rerank.judge import make_judge
+from chatreid.tuning.identity import (
+    Shortlist,
+    average_precision,
+    fit_memory,
+    held_out_shortlists,
+    shortlists,
+)
+
+# query Q; A: the person, close to Q; B: the person seen differently, far from Q but close to
+# A; D1, D2: other people closer to Q than B is
+FEATURES = {
+    (250, 0, 0): [1.0, 0.0, 0.0],  # Q
+    (0, 250, 0): [0.8, 0.6, 0.0],  # A
+    (0, 0, 250): [0.3, 0.95, 0.0],  # B
+    (250, 250, 0): [0.5, 0.0, 0.866],  # D1
+    (0, 250, 250): [0.45, 0.0, 0.893],  # D2
+}
+
+
+class ColourBackbone:
+    """A backbone whose feature of a crop is fixed by its colour (the relations under test)."""
+
+    version = "colour-test"
+    dim = 3
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        return np.array([FEATURES[im.convert("RGB").getpixel((0, 0))] for im in images],
+                        np.float32)
+
+
+def crop(rgb: tuple[int, int, int]) -> Image.Image:
+    return Image.new("RGB", (32, 64), rgb)
+
+
+def identity(memory: float) -> IdentityVision:
+    head = IdentityHead(IdentityConfig(feature_dim=3, encoder_version="colour-test",
+                                       memory=memory))
+    with torch.no_grad():
+        head.log_scale.fill_(float(np.log(40.0)))  # the head outweighs the tiny decoder
+    return IdentityVision(ColourBackbone(), head)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("tiny")
+
+
+def ranked_ids(tiny, memory: float) -> list[str]:
+    model, processor = tiny
+    colours = [(250, 250, 0), (0, 250, 250), (0, 0, 250), (0, 250, 0)]  # D1, D2, B, A
+    cands = [Candidate(name, crop(c)) for name, c in zip(["D1", "D2", "B", "A"], colours,
+                                                         strict=True)]
+    reranker = BestChoiceReranker(model, processor, group_size=4, identity=identity(memory))
+    result = reranker.rerank(Query("standard", image=crop((250, 0, 0))), cands)
+    return [t.chosen for t in result.turns]
+
+
+def test_a_pick_helps_find_the_persons_other_views(tiny) -> None:
+    assert ranked_ids(tiny, 0.0) == ["A", "D1", "D2", "B"]  # B is far from the query itself
+    assert ranked_ids(tiny, 2.0) == ["A", "B", "D1", "D2"]  # but close to A, found in turn 1
+
+
+def test_memory_costs_no_extra_decoder_forward(tiny) -> None:
+    """After a pick every group is judged again under the new pointer term, on the decoder
+    logits it already has: one forward per distinct group shown, none repeated."""
+    model, processor = tiny
+    colours = [(250, 250, 0), (0, 250, 250), (0, 0, 250), (0, 250, 0)] * 3
+    cands = [Candidate(str(i), crop(c)) for i, c in enumerate(colours)]
+    query = Query("standard", image=crop((250, 0, 0)))
+    judge = make_judge(model, processor, query, [c.image for c in cands],
+                       choice_tokens(processor.tokenizer, 4), True, identity(1.0))
+    assert judge.remembers
+    turns = BestChoiceReranker(model, processor, group_size=4)._dialogue(judge, cands, None)
+    assert len(turns) == len(judge.picks) == len(cands)
+    assert judge.stats.group_forwards == len(judge._logits)
+
+
+def test_memory_pointer_weighs_picks_by_their_turn_probability() -> None:
+    to_query = np.array([1.0, 0.0, 0.0])
+    between = np.array([[9.0, 2.0, 0.0], [2.0, 9.0, 4.0], [0.0, 4.0, 9.0]])
+    assert memory_pointer(to_query, between, 0.5, []) is to_query
+    np.testing.assert_allclose(memory_pointer(to_query, between, 0.5, [(0, 1.0)]),
+                               to_query + 0.5 * between[0])
+    mixed = memory_pointer(to_query, between, 1.0, [(0, 0.75), (1, 0.25)])
+    np.testing.assert_allclose(mixed, to_query + 0.75 * between[0] + 0.25 * between[1])
+    assert memory_pointer(to_query, between, 0.0, [(0, 1.0)]) is to_query
+
+
+def test_a_head_saved_without_memory_loads_with_it_off(tmp_path) -> None:
+    head = IdentityHead(IdentityConfig(feature_dim=3, encoder_version="v"))
+    save_identity_head(head, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["memory"]  # as a head saved before memory existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_identity_head(tmp_path).cfg.memory == 0.0
+
+
+def test_average_precision_over_a_shortlist() -> None:
+    assert average_precision(np.array([True, False, True]), 2) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(np.array([False, True]), 4) == pytest.approx(0.5 / 4)
+
+
+def _chains(n: int, seed: int) -> list[Shortlist]:
+    """Shortlists where the person's second view is reachable only through the first."""
+    r = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        q = r.normal(size=16)
+        a = q + r.normal(size=16) * 0.3
+        b = a + r.normal(size=16) * 0.6 - 0.6 * q
+        distractors = [q * 0.5 + r.normal(size=16) for _ in range(6)]
+        cands = np.stack([a, *distractors, b]).astype(np.float32)
+        relevant = np.array([True] + [False] * 6 + [True])
+        out.append(Shortlist("standard", q.astype(np.float32), cands, relevant, 2))
+    return out
+
+
+def test_the_fit_turns_memory_on_where_it_helps_held_out_people() -> None:
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    weight, figures = fit_memory(head, _chains(40, 0))
+    assert weight > 0 and figures[f"memory/mAP@{weight:g}"] > figures["memory/mAP@0"]
+
+
+def test_the_fit_keeps_memory_off_where_it_changes_nothing() -> None:
+    """One relevant item per shortlist, always picked first: no gain, so no memory."""
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    lists = [Shortlist(s.kind, s.query, s.candidates[:7], s.relevant[:7], 1)
+             for s in _chains(20, 1)]
+    weight, figures = fit_memory(head, lists)
+    assert weight == 0.0 and figures["memory/shortlists"] == 20
+
+
+def test_shortlists_follow_the_prefilter_and_skip_queries_without_a_match() -> None:
+    feats = np.array([[1, 0], [0.9, 0.1], [0.1, 1], [0.95, 0.05], [0, 1]], np.float32)
+    pids = np.array([0, 0, 1, 1, 2])
+    lists = shortlists("standard", [0, 4], feats, pids,
+                       [np.array([1, 2, 3]), np.array([0, 1, 2])], k=2)
+    assert len(lists) == 1  # person 2 has no other crop: skipped
+    np.testing.assert_array_equal(lists[0].candidates, feats[[3, 1]])  # nearest first
+    assert lists[0].relevant.tolist() == [False, True] and lists[0].total == 1
+
+
+def _sample(task: str, images: list[str], infos: list[dict]) -> InstructionSample:
+    return InstructionSample(task=task, stage=3, images=images,
+                             prompt=IMAGE_TOKEN * len(images), response="1",
+                             answer={"choice": 1},
+                             meta={"query": infos[0], "gallery": infos[1:]})
+
+
+def test_held_out_shortlists_keep_each_tasks_protocol() -> None:
+    """A same-camera view of the person is no match for a standard query; a cloth-changing
+    query matches only other clothes; people outside the held-out set query nothing."""
+    p = {"q": (0, 0, 1), "same_cam": (0, 0, 1), "other_cam": (0, 1, 1), "x": (1, 1, 1)}
+    infos = {k: {"pid": pid, "camid": cam, "clothes_id": cl} for k, (pid, cam, cl) in p.items()}
+    vec = {"q": [1, 0], "same_cam": [1, 0.01], "other_cam": [0.8, 0.6], "x": [0.9, 0.4]}
+    samples = [_sample("standard", ["q", "same_cam", "x", "other_cam"],
+                       [infos[k] for k in ("q", "same_cam", "x", "other_cam")]),
+               _sample("standard", ["x", "q"], [infos["x"], infos["q"]])]
+
+    def features(keys: list[str]) -> np.ndarray:
+        return np.array([vec[k] for k in keys], np.float32)
+
+    lists = held_out_shortlists(samples, {"0"}, features, k=5)
+    assert len(lists) == 1  # person 1 is not held out
+    (only,) = lists
+    np.testing.assert_array_equal(only.candidates, features(["x", "other_cam"]))
+    assert only.relevant.tolist() == [False, True] and only.total == 1
+    cloth = [_sample("cloth_changing", s.images, [i | {"clothes_id": 0 if k == "q" else 1}
+                                                  for k, i in zip(s.images, [infos[k] for k in
+                                                                             s.images],
+                                                                  strict=True)])
+             for s in samples]
+    (cc,) = held_out_shortlists(cloth, {"0"}, features, k=5)
+    assert cc.total == 2  # same camera, other clothes: a cloth-changing match
