@@ -383,6 +383,16 @@ def rerank_quality(report: Report) -> str:
         if "identity/groups_per_s" in ident:
             acc.append(f"Identity head of {version[:12]}: {ident['identity/groups_per_s']:.0f} "
                        "groups/s on cached features.")
+        heads = [("synthetic", {k.removeprefix("identity/"): v for k, v in ident.items()}),
+                 ("cuhk03_pair1", entry.get("real", {}).get("identity_head") or {})]
+        for where, figures in heads:
+            if "memory/weight" in figures:
+                w = figures["memory/weight"]
+                acc.append(
+                    f"Dialogue memory of the {where} head ({version[:12]}): weight {w:g}, fitted "
+                    f"on {figures['memory/shortlists']:.0f} held-out shortlists (the head's own "
+                    f"dialogue: mAP {figures['memory/mAP@0']:.1%} without memory, "
+                    f"{figures[f'memory/mAP@{w:g}']:.1%} with it).")
     note = (f"mAP / rank-1 (%), K = {report['k']}, {report['queries_per_task']} queries per task "
             "(half fit the fused weight, every row is scored on the other half); bold: above "
             f"the prefilter; {report['machine']}; measured {report['date']}")

@@ -102,6 +102,7 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     from chatreid.tuning.identity import (
         Group,
         HeadRecipe,
+        fit_decoder_weight,
         fit_memory,
         shortlists,
         split_by_person,
@@ -131,6 +132,13 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     table = {str(i): f for i, f in enumerate(feats)}
     head = train_identity_head(fit, table, val, table, osnet.version,
                                HeadRecipe(epochs=epochs), progress=True)
+    # how far to trust the decoder beside the head: fitted on held-out train people's groups
+    # with the decoder's answers (one forward each, as served)
+    asked = [Group(g.task, g.query, g.candidates, g.answer, g.pid,
+                   decoder_answer(runtime, train, g)) for g in val[:DECODER_GROUPS]]
+    head.cfg.decoder_weight, figures = fit_decoder_weight(head, asked, table)
+    head.cfg.metrics |= figures
+    console.print(f"decoder weight on cuhk03 train (held-out people): {figures}")
     # dialogue memory fitted on the held-out train people's cross-camera shortlists
     people = {int(g.pid) for g in val if g.pid is not None}
     queries = [i for i in range(len(train)) if pid[i] in people]
@@ -141,6 +149,25 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     identity = IdentityVision(osnet, head)
     return VLMRuntime(runtime.model, runtime.processor, runtime.spec, settings.serve,
                       identity), osnet, head.cfg.metrics
+
+
+DECODER_GROUPS = 150  # held-out groups the decoder answers to fit its weight (~1 min)
+
+
+def decoder_answer(runtime: VLMRuntime, records, group) -> tuple[float, ...]:
+    """The decoder's index log-probabilities for one group, read as a served turn reads them."""
+    from chatreid.model.prompting import choice_tokens
+    from chatreid.rerank import Query
+    from chatreid.rerank.judge import make_judge
+
+    def image(key: str) -> Image.Image:
+        return Image.open(records[int(key)].path).convert("RGB")
+
+    tokens = choice_tokens(runtime.processor.tokenizer, len(group.candidates))
+    judge = make_judge(runtime.model, runtime.processor, Query("standard", image=image(
+        group.query)), [image(k) for k in group.candidates], tokens, reuse_prefix=True)
+    probs = judge(range(len(group.candidates)))  # no identity head: the decoder alone
+    return tuple(float(x) for x in np.log(np.clip(probs, 1e-12, 1)))
 
 
 def tuning(settings: Settings, n: int = 12) -> dict:

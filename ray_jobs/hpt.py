@@ -183,6 +183,7 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
     from chatreid.tuning.identity import (
         HeadRecipe,
+        fit_decoder_weight,
         fit_memory,
         group_features,
         groups_of,
@@ -211,7 +212,11 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
         train_groups, group_features(train_groups, cache, backbone, load),
         val_groups, group_features(val_groups, cache, backbone, load), backbone.version,
         HeadRecipe(epochs=settings.train.identity_epochs, seed=job.hpt.seed))
-    # the dialogue memory's weight: fitted on the same held-out people's shortlists
+    # how far to trust the decoder beside the head, then the dialogue memory's weight: both
+    # fitted on the same held-out people (their groups; their shortlists)
+    head.cfg.decoder_weight, weight_figures = fit_decoder_weight(
+        head, val_groups, group_features(val_groups, cache, backbone, load))
+    head.cfg.metrics |= weight_figures
     lists = held_out_shortlists(samples, {str(g.pid) for g in val_groups},
                                 lambda keys: cache.get(keys, load, backbone))
     head.cfg.memory, memory_figures = fit_memory(head, lists)

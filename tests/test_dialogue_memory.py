@@ -25,8 +25,10 @@ from chatreid.model.prompting import choice_tokens
 from chatreid.rerank import BestChoiceReranker, Candidate, Query
 from chatreid.rerank.judge import make_judge
 from chatreid.tuning.identity import (
+    Group,
     Shortlist,
     average_precision,
+    fit_decoder_weight,
     fit_memory,
     held_out_shortlists,
     shortlists,
@@ -198,3 +200,47 @@ def test_held_out_shortlists_keep_each_tasks_protocol() -> None:
              for s in samples]
     (cc,) = held_out_shortlists(cloth, {"0"}, features, k=5)
     assert cc.total == 2  # same camera, other clothes: a cloth-changing match
+
+
+def _groups(n: int, seed: int, decoder_knows: bool) -> tuple[list[Group], dict[str, np.ndarray]]:
+    """Groups of 6 where the features show the match faintly, and the decoder either knows the
+    answer (a strong, right prior) or guesses (a strong, random one)."""
+    r = np.random.default_rng(seed)
+    feats, groups = {}, []
+    for p in range(n):
+        me = r.normal(size=16)
+        feats[f"{p}/q"] = me.astype(np.float32)
+        feats[f"{p}/0"] = (me + r.normal(size=16) * 1.5).astype(np.float32)
+        for j in range(1, 6):
+            feats[f"{p}/{j}"] = r.normal(size=16).astype(np.float32)
+        prior = np.where(np.arange(6) == 0, 4.0, 0.0) if decoder_knows else r.normal(size=6) * 4
+        groups.append(Group("standard", f"{p}/q", tuple(f"{p}/{j}" for j in range(6)), 0, p,
+                            tuple(float(x) for x in prior)))
+    return groups, feats
+
+
+@pytest.mark.parametrize(("decoder_knows", "expected"), [(False, 0.0), (True, 1.0)])
+def test_the_decoder_weight_follows_what_the_decoder_knows(decoder_knows, expected) -> None:
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    groups, feats = _groups(200, 4, decoder_knows)
+    weight, figures = fit_decoder_weight(head, groups, feats)
+    assert weight == expected and figures["decoder_weight/groups"] == 200
+    assert fit_decoder_weight(head, [Group(g.task, g.query, g.candidates, g.answer, g.pid)
+                                     for g in groups], feats) == (1.0, {})  # nothing to fit on
+
+
+def test_a_turn_weighs_the_decoder_as_the_head_says(tiny) -> None:
+    """decoder_weight 0: the turn's answer is the head's alone, whatever the decoder says."""
+    model, processor = tiny
+    images = [crop(c) for c in [(250, 250, 0), (0, 250, 250), (0, 0, 250), (0, 250, 0)]]
+    query = Query("standard", image=crop((250, 0, 0)))
+    vision = identity(0.0)
+    tokens = choice_tokens(processor.tokenizer, 4)
+    vision.head.cfg.decoder_weight = 0.0
+    alone = make_judge(model, processor, query, images, tokens, True, vision)(range(4))
+    pointer = vision.scores(crop((250, 0, 0)), images, "standard")
+    np.testing.assert_allclose(alone, np.exp(pointer - pointer.max()) /
+                               np.exp(pointer - pointer.max()).sum(), rtol=1e-6)
+    vision.head.cfg.decoder_weight = 1.0
+    mixed = make_judge(model, processor, query, images, tokens, True, vision)(range(4))
+    assert not np.allclose(mixed, alone)

@@ -78,6 +78,9 @@ class IdentityConfig:
     metrics: dict[str, float] = field(default_factory=dict)  # training/validation figures
     memory: float = 0.0  # dialogue memory: weight of the earlier picks in each turn's pointer
     # term (``IdentityVision.relations``); fitted on held-out people, 0 = off (heads before it)
+    decoder_weight: float = 1.0  # how far a turn trusts the decoder's index logits beside the
+    # head: answer = softmax(decoder_weight * logits + s); fitted on groups the decoder never
+    # trained on (1 = plain sum, as heads saved before it)
 
     def __post_init__(self) -> None:
         # heads saved before the rename list "adaptive": read it as today's name
@@ -141,6 +144,10 @@ class IdentityVision:
 
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
         return np.asarray(self.backbone.embed([im.convert("RGB") for im in images]), np.float32)
+
+    @property
+    def decoder_weight(self) -> float:
+        return self.head.cfg.decoder_weight
 
     def applies_to(self, kind: str) -> bool:
         return _kind_name(kind) in self.head.cfg.kinds

@@ -86,24 +86,6 @@ def answer_distribution(index_logit: np.ndarray, pointer: np.ndarray | None = No
     return z / z.sum()
 
 
-def index_probabilities(logits: torch.Tensor, index_ids: Sequence[int],
-                        pointer: np.ndarray | None = None) -> np.ndarray:
-    """Next-token logits → P(index = k), renormalised over the shown indices; ``pointer`` (one
-    score per shown candidate, from the identity head) is added to the index logits first."""
-    return answer_distribution(index_logits(logits, index_ids), pointer)
-
-
-def score_answer(
-    model: Qwen2VLForConditionalGeneration,
-    enc: dict[str, torch.Tensor],
-    tokens: ChoiceTokens,
-    gallery_size: int,
-    pointer: np.ndarray | None = None,
-) -> np.ndarray:
-    """One forward over an encoded prompt + the shared answer prefix; P(index = k), k ≤ size."""
-    return answer_distribution(answer_logits(model, enc, tokens, gallery_size), pointer)
-
-
 @torch.no_grad()
 def answer_logits(
     model: Qwen2VLForConditionalGeneration,

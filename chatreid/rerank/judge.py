@@ -99,6 +99,7 @@ class BestChoiceJudge:
     pointer: np.ndarray | None = None  # identity head's score of each candidate (None: none)
     between: np.ndarray | None = None  # its scores between candidates (dialogue memory)
     memory: float = 0.0  # weight of the earlier picks in the pointer term (0: no memory)
+    decoder_weight: float = 1.0  # the decoder logits' weight beside the pointer term
     picks: list[tuple[int, float]] = field(default_factory=list)  # (candidate, turn probability)
     # the decoder's index logits per group shown: a group asked again with a new pointer term
     # (the memory changed after a pick) costs no forward
@@ -123,7 +124,9 @@ class BestChoiceJudge:
         key = tuple(members)
         if key not in self._logits:
             self._logits[key] = self._index_logits(members)
-        return answer_distribution(self._logits[key], self.pointer_of(members))
+        pointer = self.pointer_of(members)
+        logits = self._logits[key] if pointer is None else self.decoder_weight * self._logits[key]
+        return answer_distribution(logits, pointer)
 
     def _index_logits(self, members: Sequence[int]) -> np.ndarray:
         raise NotImplementedError
@@ -317,4 +320,4 @@ def make_judge(
     else:
         pointer, between = identity.scores(query.image, candidates, query.kind.value), None
     return cls(model, processor, query, candidates, tokens, pointer=pointer, between=between,
-               memory=memory)
+               memory=memory, decoder_weight=identity.decoder_weight)

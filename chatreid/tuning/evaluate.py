@@ -13,7 +13,13 @@ from transformers import Qwen2VLForConditionalGeneration
 from chatreid.data.instructions import InstructionSample
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
-from chatreid.model.prompting import ChoiceTokens, choice_tokens, encode_prompt, score_answer
+from chatreid.model.prompting import (
+    ChoiceTokens,
+    answer_distribution,
+    answer_logits,
+    choice_tokens,
+    encode_prompt,
+)
 from chatreid.tuning.collate import ImageLoader, load_images
 from chatreid.tuning.stages import StageRule
 
@@ -31,11 +37,13 @@ def choice_probabilities(
     identity head's pointer term when the model has one and the query is an image)."""
     images = load_images(sample, load, rule)
     enc = encode_prompt(processor, sample.prompt, images)
-    pointer = None
+    logits = answer_logits(model, enc, tokens, gallery_size_of(sample))
     kind = sample.task  # stage-3 task names are the query kinds the head scores
     if identity is not None and sample.meta.get("query_is_image") and identity.applies_to(kind):
+        # as a served turn weighs them (``chatreid.rerank.judge``)
         pointer = identity.scores(images[0], images[1:], kind)
-    return score_answer(model, enc, tokens, gallery_size_of(sample), pointer)
+        return answer_distribution(identity.decoder_weight * logits, pointer)
+    return answer_distribution(logits)
 
 
 def gallery_size_of(sample: InstructionSample) -> int:
