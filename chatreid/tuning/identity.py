@@ -211,21 +211,23 @@ DECODER_GRID = (0.0, 0.25, 0.5, 1.0)  # decoder_weight candidates; the fit keeps
 @torch.no_grad()
 def fit_decoder_weight(head: IdentityHead, groups: Sequence[Group], feats: dict[str, np.ndarray],
                        grid: Sequence[float] = DECODER_GRID) -> tuple[float, dict[str, float]]:
-    """The decoder logits' weight beside the head (``IdentityConfig.decoder_weight``) with the
-    best best-choice rank-1 on held-out ``groups`` carrying the decoder's answers (ties: the
-    larger, the paper's decoder kept unless it hurts); 1.0 when no group has them."""
+    """The decoder logits' weight beside the head (``IdentityConfig.decoder_weight``) whose
+    turn answers are best on held-out ``groups`` carrying the decoder's answers: the smallest
+    mean negative log-likelihood of the right candidate (a decoder sure of wrong answers costs
+    much, one that knows gains). Rank-1 is reported beside it. 1.0 when no group has them."""
     known = [g for g in groups if g.prior is not None]
     if not known:
         return 1.0, {}
     batch = _Batch(known, feats, head)
     s = head(batch.q, batch.c, batch.kind)
-    answer = batch.answer
-    scores = {}
+    nll, rank1 = {}, {}
     for w in grid:
         logits = (w * batch.prior + s).masked_fill(~batch.mask, float("-inf"))
-        scores[w] = float((logits.argmax(-1) == answer).float().mean())
-    best = max(grid, key=lambda w: (round(scores[w], 6), w))
-    figures = {f"decoder_weight/rank1@{w:g}": v for w, v in scores.items()}
+        nll[w] = float(torch.nn.functional.cross_entropy(logits, batch.answer))
+        rank1[w] = float((logits.argmax(-1) == batch.answer).float().mean())
+    best = min(grid, key=lambda w: (round(nll[w], 6), -w))
+    figures = {f"decoder_weight/nll@{w:g}": v for w, v in nll.items()}
+    figures |= {f"decoder_weight/rank1@{w:g}": v for w, v in rank1.items()}
     return float(best), figures | {"decoder_weight/value": float(best),
                                    "decoder_weight/groups": float(len(known))}
 
