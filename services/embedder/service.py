@@ -230,7 +230,7 @@ class EmbedderService:
     def _log_replaced(self) -> bool:
         """The crops topic was recreated (its id changed: the broker lost its log): positions
         into the old log would skip the new one's first records, so every partition starts
-        over at the new log's beginning (re-read crops are skipped: the index is idempotent by
+        over at offset 0 of the new log (re-read crops are skipped: the index is idempotent by
         crop id). Not from the committed offset: the consumer answers that from its cache,
         which still holds the old log's offsets and skipped the new log's first crops."""
         now = topic_id(self.consumer, self.crops_topic)
@@ -241,23 +241,29 @@ class EmbedderService:
             return False
         log.warning("%s was recreated (the broker lost its log); starting over in the new log",
                     self.crops_topic)
-        self.consumer.seek_to_beginning(*self.consumer.assignment())
+        for tp in self.consumer.assignment():  # an explicit 0: Tansu's answer to a reset to
+            self.consumer.seek(tp, 0)  # "earliest" skipped the new log's first crops
         return True
 
     def _past_log_end(self) -> bool:
         """Rewind partitions whose position lies beyond the log's end (the high watermark of
         their last fetch): the broker lost the log and started a new one, and Tansu answers
         such fetches with nothing rather than OFFSET_OUT_OF_RANGE, so the consumer would wait
-        there forever. Resumes at the new log's beginning (the committed offset the consumer
-        caches belongs to the old log). Returns whether any partition was rewound."""
+        there forever. Resumes from the committed offset if it is inside the log, else from
+        the beginning: a broker that kept its log can report its end one batch short (Tansu),
+        and replaying from the start there would re-read it all. (A log that was replaced is
+        caught first by its topic id, :meth:`_log_replaced`.) Returns whether any partition
+        was rewound."""
         rewound = False
         for tp in self.consumer.assignment():
             hw = self.consumer.highwater(tp)
             if hw is None or position(self.consumer, tp) <= hw:
                 continue
+            committed = self.consumer.committed(tp)
+            start = committed if committed is not None and committed <= hw else 0
             log.warning("%s: position %d is beyond the log end %d (the broker lost its log); "
-                        "resuming at its beginning", tp, position(self.consumer, tp), hw)
-            self.consumer.seek_to_beginning(tp)
+                        "resuming at %d", tp, position(self.consumer, tp), hw, start)
+            self.consumer.seek(tp, start)
             rewound = True
         return rewound
 
