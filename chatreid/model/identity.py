@@ -128,6 +128,17 @@ class IdentityHead(nn.Module):
         return linear + self.mlp(rel)[..., 0]
 
 
+    @torch.no_grad()
+    def relations(self, query: torch.Tensor, candidates: torch.Tensor, kind: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(s(q, c) for every candidate, s(c_i, c_j) between candidates) from features: ``query``
+        (d,), ``candidates`` (n, d) - what a dialogue with memory needs (``memory_pointer``)."""
+        n, kind_t = len(candidates), torch.tensor([self.kind_index(kind)])
+        to_query = self(query[None], candidates[None], kind_t)[0]
+        between = self(candidates, candidates[None].expand(n, -1, -1), kind_t.expand(n))
+        return to_query.double().numpy(), between.double().numpy()
+
+
 class IdentityVision:
     """A backbone and its identity head: what a best-choice turn adds to the decoder's logits."""
 
@@ -160,17 +171,13 @@ class IdentityVision:
         kind_t = torch.tensor([self.head.kind_index(kind)])
         return self.head(feats[:1], feats[None, 1:], kind_t)[0].double().numpy()
 
-    @torch.no_grad()
     def relations(self, query: Image.Image, candidates: Sequence[Image.Image], kind: str
                   ) -> tuple[np.ndarray, np.ndarray]:
         """(s(q, c) for every candidate, s(c_i, c_j) between candidates): what a dialogue with
         memory needs — a candidate the dialogue already picked counts as evidence of the
         person, so later turns also relate the rest to it (``memory_pointer``)."""
         feats = torch.from_numpy(self.features([query, *candidates]))
-        n, kind_t = len(candidates), torch.tensor([self.head.kind_index(kind)])
-        to_query = self.head(feats[:1], feats[None, 1:], kind_t)[0]
-        between = self.head(feats[1:], feats[None, 1:].expand(n, -1, -1), kind_t.expand(n))
-        return to_query.double().numpy(), between.double().numpy()
+        return self.head.relations(feats[0], feats[1:], kind)
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, model_dir: Path) -> Path:

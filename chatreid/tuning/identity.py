@@ -27,6 +27,7 @@ from chatreid.model.identity import (
     FeatureCache,
     IdentityConfig,
     IdentityHead,
+    memory_pointer,
 )
 from chatreid.rerank.prompts import QueryKind
 
@@ -266,18 +267,13 @@ def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.nd
     return out
 
 
-@torch.no_grad()
 def dialogue_order(head: IdentityHead, item: Shortlist, memory: float) -> list[int]:
     """The head's own best-choice dialogue over one shortlist (one group, no decoder): each turn
     picks the most likely remaining candidate under the pointer term with ``memory``."""
-    from chatreid.model.identity import memory_pointer
-
-    c = torch.from_numpy(np.asarray(item.candidates, np.float32))
-    n, kind = len(c), torch.tensor([head.kind_index(item.kind)])
-    to_query = head(torch.from_numpy(np.asarray(item.query, np.float32))[None], c[None],
-                    kind)[0].double().numpy()
-    between = head(c, c[None].expand(n, -1, -1), kind.expand(n)).double().numpy()
-    left, picks = list(range(n)), []
+    to_query, between = head.relations(torch.from_numpy(np.asarray(item.query, np.float32)),
+                                       torch.from_numpy(np.asarray(item.candidates, np.float32)),
+                                       item.kind)
+    left, picks = list(range(len(to_query))), []
     while left:
         s = memory_pointer(to_query, between, memory, picks)[left]
         p = np.exp(s - s.max())
