@@ -177,16 +177,19 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     """Train the identity head on the stage's groups (cached backbone features; the epoch is
     chosen on held-out people of the training split) and save it beside the model. Returns its
     figures, and the decoder + head's held-out best-choice accuracy (as served) per task."""
+    from chatreid.embedder.colour import ColourAttributeMatcher
     from chatreid.model import build_model
     from chatreid.model.identity import FeatureCache, IdentityVision
     from chatreid.model.prompting import choice_tokens
     from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
     from chatreid.tuning.identity import (
         HeadRecipe,
+        fit_clue,
         fit_decoder_weight,
         fit_memory,
         group_features,
         groups_of,
+        held_out_clue_shortlists,
         held_out_shortlists,
         sample_index,
         split_by_person,
@@ -212,15 +215,25 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
         train_groups, group_features(train_groups, cache, backbone, load),
         val_groups, group_features(val_groups, cache, backbone, load), backbone.version,
         HeadRecipe(epochs=settings.train.identity_epochs, seed=job.hpt.seed))
-    # how far to trust the decoder beside the head, then the dialogue memory's weight: both
-    # fitted on the same held-out people (their groups; their shortlists)
+    # how far to trust the decoder beside the head, then the dialogue memory's weight, then the
+    # clue term's: all fitted on the same held-out people (their groups; their shortlists)
     head.cfg.decoder_weight, weight_figures = fit_decoder_weight(
         head, val_groups, group_features(val_groups, cache, backbone, load))
     head.cfg.metrics |= weight_figures
-    lists = held_out_shortlists(samples, {str(g.pid) for g in val_groups},
-                                lambda keys: cache.get(keys, load, backbone))
-    head.cfg.memory, memory_figures = fit_memory(head, lists)
+    people = {str(g.pid) for g in val_groups}
+
+    def features(keys: list[str]):
+        return cache.get(keys, load, backbone)
+
+    head.cfg.memory, memory_figures = fit_memory(
+        head, held_out_shortlists(samples, people, features))
     head.cfg.metrics |= memory_figures
+    # the clue term's weight and memory per text kind, on the same people's text queries
+    matcher = ColourAttributeMatcher()
+    clue_lists = held_out_clue_shortlists(
+        samples, people, features, lambda keys: matcher.embed_images([load(k) for k in keys]))
+    head.cfg.clue, head.cfg.kind_memory, clue_figures = fit_clue(head, clue_lists)
+    head.cfg.metrics |= clue_figures
     identity = IdentityVision(backbone, head)
     identity.save(model_dir)
     figures = {f"identity/{k}": v for k, v in head.cfg.metrics.items()}

@@ -55,8 +55,8 @@ from chatreid.data.worlds import (
 from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
 
 # Bump when a builder's output changes for the same spec: the dataset ids change with it, so an
-# old build is never mistaken for a new one.
-FORMAT = 1
+# old build is never mistaken for a new one. 2: stage-3 text samples carry their clue (meta).
+FORMAT = 2
 # The builder config of each stage; a spec's ``overrides`` set its fields.
 STAGE_CONFIGS: dict[int, type] = {1: CaptionFilter, 2: Stage2Config, 3: Stage3Config}
 

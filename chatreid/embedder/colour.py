@@ -9,7 +9,8 @@ sides can state about a person: the colour of the upper and of the lower garment
   bands sit at fixed fractions of the height);
 * a text becomes two one-hot vectors: the colour word nearest before an upper-garment noun
   ("a red t-shirt", "a purple zip-up jacket") and before a lower-garment noun; an attribute
-  mapping names them directly (``upper_colour``, ``lower_colour``).
+  mapping names them directly (``upper_colour``, ``lower_colour``), and so does an attribute
+  list as the VLM reads it ("upper clothing colour: red; lower clothing colour: dark blue").
 
 Their dot product is the share of torso pixels in the stated upper colour plus the share of leg
 pixels in the stated lower colour; ``distance`` divides by the parts the text names, so it lies
@@ -46,6 +47,8 @@ _LOOKBACK = 6  # words before a garment noun searched for its colour
 # Words that end a garment's phrase when looking back ("and" does not: "red and white shirt").
 _STOP = frozenset({"with", "wearing", "wears", "in", "has", "is"}) | UPPER_NOUNS | LOWER_NOUNS
 _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
+# "label: value" where the label names a part's colour (``attribute_text``'s form)
+_LABELLED = re.compile(r"\b(upper|lower)\b[^:;,]*\bcolou?r\s*:\s*([a-z]+(?: [a-z]+)?)")
 
 
 class ColourAttributeMatcher:
@@ -119,7 +122,14 @@ def _term(word: str) -> str | None:
 
 
 def _parse_text(text: str) -> dict[str, str]:
-    words = _WORD.findall(text.lower())
+    text = text.lower()
+    labelled = {part: colour for part, value in _LABELLED.findall(text)
+                if (colour := _term(value) or _term(value.split()[0]))}
+    return labelled | {k: v for k, v in _parse_words(text).items() if k not in labelled}
+
+
+def _parse_words(text: str) -> dict[str, str]:
+    words = _WORD.findall(text)
     # Two-word colour names first ("dark blue" -> navy) so they are one token.
     merged: list[str] = []
     i = 0

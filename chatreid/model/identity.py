@@ -15,12 +15,17 @@ field already knows about people lives in Re-ID backbones, so the VLM gets one:
   on L2-normalised features: a per-task metric (cloth-changing and visible-infrared learn which
   dimensions survive a change of clothes or of modality) starting exactly at ``scale * cos``;
 * **pointer term**: the turn's answer distribution is ``softmax(decoder index logits + s)``
-  over the candidates shown — the decoder's own logits, shifted by what the identity head sees.
+  over the candidates shown — the decoder's own logits, shifted by what the identity head sees;
+* **clue term**: a query with a text clue (text-to-image, attribute, multimodal) also adds
+  ``clue[kind] * m(t, c)``, the colour-attribute match between the clue and the candidate
+  (``chatreid.embedder.colour``: the share of the candidate's torso/leg pixels in the colours the
+  clue names, in [0, 1] like a cosine), its weight fitted on held-out people per kind — the
+  VLM's reading of the clue, where the 135M decoder alone answers text queries at chance.
 
 The decoder stays a ``Qwen2VLForConditionalGeneration`` with its processor and chat template;
 the head is an optional ``identity/`` folder beside the weights. A hub Qwen2-VL checkpoint has
-none and runs exactly the paper's way (pointer term 0); text-only queries have no query image
-and get no pointer term either.
+none and runs exactly the paper's way (pointer term 0); a text-only query gets only the clue
+term (none from heads saved before it).
 
 The head trains on cached backbone features (:class:`FeatureCache`): the backbone is frozen, so
 each crop's features are computed once per backbone version, and a cache written for another
@@ -41,6 +46,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from chatreid.embedder.colour import ColourAttributeMatcher
 from schemas.api import QueryKind
 
 IDENTITY_DIR = "identity"
@@ -50,6 +56,11 @@ BACKBONE_DIR = "backbone"
 # Image-query kinds the head scores (text-only kinds have no query image to relate to).
 IMAGE_KINDS = ("standard", "cloth_changing", "visible_infrared", "multimodal")
 INITIAL_SCALE = 10.0  # s = 10 cos at start: a 0.1 cosine gap is one logit
+# Kinds whose query carries a text clue: the clue term's kinds.
+CLUE_KINDS = tuple(k.value for k in QueryKind if k.has_text)
+# The metric that relates two candidates to each other (dialogue memory) when the query has no
+# image: "is this the same person in another view", the standard task's question.
+BETWEEN_KIND = "standard"
 
 
 def _kind_name(kind: str) -> str:
@@ -81,10 +92,22 @@ class IdentityConfig:
     decoder_weight: float = 1.0  # how far a turn trusts the decoder's index logits beside the
     # head: answer = softmax(decoder_weight * logits + s); fitted on groups the decoder never
     # trained on (1 = plain sum, as heads saved before it)
+    clue: dict[str, float] = field(default_factory=dict)  # per query kind with a text clue, the
+    # weight of the clue's colour-attribute match in the pointer term; fitted on held-out people;
+    # a kind absent gets no clue term (heads before it)
+    kind_memory: dict[str, float] = field(default_factory=dict)  # a kind's own memory weight
+    # where it was fitted apart from ``memory`` (the clue kinds: an earlier pick says less about
+    # a person described by two colours than about a photographed one)
 
     def __post_init__(self) -> None:
         # heads saved before the rename list "adaptive": read it as today's name
         self.kinds = [_kind_name(k) for k in self.kinds]
+        self.clue = {_kind_name(k): float(v) for k, v in self.clue.items()}
+        self.kind_memory = {_kind_name(k): float(v) for k, v in self.kind_memory.items()}
+
+    def memory_of(self, kind: str) -> float:
+        """The dialogue-memory weight a query of ``kind`` runs with."""
+        return self.kind_memory.get(_kind_name(kind), self.memory)
 
 
 class IdentityHead(nn.Module):
@@ -133,10 +156,16 @@ class IdentityHead(nn.Module):
                   ) -> tuple[np.ndarray, np.ndarray]:
         """(s(q, c) for every candidate, s(c_i, c_j) between candidates) from features: ``query``
         (d,), ``candidates`` (n, d) - what a dialogue with memory needs (``memory_pointer``)."""
-        n, kind_t = len(candidates), torch.tensor([self.kind_index(kind)])
+        kind_t = torch.tensor([self.kind_index(kind)])
         to_query = self(query[None], candidates[None], kind_t)[0]
-        between = self(candidates, candidates[None].expand(n, -1, -1), kind_t.expand(n))
-        return to_query.double().numpy(), between.double().numpy()
+        return to_query.double().numpy(), self.between(candidates, kind)
+
+    @torch.no_grad()
+    def between(self, candidates: torch.Tensor, kind: str) -> np.ndarray:
+        """s(c_i, c_j) between candidates (n, d) under ``kind``'s metric."""
+        n, kind_t = len(candidates), torch.tensor([self.kind_index(kind)])
+        return self(candidates, candidates[None].expand(n, -1, -1),
+                    kind_t.expand(n)).double().numpy()
 
 
 class IdentityVision:
@@ -161,7 +190,38 @@ class IdentityVision:
         return self.head.cfg.decoder_weight
 
     def applies_to(self, kind: str) -> bool:
-        return _kind_name(kind) in self.head.cfg.kinds
+        """Whether a query of ``kind`` gets a pointer term (an image term or a clue term)."""
+        kind = _kind_name(kind)
+        return kind in self.head.cfg.kinds or self.head.cfg.clue.get(kind, 0.0) > 0
+
+    def memory_of(self, kind: str) -> float:
+        return self.head.cfg.memory_of(kind)
+
+    def pointer_terms(self, kind: str, image: Image.Image | None, text: str | None,
+                      candidates: Sequence[Image.Image]
+                      ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A query's pointer term over ``candidates`` and, when its kind runs with dialogue
+        memory, the scores between candidates; None when the head adds nothing to it (a kind it
+        does not score, a text-only query without a fitted clue weight).
+
+        The term is ``s(q, c)`` for an image query of a kind the head scores, plus
+        ``clue[kind] * m(text, c)`` for a clue (module doc)."""
+        kind = _kind_name(kind)
+        weight = self.head.cfg.clue.get(kind, 0.0) if text else 0.0
+        sees_image = image is not None and kind in self.head.cfg.kinds
+        if not sees_image and not weight:
+            return None
+        memory = self.memory_of(kind) > 0
+        if sees_image:
+            feats = torch.from_numpy(self.features([image, *candidates]))  # pyright: ignore[reportArgumentType]  (checked above)
+            to_query, between = self.head.relations(feats[0], feats[1:], kind)
+        else:
+            to_query = np.zeros(len(candidates))
+            between = (self.head.between(torch.from_numpy(self.features(candidates)),
+                                         BETWEEN_KIND) if memory else None)
+        if weight:
+            to_query = to_query + weight * clue_match(text or "", candidates)
+        return to_query, between if memory else None
 
     @torch.no_grad()
     def scores(self, query: Image.Image, candidates: Sequence[Image.Image], kind: str
@@ -198,6 +258,16 @@ class IdentityVision:
             return None
         head = load_identity_head(folder)
         return cls(load_embedder(folder / BACKBONE_DIR, device=device), head)
+
+
+_MATCHER = ColourAttributeMatcher()
+
+
+def clue_match(clue: str, candidates: Sequence[Image.Image]) -> np.ndarray:
+    """m(t, c) in [0, 1] for every candidate: the share of its pixels in the garment colours the
+    clue names (0 everywhere when it names none) - the text prefilter's own score."""
+    text = _MATCHER.embed_texts([clue])
+    return 1.0 - _MATCHER.distance(text, _MATCHER.embed_images(candidates))[0].astype(np.float64)
 
 
 def memory_pointer(to_query: np.ndarray, between: np.ndarray | None, memory: float,

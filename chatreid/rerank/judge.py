@@ -308,16 +308,16 @@ def make_judge(
     reuse_prefix: bool,
     identity: IdentityVision | None = None,
 ) -> PlainJudge | PrefixJudge:
-    """The judge for one query; with an identity head (and an image query of a kind it scores)
-    every turn's answer distribution gets the head's pointer term, and with the head's memory
-    on, that term also relates candidates to the dialogue's earlier picks."""
+    """The judge for one query; with an identity head (an image query of a kind it scores, or
+    a clue of a kind it has a clue weight for) every turn's answer distribution gets the head's
+    pointer term, and with the kind's memory on, that term also relates candidates to the
+    dialogue's earlier picks."""
     cls = PrefixJudge if reuse_prefix else PlainJudge
-    if identity is None or query.image is None or not identity.applies_to(query.kind.value):
+    kind = query.kind.value
+    terms = None if identity is None else identity.pointer_terms(kind, query.image, query.text,
+                                                                 candidates)
+    if identity is None or terms is None:
         return cls(model, processor, query, candidates, tokens)
-    memory = identity.head.cfg.memory
-    if memory > 0:
-        pointer, between = identity.relations(query.image, candidates, query.kind.value)
-    else:
-        pointer, between = identity.scores(query.image, candidates, query.kind.value), None
+    pointer, between = terms
     return cls(model, processor, query, candidates, tokens, pointer=pointer, between=between,
-               memory=memory, decoder_weight=identity.decoder_weight)
+               memory=identity.memory_of(kind), decoder_weight=identity.decoder_weight)

@@ -34,16 +34,21 @@ def choice_probabilities(
     identity: IdentityVision | None = None,
 ) -> np.ndarray:
     """P(index = k | prompt) for k = 1..gallery size, renormalised over the gallery (with the
-    identity head's pointer term when the model has one and the query is an image)."""
+    identity head's pointer term when the model has one and it applies: an image query of a
+    kind it scores, a clue (``meta["clue"]``, datasets since format 2) of a kind it weighs)."""
     images = load_images(sample, load, rule)
     enc = encode_prompt(processor, sample.prompt, images)
     logits = answer_logits(model, enc, tokens, gallery_size_of(sample))
-    kind = sample.task  # stage-3 task names are the query kinds the head scores
-    if identity is not None and sample.meta.get("query_is_image") and identity.applies_to(kind):
-        # as a served turn weighs them (``chatreid.rerank.judge``)
-        pointer = identity.scores(images[0], images[1:], kind)
-        return answer_distribution(identity.decoder_weight * logits, pointer)
-    return answer_distribution(logits)
+    if identity is None:
+        return answer_distribution(logits)
+    has_image = bool(sample.meta.get("query_is_image"))
+    # stage-3 task names are query kinds (``QueryKind.parse`` reads "attribute_query")
+    terms = identity.pointer_terms(sample.task, images[0] if has_image else None,
+                                   sample.meta.get("clue"), images[1:] if has_image else images)
+    if terms is None:
+        return answer_distribution(logits)
+    # as a served first turn weighs them (``chatreid.rerank.judge``)
+    return answer_distribution(identity.decoder_weight * logits, terms[0])
 
 
 def gallery_size_of(sample: InstructionSample) -> int:

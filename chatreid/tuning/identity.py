@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from chatreid.data.instructions import InstructionSample
 from chatreid.model.identity import (
+    BETWEEN_KIND,
+    CLUE_KINDS,
     IMAGE_KINDS,
     FeatureCache,
     IdentityConfig,
@@ -243,10 +245,11 @@ class Shortlist:
     """One held-out query's prefilter shortlist: what a dialogue reranks."""
 
     kind: str
-    query: np.ndarray  # (d,) backbone feature
+    query: np.ndarray | None  # (d,) backbone feature; None: a text-only query
     candidates: np.ndarray  # (k, d), prefilter order
     relevant: np.ndarray  # (k,) bool: the query's person (as the task's protocol counts it)
     total: int  # the query's relevant items in the whole gallery (the AP denominator)
+    match: np.ndarray | None = None  # (k,) the clue's colour match m(t, c); None: no clue
 
 
 def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.ndarray,
@@ -267,12 +270,19 @@ def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.nd
     return out
 
 
-def dialogue_order(head: IdentityHead, item: Shortlist, memory: float) -> list[int]:
+def dialogue_order(head: IdentityHead, item: Shortlist, memory: float, clue: float = 0.0
+                   ) -> list[int]:
     """The head's own best-choice dialogue over one shortlist (one group, no decoder): each turn
-    picks the most likely remaining candidate under the pointer term with ``memory``."""
-    to_query, between = head.relations(torch.from_numpy(np.asarray(item.query, np.float32)),
-                                       torch.from_numpy(np.asarray(item.candidates, np.float32)),
-                                       item.kind)
+    picks the most likely remaining candidate under the pointer term (the image term, plus
+    ``clue`` times the clue's match) with ``memory`` - as ``IdentityVision.pointer_terms``."""
+    cands = torch.from_numpy(np.asarray(item.candidates, np.float32))
+    if item.query is not None:
+        to_query, between = head.relations(torch.from_numpy(np.asarray(item.query, np.float32)),
+                                           cands, item.kind)
+    else:
+        to_query, between = np.zeros(len(cands)), head.between(cands, BETWEEN_KIND)
+    if clue and item.match is not None:
+        to_query = to_query + clue * item.match
     left, picks = list(range(len(to_query))), []
     while left:
         s = memory_pointer(to_query, between, memory, picks)[left]
@@ -303,6 +313,83 @@ def fit_memory(head: IdentityHead, lists: Sequence[Shortlist],
     figures = {f"memory/mAP@{m:g}": v for m, v in scores.items()}
     figures |= {"memory/weight": float(best), "memory/shortlists": float(len(lists))}
     return float(best), figures
+
+
+CLUE_GRID = (0.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # clue weights tried (the head's scale is ~10-20)
+
+
+def fit_clue(head: IdentityHead, lists: Sequence[Shortlist], clue_grid: Sequence[float] = CLUE_GRID,
+             memory_grid: Sequence[float] = MEMORY_GRID
+             ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Per clue kind, the (clue weight, memory weight) with the best mean AP on its held-out
+    shortlists - ties: less memory, then the smaller weight. A text-only kind needs a clue
+    weight above 0 (without it a turn has nothing to go on). Returns (clue weights, memory
+    weights, the figures behind them); kinds without shortlists are left out."""
+    clue, memory, figures = {}, {}, {}
+    for kind in CLUE_KINDS:
+        mine = [s for s in lists if s.kind == kind]
+        if not mine:
+            continue
+        weights = [w for w in clue_grid if w > 0 or mine[0].query is not None]
+        scores = {(w, m): float(np.mean([average_precision(
+                      s.relevant[dialogue_order(head, s, m, w)], s.total) for s in mine]))
+                  for w in weights for m in memory_grid}
+        w, m = max(scores, key=lambda wm: (round(scores[wm], 6), -wm[1], -wm[0]))
+        clue[kind], memory[kind] = float(w), float(m)
+        figures |= {f"clue/{kind}/mAP@{w_:g},{m_:g}": v for (w_, m_), v in scores.items()}
+        figures |= {f"clue/{kind}/weight": float(w), f"clue/{kind}/memory": float(m),
+                    f"clue/{kind}/shortlists": float(len(mine))}
+    return clue, memory, figures
+
+
+def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[str],
+                             features: Callable[[list[str]], np.ndarray],
+                             colours: Callable[[list[str]], np.ndarray], k: int = 10
+                             ) -> list[Shortlist]:
+    """Shortlists for the clue fit from stage-3 samples with a clue (``meta["clue"]``) whose
+    person is in ``people``: per clue kind, the crops those samples show form the gallery and
+    each sample's clue (with its image, multimodal) queries it, shortlisted by the prefilter's
+    own rule - the colour match alone for text, its mean with the cosine for multimodal
+    (``chatreid.evaluation.runner``). ``colours(keys)`` gives the crops' colour vectors
+    (``ColourAttributeMatcher.embed_images``)."""
+    from chatreid.embedder.colour import ColourAttributeMatcher
+
+    matcher, out = ColourAttributeMatcher(), []
+    for kind in CLUE_KINDS:
+        mine = [s for s in samples if s.stage == 3 and s.meta.get("clue")
+                and QueryKind.parse(s.task).value == kind
+                and str(s.meta.get("query", {}).get("pid")) in people]
+        if not mine:
+            continue
+        has_image = bool(mine[0].meta.get("query_is_image"))
+        crops: dict[str, dict] = {}
+        for s in mine:
+            for key, info in zip(s.images[1:] if has_image else s.images,
+                                 s.meta.get("gallery", []), strict=False):
+                crops.setdefault(key, info)
+        keys = list(crops)
+        pids = np.array([str(crops[key].get("pid")) for key in keys])
+        feats, vectors = features(keys), colours(keys)
+        unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        for s in mine:
+            q = s.meta["query"]
+            match = 1.0 - matcher.distance(matcher.embed_texts([s.meta["clue"]]), vectors)[0]
+            query = features([s.images[0]])[0] if has_image else None
+            dist = 1.0 - match
+            if query is not None:
+                dist = (dist + 1.0 - unit @ (query / np.linalg.norm(query))) / 2
+            same = pids == str(q.get("pid"))
+            # a text query may match any crop; an image query not itself, and as its protocol says
+            allowed = np.array([j for j in range(len(keys)) if query is None or (
+                keys[j] != s.images[0] and _PROTOCOL[kind](q, crops[keys[j]], bool(same[j])))],
+                dtype=np.int64)
+            relevant = same[allowed]
+            if not relevant.any():
+                continue
+            top = allowed[np.argsort(dist[allowed], kind="stable")[:k]]
+            out.append(Shortlist(kind, query, feats[top], same[top], int(relevant.sum()),
+                                 match[top]))
+    return out
 
 
 def held_out_shortlists(samples: Sequence[InstructionSample], people: set[str],

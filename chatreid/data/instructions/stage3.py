@@ -191,8 +191,9 @@ def text_to_image(
     if drawn is None:
         return None
     gallery, choice = drawn
-    prompt = P.TEXT_TO_IMAGE_PROMPT.replace("{text}", pick(rng, target.captions))
-    return _sample("text_to_image", None, gallery, choice, prompt, target)
+    caption = pick(rng, target.captions)
+    prompt = P.TEXT_TO_IMAGE_PROMPT.replace("{text}", caption)
+    return _sample("text_to_image", None, gallery, choice, prompt, target, clue=caption)
 
 
 def attribute_query(
@@ -215,8 +216,10 @@ def attribute_query(
     if drawn is None:
         return None
     gallery, choice = drawn
-    prompt = P.ATTRIBUTE_QUERY_PROMPT.replace("{text}", P.attribute_list(query))
-    return _sample("attribute_query", None, gallery, choice, prompt, target, attributes=query)
+    clue = P.attribute_list(query)
+    prompt = P.ATTRIBUTE_QUERY_PROMPT.replace("{text}", clue)
+    return _sample("attribute_query", None, gallery, choice, prompt, target, attributes=query,
+                   clue=clue)
 
 
 def multimodal(rng: np.random.Generator, p: _Pools, cfg: Stage3Config) -> InstructionSample | None:
@@ -232,8 +235,9 @@ def multimodal(rng: np.random.Generator, p: _Pools, cfg: Stage3Config) -> Instru
     if drawn is None:
         return None
     gallery, choice = drawn
-    prompt = P.MULTIMODAL_PROMPT.replace("{text}", pick(rng, match.captions))
-    return _sample("multimodal", query, gallery, choice, prompt, query)
+    caption = pick(rng, match.captions)
+    prompt = P.MULTIMODAL_PROMPT.replace("{text}", caption)
+    return _sample("multimodal", query, gallery, choice, prompt, query, clue=caption)
 
 
 BUILDERS: dict[
