@@ -348,8 +348,8 @@ def rerank_quality(report: Report) -> str:
         text = f"{v['mAP']:.1f} / {v['rank1']:.1f}"
         return f"**{text}**" if bold else text
 
-    rows = ["| checkpoint | task | prefilter | k-reciprocal (peer) | ChatReID (confidence) "
-            "| ChatReID (fused, w) |", "|---|---|---|---|---|---|"]
+    rows = ["| checkpoint | task | prefilter | best reorder of its top K | k-reciprocal (peer) "
+            "| ChatReID (confidence) | ChatReID (fused, w) |", "|---|---|---|---|---|---|---|"]
     for version, entry in report.get("checkpoints", {}).items():
         for section in ("synthetic", "real"):
             for r in entry.get(section, {}).get("rows", []):
@@ -357,7 +357,7 @@ def rerank_quality(report: Report) -> str:
                 conf, fused = r["chatreid_confidence"], r["chatreid_fused"]
                 rows.append(
                     f"| {version[:12]} | {r['task']} | {cell(r['prefilter'])} | "
-                    f"{cell(r['peer_k_reciprocal'])} | "
+                    f"{cell(r.get('shortlist_ceiling'))} | {cell(r['peer_k_reciprocal'])} | "
                     f"{cell(conf, bool(conf) and conf['mAP'] > base)} | "
                     f"{cell(fused, bool(fused) and fused['mAP'] > base)} "
                     f"({r['fused_weight']}) |")
@@ -393,9 +393,20 @@ def rerank_quality(report: Report) -> str:
                     f"on {figures['memory/shortlists']:.0f} held-out shortlists (the head's own "
                     f"dialogue: mAP {figures['memory/mAP@0']:.1%} without memory, "
                     f"{figures[f'memory/mAP@{w:g}']:.1%} with it).")
+            clues = sorted(k.split("/")[1] for k in figures
+                           if k.startswith("clue/") and k.endswith("/weight"))
+            if clues:
+                acc.append(f"Clue term of the {where} head ({version[:12]}), fitted per kind on "
+                           "held-out people's text queries: " + "; ".join(
+                               f"{kind} weight {figures[f'clue/{kind}/weight']:g}, memory "
+                               f"{figures[f'clue/{kind}/memory']:g} "
+                               f"({figures[f'clue/{kind}/shortlists']:.0f} shortlists)"
+                               for kind in clues) + ".")
     note = (f"mAP / rank-1 (%), K = {report['k']}, {report['queries_per_task']} queries per task "
             "(half fit the fused weight, every row is scored on the other half); bold: above "
-            f"the prefilter; {report['machine']}; measured {report['date']}")
+            "the prefilter; best reorder of its top K: the query's person first in the "
+            "prefilter's shortlist (labels known) - no reranker of that shortlist scores higher; "
+            f"{report['machine']}; measured {report['date']}")
     return "\n".join(rows) + "\n\n" + "\n".join(acc) + f"\n\n{note}."
 
 

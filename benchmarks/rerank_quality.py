@@ -55,7 +55,8 @@ def row(result: TaskResult) -> dict:
         return None if metrics is None else {"mAP": round(100 * metrics.mAP, 2),
                                              "rank1": round(100 * metrics.cmc[0], 2)}
     return {"task": result.task, "queries_scored": result.queries,
-            "prefilter": m(result.baseline), "peer_k_reciprocal": m(result.peer),
+            "prefilter": m(result.baseline), "shortlist_ceiling": m(result.ceiling),
+            "peer_k_reciprocal": m(result.peer),
             "chatreid_confidence": m(result.chatreid), "chatreid_fused": m(result.fused),
             "fused_weight": result.fused_weight, "vlm_calls": result.vlm_calls,
             "notes": result.notes}

@@ -42,6 +42,38 @@ def test_reranking_in_prefilter_order_reproduces_the_baseline(world, embedder) -
     assert flipped.chatreid.mAP != pytest.approx(same.baseline.mAP)  # the order is used
 
 
+@pytest.mark.parametrize("name", ["synth_standard", "synth_cloth_changing"])
+def test_no_reorder_of_the_shortlist_beats_its_ceiling(world, embedder, name) -> None:
+    """The ceiling row is the best reorder of each shortlist: above every order a reranker
+    could answer with, and met by the order that puts the query's person first."""
+    cfg = EvalConfig(k=8, max_queries=6)
+    people: dict[str, str] = {}
+
+    def person(path: str) -> str:
+        return path.rsplit("/", 1)[-1].split("_")[0]  # world crops are named pid_...
+
+    def orders(pick):
+        return lambda jobs: [RerankOutcome(j.key, pick(j), 1) for j in jobs]
+
+    def best(j):
+        same = [person(c) == person(j.query_path) for c in j.candidates]
+        people[j.key] = person(j.query_path)
+        return tuple(sorted(range(len(j.candidates)), key=lambda i: not same[i]))
+
+    task = SYNTHETIC[name]
+    runs = [evaluate_task(task, world, embedder.embed, orders(pick), cfg) for pick in (
+        lambda j: tuple(range(len(j.candidates))),
+        lambda j: tuple(reversed(range(len(j.candidates)))),
+        lambda j: tuple(np.random.default_rng(0).permutation(len(j.candidates)).tolist()))]
+    ceiling = runs[0].ceiling
+    assert ceiling is not None
+    assert all(r.ceiling is not None and r.ceiling.mAP == ceiling.mAP for r in runs)
+    assert all(r.chatreid.mAP <= ceiling.mAP + 1e-9 for r in runs)
+    assert ceiling.mAP >= runs[0].baseline.mAP
+    oracle = evaluate_task(task, world, embedder.embed, orders(best), cfg)
+    assert people and oracle.chatreid.mAP == pytest.approx(ceiling.mAP)
+
+
 def test_text_and_multimodal_queries_carry_their_clues(world, embedder) -> None:
     cfg = EvalConfig(k=3, max_queries=3)
     seen: dict[str, list] = {}

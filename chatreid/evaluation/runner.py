@@ -114,6 +114,8 @@ class TaskResult:
     fused: Metrics | None = None  # ChatReID in the fused ranking mode (EvalConfig.ranking)
     fused_weight: float | None = None  # its w (given, or fitted on the validation half)
     peer: Metrics | None = None  # k-reciprocal re-ranking of the same prefilter
+    # the best any reranker of the shortlist can do: the query's person first (labels known)
+    ceiling: Metrics | None = None
 
 
 def labels(records: Sequence[ImageRecord]) -> Labels:
@@ -134,6 +136,7 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
     base_runs: list[Metrics] = []
     chat_runs: list[Metrics] = []
     peer_runs: list[Metrics] = []
+    ceiling_runs: list[Metrics] = []
     ranking_runs: list[RankingRun] = []
     validation: list[list[int]] = []
     scored: list[list[int]] = []
@@ -172,6 +175,10 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
                                  f"{len(idx)} gallery items exceed {PEER_MAX_ITEMS} (dense "
                                  "N x N matrices)")
             lists = [shortlist(row, cfg) for row in dist]
+            ceiling_runs.append(rank_metrics(ordered_distances(
+                dist[rows], [lists[i] for i in rows],
+                [_persons_first(lists[i], ql.pids[i], gl.pids) for i in rows]), qs, gl,
+                task.protocol))
             jobs = _jobs(task, f"{task.name}/t{t}/d{d}", lists, query, sub)
             by_key = {o.key: o for o in rerank(jobs)}
             outcomes = [by_key[j.key] for j in jobs]
@@ -208,7 +215,16 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
     return TaskResult(task.name, task.task, task.protocol, mean_metrics(base_runs),
                       mean_metrics(chat_runs) if chat_runs else None, calls, queries,
                       len(base_runs), notes, fused, weight,
-                      mean_metrics(peer_runs) if peer_runs else None)
+                      mean_metrics(peer_runs) if peer_runs else None,
+                      mean_metrics(ceiling_runs) if ceiling_runs else None)
+
+
+def _persons_first(items: list[int], pid, gallery_pids: np.ndarray) -> tuple[int, ...]:
+    """Shortlist positions with the query's person first, each part in prefilter order: the
+    protocol then drops what it does not count (same camera, same clothes), so no reorder of
+    the shortlist scores higher."""
+    same = [bool(gallery_pids[g] == pid) for g in items]
+    return tuple(sorted(range(len(items)), key=lambda j: not same[j]))
 
 
 def _fused_metrics(run: RankingRun, rows: list[int], w: float) -> Metrics:
