@@ -232,8 +232,9 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     matcher = ColourAttributeMatcher()
     clue_lists = held_out_clue_shortlists(
         samples, people, features, lambda keys: matcher.embed_images([load(k) for k in keys]))
-    head.cfg.clue, head.cfg.kind_memory, clue_figures = fit_clue(head, clue_lists)
-    head.cfg.metrics |= clue_figures
+    fit = fit_clue(head, clue_lists)
+    head.cfg.clue, head.cfg.kind_memory, head.cfg.abstain = fit.clue, fit.memory, fit.abstain
+    head.cfg.metrics |= fit.figures
     identity = IdentityVision(backbone, head)
     identity.save(model_dir)
     figures = {f"identity/{k}": v for k, v in head.cfg.metrics.items()}

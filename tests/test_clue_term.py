@@ -26,7 +26,12 @@ from chatreid.model.identity import (
 from chatreid.model.prompting import choice_tokens
 from chatreid.rerank import BestChoiceReranker, Candidate, Query, attribute_text
 from chatreid.rerank.judge import make_judge
-from chatreid.tuning.identity import Shortlist, fit_clue, held_out_clue_shortlists
+from chatreid.tuning.identity import (
+    Shortlist,
+    fit_clue,
+    gain_lower_bound,
+    held_out_clue_shortlists,
+)
 
 RGB = {"red": (200, 20, 20), "green": (20, 160, 40), "blue": (20, 40, 200),
        "black": (10, 10, 10), "white": (245, 245, 245), "yellow": (240, 220, 20)}
@@ -166,20 +171,59 @@ def _described(n: int, seed: int, image_misleads: bool) -> list[Shortlist]:
 def test_the_clue_fit_weighs_a_clue_that_finds_the_person() -> None:
     head = IdentityHead(IdentityConfig(feature_dim=8, encoder_version="v",
                                        kinds=["standard", "multimodal"]))
-    clue, memory, figures = fit_clue(head, _described(30, 0, image_misleads=True))
-    assert set(clue) == {"multimodal"} and clue["multimodal"] > 0
-    best = figures[f"clue/multimodal/mAP@{clue['multimodal']:g},{memory['multimodal']:g}"]
-    assert best > figures["clue/multimodal/mAP@0,0"]
+    fit = fit_clue(head, _described(30, 0, image_misleads=True))
+    assert set(fit.clue) == {"multimodal"} and fit.clue["multimodal"] > 0
+    best = fit.figures[f"clue/multimodal/mAP@{fit.clue['multimodal']:g},"
+                       f"{fit.memory['multimodal']:g}"]
+    assert best > fit.figures["clue/multimodal/mAP@0,0"]
+    # the prefilter's order (shuffled here) is far worse: the kind reranks
+    assert fit.abstain == [] and fit.figures["clue/multimodal/gain_lower_bound"] > 0
+
+
+def test_a_kind_whose_dialogue_does_not_beat_the_prefilter_abstains() -> None:
+    """Shortlists whose prefilter order already puts the person first: no dialogue can gain."""
+    head = IdentityHead(IdentityConfig(feature_dim=8, encoder_version="v",
+                                       kinds=["standard", "multimodal"]))
+    lists = []
+    for s in _described(30, 2, image_misleads=True):
+        first = np.argsort(~s.relevant, kind="stable")
+        lists.append(Shortlist(s.kind, s.query, s.candidates[first], s.relevant[first], s.total,
+                               s.match[first]))
+    fit = fit_clue(head, lists)
+    assert fit.abstain == ["multimodal"]
+    assert fit.figures["clue/multimodal/prefilter_mAP"] == pytest.approx(1.0)
+    assert fit.figures["clue/multimodal/gain_lower_bound"] <= 0
+
+
+def test_gain_lower_bound_needs_more_than_a_few_lucky_queries() -> None:
+    assert gain_lower_bound([0.1] * 25) == pytest.approx(0.1)
+    assert gain_lower_bound([0.5] + [-0.01] * 24) <= 0  # one query carries the mean
+    assert gain_lower_bound([]) == 0.0
+
+
+def test_an_abstaining_kind_keeps_the_prefilter_order(tiny) -> None:
+    model, processor = tiny
+    names = ["red/white", "green/white", "yellow/black", "green/black"]
+    cands = [Candidate(n, outfit(*n.split("/")), 0.9 - 0.1 * i) for i, n in enumerate(names)]
+    query = Query("text_to_image", text="A man in a green t-shirt and black trousers.")
+    reranker = BestChoiceReranker(model, processor, group_size=4, identity=vision(
+        clue={"text_to_image": 40.0}, abstain=["text_to_image"]))
+    result = reranker.rerank(query, cands)
+    assert [r.candidate_id for r in result.ranking] == names
+    assert not any(r.reranked for r in result.ranking) and result.turns == []
+    assert result.stats.forwards == 0
+    other = reranker.rerank(Query("attribute", text="upper clothing colour: green"), cands)
+    assert other.turns  # only the kind it abstains on
 
 
 def test_a_text_kind_always_gets_a_clue_weight() -> None:
     head = IdentityHead(IdentityConfig(feature_dim=8, encoder_version="v"))
     lists = [Shortlist("text_to_image", None, s.candidates, s.relevant, s.total, s.match)
              for s in _described(10, 1, image_misleads=False)]
-    clue, memory, figures = fit_clue(head, lists)
-    assert clue["text_to_image"] > 0 and memory["text_to_image"] == 0.0  # one view: no memory
-    assert figures["clue/text_to_image/mAP@5,0"] == pytest.approx(1.0)  # the clue finds them
-    assert "clue/text_to_image/mAP@0,0" not in figures
+    fit = fit_clue(head, lists)
+    assert fit.clue["text_to_image"] > 0 and fit.memory["text_to_image"] == 0.0  # one view
+    assert fit.figures["clue/text_to_image/mAP@5,0"] == pytest.approx(1.0)  # the clue finds them
+    assert "clue/text_to_image/mAP@0,0" not in fit.figures
 
 
 def test_held_out_clue_shortlists_follow_the_text_prefilter() -> None:
@@ -233,3 +277,31 @@ def test_the_head_weighs_the_clue_as_the_turn_answers(tiny) -> None:
     np.testing.assert_allclose(sure, torch.softmax(torch.tensor([20.0, 10.0]), 0).numpy(),
                                rtol=1e-5)
     assert sure[0] > unsure[0] > 0.5
+
+
+def test_an_answer_with_no_reranked_result_says_prefilter_only(tiny) -> None:
+    """The API's ``prefilter_only`` tells the investigator the model abstained on the kind."""
+    from datetime import UTC, datetime
+
+    from chatreid.prefilter.search import SearchResult
+    from chatreid.query.answer import assemble
+    from chatreid.query.shortlist import Shortlist as QueryShortlist
+    from chatreid.query.vlm import RerankAnswer
+    from schemas.api import QueryKind, QueryRequest
+
+    model, processor = tiny
+    names = ["c0", "c1", "c2"]
+    items = [SearchResult(i + 1, n, 0.9 - 0.1 * i, "cam", "rgb", datetime.now(UTC), f"k{i}")
+             for i, n in enumerate(names)]
+    shortlist = QueryShortlist(QueryKind.TEXT_TO_IMAGE, None, None, "rgb", items, 3, "emb")
+    cands = [Candidate(n, outfit("green", "black"), 0.9) for n in names]
+    request = QueryRequest(kind="text_to_image", text="a green shirt")
+    answers = {}
+    for abstain in ([], ["text_to_image"]):
+        reranker = BestChoiceReranker(model, processor, group_size=4, identity=vision(
+            clue={"text_to_image": 10.0}, abstain=abstain))
+        result = reranker.rerank(Query("text_to_image", text="a green shirt"), cands)
+        answers[bool(abstain)] = assemble(request, shortlist, RerankAnswer(result, {}, "v"),
+                                          query_id="q", base_url="http://x", elapsed_ms=1.0)
+    assert answers[True].prefilter_only and not answers[False].prefilter_only
+    assert [r.crop_id for r in answers[True].results] == names

@@ -98,12 +98,15 @@ class IdentityConfig:
     kind_memory: dict[str, float] = field(default_factory=dict)  # a kind's own memory weight
     # where it was fitted apart from ``memory`` (the clue kinds: an earlier pick says less about
     # a person described by two colours than about a photographed one)
+    abstain: list[str] = field(default_factory=list)  # kinds whose dialogue did not surely beat
+    # the prefilter's order on held-out people: answered in the prefilter's order, not reranked
 
     def __post_init__(self) -> None:
         # heads saved before the rename list "adaptive": read it as today's name
         self.kinds = [_kind_name(k) for k in self.kinds]
         self.clue = {_kind_name(k): float(v) for k, v in self.clue.items()}
         self.kind_memory = {_kind_name(k): float(v) for k, v in self.kind_memory.items()}
+        self.abstain = [_kind_name(k) for k in self.abstain]
 
     def memory_of(self, kind: str) -> float:
         """The dialogue-memory weight a query of ``kind`` runs with."""
@@ -196,6 +199,10 @@ class IdentityVision:
 
     def memory_of(self, kind: str) -> float:
         return self.head.cfg.memory_of(kind)
+
+    def abstains(self, kind: str) -> bool:
+        """Whether queries of ``kind`` keep the prefilter's order (``IdentityConfig.abstain``)."""
+        return _kind_name(kind) in self.head.cfg.abstain
 
     def pointer_terms(self, kind: str, image: Image.Image | None, text: str | None,
                       candidates: Sequence[Image.Image]

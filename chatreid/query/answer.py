@@ -60,6 +60,8 @@ def assemble(request: QueryRequest, shortlist: Shortlist, answer: RerankAnswer, 
     return QueryResponse(
         query_id=query_id, kind=request.kind, results=results, turns=turns,
         candidates=len(shortlist.items), vlm_calls=answer.result.stats.forwards,
-        prefilter_only=False, model_version=answer.model_version,
+        # no reranked result: the model abstains on this kind (``IdentityConfig.abstain``)
+        prefilter_only=not any(r.reranked for r in answer.result.ranking),
+        model_version=answer.model_version,
         embedder_version=shortlist.embedder_version, elapsed_ms=elapsed_ms,
     )

@@ -34,7 +34,10 @@ With the identity head's dialogue memory on (``IdentityConfig.memory``), each pi
 later turns' pointer term (``chatreid.model.identity.memory_pointer``), so after a pick every
 group is judged again - on the decoder logits it already computed, with no new forward.
 Candidates left when ``max_turns`` ends the dialogue follow in prefilter order, with no
-confidence (the belief they share is ``1 - sum c_t``).
+confidence (the belief they share is ``1 - sum c_t``). A query kind the checkpoint's identity
+head abstains on (``IdentityConfig.abstain``: its dialogue did not surely beat the prefilter's
+order on held-out people) runs no dialogue: every candidate keeps its prefilter rank, not
+reranked.
 """
 
 from __future__ import annotations
@@ -209,6 +212,11 @@ class BestChoiceReranker:
             raise ValueError("candidate ids must be unique")
         start = time.perf_counter()
         reuse = self.reuse_prefix if reuse_prefix is None else reuse_prefix
+        if self.identity is not None and self.identity.abstains(query.kind.value):
+            # the checkpoint's dialogue did not beat the prefilter on this kind's held-out people
+            ranking = _rank(candidates, [])
+            return RerankResult(ranking, [], _stats(JudgeStats(), len(candidates), 0, reuse,
+                                                    start))
         judge = make_judge(
             self.model,
             self.processor,

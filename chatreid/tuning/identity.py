@@ -316,30 +316,60 @@ def fit_memory(head: IdentityHead, lists: Sequence[Shortlist],
 
 
 CLUE_GRID = (0.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # clue weights tried (the head's scale is ~10-20)
+GAIN_CONFIDENCE = 0.9  # how sure the held-out gain over the prefilter must be for a kind to rerank
+
+
+@dataclass(frozen=True)
+class ClueFit:
+    """What ``fit_clue`` chose per clue kind, and the figures behind it."""
+
+    clue: dict[str, float]  # the clue term's weight
+    memory: dict[str, float]  # the kind's dialogue-memory weight
+    abstain: list[str]  # kinds whose dialogue did not surely beat the prefilter's order
+    figures: dict[str, float]
+
+
+def gain_lower_bound(gains: Sequence[float], confidence: float = GAIN_CONFIDENCE,
+                     resamples: int = 2000, seed: int = 0) -> float:
+    """A one-sided bootstrap lower bound of the mean of per-query ``gains``: above 0 means the
+    gain is not a few lucky queries (held-out sets hold 20-30 of them)."""
+    values = np.asarray(gains, np.float64)
+    if not len(values):
+        return 0.0
+    means = np.random.default_rng(seed).choice(values, (resamples, len(values))).mean(axis=1)
+    return float(np.quantile(means, 1.0 - confidence))
 
 
 def fit_clue(head: IdentityHead, lists: Sequence[Shortlist], clue_grid: Sequence[float] = CLUE_GRID,
-             memory_grid: Sequence[float] = MEMORY_GRID
-             ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+             memory_grid: Sequence[float] = MEMORY_GRID) -> ClueFit:
     """Per clue kind, the (clue weight, memory weight) with the best mean AP on its held-out
-    shortlists - ties: less memory, then the smaller weight. A text-only kind needs a clue
-    weight above 0 (without it a turn has nothing to go on). Returns (clue weights, memory
-    weights, the figures behind them); kinds without shortlists are left out."""
-    clue, memory, figures = {}, {}, {}
+    shortlists - ties: less memory, then the smaller weight (a text-only kind needs a weight
+    above 0: without one a turn has nothing to go on). A kind whose best dialogue does not beat
+    the prefilter's own order with ``GAIN_CONFIDENCE`` (``gain_lower_bound`` of the per-query AP
+    gain <= 0) abstains: the reranker answers it in the prefilter's order rather than risk a
+    worse one. Kinds without shortlists are left out."""
+    clue, memory, abstain, figures = {}, {}, [], {}
     for kind in CLUE_KINDS:
         mine = [s for s in lists if s.kind == kind]
         if not mine:
             continue
         weights = [w for w in clue_grid if w > 0 or mine[0].query is not None]
-        scores = {(w, m): float(np.mean([average_precision(
-                      s.relevant[dialogue_order(head, s, m, w)], s.total) for s in mine]))
-                  for w in weights for m in memory_grid}
+        aps = {(w, m): [average_precision(s.relevant[dialogue_order(head, s, m, w)], s.total)
+                        for s in mine] for w in weights for m in memory_grid}
+        scores = {wm: float(np.mean(v)) for wm, v in aps.items()}
         w, m = max(scores, key=lambda wm: (round(scores[wm], 6), -wm[1], -wm[0]))
+        prefilter = [average_precision(s.relevant, s.total) for s in mine]
+        bound = gain_lower_bound(np.subtract(aps[w, m], prefilter))
         clue[kind], memory[kind] = float(w), float(m)
+        if bound <= 0:
+            abstain.append(kind)
         figures |= {f"clue/{kind}/mAP@{w_:g},{m_:g}": v for (w_, m_), v in scores.items()}
         figures |= {f"clue/{kind}/weight": float(w), f"clue/{kind}/memory": float(m),
-                    f"clue/{kind}/shortlists": float(len(mine))}
-    return clue, memory, figures
+                    f"clue/{kind}/shortlists": float(len(mine)),
+                    f"clue/{kind}/prefilter_mAP": float(np.mean(prefilter)),
+                    f"clue/{kind}/gain_lower_bound": bound,
+                    f"clue/{kind}/abstain": float(bound <= 0)}
+    return ClueFit(clue, memory, abstain, figures)
 
 
 def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[str],
