@@ -189,7 +189,8 @@ class QueryResponse(_Api):
     turns: list[Turn] = Field(default_factory=list)
     candidates: int = Field(ge=0, description="gallery items that passed the prefilter")
     vlm_calls: int = Field(0, ge=0)
-    prefilter_only: bool = Field(description="True when no VLM reranked these results")
+    prefilter_only: bool = Field(description="True when no VLM reranked these results (none "
+                                 "serves, or the model abstains on this query kind)")
     model_version: str | None = None
     embedder_version: str
     elapsed_ms: float

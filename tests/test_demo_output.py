@@ -119,6 +119,13 @@ def test_an_answer_as_good_as_the_prefilter_gets_no_warning_and_names_its_model(
     assert "worse than" not in flat and "No VLM served this answer" in flat
     assert "not reranked" in flat
 
+    # a checkpoint that abstains on the kind: said so, and by which model
+    response = answer(list(range(1, 21)), prefilter_only=True).model_copy(
+        update={"model_version": "hpt3-abc"})
+    flat = " ".join(printed(response, truth_for(response, PERSON))[0].split())
+    assert "VLM checkpoint hpt3-abc abstains on standard queries" in flat
+    assert "this is the prefilter's order" in flat and "worse than" not in flat
+
 
 def test_an_answer_cut_short_of_the_prefilter_top_is_refused() -> None:
     """The prefilter's top is rebuilt from the answer only when the answer holds it all."""

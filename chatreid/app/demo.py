@@ -183,8 +183,11 @@ def worse_note(c: Comparison, response) -> str:
 
 def _model_note(response) -> str:
     version = response.model_version or ""
-    if response.prefilter_only or not version:
+    if not version:
         return "No VLM served this answer: it is the prefilter's order."
+    if response.prefilter_only:
+        return (f"VLM checkpoint {version} abstains on {response.kind} queries (its dialogue "
+                "did not beat the prefilter on held-out people): this is the prefilter's order.")
     if version.startswith("base:"):
         return (f"The VLM is the untuned base model ({version[5:]}): `{QUICK_TRAIN}` makes a "
                 "tuned checkpoint; the next `make demo` serves it, and a running `chatreid "
