@@ -350,17 +350,22 @@ def rerank_quality(report: Report) -> str:
 
     rows = ["| checkpoint | task | prefilter | best reorder of its top K | k-reciprocal (peer) "
             "| ChatReID (confidence) | ChatReID (fused, w) |", "|---|---|---|---|---|---|---|"]
+    def above(v: dict | None, base: float) -> bool:  # as shown: a rounding tie is no gain
+        return bool(v) and round(v["mAP"], 1) > round(base, 1)  # pyright: ignore[reportOptionalSubscript]
+
     for version, entry in report.get("checkpoints", {}).items():
+        stage3 = entry.get("figures", {}).get("stage3", {})
         for section in ("synthetic", "real"):
             for r in entry.get(section, {}).get("rows", []):
                 base = (r["prefilter"] or {}).get("mAP", 0.0)
                 conf, fused = r["chatreid_confidence"], r["chatreid_fused"]
+                kind = r["task"].removeprefix("synth_")
+                abstains = " (abstains)" if stage3.get(f"identity/clue/{kind}/abstain") else ""
                 rows.append(
                     f"| {version[:12]} | {r['task']} | {cell(r['prefilter'])} | "
                     f"{cell(r.get('shortlist_ceiling'))} | {cell(r['peer_k_reciprocal'])} | "
-                    f"{cell(conf, bool(conf) and conf['mAP'] > base)} | "
-                    f"{cell(fused, bool(fused) and fused['mAP'] > base)} "
-                    f"({r['fused_weight']}) |")
+                    f"{cell(conf, above(conf, base))}{abstains} | "
+                    f"{cell(fused, above(fused, base))} ({r['fused_weight']}) |")
     acc = ["| checkpoint | stage-3 held-out task | chance | decoder alone | decoder + identity "
            "head |", "|---|---|---|---|---|"]
     for version, entry in report.get("checkpoints", {}).items():
@@ -401,6 +406,7 @@ def rerank_quality(report: Report) -> str:
                                f"{kind} weight {figures[f'clue/{kind}/weight']:g}, memory "
                                f"{figures[f'clue/{kind}/memory']:g} "
                                f"({figures[f'clue/{kind}/shortlists']:.0f} shortlists)"
+                               f"{_gain(figures, kind)}"
                                for kind in clues) + ".")
     note = (f"mAP / rank-1 (%), K = {report['k']}, {report['queries_per_task']} queries per task "
             "(half fit the fused weight, every row is scored on the other half); bold: above "
@@ -408,6 +414,17 @@ def rerank_quality(report: Report) -> str:
             "prefilter's shortlist (labels known) - no reranker of that shortlist scores higher; "
             f"{report['machine']}; measured {report['date']}")
     return "\n".join(rows) + "\n\n" + "\n".join(acc) + f"\n\n{note}."
+
+
+def _gain(figures: dict, kind: str) -> str:
+    """How the fitted clue dialogue compares with the prefilter's order on held-out people."""
+    if f"clue/{kind}/gain_lower_bound" not in figures:
+        return ""
+    w, m = figures[f"clue/{kind}/weight"], figures[f"clue/{kind}/memory"]
+    verdict = "abstains" if figures[f"clue/{kind}/abstain"] else "reranks"
+    return (f", mAP {figures[f'clue/{kind}/mAP@{w:g},{m:g}']:.1%} vs the prefilter's order "
+            f"{figures[f'clue/{kind}/prefilter_mAP']:.1%}, gain lower bound "
+            f"{100 * figures[f'clue/{kind}/gain_lower_bound']:+.1f} points: {verdict}")
 
 
 def identity_head(report: Report) -> str:
