@@ -329,7 +329,7 @@ class ClueFit:
     figures: dict[str, float]
 
 
-def gain_lower_bound(gains: Sequence[float], confidence: float = GAIN_CONFIDENCE,
+def gain_lower_bound(gains: Sequence[float] | np.ndarray, confidence: float = GAIN_CONFIDENCE,
                      resamples: int = 2000, seed: int = 0) -> float:
     """A one-sided bootstrap lower bound of the mean of per-query ``gains``: above 0 means the
     gain is not a few lucky queries (held-out sets hold 20-30 of them)."""
