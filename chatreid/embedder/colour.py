@@ -72,10 +72,15 @@ class ColourAttributeMatcher:
         return np.stack([self._onehot(self.parse(c)) for c in clues]) if clues else np.zeros(
             (0, self.dim), np.float32)
 
-    def distance(self, texts: np.ndarray, images: np.ndarray) -> np.ndarray:
-        """(num_texts, num_images) distances in [0, 1]: 1 - matched share per named part."""
+    def match(self, texts: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """(num_texts, num_images) matched shares in [0, 1]: per part the text names, the share
+        of the image's pixels in the named colour, averaged over those parts (0: names none)."""
         named = np.maximum(texts.sum(axis=1, keepdims=True), 1.0)
-        return 1.0 - (texts @ images.T) / named
+        return (texts @ images.T) / named
+
+    def distance(self, texts: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """(num_texts, num_images) distances in [0, 1]: 1 - ``match``."""
+        return 1.0 - self.match(texts, images)
 
     def parse(self, clue: str | Mapping[str, object]) -> dict[str, str]:
         """{"upper": colour, "lower": colour} for the parts the clue names."""

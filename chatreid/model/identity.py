@@ -155,13 +155,16 @@ class IdentityHead(nn.Module):
 
 
     @torch.no_grad()
+    def score(self, query: torch.Tensor, candidates: torch.Tensor, kind: str) -> np.ndarray:
+        """s(q, c) for every candidate from features: ``query`` (d,), ``candidates`` (n, d)."""
+        kind_t = torch.tensor([self.kind_index(kind)])
+        return self(query[None], candidates[None], kind_t)[0].double().numpy()
+
     def relations(self, query: torch.Tensor, candidates: torch.Tensor, kind: str
                   ) -> tuple[np.ndarray, np.ndarray]:
-        """(s(q, c) for every candidate, s(c_i, c_j) between candidates) from features: ``query``
-        (d,), ``candidates`` (n, d) - what a dialogue with memory needs (``memory_pointer``)."""
-        kind_t = torch.tensor([self.kind_index(kind)])
-        to_query = self(query[None], candidates[None], kind_t)[0]
-        return to_query.double().numpy(), self.between(candidates, kind)
+        """(s(q, c) for every candidate, s(c_i, c_j) between candidates) - what a dialogue with
+        memory needs (``memory_pointer``)."""
+        return self.score(query, candidates, kind), self.between(candidates, kind)
 
     @torch.no_grad()
     def between(self, candidates: torch.Tensor, kind: str) -> np.ndarray:
@@ -219,32 +222,25 @@ class IdentityVision:
         if not sees_image and not weight:
             return None
         memory = self.memory_of(kind) > 0
+        cands = None
+        to_query = np.zeros(len(candidates))
         if sees_image:
             feats = torch.from_numpy(self.features([image, *candidates]))  # pyright: ignore[reportArgumentType]  (checked above)
-            to_query, between = self.head.relations(feats[0], feats[1:], kind)
-        else:
-            to_query = np.zeros(len(candidates))
-            between = (self.head.between(torch.from_numpy(self.features(candidates)),
-                                         BETWEEN_KIND) if memory else None)
+            cands, to_query = feats[1:], self.head.score(feats[0], feats[1:], kind)
+        elif memory:
+            cands = torch.from_numpy(self.features(candidates))
         if weight:
             to_query = to_query + weight * clue_match(text or "", candidates)
-        return to_query, between if memory else None
+        # the scores between candidates only where a pick changes later turns
+        between = None if not memory or cands is None else self.head.between(
+            cands, kind if sees_image else BETWEEN_KIND)
+        return to_query, between
 
-    @torch.no_grad()
     def scores(self, query: Image.Image, candidates: Sequence[Image.Image], kind: str
                ) -> np.ndarray:
         """s(q, c) for every candidate (the pointer term of each turn that shows c)."""
         feats = torch.from_numpy(self.features([query, *candidates]))
-        kind_t = torch.tensor([self.head.kind_index(kind)])
-        return self.head(feats[:1], feats[None, 1:], kind_t)[0].double().numpy()
-
-    def relations(self, query: Image.Image, candidates: Sequence[Image.Image], kind: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """(s(q, c) for every candidate, s(c_i, c_j) between candidates): what a dialogue with
-        memory needs — a candidate the dialogue already picked counts as evidence of the
-        person, so later turns also relate the rest to it (``memory_pointer``)."""
-        feats = torch.from_numpy(self.features([query, *candidates]))
-        return self.head.relations(feats[0], feats[1:], kind)
+        return self.head.score(feats[0], feats[1:], kind)
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, model_dir: Path) -> Path:
@@ -273,8 +269,8 @@ _MATCHER = ColourAttributeMatcher()
 def clue_match(clue: str, candidates: Sequence[Image.Image]) -> np.ndarray:
     """m(t, c) in [0, 1] for every candidate: the share of its pixels in the garment colours the
     clue names (0 everywhere when it names none) - the text prefilter's own score."""
-    text = _MATCHER.embed_texts([clue])
-    return 1.0 - _MATCHER.distance(text, _MATCHER.embed_images(candidates))[0].astype(np.float64)
+    return _MATCHER.match(_MATCHER.embed_texts([clue]),
+                          _MATCHER.embed_images(candidates))[0].astype(np.float64)
 
 
 def memory_pointer(to_query: np.ndarray, between: np.ndarray | None, memory: float,

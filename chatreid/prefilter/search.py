@@ -192,7 +192,7 @@ class PrefilterSearch:
         """Re-order by colour match (blended with the cosine for multimodal queries), keep those
         scoring ≥ ``tau``, cap at ``k``; stable, so equal scores keep the incoming order."""
         vectors = self.colours.vectors([(r.crop_id, r.object_key) for r in results])
-        match = 1.0 - self.colours.matcher.distance(text, vectors)[0]
+        match = self.colours.matcher.match(text, vectors)[0]
         score = [(m + r.score) / 2 if blend else m
                  for m, r in zip(match.tolist(), results, strict=True)]
         order = sorted(range(len(results)), key=lambda i: -score[i])

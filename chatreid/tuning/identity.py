@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chatreid.data.instructions import InstructionSample
+from chatreid.embedder.colour import ColourAttributeMatcher
 from chatreid.model.identity import (
     BETWEEN_KIND,
     CLUE_KINDS,
@@ -382,8 +383,6 @@ def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[s
     own rule - the colour match alone for text, its mean with the cosine for multimodal
     (``chatreid.evaluation.runner``). ``colours(keys)`` gives the crops' colour vectors
     (``ColourAttributeMatcher.embed_images``)."""
-    from chatreid.embedder.colour import ColourAttributeMatcher
-
     matcher, out = ColourAttributeMatcher(), []
     for kind in CLUE_KINDS:
         mine = [s for s in samples if s.stage == 3 and s.meta.get("clue")
@@ -403,7 +402,7 @@ def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[s
         unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
         for s in mine:
             q = s.meta["query"]
-            match = 1.0 - matcher.distance(matcher.embed_texts([s.meta["clue"]]), vectors)[0]
+            match = matcher.match(matcher.embed_texts([s.meta["clue"]]), vectors)[0]
             query = features([s.images[0]])[0] if has_image else None
             dist = 1.0 - match
             if query is not None:
