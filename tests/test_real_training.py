@@ -60,10 +60,11 @@ def test_sources_keep_their_people_apart(world: Path, real_subset: Path) -> None
 
 
 def test_relational_distillation_compares_similarity_structure_not_dimensions() -> None:
-    teacher = torch.randn(8, 512)
+    rng = torch.Generator().manual_seed(0)  # unseeded, the suite's RNG state decided the margin
+    teacher = torch.randn(8, 512, generator=rng)
     student = torch.cat([teacher, teacher], dim=1) * 3.0  # another size and scale, same geometry
     assert relational_distill_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
-    assert relational_distill_loss(torch.randn(8, 64), teacher).item() > 0.01
+    assert relational_distill_loss(torch.randn(8, 64, generator=rng), teacher).item() > 0.01
 
 
 def test_an_identity_head_starts_where_the_frozen_features_are() -> None:
