@@ -256,6 +256,17 @@ class IndexSettings(Section):
         default=None, description="largest exact (flat) index, in vectors; beyond it the index is "
         "approximate; None: sized from the vector dim"
     )
+    kind: Literal["auto", "flat", "hnsw", "ivf", "compressed"] = Field(
+        default="auto", description="index above exact_max: auto = HNSW over float vectors on "
+        "CPU (IVF-SQ8 with GPUs); compressed = 8-bit codes instead of floats plus an IVF of "
+        "4-bit PQ codes searched in parallel partitions, under 1 KB a 512-d vector (choose it "
+        "past ~1M crops a shard; see docs/scale.md); flat = always exact")
+    target_recall: float = Field(
+        default=0.97, gt=0, le=1, description="recall@100 against exact search that the "
+        "approximate index's search knob is calibrated to (on synthetic queries near the data)")
+    partitions: int | None = Field(
+        default=None, ge=1, le=8, description="compressed index only: IVF partitions one query "
+        "scans in parallel threads; None: one per faiss thread (core)")
 
 
 class RaySettings(Section):

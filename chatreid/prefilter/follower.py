@@ -425,8 +425,11 @@ class IndexFollower:
                             object_key=e.object_key) for e in events]
         with self.lock:
             if self.store is None:
-                self.store = PrefilterStore(vectors.shape[1],
-                                            exact_max=self.settings.index.exact_max)
+                index = self.settings.index
+                self.store = PrefilterStore(vectors.shape[1], exact_max=index.exact_max,
+                                            index_kind=index.kind,
+                                            target_recall=index.target_recall,
+                                            partitions=index.partitions)
                 self.embedder_version = events[0].embedder_version
         added = self.store.add(vectors, metas)
         self.stats.applied += added
