@@ -183,7 +183,12 @@ def measure_peers(xb: np.ndarray, queries: np.ndarray, truth: np.ndarray, *, k: 
     log = console.log if console is not None else (lambda *a, **kw: None)
     sample: np.ndarray | None = None
     rows: list[dict] = []
-    for config in configs if configs is not None else list(DEFAULT_CONFIGS):
+    if configs is None:  # the PQ peers use d/4 sub-quantisers (4 dims each) at any d
+        pq = f"PQ{d // 4}x4fs"
+        configs = [c.replace("PQ128x4fs", pq) for c in DEFAULT_CONFIGS]
+        knobs = {**{c.replace("PQ128x4fs", pq): v for c, v in DEFAULT_CONFIGS.items()},
+                 **(knobs or {})}
+    for config in configs:
         if "HNSW" in config and max_build_n is not None and n > max_build_n:
             reason = f"HNSW build skipped: n={n:,} > max_build_n={max_build_n:,}"
             log(f"{config}: {reason}")

@@ -17,7 +17,16 @@ L2-normalised. This gives mean cosine ~0.63 between different people and ~0.85 w
         [--queries 200] [--kinds auto] [--sweep] [--out benchmarks/results/prefilter_search.json]
 
 ``--sweep`` also times the approximate index at other nprobe/efSearch values than the one the
-store calibrated; ``--kinds flat ivf hnsw`` compares index kinds at the same sizes.
+store calibrated; ``--kinds flat ivf hnsw compressed`` compares index kinds at the same sizes.
+``--peers`` also measures plain FAISS configurations (``prefilter_peers.py``) on the same
+vectors, queries and exact truth, and says whether the store's point is on their recall-latency
+frontier (all peers, and peers within ``--budget-bytes`` per vector). Every row also reports
+same-identity recall: of the query person's crops in the exact top k, the share returned.
+
+The compressed 1M x 512-d run (issue 18's figures)::
+
+    python benchmarks/prefilter_search.py --sizes 1000000 --dim 512 --kinds compressed \
+        --peers --out benchmarks/results/prefilter_compressed_512.json
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 from common import header, write
+from prefilter_peers import measure_peers, on_frontier, peer_table, query_labels
 from rich.console import Console
 from rich.table import Table
 
@@ -106,6 +116,20 @@ def cosine_stats(x: np.ndarray, labels: np.ndarray, rng: np.random.Generator) ->
             "intra_identity_cos": float(np.mean(np.sum(x[order[same]] * x[order[same + 1]], 1)))}
 
 
+def _rows(hits: list) -> list[int]:
+    return [int(h.meta.crop_id[1:]) for h in hits]  # crop ids are g<row>
+
+
+def same_identity(approx: list, exact: list, labels: np.ndarray, q_labels: np.ndarray) -> float:
+    """Of the query person's crops in the exact top k, the share the index returned."""
+    per = []
+    for a, e, person in zip(approx, exact, q_labels.tolist(), strict=True):
+        wanted = {r for r in _rows(e) if labels[r] == person}
+        if wanted:
+            per.append(len(wanted & set(_rows(a))) / len(wanted))
+    return float(np.mean(per)) if per else 1.0
+
+
 def recall(approx: list, exact: list) -> float:
     per = [len({h.id for h in a} & {h.id for h in e}) / len(e)
            for a, e in zip(approx, exact, strict=True) if e]
@@ -131,6 +155,7 @@ def knob_sweep(store: PrefilterStore, queries: np.ndarray, exact: list,
     if info["kind"] == "flat":
         return []
     knobs = args.sweep_knobs or ([16, 64, 256, 1024] if info["kind"] == "ivf"
+                                 else [128, 256, 384, 512, 768] if info["kind"] == "compressed"
                                  else [200, 400, 800, 1200, 2048])
     out = []
     for knob in knobs:
@@ -157,8 +182,10 @@ def bench(n: int, kind: str, args: argparse.Namespace, console: Console) -> dict
     store = PrefilterStore(args.dim, index_kind=kind, exact_max=args.exact_max)
     build_s = gen_s = 0.0
     stats: dict[str, float] = {}
+    all_labels = []
     t_gen = time.perf_counter()
     for x, metas, labels in gen.gallery(args.chunk):
+        all_labels.append(labels)
         if not stats:
             stats = cosine_stats(x, labels, np.random.default_rng(0))
         t0 = time.perf_counter()
@@ -185,6 +212,7 @@ def bench(n: int, kind: str, args: argparse.Namespace, console: Console) -> dict
     f_hits, f_lat = timed_single_queries(store, queries, args.k, filt)
     f_exact = store.search(queries, args.k, filters=filt, exact=True)
 
+    gallery_labels, q_labels = np.concatenate(all_labels), query_labels(gen, len(queries))
     sweep = knob_sweep(store, queries, exact, args) if args.sweep else []
     mem = store.memory_bytes()
     row = {
@@ -192,6 +220,7 @@ def bench(n: int, kind: str, args: argparse.Namespace, console: Console) -> dict
         "index": info, "build_s": build_s, "data_gen_s": gen_s,
         "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
         "mean_ms": float(lat.mean()), "recall_at_k": recall(hits, exact),
+        "same_identity_recall": same_identity(hits, exact, gallery_labels, q_labels),
         "batch_qps": batch_qps, "exact_batch_qps": len(queries) / exact_batch_s,
         "filtered_p50_ms": float(np.percentile(f_lat, 50)),
         "filtered_p95_ms": float(np.percentile(f_lat, 95)),
@@ -201,7 +230,32 @@ def bench(n: int, kind: str, args: argparse.Namespace, console: Console) -> dict
         "knob_sweep": sweep,
     }
     console.log(json.dumps({k: v for k, v in row.items() if k not in ("index", "rss_mib")}))
+    if args.peers:
+        del store
+        row["peers"] = peers(gen, queries, exact, gallery_labels, q_labels, args, console)
+        point = {"p50_ms": row["p50_ms"], "recall_at_k": row["recall_at_k"]}
+        within = [p for p in row["peers"]
+                  if "skipped" in p or p["bytes_per_vector"] <= args.budget_bytes]
+        row["frontier"] = {"all_peers": on_frontier(point, row["peers"]),
+                           "within_budget": on_frontier(point, within),
+                           "budget_bytes": args.budget_bytes}
+        console.log(f"on the frontier of all peers: {row['frontier']['all_peers']['on_frontier']};"
+                    f" of peers within {args.budget_bytes} B/vector: "
+                    f"{row['frontier']['within_budget']['on_frontier']}")
     return row
+
+
+def peers(gen: ClusteredEmbeddings, queries: np.ndarray, exact: list, labels: np.ndarray,
+          q_labels: np.ndarray, args: argparse.Namespace, console: Console) -> list[dict]:
+    """Plain FAISS on the same vectors (regenerated: the generator is deterministic)."""
+    xb = np.concatenate([x for x, _, _ in gen.gallery(args.chunk)])
+    truth = np.array([_rows(e) for e in exact], np.int64)
+    rows = measure_peers(xb, queries, truth, k=args.k, query_labels=q_labels,
+                         gallery_labels=labels, console=console,
+                         max_build_n=args.peers_max_build_n)
+    console.print(peer_table(rows, f"plain FAISS peers, {len(xb):,} x {xb.shape[1]}, "
+                                   f"single query, k={args.k}"))
+    return rows
 
 
 def table(rows: list[dict]) -> Table:
@@ -238,7 +292,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--kinds", nargs="+", default=["auto"],
-                    choices=["auto", "flat", "ivf", "hnsw"], help="index kinds to compare")
+                    choices=["auto", "flat", "ivf", "hnsw", "compressed"],
+                    help="index kinds to compare")
     ap.add_argument("--exact-max", type=int, default=None,
                     help="store's flat/approximate threshold (default: the store's, by dim)")
     ap.add_argument("--chunk", type=int, default=50_000, help="vectors per add() call")
@@ -246,6 +301,12 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="also time the approximate index at other nprobe/efSearch values")
     ap.add_argument("--sweep-knobs", type=int, nargs="+", default=None)
+    ap.add_argument("--peers", action="store_true",
+                    help="also measure plain FAISS configurations on the same data")
+    ap.add_argument("--peers-max-build-n", type=int, default=None,
+                    help="skip HNSW peers above this many vectors (their build is slow)")
+    ap.add_argument("--budget-bytes", type=int, default=1024,
+                    help="memory budget per vector for the within-budget frontier check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prefilter_search.json"))
     args = ap.parse_args()

@@ -125,6 +125,53 @@ def prefilter_search(*reports: Report) -> str:
             + "\n".join(sweeps) + f"\n\n{note}.")
 
 
+def _knob(knob: dict[str, int]) -> str:
+    return " ".join(f"{k} {v}" for k, v in knob.items()) or "-"
+
+
+def prefilter_compressed(report: Report) -> str:
+    """``prefilter_search.py --kinds compressed --peers``: the store's compressed index at 1M,
+    its knob sweep, the plain FAISS peers measured in the same run and the frontier verdict."""
+    r = report["results"][0]
+    idx = r["index"]
+    rows = _table(
+        ["gallery", "index", "build", "p50 / p95", "recall@100", "same-identity recall",
+         "filtered p50 / recall", "memory / vector"],
+        [[f"{r['n']:,} × {r['dim']}",
+          f"compressed: SQ8 + IVF{idx['nlist']}-PQ4 × {idx['partitions']} partitions, "
+          f"nprobe {idx['knob']}",
+          f"{r['build_s']:.0f} s", f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} ms",
+          f"{r['recall_at_k']:.3f}", f"{r['same_identity_recall']:.3f}",
+          f"{r['filtered_p50_ms']:.1f} ms / {r['filtered_recall_at_k']:.3f}",
+          f"{r['memory_bytes_per_vector']:,.0f} B"]])
+    sweep = "; ".join(f"nprobe {s['knob']}: {s['recall_at_k']:.3f} at {s['p50_ms']:.1f} ms"
+                      for s in r.get("knob_sweep", []))
+    peers = _table(
+        ["plain FAISS peer", "knob", "build", "B / vector", "p50", "recall@100",
+         "same-identity recall"],
+        [[p["config"], f"skipped: {p['skipped']}", "", "", "", "", ""] if "skipped" in p else
+         [p["config"], _knob(p["knob"]), f"{p['build_s']:.0f} s",
+          f"{p['bytes_per_vector']:,.0f}", f"{p['p50_ms']:.1f} ms", f"{p['recall_at_k']:.3f}",
+          "-" if p["same_identity_recall"] is None else f"{p['same_identity_recall']:.3f}"]
+         for p in r.get("peers", [])])
+    front = r.get("frontier", {})
+
+    def verdict(name: str) -> str:
+        f = front.get(name, {})
+        if f.get("on_frontier"):
+            return "on the frontier (no peer is both faster and more accurate)"
+        by = ", ".join(f"{d['config']} {_knob(d['knob'])}" for d in f.get("dominated_by", []))
+        return f"dominated by {by}"
+
+    budget = front.get("budget_bytes", 1024)
+    return ("\n".join(rows) + f"\n\nSearch knob sweep: {sweep}.\n\n" + "\n".join(peers)
+            + f"\n\nAmong all peers the store's point is {verdict('all_peers')}; among peers "
+            f"within {budget:,} B / vector it is {verdict('within_budget')}.\n\n"
+            f"k = 100, {report['args']['queries']} single queries, "
+            f"{report['machine']['faiss_threads']} FAISS threads, faiss "
+            f"{report['machine']['faiss']}, {_cpus(report)}; measured {_when(report)}.")
+
+
 # --- HPT training chain -------------------------------------------------------------------------
 
 def hpt_chain(report: Report) -> str:
@@ -567,6 +614,8 @@ BLOCKS: dict[str, Block] = {
     "ingest": Block(ingest, _results("ingest")),
     "prefilter_search": Block(prefilter_search,
                               _results("prefilter_search", "prefilter_search_256")),
+    "prefilter_compressed": Block(prefilter_compressed,
+                                  _results("prefilter_compressed_512")),
     "hpt_chain": Block(hpt_chain, _results("hpt_chain")),
     "embedder_training": Block(embedder_training, _results("hpt_chain")),
     "retrieval_serve": Block(retrieval_serve, _results("retrieval_serve")),

@@ -146,10 +146,24 @@ class IndexedEvent(_Event):
     vector_b64: str = Field(description="little-endian float32, L2-normalised, base64")
     source: SourceOffset
     indexed_at: datetime = Field(default_factory=utcnow)
+    colours_b64: str | None = Field(
+        default=None, description="the crop's colour-attribute vector (little-endian float32, "
+        "base64; per garment part, the share of its pixels in each colour term), computed at "
+        "embed time so text queries read no images; None from embedders before it existed")
+    colours_version: str | None = Field(
+        default=None, description="the colour matcher that computed colours_b64; a store "
+        "ignores vectors of another version")
 
     @staticmethod
     def encode_vector(vec: np.ndarray) -> str:
         return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+
+    def colours(self, dim: int) -> np.ndarray | None:
+        """The colour vector, or None when absent or not ``dim`` values long."""
+        if self.colours_b64 is None:
+            return None
+        arr = np.frombuffer(base64.b64decode(self.colours_b64), dtype="<f4")
+        return arr.astype(np.float32) if arr.shape == (dim,) else None
 
     def vector(self) -> np.ndarray:
         arr = np.frombuffer(base64.b64decode(self.vector_b64), dtype="<f4")

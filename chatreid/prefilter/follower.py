@@ -431,7 +431,7 @@ class IndexFollower:
                                             target_recall=index.target_recall,
                                             partitions=index.partitions)
                 self.embedder_version = events[0].embedder_version
-        added = self.store.add(vectors, metas)
+        added = self.store.add(vectors, metas, _colours(events))
         self.stats.applied += added
         self.stats.duplicates += len(events) - added
         if self.keep_latencies:
@@ -526,6 +526,19 @@ class IndexFollower:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+
+
+def _colours(events: list[IndexedEvent]) -> np.ndarray | None:
+    """The events' colour vectors of the current matcher (NaN rows for the others); None
+    when no event carries one, so a store of older events holds no colour column."""
+    from chatreid.embedder.colour import ColourAttributeMatcher
+
+    version, dim = ColourAttributeMatcher.version, ColourAttributeMatcher().dim
+    vectors = [e.colours(dim) if e.colours_version == version else None for e in events]
+    if all(v is None for v in vectors):
+        return None
+    empty = np.full(dim, np.nan, np.float32)
+    return np.stack([empty if v is None else v for v in vectors])
 
 
 def _key(tp: TopicPartition) -> str:

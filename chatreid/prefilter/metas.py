@@ -6,6 +6,9 @@ id in one byte blob with end offsets, camera / site / object-key pattern as smal
 into name tables, modality and capture time as numbers. Object keys are almost always
 ``<prefix><crop id><suffix>`` (``crops/<day>/<id>.jpg``), so only the (prefix, suffix) pair is
 interned. ``VectorMeta`` objects are made on demand, for the rows a search returns.
+
+Rows may also carry a colour-attribute vector (computed at embed time, ``colour_dim`` floats,
+NaN where a crop came without one), so text queries rank crops without reading their images.
 """
 
 from __future__ import annotations
@@ -90,11 +93,16 @@ class MetaTable:
         self._site_names = _Names()
         # (prefix, suffix) with the crop id between them; (key, None) when the id is absent
         self._key_patterns = _Names()
+        self.colour_dim = 0  # 0 until the first row with a colour vector
+        self._colours = Column(np.float32)  # row-major (rows, colour_dim)
 
     def __len__(self) -> int:
         return self._ends.n
 
-    def extend(self, metas: Sequence[VectorMeta]) -> None:
+    def extend(self, metas: Sequence[VectorMeta], colours: np.ndarray | None = None) -> None:
+        """Append rows; ``colours`` (len(metas), colour_dim) float32, NaN rows for crops
+        without one. Raises ValueError (before any change) on a colour width that differs."""
+        self._extend_colours(len(metas), colours)
         ids = [m.crop_id.encode() for m in metas]
         start = int(self._ends.view[-1]) if len(self) else 0
         self._ends.extend(start + np.cumsum([len(b) for b in ids], dtype=np.int64))
@@ -108,6 +116,26 @@ class MetaTable:
                                        np.int32, n))
         self._keys.extend(np.fromiter((self._key_patterns.code(_pattern(m)) for m in metas),
                                       np.int32, n))
+
+    def _extend_colours(self, n: int, colours: np.ndarray | None) -> None:
+        if colours is not None:
+            if colours.ndim != 2 or len(colours) != n or colours.shape[1] < 1:
+                raise ValueError(f"colours must have shape ({n}, dim), got {colours.shape}")
+            if self.colour_dim and colours.shape[1] != self.colour_dim:
+                raise ValueError(f"colour vectors have {colours.shape[1]} values, the store's "
+                                 f"{self.colour_dim}")
+            if not self.colour_dim:  # the first colours: earlier rows have none
+                self.colour_dim = colours.shape[1]
+                self._colours.extend(np.full(len(self) * self.colour_dim, np.nan, np.float32))
+            self._colours.extend(np.asarray(colours, np.float32).reshape(-1))
+        elif self.colour_dim:
+            self._colours.extend(np.full(n * self.colour_dim, np.nan, np.float32))
+
+    def colours(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(len(rows), colour_dim) colour vectors; NaN rows where a crop has none."""
+        rows = np.asarray(rows, np.int64)
+        return self._colours.view.reshape(-1, max(self.colour_dim, 1))[rows] \
+            if self.colour_dim else np.full((len(rows), 0), np.nan, np.float32)
 
     def crop_id(self, row: int) -> str:
         ends = self._ends.view
@@ -153,22 +181,25 @@ class MetaTable:
         for name in ("cams", "mods", "times", "_sites", "_keys"):
             col = getattr(self, name)
             setattr(out, name, Column(col.view.dtype, col.view[rows]))
+        out.colour_dim = self.colour_dim
+        if self.colour_dim:
+            out._colours = Column(np.float32, self.colours(rows).reshape(-1))
         return out
 
     @property
     def nbytes(self) -> int:
         """Resident bytes of the columns (name tables are small and shared)."""
         return sum(c.nbytes for c in (self._blob, self._ends, self.cams, self.mods, self.times,
-                                      self._sites, self._keys))
+                                      self._sites, self._keys, self._colours))
 
     # -- snapshots -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         names = {"cameras": self.camera_names.values, "sites": self._site_names.values,
-                 "keys": self._key_patterns.values}
+                 "keys": self._key_patterns.values, "colour_dim": self.colour_dim}
         buf = io.BytesIO()
         np.savez(buf, blob=self._blob.view, ends=self._ends.view, cams=self.cams.view,
                  mods=self.mods.view, times=self.times.view, sites=self._sites.view,
-                 keys=self._keys.view,
+                 keys=self._keys.view, colours=self._colours.view,
                  names=np.frombuffer(json.dumps(names).encode(), np.uint8))
         return buf.getvalue()
 
@@ -181,8 +212,9 @@ class MetaTable:
         table._key_patterns = _Names(tuple(p) for p in names["keys"])
         for attr, key in (("_blob", "blob"), ("_ends", "ends"), ("cams", "cams"),
                           ("mods", "mods"), ("times", "times"), ("_sites", "sites"),
-                          ("_keys", "keys")):
+                          ("_keys", "keys"), ("_colours", "colours")):
             setattr(table, attr, Column(arrays[key].dtype, arrays[key]))
+        table.colour_dim = int(names["colour_dim"])
         table._check()
         return table
 
@@ -197,6 +229,8 @@ class MetaTable:
                            (self._keys, self._key_patterns)):
             if n and (col.view.min() < 0 or col.view.max() >= len(table.values)):
                 raise ValueError("metadata codes point outside their name tables")
+        if self._colours.n != n * self.colour_dim:
+            raise ValueError("metadata colour vectors disagree on the number of rows")
         if n and not np.isin(self.mods.view, (0, 1)).all():
             raise ValueError("metadata modality codes must be 0 or 1")
 

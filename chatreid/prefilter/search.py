@@ -191,7 +191,7 @@ class PrefilterSearch:
                    tau: float | None = None) -> list[SearchResult]:
         """Re-order by colour match (blended with the cosine for multimodal queries), keep those
         scoring ≥ ``tau``, cap at ``k``; stable, so equal scores keep the incoming order."""
-        vectors = self.colours.vectors([(r.crop_id, r.object_key) for r in results])
+        vectors = self._colour_vectors(results)
         match = self.colours.matcher.match(text, vectors)[0]
         score = [(m + r.score) / 2 if blend else m
                  for m, r in zip(match.tolist(), results, strict=True)]
@@ -200,6 +200,21 @@ class PrefilterSearch:
             order = [i for i in order if score[i] >= tau]
         return [replace(results[i], rank=rank + 1, score=float(score[i]))
                 for rank, i in enumerate(order[:k])]
+
+
+    def _colour_vectors(self, results: list[SearchResult]) -> np.ndarray:
+        """Colour vectors from the index (computed at embed time); only crops indexed
+        without one (by an older embedder) are read from the object store."""
+        store = self.follower.active()[1]
+        dim = self.colours.matcher.dim
+        if store is None or store.colour_dim != dim:
+            return self.colours.vectors([(r.crop_id, r.object_key) for r in results])
+        vectors = store.colours([r.crop_id for r in results])
+        missing = np.flatnonzero(np.isnan(vectors).any(axis=1))
+        if len(missing):
+            vectors[missing] = self.colours.vectors(
+                [(results[i].crop_id, results[i].object_key) for i in missing.tolist()])
+        return vectors
 
 
 class ColourCache:

@@ -436,6 +436,22 @@ class PrefilterStore:
             return np.array([next(scores) if r is not None else np.nan for r in rows],
                             np.float32)
 
+    @property
+    def colour_dim(self) -> int:
+        """Length of the stored colour vectors; 0 while no crop brought one."""
+        return self._metas.colour_dim
+
+    def colours(self, crop_ids: Sequence[str]) -> np.ndarray:
+        """(len(crop_ids), colour_dim) colour vectors; NaN rows for crops not held or held
+        without one."""
+        with self._lock.read():
+            rows = [self._live_row(c) for c in crop_ids]
+            held = [r for r in rows if r is not None]
+            found = iter(self._metas.colours(held))
+            empty = np.full(self._metas.colour_dim, np.nan, np.float32)
+            return np.stack([next(found) if r is not None else empty for r in rows]) \
+                if rows else np.zeros((0, self._metas.colour_dim), np.float32)
+
     def _live_row(self, crop_id: str) -> int | None:
         row = self._row_of.get(crop_id_to_int64(crop_id))
         if row is None or self._metas.crop_id(row) != crop_id:
@@ -470,22 +486,35 @@ class PrefilterStore:
         return sys.getsizeof(self._row_of) + len(self._row_of) * 2 * 32
 
     # -- writes --------------------------------------------------------------------------------
-    def add(self, vectors: np.ndarray, metas: Sequence[VectorMeta]) -> int:
-        """Add vectors (ids from ``meta.crop_id``); returns how many were new."""
-        return self.add_with_report(vectors, metas).added
+    def add(self, vectors: np.ndarray, metas: Sequence[VectorMeta],
+            colours: np.ndarray | None = None) -> int:
+        """Add vectors (ids from ``meta.crop_id``); returns how many were new. ``colours``:
+        the crops' colour-attribute vectors (NaN rows for crops without one)."""
+        return self.add_with_report(vectors, metas, colours).added
 
-    def add_with_report(self, vectors: np.ndarray, metas: Sequence[VectorMeta]) -> AddReport:
+    def add_with_report(self, vectors: np.ndarray, metas: Sequence[VectorMeta],
+                        colours: np.ndarray | None = None) -> AddReport:
         """Like ``add`` but also names the crop ids skipped because they were already present."""
         metas = list(metas)
         x = _as_unit_rows(vectors, self.dim, "vectors", allow_1d=False)
         if len(x) != len(metas):
             raise ValueError(f"got {len(x)} vectors but {len(metas)} metas")
         _check_metas(metas)
+        if colours is not None:
+            colours = np.asarray(colours, np.float32)
+            if colours.shape[:1] != (len(metas),) or colours.ndim != 2 \
+                    or np.isinf(colours).any():
+                raise ValueError(f"colours must be a ({len(metas)}, dim) float array without "
+                                 f"inf, got shape {colours.shape}")
+            if self._metas.colour_dim and colours.shape[1] != self._metas.colour_dim:
+                raise ValueError(f"colour vectors have {colours.shape[1]} values, the store's "
+                                 f"{self._metas.colour_dim}")
         ids = [crop_id_to_int64(m.crop_id) for m in metas]
         with self._lock.write():
             keep, skipped = self._new_rows(ids, metas)
             if keep:
-                self._append(x[keep], [ids[i] for i in keep], [metas[i] for i in keep])
+                self._append(x[keep], [ids[i] for i in keep], [metas[i] for i in keep],
+                             None if colours is None else colours[keep])
         if skipped:
             log.debug("prefilter add skipped %d crop ids already present", len(skipped))
         return AddReport(added=len(keep), skipped=tuple(skipped))
@@ -508,7 +537,8 @@ class PrefilterStore:
                                  f"64-bit id {id_}")
         return keep, skipped
 
-    def _append(self, x: np.ndarray, ids: list[int], metas: list[VectorMeta]) -> None:
+    def _append(self, x: np.ndarray, ids: list[int], metas: list[VectorMeta],
+                colours: np.ndarray | None) -> None:
         first = self._flat.ntotal
         in_graph = self._flat_in_graph
         target = self._approx if in_graph else self._flat  # HNSW adds to its storage itself
@@ -516,7 +546,7 @@ class PrefilterStore:
         target.add(x)
         self._ids.extend(np.asarray(ids, dtype=np.int64))
         self._alive.extend(np.ones(len(ids), dtype=np.bool_))
-        self._metas.extend(metas)
+        self._metas.extend(metas, colours)
         self._row_of.update(zip(ids, range(first, first + len(ids)), strict=True))
         if not self._reindex():  # not rebuilt: append the new rows to the live indexes
             if self._approx is not None and not in_graph:
@@ -853,7 +883,7 @@ class PrefilterStore:
             codes = self._metas.camera_names.codes
             lut = np.zeros(len(codes) + 1, np.bool_)
             lut[[codes[c] for c in filters.cameras if c in codes]] = True
-            mask &= lut[self._metas.cams.view]
+            mask &= np.take(lut, self._metas.cams.view)  # 2x faster than lut[...] at 1M rows
         if filters.modality is not None:
             mask &= self._metas.mods.view == (filters.modality == "infrared")
         if filters.time_from is not None:

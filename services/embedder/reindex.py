@@ -29,7 +29,7 @@ from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rebuild import RolloutReport, write_report
 from chatreid.storage import ObjectStore
 from schemas import INDEXED, DeadLetterEvent, IndexedEvent, SourceOffset
-from services.embedder.service import CropFailed, fetch_crop, key_sha256
+from services.embedder.service import CropFailed, colour_fields, fetch_crop, key_sha256
 
 __all__ = ["ReindexCancelled", "Reindexer"]
 
@@ -111,9 +111,10 @@ class Reindexer:
         if not good:
             return
         vectors = embedder.embed([img for _, img in good])
-        for (meta, _), vec in zip(good, vectors, strict=True):
+        colours = colour_fields([img for _, img in good])
+        for (meta, _), vec, colour in zip(good, vectors, colours, strict=True):
             publish(producer, self.topic, meta.camera,
-                    self._indexed(meta, vec, embedder.version, source))
+                    self._indexed(meta, vec, embedder.version, source, colour))
             done.add(meta.crop_id)
 
     def _fetch(self, meta: VectorMeta) -> Image.Image | CropFailed:
@@ -122,8 +123,8 @@ class Reindexer:
         except CropFailed as exc:
             return exc
 
-    def _indexed(self, meta: VectorMeta, vec, version: str,
-                 source: SourceOffset) -> IndexedEvent:
+    def _indexed(self, meta: VectorMeta, vec, version: str, source: SourceOffset,
+                 colour: dict[str, str]) -> IndexedEvent:
         return IndexedEvent(
             crop_id=meta.crop_id, vector_id=crop_id_to_int64(meta.crop_id), site=meta.site,
             camera=meta.camera, modality=meta.modality,
@@ -131,4 +132,5 @@ class Reindexer:
             object_key=meta.object_key, embedder_version=version, dim=int(vec.shape[0]),
             vector_b64=IndexedEvent.encode_vector(vec),
             source=source,  # provenance: re-embedded because of this checkpoint event
+            **colour,
         )

@@ -39,6 +39,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from chatreid.bus import dead_letter, make_consumer, make_producer, position, publish, topic_id
 from chatreid.config import Settings
+from chatreid.embedder.colour import ColourAttributeMatcher
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.storage import (
     META_SHA256,
@@ -67,6 +68,16 @@ key_sha256 = legacy_key_sha256  # the sha256 a legacy content-addressed key name
 class PublishFailed(KafkaError):
     """The broker did not acknowledge indexed events of a batch: it is put back, not
     committed."""
+
+
+COLOURS = ColourAttributeMatcher()  # stateless: one per process
+
+
+def colour_fields(images: list[Image.Image]) -> list[dict[str, str]]:
+    """Each image's ``IndexedEvent`` colour fields, computed while the crop is decoded anyway,
+    so a text query ranks crops without reading their images back (~1.4 s for 1,000)."""
+    return [{"colours_b64": IndexedEvent.encode_vector(v), "colours_version": COLOURS.version}
+            for v in COLOURS.embed_images(images)]
 
 
 class CropFailed(Exception):
@@ -328,13 +339,15 @@ class EmbedderService:
         good = [(r, e, img) for (r, e), img in zip(fresh, images, strict=True)
                 if isinstance(img, Image.Image)]
         sent = []
+        colours = colour_fields([img for _, _, img in good]) if good else []
         for embedder in self._embedders if good else ():
             t0 = time.perf_counter()
             vectors = embedder.embed([img for _, _, img in good])
             self.stats.embed_s += time.perf_counter() - t0
-            for (record, event, _), vec in zip(good, vectors, strict=True):
+            for (record, event, _), vec, colour in zip(good, vectors, colours, strict=True):
                 sent.append(publish(self.producer, self.indexed_topic, event.camera,
-                                    self._indexed(record, event, vec, embedder.version)))
+                                    self._indexed(record, event, vec, embedder.version,
+                                                  colour)))
         self.producer.flush()  # durable (acks=all) before the offsets move
         failed = [f.exception for f in sent if not f.succeeded()]
         if failed:  # flush() does not raise: an offset committed now would lose the crops
@@ -409,14 +422,14 @@ class EmbedderService:
             self.consumer.resume(*self.consumer.assignment())
 
     def _indexed(self, record: ConsumerRecord, event: CropEvent, vec,
-                 version: str) -> IndexedEvent:
+                 version: str, colour: dict[str, str]) -> IndexedEvent:
         return IndexedEvent(
             crop_id=event.crop_id, vector_id=crop_id_to_int64(event.crop_id), site=event.site,
             camera=event.camera, modality=event.modality, capture_time=event.capture_time,
             object_key=event.object_key, embedder_version=version,
             dim=int(vec.shape[0]), vector_b64=IndexedEvent.encode_vector(vec),
             source=SourceOffset(topic=record.topic, partition=record.partition,
-                                offset=record.offset),
+                                offset=record.offset), **colour,
         )
 
     def _dead(self, record: ConsumerRecord, error: str, reason: str, raw: bytes | None,
