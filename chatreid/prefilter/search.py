@@ -50,10 +50,12 @@ class PrefilterSearch:
 
     ``follow_checkpoints`` (default: when no ``embedder`` is pinned) serves the rolled-out
     embedder from the ``checkpoints`` topic and moves to newer ones on :meth:`refresh`.
+    ``stored_colours=False`` ignores the colour vectors the index holds and reads every
+    candidate's image instead (the path before embedders computed them; benchmarks compare).
     """
 
     def __init__(self, settings: Settings, embedder=None,
-                 follow_checkpoints: bool | None = None) -> None:
+                 follow_checkpoints: bool | None = None, stored_colours: bool = True) -> None:
         from chatreid.embedder import embedder_from_settings
         from chatreid.prefilter.releases import CheckpointWatcher
 
@@ -70,6 +72,7 @@ class PrefilterSearch:
             current, pending = configured(), None
         self._embedders = {current.version: current}  # the live one, and an incoming one
         self.colours = ColourCache(self.objects, settings.serve.fetch_workers)
+        self.stored_colours = stored_colours
         self.follower = IndexFollower(settings, self.objects, embedder_version=current.version)
         if pending is not None:
             self._stage(pending)
@@ -207,7 +210,7 @@ class PrefilterSearch:
         without one (by an older embedder) are read from the object store."""
         store = self.follower.active()[1]
         dim = self.colours.matcher.dim
-        if store is None or store.colour_dim != dim:
+        if store is None or store.colour_dim != dim or not self.stored_colours:
             return self.colours.vectors([(r.crop_id, r.object_key) for r in results])
         vectors = store.colours([r.crop_id for r in results])
         missing = np.flatnonzero(np.isnan(vectors).any(axis=1))
