@@ -29,7 +29,13 @@ from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rebuild import RolloutReport, write_report
 from chatreid.storage import ObjectStore
 from schemas import INDEXED, DeadLetterEvent, IndexedEvent, SourceOffset
-from services.embedder.service import CropFailed, colour_fields, fetch_crop, key_sha256
+from services.embedder.service import (
+    COLOURS,
+    CropFailed,
+    colour_fields,
+    fetch_crop,
+    key_sha256,
+)
 
 __all__ = ["ReindexCancelled", "Reindexer"]
 
@@ -124,7 +130,7 @@ class Reindexer:
             return exc
 
     def _indexed(self, meta: VectorMeta, vec, version: str, source: SourceOffset,
-                 colour: dict[str, str]) -> IndexedEvent:
+                 colour: str) -> IndexedEvent:
         return IndexedEvent(
             crop_id=meta.crop_id, vector_id=crop_id_to_int64(meta.crop_id), site=meta.site,
             camera=meta.camera, modality=meta.modality,
@@ -132,5 +138,5 @@ class Reindexer:
             object_key=meta.object_key, embedder_version=version, dim=int(vec.shape[0]),
             vector_b64=IndexedEvent.encode_vector(vec),
             source=source,  # provenance: re-embedded because of this checkpoint event
-            **colour,
+            colours_b64=colour, colours_version=COLOURS.version,
         )
