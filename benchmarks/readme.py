@@ -566,7 +566,7 @@ class Block:
     sources: tuple[str, ...]  # JSON files relative to the repository root, passed in order
 
 
-def scaling(ingest_: Report, search: Report, serve: Report) -> str:
+def scaling(ingest_: Report, search: Report, compressed: Report, serve: Report) -> str:
     """deploy/README's sizing table: what one replica of each tier measured, and the planning
     figure derived from it (per core, per million crops, per replica)."""
     cpus = ingest_["machine"]["cpus"]
@@ -583,6 +583,7 @@ def scaling(ingest_: Report, search: Report, serve: Report) -> str:
     rss = [m["rss_mb"] for t in serve["throughput"] for m in t["replica_memory"]]
     peak = max(m["peak_rss_mb"] for m in serve["replicas_1x2_threads"])
     ingestor = sum(v for k, v in e2e["cpu_core_seconds"].items() if k.startswith("ingestor"))
+    small = compressed["results"][0]
     rows = _table(["component", "measured", "plan with"], [
         [f"embedder ({fwd['batch']} × {h}×{w} batches)",
          f"{fwd['forward_crops_per_s']:.0f} crops/s forward alone; {e2e['crops_per_s']:.1f} "
@@ -592,6 +593,11 @@ def scaling(ingest_: Report, search: Report, serve: Report) -> str:
         [f"prefilter search ({runs[0]['dim']}-d, k = {search['args']['k']})",
          f"{p50s} crops; {per_vec / 1000:.1f} KB per crop",
          f"memory ≈ {per_vec * 1e6 / 1e9:.1f} GB per million crops per Prefilter replica"],
+        [f"prefilter search, `index.kind = compressed` ({small['dim']}-d, k = 100)",
+         f"{small['p50_ms']:.1f} ms p50 at {small['n']:,} crops, recall@100 "
+         f"{small['recall_at_k']:.3f}; {small['memory_bytes_per_vector']:,.0f} B per crop",
+         f"memory ≈ {small['memory_bytes_per_vector'] * 1e6 / 1e9:.2f} GB per million crops "
+         "per Prefilter replica; search time grows with the crops a replica holds"],
         [f"rerank replica (`{serve['args']['model']}`, full dialogue)",
          f"{spans}; {best['queries_per_s']:.3f} queries/s at K = 20 with "
          f"{serve['args']['concurrency']} clients; {min(rss) / 1024:.1f}–{max(rss) / 1024:.1f} "
@@ -603,7 +609,8 @@ def scaling(ingest_: Report, search: Report, serve: Report) -> str:
          "not the bottleneck: 1–2 replicas per site"],
     ])
     return "\n".join(rows) + (f"\n\n{cpus} CPU cores, no GPU; measured "
-                               f"{_when(ingest_)}, {_when(search)}, {_when(serve)}.")
+                               f"{_when(ingest_)}, {_when(search)}, {_when(compressed)}, "
+                               f"{_when(serve)}.")
 
 
 def _results(*names: str) -> tuple[str, ...]:
@@ -631,7 +638,8 @@ BLOCKS: dict[str, Block] = {
     "identity_head": Block(identity_head, _results("rerank_quality")),
     "status": Block(status, _results("rerank_quality", "real_people")),
     "eval_synthetic": Block(eval_synthetic, ("docs/eval/results.json",)),
-    "scaling": Block(scaling, _results("ingest", "prefilter_search", "retrieval_serve")),
+    "scaling": Block(scaling, _results("ingest", "prefilter_search", "prefilter_compressed_512",
+                                       "retrieval_serve")),
 }
 _BLOCK = re.compile(r"<!-- bench:(\w+) -->\n.*?<!-- /bench:\1 -->", re.S)
 _OPEN = re.compile(r"<!-- bench:(\w+) -->")

@@ -191,3 +191,23 @@ def test_corrupt_meta_columns_are_refused() -> None:
     table.cams.view[0] = 99  # a camera code with no name
     with pytest.raises(ValueError, match="name tables"):
         MetaTable.from_bytes(table.to_bytes())
+
+
+def test_a_restored_store_takes_the_new_settings_from_its_next_add() -> None:
+    x, metas = clustered(4000), metas_for(4000)
+    store = PrefilterStore(DIM, exact_max=1000)  # auto: HNSW over floats
+    store.add(x[:3000], metas[:3000])
+    copy = PrefilterStore.from_bytes(store.to_bytes())
+    assert copy.active_kind == "hnsw"
+    copy.reconfigure("compressed", 0.95)  # what a follower does after a restore
+    copy.add(x[3000:], metas[3000:])
+    assert copy.active_kind == "compressed" and len(copy) == 4000
+    queries = clustered(20, seed=9)
+    truth = PrefilterStore(DIM, index_kind="flat")
+    truth.add(x, metas)
+    assert recall(copy.search(queries, 20), truth.search(queries, 20), 20) >= 0.9
+    copy.reconfigure("auto", 0.97)  # codes cannot feed a float index: it stays compressed
+    copy.add(clustered(1, seed=2), [VectorMeta("late", "cam0", "rgb", 1.0)])
+    assert copy.active_kind == "compressed" and "late" in copy
+    with pytest.raises(ValueError, match="target_recall"):
+        copy.reconfigure("compressed", 0.0)

@@ -147,8 +147,12 @@ class IndexFollower:
                           if "erased_key" in pointer else {})
             except ObjectNotFound:  # replaced by a newer snapshot meanwhile: read that one
                 continue
+            store = PrefilterStore.from_bytes(data)
+            # the settings of this deployment, not of the one that wrote the snapshot: a
+            # changed index.kind applies from the next add (a compressed store stays so)
+            store.reconfigure(self.settings.index.kind, self.settings.index.target_recall)
             with self.lock:
-                self.store = PrefilterStore.from_bytes(data)
+                self.store = store
                 self.embedder_version = pointer["embedder_version"]
             self._erased = {str(c): float(t) for c, t in erased.items()}
             self._log_time = max(self._erased.values(), default=0.0)

@@ -84,7 +84,7 @@ class MetaTable:
     def __init__(self) -> None:
         self._blob = Column(np.uint8)  # utf-8 crop ids, back to back
         self._ends = Column(np.int64)  # end offset of each row's crop id in the blob
-        self.cams = Column(np.int32)
+        self.cams = Column(np.intp)  # intp: np.take needs no index conversion (filters)
         self.mods = Column(np.int8)  # 1 = infrared
         self.times = Column(np.float64)
         self._sites = Column(np.int32)
@@ -109,7 +109,7 @@ class MetaTable:
         self._blob.extend(np.frombuffer(b"".join(ids), np.uint8))
         n = len(metas)
         self.cams.extend(np.fromiter((self.camera_names.code(m.camera) for m in metas),
-                                     np.int32, n))
+                                     np.intp, n))
         self.mods.extend(np.fromiter((m.modality == "infrared" for m in metas), np.int8, n))
         self.times.extend(np.fromiter((m.capture_time for m in metas), np.float64, n))
         self._sites.extend(np.fromiter((self._site_names.code(m.site) for m in metas),

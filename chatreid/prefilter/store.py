@@ -257,6 +257,17 @@ def _sorted_hits(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarr
     return rows[order], scores[order]
 
 
+def _check_kind(index_kind: str, dim: int, target_recall: float) -> None:
+    if index_kind not in INDEX_KINDS:
+        raise ValueError(f"index_kind must be one of {', '.join(INDEX_KINDS)}, got "
+                         f"{index_kind!r}")
+    if index_kind == "compressed" and _pq_subquantizers(dim) is None:
+        raise ValueError(f"index_kind 'compressed' needs a dim with an even divisor near dim/4 "
+                         f"(e.g. 256, 512, 1280), got {dim}")
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+
+
 def _pq_subquantizers(dim: int) -> int | None:
     """Fast-scan PQ sub-quantiser count: an even divisor of dim, as near dim/4 as exists."""
     for m in range(max(2, dim // _PQ_DIMS_PER_SUBQUANTIZER), 1, -1):
@@ -296,16 +307,9 @@ class PrefilterStore:
                  partitions: int | None = None) -> None:
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if index_kind not in INDEX_KINDS:
-            raise ValueError(f"index_kind must be one of {', '.join(INDEX_KINDS)}, "
-                             f"got {index_kind!r}")
-        if index_kind == "compressed" and _pq_subquantizers(dim) is None:
-            raise ValueError(f"index_kind 'compressed' needs a dim with an even divisor near "
-                             f"dim/4 (e.g. 256, 512, 1280), got {dim}")
+        _check_kind(index_kind, dim, target_recall)
         if partitions is not None and not 1 <= partitions <= _MAX_PARTITIONS:
             raise ValueError(f"partitions must be in 1..{_MAX_PARTITIONS}, got {partitions!r}")
-        if not 0.0 < target_recall <= 1.0:
-            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
         self.dim = dim
         self._use_gpu = _resolve_gpu(use_gpu)
         self.exact_max = (default_exact_max(dim, self._use_gpu) if exact_max is None
@@ -325,6 +329,13 @@ class PrefilterStore:
         self._trained_rows = 0  # live vectors when the approximate index was last (re)trained
         self._calibrated_rows = 0  # live vectors when the knob was last measured
         self._gpu: faiss.Index | None = None
+
+    def reconfigure(self, index_kind: IndexKind, target_recall: float) -> None:
+        """Take this deployment's settings after a snapshot restore; they apply from the next
+        add (a compressed store stays compressed: its codes cannot feed a float index)."""
+        _check_kind(index_kind, self.dim, target_recall)
+        with self._lock.write():
+            self.index_kind, self.target_recall = index_kind, float(target_recall)
 
     def _reset_rows(self) -> None:
         # compressed: an empty copy of the SQ8 index keeps its trained ranges
@@ -628,6 +639,8 @@ class PrefilterStore:
     # -- index choice, building, calibration ---------------------------------------------------
     def _wanted_kind(self) -> str:
         n = len(self._row_of)
+        if self._sq8:  # 8-bit codes cannot feed a float index: compressed for good
+            return "compressed"
         if self.index_kind == "flat":
             return "flat"
         if self.index_kind == "hnsw":
@@ -635,8 +648,7 @@ class PrefilterStore:
         if self.index_kind == "ivf":
             return "ivf" if n >= _IVF_MIN_ROWS else "flat"
         if self.index_kind == "compressed":  # codes cannot go back to floats: no hysteresis
-            return ("compressed" if self._sq8 or (n > self.exact_max and n >= _IVF_MIN_ROWS)
-                    else "flat")
+            return "compressed" if n > self.exact_max and n >= _IVF_MIN_ROWS else "flat"
         if n > self.exact_max:
             return "ivf" if self._use_gpu else "hnsw"
         # hysteresis: once approximate, only go back to flat well below the threshold
@@ -879,18 +891,22 @@ class PrefilterStore:
         alive = self._alive.view if self._n_dead else None
         if filters is None or filters.is_empty:
             return alive
-        mask = np.ones(self._flat.ntotal, np.bool_) if alive is None else alive.copy()
+        metas = self._metas
+        parts = [] if alive is None else [alive]
         if filters.cameras is not None:
-            codes = self._metas.camera_names.codes
+            codes = metas.camera_names.codes
             lut = np.zeros(len(codes) + 1, np.bool_)
             lut[[codes[c] for c in filters.cameras if c in codes]] = True
-            mask &= np.take(lut, self._metas.cams.view)  # 2x faster than lut[...] at 1M rows
+            parts.append(np.take(lut, metas.cams.view))  # intp codes: 2x faster than int32
         if filters.modality is not None:
-            mask &= self._metas.mods.view == (filters.modality == "infrared")
+            parts.append(metas.mods.view == (filters.modality == "infrared"))
         if filters.time_from is not None:
-            mask &= self._metas.times.view >= filters.time_from
+            parts.append(metas.times.view >= filters.time_from)
         if filters.time_to is not None:
-            mask &= self._metas.times.view <= filters.time_to
+            parts.append(metas.times.view <= filters.time_to)
+        mask = parts[0].copy() if parts[0] is alive else parts[0]
+        for part in parts[1:]:
+            mask &= part
         return mask
 
     def _exact(self, q: np.ndarray, k: int,
