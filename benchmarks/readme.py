@@ -172,6 +172,20 @@ def prefilter_compressed(report: Report) -> str:
             f"{report['machine']['faiss']}, {_cpus(report)}; measured {_when(report)}.")
 
 
+def text_prefilter(report: Report) -> str:
+    """``benchmarks/text_prefilter.py``: a cold text query with the index's colour vectors vs
+    reading every crop's image, per clue."""
+    rows = _table(["clue", "colour vectors from the index", "read from the images",
+                   "same ranking"],
+                  [[f"“{q['clue']}”", f"{q['stored_ms']:.1f} ms", _ms(q["image_read_ms"]),
+                    "yes" if q["same_ranking"] else "**no**"] for q in report["queries"]])
+    a = report["args"]
+    return ("\n".join(rows) + f"\n\np50 {report['stored_p50_ms']:.1f} ms against "
+            f"{_ms(report['image_read_p50_ms'])}; {a['gallery']:,}-crop synthetic site, window "
+            f"{a['window']:,}, k = {a['k']}, fresh readers (empty caches), {_cpus(report)}; "
+            f"measured {_when(report)}.")
+
+
 # --- HPT training chain -------------------------------------------------------------------------
 
 def hpt_chain(report: Report) -> str:
@@ -623,6 +637,7 @@ BLOCKS: dict[str, Block] = {
                               _results("prefilter_search", "prefilter_search_256")),
     "prefilter_compressed": Block(prefilter_compressed,
                                   _results("prefilter_compressed_512")),
+    "text_prefilter": Block(text_prefilter, _results("text_prefilter")),
     "hpt_chain": Block(hpt_chain, _results("hpt_chain")),
     "embedder_training": Block(embedder_training, _results("hpt_chain")),
     "retrieval_serve": Block(retrieval_serve, _results("retrieval_serve")),

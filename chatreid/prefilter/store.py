@@ -338,9 +338,13 @@ class PrefilterStore:
             self.index_kind, self.target_recall = index_kind, float(target_recall)
 
     def _reset_rows(self) -> None:
-        # compressed: an empty copy of the SQ8 index keeps its trained ranges
-        self._flat = faiss.clone_index(self._flat) if self._sq8 else faiss.IndexFlatIP(self.dim)
-        self._flat.reset()
+        if self._sq8:  # an empty SQ8 index with the same trained ranges (no copy of the codes)
+            flat = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+            flat.sq, flat.is_trained = self._flat.sq, True  # pyright: ignore[reportAttributeAccessIssue]
+            self._flat = flat
+        else:
+            self._flat = faiss.IndexFlatIP(self.dim)
         self._flat_in_graph = False  # True: _flat is the HNSW's own storage (one copy of vectors)
         self._ids = Column(np.int64)
         self._alive = Column(np.bool_)
