@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ def write(out: Path, report: dict[str, Any], console: Console) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}")
+
+
+def namespace() -> Settings:
+    """Settings of a fresh namespace of the local stack (topics, bucket, consumer group and
+    snapshot prefix of their own), so a run never reads or disturbs another's data."""
+    s = Settings()
+    tag = uuid.uuid4().hex[:8]
+    s.kafka.topic_prefix, s.s3.bucket = f"bench{tag}", f"bench{tag}"
+    s.embedder.group_id, s.index.snapshot_prefix = f"bench{tag}", f"snap-bench{tag}"
+    return s
 
 
 def build_site(settings: Settings, n: int, console: Console) -> list[tuple[Any, bytes]]:

@@ -19,12 +19,11 @@ import argparse
 import secrets
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import build_site, header, write
+from common import build_site, header, namespace, write
 from rich.console import Console
 from rich.table import Table
 
@@ -39,11 +38,8 @@ TEXTS = ("a man in a red top and black trousers", "a woman in a blue top with a 
 ATTRS = (["red top", "black trousers"], ["blue top", "backpack"], ["white top", "bag"])
 
 
-def namespace() -> Settings:
-    s = Settings()
-    tag = uuid.uuid4().hex[:8]
-    s.kafka.topic_prefix, s.s3.bucket = f"bench{tag}", f"bench{tag}"
-    s.embedder.group_id, s.index.snapshot_prefix = f"bench{tag}", f"snap-bench{tag}"
+def serve_namespace() -> Settings:
+    s = namespace()
     s.ray.join_local_head, s.ray.num_cpus = False, 4  # logical CPUs: 2 replicas + the rest
     s.serve.http_port = 8021
     return s
@@ -135,7 +131,7 @@ def main() -> None:
     from chatreid.storage import ObjectStore
     from services.retrieval.app import deploy
 
-    settings = namespace()
+    settings = serve_namespace()
     report = header("retrieval_serve", __doc__, args, model=args.model)
     try:
         events = [event for event, _ in build_site(settings, args.gallery, console)]

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
-from common import build_site, header, write
+from common import build_site, header, namespace, write
 from rich.console import Console
 from rich.table import Table
 
@@ -30,14 +29,6 @@ from chatreid.storage import ObjectStore
 CLUES = ("a person in a red top and blue trousers", "someone wearing a white shirt",
          "black jacket and grey trousers", "a woman in a yellow top and a black skirt",
          "upper clothing colour: green; lower clothing colour: blue")
-
-
-def namespace() -> Settings:
-    s = Settings()
-    tag = uuid.uuid4().hex[:8]
-    s.kafka.topic_prefix, s.s3.bucket = f"bench{tag}", f"bench{tag}"
-    s.embedder.group_id, s.index.snapshot_prefix = f"bench{tag}", f"snap-bench{tag}"
-    return s
 
 
 def cold_query(settings: Settings, clue: str, args: argparse.Namespace,

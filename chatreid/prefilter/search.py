@@ -204,7 +204,6 @@ class PrefilterSearch:
         return [replace(results[i], rank=rank + 1, score=float(score[i]))
                 for rank, i in enumerate(order[:k])]
 
-
     def _colour_vectors(self, results: list[SearchResult]) -> np.ndarray:
         """Colour vectors from the index (computed at embed time); only crops indexed
         without one (by an older embedder) are read from the object store."""

@@ -280,8 +280,10 @@ def _nearest_pow2(x: float) -> int:
     return 1 << max(0, round(math.log2(max(x, 1.0))))
 
 
-def _ivf_nlist(n: int) -> int:
-    nlist = _nearest_pow2(4 * math.sqrt(n))
+def _ivf_nlist(n: int, per_sqrt: float = 4.0) -> int:
+    """IVF list count: ~per_sqrt * sqrt(n), a power of two, halved until k-means has enough
+    training rows per list."""
+    nlist = _nearest_pow2(per_sqrt * math.sqrt(n))
     while nlist > 16 and nlist * _IVF_TRAIN_PER_LIST > n:
         nlist //= 2
     return nlist
@@ -445,12 +447,11 @@ class PrefilterStore:
     def similarity(self, query: np.ndarray, crop_ids: Sequence[str]) -> np.ndarray:
         """Cosine of ``query`` to each named crop's stored vector; NaN for crops not held."""
         q = _as_unit_rows(query, self.dim, "query", allow_1d=True)[0]
+        out = np.full(len(crop_ids), np.nan, np.float32)
         with self._lock.read():
-            rows = [self._live_row(c) for c in crop_ids]
-            held = [r for r in rows if r is not None]
-            scores = iter((self._vectors(np.array(held, np.int64)) @ q).tolist())
-            return np.array([next(scores) if r is not None else np.nan for r in rows],
-                            np.float32)
+            where, rows = self._held(crop_ids)
+            out[where] = self._vectors(rows) @ q
+        return out
 
     @property
     def colour_dim(self) -> int:
@@ -461,12 +462,17 @@ class PrefilterStore:
         """(len(crop_ids), colour_dim) colour vectors; NaN rows for crops not held or held
         without one."""
         with self._lock.read():
-            rows = [self._live_row(c) for c in crop_ids]
-            held = [r for r in rows if r is not None]
-            found = iter(self._metas.colours(held))
-            empty = np.full(self._metas.colour_dim, np.nan, np.float32)
-            return np.stack([next(found) if r is not None else empty for r in rows]) \
-                if rows else np.zeros((0, self._metas.colour_dim), np.float32)
+            out = np.full((len(crop_ids), self._metas.colour_dim), np.nan, np.float32)
+            where, rows = self._held(crop_ids)
+            out[where] = self._metas.colours(rows)
+        return out
+
+    def _held(self, crop_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in ``crop_ids`` of the crops held, their rows); hold a lock."""
+        rows = [self._live_row(c) for c in crop_ids]
+        where = [i for i, r in enumerate(rows) if r is not None]
+        return (np.array(where, np.int64),
+                np.array([rows[i] for i in where], np.int64))
 
     def _live_row(self, crop_id: str) -> int | None:
         row = self._row_of.get(crop_id_to_int64(crop_id))
@@ -728,9 +734,7 @@ class PrefilterStore:
                 sq.add(x)
             self._use_codes(sq)  # the float vectors are freed here
         # fewer, larger lists than plain IVF: one query probes ~40 % of them on this data
-        nlist = _nearest_pow2(math.sqrt(len(live)))
-        while nlist > 16 and nlist * _IVF_TRAIN_PER_LIST > len(live):
-            nlist //= 2
+        nlist = _ivf_nlist(len(live), per_sqrt=1.0)
         sample = self._vectors(np.sort(rng.choice(live, min(len(live), nlist * _IVF_TRAIN_PER_LIST),
                                                   replace=False)))
         m = _pq_subquantizers(self.dim)
@@ -818,7 +822,8 @@ class PrefilterStore:
         return queries / np.where(norms > 0, norms, 1.0)
 
     def _sync_gpu(self) -> None:
-        """(Re)clone the active index onto the GPUs; HNSW has no GPU version and stays on CPU."""
+        """(Re)clone the active index onto the GPUs; HNSW and fast-scan PQ (compressed) have
+        no GPU version and stay on CPU."""
         self._gpu = None
         if not self._use_gpu or (self._approx_kind in ("hnsw", "compressed")
                                  and self._approx is not None):
