@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
@@ -45,11 +45,13 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) ->
     return KafkaConsumer(**kwargs)
 
 
-def assign_all(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
-    """Assign every partition of ``topic`` to ``consumer`` (no consumer group: nothing is
-    shared out, this reader sees every record); returns them in partition order."""
+def assign_all(consumer: KafkaConsumer, topic: str,
+               keep: Callable[[int], bool] | None = None) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` (those ``keep`` accepts, when given: a prefilter
+    shard's) to ``consumer`` (no consumer group: nothing is shared out, this reader sees every
+    record of them); returns them in partition order."""
     parts = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    tps = [TopicPartition(topic, p) for p in sorted(parts) if keep is None or keep(p)]
     consumer.assign(tps)
     return tps
 

@@ -205,6 +205,12 @@ class EmbedderSettings(Section):
         default=500, description="how long one poll waits for new crops, in "
         "milliseconds")
     fetch_workers: int = Field(default=8, ge=1, description="parallel object-store reads")
+    forward_workers: int = Field(
+        default=2, ge=1, description="batches in their forward pass at once, each on its own "
+        "thread (torch_threads intra-op threads each); meanwhile the next batch is fetched and "
+        "decoded and the finished ones published and committed in poll order. On a CPU shared "
+        "with the ingest servers, two single-thread forwards outrun one two-thread forward (no "
+        "thread waits for the other at every layer; benchmarks/ingest.py)")
     weights: Path | None = Field(
         default=None,
         description="embedder weights: a checkpoint file or directory, or an .onnx Re-ID "
@@ -220,7 +226,9 @@ class EmbedderSettings(Section):
     height: int = Field(default=256, description="input height in pixels of the torch embedder (an "
                         "ONNX model's card fixes its own)")
     width: int = Field(default=128, description="input width in pixels of the torch embedder")
-    torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    torch_threads: int = Field(default=0, ge=0, description="intra-op threads per forward "
+                               "worker (an ONNX model's session threads); 0 = on a CPU the "
+                               "cores shared out among forward_workers, else torch's default")
     session_timeout_ms: int = Field(
         default=10_000, description="Kafka consumer session timeout (ms): "
         "a worker silent this long loses its partitions")
@@ -267,6 +275,16 @@ class IndexSettings(Section):
     partitions: int | None = Field(
         default=None, ge=1, le=8, description="compressed index only: IVF partitions one query "
         "scans in parallel threads; None: one per faiss thread (core)")
+    shards: int = Field(
+        default=1, ge=1, le=64, description="prefilter shards: shard i holds the crops of the "
+        "indexed log's partitions p with p mod shards = i (events are keyed by camera, so a "
+        "camera lives in one shard), snapshots and replays only those, and a query fans out "
+        "to every shard and merges their top-k. 1 = one index holding everything. At most "
+        "the topic's partitions; a divisor of them keeps shards even (docs/scale.md)")
+    shard_timeout_s: float = Field(
+        default=10.0, gt=0, description="how long a query waits for a shard's answer; a shard "
+        "that does not answer in time (or is down) fails the query with 503 "
+        "`prefilter.shard_unavailable`, never a silently shorter list")
 
 
 class RaySettings(Section):

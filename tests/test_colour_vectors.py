@@ -84,7 +84,7 @@ def test_a_text_query_ranks_indexed_crops_without_reading_them(settings) -> None
     assert EmbedderService(settings).run(until_idle_s=3).indexed == 40
     reader = PrefilterSearch(settings)
     assert reader.refresh() == 40
-    store = reader.follower.active()[1]
+    store = reader.index.active()[1]
     assert store is not None and store.colour_dim == DIM_C
     objects = ObjectStore(settings.s3)
     matcher = ColourAttributeMatcher()

@@ -266,7 +266,7 @@ def test_search_answers_from_the_old_index_during_the_rebuild_then_switches(sett
         assert (report.reindexed, report.unembeddable) == (24, ())
 
         wait_for(lambda: reader.refresh() and reader.version == new)
-        version, store = reader.follower.active()
+        version, store = reader.index.active()
         assert version == new and store.dim == 64
         assert store.crop_ids() == {e.crop_id for e in first + later}
         top = reader.search(query, k=1)[0]  # embedded by the new embedder, in the new index
@@ -303,7 +303,7 @@ def test_the_service_rebuilds_in_the_background_while_queries_keep_answering(set
             assert len(seen) < 300, "the rollout did not finish"
         assert seen[0] == old and seen[-1] == new
         assert seen == sorted(seen, key=lambda v: v == new)  # old ... old, new ...: no flapping
-        assert reader.follower.active()[1].crop_ids() == {c.crop_id for c in crops}
+        assert reader.index.active()[1].crop_ids() == {c.crop_id for c in crops}
         wait_for(lambda: running.node.rollout.completed == [new])
         assert running.node.service.versions == [new]
     finally:

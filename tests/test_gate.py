@@ -201,7 +201,7 @@ def test_the_embedding_service_refuses_a_worse_embedder_until_forced(settings, w
         for node in (running.node, other.node):
             wait_for(lambda n=node: n.service.versions == [event.version], timeout_s=120)
         wait_for(lambda: reader.refresh() and reader.version == event.version, timeout_s=60)
-        assert reader.follower.active()[1].crop_ids() == {c.crop_id for c in crops + later}
+        assert reader.index.active()[1].crop_ids() == {c.crop_id for c in crops + later}
     finally:
         other.stop()
         running.stop()

@@ -204,7 +204,7 @@ def test_an_imported_model_is_rolled_out_by_the_running_service_at_its_own_dim(s
         while reader.version != event.version:  # answers keep coming during the rebuild
             reader.refresh(timeout_s=30)
             assert reader.search(query, k=1)[0].crop_id == crops[3].crop_id
-        version, store = reader.follower.active()
+        version, store = reader.index.active()
         assert (version, store.dim) == (event.version, 512) and old != version
         assert store.crop_ids() == {c.crop_id for c in crops}  # nothing lost, none twice
         wait_for(lambda: running.node.service.versions == [event.version])

@@ -235,7 +235,7 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
         worker.join(timeout=60)
         follower.close()
         if prefilter is not None:
-            prefilter._stop.set()
+            prefilter.refresher.stop()
     assert not worker.is_alive()
     stats = service.stats
     everything = before + after + waited

@@ -259,4 +259,4 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
                 call()
             assert (gone.value.status, gone.value.code) == (410, "crop.gone")
     finally:
-        prefilter._stop.set()
+        prefilter.refresher.stop()

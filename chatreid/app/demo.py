@@ -228,8 +228,8 @@ def _wait_indexed(engine: PrefilterSearch, wanted: set[str], proc: subprocess.Po
     deadline = time.monotonic() + timeout_s
     while True:
         engine.refresh()
-        store = engine.follower.store
-        done = sum(cid in store for cid in wanted) if store else 0
+        store = engine.index.store
+        done = 0 if store is None else sum(store.get_meta(c) is not None for c in wanted)
         bar.update(done - bar.n)
         if done == len(wanted):
             break

@@ -43,6 +43,7 @@ from kafka.structs import TopicPartition
 from chatreid.bus import assign_all, end_offsets, make_consumer, position, topic_id
 from chatreid.config import Settings
 from chatreid.prefilter.rebuild import RolloutReport, read_report
+from chatreid.prefilter.shards import Shard
 from chatreid.prefilter.store import PrefilterStore, VectorMeta
 from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
 from schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
@@ -79,10 +80,14 @@ class FollowerStats:
 class IndexFollower:
     def __init__(self, settings: Settings, objects: ObjectStore | None = None,
                  embedder_version: str | None = None, snapshots: bool = False,
-                 keep_latencies: bool = False) -> None:
+                 keep_latencies: bool = False, shard: Shard | None = None) -> None:
         self.settings = settings
         self.objects = objects or ObjectStore(settings.s3)
         self.topic = settings.kafka.topic(INDEXED.name)
+        # a shard follows only its partitions of the log, and keeps its own snapshots
+        self.shard = shard or Shard(0, 1)
+        base = settings.index.snapshot_prefix
+        self.prefix = f"{base}/{self.shard.folder}" if self.shard.folder else base
         self.embedder_version = embedder_version
         self.store: PrefilterStore | None = None
         self.stats = FollowerStats()
@@ -127,7 +132,7 @@ class IndexFollower:
 
     # -- snapshots -----------------------------------------------------------------------------
     def _latest_key(self) -> str:
-        return f"{self.settings.index.snapshot_prefix}/latest.json"
+        return f"{self.prefix}/latest.json"
 
     def restore(self) -> bool:
         """Load the latest snapshot and its tombstones, if any; returns whether one was loaded."""
@@ -178,7 +183,7 @@ class IndexFollower:
         self.store.compact()  # erased vectors and metadata must not reach object storage
         data = self.store.to_bytes()
         digest = sha256_hex(data)
-        folder = f"{self.settings.index.snapshot_prefix}/{self.embedder_version}"
+        folder = f"{self.prefix}/{self.embedder_version}"
         key = f"{folder}/{digest}.faiss"
         self.objects.put(key, data)
         erased = json.dumps(self._erased, sort_keys=True).encode()
@@ -199,10 +204,13 @@ class IndexFollower:
 
     def _drop_snapshots_but(self, keep: set[str]) -> None:
         """Older snapshots (of any version: the pointer names one) may hold erased crops. A
-        failure is retried by the next snapshot, which lists them all again."""
+        failure is retried by the next snapshot, which lists them all again. Only this
+        shard's: an unsharded follower's folder holds the shards' folders too."""
         try:
-            old = [k for k in self.objects.list(f"{self.settings.index.snapshot_prefix}/")
-                   if k.endswith((".faiss", ".erased.json")) and k not in keep]
+            start = len(self.prefix) + 1
+            old = [k for k in self.objects.list(f"{self.prefix}/")
+                   if k.endswith((".faiss", ".erased.json")) and k not in keep
+                   and not k.startswith("shard-", start)]
             if old:
                 self.objects.delete_many(old)
         except Exception:
@@ -212,7 +220,12 @@ class IndexFollower:
     def _open(self) -> KafkaConsumer:
         if self._consumer is None:
             consumer = make_consumer(self.settings.kafka, None)  # no group: every partition
-            tps = assign_all(consumer, self.topic)
+            tps = assign_all(consumer, self.topic, self.shard.owns)
+            if not tps:
+                consumer.close()
+                raise ValueError(f"prefilter shard {self.shard.index} of {self.shard.count} "
+                                 f"owns no partition of {self.topic}: index.shards must not "
+                                 "exceed the topic's partitions")
             offsets = self.store.offsets if self.store else {}
             starts = self._resume_offsets({tp: offsets.get(_key(tp), 0) for tp in tps},
                                           consumer)
@@ -467,7 +480,8 @@ class IndexFollower:
         if self._next is None or self._next.embedder_version != wanted:
             if self._next is not None:
                 self._next.close()
-            self._next = IndexFollower(self.settings, self.objects, embedder_version=wanted)
+            self._next = IndexFollower(self.settings, self.objects, embedder_version=wanted,
+                                       shard=self.shard)
             try:
                 self._next.restore()
             except ValueError:  # a corrupt snapshot: the log alone rebuilds it

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from PIL import Image
 
 from chatreid.config import Settings
 from chatreid.prefilter.follower import IndexFollower
+from chatreid.prefilter.shards import IndexSwitching, Shard, ShardClient, ShardedIndex
 from chatreid.prefilter.store import Hit, SearchFilter, VectorMeta
 from chatreid.storage import ObjectStore
 from schemas.events import Modality
@@ -52,10 +54,16 @@ class PrefilterSearch:
     embedder from the ``checkpoints`` topic and moves to newer ones on :meth:`refresh`.
     ``stored_colours=False`` ignores the colour vectors the index holds and reads every
     candidate's image instead (the path before embedders computed them; benchmarks compare).
+
+    Sharded tiers (``index.shards`` > 1, :mod:`.shards`): a shard's search holds one
+    ``shard``'s part of the index (and, with ``snapshots``, writes its snapshots); the
+    router's is given the ``shards``' clients instead of a follower and searches their union.
     """
 
     def __init__(self, settings: Settings, embedder=None,
-                 follow_checkpoints: bool | None = None, stored_colours: bool = True) -> None:
+                 follow_checkpoints: bool | None = None, stored_colours: bool = True, *,
+                 shard: Shard | None = None, shards: Sequence[ShardClient] | None = None,
+                 snapshots: bool = False) -> None:
         from chatreid.embedder import embedder_from_settings
         from chatreid.prefilter.releases import CheckpointWatcher
 
@@ -73,14 +81,18 @@ class PrefilterSearch:
         self._embedders = {current.version: current}  # the live one, and an incoming one
         self.colours = ColourCache(self.objects, settings.serve.fetch_workers)
         self.stored_colours = stored_colours
-        self.follower = IndexFollower(settings, self.objects, embedder_version=current.version)
+        # the index searched: this process's follower, or the shards' union (a router)
+        self.index: IndexFollower | ShardedIndex = (
+            ShardedIndex(shards, settings.index.shard_timeout_s) if shards
+            else IndexFollower(settings, self.objects, embedder_version=current.version,
+                               shard=shard, snapshots=snapshots))
         if pending is not None:
             self._stage(pending)
 
     @property
     def embedder(self):
         """The embedder of the version searched now."""
-        return self._embedders[self.follower.active()[0]]
+        return self._embedders[self.index.active()[0]]
 
     @property
     def version(self) -> str:
@@ -88,11 +100,11 @@ class PrefilterSearch:
 
     @property
     def pending_version(self) -> str | None:
-        return self.follower.pending_version
+        return self.index.pending_version
 
     def _stage(self, release) -> None:
         self._embedders[release.version] = release.embedder
-        self.follower.prepare(release.version)
+        self.index.prepare(release.version)
 
     def refresh(self, timeout_s: float = 120.0) -> int:
         """Pick up new embedder checkpoints, apply the log (switching versions when the new
@@ -101,21 +113,21 @@ class PrefilterSearch:
             release = self.watcher.newest(self.watcher.poll(timeout_ms=200))
             if release is not None and release.version not in self._embedders:
                 self._stage(release)
-        if self.follower.store is None:
-            self.follower.restore()
-        self.follower.catch_up(timeout_s)
-        live, pending = self.follower.active()[0], self.follower.pending_version
+        if self.index.store is None:
+            self.index.restore()
+        self.index.catch_up(timeout_s)
+        live, pending = self.index.active()[0], self.index.pending_version
         self._embedders = {v: e for v, e in self._embedders.items() if v in (live, pending)}
-        store = self.follower.active()[1]
+        store = self.index.active()[1]
         return len(store) if store else 0
 
     def gallery_size(self) -> int:
-        store = self.follower.active()[1]
+        store = self.index.active()[1]
         return len(store) if store else 0
 
     def lookup(self, crop_id: str) -> VectorMeta:
         """The indexed crop's metadata; KeyError when it is not (yet) in the index."""
-        store = self.follower.active()[1]
+        store = self.index.active()[1]
         meta = store.get_meta(crop_id) if store else None
         if meta is None:
             raise KeyError(f"unknown crop id {crop_id!r}")
@@ -128,7 +140,7 @@ class PrefilterSearch:
                exclude: set[str] | None = None) -> list[SearchResult]:
         """The newest ``k`` indexed crops inside ``filters``: the shortlist of a query without
         an image (the prefilter embedder is image-only; filters are what narrows it)."""
-        store = self.follower.active()[1]
+        store = self.index.active()[1]
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
         metas = store.newest(k, filters, exclude or frozenset())
@@ -161,10 +173,14 @@ class PrefilterSearch:
         top ``pool`` and the clue's colour-match top ``pool`` among the newest ``window``
         crops - a changed outfit puts the person outside the image's neighbours - ranked by
         the mean of cosine and colour match, as the evaluation's multimodal prefilter does."""
-        version, store = self.follower.active()  # embedder and store of the same version
+        version, store = self.index.active()  # embedder and store of the same version
         if store is None or len(store) == 0:
             raise LookupError("the gallery is empty: nothing has been indexed yet")
-        vecs = self._embedders[version].embed([image, *(anchors or [])])
+        embedder = self._embedders.get(version) if version else None
+        if embedder is None:  # shards serve a version this router has not loaded yet
+            raise IndexSwitching(f"the index serves embedder {version}, which this replica "
+                                 "is still loading; retry in a second")
+        vecs = embedder.embed([image, *(anchors or [])])
         vec = vecs.mean(axis=0)
         vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
         text = self._clue_vector(clue)
@@ -207,7 +223,7 @@ class PrefilterSearch:
     def _colour_vectors(self, results: list[SearchResult]) -> np.ndarray:
         """Colour vectors from the index (computed at embed time); only crops indexed
         without one (by an older embedder) are read from the object store."""
-        store = self.follower.active()[1]
+        store = self.index.active()[1]
         dim = self.colours.matcher.dim
         if store is None or store.colour_dim != dim or not self.stored_colours:
             return self.colours.vectors([(r.crop_id, r.object_key) for r in results])

@@ -2,9 +2,11 @@
 
 The work list is the old index itself (its latest snapshot plus the log since, through an
 ``IndexFollower``), so crops that only a snapshot still holds are covered too; the object keys
-are in its metadata. Each crop is fetched, verified (content-addressed keys name their sha256),
-embedded with the new embedder and published as an ``IndexedEvent`` of the new version - the
-same log every reader follows, so readers build the new index as it fills.
+are in its metadata. It goes shard by shard (``index.shards``; each shard's snapshots and
+partitions), so one shard's part of the old index is in memory at a time. Each crop is
+fetched, verified (content-addressed keys name their sha256), embedded with the new embedder
+and published as an ``IndexedEvent`` of the new version - the same log every reader follows,
+so readers build the new index as it fills.
 
 Passes repeat until one finds nothing left: the service writes new crops under both versions
 from before the first pass, so what a pass can still find is only what another replica wrote
@@ -27,6 +29,7 @@ from chatreid.config import Settings
 from chatreid.prefilter import VectorMeta, crop_id_to_int64
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.rebuild import RolloutReport, write_report
+from chatreid.prefilter.shards import Shard
 from chatreid.storage import ObjectStore
 from schemas import INDEXED, DeadLetterEvent, IndexedEvent, SourceOffset
 from services.embedder.service import (
@@ -60,13 +63,35 @@ class Reindexer:
         ``old_version``'s; writes and returns the rollout report. ``source`` (the checkpoint
         event's offset) is recorded as the provenance of every re-embedded vector."""
         stop = stop or threading.Event()
-        old = IndexFollower(self.settings, self.objects, embedder_version=old_version)
-        new = IndexFollower(self.settings, self.objects, embedder_version=embedder.version)
         producer = make_producer(self.settings.kafka)
         pool = ThreadPoolExecutor(self.settings.embedder.fetch_workers,
                                   thread_name_prefix="reindex-fetch")
         done: set[str] = set()
         failed: dict[str, str] = {}
+        passes = 0
+        try:  # shard by shard: one shard's part of the old index in memory at a time
+            for shard in Shard.all(self.settings.index.shards):
+                passes += self._shard(shard, old_version, embedder, source, stop, pool,
+                                      producer, done, failed)
+        finally:
+            pool.shutdown(wait=True)
+            producer.close()
+        report = RolloutReport(version=embedder.version, from_version=old_version,
+                               checkpoint=source, reindexed=len(done),
+                               unembeddable=tuple(sorted(failed)), passes=passes)
+        key = write_report(self.settings, self.objects, report)
+        log.info("reindex for %s done: %d re-embedded, %d unembeddable, %d passes (%s)",
+                 embedder.version, len(done), len(failed), passes, key)
+        return report
+
+    def _shard(self, shard: Shard, old_version: str, embedder, source: SourceOffset,
+               stop: threading.Event, pool, producer, done: set[str],
+               failed: dict[str, str]) -> int:
+        """Re-embed one shard's crops (its partitions of the log); returns the passes."""
+        old = IndexFollower(self.settings, self.objects, embedder_version=old_version,
+                            shard=shard)
+        new = IndexFollower(self.settings, self.objects, embedder_version=embedder.version,
+                            shard=shard)
         passes = 0
         try:
             old.restore()
@@ -79,9 +104,9 @@ class Reindexer:
                         if m.crop_id not in done and m.crop_id not in failed
                         and (new.store is None or m.crop_id not in new.store)]
                 if not todo and passes > 1:
-                    break
-                log.info("reindex %s -> %s, pass %d: %d crops", old_version, embedder.version,
-                         passes, len(todo))
+                    return passes
+                log.info("reindex %s -> %s, shard %d/%d, pass %d: %d crops", old_version,
+                         embedder.version, shard.index + 1, shard.count, passes, len(todo))
                 for start in range(0, len(todo), self.settings.embedder.batch_size):
                     if stop.is_set():
                         raise ReindexCancelled(f"reindex for {embedder.version} stopped")
@@ -91,17 +116,8 @@ class Reindexer:
                 if stop.wait(self.settle_s):
                     raise ReindexCancelled(f"reindex for {embedder.version} stopped")
         finally:
-            pool.shutdown(wait=True)
-            producer.close()
             old.close()
             new.close()
-        report = RolloutReport(version=embedder.version, from_version=old_version,
-                               checkpoint=source, reindexed=len(done),
-                               unembeddable=tuple(sorted(failed)), passes=passes)
-        key = write_report(self.settings, self.objects, report)
-        log.info("reindex for %s done: %d re-embedded, %d unembeddable, %d passes (%s)",
-                 embedder.version, len(done), len(failed), passes, key)
-        return report
 
     def _batch(self, metas: list[VectorMeta], embedder, source: SourceOffset, pool,
                producer, done: set[str], failed: dict[str, str]) -> None:

@@ -47,12 +47,21 @@ def build_app(args: dict[str, Any]):
     """Serve's application builder (``import_path`` of the deploy config)."""
     from services.retrieval.deployments import PrefilterDeployment, RerankDeployment
     from services.retrieval.ingress import Ingress
+    from services.retrieval.shards import PrefilterShardDeployment
 
     # No settings in args (the portable config): every replica reads its pod's environment.
     # Otherwise they come without secrets; replicas fetch those from the cluster (unshare).
     settings = args.get("settings")
-    return Ingress.bind(PrefilterDeployment.bind(settings), RerankDeployment.bind(settings),
-                        settings)
+    shards = [PrefilterShardDeployment.options(name=shard_name(i)).bind(settings, i)
+              for i in range(shard_count(settings))]
+    return Ingress.bind(PrefilterDeployment.bind(settings, *shards),
+                        RerankDeployment.bind(settings), settings)
+
+
+def shard_count(settings: dict | None) -> int:
+    """``index.shards`` from the args' settings, or (portable config) the pod's environment;
+    one shard deploys none: the Prefilter deployment holds the whole index."""
+    return (Settings.model_validate(settings) if settings else Settings()).index.shards
 
 
 def secrets_name(settings: Settings) -> str:
@@ -82,6 +91,20 @@ def rerank_options(settings: Settings, spec: ModelSpec | None,
     return options
 
 
+def shard_name(index: int) -> str:
+    """The deployment of prefilter shard ``index`` (``services.retrieval.shards``)."""
+    return f"PrefilterShard{index}"
+
+
+def shard_options(settings: Settings) -> list[dict[str, Any]]:
+    """The shard deployments (none for one shard): each as many replicas as the Prefilter
+    tier; a shard holds 1/N of the index, so its memory is what its node must have."""
+    n, cfg = settings.index.shards, settings.serve
+    return [{"name": shard_name(i), "num_replicas": cfg.prefilter_replicas,
+             "ray_actor_options": {"num_cpus": cfg.light_num_cpus},
+             "health_check_period_s": 10} for i in range(n)] if n > 1 else []
+
+
 def deploy_config(settings: Settings, spec: ModelSpec | None = None, *,
                   portable: bool = False) -> dict[str, Any]:
     """The whole desired state of the retrieval application as a plain dict (YAML-able).
@@ -105,6 +128,7 @@ def deploy_config(settings: Settings, spec: ModelSpec | None = None, *,
                  "ray_actor_options": light()},
                 {"name": "Prefilter", "num_replicas": cfg.prefilter_replicas,
                  "ray_actor_options": light(), "health_check_period_s": 10},
+                *shard_options(settings),
                 rerank_options(settings, spec, portable),
             ],
         }],

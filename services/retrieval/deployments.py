@@ -25,7 +25,14 @@ from chatreid.cluster import unshare
 from chatreid.config import Settings
 from chatreid.errors import CropGone, ModelUnavailable, UnknownCrop
 from chatreid.prefilter.search import PrefilterSearch
-from chatreid.prefilter.store import SearchFilter, VectorMeta
+from chatreid.prefilter.shards import (
+    ShardedIndex,
+    ShardedStore,
+    ShardUnavailable,
+    camera_summary,
+    merge_cameras,
+)
+from chatreid.prefilter.store import PrefilterStore, SearchFilter, VectorMeta
 from chatreid.query import (
     ModelSpec,
     RerankAnswer,
@@ -38,6 +45,7 @@ from chatreid.query.vlm import resolve_spec
 from chatreid.rerank import Candidate, Query, attribute_text
 from chatreid.storage import ObjectStore
 from schemas import QueryKind, QueryRequest
+from services.retrieval.shards import IndexRefresher, ServeShard
 
 log = logging.getLogger("chatreid.serve")
 
@@ -57,32 +65,27 @@ def model_spec(settings: Settings, raw: dict | str | None) -> ModelSpec | None:
 
 @serve.deployment(name="Prefilter")
 class PrefilterDeployment:
-    """The gallery index, in memory, and what needs it: shortlists, crop metadata (the crop
-    route's and the console's lookups), the console's views of the index (cameras, recent
-    crops, colour comparison), and erasure and purge, which apply their tombstones to this
-    replica's index before answering. A background thread keeps the index following the
-    indexed-events topic (and embedder rollouts) so new crops become searchable. Crop bytes
-    never pass through here: the ingress redirects to the object store."""
+    """The gallery index, and what needs it: shortlists, crop metadata (the crop route's and
+    the console's lookups), the console's views of the index (cameras, recent crops, colour
+    comparison), and erasure and purge, which apply their tombstones to the index before
+    answering. Crop bytes never pass through here: the ingress redirects to the object store.
 
-    def __init__(self, settings: dict | None) -> None:
+    Unsharded (``index.shards = 1``) it holds the whole index in memory, and a background
+    thread keeps it following the indexed-events topic (and embedder rollouts). Given
+    ``shards`` (handles of the ``PrefilterShard<i>`` deployments, ``services.retrieval.shards``)
+    it holds none: it embeds the query, fans each search out to every shard and merges.
+    """
+
+    def __init__(self, settings: dict | None, *shards) -> None:
         self.settings = unshare(settings)
-        self.search = PrefilterSearch(self.settings)
-        self.search.refresh()
-        self._last_ok = time.monotonic()
-        self._error: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="index-follow", daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        every = self.settings.serve.refresh_every_s
-        while not self._stop.wait(every):
-            try:
-                self.search.refresh(timeout_s=60)
-                self._last_ok, self._error = time.monotonic(), None
-            except Exception as exc:
-                self._error = f"{type(exc).__name__}: {exc}"
-                log.exception("prefilter refresh failed; serving the current index")
+        self.search = PrefilterSearch(self.settings,
+                                      shards=[ServeShard(h) for h in shards] or None)
+        self.sharded = isinstance(self.search.index, ShardedIndex)
+        try:
+            self.search.refresh()
+        except ShardUnavailable:  # shards still replaying: the refresh thread retries
+            log.info("prefilter shards not all up yet; queries answer 503 until they are")
+        self.refresher = IndexRefresher(self.search, self.settings.serve.refresh_every_s)
 
     def shortlist(self, request: QueryRequest, upload: bytes | None = None) -> Shortlist:
         """``upload``: the query image's bytes, validated by the ingress."""
@@ -92,19 +95,13 @@ class PrefilterDeployment:
     # -- the console: cameras, recent crops, attribute comparison, erasure -----------------------
     def cameras(self) -> list[dict]:
         """Per camera: indexed crops, the newest capture time, the modalities seen."""
-        store = self.search.follower.active()[1]
-        seen: dict[str, dict] = {}
-        for meta in store.live_metas() if store else []:
-            cam = seen.setdefault(meta.camera, {"camera": meta.camera, "crops": 0,
-                                                "last_seen": 0.0, "modalities": set()})
-            cam["crops"] += 1
-            cam["last_seen"] = max(cam["last_seen"], meta.capture_time)
-            cam["modalities"].add(meta.modality)
-        return [{**c, "modalities": sorted(c["modalities"])}
-                for _, c in sorted(seen.items())]
+        store = self.search.index.active()[1]
+        if isinstance(store, ShardedStore):
+            return store.cameras()
+        return merge_cameras([camera_summary(store.live_metas() if store else [])])
 
     def recent(self, camera: str, limit: int) -> list[VectorMeta]:
-        store = self.search.follower.active()[1]
+        store = self.search.index.active()[1]
         return store.newest(limit, SearchFilter(cameras=frozenset({camera}))) if store else []
 
     def lookup(self, crop_id: str) -> VectorMeta:
@@ -138,8 +135,8 @@ class PrefilterDeployment:
 
     def erase(self, crop_ids: list[str], reason: str, request_id: str) -> dict:
         """Erase crops from storage and every index (a tombstone per crop on the indexed log);
-        this replica applies the tombstones before answering, so its next search cannot
-        return them."""
+        the index applies the tombstones (every shard) before answering, so the next search
+        cannot return them."""
         from chatreid.retention import Eraser
 
         metas, unknown = [], []
@@ -148,44 +145,53 @@ class PrefilterDeployment:
                 metas.append(self.search.lookup(crop_id))
             except KeyError:
                 unknown.append(crop_id)
-        store = self.search.follower.active()[1]
+        store = self.search.index.active()[1]
+        # the live crops matter only for legacy shared keys; a sharded tier loads them then
+        live = store.live_metas() if isinstance(store, PrefilterStore) else None
         erased, deleted = Eraser(self.settings, self.search.objects).erase(
-            metas, reason, request_id, live=store.live_metas() if store else [])
-        self.search.refresh(timeout_s=60)
+            metas, reason, request_id, live=live)
+        self._refresh_everywhere()
         return {"erased": erased, "unknown": unknown, "objects_deleted": deleted}
 
     def purge(self, cutoff: datetime) -> dict:
-        """Retention: erase every crop captured before ``cutoff``."""
+        """Retention: erase every crop captured before ``cutoff`` (each shard its own)."""
         from chatreid.retention import Eraser
 
-        store = self.search.follower.active()[1]
-        metas = store.live_metas() if store else []
-        crops, deleted = Eraser(self.settings, self.search.objects).purge(cutoff, metas)
-        self.search.refresh(timeout_s=60)
+        index = self.search.index
+        if isinstance(index, ShardedIndex):
+            parts = index.each("purge", cutoff)
+            crops, deleted = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        else:
+            store = index.active()[1]
+            crops, deleted = Eraser(self.settings, self.search.objects).purge(
+                cutoff, store.live_metas() if store else [])
+        self._refresh_everywhere()
         return {"crops_erased": crops, "objects_deleted": deleted}
 
-    def status(self) -> dict:
-        return {"gallery": self.search.gallery_size(), "embedder_version": self.search.version,
-                "pending_embedder_version": self.search.pending_version,
-                "last_refresh_s_ago": round(time.monotonic() - self._last_ok, 1),
-                "refresh_error": self._error, "index_log": self._log_stats()}
+    def _refresh_everywhere(self) -> None:
+        index = self.search.index
+        if isinstance(index, ShardedIndex):
+            index.each("refresh")
+        self.search.refresh(timeout_s=60)
 
-    def _log_stats(self) -> dict:
-        """How this replica's index came back: records read from the log since it opened,
-        the gap behind its snapshot at resume, partitions replayed from the start."""
-        stats = self.search.follower.stats
-        return {"read": stats.read, "replay_gap": stats.replay_gap,
-                "log_resets": stats.log_resets}
+    def status(self) -> dict:
+        index = self.search.index
+        out = {"gallery": self.search.gallery_size(), "embedder_version": self.search.version,
+               "pending_embedder_version": self.search.pending_version,
+               **self.refresher.status()}
+        if isinstance(index, ShardedIndex):
+            return {**out, "shards": index.each("status")}
+        # how this replica's index came back: records read from the log since it opened,
+        # the gap behind its snapshot at resume, partitions replayed from the start
+        stats = index.stats
+        return {**out, "index_log": {"read": stats.read, "replay_gap": stats.replay_gap,
+                                     "log_resets": stats.log_resets}}
 
     def check_health(self) -> None:
-        if not self._thread.is_alive():
-            raise RuntimeError("the index-follow thread stopped")
-        stale = time.monotonic() - self._last_ok
-        if self._error and stale > 300:
-            raise RuntimeError(f"index not refreshed for {stale:.0f}s: {self._error}")
+        self.refresher.check_health()
 
     def __del__(self) -> None:
-        self._stop.set()
+        self.refresher.stop()
 
 
 @serve.deployment(name="Rerank")
