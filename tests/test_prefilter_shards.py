@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import numpy as np
 import pytest
@@ -261,14 +262,16 @@ def test_the_app_with_shards_answers_like_one_index_and_503s_without_a_shard(set
         one.refresh()
         query = ingested[0][0].crop_id
         requests = [QueryRequest(crop_id=query, k=12),
-                    QueryRequest(kind="text_to_image", text="a person in a red top", k=12),
-                    QueryRequest(crop_id=query, k=12, filters={"cameras": ["c2"]})]
+                    QueryRequest.model_validate({"kind": "text_to_image", "k": 12,
+                                                 "text": "a person in a red top"}),
+                    QueryRequest.model_validate({"crop_id": query, "k": 12,
+                                                 "filters": {"cameras": ["c2"]}})]
         for request in requests:
             answer = client.query(request)
             want = [c.crop_id for c in build_shortlist(one, request).items]
             assert sorted(r.crop_id for r in answer.results) == sorted(want)
-        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                    if "PrefilterShard1" in a["name"]]
+        named = cast(list[dict], ray.util.list_named_actors(all_namespaces=True))
+        replicas = [a for a in named if "PrefilterShard1" in a["name"]]
         assert replicas
         ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]),
                  no_restart=True)
