@@ -16,19 +16,28 @@ backoff (``embedder.fetch_backoff_*``) for the store, then retries from there.
 During an embedder rollout (:mod:`.rollout`) the service embeds each crop with the live and the
 incoming embedder and publishes both vectors; embedders are added and retired only between
 batches, so every batch is written under one consistent set of versions.
+
+Batches flow through a short pipeline (``embedder.forward_workers``): while one batch is in its
+forward pass on a worker thread, the loop polls, fetches and decodes the next, and publishes and
+commits the batches in poll order, each only once all before it are committed. A batch put back
+(store outage, refused events) takes every later batch in flight back with it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
@@ -38,7 +47,7 @@ from PIL import Image
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from chatreid.bus import dead_letter, make_consumer, make_producer, position, publish, topic_id
-from chatreid.config import Settings
+from chatreid.config import EmbedderSettings, Settings
 from chatreid.embedder.colour import ColourAttributeMatcher
 from chatreid.prefilter import crop_id_to_int64
 from chatreid.storage import (
@@ -111,6 +120,38 @@ def fetch_crop(store: ObjectStore, object_key: str, sha256: str | None) -> Image
     return img
 
 
+def forward_threads(cfg: EmbedderSettings) -> int:
+    """Intra-op threads of each forward worker: ``torch_threads`` when set; else, on a CPU, the
+    cores shared out among the workers, so that they do not wait for one another's threads at
+    every layer; 0 (torch's default) on an accelerator."""
+    if cfg.torch_threads or cfg.device != "cpu":
+        return cfg.torch_threads
+    return max(1, len(os.sched_getaffinity(0)) // cfg.forward_workers)
+
+
+def embed_batch(embedders: Sequence, images: list[Image.Image]
+                ) -> tuple[list[str], list[np.ndarray], float]:
+    """A forward worker's share of a batch: colour fields and one vector array per embedder,
+    and the seconds it took."""
+    t0 = time.perf_counter()
+    colours = colour_fields(images)
+    vectors = [embedder.embed(images) for embedder in embedders]
+    return colours, vectors, time.perf_counter() - t0
+
+
+@dataclass
+class _Batch:
+    """A polled batch in the pipeline: fetched and decoded, its forward pass submitted; it is
+    published and committed once every batch polled before it is."""
+
+    records: list[ConsumerRecord]
+    dead: list[tuple[ConsumerRecord, CropFailed, str | None]]  # (record, cause, crop id)
+    good: list[tuple[ConsumerRecord, CropEvent]]
+    embedders: list  # the versions it is written under, fixed when it was polled
+    skipped: int = 0
+    forward: Future[tuple[list[str], list[np.ndarray], float]] | None = field(default=None)
+
+
 @dataclass
 class Stats:
     batches: int = 0
@@ -131,8 +172,8 @@ class EmbedderService:
         from chatreid.embedder import embedder_from_settings
 
         cfg = settings.embedder
-        if cfg.torch_threads:  # fewer than the cores when ingest shares the machine
-            torch.set_num_threads(cfg.torch_threads)
+        if threads := forward_threads(cfg):
+            torch.set_num_threads(threads)
         self.settings = settings
         # the live embedder first; during a rollout the incoming one too (see begin_dual_write)
         self._embedders = [embedder or embedder_from_settings(cfg)]
@@ -148,6 +189,8 @@ class EmbedderService:
         self._topic_id = None  # the crops log's identity (see _log_replaced)
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
+        self._forward = ThreadPoolExecutor(cfg.forward_workers, thread_name_prefix="forward")
+        self._inflight: deque[_Batch] = deque()  # poll order: finished from the left
         self.producer: KafkaProducer = make_producer(settings.kafka)
         self.consumer: KafkaConsumer = make_consumer(
             settings.kafka, cfg.group_id, max_poll_records=cfg.batch_size,
@@ -210,19 +253,28 @@ class EmbedderService:
 
     def run(self, until_idle_s: float | None = None, max_batches: int | None = None) -> Stats:
         """Process batches until stopped, idle for ``until_idle_s``, or ``max_batches`` done."""
+        cfg = self.settings.embedder
         try:
             while not self._stop.is_set():
+                if not self._changes.empty():  # a new set of embedders: after the batches
+                    self._advance([], keep=0)  # in flight, which were polled under the old
                 self._apply_changes()
-                polled = self.consumer.poll(timeout_ms=self.settings.embedder.poll_timeout_ms,
-                                            max_records=self.settings.embedder.batch_size)
+                polled = self.consumer.poll(
+                    timeout_ms=0 if self._inflight else cfg.poll_timeout_ms,
+                    max_records=cfg.batch_size)
                 records = [r for batch in polled.values() for r in batch]
                 if self._log_replaced():  # records from stale positions: read them again
+                    self._drop_inflight()  # (those in flight too: offsets of the old log)
                     self.stats.last_activity = time.monotonic()
                 elif records:
-                    self.process(records)  # False: put back after a store outage, polled again
+                    # False: put back (store outage, refused events), polled again
+                    self._advance(records, keep=cfg.forward_workers - 1)
                     self.stats.last_activity = time.monotonic()
-                    if max_batches and self.stats.batches >= max_batches:
+                    if max_batches and self.stats.batches + len(self._inflight) >= max_batches:
                         break
+                elif self._inflight:  # nothing new: finish what is in flight
+                    self._advance([], keep=0)
+                    self.stats.last_activity = time.monotonic()
                 elif self._past_log_end():
                     self.stats.last_activity = time.monotonic()
                 elif not self.consumer.assignment():
@@ -234,6 +286,7 @@ class EmbedderService:
                     time.monotonic() - self.stats.last_activity > until_idle_s
                 ):
                     break
+            self._advance([], keep=0)  # stopped or idle: finish what is in flight
         finally:
             self.close()
         return self.stats
@@ -280,46 +333,64 @@ class EmbedderService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._forward.shutdown(wait=True)
         self.producer.flush()
         self.producer.close()
         self.consumer.close()
 
     # -- one batch ---------------------------------------------------------------------------
     def process(self, records: list[ConsumerRecord]) -> bool:
-        """Embed, publish and commit one batch; False when the batch was put back (the object
-        store unavailable, or the broker refused what was published) and is polled again."""
+        """Embed, publish and commit one batch (after any still in flight); False when it was
+        put back (the object store unavailable, or the broker refused what was published) and
+        is polled again."""
+        return self._advance(records, keep=0)
+
+    def _advance(self, records: list[ConsumerRecord], keep: int) -> bool:
+        """Put ``records`` (if any) in flight, then publish and commit the oldest batches until
+        at most ``keep`` remain. On a store outage or refused events, every batch in flight
+        and ``records`` are put back (False)."""
         try:
-            self._process(records)
+            if records:
+                self._inflight.append(self._prepare(records))
+            while len(self._inflight) > keep:
+                self._finish(self._inflight[0])
+                self._inflight.popleft()
         except StoreUnavailable as exc:
             log.warning("object store unavailable (%s); batch of %d put back, partitions "
                         "paused until it answers", exc, len(records))
-            self._rewind(records)
+            self._put_back(records)
             self._wait_for_store()
             return False
         except KafkaError as exc:  # PublishFailed, or a dead letter the broker did not take
             delay = self._publish_backoff
             self._publish_backoff = min(delay * 2, self.settings.embedder.fetch_backoff_max_s)
             self.stats.publish_retries += 1
-            log.warning("the broker did not take the batch's events (%r); batch of %d put back, "
-                        "new producer, retry in %.1f s", exc, len(records), delay)
-            self._rewind(records)
+            log.warning("the broker did not take the batch's events (%r); %d batches put back, "
+                        "new producer, retry in %.1f s", exc, len(self._inflight), delay)
+            self._put_back(records)
             self._renew_producer()
             self._paused_wait(delay)
             return False
         self._publish_backoff = self.settings.embedder.fetch_backoff_initial_s
         return True
 
-    def _renew_producer(self) -> None:
-        """An idempotent producer whose broker lost its state (UnknownProducerId) stays
-        broken: start a fresh one (a new producer id)."""
-        try:
-            self.producer.close(timeout=1)
-        except Exception:  # closing a broken producer may fail too
-            log.debug("closing the old producer failed", exc_info=True)
-        self.producer = make_producer(self.settings.kafka)
+    def _put_back(self, records: list[ConsumerRecord]) -> None:
+        """Rewind to the first record of ``records`` and of every batch in flight, all dropped
+        unpublished: one seek over all of them, so a later batch never seeks past an earlier
+        one."""
+        held = [r for batch in self._inflight for r in batch.records] + list(records)
+        self._drop_inflight()
+        self._rewind(held)
 
-    def _process(self, records: list[ConsumerRecord]) -> None:
-        self._apply_changes()
+    def _drop_inflight(self) -> None:
+        """Forget the batches in flight (after their forward passes end: no worker still runs
+        an embedder that may be retired next)."""
+        wait_all([b.forward for b in self._inflight if b.forward is not None])
+        self._inflight.clear()
+
+    def _prepare(self, records: list[ConsumerRecord]) -> _Batch:
+        """Parse, fetch and decode a batch and submit its forward pass. Raises
+        :class:`StoreUnavailable` before anything of it is in flight."""
         parsed = [self._parse(r) for r in records]
         todo = [(r, e) for r, e in zip(records, parsed, strict=True) if isinstance(e, CropEvent)]
         fresh = [(r, e) for r, e in todo if not self.is_indexed(e.crop_id)]
@@ -329,33 +400,51 @@ class EmbedderService:
         unavailable = next((i for i in images if isinstance(i, StoreUnavailable)), None)
         if unavailable is not None:
             raise unavailable
-        for record, failed in zip(records, parsed, strict=True):
-            if isinstance(failed, CropFailed):
-                self._dead(record, failed.error, failed.reason, record.value)
-        for (record, event), img in zip(fresh, images, strict=True):
-            if isinstance(img, CropFailed):
-                self._dead(record, img.error, img.reason, record.value, origin=event.crop_id)
-        self.stats.skipped += len(todo) - len(fresh)
-        good = [(r, e, img) for (r, e), img in zip(fresh, images, strict=True)
+        dead: list[tuple[ConsumerRecord, CropFailed, str | None]] = [
+            (r, f, None) for r, f in zip(records, parsed, strict=True)
+            if isinstance(f, CropFailed)]
+        dead += [(r, img, e.crop_id) for (r, e), img in zip(fresh, images, strict=True)
+                 if isinstance(img, CropFailed)]
+        good = [(re, img) for re, img in zip(fresh, images, strict=True)
                 if isinstance(img, Image.Image)]
+        batch = _Batch(records, dead, [re for re, _ in good], list(self._embedders),
+                       skipped=len(todo) - len(fresh))
+        if good:
+            batch.forward = self._forward.submit(embed_batch, batch.embedders,
+                                                 [img for _, img in good])
+        return batch
+
+    def _finish(self, batch: _Batch) -> None:
+        """Dead-letter, publish (durable, acks=all) and then commit one batch."""
+        for record, failed, origin in batch.dead:
+            self._dead(record, failed.error, failed.reason, record.value, origin=origin)
         sent = []
-        colours = colour_fields([img for _, _, img in good]) if good else []
-        for embedder in self._embedders if good else ():
-            t0 = time.perf_counter()
-            vectors = embedder.embed([img for _, _, img in good])
-            self.stats.embed_s += time.perf_counter() - t0
-            for (record, event, _), vec, colour in zip(good, vectors, colours, strict=True):
-                sent.append(publish(self.producer, self.indexed_topic, event.camera,
-                                    self._indexed(record, event, vec, embedder.version,
-                                                  colour)))
+        if batch.forward is not None:
+            colours, vectors, seconds = batch.forward.result()
+            self.stats.embed_s += seconds
+            for embedder, vecs in zip(batch.embedders, vectors, strict=True):
+                for (record, event), vec, colour in zip(batch.good, vecs, colours, strict=True):
+                    sent.append(publish(self.producer, self.indexed_topic, event.camera,
+                                        self._indexed(record, event, vec, embedder.version,
+                                                      colour)))
         self.producer.flush()  # durable (acks=all) before the offsets move
         failed = [f.exception for f in sent if not f.succeeded()]
         if failed:  # flush() does not raise: an offset committed now would lose the crops
             raise PublishFailed(f"{len(failed)} of {len(sent)} indexed events refused, e.g. "
                                 f"{failed[0]!r}")
-        self._commit(records)
+        self._commit(batch.records)
         self.stats.batches += 1
-        self.stats.indexed += len(good)
+        self.stats.indexed += len(batch.good)
+        self.stats.skipped += batch.skipped
+
+    def _renew_producer(self) -> None:
+        """An idempotent producer whose broker lost its state (UnknownProducerId) stays
+        broken: start a fresh one (a new producer id)."""
+        try:
+            self.producer.close(timeout=1)
+        except Exception:  # closing a broken producer may fail too
+            log.debug("closing the old producer failed", exc_info=True)
+        self.producer = make_producer(self.settings.kafka)
 
     def _parse(self, record: ConsumerRecord) -> CropEvent | CropFailed:
         try:
