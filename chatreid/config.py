@@ -446,6 +446,12 @@ class ServeSettings(Section):
                                              "replica takes at once; more queue")
     light_num_cpus: float = Field(
         default=0.1, ge=0, description="CPUs of ingress/prefilter replicas")
+    prefilter_shard_resource: str = Field(
+        default="", pattern=r"^(\w+)?$", description="a Ray custom resource each PrefilterShard "
+        "replica (index.shards > 1) asks one unit of instead of CPUs: shard replicas run only "
+        "on the nodes that offer it, as many as its units there (the Helm chart's `prefilter` "
+        "worker group offers one per pod, sized for one shard). Empty: they take light_num_cpus "
+        "like the other light replicas")
     group_size: int = Field(default=8, ge=2, le=8, description="candidates per best-choice turn")
     max_turns: int | None = Field(default=None, ge=1, description="None: rank every candidate")
     reuse_prefix: bool = Field(default=True, description="encode the query and each candidate crop "

@@ -205,6 +205,7 @@ FULL_VALUES: dict[str, Any] = {
         "apiKey": "api-key-value",
         "publicUrl": "https://reid.example.com",
         "rerankAutoscaling": {"enabled": True, "maxReplicas": 4},
+        "prefilterShards": 3,  # the `prefilter` worker group and PrefilterShard0..2
         "ingress": {"enabled": True, "className": "nginx", "host": "reid.example.com",
                     "tls": [{"hosts": ["reid.example.com"], "secretName": "reid-tls"}]},
     },
@@ -450,6 +451,12 @@ def test_compose_settings_come_from_env(compose: dict[str, Any]) -> None:
     embedder = compose["services"]["embedder"]["environment"]
     assert minio["MINIO_ROOT_USER"] == embedder["CHATREID_S3__ACCESS_KEY"]
     assert minio["MINIO_ROOT_PASSWORD"] == embedder["CHATREID_S3__SECRET_KEY"]
+    # One prefilter shard count for every container (the `retrieval` deploy binds the shards,
+    # the embedder re-indexes shard by shard); 1 unless .env says otherwise.
+    shards = {name: svc["environment"]["CHATREID_INDEX__SHARDS"]
+              for name, svc in chatreid_services(compose).items()}
+    assert set(shards.values()) == {"1"}, shards
+    assert "${CHATREID_INDEX__SHARDS:-1}" in COMPOSE.read_text()
 
 
 def test_env_example_documents_every_variable() -> None:
@@ -748,6 +755,11 @@ SERVE_VARIANTS: dict[str, dict[str, Any]] = {
                               "targetOngoingRequests": 3},
         "apiKey": "k",
     }},
+    # Three prefilter shards of two replicas each (and the `prefilter` worker group).
+    "sharded": {"retrieval": {"prefilterShards": 3, "prefilterReplicas": 2}},
+    "sharded-gpu": {"retrieval": {"prefilterShards": 2, "rerankNumGpus": 1, "rerankNumCpus": 2,
+                                  "gpuWorkers": {"enabled": True},
+                                  "prefilterWorkers": {"rayResource": "shard_slot"}}},
 }
 
 
@@ -800,7 +812,8 @@ def test_model_rollout_is_in_place(helm: Any) -> None:
     assert rerank["user_config"] == {"model": "20250102T000000-aa11bb"}
     assert rerank["num_replicas"] == 2
     for change in ({"retrieval": {"stage": "stage2"}}, {"kafka": {"bootstrapServers": "k:9092"}},
-                   {"retrieval": {"apiKey": "new"}}, {"retrieval": {"torchThreads": 2}}):
+                   {"retrieval": {"apiKey": "new"}}, {"retrieval": {"torchThreads": 2}},
+                   {"retrieval": {"prefilterShards": 2}}):  # the app reads it from the pods
         assert ray_pod_annotations(render(helm, change)) != ray_pod_annotations(base), change
 
 
@@ -936,6 +949,102 @@ def test_chart_gpu_values(helm: Any, gpu_values: dict[str, Any]) -> None:
     assert rerank["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
     for job in by_kind(docs, "RayJob").values():
         assert shlex.split(job["spec"]["entrypoint"])[-1] == "--gpu"
+
+
+# -- Prefilter shards (retrieval.prefilterShards; docs/scale.md)
+
+
+def shard_deployments(service: dict[str, Any]) -> list[dict[str, Any]]:
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    return [d for d in config["applications"][0]["deployments"]
+            if d["name"].startswith("PrefilterShard")]
+
+
+def test_prefilter_shards(helm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three shards: PrefilterShard0..2 in serveConfigV2 (equal to deploy_config's: see
+    test_serve_config_is_deploy_config), a fixed `prefilter` worker group of shards x
+    replicas pods that each offer one unit of the custom resource the shard replicas ask
+    for, and the shard count in every pod's settings (the embedder re-indexes by shard)."""
+    docs = render(helm, {"retrieval": {"prefilterShards": 3, "prefilterReplicas": 2}})
+    service = by_kind(docs, "RayService")[f"{RELEASE}-chatreid-retrieval"]
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert [d["name"] for d in config["applications"][0]["deployments"]] == [
+        "Ingress", "Prefilter", "PrefilterShard0", "PrefilterShard1", "PrefilterShard2",
+        "Rerank"]
+    for shard in shard_deployments(service):
+        assert shard["num_replicas"] == 2
+        assert shard["ray_actor_options"] == {"num_cpus": 0.0,
+                                              "resources": {"prefilter_shard": 1.0}}
+
+    groups = {g["groupName"]: g for g in ray_cluster(service)["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "prefilter"}
+    group = groups["prefilter"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (6, 6, 6)
+    params = group["rayStartParams"]
+    assert params["num-cpus"] == "0"  # nothing but shard replicas lands here
+    # KubeRay runs `ray start ... --resources=<value>` in a shell: the value is KubeRay's
+    # documented form, a JSON map in literal quotes, and the shell hands Ray the map.
+    assert params["resources"] == '"{\\"prefilter_shard\\": 1}"'
+    assert json.loads(shlex.split(f"--resources={params['resources']}")[0].partition("=")[2]
+                      ) == {"prefilter_shard": 1}
+    pod = group["template"]["spec"]
+    assert pod["containers"][0]["image"] == "chatreid:0.1.0"
+    assert pod["containers"][0]["resources"]["requests"]["memory"] == "8Gi"
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+
+    # Every pod (Ray pods, the embedder, the purge) starts with index.shards = 3.
+    data = by_kind(docs, "ConfigMap")[f"{RELEASE}-chatreid"]["data"]
+    assert data["CHATREID_INDEX__SHARDS"] == "3"
+    embedder = by_kind(docs, "Deployment")[f"{RELEASE}-chatreid-embedder"]
+    container = embedder["spec"]["template"]["spec"]["containers"][0]
+    assert settings_of(docs, container, monkeypatch).index.shards == 3
+    head = ray_cluster(service)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    settings = settings_of(docs, head, monkeypatch)
+    assert (settings.index.shards, settings.serve.prefilter_shard_resource) == (
+        3, "prefilter_shard")
+
+    # The group's values reach it: pod resources, node placement, the resource name.
+    docs = render(helm, {"retrieval": {"prefilterShards": 2, "prefilterWorkers": {
+        "rayResource": "shard_slot", "nodeSelector": {"pool": "memory"},
+        "resources": {"requests": {"cpu": "4", "memory": "64Gi"},
+                      "limits": {"cpu": "4", "memory": "64Gi"}}}}})
+    service = by_kind(docs, "RayService")[f"{RELEASE}-chatreid-retrieval"]
+    group = {g["groupName"]: g for g in ray_cluster(service)["workerGroupSpecs"]}["prefilter"]
+    assert group["replicas"] == 2
+    assert group["rayStartParams"]["resources"] == '"{\\"shard_slot\\": 1}"'
+    assert group["template"]["spec"]["nodeSelector"] == {"pool": "memory"}
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "64Gi"
+    assert {d["name"]: d["ray_actor_options"]["resources"]
+            for d in shard_deployments(service)} == {
+        "PrefilterShard0": {"shard_slot": 1.0}, "PrefilterShard1": {"shard_slot": 1.0}}
+
+
+def test_one_prefilter_shard_renders_as_before(helm: Any) -> None:
+    """prefilterShards = 1 (the default): no shard deployment, no `prefilter` group, no shard
+    setting in any ConfigMap: the chart renders byte for byte what it did before shards."""
+    assert render_all(helm, {"retrieval": {"prefilterShards": 1}}) == render_all(helm, None)
+    docs = render(helm, {"retrieval": {"prefilterShards": 1, "prefilterReplicas": 2}})
+    service = by_kind(docs, "RayService")[f"{RELEASE}-chatreid-retrieval"]
+    assert shard_deployments(service) == []
+    assert [g["groupName"] for g in ray_cluster(service)["workerGroupSpecs"]] == ["cpu"]
+    for configmap in by_kind(docs, "ConfigMap").values():
+        assert not {"CHATREID_INDEX__SHARDS", "CHATREID_SERVE__PREFILTER_SHARD_RESOURCE"} & set(
+            configmap["data"])
+
+
+def test_prefilter_shard_values_are_checked(helm: Any) -> None:
+    with pytest.raises(helm.HelmError, match=r"exceeds kafka\.partitions=6"):
+        render(helm, {"retrieval": {"prefilterShards": 8}})
+    render(helm, {"retrieval": {"prefilterShards": 8}, "kafka": {"partitions": 8}})  # fine
+    with pytest.raises(helm.HelmError, match="between 1 and 64"):
+        render(helm, {"retrieval": {"prefilterShards": 0}})
+    with pytest.raises(helm.HelmError, match="must be a Ray resource name"):
+        render(helm, {"retrieval": {"prefilterShards": 2,
+                                    "prefilterWorkers": {"rayResource": "shard-slot"}}})
+    # The shard count and its resource come from the values, never from extraConfig.
+    for key in ("CHATREID_INDEX__SHARDS", "CHATREID_SERVE__PREFILTER_SHARD_RESOURCE"):
+        with pytest.raises(helm.HelmError, match="is set by the chart"):
+            render(helm, {"extraConfig": {key: "3"}})
 
 
 # -- Deployments, HPAs, PDBs
@@ -1230,6 +1339,7 @@ CHART_DEFAULT_DIFFERS = {
     "CHATREID_KAFKA__BOOTSTRAP_SERVERS", "CHATREID_S3__ENDPOINT",
     "CHATREID_KAFKA__SECURITY_PROTOCOL", "CHATREID_KAFKA__SASL_MECHANISM",  # only with sasl.on
     "CHATREID_TRAIN__WORLD", "CHATREID_TRAIN__OUT_DIR",
+    "CHATREID_SERVE__PREFILTER_SHARD_RESOURCE",  # only with prefilterShards > 1
 }
 
 

@@ -29,6 +29,34 @@ def test_replicas_and_autoscaling_come_from_settings() -> None:
     assert rerank.autoscaling_config["max_replicas"] == 4
 
 
+def test_shard_deployments_come_from_settings() -> None:
+    """One shard deploys none; N shards deploy PrefilterShard0..N-1, each with the Prefilter
+    tier's replicas, on light CPUs (the local stack, compose) or, with a shard resource (the
+    Helm chart's `prefilter` worker group), one unit of it and no CPU."""
+    import yaml
+
+    s = Settings()
+    names = [d["name"] for d in deploy_config(s, None)["applications"][0]["deployments"]]
+    assert names == ["Ingress", "Prefilter", "Rerank"]
+
+    s.index.shards, s.serve.prefilter_replicas = 3, 2
+    config = deploy_config(s, None, portable=True)
+    ServeDeploySchema.model_validate(config)
+    shards = config["applications"][0]["deployments"][2:5]
+    assert [d["name"] for d in shards] == ["PrefilterShard0", "PrefilterShard1",
+                                           "PrefilterShard2"]
+    assert all(d["num_replicas"] == 2 and d["ray_actor_options"] == {"num_cpus": 0.1}
+               for d in shards)
+
+    s.serve.prefilter_shard_resource = "prefilter_shard"
+    config = deploy_config(s, None, portable=True)
+    ServeDeploySchema.model_validate(config)
+    shards = config["applications"][0]["deployments"][2:5]
+    assert all(d["ray_actor_options"] == {"num_cpus": 0.0, "resources": {"prefilter_shard": 1.0}}
+               for d in shards)
+    assert "&id" not in yaml.safe_dump(config)  # `--print-config` YAML without anchors
+
+
 def test_the_model_travels_in_user_config_only() -> None:
     """A rollout changes nothing but the rerank user_config, so Serve reconfigures in place."""
     s = Settings()

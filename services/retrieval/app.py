@@ -98,10 +98,20 @@ def shard_name(index: int) -> str:
 
 def shard_options(settings: Settings) -> list[dict[str, Any]]:
     """The shard deployments (none for one shard): each as many replicas as the Prefilter
-    tier; a shard holds 1/N of the index, so its memory is what its node must have."""
+    tier; a shard holds 1/N of the index, so its memory is what its node must have. With
+    ``serve.prefilter_shard_resource`` a replica asks one unit of that Ray custom resource
+    instead of CPUs: it runs only where the resource is offered (the Helm chart's
+    ``prefilter`` worker group, one unit per pod)."""
     n, cfg = settings.index.shards, settings.serve
+    resource = cfg.prefilter_shard_resource
+
+    def actor() -> dict[str, Any]:  # a fresh dict each: YAML output without anchors
+        if resource:
+            return {"num_cpus": 0.0, "resources": {resource: 1.0}}
+        return {"num_cpus": cfg.light_num_cpus}
+
     return [{"name": shard_name(i), "num_replicas": cfg.prefilter_replicas,
-             "ray_actor_options": {"num_cpus": cfg.light_num_cpus},
+             "ray_actor_options": actor(),
              "health_check_period_s": 10} for i in range(n)] if n > 1 else []
 
 

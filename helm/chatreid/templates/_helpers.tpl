@@ -226,11 +226,15 @@ The main ConfigMap's data (YAML map): every non-secret, non-Serve setting, plus 
 {{- $_ := set $d "CHATREID_EMBEDDER__WEIGHTS" (toString .) }}
 {{- end }}
 {{- $_ := set $d "CHATREID_RETENTION__CROP_DAYS" (include "chatreid.float" $v.retention.cropDays) }}
+{{- /* Only with shards: one shard renders what it did before shards existed. */}}
+{{- if gt (int $v.retrieval.prefilterShards) 1 }}
+{{- $_ := set $d "CHATREID_INDEX__SHARDS" (toString (int $v.retrieval.prefilterShards)) }}
+{{- end }}
 {{- $serve := dict }}
 {{- if $v.retrieval.enabled }}
 {{- $serve = include "chatreid.serveConfigData" . | fromYaml }}
 {{- end }}
-{{- $managed := list "CHATREID_SERVE__API_KEY" "CHATREID_S3__ACCESS_KEY" "CHATREID_S3__SECRET_KEY" "CHATREID_KAFKA__SASL_USERNAME" "CHATREID_KAFKA__SASL_PASSWORD" "CHATREID_RAY__ADDRESS" "CHATREID_RAY__AUTH_TOKEN" "CHATREID_ACCESS__INSECURE" }}
+{{- $managed := list "CHATREID_SERVE__API_KEY" "CHATREID_S3__ACCESS_KEY" "CHATREID_S3__SECRET_KEY" "CHATREID_KAFKA__SASL_USERNAME" "CHATREID_KAFKA__SASL_PASSWORD" "CHATREID_RAY__ADDRESS" "CHATREID_RAY__AUTH_TOKEN" "CHATREID_ACCESS__INSECURE" "CHATREID_INDEX__SHARDS" "CHATREID_SERVE__PREFILTER_SHARD_RESOURCE" }}
 {{- range $key, $value := $v.extraConfig }}
 {{- if not (hasPrefix "CHATREID_" $key) }}
 {{- fail (printf "extraConfig key %q must start with CHATREID_" $key) }}
@@ -269,6 +273,9 @@ The Serve settings (YAML map) of the Ray pods of the retrieval RayService: Confi
 {{- $_ := set $d "CHATREID_SERVE__RERANK_NUM_GPUS" (include "chatreid.float" $r.rerankNumGpus) }}
 {{- $_ := set $d "CHATREID_SERVE__RERANK_MAX_ONGOING_REQUESTS" (toString (int $r.rerankMaxOngoingRequests)) }}
 {{- $_ := set $d "CHATREID_SERVE__LIGHT_NUM_CPUS" (include "chatreid.float" $r.lightNumCpus) }}
+{{- if gt (int $r.prefilterShards) 1 }}
+{{- $_ := set $d "CHATREID_SERVE__PREFILTER_SHARD_RESOURCE" (toString $r.prefilterWorkers.rayResource) }}
+{{- end }}
 {{- $_ := set $d "CHATREID_SERVE__TORCH_THREADS" (toString (int $r.torchThreads)) }}
 {{- $_ := set $d "CHATREID_ACCESS__RATE_PER_MINUTE" (toString (int (required "retrieval.ratePerMinute is required" $r.ratePerMinute))) }}
 {{- $_ := set $d "CHATREID_CONSOLE__IDLE_HOURS" (include "chatreid.float" $r.sessionIdleHours) }}
@@ -291,7 +298,8 @@ CHATREID_SERVE__MODEL CHATREID_SERVE__INGRESS_REPLICAS CHATREID_SERVE__PREFILTER
 serveConfigV2 of the RayService: the portable Serve config, exactly what
 `deploy_config(settings, portable=True)` (services/retrieval/app.py, `chatreid serve
 --print-config`) returns for the settings in <fullname>-serve; tests/test_deploy.py compares
-the two. Constants here (app name, route, import path, health and shutdown periods) mirror it.
+the two. Constants here (app name, route, import path, health and shutdown periods) mirror it;
+so do the shard deployments (`shard_options`: with a shard resource, no CPUs and one unit of it).
 */}}
 {{- define "chatreid.serveConfig" -}}
 {{- $r := .Values.retrieval -}}
@@ -313,6 +321,17 @@ applications:
         ray_actor_options:
           num_cpus: {{ include "chatreid.float" $r.lightNumCpus }}
         health_check_period_s: 10
+      {{- if gt (int $r.prefilterShards) 1 }}
+      {{- range $i := until (int $r.prefilterShards) }}
+      - name: PrefilterShard{{ $i }}
+        num_replicas: {{ int $r.prefilterReplicas }}
+        ray_actor_options:
+          num_cpus: 0.0
+          resources:
+            {{ $r.prefilterWorkers.rayResource }}: 1.0
+        health_check_period_s: 10
+      {{- end }}
+      {{- end }}
       - name: Rerank
         user_config:
           model: {{ $r.model | toString | quote }}
@@ -507,6 +526,18 @@ rayStartParams as KubeRay wants them: a map of strings.
 {{- end }}
 
 {{/*
+rayStartParams of the `prefilter` worker group: its values plus `resources`, one unit of the
+shard resource per pod, in the form KubeRay documents (a JSON map inside literal quotes,
+backslashes included: "{\"prefilter_shard\": 1}").
+*/}}
+{{- define "chatreid.prefilterStartParams" -}}
+{{- $w := .Values.retrieval.prefilterWorkers }}
+{{- $params := deepCopy ($w.rayStartParams | default dict) }}
+{{- $_ := set $params "resources" (printf `"{\"%s\": 1}"` (toString $w.rayResource)) }}
+{{- include "chatreid.rayStartParams" $params }}
+{{- end }}
+
+{{/*
 PodDisruptionBudget spec fields from (dict "pdb" <values> "where" "<values path>"): exactly
 one of minAvailable / maxUnavailable.
 */}}
@@ -595,6 +626,16 @@ Checks on combinations of values; included by configmap.yaml so every render run
 {{- end }}
 {{- if and $r.rerankAutoscaling.enabled (gt (int $r.rerankAutoscaling.minReplicas) (int $r.rerankAutoscaling.maxReplicas)) }}
 {{- fail "retrieval.rerankAutoscaling: minReplicas is above maxReplicas" }}
+{{- end }}
+{{- $shards := int $r.prefilterShards }}
+{{- if or (lt $shards 1) (gt $shards 64) }}
+{{- fail (printf "retrieval.prefilterShards must be between 1 and 64, got %d" $shards) }}
+{{- end }}
+{{- if gt $shards $partitions }}
+{{- fail (printf "retrieval.prefilterShards=%d exceeds kafka.partitions=%d: shard i follows the indexed topic's partitions p with p mod shards = i, so some shards would own none. Lower it, or raise kafka.partitions before `chatreid init` creates the topics (never add partitions to an existing indexed topic of a sharded tier: cameras would move between shards; docs/scale.md)" $shards $partitions) }}
+{{- end }}
+{{- if and (gt $shards 1) (not (regexMatch "^[A-Za-z0-9_]+$" (toString $r.prefilterWorkers.rayResource))) }}
+{{- fail (printf "retrieval.prefilterWorkers.rayResource must be a Ray resource name (letters, digits, underscores), got %q" (toString $r.prefilterWorkers.rayResource)) }}
 {{- end }}
 {{- range $group := list "cpuWorkers" "gpuWorkers" }}
 {{- $g := index $r $group }}
