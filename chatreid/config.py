@@ -457,6 +457,15 @@ class ServeSettings(Section):
     reuse_prefix: bool = Field(default=True, description="encode the query and each candidate crop "
                                "once per query and reuse them across turns; off: a plain full "
                                "forward per group (the reference path)")
+    vision_cache_entries: int = Field(
+        default=4096, ge=0, description="gallery crops whose vision-tower output a rerank "
+        "replica keeps in memory, per encoder version (least recently used dropped; ~25 KB "
+        "each for a 128x64 crop on the offline-default VLM); a crop any query saw skips the "
+        "ViT in later queries. 0: no cache (needs reuse_prefix)")
+    vision_cache_store: bool = Field(
+        default=True, description="also keep vision-tower outputs in object storage "
+        "(vision-cache/<encoder digest>/<crop object key>), so other and restarted rerank "
+        "replicas reuse them; entries of another encoder are never read")
     ranking: Literal["confidence", "fused"] = Field(
         default="confidence", description="how results are ordered: 'confidence' (the paper's: the "
         "reranked crops by the dialogue's confidence, then the rest in prefilter order) or "

@@ -100,7 +100,7 @@ def test_memory_costs_no_extra_decoder_forward(tiny) -> None:
     assert judge.remembers
     turns = BestChoiceReranker(model, processor, group_size=4)._dialogue(judge, cands, None)
     assert len(turns) == len(judge.picks) == len(cands)
-    assert judge.stats.group_forwards == len(judge._logits)
+    assert judge.stats.groups_judged == len(judge._logits)
 
 
 def test_memory_pointer_weighs_picks_by_their_turn_probability() -> None:

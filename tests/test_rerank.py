@@ -255,7 +255,9 @@ def test_forward_passes_grow_linearly_with_k(reuse, tiny, crops) -> None:
         depth = len(bracket_levels(k, 4)) - 1
         # The first turn fills the bracket; each later turn re-judges at most the chosen
         # candidate's path, and at least one group while two or more candidates are left.
-        assert k - 1 <= stats.group_forwards <= expected_first_turn(k, 4) + depth * (k - 1)
+        assert k - 1 <= stats.groups_judged <= expected_first_turn(k, 4) + depth * (k - 1)
+        # groups judged together share a forward (the prefix path batches them)
+        assert stats.group_forwards <= stats.groups_judged
         assert stats.prefix_forwards == (1 if reuse else 0)
         if reuse:
             assert stats.vision_images == k + 1  # the query and each crop, once
@@ -263,11 +265,11 @@ def test_forward_passes_grow_linearly_with_k(reuse, tiny, crops) -> None:
             assert 0 < stats.reused_tokens < stats.group_tokens
         else:
             assert stats.reused_tokens == 0
-        counts[k] = stats.group_forwards
+        counts[k] = stats.groups_judged
     # At most two levels here (K <= group_size²): fewer than two forwards per candidate.
     assert all(n < 2 * k for k, n in counts.items()), counts
     one_turn = reranker.rerank(query, candidates(crops, 16), max_turns=1).stats
-    assert one_turn.group_forwards == expected_first_turn(16, 4) == 5
+    assert one_turn.groups_judged == expected_first_turn(16, 4) == 5
 
 
 # --- prefix reuse is exact ---------------------------------------------------------------------
@@ -314,5 +316,6 @@ def test_rerank_with_and_without_reuse_agree(tiny, crops) -> None:
     np.testing.assert_allclose(
         [t.probability for t in a.turns], [t.probability for t in b.turns], atol=1e-6
     )
-    assert a.stats.group_forwards == b.stats.group_forwards
+    assert a.stats.groups_judged == b.stats.groups_judged  # the same questions asked
+    assert a.stats.group_forwards < b.stats.group_forwards  # in fewer (batched) forwards
     assert a.stats.vision_images < b.stats.vision_images

@@ -27,7 +27,9 @@ from chatreid.data.instructions import prompts as P
 from chatreid.model import build_model
 from chatreid.model.identity import IdentityVision
 from chatreid.model.prompting import encode_prompt
+from chatreid.model.vision_cache import ObjectStoreTier, VisionCache
 from chatreid.rerank import BestChoiceReranker, Candidate, Query, QueryKind, RerankResult
+from chatreid.storage import ObjectStore
 from schemas import CheckpointEvent
 
 
@@ -126,21 +128,26 @@ class VLMRuntime:
     """One loaded VLM with its reranker; immutable once built (a redeploy builds a new one)."""
 
     def __init__(self, model, processor, spec: ModelSpec, cfg: ServeSettings,
-                 identity: IdentityVision | None = None) -> None:
+                 identity: IdentityVision | None = None,
+                 vision_cache: VisionCache | None = None) -> None:
         self.model, self.processor, self.spec, self.cfg = model.eval(), processor, spec, cfg
         self.identity = identity  # the checkpoint's identity head (None: the paper's VLM alone)
+        self.vision_cache = vision_cache  # this model's gallery crops through the ViT, by key
         self.reranker = BestChoiceReranker(model, processor, group_size=cfg.group_size,
                                            max_turns=cfg.max_turns, reuse_prefix=cfg.reuse_prefix,
-                                           identity=identity)
+                                           identity=identity, vision_cache=vision_cache)
 
     @property
     def version(self) -> str:
         return self.spec.version
 
     @classmethod
-    def load(cls, settings: Settings, spec: ModelSpec) -> VLMRuntime:
+    def load(cls, settings: Settings, spec: ModelSpec,
+             objects: ObjectStore | None = None) -> VLMRuntime:
         """Build the model ``spec`` names; a checkpoint is pulled and verified first
-        (``CheckpointError`` on any mismatch)."""
+        (``CheckpointError`` on any mismatch). With ``serve.vision_cache_entries``, it gets a
+        vision cache of its own encoder; ``objects`` (and ``serve.vision_cache_store``) shares
+        that cache through object storage."""
         if spec.source == "base":
             if Path(spec.name).is_dir():  # a spec may arrive without resolve_spec's check
                 check_model_dir(Path(spec.name))
@@ -155,7 +162,8 @@ class VLMRuntime:
         if settings.serve.rerank_num_gpus and torch.cuda.is_available():
             # Ray set CUDA_VISIBLE_DEVICES to ours (transformers' .to() overloads hide this form)
             model = model.to("cuda", torch.bfloat16)  # pyright: ignore[reportArgumentType]
-        return cls(model, processor, spec, settings.serve, identity)
+        return cls(model, processor, spec, settings.serve, identity,
+                   vision_cache(settings.serve, model, processor, objects))
 
     # -- answers ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -202,6 +210,17 @@ class VLMRuntime:
                     or any(not 0.0 < p <= 1.0 for p in probs)):
                 raise SmokeCheckFailed(f"{self.version}: smoke query gave turn probabilities "
                                        f"{probs} over {len(result.ranking)} results")
+
+
+def vision_cache(cfg: ServeSettings, model, processor,
+                 objects: ObjectStore | None) -> VisionCache | None:
+    """The replica's cache of gallery crops' ViT outputs for this model's encoder (None when
+    off: ``vision_cache_entries`` 0, or the plain path, which never uses it)."""
+    if not cfg.vision_cache_entries or not cfg.reuse_prefix:
+        return None
+    tier = ObjectStoreTier(objects) if cfg.vision_cache_store and objects is not None else None
+    return VisionCache(model, image_processor=processor.image_processor,
+                       capacity=cfg.vision_cache_entries, tier=tier)
 
 
 _SMOKE_COLOURS = ((200, 40, 40), (40, 60, 200), (40, 160, 60))

@@ -12,7 +12,10 @@ Two ways to compute the same numbers:
   every candidate crop through the ViT once per query, and per group runs only the candidate
   list on top of the cache, with its M-RoPE positions continued from the prefix. A group asked
   again after a pick shows the same list up to the slot the pick held, so the cache of its
-  previous forward is reused up to there and only the rest of the list is run.
+  previous forward is reused up to there and only the rest of the list is run. With a
+  :class:`~chatreid.model.vision_cache.VisionCache`, a candidate whose image key it holds
+  (a gallery crop: immutable per object key) skips the ViT altogether, in every query; and
+  several groups asked at once (:meth:`BestChoiceJudge.prefetch`) run as one padded forward.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from chatreid.model.prompting import (
     index_logits,
     render_prompt,
 )
+from chatreid.model.vision_cache import Encoded, VisionCache
 from chatreid.rerank.prompts import QueryKind, best_choice_prompt, query_head
 
 SPLIT = "\ue000"  # private-use character: marks where the candidate list starts in the template
@@ -64,9 +68,12 @@ class Query:
 
 @dataclass
 class JudgeStats:
-    group_forwards: int = 0  # decoder forwards that judged a group
+    group_forwards: int = 0  # decoder forwards that judged groups (one or several at once)
+    groups_judged: int = 0  # groups whose decoder logits were computed
     prefix_forwards: int = 0  # decoder forwards that prefilled the query part
     vision_images: int = 0  # images run through the ViT
+    vision_cached: int = 0  # candidate images whose ViT output came from the vision cache
+    batched_groups: int = 0  # group judgements that shared a padded forward with others
     group_tokens: int = 0  # candidate-list tokens the group forwards covered
     reused_tokens: int = 0  # of those, tokens taken from an earlier group forward's cache
 
@@ -101,6 +108,8 @@ class BestChoiceJudge:
     memory: float = 0.0  # weight of the earlier picks in the pointer term (0: no memory)
     decoder_weight: float = 1.0  # the decoder logits' weight beside the pointer term
     picks: list[tuple[int, float]] = field(default_factory=list)  # (candidate, turn probability)
+    keys: Sequence[str | None] = ()  # each candidate's image key in ``vision`` (None: not cached)
+    vision: VisionCache | None = None  # cached ViT outputs of gallery crops (prefix path only)
     # the decoder's index logits per group shown: a group asked again with a new pointer term
     # (the memory changed after a pick) costs no forward
     _logits: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
@@ -128,6 +137,20 @@ class BestChoiceJudge:
         logits = self._logits[key] if pointer is None else self.decoder_weight * self._logits[key]
         return answer_distribution(logits, pointer)
 
+    def judged(self, members: Sequence[int]) -> bool:
+        """Whether the decoder logits of this group are already computed (asking costs none)."""
+        return tuple(members) in self._logits
+
+    def prefetch(self, groups: Sequence[Sequence[int]]) -> None:
+        """Compute the decoder logits of several groups now (one padded forward where the
+        judge can batch); asking any of them afterwards costs no forward."""
+        todo = list(dict.fromkeys(tuple(g) for g in groups if tuple(g) not in self._logits))
+        for key, logits in zip(todo, self._many_index_logits(todo), strict=True):
+            self._logits[key] = logits
+
+    def _many_index_logits(self, groups: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        return [self._index_logits(g) for g in groups]
+
     def _index_logits(self, members: Sequence[int]) -> np.ndarray:
         raise NotImplementedError
 
@@ -149,6 +172,7 @@ class PlainJudge(BestChoiceJudge):
         images += [self.candidates[i] for i in members]
         enc = encode_prompt(self.processor, prompt.text, images)
         self.stats.group_forwards += 1
+        self.stats.groups_judged += 1
         self.stats.vision_images += len(images)
         return answer_logits(self.model, enc, self.tokens, len(members))
 
@@ -197,15 +221,34 @@ class PrefixJudge(BestChoiceJudge):
         self._encode_candidates()
 
     def _encode_candidates(self) -> None:
-        pix = self.processor.image_processor(images=list(self.candidates), return_tensors="pt")
-        self._grids = pix["image_grid_thw"].to(self.device)
-        # transformers hints the legacy LongTensor (an int64 Tensor is what it takes) and a
-        # Tensor pooler_output (Qwen2-VL returns one tensor per image there)
-        features = self.model.model.get_image_features(
-            pix["pixel_values"].to(self.device), self._grids  # pyright: ignore[reportArgumentType]
-        )
-        self._features = list(features.pooler_output)  # pyright: ignore[reportArgumentType, reportAttributeAccessIssue]
-        self.stats.vision_images += len(self.candidates)
+        """Every candidate's ViT output: from the vision cache where it holds the crop's key,
+        else one ViT forward over the rest (then cached under their keys)."""
+        keys = list(self.keys) or [None] * len(self.candidates)
+        found: list[Encoded | None] = [None] * len(keys)
+        known = [i for i, k in enumerate(keys) if k is not None]
+        if self.vision is not None and known:
+            hits = self.vision.lookup_many([keys[i] for i in known])  # pyright: ignore[reportArgumentType]
+            for i, entry in zip(known, hits, strict=True):
+                found[i] = entry
+        missing = [i for i, e in enumerate(found) if e is None]
+        if missing:
+            pix = self.processor.image_processor(
+                images=[self.candidates[i] for i in missing], return_tensors="pt")
+            grids = pix["image_grid_thw"].to(self.device)
+            # transformers hints the legacy LongTensor (an int64 Tensor is what it takes) and a
+            # Tensor pooler_output (Qwen2-VL returns one tensor per image there)
+            features = self.model.model.get_image_features(
+                pix["pixel_values"].to(self.device), grids  # pyright: ignore[reportArgumentType]
+            ).pooler_output  # pyright: ignore[reportAttributeAccessIssue]
+            for i, f, g in zip(missing, features, grids, strict=True):  # pyright: ignore[reportArgumentType]
+                found[i] = Encoded(f, g)
+                if self.vision is not None and keys[i] is not None:
+                    self.vision.store(keys[i], found[i])  # pyright: ignore[reportArgumentType]
+        encoded = [e for e in found if e is not None]
+        self._features = [e.features for e in encoded]
+        self._grids = torch.stack([e.grid for e in encoded])
+        self.stats.vision_images += len(missing)
+        self.stats.vision_cached += len(self.candidates) - len(missing)
 
     def _suffix_text(self, n: int) -> str:
         if n not in self._suffixes:
@@ -246,8 +289,8 @@ class PrefixJudge(BestChoiceJudge):
                 best, cache = shared, old_cache
         return best, cache
 
-    @torch.no_grad()
-    def _index_logits(self, members: Sequence[int]) -> np.ndarray:
+    def _plan(self, members: Sequence[int]) -> _Row:
+        """What one group's forward runs: its tokens past the longest reusable cache."""
         if self._cache is None:
             self.prepare()
         ids, source = self._suffix_ids(members)
@@ -258,26 +301,132 @@ class PrefixJudge(BestChoiceJudge):
         positions = self.model.model.get_rope_index(ids, mm_types, image_grid_thw=grids)[0]  # pyright: ignore[reportArgumentType]
         shared, base = self._reusable(ids, source)
         tail = [i for i in dict.fromkeys(source[shared:].tolist()) if i >= 0]
-        # one tensor per image, as get_image_features returns them
-        feats = BaseModelOutputWithPooling(pooler_output=tuple(self._features[i] for i in tail))  # pyright: ignore[reportArgumentType]
-        mask = torch.ones(1, self._prefix_len + ids.shape[1], dtype=torch.long, device=self.device)
+        return _Row(len(members), ids, source, positions + self._next_pos, shared, base, tail)
+
+    @torch.no_grad()
+    def _index_logits(self, members: Sequence[int]) -> np.ndarray:
+        return self._many_index_logits([members])[0]
+
+    @torch.no_grad()
+    def _many_index_logits(self, groups: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        rows = [self._plan(members) for members in groups]
+        batchable = len(rows) > 1 and all(_dynamic(r.base) for r in rows)
+        done = self._run_batch(rows) if batchable else [self._run_one(r) for r in rows]
+        out = []
+        for row, (logits, cache) in zip(rows, done, strict=True):
+            self._recent = [(row.ids, row.source, cache), *self._recent][:_RECENT]
+            self.stats.reused_tokens += row.shared
+            self.stats.group_tokens += row.ids.shape[1]
+            out.append(index_logits(logits, self.tokens.index_ids[: row.n]))
+        self.stats.group_forwards += len(rows) if not batchable else 1
+        self.stats.groups_judged += len(rows)
+        self.stats.batched_groups += len(rows) if batchable else 0
+        return out
+
+    def _images(self, rows: Sequence[_Row]) -> dict | None:
+        # one tensor per image, as get_image_features returns them, in token order
+        feats = tuple(self._features[i] for r in rows for i in r.tail)
+        return {"image": BaseModelOutputWithPooling(pooler_output=feats)} if feats else None  # pyright: ignore[reportArgumentType]
+
+    def _run_one(self, row: _Row) -> tuple[torch.Tensor, object]:
+        mask = torch.ones(1, self._prefix_len + row.ids.shape[1], dtype=torch.long,
+                          device=self.device)
         out = self.model(
-            input_ids=ids[:, shared:],
+            input_ids=row.ids[:, row.shared:],
             attention_mask=mask,  # must cover prefix + suffix
-            position_ids=positions[..., shared:] + self._next_pos,
-            cache=_fork(base, self._prefix_len + shared),
+            position_ids=row.positions[..., row.shared:],
+            cache=_fork(row.base, self._prefix_len + row.shared),
             use_cache=True,
-            mm_encoder_outputs={"image": feats} if tail else None,
+            mm_encoder_outputs=self._images([row]),
             logits_to_keep=1,
         )
-        self._recent = [(ids, source, out.cache), *self._recent][:_RECENT]
-        self.stats.group_forwards += 1
-        self.stats.reused_tokens += shared
-        self.stats.group_tokens += ids.shape[1]
-        return index_logits(out.logits[0, -1], self.tokens.index_ids[: len(members)])
+        return out.logits[0, -1], out.cache
+
+    def _run_batch(self, rows: Sequence[_Row]) -> list[tuple[torch.Tensor, object]]:
+        """Several groups in one forward, each on its own reused cache. Both the caches and
+        the new tokens are left-padded - [cache pad | cache | new pad | new] - so every row's
+        last token is the batch's last position; the attention mask hides the pads and the
+        explicit M-RoPE positions keep each row's own numbering."""
+        cached = [self._prefix_len + r.shared for r in rows]
+        fresh = [r.ids.shape[1] - r.shared for r in rows]
+        c_max, n_max = max(cached), max(fresh)
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), n_max), pad_id, dtype=torch.long, device=self.device)
+        positions = torch.zeros(3, len(rows), n_max, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(rows), c_max + n_max, dtype=torch.long, device=self.device)
+        for b, (r, c, n) in enumerate(zip(rows, cached, fresh, strict=True)):
+            ids[b, n_max - n:] = r.ids[0, r.shared:]
+            positions[:, b, n_max - n:] = r.positions[:, 0, r.shared:]
+            mask[b, c_max - c: c_max] = 1
+            mask[b, c_max + n_max - n:] = 1
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=_stack([r.base for r in rows], cached, c_max),
+            use_cache=True,
+            mm_encoder_outputs=self._images(rows),
+            logits_to_keep=1,
+        )
+        return [(out.logits[b, -1], _unstack(out.cache, b, c_max - c, c_max, n_max - n))
+                for b, (c, n) in enumerate(zip(cached, fresh, strict=True))]
 
 
-_RECENT = 8  # cached group forwards kept per query: a bracket re-asks at most one per level
+@dataclass
+class _Row:
+    """One group's forward: its tokens, what they show, and the cache it continues."""
+
+    n: int  # candidates shown
+    ids: torch.Tensor  # (1, T) the whole candidate list
+    source: torch.Tensor  # (T,) candidate whose image each token carries, -1 for text
+    positions: torch.Tensor  # (3, 1, T) M-RoPE positions, continued from the query prefix
+    shared: int  # leading tokens already in ``base``
+    base: object  # the cache continued (the query prefix's, or an earlier group's)
+    tail: list[int]  # candidates whose image tokens run (those past ``shared``)
+
+
+_RECENT = 16  # cached group forwards kept per query: a bracket's every leaf and its root
+
+
+def _dynamic(cache) -> bool:
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _stack(caches: Sequence, lengths: Sequence[int], width: int):
+    """One batch cache of ``caches`` (each cut at its length), left-padded to ``width``."""
+    stacked = copy.copy(caches[0])
+    stacked.layers = []
+    for i, layer in enumerate(caches[0].layers):
+        new = copy.copy(layer)
+        if layer.is_initialized:
+            new.keys = torch.cat([_left_pad(c.layers[i].keys[..., :n, :], width)
+                                  for c, n in zip(caches, lengths, strict=True)])
+            new.values = torch.cat([_left_pad(c.layers[i].values[..., :n, :], width)
+                                    for c, n in zip(caches, lengths, strict=True)])
+        stacked.layers.append(new)
+    return stacked
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
+
+
+def _unstack(cache, row: int, start: int, c_max: int, new_start: int):
+    """Row ``row`` of a batch cache without its pads: the cached part [start, c_max) and the
+    new tokens from c_max + new_start on (a copy, so later forwards never see the pads)."""
+    single = copy.copy(cache)
+    single.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        if layer.is_initialized:
+            new.keys = _cut(layer.keys[row: row + 1], start, c_max, c_max + new_start)
+            new.values = _cut(layer.values[row: row + 1], start, c_max, c_max + new_start)
+        single.layers.append(new)
+    return single
+
+
+def _cut(t: torch.Tensor, start: int, end: int, resume: int) -> torch.Tensor:
+    return torch.cat([t[..., start:end, :], t[..., resume:, :]], dim=-2)
 
 
 def _fork(cache, length: int):
@@ -307,17 +456,24 @@ def make_judge(
     tokens: ChoiceTokens,
     reuse_prefix: bool,
     identity: IdentityVision | None = None,
+    *,
+    keys: Sequence[str | None] = (),
+    vision: VisionCache | None = None,
 ) -> PlainJudge | PrefixJudge:
     """The judge for one query; with an identity head (an image query of a kind it scores, or
     a clue of a kind it has a clue weight for) every turn's answer distribution gets the head's
     pointer term, and with the kind's memory on, that term also relates candidates to the
-    dialogue's earlier picks."""
+    dialogue's earlier picks. ``keys``/``vision``: the candidates' image keys and the vision
+    cache they are looked up in (the prefix path only; the plain path is the reference)."""
+    if not reuse_prefix:
+        keys, vision = (), None
     cls = PrefixJudge if reuse_prefix else PlainJudge
     kind = query.kind.value
     terms = None if identity is None else identity.pointer_terms(kind, query.image, query.text,
                                                                  candidates)
     if identity is None or terms is None:
-        return cls(model, processor, query, candidates, tokens)
+        return cls(model, processor, query, candidates, tokens, keys=keys, vision=vision)
     pointer, between = terms
     return cls(model, processor, query, candidates, tokens, pointer=pointer, between=between,
-               memory=identity.memory_of(kind), decoder_weight=identity.decoder_weight)
+               memory=identity.memory_of(kind), decoder_weight=identity.decoder_weight,
+               keys=keys, vision=vision)

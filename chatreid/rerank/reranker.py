@@ -38,6 +38,14 @@ confidence (the belief they share is ``1 - sum c_t``). A query kind the checkpoi
 head abstains on (``IdentityConfig.abstain``: its dialogue did not surely beat the prefilter's
 order on held-out people) runs no dialogue: every candidate keeps its prefilter rank, not
 reranked.
+
+Batching. Before each decision the groups it needs whose rivals are already known are judged
+together, in one padded forward (``BestChoiceJudge.prefetch``): the first turn's leaves at
+once. In a dialogue that runs until the pool is empty and has no memory, a leaf group's next
+question is known in advance - its members leave the pool only when its winner is picked, so
+it will be asked again without that winner - and every leaf's next question runs in the same
+forward as the group a turn waits on, so a turn costs about one forward instead of one per
+bracket level. The answers are the same as asking group by group.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from chatreid.model import ChatReIDProcessor
 from chatreid.model.identity import IdentityVision
 from chatreid.model.prompting import choice_tokens
+from chatreid.model.vision_cache import VisionCache
 from chatreid.rerank.judge import BestChoiceJudge, JudgeStats, Query, make_judge
 
 DEFAULT_GROUP_SIZE = 8  # the largest gallery of stage-3 training (Stage3Config.gallery_size)
@@ -70,6 +79,9 @@ class Candidate:
     id: str
     image: Image.Image
     prefilter_score: float | None = None
+    # the image's immutable identity (a content-addressed object key): its vision-tower output
+    # is cached under it and reused by later queries; None: encoded afresh every query
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,14 @@ class RerankStats:
     candidates: int
     turns: int
     forwards: int  # decoder forward passes: group judgements + the prefix prefill
-    group_forwards: int
+    group_forwards: int  # decoder forwards that judged groups (a batched one counts once)
+    groups_judged: int  # groups whose decoder logits were computed
     prefix_forwards: int
     vision_images: int  # images run through the ViT
+    vision_cached: int  # candidate images whose ViT output came from the vision cache
     group_tokens: int  # candidate-list tokens the group judgements covered
     reused_tokens: int  # of those, taken from an earlier judgement's cache (prefix reuse)
+    batched_groups: int  # group judgements that shared a padded forward with others
     reuse_prefix: bool
     elapsed_s: float
 
@@ -170,6 +185,10 @@ class BestChoiceReranker:
 
     ``reuse_prefix`` (default on) encodes the query part of the prompt and every candidate
     crop once per query; off, each group is one plain full forward (the reference path).
+    ``vision_cache``: the candidates' vision-tower outputs by ``Candidate.cache_key`` across
+    queries (prefix path only; it must belong to ``model``'s encoder: checked here).
+    ``batch_groups`` (default on): groups judged together run as one padded forward (module
+    doc); off, one forward per group (same answers).
     """
 
     def __init__(
@@ -181,6 +200,8 @@ class BestChoiceReranker:
         max_turns: int | None = None,
         reuse_prefix: bool = True,
         identity: IdentityVision | None = None,
+        vision_cache: VisionCache | None = None,
+        batch_groups: bool = True,
     ) -> None:
         if group_size < 2:
             raise ValueError("group_size must be at least 2: a choice needs two candidates")
@@ -194,6 +215,10 @@ class BestChoiceReranker:
         self.max_turns = max_turns
         self.reuse_prefix = reuse_prefix
         self.identity = identity  # the checkpoint's identity head: each turn's pointer term
+        if vision_cache is not None:
+            vision_cache.check(model)  # never another encoder's features
+        self.vision_cache = vision_cache
+        self.batch_groups = batch_groups
 
     def rerank(
         self,
@@ -225,6 +250,8 @@ class BestChoiceReranker:
             self.tokens,
             reuse,
             self.identity,
+            keys=[c.cache_key for c in candidates],
+            vision=self.vision_cache,
         )
         turns = self._dialogue(judge, candidates, max_turns or self.max_turns)
         ranking = _rank(candidates, turns)
@@ -237,8 +264,13 @@ class BestChoiceReranker:
         bracket = _Bracket(len(candidates), self.group_size)
         limit = len(candidates) if max_turns is None else min(max_turns, len(candidates))
         remembers = isinstance(judge, BestChoiceJudge) and judge.remembers
+        # a leaf's next question is sure to be asked only when the dialogue drains the pool
+        # and a pick changes no other group's answer
+        ahead = limit == len(candidates) and not remembers
         turns: list[TurnRecord] = []
         for t in range(limit):
+            if self.batch_groups and isinstance(judge, BestChoiceJudge):
+                _prefetch(bracket, judge, ahead)
             outcome = _decide(bracket.root, bracket.pool, judge)
             assert outcome is not None  # the pool is not empty while t < len(candidates)
             ids = [candidates[i].id for i in outcome.shown]
@@ -272,6 +304,67 @@ def _decide(group: _Group, pool: set[int], judge: Judge) -> _Outcome | None:
         group.outcome = _Outcome(shown[best], float(probs[best]), shown)
     group.dirty = False
     return group.outcome
+
+
+class _Unknown:
+    """A group whose winner needs a judgement not computed yet."""
+
+
+_UNKNOWN = _Unknown()
+
+
+def _prefetch(bracket: _Bracket, judge: BestChoiceJudge, ahead: bool) -> None:
+    """Judge, a batch per round, every group the next decision needs as soon as its rivals are
+    known; with ``ahead``, each such batch also takes every leaf's next question (the leaf
+    without its current winner) not computed yet."""
+    while True:
+        wanted: list[list[int]] = []
+        _peek(bracket.root, bracket.pool, judge, wanted)
+        if not wanted:
+            return
+        if ahead:  # rides along with a forward that runs anyway; never a forward of its own
+            wanted += _leaf_next(bracket, judge)
+        judge.prefetch(wanted)
+
+
+def _peek(group: _Group, pool: set[int], judge: BestChoiceJudge,
+          wanted: list[list[int]]) -> int | _Unknown | None:
+    """What ``_decide`` would return as the group's winner, without deciding anything; a
+    group whose rivals are known but whose judgement is not computed goes into ``wanted``."""
+    if not group.dirty:
+        return None if group.outcome is None else group.outcome.winner
+    rivals: list[int] = []
+    unknown = False
+    for entry in group.entries:
+        sub = _peek(entry, pool, judge, wanted) if isinstance(entry, _Group) else (
+            entry if entry in pool else None)
+        if isinstance(sub, _Unknown):
+            unknown = True
+        elif sub is not None:
+            rivals.append(sub)
+    if unknown:
+        return _UNKNOWN
+    if len(rivals) <= 1:
+        return rivals[0] if rivals else None
+    if not judge.judged(rivals):
+        wanted.append(rivals)
+        return _UNKNOWN
+    return rivals[int(np.argmax(judge(rivals)))]
+
+
+def _leaf_next(bracket: _Bracket, judge: BestChoiceJudge) -> list[list[int]]:
+    """Each leaf's next question not computed yet: its members in the pool without the one it
+    now picks (the only way its members leave the pool is that one being chosen)."""
+    wanted = []
+    for leaf in {id(g): g for g in bracket.leaf_of.values()}.values():
+        members = [i for i in leaf.entries if isinstance(i, int) and i in bracket.pool]
+        if len(members) < 3 or not judge.judged(members):
+            continue  # with two left, the next question has one rival: no forward
+        winner = members[int(np.argmax(judge(members)))]
+        rest = [i for i in members if i != winner]
+        if not judge.judged(rest):
+            wanted.append(rest)
+    return wanted
 
 
 def stick_breaking(probabilities: Sequence[float]) -> list[float]:
@@ -317,10 +410,13 @@ def _stats(js: JudgeStats, n: int, turns: int, reuse: bool, start: float) -> Rer
         turns=turns,
         forwards=js.forwards,
         group_forwards=js.group_forwards,
+        groups_judged=js.groups_judged,
         prefix_forwards=js.prefix_forwards,
         vision_images=js.vision_images,
+        vision_cached=js.vision_cached,
         group_tokens=js.group_tokens,
         reused_tokens=js.reused_tokens,
+        batched_groups=js.batched_groups,
         reuse_prefix=reuse,
         elapsed_s=time.perf_counter() - start,
     )

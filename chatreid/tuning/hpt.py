@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from chatreid.data.instructions import InstructionSample
 from chatreid.model import save_checkpoint
+from chatreid.model.vision_cache import VisionCache
 from chatreid.tuning.collate import ImageLoader, collate, encode_sample
 from chatreid.tuning.evaluate import evaluate_best_choice
 from chatreid.tuning.stages import prepare_stage_model, rule_for
@@ -121,53 +122,6 @@ def deepspeed_config(cfg: HPTConfig, zero_stage: int, bf16: bool) -> dict[str, A
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
-
-
-class VisionCache:
-    """The frozen encoder's output per crop, computed once per encoder version (stage 3 and any
-    stage that freezes ``model.visual``): a step then runs only the decoder.
-
-    ``version`` is a digest of the encoder's weights; features are looked up under it, and a
-    model whose encoder differs is refused (never served features of another encoder)."""
-
-    def __init__(self, model: Qwen2VLForConditionalGeneration) -> None:
-        self.version = encoder_version(model)
-        self._feats: dict[str, torch.Tensor] = {}
-        self.hits = self.misses = 0
-
-    def check(self, model: Qwen2VLForConditionalGeneration) -> None:
-        if encoder_version(model) != self.version:
-            raise ValueError("cached vision features belong to encoder "
-                             f"{self.version[:12]}, the model's encoder is "
-                             f"{encoder_version(model)[:12]}: refusing to mix them")
-
-    @torch.no_grad()
-    def features(self, model, keys: list[str], pixels: torch.Tensor, grid: torch.Tensor
-                 ) -> tuple[torch.Tensor, ...]:
-        """Each image's merged tokens: from the cache, else one encoder forward for the missing
-        images of this sample (rows of ``pixels`` are split by ``grid``)."""
-        rows = [int(t * h * w) for t, h, w in grid.tolist()]
-        chunks = torch.split(pixels, rows)
-        missing = [i for i, k in enumerate(keys) if k not in self._feats]
-        if missing:
-            out = model.model.get_image_features(
-                torch.cat([chunks[i] for i in missing]), grid[missing]).pooler_output
-            for i, f in zip(missing, out, strict=True):
-                self._feats[keys[i]] = f.detach()
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        return tuple(self._feats[k] for k in keys)
-
-
-def encoder_version(model: Qwen2VLForConditionalGeneration) -> str:
-    """A digest of the vision encoder's weights (what cached features are valid for)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.model.visual.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class StageTrainer:

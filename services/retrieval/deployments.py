@@ -224,7 +224,8 @@ class RerankDeployment:
             if self.runtime is not None and self.runtime.version == spec.version:
                 return
             t0 = time.perf_counter()
-            runtime = VLMRuntime.load(self.settings, spec)  # CheckpointError: Serve keeps old
+            # CheckpointError: Serve keeps the old one; the new model gets its own vision cache
+            runtime = VLMRuntime.load(self.settings, spec, self.objects)
             runtime.smoke()  # SmokeCheckFailed: same
             self.runtime = runtime
             log.info("rerank replica now serves %s (loaded and smoke-checked in %.1fs)",
@@ -241,8 +242,13 @@ class RerankDeployment:
 
         pages = int(Path(f"/proc/{os.getpid()}/statm").read_text().split()[1])
         rss = pages * os.sysconf("SC_PAGESIZE")
+        cache = self.runtime.vision_cache if self.runtime else None
+        vision = None if cache is None else {
+            "hits": cache.hits, "shared_hits": cache.shared_hits, "misses": cache.misses,
+            "refused": cache.refused, "encoder": cache.version[:12]}
         return {"pid": os.getpid(), "model_version": self.version(), "rss_mb": rss / 2**20,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "vision_cache": vision}
 
     def rerank(self, request: QueryRequest, shortlist: Shortlist) -> RerankAnswer:
         runtime = self.runtime  # one model for the whole query, even if a swap lands meanwhile
@@ -260,8 +266,9 @@ class RerankDeployment:
             if query_image is None:
                 raise CropGone("the image of the query crop is gone (erased or purged)")
         query = Query(shortlist.kind, image=query_image, text=query_text(request))
-        # a candidate erased since the shortlist was drawn is left out, not a failed query
-        candidates = [Candidate(c.crop_id, image, c.score)
+        # a candidate erased since the shortlist was drawn is left out, not a failed query; its
+        # object key names its immutable bytes: the key of its cached ViT output
+        candidates = [Candidate(c.crop_id, image, c.score, cache_key=c.object_key)
                       for c in shortlist.items if (image := images[c.object_key]) is not None]
         return runtime.answer(query, candidates, rationale=request.rationale)
 
