@@ -80,9 +80,11 @@ class Eraser:
         self.objects.delete_many(present)
         return [m.crop_id for m in metas], len(present)
 
-    def purge(self, cutoff: datetime, metas: Sequence[VectorMeta]) -> tuple[int, int]:
+    def purge(self, cutoff: datetime, metas: Sequence[VectorMeta],
+              orphans: bool = True) -> tuple[int, int]:
         """Erase every crop of ``metas`` captured before ``cutoff`` (reason "retention") and
-        delete crop objects last modified before it that ``metas`` do not hold. A legacy shared
+        delete crop objects last modified before it that ``metas`` do not hold (``orphans``:
+        only when ``metas`` is the whole index - a prefilter shard's are not). A legacy shared
         object a newer crop still names is kept. Returns (crops erased, objects deleted)."""
         if cutoff.tzinfo is None:
             raise ValueError("cutoff must be timezone-aware")
@@ -94,7 +96,9 @@ class Eraser:
         stored = dict(self.objects.list_modified(CROPS_PREFIX))
         indexed = {m.object_key for m in metas}
         doomed = {k for k in (m.object_key for m in old) if k in stored and k not in kept}
-        doomed |= {k for k, modified in stored.items() if modified < cutoff and k not in indexed}
+        if orphans:
+            doomed |= {k for k, modified in stored.items()
+                       if modified < cutoff and k not in indexed}
         self.objects.delete_many(sorted(doomed))
         return len(old), len(doomed)
 

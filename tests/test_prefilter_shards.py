@@ -289,3 +289,26 @@ def test_the_app_with_shards_answers_like_one_index_and_503s_without_a_shard(set
         assert recovered, "Serve did not replace the killed shard within 120 s"
     finally:
         serve.shutdown()
+
+
+@pytest.mark.stack
+def test_a_shard_purge_leaves_the_other_shards_images(settings):
+    """Retention on a sharded tier: each shard purges its own old crops; the images of crops
+    another shard holds are not "never indexed" orphans to it, so they stay."""
+    from chatreid.retention import Eraser
+    from chatreid.storage import legacy_crop_key, sha256_hex
+
+    from .conftest import jpeg_bytes
+
+    objects = ObjectStore(settings.s3)
+    metas = []
+    for i in range(4):
+        data = jpeg_bytes(color=(10 * i, 5, 5))
+        key = legacy_crop_key(sha256_hex(data), "jpg")
+        objects.put(key, data)
+        metas.append(VectorMeta(crop_id=f"old-{i}", camera=f"cam{i % 2}", modality="rgb",
+                                capture_time=1_000.0 + i, site="s", object_key=key))
+    time.sleep(1.1)  # last-modified times have whole seconds
+    cutoff = datetime.now(UTC)
+    assert Eraser(settings, objects).purge(cutoff, metas[:2], orphans=False) == (2, 2)
+    assert [objects.exists(m.object_key) for m in metas] == [False, False, True, True]

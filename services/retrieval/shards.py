@@ -68,6 +68,10 @@ class PrefilterShardDeployment(ShardServer):
 
     def __init__(self, settings: dict | None, index: int) -> None:
         self.settings = unshare(settings)
+        if self.settings.index.partitions:  # Ray gives a sub-core replica one OMP thread
+            import faiss
+
+            faiss.omp_set_num_threads(self.settings.index.partitions)
         shard = Shard(index, self.settings.index.shards)
         # not ``self.search``: that is the ShardServer method the router calls
         self.reader = PrefilterSearch(self.settings, shard=shard, snapshots=True)
@@ -85,7 +89,9 @@ class PrefilterShardDeployment(ShardServer):
 
         store = self.active()[1]
         metas = store.live_metas() if store else []
-        crops, deleted = Eraser(self.settings, self.reader.objects).purge(cutoff, metas)
+        # the other shards' objects are not in these metas: no sweep of never-indexed ones
+        crops, deleted = Eraser(self.settings, self.reader.objects).purge(cutoff, metas,
+                                                                         orphans=False)
         self.reader.refresh(timeout_s=60)
         return crops, deleted
 
