@@ -312,3 +312,12 @@ def test_a_shard_purge_leaves_the_other_shards_images(settings):
     cutoff = datetime.now(UTC)
     assert Eraser(settings, objects).purge(cutoff, metas[:2], orphans=False) == (2, 2)
     assert [objects.exists(m.object_key) for m in metas] == [False, False, True, True]
+
+
+@pytest.mark.stack
+def test_the_embedding_node_keeps_no_whole_index_copy_beside_shards(settings):
+    from services.embedder.node import EmbeddingNode
+
+    assert EmbeddingNode(settings, follow_checkpoints=False).follower is not None
+    settings.index.shards = 3
+    assert EmbeddingNode(settings, follow_checkpoints=False).follower is None

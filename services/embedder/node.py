@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 class EmbeddingNode:
     """One replica. With ``snapshots`` it also follows the indexed log (a local store for the
-    skip-if-indexed fast path) and writes snapshots - one such replica per deployment - and, by
-    default, it is the replica that rebuilds the index when a new embedder is rolled out.
+    skip-if-indexed fast path) and writes snapshots - one such replica per deployment, and
+    only for an unsharded tier (``index.shards`` = 1) - and, by default, it is the replica
+    that rebuilds the index when a new embedder is rolled out.
 
     The embedder comes from the ``checkpoints`` topic when it holds a rolled-out embedder
     checkpoint (``follow_checkpoints``), else from the settings (ImageNet or ``weights``).
@@ -39,8 +40,11 @@ class EmbeddingNode:
 
         embedder, self._pending = (self.watcher.resolve(configured) if self.watcher
                                    else (configured(), None))
+        # a sharded tier's shards snapshot their own parts; a whole-index copy here would
+        # need the whole gallery's memory (the skip-if-indexed fast path goes with it)
         self.follower = (IndexFollower(settings, embedder_version=embedder.version,
-                                       snapshots=True) if snapshots else None)
+                                       snapshots=True)
+                         if snapshots and settings.index.shards == 1 else None)
         self.service = EmbedderService(settings, embedder, is_indexed=self._is_indexed,
                                        busy=lambda: self.rollout is not None and self.rollout.busy)
         self.rollout = (Rollout(settings, self.service, self.watcher, follower=self.follower,
