@@ -128,14 +128,14 @@ class _Embedder:
 
     def __init__(self) -> None:
         self.running = self.most = 0
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
-        with self.lock:
+        with self.cond:
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(0.05)
-        with self.lock:
+            self.cond.notify_all()  # a forward lasts until another starts (at most 0.5 s)
+            self.cond.wait_for(lambda: self.running > 1, timeout=0.5)
             self.running -= 1
         shades = np.array([np.asarray(img.convert("RGB"))[32, 16, 0] for img in images],
                           np.float32)
