@@ -129,6 +129,11 @@ def forward_threads(cfg: EmbedderSettings) -> int:
     return max(1, len(os.sched_getaffinity(0)) // cfg.forward_workers)
 
 
+def _use_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def embed_batch(embedders: Sequence, images: list[Image.Image]
                 ) -> tuple[list[str], list[np.ndarray], float]:
     """A forward worker's share of a batch: colour fields and one vector array per embedder,
@@ -172,8 +177,6 @@ class EmbedderService:
         from chatreid.embedder import embedder_from_settings
 
         cfg = settings.embedder
-        if threads := forward_threads(cfg):
-            torch.set_num_threads(threads)
         self.settings = settings
         # the live embedder first; during a rollout the incoming one too (see begin_dual_write)
         self._embedders = [embedder or embedder_from_settings(cfg)]
@@ -189,7 +192,11 @@ class EmbedderService:
         self._topic_id = None  # the crops log's identity (see _log_replaced)
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
-        self._forward = ThreadPoolExecutor(cfg.forward_workers, thread_name_prefix="forward")
+        # the workers' thread count only: the process's other torch work keeps its own
+        self._torch_threads = torch.get_num_threads()
+        self._forward = ThreadPoolExecutor(cfg.forward_workers, thread_name_prefix="forward",
+                                           initializer=_use_threads,
+                                           initargs=(forward_threads(cfg),))
         self._inflight: deque[_Batch] = deque()  # poll order: finished from the left
         self.producer: KafkaProducer = make_producer(settings.kafka)
         self.consumer: KafkaConsumer = make_consumer(
@@ -334,6 +341,7 @@ class EmbedderService:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._forward.shutdown(wait=True)
+        torch.set_num_threads(self._torch_threads)  # threads started later: the default again
         self.producer.flush()
         self.producer.close()
         self.consumer.close()
