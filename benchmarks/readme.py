@@ -172,6 +172,53 @@ def prefilter_compressed(report: Report) -> str:
             f"{report['machine']['faiss']}, {_cpus(report)}; measured {_when(report)}.")
 
 
+def prefilter_shards(report: Report) -> str:
+    """``benchmarks/prefilter_shards.py``: the merged search over N shard processes, each
+    shard alone, the fan-out's own cost, memory and balance per shard."""
+    r, a = report["result"], report["args"]
+    alone = {s["shard"]: s for s in r["shard_alone"]}
+    rows = _table(["shard", "vectors", "store / vector", "store", "process RSS",
+                   "p50 / p95 alone"],
+                  [[str(s["shard"]), f"{s['vectors']:,}", f"{s['store_bytes_per_vector']:.0f} B",
+                    f"{s['store_gib']:.2f} GiB", f"{s['rss_gib']:.2f} GiB",
+                    f"{alone[s['shard']]['p50_ms']:.1f} / {alone[s['shard']]['p95_ms']:.1f} ms"]
+                   for s in r["shards"]])
+    m, fan = r["merged"], r["fanout_noop"]
+    sizes = [s["vectors"] for s in r["shards"]]
+    return ("\n".join(rows) + f"\n\n**Merged search over all {a['shards']} shards: p50 "
+            f"{m['p50_ms']:.1f} ms, p95 {m['p95_ms']:.1f} ms, recall@100 "
+            f"{m['recall_at_100']:.3f}** against exact float search over all "
+            f"{a['n']:,} vectors ({a['queries']} queries). The fan-out alone (a no-op call to "
+            f"every shard and back) takes {fan['p50_ms']:.1f} ms p50. Largest shard "
+            f"{max(sizes) / (sum(sizes) / len(sizes)):.2f}× the mean ({a['cameras']:,} cameras "
+            f"over {a['partitions']} partitions). Built in {r['build_wall_s'] / 60:.0f} min "
+            f"with every shard building at once ({r['data_and_truth_s'] / 60:.0f} min of it "
+            f"generating data and exact truth in the driver); {a['threads']} FAISS thread per "
+            f"shard, all {a['shards']} shards and the driver on {_cpus(report)}; measured "
+            f"{_when(report)}.")
+
+
+def shard_cost_model(report: Report) -> str:
+    """``benchmarks/prefilter_shards.py``'s cost model for a large site (docs/scale.md)."""
+    c = report["result"]["cost_model"]
+    env = " ".join(f"{k}={v}" for k, v in c["settings"].items())
+    rows = _table(["", "value"], [
+        ["crops / cameras", f"{c['site_crops']:,} / {c['site_cameras']:,}"],
+        ["index bytes per crop (measured)", f"{c['bytes_per_vector']:.0f} B"],
+        ["shards (index ≤ {:g} GiB each, a divisor of {} partitions)".format(
+            c["shard_memory_budget_gib"], c["indexed_partitions"]), str(c["shards"])],
+        ["crops per shard", f"{c['vectors_per_shard'] / 1e6:.1f} M"],
+        ["memory per shard replica", f"{c['store_gib_per_shard']:.1f} GiB index + "
+         f"{c['process_overhead_gib']:.1f} GiB process = {c['shard_pod_memory_gib']:.1f} GiB"],
+        ["shard replicas per 64 GiB node (2 GiB left to the node)",
+         str(c["shards_per_64gib_node"])],
+        ["query p50 (estimate)", f"≈ {c['query_p50_ms_estimate']:.0f} ms: "
+         f"{c['query_estimate_rule']}"],
+        ["settings", f"`{env}`"],
+    ])
+    return "\n".join(rows) + f"\n\nFrom the shard benchmark measured {_when(report)}."
+
+
 def text_prefilter(report: Report) -> str:
     """``benchmarks/text_prefilter.py``: a cold text query with the index's colour vectors vs
     reading every crop's image, per clue."""
@@ -638,6 +685,8 @@ BLOCKS: dict[str, Block] = {
     "prefilter_compressed": Block(prefilter_compressed,
                                   _results("prefilter_compressed_512")),
     "text_prefilter": Block(text_prefilter, _results("text_prefilter")),
+    "prefilter_shards": Block(prefilter_shards, _results("prefilter_shards")),
+    "shard_cost_model": Block(shard_cost_model, _results("prefilter_shards")),
     "hpt_chain": Block(hpt_chain, _results("hpt_chain")),
     "embedder_training": Block(embedder_training, _results("hpt_chain")),
     "retrieval_serve": Block(retrieval_serve, _results("retrieval_serve")),
