@@ -27,7 +27,7 @@ from chatreid.bus import make_producer, publish
 from chatreid.config import Settings
 from chatreid.prefilter import PrefilterStore, VectorMeta
 from chatreid.prefilter.follower import IndexFollower
-from chatreid.storage import CROPS_PREFIX, ObjectStore, legacy_key_sha256
+from chatreid.storage import CROPS_PREFIX, VISION_CACHE_PREFIX, ObjectStore, legacy_key_sha256
 from schemas import INDEXED, ErasedEvent
 
 __all__ = ["RETENTION", "Eraser", "current_index"]
@@ -78,7 +78,20 @@ class Eraser:
             present = [k for k, ok in zip(keys, pool.map(self.objects.exists, keys), strict=True)
                        if ok]
         self.objects.delete_many(present)
+        self._forget_features(keys)  # also when the image went first (a retried erasure)
         return [m.crop_id for m in metas], len(present)
+
+    def _drop_orphan_features(self, crops: set[str]) -> None:
+        """Delete cached features whose crop object is gone."""
+        cached = self.objects.list(f"{VISION_CACHE_PREFIX}/")
+        self.objects.delete_many(k for k in cached if k.split("/", 2)[-1] not in crops)
+
+    def _forget_features(self, keys: Sequence[str]) -> None:
+        """Delete what was derived from these crop objects: rerank's cached ViT outputs, under
+        every encoder version (a missing entry is fine)."""
+        if keys:
+            versions = self.objects.folders(f"{VISION_CACHE_PREFIX}/")
+            self.objects.delete_many(f"{v}{k}" for v in versions for k in keys)
 
     def purge(self, cutoff: datetime, metas: Sequence[VectorMeta],
               orphans: bool = True) -> tuple[int, int]:
@@ -100,6 +113,9 @@ class Eraser:
             doomed |= {k for k, modified in stored.items()
                        if modified < cutoff and k not in indexed}
         self.objects.delete_many(sorted(doomed))
+        self._forget_features(sorted(doomed))
+        if orphans:  # features written after their crop was erased (a rerank in flight)
+            self._drop_orphan_features(set(stored) - doomed)
         return len(old), len(doomed)
 
     def _announce(self, metas: Iterable[VectorMeta], reason: str, request_id: str) -> None:

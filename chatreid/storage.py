@@ -44,6 +44,9 @@ def transient_error(exc: BaseException) -> bool:
 
 
 CROPS_PREFIX = "crops/"  # every crop image lives under it (see crop_key)
+# rerank's cached ViT outputs: <prefix>/<encoder version>/<crop object key> (derived from the
+# crop: erasure and retention delete them with it)
+VISION_CACHE_PREFIX = "vision-cache"
 # Before per-crop keys, crops were content-addressed (crops/<sha[:2]>/<sha>.<ext>): two crops
 # with the same bytes share such an object, so erasing one must not delete it for the other.
 _LEGACY_KEY = re.compile(r"^crops/[0-9a-f]{2}/([0-9a-f]{64})\.\w+$")
@@ -158,6 +161,11 @@ class ObjectStore:
         return sorted(
             o.object_name for o in self.client.list_objects(self.bucket, prefix, recursive=True)  # pyright: ignore[reportArgumentType]
         )
+
+    def folders(self, prefix: str) -> list[str]:
+        """The "folders" right under ``prefix`` (ending in ``/``): S3's common prefixes."""
+        return sorted(o.object_name for o in self.client.list_objects(self.bucket, prefix)  # pyright: ignore[reportArgumentType]
+                      if o.is_dir)
 
     def list_modified(self, prefix: str) -> list[tuple[str, datetime]]:
         """Keys under ``prefix`` with their last-modified times (timezone-aware), by key."""

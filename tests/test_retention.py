@@ -260,3 +260,25 @@ def test_erasing_a_crop_never_breaks_another_with_the_same_bytes(settings):
             assert (gone.value.status, gone.value.code) == (410, "crop.gone")
     finally:
         prefilter.refresher.stop()
+
+
+def test_erasure_and_purge_delete_the_crops_cached_vision_features(settings):
+    """Rerank caches each gallery crop's ViT output under every encoder version; those are
+    derived from the person's image and go with it."""
+    objects = ObjectStore(settings.s3)
+    events = ingest(settings, [(i, "cam0", datetime(2026, 1, 1, tzinfo=UTC) + timedelta(i))
+                               for i in range(3)])
+    embed(settings)
+    features = [f"vision-cache/{v}/{e.object_key}" for v in ("enc-a", "enc-b") for e in events]
+    for key in features:
+        objects.put(key, b"features")
+    metas = current_index(settings, objects).live_metas()
+    by_id = {m.crop_id: m for m in metas}
+    Eraser(settings, objects).erase([by_id[events[0].crop_id]], "request", "r-1")
+    left = set(objects.list("vision-cache/"))
+    assert left == {k for k in features if events[0].object_key not in k}
+    late = f"vision-cache/enc-a/{events[0].object_key}"  # a rerank in flight wrote it back
+    objects.put(late, b"features")
+    Eraser(settings, objects).purge(datetime(2026, 1, 2, 12, tzinfo=UTC), metas)
+    assert set(objects.list("vision-cache/")) == {k for k in features
+                                                 if events[2].object_key in k}
