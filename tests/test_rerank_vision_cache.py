@@ -170,3 +170,21 @@ def test_object_storage_tier_outlives_a_replica_cache(settings, tiny, market) ->
     assert_same(a, b)
     assert (b.stats.vision_images, b.stats.vision_cached) == (1, K)
     assert (fresh.shared_hits, fresh.misses, fresh.refused) == (K, 0, 0)
+
+
+class DownTier(DictTier):
+    """Object storage refusing every call."""
+
+    def load_many(self, version: str, keys) -> list[bytes | None]:
+        raise ConnectionError("object store unreachable")
+
+
+def test_a_shared_tier_that_is_down_costs_the_cache_not_the_query(tiny, market) -> None:
+    model, processor = tiny
+    cands = gallery(market)
+    cache = VisionCache(model, tier=DownTier())
+    reranker = BestChoiceReranker(model, processor, group_size=GROUP, vision_cache=cache)
+    plain = BestChoiceReranker(model, processor, group_size=GROUP, reuse_prefix=False)
+    assert_same(reranker.rerank(query(market, 0), cands), plain.rerank(query(market, 0), cands))
+    assert cache.misses == K  # computed, then kept in memory for the next query
+    assert reranker.rerank(query(market, 1), cands).stats.vision_cached == K

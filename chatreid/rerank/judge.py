@@ -15,7 +15,7 @@ Two ways to compute the same numbers:
   previous forward is reused up to there and only the rest of the list is run. With a
   :class:`~chatreid.model.vision_cache.VisionCache`, a candidate whose image key it holds
   (a gallery crop: immutable per object key) skips the ViT altogether, in every query; and
-  several groups asked at once (:meth:`BestChoiceJudge.prefetch`) run as one padded forward.
+  several groups asked at once (:meth:`BestChoiceJudge.prefetch`) run as one packed forward.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class JudgeStats:
     prefix_forwards: int = 0  # decoder forwards that prefilled the query part
     vision_images: int = 0  # images run through the ViT
     vision_cached: int = 0  # candidate images whose ViT output came from the vision cache
-    batched_groups: int = 0  # group judgements that shared a padded forward with others
+    batched_groups: int = 0  # group judgements that shared a forward with others
     group_tokens: int = 0  # candidate-list tokens the group forwards covered
     reused_tokens: int = 0  # of those, tokens taken from an earlier group forward's cache
 
@@ -142,7 +142,7 @@ class BestChoiceJudge:
         return tuple(members) in self._logits
 
     def prefetch(self, groups: Sequence[Sequence[int]]) -> None:
-        """Compute the decoder logits of several groups now (one padded forward where the
+        """Compute the decoder logits of several groups now (one packed forward where the
         judge can batch); asking any of them afterwards costs no forward."""
         todo = list(dict.fromkeys(tuple(g) for g in groups if tuple(g) not in self._logits))
         for key, logits in zip(todo, self._many_index_logits(todo), strict=True):
@@ -343,33 +343,35 @@ class PrefixJudge(BestChoiceJudge):
         return out.logits[0, -1], out.cache
 
     def _run_batch(self, rows: Sequence[_Row]) -> list[tuple[torch.Tensor, object]]:
-        """Several groups in one forward, each on its own reused cache. Both the caches and
-        the new tokens are left-padded - [cache pad | cache | new pad | new] - so every row's
-        last token is the batch's last position; the attention mask hides the pads and the
-        explicit M-RoPE positions keep each row's own numbering."""
+        """Several groups in one forward, packed into one sequence (no padding to compute):
+        the rows' reused caches side by side, then their new tokens side by side; a
+        block mask lets each row see only its own cache and, causally, its own tokens, and
+        the explicit M-RoPE positions keep each row's own numbering."""
         cached = [self._prefix_len + r.shared for r in rows]
         fresh = [r.ids.shape[1] - r.shared for r in rows]
-        c_max, n_max = max(cached), max(fresh)
-        pad_id = self.processor.tokenizer.pad_token_id or 0
-        ids = torch.full((len(rows), n_max), pad_id, dtype=torch.long, device=self.device)
-        positions = torch.zeros(3, len(rows), n_max, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(rows), c_max + n_max, dtype=torch.long, device=self.device)
-        for b, (r, c, n) in enumerate(zip(rows, cached, fresh, strict=True)):
-            ids[b, n_max - n:] = r.ids[0, r.shared:]
-            positions[:, b, n_max - n:] = r.positions[:, 0, r.shared:]
-            mask[b, c_max - c: c_max] = 1
-            mask[b, c_max + n_max - n:] = 1
+        c_all, n_all = sum(cached), sum(fresh)
+        c_at = [sum(cached[:i]) for i in range(len(rows))]  # each row's cache segment start
+        n_at = [sum(fresh[:i]) for i in range(len(rows))]  # ... and its new tokens' start
+        mask = torch.zeros(n_all, c_all + n_all, dtype=torch.bool, device=self.device)
+        causal = torch.ones(max(fresh), max(fresh), dtype=torch.bool, device=self.device).tril()
+        for c0, n0, c, n in zip(c_at, n_at, cached, fresh, strict=True):
+            mask[n0: n0 + n, c0: c0 + c] = True
+            mask[n0: n0 + n, c_all + n0: c_all + n0 + n] = causal[:n, :n]
+        ids = torch.cat([r.ids[:, r.shared:] for r in rows], dim=1)
+        positions = torch.cat([r.positions[..., r.shared:] for r in rows], dim=2)
+        last = torch.tensor([n0 + n - 1 for n0, n in zip(n_at, fresh, strict=True)],
+                            device=self.device)
         out = self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask={"full_attention": mask[None, None]},  # taken as is, not rebuilt
             position_ids=positions,
-            cache=_stack([r.base for r in rows], cached, c_max),
+            cache=_pack([r.base for r in rows], cached),
             use_cache=True,
             mm_encoder_outputs=self._images(rows),
-            logits_to_keep=1,
+            logits_to_keep=last,
         )
-        return [(out.logits[b, -1], _unstack(out.cache, b, c_max - c, c_max, n_max - n))
-                for b, (c, n) in enumerate(zip(cached, fresh, strict=True))]
+        return [(out.logits[0, b], _unpack(out.cache, c0, c, c_all + n0, n))
+                for b, (c0, n0, c, n) in enumerate(zip(c_at, n_at, cached, fresh, strict=True))]
 
 
 @dataclass
@@ -392,41 +394,38 @@ def _dynamic(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _stack(caches: Sequence, lengths: Sequence[int], width: int):
-    """One batch cache of ``caches`` (each cut at its length), left-padded to ``width``."""
-    stacked = copy.copy(caches[0])
-    stacked.layers = []
+def _pack(caches: Sequence, lengths: Sequence[int]):
+    """One cache holding each of ``caches`` (cut at its length) one after another."""
+    packed = copy.copy(caches[0])
+    packed.layers = []
     for i, layer in enumerate(caches[0].layers):
         new = copy.copy(layer)
         if layer.is_initialized:
-            new.keys = torch.cat([_left_pad(c.layers[i].keys[..., :n, :], width)
-                                  for c, n in zip(caches, lengths, strict=True)])
-            new.values = torch.cat([_left_pad(c.layers[i].values[..., :n, :], width)
-                                    for c, n in zip(caches, lengths, strict=True)])
-        stacked.layers.append(new)
-    return stacked
+            new.keys = torch.cat([c.layers[i].keys[..., :n, :]
+                                  for c, n in zip(caches, lengths, strict=True)], dim=-2)
+            new.values = torch.cat([c.layers[i].values[..., :n, :]
+                                    for c, n in zip(caches, lengths, strict=True)], dim=-2)
+        packed.layers.append(new)
+    return packed
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
-
-
-def _unstack(cache, row: int, start: int, c_max: int, new_start: int):
-    """Row ``row`` of a batch cache without its pads: the cached part [start, c_max) and the
-    new tokens from c_max + new_start on (a copy, so later forwards never see the pads)."""
+def _unpack(cache, start: int, length: int, new_start: int, new_length: int):
+    """One row of a packed cache: its cached segment, then its new tokens (a copy)."""
     single = copy.copy(cache)
     single.layers = []
     for layer in cache.layers:
         new = copy.copy(layer)
         if layer.is_initialized:
-            new.keys = _cut(layer.keys[row: row + 1], start, c_max, c_max + new_start)
-            new.values = _cut(layer.values[row: row + 1], start, c_max, c_max + new_start)
+            new.keys = _cut(layer.keys, start, length, new_start, new_length)
+            new.values = _cut(layer.values, start, length, new_start, new_length)
         single.layers.append(new)
     return single
 
 
-def _cut(t: torch.Tensor, start: int, end: int, resume: int) -> torch.Tensor:
-    return torch.cat([t[..., start:end, :], t[..., resume:, :]], dim=-2)
+def _cut(t: torch.Tensor, start: int, length: int, new_start: int, new_length: int
+         ) -> torch.Tensor:
+    return torch.cat([t[..., start: start + length, :],
+                      t[..., new_start: new_start + new_length, :]], dim=-2)
 
 
 def _fork(cache, length: int):
@@ -446,6 +445,7 @@ def _fork(cache, length: int):
             new.values = layer.values[..., :length, :]
         forked.layers.append(new)
     return forked
+
 
 
 def make_judge(

@@ -40,7 +40,7 @@ order on held-out people) runs no dialogue: every candidate keeps its prefilter 
 reranked.
 
 Batching. Before each decision the groups it needs whose rivals are already known are judged
-together, in one padded forward (``BestChoiceJudge.prefetch``): the first turn's leaves at
+together, in one packed forward (``BestChoiceJudge.prefetch``): the first turn's leaves at
 once. In a dialogue that runs until the pool is empty and has no memory, a leaf group's next
 question is known in advance - its members leave the pool only when its winner is picked, so
 it will be asked again without that winner - and every leaf's next question runs in the same
@@ -116,7 +116,7 @@ class RerankStats:
     vision_cached: int  # candidate images whose ViT output came from the vision cache
     group_tokens: int  # candidate-list tokens the group judgements covered
     reused_tokens: int  # of those, taken from an earlier judgement's cache (prefix reuse)
-    batched_groups: int  # group judgements that shared a padded forward with others
+    batched_groups: int  # group judgements that shared a forward with others
     reuse_prefix: bool
     elapsed_s: float
 
@@ -187,7 +187,7 @@ class BestChoiceReranker:
     crop once per query; off, each group is one plain full forward (the reference path).
     ``vision_cache``: the candidates' vision-tower outputs by ``Candidate.cache_key`` across
     queries (prefix path only; it must belong to ``model``'s encoder: checked here).
-    ``batch_groups`` (default on): groups judged together run as one padded forward (module
+    ``batch_groups`` (default on): groups judged together run as one packed forward (module
     doc); off, one forward per group (same answers).
     """
 
