@@ -4,7 +4,15 @@ embedder's own forward throughput on the same crops, in the same run, on this ma
 End to end = the ingestor validates, stores and publishes each crop (capture time = the moment
 it is handed over), the embedding service (its own process, as deployed) consumes, fetches,
 embeds and writes the indexed log, and a prefilter reader applies it to a FAISS store: a crop
-counts once it is searchable there. Needs the local stack (`chatreid up --no-ray`).
+counts once it is searchable there. The clock starts once a warm-up crop (not counted) is
+searchable, i.e. once the service has loaded its model and joined its group. Needs the local
+stack (`chatreid up --no-ray`).
+
+The forward reference is decode + preprocess + forward on the same crops, measured two ways: one
+batch at a time on torch's default threads (the reference before the service ran batches side by
+side), and as the service runs it (``embedder.forward_workers`` batches at once on
+``forward_threads`` threads each). The pipeline is compared to the better of the two, so the
+service's thread layout can raise the ratio only by what it saves beyond the forward itself.
 
     python benchmarks/ingest.py [--crops 1000] [--out benchmarks/results/ingest.json]
 """
@@ -21,11 +29,13 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +47,7 @@ from chatreid.embedder import embedder_from_settings
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.storage import ObjectStore
 from chatreid.synth import SynthConfig, iter_live_crops
+from services.embedder.service import forward_threads
 from services.ingestor import CropInput, Ingestor
 
 
@@ -44,14 +55,39 @@ def render_crops(n: int, seed: int) -> list:
     return list(iter_live_crops(SynthConfig(seed=seed), start_time=0.0, limit=n))
 
 
-def embedder_forward_throughput(settings: Settings, crops: list, batch: int) -> float:
-    """Decode + preprocess + forward, nothing else: the ceiling the pipeline is compared to."""
+def embedder_forward_throughput(settings: Settings, crops: list, batch: int,
+                                workers: int = 1, threads: int = 0) -> float:
+    """Decode + preprocess + forward, nothing else, on ``workers`` threads of ``threads``
+    intra-op threads each (0: torch's default)."""
     embedder = embedder_from_settings(settings.embedder)
-    embedder.embed([Image.open(io.BytesIO(crops[0].jpeg))])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(crops), batch):
-        embedder.embed([Image.open(io.BytesIO(c.jpeg)) for c in crops[i:i + batch]])
-    return len(crops) / (time.perf_counter() - t0)
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
+
+    def forward(chunk: list) -> None:
+        embedder.embed([Image.open(io.BytesIO(c.jpeg)) for c in chunk])
+
+    chunks = [crops[i:i + batch] for i in range(0, len(crops), batch)]
+    try:
+        forward(chunks[0])  # warm-up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(forward, chunks))
+        return len(crops) / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(default)
+
+
+def forward_ceiling(settings: Settings, crops: list) -> dict[str, float]:
+    """The embedder's forward throughput two ways: one forward at a time on torch's default
+    threads, and as the embedding service runs it (``forward_workers`` batches at once, each on
+    ``forward_threads`` threads). The better of the two is the ceiling the pipeline is compared
+    to, so a service setting can never look good against a slower reference."""
+    cfg = settings.embedder
+    plain = embedder_forward_throughput(settings, crops, cfg.batch_size)
+    as_served = embedder_forward_throughput(settings, crops, cfg.batch_size,
+                                            cfg.forward_workers, forward_threads(cfg))
+    return {"one_forward_default_threads": plain, "as_the_service_runs_it": as_served,
+            "ceiling": max(plain, as_served)}
 
 
 def isolated(settings: Settings) -> Settings:
@@ -67,7 +103,9 @@ def isolated(settings: Settings) -> Settings:
 def env_for(s: Settings) -> dict[str, str]:
     return {**os.environ, "CHATREID_KAFKA__TOPIC_PREFIX": s.kafka.topic_prefix,
             "CHATREID_S3__BUCKET": s.s3.bucket, "CHATREID_EMBEDDER__GROUP_ID": s.embedder.group_id,
-            "CHATREID_EMBEDDER__BATCH_SIZE": str(s.embedder.batch_size)}
+            "CHATREID_EMBEDDER__BATCH_SIZE": str(s.embedder.batch_size),
+            "CHATREID_EMBEDDER__FORWARD_WORKERS": str(s.embedder.forward_workers),
+            "CHATREID_EMBEDDER__TORCH_THREADS": str(s.embedder.torch_threads)}
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -81,20 +119,39 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def end_to_end(settings: Settings, crops: list, servers: dict[str, int]) -> dict:
+def submit(ingestor: Ingestor, c) -> None:
+    ingestor.submit(CropInput(data=c.jpeg, camera=c.camera, modality=c.modality,
+                              capture_time=datetime.now(UTC), track_id=c.track_id, bbox=c.bbox))
+
+
+def wait_until_ready(settings: Settings, follower: IndexFollower, warmup) -> None:
+    """One warm-up crop (not counted) through the whole path: once it is searchable, the
+    embedder has loaded its model and joined its group, which is not ingest time. (A fixed
+    8 s wait stood here; on a busy machine start-up took longer and was timed as ingest.)"""
+    ingestor = Ingestor(settings, source="bench")
+    submit(ingestor, warmup)
+    ingestor.close()
+    deadline = time.time() + 300
+    while (follower.store is None or not len(follower.store)) and time.time() < deadline:
+        follower.poll(timeout_ms=100)
+    if follower.store is None or not len(follower.store):
+        raise RuntimeError("the embedding service indexed no warm-up crop within 300 s")
+    follower.stats.latencies_s.clear()
+
+
+def end_to_end(settings: Settings, crops: list, warmup, servers: dict[str, int]) -> dict:
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatreid", "embed", "--no-snapshots", "--until-idle", "20"],
         env=env_for(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     follower = IndexFollower(settings, keep_latencies=True)
     follower.poll(timeout_ms=100)  # joins the log before the first event arrives
-    time.sleep(8)  # let the embedder load its model and join its group: not ingest time
+    wait_until_ready(settings, follower, warmup)
+    total = len(crops) + 1  # with the warm-up crop
 
     def produce() -> None:
         ingestor = Ingestor(settings, source="bench")
         for c in crops:
-            ingestor.submit(CropInput(data=c.jpeg, camera=c.camera, modality=c.modality,
-                                      capture_time=datetime.now(UTC), track_id=c.track_id,
-                                      bbox=c.bbox))
+            submit(ingestor, c)
         ingestor.close()
 
     pids = {**servers, "embedding service": proc.pid,
@@ -103,17 +160,20 @@ def end_to_end(settings: Settings, crops: list, servers: dict[str, int]) -> dict
     t0 = time.time()
     producer = threading.Thread(target=produce)
     producer.start()
-    deadline = t0 + 900
-    while (follower.store is None or len(follower.store) < len(crops)) and time.time() < deadline:
+    deadline, first = t0 + 900, None
+    while (follower.store is None or len(follower.store) < total) and time.time() < deadline:
         follower.poll(timeout_ms=100)
+        if first is None and follower.store is not None and len(follower.store) > 1:
+            first = time.time() - t0
     elapsed = time.time() - t0
     cpu1 = cpu_seconds(pids)
     producer.join()
     proc.terminate()
     proc.wait(timeout=60)
     lat = np.array(follower.stats.latencies_s)
-    done = len(follower.store) if follower.store else 0
+    done = len(follower.store) - 1 if follower.store else 0
     return {"crops": done, "seconds": elapsed, "crops_per_s": done / elapsed,
+            "first_searchable_s": first,
             "latency_p50_s": float(np.percentile(lat, 50)),
             "latency_p95_s": float(np.percentile(lat, 95)),
             "cpu_core_seconds": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1 if k in cpu0},
@@ -121,7 +181,7 @@ def end_to_end(settings: Settings, crops: list, servers: dict[str, int]) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--crops", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest.json"))
@@ -135,23 +195,38 @@ def main() -> None:
 
     with console.status(f"rendering {args.crops} synthetic crops (not timed)"):
         crops = render_crops(args.crops, args.seed)
+        warmup = render_crops(1, args.seed + 1)[0]
     with console.status("embedder forward throughput"):
-        forward = embedder_forward_throughput(settings, crops, settings.embedder.batch_size)
+        forwards = forward_ceiling(settings, crops)
+        forward = forwards["ceiling"]
     with console.status("end to end: ingestor -> Kafka -> embedder -> FAISS"):
-        e2e = end_to_end(settings, crops, servers)
+        e2e = end_to_end(settings, crops, warmup, servers)
     ratio = e2e["crops_per_s"] / forward
     result = {
         "benchmark": "ingest", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "embedder": {"input": [settings.embedder.height, settings.embedder.width],
-                     "batch": settings.embedder.batch_size, "forward_crops_per_s": forward},
-        "end_to_end": e2e, "pipeline_vs_forward": ratio, "target_ratio": 0.8,
+                     "batch": settings.embedder.batch_size, "forward_crops_per_s": forward,
+                     "forward_workers": settings.embedder.forward_workers,
+                     "forward_threads": forward_threads(settings.embedder),
+                     "forward_crops_per_s_by_mode": forwards},
+        "end_to_end": e2e, "pipeline_vs_forward": ratio,
+        # against the reference as it was measured before the service ran batches side by side
+        "pipeline_vs_one_forward_default_threads":
+            e2e["crops_per_s"] / forwards["one_forward_default_threads"],
+        "target_ratio": 0.8,
         "meets_target": ratio >= 0.8,
     }
     table = Table("measure", "value", title="ingest benchmark")
-    table.add_row("embedder forward (crops/s)", f"{forward:.1f}")
+    table.add_row("forward, one at a time, default threads (crops/s)",
+                  f"{forwards['one_forward_default_threads']:.1f}")
+    table.add_row("forward as the service runs it (crops/s)",
+                  f"{forwards['as_the_service_runs_it']:.1f}")
+    table.add_row("embedder forward = the better (crops/s)", f"{forward:.1f}")
     table.add_row("end to end sustained (crops/s)", f"{e2e['crops_per_s']:.1f}")
-    table.add_row("pipeline / forward", f"{ratio:.0%} (target ≥ 80%)")
+    table.add_row("pipeline / forward ceiling", f"{ratio:.0%} (target ≥ 80%)")
+    table.add_row("pipeline / one forward, default threads",
+                  f"{result['pipeline_vs_one_forward_default_threads']:.0%}")
     table.add_row("capture→searchable p50 (s)", f"{e2e['latency_p50_s']:.2f}")
     table.add_row("capture→searchable p95 (s)", f"{e2e['latency_p95_s']:.2f}")
     console.print(table)

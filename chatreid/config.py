@@ -191,6 +191,12 @@ class IngestorSettings(Section):
                            "listens on (0.0.0.0 in a container); --host overrides it")
     http_port: int = Field(default=8070, description="port of `chatreid ingest http`; --port "
                            "overrides it")
+    producer_linger_ms: int = Field(
+        default=50, ge=0, le=1000, description="how long the ingestor's producer gathers crop "
+        "events into one request per partition: at full ingest speed fewer, larger requests "
+        "save the broker and the ingestor CPU the embedders need on shared cores "
+        "(benchmarks/ingest.py); a flush (each HTTP upload, each source checkpoint) sends at "
+        "once")
 
 
 class EmbedderSettings(Section):

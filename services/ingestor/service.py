@@ -95,7 +95,7 @@ class Ingestor:
         self.settings = settings
         self.store_wait_s = store_wait_s
         self.store = store or ObjectStore(settings.s3)
-        self.producer = producer or make_producer(settings.kafka)
+        self.producer = producer or self._make_producer()
         self.topic = settings.kafka.topic(CROPS.name)
         self.source = source
         self.published = 0
@@ -174,7 +174,11 @@ class Ingestor:
             self.producer.close(timeout=1)
         except Exception:  # a broken producer may not close cleanly
             log.debug("closing the old producer failed", exc_info=True)
-        self.producer = make_producer(self.settings.kafka)
+        self.producer = self._make_producer()
+
+    def _make_producer(self) -> KafkaProducer:
+        return make_producer(self.settings.kafka,
+                             linger_ms=self.settings.ingestor.producer_linger_ms)
 
     def log_lost(self, timeout_s: float = 10.0) -> bool:
         """Whether the broker lost crop events it acknowledged: the newest acknowledged record
