@@ -380,8 +380,6 @@ def retrieval_serve_rerank(report: Report) -> str:
         f"measured {_when(report)}.")
 
 
-
-
 # --- metrics ------------------------------------------------------------------------------------
 
 def metrics_speed(report: Report) -> str:
