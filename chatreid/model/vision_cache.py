@@ -73,10 +73,9 @@ class ObjectStoreTier:
     prefix per encoder: an old encoder's entries go with one prefix deletion). Writes happen
     in the background (a query never waits on them); :meth:`flush` waits for them."""
 
-    def __init__(self, objects: ObjectStore, prefix: str = VISION_CACHE_PREFIX,
-                 workers: int = 4) -> None:
+    def __init__(self, objects: ObjectStore, prefix: str = VISION_CACHE_PREFIX) -> None:
         self.objects, self.prefix = objects, prefix.rstrip("/")
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vision-cache")
+        self._pool = _io_pool()  # shared: a model swap makes a new tier, not new threads
         self._pending: set[Future] = set()
         self._lock = threading.Lock()
 
@@ -113,6 +112,19 @@ class ObjectStoreTier:
             self._pending.discard(future)
         if future.exception() is not None:  # a lost entry is recomputed later: never fatal
             log.warning("vision cache write failed: %s", future.exception())
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    """The process's threads for shared-tier reads and writes (object-store round trips)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(4, thread_name_prefix="vision-cache")
+        return _POOL
 
 
 class VisionCache:
