@@ -52,8 +52,9 @@ def build_app(args: dict[str, Any]):
     # No settings in args (the portable config): every replica reads its pod's environment.
     # Otherwise they come without secrets; replicas fetch those from the cluster (unshare).
     settings = args.get("settings")
+    n = shard_count(settings)
     shards = [PrefilterShardDeployment.options(name=shard_name(i)).bind(settings, i)
-              for i in range(shard_count(settings))]
+              for i in range(n)] if n > 1 else []  # one shard: the Prefilter holds it all
     return Ingress.bind(PrefilterDeployment.bind(settings, *shards),
                         RerankDeployment.bind(settings), settings)
 
