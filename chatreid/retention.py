@@ -113,9 +113,10 @@ class Eraser:
             doomed |= {k for k, modified in stored.items()
                        if modified < cutoff and k not in indexed}
         self.objects.delete_many(sorted(doomed))
-        self._forget_features(sorted(doomed))
-        if orphans:  # features written after their crop was erased (a rerank in flight)
-            self._drop_orphan_features(set(stored) - doomed)
+        if orphans:  # every cached feature whose crop is gone: the doomed ones, and those a
+            self._drop_orphan_features(set(stored) - doomed)  # rerank in flight wrote late
+        else:
+            self._forget_features(sorted(doomed))
         return len(old), len(doomed)
 
     def _announce(self, metas: Iterable[VectorMeta], reason: str, request_id: str) -> None:

@@ -76,6 +76,12 @@ class FollowerStats:
     log_resets: int = 0  # partitions replayed from the start: the log lost the snapshot's
     latencies_s: list[float] = field(default_factory=list)  # capture -> searchable
 
+    def log_summary(self) -> dict[str, int]:
+        """How the index came back (a replica's status): records read from the log since it
+        opened, the gap behind its snapshot at resume, partitions replayed from the start."""
+        return {"read": self.read, "replay_gap": self.replay_gap,
+                "log_resets": self.log_resets}
+
 
 class IndexFollower:
     def __init__(self, settings: Settings, objects: ObjectStore | None = None,

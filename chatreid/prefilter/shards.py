@@ -235,21 +235,7 @@ class ShardedStore:
         return max((i.colour_dim for i in self.infos), default=0)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
-        """Every shard's answer, in shard order; the first failure fails the call."""
-        futures = [c.call(method, *args) for c in self.clients]
-        return [self._result(i, f) for i, f in enumerate(futures)]
-
-    def _result(self, shard: int, future: Pending) -> Any:
-        try:
-            return future.result(timeout=self.timeout_s)
-        except ServingError:  # already says what to do (IndexSwitching, ...)
-            raise
-        except TimeoutError:
-            raise ShardUnavailable(f"prefilter shard {shard} of {len(self.clients)} did not "
-                                   f"answer within {self.timeout_s:g} s") from None
-        except Exception as exc:  # a dead actor, a lost node, a failed replica
-            raise ShardUnavailable(f"prefilter shard {shard} of {len(self.clients)} is "
-                                   f"unavailable ({type(exc).__name__})") from exc
+        return ask_all(self.clients, self.timeout_s, method, *args)
 
     def search(self, queries: np.ndarray, k: int, *, tau: float | None = None,
                filters: SearchFilter | None = None) -> list[list[Hit]]:
@@ -279,6 +265,27 @@ class ShardedStore:
 
     def cameras(self) -> list[dict]:
         return merge_cameras(self._all("cameras"))
+
+
+def ask_all(clients: Sequence[ShardClient], timeout_s: float, method: str,
+            *args: Any) -> list[Any]:
+    """Every shard's answer to ``method``, in shard order, all asked at once; the first
+    failure fails the call."""
+    futures = [c.call(method, *args) for c in clients]
+    return [_result(i, len(clients), f, timeout_s) for i, f in enumerate(futures)]
+
+
+def _result(shard: int, count: int, future: Pending, timeout_s: float) -> Any:
+    try:
+        return future.result(timeout=timeout_s)
+    except ServingError:  # already says what to do (IndexSwitching, ...)
+        raise
+    except TimeoutError:
+        raise ShardUnavailable(f"prefilter shard {shard} of {count} did not answer within "
+                               f"{timeout_s:g} s") from None
+    except Exception as exc:  # a dead actor, a lost node, a failed replica
+        raise ShardUnavailable(f"prefilter shard {shard} of {count} is unavailable "
+                               f"({type(exc).__name__})") from exc
 
 
 def merge_hits(parts: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
@@ -316,7 +323,7 @@ class ShardedIndex:
 
     def each(self, method: str, *args: Any) -> list[Any]:
         """Every shard's answer to ``method`` (refresh, purge, status), in shard order."""
-        return ShardedStore(self.clients, [], None, self.timeout_s)._all(method, *args)
+        return ask_all(self.clients, self.timeout_s, method, *args)
 
     @property
     def store(self) -> ShardedStore | None:
@@ -344,8 +351,7 @@ class ShardedIndex:
         """Re-read every shard's version and size; returns the gallery size. With shards on
         different versions (mid-switch) the most common one is live: queries reaching the
         others answer :class:`IndexSwitching` until they catch up."""
-        probe = ShardedStore(self.clients, [], None, timeout_s or self.timeout_s)
-        infos: list[ShardInfo] = probe._all("info")
+        infos: list[ShardInfo] = ask_all(self.clients, timeout_s or self.timeout_s, "info")
         self._seen = True
         versions = [i.embedder_version for i in infos if i.embedder_version is not None]
         live = max(sorted(set(versions)), key=versions.count) if versions else None

@@ -80,7 +80,6 @@ class PrefilterDeployment:
         self.settings = unshare(settings)
         self.search = PrefilterSearch(self.settings,
                                       shards=[ServeShard(h) for h in shards] or None)
-        self.sharded = isinstance(self.search.index, ShardedIndex)
         try:
             self.search.refresh()
         except ShardUnavailable:  # shards still replaying: the refresh thread retries
@@ -181,11 +180,7 @@ class PrefilterDeployment:
                **self.refresher.status()}
         if isinstance(index, ShardedIndex):
             return {**out, "shards": index.each("status")}
-        # how this replica's index came back: records read from the log since it opened,
-        # the gap behind its snapshot at resume, partitions replayed from the start
-        stats = index.stats
-        return {**out, "index_log": {"read": stats.read, "replay_gap": stats.replay_gap,
-                                     "log_resets": stats.log_resets}}
+        return {**out, "index_log": index.stats.log_summary()}
 
     def check_health(self) -> None:
         self.refresher.check_health()

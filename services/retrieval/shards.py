@@ -98,13 +98,11 @@ class PrefilterShardDeployment(ShardServer):
     def status(self) -> dict:
         index = self.reader.index
         assert isinstance(index, IndexFollower)  # a shard follows its part of the log
-        stats = index.stats
         return {"shard": self.shard, "gallery": self.reader.gallery_size(),
                 "embedder_version": self.reader.version,
                 "pending_embedder_version": self.reader.pending_version,
                 **self.refresher.status(),
-                "index_log": {"read": stats.read, "replay_gap": stats.replay_gap,
-                              "log_resets": stats.log_resets}}
+                "index_log": index.stats.log_summary()}
 
     def check_health(self) -> None:
         self.refresher.check_health()
