@@ -15,11 +15,14 @@ when no live crop of the index outside the erased set still names it.
 
 Retention purges every indexed crop captured before a cutoff the same way, plus crop objects
 older than the cutoff that no index holds (dead-lettered or never embedded).
+
+CLI and batch jobs read a sharded index one shard's part at a time (``index_parts``), so a site
+of 100M crops never needs the whole index in one process's memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -27,10 +30,11 @@ from chatreid.bus import make_producer, publish
 from chatreid.config import Settings
 from chatreid.prefilter import PrefilterStore, VectorMeta
 from chatreid.prefilter.follower import IndexFollower
+from chatreid.prefilter.shards import Shard
 from chatreid.storage import CROPS_PREFIX, VISION_CACHE_PREFIX, ObjectStore, legacy_key_sha256
 from schemas import INDEXED, ErasedEvent
 
-__all__ = ["RETENTION", "Eraser", "current_index"]
+__all__ = ["RETENTION", "Eraser", "current_index", "index_parts"]
 
 RETENTION = "retention"  # the reason retention purges record
 _SEND_TIMEOUT_S = 30.0
@@ -38,16 +42,27 @@ _STAT_WORKERS = 8  # parallel existence checks of the objects an erasure deletes
 
 
 def current_index(settings: Settings, objects: ObjectStore | None = None,
-                  timeout_s: float = 120.0) -> PrefilterStore | None:
-    """The index as of now (latest snapshot plus the log since), for CLI and batch jobs; None
-    when nothing was ever indexed."""
-    follower = IndexFollower(settings, objects)
+                  timeout_s: float = 120.0, shard: Shard | None = None) -> PrefilterStore | None:
+    """The index as of now (latest snapshot plus the log since), the whole of it or ``shard``'s
+    part; None when nothing was ever indexed there."""
+    follower = IndexFollower(settings, objects, shard=shard)
     try:
         follower.restore()
         follower.catch_up(timeout_s)
     finally:
         follower.close()
     return follower.store
+
+
+def index_parts(settings: Settings, objects: ObjectStore | None = None,
+                timeout_s: float = 120.0) -> Iterator[PrefilterStore]:
+    """The index as of now, one shard's part at a time (``index.shards``; the whole index when
+    unsharded), each from its shard's own snapshot plus its partitions of the log. A caller
+    that drops each part before the next holds one shard in memory, never the whole index."""
+    for shard in Shard.all(settings.index.shards):
+        store = current_index(settings, objects, timeout_s, shard)
+        if store is not None:
+            yield store
 
 
 class Eraser:
@@ -68,9 +83,9 @@ class Eraser:
         self._announce(metas, reason, request_id)
         keys = {m.object_key for m in metas if m.object_key}
         if any(legacy_key_sha256(k) for k in keys):
-            if live is None:
-                index = current_index(self.settings, self.objects)
-                live = index.live_metas() if index is not None else []
+            if live is None:  # only the live crops that name one of these keys, part by part
+                live = [m for part in index_parts(self.settings, self.objects)
+                        for m in part.live_metas() if m.object_key in keys]
             erased = {m.crop_id for m in metas}
             keys -= {m.object_key for m in live if m.crop_id not in erased}
         keys = sorted(keys)
@@ -95,29 +110,48 @@ class Eraser:
 
     def purge(self, cutoff: datetime, metas: Sequence[VectorMeta],
               orphans: bool = True) -> tuple[int, int]:
-        """Erase every crop of ``metas`` captured before ``cutoff`` (reason "retention") and
-        delete crop objects last modified before it that ``metas`` do not hold (``orphans``:
-        only when ``metas`` is the whole index - a prefilter shard's are not). A legacy shared
-        object a newer crop still names is kept. Returns (crops erased, objects deleted)."""
+        """``purge_parts`` over one part: the whole index's crops (``orphans``), or a prefilter
+        shard's own (not ``orphans``: the other shards' objects are not in its metas).
+        Returns (crops erased, objects deleted)."""
+        erased, deleted, _ = self.purge_parts(cutoff, [metas], orphans=orphans)
+        return erased, deleted
+
+    def purge_parts(self, cutoff: datetime, parts: Iterable[Sequence[VectorMeta]],
+                    orphans: bool = True) -> tuple[int, int, int]:
+        """Erase every crop of each part (e.g. ``live_metas()`` of each ``index_parts``)
+        captured before ``cutoff`` (reason "retention"), then, when the parts are the whole
+        index (``orphans``), delete the crop objects last modified before it that no part holds
+        (dead-lettered, never embedded) and every cached feature whose crop is gone. A legacy
+        shared object a newer crop of the same part still names is kept. Parts are read one at
+        a time: only object keys are kept across them. Returns (crops erased, objects deleted,
+        crops indexed)."""
         if cutoff.tzinfo is None:
             raise ValueError("cutoff must be timezone-aware")
-        metas = _unique(metas)
         cut = cutoff.timestamp()
-        old = [m for m in metas if m.capture_time < cut]
-        kept = {m.object_key for m in metas if m.capture_time >= cut}
-        self._announce(old, RETENTION, f"{RETENTION}-{cutoff.isoformat()}")
-        stored = dict(self.objects.list_modified(CROPS_PREFIX))
-        indexed = {m.object_key for m in metas}
-        doomed = {k for k in (m.object_key for m in old) if k in stored and k not in kept}
+        stored = dict(self.objects.list_modified(CROPS_PREFIX))  # one listing for every part
+        unindexed = {k for k, modified in stored.items() if modified < cutoff} if orphans \
+            else set()
+        erased = indexed = 0
+        gone: set[str] = set()
+        for part in parts:
+            metas = _unique(part)
+            old = [m for m in metas if m.capture_time < cut]
+            kept = {m.object_key for m in metas if m.capture_time >= cut}
+            self._announce(old, RETENTION, f"{RETENTION}-{cutoff.isoformat()}")
+            doomed = sorted({k for k in (m.object_key for m in old)
+                             if k in stored and k not in kept})
+            self.objects.delete_many(doomed)
+            if not orphans:  # the sweep below covers them otherwise
+                self._forget_features(doomed)
+            unindexed -= {m.object_key for m in metas}
+            gone.update(doomed)
+            erased, indexed = erased + len(old), indexed + len(metas)
         if orphans:
-            doomed |= {k for k, modified in stored.items()
-                       if modified < cutoff and k not in indexed}
-        self.objects.delete_many(sorted(doomed))
-        if orphans:  # every cached feature whose crop is gone: the doomed ones, and those a
-            self._drop_orphan_features(set(stored) - doomed)  # rerank in flight wrote late
-        else:
-            self._forget_features(sorted(doomed))
-        return len(old), len(doomed)
+            self.objects.delete_many(sorted(unindexed))
+            gone |= unindexed
+            # every cached feature whose crop is gone: the doomed ones, and those a rerank in
+            self._drop_orphan_features(set(stored) - gone)  # flight wrote late
+        return erased, len(gone), indexed
 
     def _announce(self, metas: Iterable[VectorMeta], reason: str, request_id: str) -> None:
         """Publish one tombstone per crop and wait until every one is durable (acks=all)."""

@@ -7,6 +7,7 @@ app deployed with shards answers what the unsharded app answers."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -321,3 +322,99 @@ def test_the_embedding_node_keeps_no_whole_index_copy_beside_shards(settings):
     assert EmbeddingNode(settings, follow_checkpoints=False).follower is not None
     settings.index.shards = 3
     assert EmbeddingNode(settings, follow_checkpoints=False).follower is None
+
+
+@pytest.mark.stack
+def test_cli_erase_and_purge_read_a_sharded_index_one_shard_at_a_time(settings, monkeypatch):
+    """`chatreid erase` and `chatreid purge` on a sharded site: each loads one shard's part of
+    the index at a time (a 100M-crop index fits no CLI's memory), finds crops on any shard, and
+    the purge removes every shard's old crops plus the never-indexed old objects, nothing
+    newer."""
+    from typer.testing import CliRunner
+
+    from chatreid import retention
+    from chatreid.app.cli import app
+    from chatreid.retention import index_parts
+
+    from .conftest import env_for, jpeg_bytes
+
+    settings.index.shards = 2
+    objects = ObjectStore(settings.s3)
+    now = datetime.now(UTC)
+    old = _events(0, 20)  # captured in January 2026
+    new = [e.model_copy(update={"capture_time": now + timedelta(days=1)})
+           for e in _events(100, 6)]
+    where = _publish(settings, old + new)
+    for e in old + new:
+        objects.put(e.object_key, jpeg_bytes())
+    stray = "crops/2026-01-01/never-indexed.jpg"  # dead-lettered: stored, never embedded
+    objects.put(stray, jpeg_bytes())
+
+    loaded: list[int] = []  # shards loaded, in order; a part is dropped before the next loads
+    whole = retention.current_index
+    monkeypatch.setattr(retention, "current_index",
+                        lambda s, o=None, t=120.0, shard=None: (loaded.append(shard.index),
+                                                                 whole(s, o, t, shard))[1])
+    parts = index_parts(settings, objects)
+    first = next(parts)
+    assert loaded == [0]  # lazy: one shard in memory
+    ids = [first.crop_ids(), *(p.crop_ids() for p in parts)]
+    assert loaded == [0, 1]
+    assert ids == [{c for c, p in where.items() if p % 2 == i} for i in range(2)]
+
+    env = {**env_for(settings), "CHATREID_INDEX__SHARDS": "2", "COLUMNS": "300",
+           "NO_COLOR": "1"}
+    on_1 = next(c for c, p in where.items() if p % 2 == 1 and c.startswith("crop-000"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["erase", on_1, "no-such-crop", "--reason", "test"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "erased 1 crops, deleted 1 objects" in result.output
+    assert "not indexed, nothing erased: no-such-crop" in result.output
+    assert not objects.exists(f"crops/2026-01-01/{on_1}.jpg")
+
+    result = runner.invoke(app, ["purge", "--days", "30"], env=env)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "2026" in line and "│" in line)
+    assert [c.strip() for c in row.split("│")[2:5]] == ["25", "19", "19"]
+    assert sorted(objects.list("crops/")) == sorted([stray] + [e.object_key for e in new])
+    # the stray is older than a cutoff of now: no shard holds it, so it goes; every new crop
+    # is held by one shard only, and stays
+    time.sleep(1.1)  # last-modified times have whole seconds
+    assert retention.Eraser(settings, objects).purge_parts(
+        datetime.now(UTC), (p.live_metas() for p in index_parts(settings, objects))) == (0, 1, 6)
+    assert sorted(objects.list("crops/")) == sorted(e.object_key for e in new)
+    assert set().union(*(p.crop_ids() for p in index_parts(settings, objects))) == {
+        e.crop_id for e in new}
+
+
+@pytest.mark.stack
+def test_ingestor_recovery_republishes_only_what_no_shard_holds(settings):
+    """After the broker lost crop events, the ingestor republishes every stored crop no shard
+    of the index holds, reading the index one shard at a time."""
+    from schemas import CROPS, CropEvent
+    from services.ingestor import CropInput, Ingestor
+    from services.ingestor.service import HeldIds
+
+    from .conftest import jpeg_bytes, read_events
+
+    settings.index.shards = 2
+    ingestor = Ingestor(settings, source="test")
+    stored = [ingestor.submit(CropInput(data=jpeg_bytes(color=(9 * i, 40, 40)),
+                                        camera=CAMERAS[i % len(CAMERAS)],
+                                        capture_time=datetime.now(UTC))).event
+              for i in range(8)]
+    indexed = [e.model_copy(update={"crop_id": s.crop_id, "camera": s.camera})
+               for e, s in zip(_events(0, 5), stored[:5], strict=False)]
+    where = _publish(settings, indexed)
+    assert {p % 2 for p in where.values()} == {0, 1}  # both shards hold some
+    assert len(read_events(settings, CROPS, CropEvent, expect=8)) == 8
+
+    assert ingestor.recover() == 3
+    ingestor.close()
+    seen = Counter(e.crop_id for e in read_events(settings, CROPS, CropEvent, expect=11))
+    assert sum(seen.values()) == 11  # the 8 first sent and the 3 again, nothing more
+    assert {c for c, n in seen.items() if n == 2} == {e.crop_id for e in stored[5:]}
+
+    held = HeldIds(e.crop_id for e in stored[:5])
+    assert len(held) == 5 and all(e.crop_id in held for e in stored[:5])
+    assert not any(e.crop_id in held for e in stored[5:])

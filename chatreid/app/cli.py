@@ -14,6 +14,7 @@ from chatreid.config import Settings, reveal
 
 if TYPE_CHECKING:  # the evaluation engine imports numpy/PIL: loaded only by `eval`
     from chatreid.evaluation import EvalConfig
+    from chatreid.prefilter import VectorMeta
 
 app = typer.Typer(help="ChatReID: interactive cross-camera person re-identification.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -918,12 +919,15 @@ def erase(
     import uuid
     from datetime import UTC, datetime
 
-    from chatreid.retention import Eraser, current_index
+    from chatreid.retention import Eraser, index_parts
 
     settings = _settings()
-    with console.status("loading the index (snapshot + log)"):
-        store = current_index(settings)
-    metas = {c: store.get_meta(c) if store is not None else None for c in dict.fromkeys(crop_ids)}
+    metas: dict[str, VectorMeta | None] = dict.fromkeys(crop_ids)
+    with console.status("looking the crops up, one index shard at a time (snapshot + log)"):
+        for part in index_parts(settings):  # one shard's part in memory at a time
+            metas.update({c: part.get_meta(c) for c, m in metas.items() if m is None})
+            if all(metas.values()):
+                break
     found = [m for m in metas.values() if m is not None]
     request_id = request_id or uuid.uuid4().hex
     erased, deleted = Eraser(settings).erase(found, reason, request_id)
@@ -972,21 +976,20 @@ def purge(
 def _purge_once(settings: Settings, days: float) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from chatreid.retention import Eraser, current_index
+    from chatreid.retention import Eraser, index_parts
     from chatreid.sessions import SessionStore
     from chatreid.storage import ObjectStore
 
     cutoff = datetime.now(UTC) - timedelta(days=days)
-    with console.status("loading the index (snapshot + log)"):
-        store = current_index(settings)
-    metas = store.live_metas() if store is not None else []
-    crops, objects = Eraser(settings).purge(cutoff, metas)
+    with console.status("purging, one index shard at a time (snapshot + log)"):
+        crops, objects, indexed = Eraser(settings).purge_parts(
+            cutoff, (part.live_metas() for part in index_parts(settings)))
     sessions = SessionStore(settings, ObjectStore(settings.s3)).purge_expired()
     _audit_cli(settings, "retention.purge", detail=f"cutoff={cutoff.isoformat()} "
                f"crops_erased={crops} objects_deleted={objects} sessions_deleted={sessions}")
     table = Table("captured before", "indexed crops", "crops erased", "objects deleted",
                   "expired sessions deleted", title=f"retention purge ({days:g} days)")
-    table.add_row(cutoff.isoformat(timespec="seconds"), str(len(metas)), str(crops),
+    table.add_row(cutoff.isoformat(timespec="seconds"), str(indexed), str(crops),
                   str(objects), str(sessions))
     console.print(table)
 
