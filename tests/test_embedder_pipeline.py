@@ -240,3 +240,16 @@ def test_a_store_outage_puts_back_every_batch_in_flight_and_commits_none(wired):
     crop_ids = [e.crop_id for e in _published(journal)]
     assert sorted(set(crop_ids)) == [f"c{i:03d}" for i in range(12)]
     assert stats.store_waits == 1 and stats.dead_letters == 0
+
+
+def test_kafka_clients_checksum_record_batches_with_the_c_crc32c():
+    """Every producer and consumer checksums each record batch (CRC-32C, verified on fetch).
+    kafka-python falls back to a pure-Python CRC without the ``crc32c`` extra: ~1.2 ms per
+    7 KB indexed event on each side, more than the index spends applying it."""
+    import os
+
+    from kafka.record import util
+
+    assert util.crc32c_c is not None, "install kafka-python[crc32c] (pyproject's dependency)"
+    data = memoryview(os.urandom(7000))
+    assert util.calc_crc32c(data) == util.crc32c_py(data)
