@@ -5,6 +5,7 @@ and held-out best-choice rank-1; the whole chain's wall time against the 60-minu
 Needs the local stack (`chatreid up --no-ray`). Each run uses its own bucket and topics.
 
     python benchmarks/hpt_chain.py [--preset default] [--no-embedder] [--ablation 1+2+3]
+        [--bucket bench-hpt-TAG] [--out FILE]
 """
 
 from __future__ import annotations
@@ -37,14 +38,17 @@ def main() -> None:
                     help="train only the embedder and add its figures to an existing result "
                          "(the chain's total then counts both runs)")
     ap.add_argument("--ablation", default="1+2+3")
+    ap.add_argument("--bucket", help="run in an earlier run's bucket and topics (bench-hpt-TAG), "
+                                     "e.g. the other Table 4 chains with --no-embedder: they "
+                                     "reuse its embedder, world and datasets")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/hpt_chain.json"))
     args = ap.parse_args()
     console = Console()
 
     settings = Settings()
-    tag = uuid.uuid4().hex[:8]
-    settings.s3.bucket = f"bench-hpt-{tag}"
-    settings.kafka.topic_prefix = f"bench-hpt-{tag}"
+    name = args.bucket or f"bench-hpt-{uuid.uuid4().hex[:8]}"
+    settings.s3.bucket = name
+    settings.kafka.topic_prefix = name
     settings.train.out_dir = Path("out/bench-hpt")
     settings.train.checkpoint_every = 100
     ObjectStore(settings.s3).ensure_bucket()
@@ -77,6 +81,7 @@ def main() -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": None},
         "preset": args.preset, "ablation": args.ablation, "base_model": report.base_model,
+        "bucket": settings.s3.bucket,
         "workers": settings.train.num_workers,
         "chain_wall_min": round(wall_min, 2), "target_min": TARGET_MIN,
         "target_met": wall_min < TARGET_MIN,
