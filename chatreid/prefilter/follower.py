@@ -48,6 +48,7 @@ from chatreid.prefilter.store import PrefilterStore, VectorMeta
 from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
 from schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
 
+_METADATA_MAX_AGE_MS = 5_000  # how stale the topic id may be (see _open)
 log = logging.getLogger(__name__)
 
 _SWITCH_CHECK_S = 1.0  # while following, how often a pending version's readiness is checked
@@ -225,7 +226,12 @@ class IndexFollower:
     # -- log -------------------------------------------------------------------------------------
     def _open(self) -> KafkaConsumer:
         if self._consumer is None:
-            consumer = make_consumer(self.settings.kafka, None)  # no group: every partition
+            # no group: every partition. Fresh metadata every few seconds: a recreated topic
+            # (a memory-only broker restarted) is told by its new id, which kafka-python
+            # otherwise re-reads only every 5 min - meanwhile the new log's first records,
+            # below this follower's old positions, would stay unread
+            consumer = make_consumer(self.settings.kafka, None,
+                                     metadata_max_age_ms=_METADATA_MAX_AGE_MS)
             tps = assign_all(consumer, self.topic, self.shard.owns)
             if not tps:
                 consumer.close()
