@@ -129,8 +129,8 @@ class Eraser:
             raise ValueError("cutoff must be timezone-aware")
         cut = cutoff.timestamp()
         stored = dict(self.objects.list_modified(CROPS_PREFIX))  # one listing for every part
-        unindexed = {k for k, modified in stored.items() if modified < cutoff} if orphans \
-            else set()
+        # never-indexed candidates: old objects, less each part's keys as it goes by
+        unindexed = {k for k, modified in stored.items() if orphans and modified < cutoff}
         erased = indexed = 0
         gone: set[str] = set()
         for part in parts:

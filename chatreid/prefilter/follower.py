@@ -48,9 +48,9 @@ from chatreid.prefilter.store import PrefilterStore, VectorMeta
 from chatreid.storage import ObjectNotFound, ObjectStore, sha256_hex
 from schemas import INDEXED, ErasedEvent, EventError, IndexedEvent, parse_index_log
 
-_METADATA_MAX_AGE_MS = 5_000  # how stale the topic id may be (see _open)
 log = logging.getLogger(__name__)
 
+_METADATA_MAX_AGE_MS = 5_000  # how stale the topic id may be (see _open)
 _SWITCH_CHECK_S = 1.0  # while following, how often a pending version's readiness is checked
 # Late IndexedEvents of an erased crop come from batches in flight or a re-embedding pass that
 # read the crop just before its object was deleted: minutes after the erasure. Tombstones are

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
+import numpy as np
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
@@ -318,9 +319,6 @@ class HeldIds:
     crop, 5e-12 at 100M."""
 
     def __init__(self, crop_ids: Iterable[str]) -> None:
-        import numpy as np
-
-        self._np = np
         self.digests = np.unique(np.fromiter((self._digest(c) for c in crop_ids), np.uint64))
 
     @classmethod
@@ -337,8 +335,8 @@ class HeldIds:
         return len(self.digests)
 
     def __contains__(self, crop_id: str) -> bool:
-        d = self._np.uint64(self._digest(crop_id))
-        i = int(self._np.searchsorted(self.digests, d))
+        d = np.uint64(self._digest(crop_id))
+        i = int(np.searchsorted(self.digests, d))
         return i < len(self.digests) and self.digests[i] == d
 
 
