@@ -510,13 +510,13 @@ def rerank_quality(report: Report) -> str:
         return bool(v) and round(v["mAP"], 1) > round(base, 1)  # pyright: ignore[reportOptionalSubscript]
 
     for version, entry in report.get("checkpoints", {}).items():
-        stage3 = entry.get("figures", {}).get("stage3", {})
+        stage3 = _per_kind(entry.get("figures", {}).get("stage3", {}))
         for section in ("synthetic", "real"):
             for r in entry.get(section, {}).get("rows", []):
                 base = (r["prefilter"] or {}).get("mAP", 0.0)
                 conf, fused = r["chatreid_confidence"], r["chatreid_fused"]
                 kind = r["task"].removeprefix("synth_")
-                abstains = " (abstains)" if stage3.get(f"identity/clue/{kind}/abstain") else ""
+                abstains = " (abstains)" if stage3.get(f"identity/kind/{kind}/abstain") else ""
                 rows.append(
                     f"| {version[:12]} | {r['task']} | {cell(r['prefilter'])} | "
                     f"{cell(r.get('shortlist_ceiling'))} | {cell(r['peer_k_reciprocal'])} | "
@@ -554,16 +554,17 @@ def rerank_quality(report: Report) -> str:
                     f"on {figures['memory/shortlists']:.0f} held-out shortlists (the head's own "
                     f"dialogue: mAP {figures['memory/mAP@0']:.1%} without memory, "
                     f"{figures[f'memory/mAP@{w:g}']:.1%} with it).")
-            clues = sorted(k.split("/")[1] for k in figures
-                           if k.startswith("clue/") and k.endswith("/weight"))
-            if clues:
-                acc.append(f"Clue term of the {where} head ({version[:12]}), fitted per kind on "
-                           "held-out people's text queries: " + "; ".join(
-                               f"{kind} weight {figures[f'clue/{kind}/weight']:g}, memory "
-                               f"{figures[f'clue/{kind}/memory']:g} "
-                               f"({figures[f'clue/{kind}/shortlists']:.0f} shortlists)"
+            figures = _per_kind(figures)
+            kinds = sorted(k.split("/")[1] for k in figures
+                           if k.startswith("kind/") and k.endswith("/memory"))
+            if kinds:
+                acc.append(f"Dialogue per query kind of the {where} head ({version[:12]}), "
+                           "fitted on held-out people's queries: " + "; ".join(
+                               f"{kind}{_clue(figures, kind)}, memory "
+                               f"{figures[f'kind/{kind}/memory']:g} "
+                               f"({figures[f'kind/{kind}/shortlists']:.0f} shortlists)"
                                f"{_gain(figures, kind)}"
-                               for kind in clues) + ".")
+                               for kind in kinds) + ".")
     note = (f"mAP / rank-1 (%), K = {report['k']}, {report['queries_per_task']} queries per task "
             "(half fit the fused weight, every row is scored on the other half); bold: above "
             "the prefilter; best reorder of its top K: the query's person first in the "
@@ -572,15 +573,28 @@ def rerank_quality(report: Report) -> str:
     return "\n".join(rows) + "\n\n" + "\n".join(acc) + f"\n\n{note}."
 
 
+def _per_kind(figures: dict) -> dict:
+    """Figures with the per-kind fit under ``kind/`` (results from before image kinds were
+    fitted name it ``clue/``)."""
+    legacy = ("clue/", "identity/clue/")
+    return {k.replace("clue/", "kind/", 1) if k.startswith(legacy) else k: v
+            for k, v in figures.items()}
+
+
+def _clue(figures: dict, kind: str) -> str:
+    w = figures.get(f"kind/{kind}/weight", 0.0)
+    return f" clue weight {w:g}" if w else ""
+
+
 def _gain(figures: dict, kind: str) -> str:
-    """How the fitted clue dialogue compares with the prefilter's order on held-out people."""
-    if f"clue/{kind}/gain_lower_bound" not in figures:
+    """How the fitted dialogue compares with the prefilter's order on held-out people."""
+    if f"kind/{kind}/gain_lower_bound" not in figures:
         return ""
-    w, m = figures[f"clue/{kind}/weight"], figures[f"clue/{kind}/memory"]
-    verdict = "abstains" if figures[f"clue/{kind}/abstain"] else "reranks"
-    return (f", mAP {figures[f'clue/{kind}/mAP@{w:g},{m:g}']:.1%} vs the prefilter's order "
-            f"{figures[f'clue/{kind}/prefilter_mAP']:.1%}, gain lower bound "
-            f"{100 * figures[f'clue/{kind}/gain_lower_bound']:+.1f} points: {verdict}")
+    w, m = figures[f"kind/{kind}/weight"], figures[f"kind/{kind}/memory"]
+    verdict = "abstains" if figures[f"kind/{kind}/abstain"] else "reranks"
+    return (f", mAP {figures[f'kind/{kind}/mAP@{w:g},{m:g}']:.1%} vs the prefilter's order "
+            f"{figures[f'kind/{kind}/prefilter_mAP']:.1%}, gain lower bound "
+            f"{100 * figures[f'kind/{kind}/gain_lower_bound']:+.1f} points: {verdict}")
 
 
 def identity_head(report: Report) -> str:

@@ -104,6 +104,7 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
         Group,
         HeadRecipe,
         fit_decoder_weight,
+        fit_kinds,
         fit_memory,
         shortlists,
         split_by_person,
@@ -143,8 +144,12 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     # dialogue memory fitted on the held-out train people's cross-camera shortlists
     people = {int(g.pid) for g in val if g.pid is not None}
     queries = [i for i in range(len(train)) if pid[i] in people]
-    head.cfg.memory, figures = fit_memory(head, shortlists(
-        "standard", queries, feats, pid, [np.flatnonzero(cam != cam[i]) for i in queries]))
+    lists = shortlists("standard", queries, feats, pid,
+                       [np.flatnonzero(cam != cam[i]) for i in queries])
+    head.cfg.memory, figures = fit_memory(head, lists)
+    fit = fit_kinds(head, lists)  # as training does: abstain unless it surely gains
+    head.cfg.kind_memory, head.cfg.abstain = fit.memory, fit.abstain
+    figures |= fit.figures
     head.cfg.metrics |= figures
     console.print(f"dialogue memory on cuhk03 train (held-out people): {figures}")
     identity = IdentityVision(osnet, head)

@@ -184,8 +184,8 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
     from chatreid.tuning.identity import (
         HeadRecipe,
-        fit_clue,
         fit_decoder_weight,
+        fit_kinds,
         fit_memory,
         group_features,
         groups_of,
@@ -225,14 +225,15 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     def features(keys: list[str]):
         return cache.get(keys, load, backbone)
 
-    head.cfg.memory, memory_figures = fit_memory(
-        head, held_out_shortlists(samples, people, features))
+    image_lists = held_out_shortlists(samples, people, features)
+    head.cfg.memory, memory_figures = fit_memory(head, image_lists)  # kinds fitted on none
     head.cfg.metrics |= memory_figures
-    # the clue term's weight and memory per text kind, on the same people's text queries
+    # per kind: memory (and the clue term's weight for text kinds), or abstention where the
+    # dialogue does not surely beat the prefilter's order on these people's queries
     matcher = ColourAttributeMatcher()
     clue_lists = held_out_clue_shortlists(
         samples, people, features, lambda keys: matcher.embed_images([load(k) for k in keys]))
-    fit = fit_clue(head, clue_lists)
+    fit = fit_kinds(head, image_lists + clue_lists)
     head.cfg.clue, head.cfg.kind_memory, head.cfg.abstain = fit.clue, fit.memory, fit.abstain
     head.cfg.metrics |= fit.figures
     identity = IdentityVision(backbone, head)

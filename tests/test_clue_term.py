@@ -28,7 +28,7 @@ from chatreid.rerank import BestChoiceReranker, Candidate, Query, attribute_text
 from chatreid.rerank.judge import make_judge
 from chatreid.tuning.identity import (
     Shortlist,
-    fit_clue,
+    fit_kinds,
     gain_lower_bound,
     held_out_clue_shortlists,
 )
@@ -171,13 +171,13 @@ def _described(n: int, seed: int, image_misleads: bool) -> list[Shortlist]:
 def test_the_clue_fit_weighs_a_clue_that_finds_the_person() -> None:
     head = IdentityHead(IdentityConfig(feature_dim=8, encoder_version="v",
                                        kinds=["standard", "multimodal"]))
-    fit = fit_clue(head, _described(30, 0, image_misleads=True))
+    fit = fit_kinds(head, _described(30, 0, image_misleads=True))
     assert set(fit.clue) == {"multimodal"} and fit.clue["multimodal"] > 0
-    best = fit.figures[f"clue/multimodal/mAP@{fit.clue['multimodal']:g},"
+    best = fit.figures[f"kind/multimodal/mAP@{fit.clue['multimodal']:g},"
                        f"{fit.memory['multimodal']:g}"]
-    assert best > fit.figures["clue/multimodal/mAP@0,0"]
+    assert best > fit.figures["kind/multimodal/mAP@0,0"]
     # the prefilter's order (shuffled here) is far worse: the kind reranks
-    assert fit.abstain == [] and fit.figures["clue/multimodal/gain_lower_bound"] > 0
+    assert fit.abstain == [] and fit.figures["kind/multimodal/gain_lower_bound"] > 0
 
 
 def test_a_kind_whose_dialogue_does_not_beat_the_prefilter_abstains() -> None:
@@ -189,10 +189,10 @@ def test_a_kind_whose_dialogue_does_not_beat_the_prefilter_abstains() -> None:
         first = np.argsort(~s.relevant, kind="stable")
         lists.append(Shortlist(s.kind, s.query, s.candidates[first], s.relevant[first], s.total,
                                s.match[first]))
-    fit = fit_clue(head, lists)
+    fit = fit_kinds(head, lists)
     assert fit.abstain == ["multimodal"]
-    assert fit.figures["clue/multimodal/prefilter_mAP"] == pytest.approx(1.0)
-    assert fit.figures["clue/multimodal/gain_lower_bound"] <= 0
+    assert fit.figures["kind/multimodal/prefilter_mAP"] == pytest.approx(1.0)
+    assert fit.figures["kind/multimodal/gain_lower_bound"] <= 0
 
 
 def test_gain_lower_bound_needs_more_than_a_few_lucky_queries() -> None:
@@ -220,10 +220,10 @@ def test_a_text_kind_always_gets_a_clue_weight() -> None:
     head = IdentityHead(IdentityConfig(feature_dim=8, encoder_version="v"))
     lists = [Shortlist("text_to_image", None, s.candidates, s.relevant, s.total, s.match)
              for s in _described(10, 1, image_misleads=False)]
-    fit = fit_clue(head, lists)
+    fit = fit_kinds(head, lists)
     assert fit.clue["text_to_image"] > 0 and fit.memory["text_to_image"] == 0.0  # one view
-    assert fit.figures["clue/text_to_image/mAP@5,0"] == pytest.approx(1.0)  # the clue finds them
-    assert "clue/text_to_image/mAP@0,0" not in fit.figures
+    assert fit.figures["kind/text_to_image/mAP@5,0"] == pytest.approx(1.0)  # the clue finds them
+    assert "kind/text_to_image/mAP@0,0" not in fit.figures
 
 
 def test_held_out_clue_shortlists_follow_the_text_prefilter() -> None:

@@ -29,6 +29,7 @@ from chatreid.tuning.identity import (
     Shortlist,
     average_precision,
     fit_decoder_weight,
+    fit_kinds,
     fit_memory,
     held_out_shortlists,
     shortlists,
@@ -158,6 +159,54 @@ def test_the_fit_keeps_memory_off_where_it_changes_nothing() -> None:
     assert weight == 0.0 and figures["memory/shortlists"] == 20
 
 
+def test_an_image_kind_reranks_with_its_own_memory_where_the_dialogue_gains() -> None:
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    fit = fit_kinds(head, _chains(40, 0))
+    assert fit.abstain == [] and fit.memory["standard"] > 0
+    assert "standard" not in fit.clue  # no text: no clue term
+    assert fit.figures["kind/standard/gain_lower_bound"] > 0
+
+
+def test_an_image_kind_whose_dialogue_loses_to_the_prefilter_abstains() -> None:
+    """The prefilter's order puts the person first, but the head's metric prefers a distractor
+    (nearer the query in its space): the dialogue would rank worse, so the kind abstains while
+    another kind, on which it gains, still reranks."""
+    r = np.random.default_rng(3)
+    losing = []
+    for _ in range(30):
+        q = r.normal(size=16)
+        person = q + r.normal(size=16) * 1.5
+        near = [q + r.normal(size=16) * 0.2 for _ in range(3)]
+        cands = np.stack([person, *near]).astype(np.float32)
+        losing.append(Shortlist("visible_infrared", q.astype(np.float32), cands,
+                                np.array([True, False, False, False]), 1))
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    fit = fit_kinds(head, losing + _chains(40, 0))
+    assert fit.abstain == ["visible_infrared"]
+    assert fit.figures["kind/visible_infrared/prefilter_mAP"] == pytest.approx(1.0)
+    assert fit.figures["kind/visible_infrared/gain_lower_bound"] < 0
+    assert fit.figures["kind/standard/abstain"] == 0.0
+
+
+def test_a_kind_reranks_only_on_a_gain_that_holds_on_queries_it_was_not_chosen_on() -> None:
+    """Shortlists where no setting truly beats the prefilter (the person's place is random and
+    the features say nothing): the best of the grid's settings still looks ahead on the
+    queries that chose it, so the verdict takes each query's gain with the settings chosen on
+    the other half - and the kind abstains."""
+    r = np.random.default_rng(7)
+    noise = []
+    for _ in range(40):
+        relevant = np.zeros(8, bool)
+        relevant[r.choice(8, size=2, replace=False)] = True
+        noise.append(Shortlist("standard", r.normal(size=16).astype(np.float32),
+                               r.normal(size=(8, 16)).astype(np.float32), relevant, 2))
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    fit = fit_kinds(head, noise)
+    chosen = fit.figures[f"kind/standard/mAP@0,{fit.memory['standard']:g}"]
+    assert chosen >= fit.figures["kind/standard/prefilter_mAP"]  # looks no worse where chosen
+    assert fit.abstain == ["standard"]
+
+
 def test_shortlists_follow_the_prefilter_and_skip_queries_without_a_match() -> None:
     feats = np.array([[1, 0], [0.9, 0.1], [0.1, 1], [0.95, 0.05], [0, 1]], np.float32)
     pids = np.array([0, 0, 1, 1, 2])
@@ -189,17 +238,20 @@ def test_held_out_shortlists_keep_each_tasks_protocol() -> None:
         return np.array([vec[k] for k in keys], np.float32)
 
     lists = held_out_shortlists(samples, {"0"}, features, k=5)
-    assert len(lists) == 1  # person 1 is not held out
-    (only,) = lists
+    # every crop of the held-out person queries (person 1 is not held out: x queries nothing)
+    by_query = {tuple(s.query): s for s in lists}
+    assert set(by_query) == {tuple(features([k])[0]) for k in ("q", "same_cam", "other_cam")}
+    only = by_query[tuple(features(["q"])[0])]
     np.testing.assert_array_equal(only.candidates, features(["x", "other_cam"]))
     assert only.relevant.tolist() == [False, True] and only.total == 1
+    assert by_query[tuple(features(["other_cam"])[0])].total == 2  # both views on camera 0
     cloth = [_sample("cloth_changing", s.images, [i | {"clothes_id": 0 if k == "q" else 1}
                                                   for k, i in zip(s.images, [infos[k] for k in
                                                                              s.images],
                                                                   strict=True)])
              for s in samples]
-    (cc,) = held_out_shortlists(cloth, {"0"}, features, k=5)
-    assert cc.total == 2  # same camera, other clothes: a cloth-changing match
+    cc = {tuple(s.query): s for s in held_out_shortlists(cloth, {"0"}, features, k=5)}
+    assert cc[tuple(features(["q"])[0])].total == 2  # same camera, other clothes: a match
 
 
 def _groups(n: int, seed: int, decoder_knows: bool) -> tuple[list[Group], dict[str, np.ndarray]]:

@@ -321,10 +321,10 @@ GAIN_CONFIDENCE = 0.9  # how sure the held-out gain over the prefilter must be f
 
 
 @dataclass(frozen=True)
-class ClueFit:
-    """What ``fit_clue`` chose per clue kind, and the figures behind it."""
+class KindFit:
+    """What ``fit_kinds`` chose per query kind, and the figures behind it."""
 
-    clue: dict[str, float]  # the clue term's weight
+    clue: dict[str, float]  # the clue term's weight (kinds with a text clue only)
     memory: dict[str, float]  # the kind's dialogue-memory weight
     abstain: list[str]  # kinds whose dialogue did not surely beat the prefilter's order
     figures: dict[str, float]
@@ -341,36 +341,66 @@ def gain_lower_bound(gains: Sequence[float] | np.ndarray, confidence: float = GA
     return float(np.quantile(means, 1.0 - confidence))
 
 
-def fit_clue(head: IdentityHead, lists: Sequence[Shortlist], clue_grid: Sequence[float] = CLUE_GRID,
-             memory_grid: Sequence[float] = MEMORY_GRID) -> ClueFit:
-    """Per clue kind, the (clue weight, memory weight) with the best mean AP on its held-out
-    shortlists - ties: less memory, then the smaller weight (a text-only kind needs a weight
-    above 0: without one a turn has nothing to go on). A kind whose best dialogue does not beat
-    the prefilter's own order with ``GAIN_CONFIDENCE`` (``gain_lower_bound`` of the per-query AP
-    gain <= 0) abstains: the reranker answers it in the prefilter's order rather than risk a
-    worse one. Kinds without shortlists are left out."""
+def _best(aps: np.ndarray, settings: Sequence[tuple[float, float]]) -> int:
+    """Index of the setting with the best mean AP (ties: less memory, then the smaller
+    weight)."""
+    means = aps.mean(axis=1)
+    return max(range(len(settings)),
+               key=lambda i: (round(float(means[i]), 6), -settings[i][1], -settings[i][0]))
+
+
+def _cross_fitted(aps: np.ndarray, settings: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Per shortlist, the AP of the setting chosen on the *other* half of the shortlists (two
+    folds, alternating): the best of several settings, scored on the queries that chose it,
+    would look better than it is."""
+    n = aps.shape[1]
+    folds = np.arange(n) % 2
+    out = np.empty(n)
+    for fold in (0, 1):
+        mine, other = folds == fold, folds != fold
+        if not other.any():  # one shortlist: nothing to choose on but itself
+            other = mine
+        out[mine] = aps[_best(aps[:, other], settings), mine]
+    return out
+
+
+def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
+              clue_grid: Sequence[float] = CLUE_GRID,
+              memory_grid: Sequence[float] = MEMORY_GRID) -> KindFit:
+    """Per query kind, the dialogue settings with the best mean AP on its held-out shortlists:
+    the memory weight, and for a kind with a text clue (shortlists with ``match``) the clue
+    weight too - ties: less memory, then the smaller weight (a text-only kind needs a clue
+    weight above 0: without one a turn has nothing to go on). A kind whose best dialogue does
+    not beat the prefilter's own order with ``GAIN_CONFIDENCE`` (``gain_lower_bound`` of the
+    per-query AP gain <= 0, each query's gain taken with the settings chosen on the other half
+    of the queries) abstains: the reranker answers it in the prefilter's order rather than
+    risk a worse one. Figures are ``kind/<kind>/...``; kinds without shortlists are left
+    out (they run with the head's global ``memory``)."""
     clue, memory, abstain, figures = {}, {}, [], {}
-    for kind in CLUE_KINDS:
+    for kind in dict.fromkeys(s.kind for s in lists):
         mine = [s for s in lists if s.kind == kind]
-        if not mine:
-            continue
-        weights = [w for w in clue_grid if w > 0 or mine[0].query is not None]
-        aps = {(w, m): [average_precision(s.relevant[dialogue_order(head, s, m, w)], s.total)
-                        for s in mine] for w in weights for m in memory_grid}
-        scores = {wm: float(np.mean(v)) for wm, v in aps.items()}
-        w, m = max(scores, key=lambda wm: (round(scores[wm], 6), -wm[1], -wm[0]))
-        prefilter = [average_precision(s.relevant, s.total) for s in mine]
-        bound = gain_lower_bound(np.subtract(aps[w, m], prefilter))
-        clue[kind], memory[kind] = float(w), float(m)
+        has_clue = mine[0].match is not None
+        weights = [w for w in clue_grid if w > 0 or mine[0].query is not None] \
+            if has_clue else [0.0]
+        aps = np.array([[average_precision(s.relevant[dialogue_order(head, s, m, w)], s.total)
+                         for s in mine] for w in weights for m in memory_grid])
+        settings = [(w, m) for w in weights for m in memory_grid]
+        w, m = settings[_best(aps, settings)]
+        prefilter = np.array([average_precision(s.relevant, s.total) for s in mine])
+        bound = gain_lower_bound(_cross_fitted(aps, settings) - prefilter)
+        memory[kind] = float(m)
+        if has_clue:
+            clue[kind] = float(w)
         if bound <= 0:
             abstain.append(kind)
-        figures |= {f"clue/{kind}/mAP@{w_:g},{m_:g}": v for (w_, m_), v in scores.items()}
-        figures |= {f"clue/{kind}/weight": float(w), f"clue/{kind}/memory": float(m),
-                    f"clue/{kind}/shortlists": float(len(mine)),
-                    f"clue/{kind}/prefilter_mAP": float(np.mean(prefilter)),
-                    f"clue/{kind}/gain_lower_bound": bound,
-                    f"clue/{kind}/abstain": float(bound <= 0)}
-    return ClueFit(clue, memory, abstain, figures)
+        figures |= {f"kind/{kind}/mAP@{w_:g},{m_:g}": float(row.mean())
+                    for (w_, m_), row in zip(settings, aps, strict=True)}
+        figures |= {f"kind/{kind}/weight": float(w), f"kind/{kind}/memory": float(m),
+                    f"kind/{kind}/shortlists": float(len(mine)),
+                    f"kind/{kind}/prefilter_mAP": float(prefilter.mean()),
+                    f"kind/{kind}/gain_lower_bound": bound,
+                    f"kind/{kind}/abstain": float(bound <= 0)}
+    return KindFit(clue, memory, abstain, figures)
 
 
 def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[str],
@@ -424,31 +454,29 @@ def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[s
 def held_out_shortlists(samples: Sequence[InstructionSample], people: set[str],
                         features: Callable[[list[str]], np.ndarray], k: int = 10
                         ) -> list[Shortlist]:
-    """Shortlists for the memory fit from stage-3 samples whose query person is in ``people``
+    """Shortlists for the per-kind fit from stage-3 samples whose query person is in ``people``
     (held out of the head's training): per task, every crop those samples show forms the
-    gallery, labelled from the samples' metadata; each query crop is matched under the task's
-    protocol (another camera, other clothes, the other modality)."""
+    gallery, labelled from the samples' metadata; every crop of one of ``people`` in it queries
+    (not only the samples' query crops: more queries, a surer verdict), matched under the
+    task's protocol (another camera, other clothes, the other modality)."""
     out = []
     for kind in IMAGE_KINDS:
         crops: dict[str, dict] = {}
-        queries: list[str] = []
         for s in samples:
             q = s.meta.get("query", {})
             if (s.stage != 3 or QueryKind.parse(s.task).value != kind
                     or not s.meta.get("query_is_image", True) or str(q.get("pid")) not in people):
                 continue
             crops.setdefault(s.images[0], q)
-            queries.append(s.images[0])
             for key, info in zip(s.images[1:], s.meta.get("gallery", []), strict=False):
                 crops.setdefault(key, info)
-        if not queries:
+        if not crops:
             continue
         keys = list(crops)
         info = [crops[key] for key in keys]
         pids = np.array([str(i.get("pid")) for i in info])
         feats = features(keys)
-        index = {key: i for i, key in enumerate(keys)}
-        qs = [index[q] for q in dict.fromkeys(queries)]
+        qs = [i for i in range(len(keys)) if pids[i] in people]
         rule = _PROTOCOL.get(kind, _PROTOCOL["standard"])
         allowed = [np.array([j for j in range(len(keys)) if j != i and rule(info[i], info[j],
                                                                               pids[i] == pids[j])],
