@@ -599,7 +599,9 @@ def _gain(figures: dict, kind: str) -> str:
         return ""
     w, m = figures[f"kind/{kind}/weight"], figures[f"kind/{kind}/memory"]
     verdict = "abstains" if figures[f"kind/{kind}/abstain"] else "reranks"
-    return (f", mAP {figures[f'kind/{kind}/mAP@{w:g},{m:g}']:.1%} vs the prefilter's order "
+    chosen = figures.get(f"kind/{kind}/mAP", figures.get(f"kind/{kind}/mAP@{w:g},{m:g}"))
+    plain = " on the plain cosine" if figures.get(f"kind/{kind}/plain") else ""
+    return (f"{plain}, mAP {chosen:.1%} vs the prefilter's order "
             f"{figures[f'kind/{kind}/prefilter_mAP']:.1%}, gain lower bound "
             f"{100 * figures[f'kind/{kind}/gain_lower_bound']:+.1f} points: {verdict}")
 

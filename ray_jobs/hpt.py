@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from chatreid.checkpoints import pull, push
 from chatreid.config import Settings, TrainSettings
 from chatreid.data.build import iter_samples, shards_for_worker
+from chatreid.data.instructions.samples import ImageEntry, load_entries
 from chatreid.data.report import DatasetReport
 from chatreid.data.worlds import ImageResolver
 from chatreid.tuning.hpt import FINAL_DIR, HPTConfig, StageTrainer
@@ -98,6 +99,18 @@ def image_loader(settings: Settings, job: StageJob) -> Callable[[str], Image.Ima
         cache_dir=settings.train.out_dir / "cache" / "worlds",
     )
     return lambda relpath: Image.open(resolver(relpath))
+
+
+def world_entries(settings: Settings, job: StageJob) -> list[ImageEntry]:
+    """The training world's annotated crops (train and val identities), from the local copy
+    or object storage, as ``image_loader`` reads its images."""
+    resolver = ImageResolver(
+        settings, job.world_id,
+        local_root=Path(job.world_root) if job.world_root else None,
+        cache_dir=settings.train.out_dir / "cache" / "worlds",
+    )
+    resolver("attributes/identities.json")
+    return load_entries(resolver("attributes/attributes.json").parent.parent)
 
 
 def hpt_loop(config: dict[str, Any]) -> None:
@@ -190,11 +203,11 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
         group_features,
         groups_of,
         held_out_clue_shortlists,
-        held_out_shortlists,
         sample_index,
         split_by_person,
         train_identity_head,
         with_decoder,
+        world_shortlists,
     )
     from chatreid.tuning.stages import rule_for
 
@@ -225,7 +238,7 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     def features(keys: list[str]):
         return cache.get(keys, load, backbone)
 
-    image_lists = held_out_shortlists(samples, people, features)
+    image_lists = world_shortlists(world_entries(settings, job), people, features)
     head.cfg.memory, memory_figures = fit_memory(head, image_lists)  # kinds fitted on none
     head.cfg.metrics |= memory_figures
     # per kind: memory (and the clue term's weight for text kinds), or abstention where the
@@ -236,6 +249,8 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     fit = fit_kinds(head, image_lists + clue_lists)
     head.cfg.clue, head.cfg.kind_memory, head.cfg.abstain = fit.clue, fit.memory, fit.abstain
     head.cfg.metrics |= fit.figures
+    for kind in fit.plain:  # its learned metric lost to the plain cosine on held-out people
+        head.make_plain(kind)
     identity = IdentityVision(backbone, head)
     identity.save(model_dir)
     figures = {f"identity/{k}": v for k, v in head.cfg.metrics.items()}

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from chatreid.data.instructions.samples import IMAGE_TOKEN, InstructionSample
+from chatreid.data.instructions.samples import IMAGE_TOKEN, ImageEntry, InstructionSample
 from chatreid.model import build_model
 from chatreid.model.identity import (
+    INITIAL_SCALE,
     IdentityConfig,
     IdentityHead,
     IdentityVision,
@@ -31,8 +32,8 @@ from chatreid.tuning.identity import (
     fit_decoder_weight,
     fit_kinds,
     fit_memory,
-    held_out_shortlists,
     shortlists,
+    world_shortlists,
 )
 
 # query Q; A: the person, close to Q; B: the person seen differently, far from Q but close to
@@ -224,34 +225,65 @@ def _sample(task: str, images: list[str], infos: list[dict]) -> InstructionSampl
                              meta={"query": infos[0], "gallery": infos[1:]})
 
 
-def test_held_out_shortlists_keep_each_tasks_protocol() -> None:
-    """A same-camera view of the person is no match for a standard query; a cloth-changing
-    query matches only other clothes; people outside the held-out set query nothing."""
-    p = {"q": (0, 0, 1), "same_cam": (0, 0, 1), "other_cam": (0, 1, 1), "x": (1, 1, 1)}
-    infos = {k: {"pid": pid, "camid": cam, "clothes_id": cl} for k, (pid, cam, cl) in p.items()}
-    vec = {"q": [1, 0], "same_cam": [1, 0.01], "other_cam": [0.8, 0.6], "x": [0.9, 0.4]}
-    samples = [_sample("standard", ["q", "same_cam", "x", "other_cam"],
-                       [infos[k] for k in ("q", "same_cam", "x", "other_cam")]),
-               _sample("standard", ["x", "q"], [infos["x"], infos["q"]])]
+def _entry(key: str, layout: str, pid: int, camid: int = 0, clothes_id: int = 0,
+           modality: str = "rgb") -> ImageEntry:
+    return ImageEntry(path=key, relpath=key, layout=layout, pid=pid, clothes_id=clothes_id,
+                      camid=camid, modality=modality, split="train", bbox=(0, 0, 8, 16),
+                      attributes={}, captions=(), sighting=(key,))
+
+
+def test_world_shortlists_keep_each_tasks_protocol_over_the_whole_layout() -> None:
+    """Every crop of a held-out person queries its task's layout: a same-camera view of the
+    person is no match for a standard query, a cloth-changing query matches only other
+    clothes, a visible-infrared one only the other modality; others' crops do not query."""
+    vec = {"q": [1, 0], "same_cam": [1, 0.01], "other_cam": [0.8, 0.6], "x": [0.9, 0.4],
+           "ir": [0.7, 0.7], "rgb_x": [0.95, 0.3]}
+    entries = [_entry("q", "market1501", 0), _entry("same_cam", "market1501", 0),
+               _entry("other_cam", "market1501", 0, camid=1), _entry("x", "market1501", 1, 1),
+               _entry("q", "ltcc", 0, clothes_id=0), _entry("same_cam", "ltcc", 0, clothes_id=1),
+               _entry("x", "ltcc", 1),
+               _entry("q", "sysu_mm01", 0), _entry("ir", "sysu_mm01", 0, modality="infrared"),
+               _entry("rgb_x", "sysu_mm01", 1)]
 
     def features(keys: list[str]) -> np.ndarray:
         return np.array([vec[k] for k in keys], np.float32)
 
-    lists = held_out_shortlists(samples, {"0"}, features, k=5)
-    # every crop of the held-out person queries (person 1 is not held out: x queries nothing)
-    by_query = {tuple(s.query): s for s in lists}
-    assert set(by_query) == {tuple(features([k])[0]) for k in ("q", "same_cam", "other_cam")}
-    only = by_query[tuple(features(["q"])[0])]
-    np.testing.assert_array_equal(only.candidates, features(["x", "other_cam"]))
-    assert only.relevant.tolist() == [False, True] and only.total == 1
-    assert by_query[tuple(features(["other_cam"])[0])].total == 2  # both views on camera 0
-    cloth = [_sample("cloth_changing", s.images, [i | {"clothes_id": 0 if k == "q" else 1}
-                                                  for k, i in zip(s.images, [infos[k] for k in
-                                                                             s.images],
-                                                                  strict=True)])
-             for s in samples]
-    cc = {tuple(s.query): s for s in held_out_shortlists(cloth, {"0"}, features, k=5)}
-    assert cc[tuple(features(["q"])[0])].total == 2  # same camera, other clothes: a match
+    lists = world_shortlists(entries, {"0"}, features, k=5)
+    by = {(s.kind, tuple(s.query)): s for s in lists}
+    q = tuple(features(["q"])[0])
+    assert {k for k, _ in by} == {"standard", "cloth_changing", "visible_infrared"}
+    assert not any(query == tuple(features(["x"])[0]) for _, query in by)  # not held out
+    standard = by["standard", q]
+    np.testing.assert_array_equal(standard.candidates, features(["x", "other_cam"]))
+    assert standard.relevant.tolist() == [False, True] and standard.total == 1
+    assert by["standard", tuple(features(["other_cam"])[0])].total == 2  # both on camera 0
+    assert by["cloth_changing", q].total == 1  # same camera, other clothes: a match
+    np.testing.assert_array_equal(by["visible_infrared", q].candidates, features(["ir"]))
+
+
+def test_a_kind_whose_learned_metric_loses_to_the_plain_cosine_runs_on_the_cosine() -> None:
+    """A learned metric that weighs the one feature that misleads on new people: the fit
+    keeps the plain cosine for that kind (and the head applies it), not the other kinds."""
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    with torch.no_grad():
+        head.metric[head.kind_index("standard")] = torch.zeros(16)
+        head.metric[head.kind_index("standard"), 0] = 1.0  # one dimension, of noise
+    lists = []
+    for item in _chains(40, 2):
+        cands = item.candidates.copy()
+        cands[:, 0] = np.random.default_rng(len(lists)).normal(size=len(cands)) * 5
+        lists.append(Shortlist("standard", item.query, cands, item.relevant, item.total))
+    fit = fit_kinds(head, lists)
+    assert fit.plain == ["standard"] and fit.figures["kind/standard/plain"] == 1.0
+    before = head.score(torch.from_numpy(lists[0].query), torch.from_numpy(lists[0].candidates),
+                        "standard")
+    head.make_plain("standard")
+    plain = head.score(torch.from_numpy(lists[0].query), torch.from_numpy(lists[0].candidates),
+                       "standard")
+    q = lists[0].query / np.linalg.norm(lists[0].query)
+    c = lists[0].candidates / np.linalg.norm(lists[0].candidates, axis=1, keepdims=True)
+    np.testing.assert_allclose(plain, INITIAL_SCALE * (c @ q), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(before, plain)
 
 
 def _groups(n: int, seed: int, decoder_knows: bool) -> tuple[list[Group], dict[str, np.ndarray]]:

@@ -132,6 +132,13 @@ class IdentityHead(nn.Module):
             nn.init.zeros_(self.mlp[2].weight)  # pyright: ignore[reportArgumentType]
             nn.init.zeros_(self.mlp[2].bias)  # pyright: ignore[reportArgumentType]
 
+    @torch.no_grad()
+    def make_plain(self, kind: str) -> None:
+        """Score ``kind`` with the plain cosine the head starts from (``INITIAL_SCALE`` times
+        it, whatever the trained scale): where its learned metric did worse on held-out
+        people than the cosine it started from (``chatreid.tuning.identity.fit_kinds``)."""
+        self.metric[self.kind_index(kind)] = INITIAL_SCALE / float(self.log_scale.exp())
+
     def kind_index(self, kind: str) -> int:
         try:
             return self.cfg.kinds.index(_kind_name(kind))

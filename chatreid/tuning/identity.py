@@ -11,10 +11,11 @@ held-out accuracy (identities the training never saw) is kept.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chatreid.data.instructions import InstructionSample
+from chatreid.data.instructions.samples import ImageEntry
 from chatreid.embedder.colour import ColourAttributeMatcher
 from chatreid.model.identity import (
     BETWEEN_KIND,
@@ -328,6 +330,8 @@ class KindFit:
     memory: dict[str, float]  # the kind's dialogue-memory weight
     abstain: list[str]  # kinds whose dialogue did not surely beat the prefilter's order
     figures: dict[str, float]
+    plain: list[str] = field(default_factory=list)  # image kinds better on the plain cosine
+    # than on their learned metric (``IdentityHead.make_plain``: the caller applies it)
 
 
 def gain_lower_bound(gains: Sequence[float] | np.ndarray, confidence: float = GAIN_CONFIDENCE,
@@ -341,15 +345,16 @@ def gain_lower_bound(gains: Sequence[float] | np.ndarray, confidence: float = GA
     return float(np.quantile(means, 1.0 - confidence))
 
 
-def _best(aps: np.ndarray, settings: Sequence[tuple[float, float]]) -> int:
-    """Index of the setting with the best mean AP (ties: less memory, then the smaller
-    weight)."""
+def _best(aps: np.ndarray, settings: Sequence[tuple[float, float, str]]) -> int:
+    """Index of the setting (clue weight, memory, metric) with the best mean AP (ties: the
+    learned metric, less memory, then the smaller weight)."""
     means = aps.mean(axis=1)
     return max(range(len(settings)),
-               key=lambda i: (round(float(means[i]), 6), -settings[i][1], -settings[i][0]))
+               key=lambda i: (round(float(means[i]), 6), settings[i][2] == "learned",
+                              -settings[i][1], -settings[i][0]))
 
 
-def _cross_fitted(aps: np.ndarray, settings: Sequence[tuple[float, float]]) -> np.ndarray:
+def _cross_fitted(aps: np.ndarray, settings: Sequence[tuple[float, float, str]]) -> np.ndarray:
     """Per shortlist, the AP of the setting chosen on the *other* half of the shortlists (two
     folds, alternating): the best of several settings, scored on the queries that chose it,
     would look better than it is."""
@@ -368,39 +373,49 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
               clue_grid: Sequence[float] = CLUE_GRID,
               memory_grid: Sequence[float] = MEMORY_GRID) -> KindFit:
     """Per query kind, the dialogue settings with the best mean AP on its held-out shortlists:
-    the memory weight, and for a kind with a text clue (shortlists with ``match``) the clue
-    weight too - ties: less memory, then the smaller weight (a text-only kind needs a clue
-    weight above 0: without one a turn has nothing to go on). A kind whose best dialogue does
-    not beat the prefilter's own order with ``GAIN_CONFIDENCE`` (``gain_lower_bound`` of the
-    per-query AP gain <= 0, each query's gain taken with the settings chosen on the other half
-    of the queries) abstains: the reranker answers it in the prefilter's order rather than
-    risk a worse one. Figures are ``kind/<kind>/...``; kinds without shortlists are left
-    out (they run with the head's global ``memory``)."""
-    clue, memory, abstain, figures = {}, {}, [], {}
+    the memory weight; for a kind with a text clue (shortlists with ``match``) the clue weight
+    too; for an image kind whether its learned metric or the plain cosine the head started from
+    (``IdentityHead.make_plain``: on few training groups a kind's metric can fit them and lose
+    on new people) - ties: the learned metric, less memory, then the smaller weight (a
+    text-only kind needs a clue weight above 0: without one a turn has nothing to go on). A
+    kind whose best dialogue does not beat the prefilter's own order with ``GAIN_CONFIDENCE``
+    (``gain_lower_bound`` of the per-query AP gain <= 0, each query's gain taken with the
+    settings chosen on the other half of the queries) abstains: the reranker answers it in the
+    prefilter's order rather than risk a worse one. Figures are ``kind/<kind>/...``; kinds
+    without shortlists are left out (they run with the head's global ``memory``)."""
+    clue, memory, abstain, plain, figures = {}, {}, [], [], {}
     for kind in dict.fromkeys(s.kind for s in lists):
         mine = [s for s in lists if s.kind == kind]
         has_clue = mine[0].match is not None
+        heads = {"learned": head}
+        if not has_clue and kind in head.cfg.kinds:
+            heads["plain"] = copy.deepcopy(head)
+            heads["plain"].make_plain(kind)
         weights = [w for w in clue_grid if w > 0 or mine[0].query is not None] \
             if has_clue else [0.0]
-        aps = np.array([[average_precision(s.relevant[dialogue_order(head, s, m, w)], s.total)
-                         for s in mine] for w in weights for m in memory_grid])
-        settings = [(w, m) for w in weights for m in memory_grid]
-        w, m = settings[_best(aps, settings)]
+        settings = [(w, m, h) for h in heads for w in weights for m in memory_grid]
+        aps = np.array([[average_precision(s.relevant[dialogue_order(heads[h], s, m, w)],
+                                           s.total) for s in mine] for w, m, h in settings])
+        w, m, h = settings[_best(aps, settings)]
         prefilter = np.array([average_precision(s.relevant, s.total) for s in mine])
         bound = gain_lower_bound(_cross_fitted(aps, settings) - prefilter)
         memory[kind] = float(m)
         if has_clue:
             clue[kind] = float(w)
+        if h == "plain":
+            plain.append(kind)
         if bound <= 0:
             abstain.append(kind)
-        figures |= {f"kind/{kind}/mAP@{w_:g},{m_:g}": float(row.mean())
-                    for (w_, m_), row in zip(settings, aps, strict=True)}
+        figures |= {f"kind/{kind}/mAP@{w_:g},{m_:g}" + ("" if h_ == "learned" else ",plain"):
+                    float(row.mean()) for (w_, m_, h_), row in zip(settings, aps, strict=True)}
         figures |= {f"kind/{kind}/weight": float(w), f"kind/{kind}/memory": float(m),
+                    f"kind/{kind}/plain": float(h == "plain"),
                     f"kind/{kind}/shortlists": float(len(mine)),
                     f"kind/{kind}/prefilter_mAP": float(prefilter.mean()),
+                    f"kind/{kind}/mAP": float(aps[settings.index((w, m, h))].mean()),
                     f"kind/{kind}/gain_lower_bound": bound,
                     f"kind/{kind}/abstain": float(bound <= 0)}
-    return KindFit(clue, memory, abstain, figures)
+    return KindFit(clue, memory, abstain, figures, plain)
 
 
 def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[str],
@@ -451,38 +466,35 @@ def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[s
     return out
 
 
-def held_out_shortlists(samples: Sequence[InstructionSample], people: set[str],
-                        features: Callable[[list[str]], np.ndarray], k: int = 10
-                        ) -> list[Shortlist]:
-    """Shortlists for the per-kind fit from stage-3 samples whose query person is in ``people``
-    (held out of the head's training): per task, every crop those samples show forms the
-    gallery, labelled from the samples' metadata; every crop of one of ``people`` in it queries
-    (not only the samples' query crops: more queries, a surer verdict), matched under the
-    task's protocol (another camera, other clothes, the other modality)."""
+# the world layout each image task's stage-3 samples are drawn from (chatreid.data.instructions)
+TASK_LAYOUTS = {"standard": "market1501", "cloth_changing": "ltcc",
+                "visible_infrared": "sysu_mm01"}
+
+
+def world_shortlists(entries: Sequence[ImageEntry], people: set[str],
+                     features: Callable[[list[str]], np.ndarray], k: int = 10
+                     ) -> list[Shortlist]:
+    """Shortlists for the per-kind fit as a site's prefilter makes them: per image task,
+    every crop of its layout in the training world (``entries``: ``load_entries``, the train
+    and val identities) forms the gallery, hard negatives and all, and each crop of one of
+    ``people`` (held out of the head's training) queries it under the task's protocol (another
+    camera, other clothes, the other modality). Galleries of only the stage-3 samples' own few
+    crops put the person first almost always: no verdict could be read from them."""
     out = []
-    for kind in IMAGE_KINDS:
-        crops: dict[str, dict] = {}
-        for s in samples:
-            q = s.meta.get("query", {})
-            if (s.stage != 3 or QueryKind.parse(s.task).value != kind
-                    or not s.meta.get("query_is_image", True) or str(q.get("pid")) not in people):
-                continue
-            crops.setdefault(s.images[0], q)
-            for key, info in zip(s.images[1:], s.meta.get("gallery", []), strict=False):
-                crops.setdefault(key, info)
-        if not crops:
+    for kind, layout in TASK_LAYOUTS.items():
+        pool = [e for e in entries if e.layout == layout]
+        if not pool:
             continue
-        keys = list(crops)
-        info = [crops[key] for key in keys]
-        pids = np.array([str(i.get("pid")) for i in info])
-        feats = features(keys)
-        qs = [i for i in range(len(keys)) if pids[i] in people]
-        rule = _PROTOCOL.get(kind, _PROTOCOL["standard"])
-        allowed = [np.array([j for j in range(len(keys)) if j != i and rule(info[i], info[j],
-                                                                              pids[i] == pids[j])],
-                            dtype=np.int64) for i in qs]
-        lists = shortlists(kind, qs, feats, pids, allowed, k)
-        out += lists
+        keys = [e.relpath for e in pool]
+        info = [{"camid": e.camid, "clothes_id": e.clothes_id, "modality": e.modality}
+                for e in pool]
+        pids = np.array([str(e.pid) for e in pool])
+        rule = _PROTOCOL[kind]
+        queries = [i for i in range(len(pool)) if pids[i] in people]
+        allowed = [np.array([j for j in range(len(pool))
+                             if j != i and rule(info[i], info[j], pids[i] == pids[j])],
+                            dtype=np.int64) for i in queries]
+        out += shortlists(kind, queries, features(keys), pids, allowed, k)
     return out
 
 
