@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel
 
-from chatreid.checkpoints import pull, push
+from chatreid.checkpoints import MANIFEST, describe, pull, push
 from chatreid.config import Settings, TrainSettings
 from chatreid.data.build import iter_samples, shards_for_worker
 from chatreid.data.instructions.samples import ImageEntry, load_entries
@@ -175,6 +176,64 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
         )
     return StageOutcome(stage=job.hpt.stage, version=version, wall_s=wall, metrics=metrics,
                         parent_version=event.parent_version, event=event)
+
+
+def refit_identity(settings: Settings, version: str) -> StageOutcome:
+    """Train and fit the identity head of stage-3 checkpoint ``version`` again on its own
+    stage-3 data - for the embedder ``train.vision_backbone`` names now (a rolled-out
+    prefilter) or under newer fit rules - and push the result as a new stage-3 version whose
+    parent is ``version``. The decoder is not tuned again: its files are carried over as
+    they are, so this takes minutes, not a chain."""
+    from chatreid.checkpoints import find
+    from chatreid.data.build import load_manifest
+    from chatreid.model.identity import IDENTITY_DIR
+
+    source = find(settings, MODEL_NAME, version)
+    if source is None or source.stage != "stage3":
+        raise ValueError(f"no complete stage-3 checkpoint {version!r} in object storage "
+                         "(`chatreid checkpoints` lists them)")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="refit-") as tmp:
+        model_dir = Path(tmp) / "model"
+        manifest = pull(settings, source, model_dir)
+        data = load_manifest(settings, manifest["data_hash"], 3)
+        config = {k: v for k, v in manifest["config"].items() if k != "runtime"}
+        job = StageJob(hpt=HPTConfig.model_validate(config), dataset_id=data.dataset_id,
+                       num_shards=len(data.shards), world_id=data.world_id,
+                       eval_dataset_id=_eval_dataset(settings, data.world_id),
+                       identity_backbone=settings.train.vision_backbone)
+        shutil.rmtree(model_dir / IDENTITY_DIR, ignore_errors=True)
+        (model_dir / MANIFEST).unlink()  # it lists the old head's files; push writes the new
+        metrics = {k: v for k, v in manifest["metrics"].items()
+                   if not k.startswith(("identity/", "eval_with_identity/", "gate/"))}
+        metrics |= attach_identity(settings, job, model_dir)
+        if settings.serve.stage == "stage3":
+            metrics |= _gate_figures(settings, model_dir)
+        digest = hashlib.sha256(json.dumps(
+            [version, [f.model_dump() for f in describe(model_dir / IDENTITY_DIR)]],
+            sort_keys=True).encode()).hexdigest()[:10]
+        event = push(settings, model_dir, model=MODEL_NAME, version=f"hpt3-{digest}",
+                     stage="stage3", parent_version=version, data_hash=data.dataset_id,
+                     metrics=metrics, config={**manifest["config"], "identity_refit_of": version})
+    return StageOutcome(stage=3, version=event.version, wall_s=time.perf_counter() - t0,
+                        metrics=metrics, parent_version=version, event=event)
+
+
+def _eval_dataset(settings: Settings, world_id: str) -> str | None:
+    """The held-out (test identities) stage-3 dataset built from ``world_id``, if one is
+    stored: what the chain scored the checkpoint on."""
+    from chatreid.data.build import DatasetError, load_manifest
+    from chatreid.storage import ObjectStore
+
+    ids = sorted({key.split("/")[1] for key in ObjectStore(settings.s3).list("instructions/")})
+    for dataset_id in ids:
+        try:
+            m = load_manifest(settings, dataset_id, 3)
+        except DatasetError:
+            continue
+        if m.world_id == world_id and tuple(m.spec.splits) == ("test",):
+            return dataset_id
+    return None
 
 
 def identity_backbone(settings: Settings, source: str):

@@ -25,6 +25,8 @@ from chatreid.tuning.collate import IGNORE, collate, encode_sample
 from chatreid.tuning.evaluate import choice_probabilities
 from chatreid.tuning.stages import prepare_stage_model, resize_for, rule_for
 
+from .conftest import env_for
+
 
 def load(path: str) -> Image.Image:
     return Image.open(path)
@@ -225,6 +227,47 @@ def test_stage3_carries_an_identity_head_on_the_chains_embedder(
     assert 0.0 <= m["eval_with_identity/rank1"] <= 1.0
     assert m["eval_with_identity/eval_samples"] == 8
     assert m["vision_cache_hits"] >= 0  # stage 3's frozen encoder ran from the cache
+
+
+@pytest.mark.stack
+def test_the_identity_head_trains_again_as_a_child_version_with_the_same_decoder(
+    chain, train_settings: Settings, tmp_path: Path
+) -> None:
+    """`chatreid train --stage identity --model V`: V's head is fitted again on V's own stage-3
+    data - each image kind's fit on the world's whole layout - and pushed as a new stage-3
+    version whose parent is V; the decoder's files are V's, byte for byte."""
+    from typer.testing import CliRunner
+
+    from chatreid.app.cli import app
+    from chatreid.checkpoints import find
+    from chatreid.model.identity import IDENTITY_DIR
+    from ray_jobs.hpt import refit_identity
+
+    s3 = chain.stages[-1]
+    outcome = refit_identity(train_settings, s3.version)
+    assert outcome.version != s3.version and outcome.parent_version == s3.version
+    manifest = pull(train_settings, outcome.event, tmp_path / "refit")
+    assert manifest["stage"] == "stage3" and manifest["parent_version"] == s3.version
+    assert manifest["data_hash"] == chain.datasets[3].dataset_id
+    assert manifest["config"]["identity_refit_of"] == s3.version
+    old = {f.path: f.sha256 for f in s3.event.files}
+    new = {f.path: f.sha256 for f in outcome.event.files}
+    assert {p: h for p, h in new.items() if not p.startswith(IDENTITY_DIR)} == \
+        {p: h for p, h in old.items() if not p.startswith(IDENTITY_DIR)}
+    m = outcome.metrics
+    fitted = [k for k in ("standard", "cloth_changing", "visible_infrared")
+              if f"identity/kind/{k}/shortlists" in m]
+    assert "standard" in fitted and m["identity/kind/standard/shortlists"] > 0
+    assert all(m[f"identity/kind/{k}/abstain"] in (0.0, 1.0) for k in fitted)
+    assert m["eval_with_identity/eval_samples"] == 8  # the chain's held-out data, found again
+    assert find(train_settings, "vlm", outcome.version) is not None
+    # the command line: one needs the other, and an unknown version is a clear error
+    env = {**env_for(train_settings), "COLUMNS": "200", "NO_COLOR": "1"}
+    result = CliRunner().invoke(app, ["train", "--stage", "identity"], env=env)
+    assert result.exit_code == 2 and "--model goes with --stage identity" in result.output
+    result = CliRunner().invoke(app, ["train", "--stage", "identity", "--model", "hpt3-nope"],
+                                env=env)
+    assert result.exit_code == 2 and "no complete stage-3 checkpoint 'hpt3-nope'" in result.output
 
 
 @pytest.mark.stack

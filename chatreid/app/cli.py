@@ -860,7 +860,9 @@ def data_upload_world(world: Annotated[Path | None, typer.Option()] = None) -> N
 
 @app.command()
 def train(
-    stage: Annotated[str, typer.Option(help="embedder | 1 | 2 | 3 | all")] = "all",
+    stage: Annotated[str, typer.Option(
+        help="embedder | 1 | 2 | 3 | all | identity (with --model: the identity head of a "
+             "stage-3 checkpoint again, e.g. for a new prefilter embedder)")] = "all",
     preset: Annotated[str, typer.Option(
         help="default (the paper's recipe at CPU scale, < 60 min) | quick (<= 20 min: "
              "embedder, a few decoder steps, the identity head) | micro (CI)")] = "default",
@@ -877,16 +879,34 @@ def train(
              "(frozen: a head trains on its features)")] = None,
     teacher: Annotated[str | None, typer.Option(
         help="embedder: an ONNX Re-ID model to distil from (torch start)")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="identity: the stage-3 checkpoint version whose head is trained again")] = None,
 ) -> None:
     """Train: the prefilter embedder and/or the HPT stages, as Ray Train jobs.
 
     Every result is pushed to object storage with a manifest and announced on the checkpoints
     topic; a single stage 2 or 3 continues the newest checkpoint of the stage before it.
+    `--stage identity --model VERSION` trains and fits VERSION's identity head again on its
+    own stage-3 data (backbone: train.vision_backbone) and pushes it as a new version whose
+    parent is VERSION, the decoder unchanged.
     """
     from chatreid.tuning.presets import PRESETS  # light: a bad flag fails before Ray loads
 
-    if stage not in ("embedder", "1", "2", "3", "all"):
-        raise typer.BadParameter("--stage must be embedder, 1, 2, 3 or all")
+    if stage not in ("embedder", "1", "2", "3", "all", "identity"):
+        raise typer.BadParameter("--stage must be embedder, 1, 2, 3, all or identity")
+    if (stage == "identity") != (model is not None):
+        raise typer.BadParameter("--model goes with --stage identity, and it needs one")
+    if stage == "identity":
+        from ray_jobs.hpt import refit_identity
+
+        settings = _settings()
+        try:
+            outcome = refit_identity(settings, model)  # pyright: ignore[reportArgumentType]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        console.print(f"identity head of {model} trained again: [bold]{outcome.version}"
+                      f"[/bold] ({outcome.wall_s / 60:.1f} min)")
+        return
     if preset not in PRESETS:
         raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}")
     from ray_jobs.train import train as run
