@@ -201,12 +201,6 @@ def main() -> None:
         forward = forwards["ceiling"]
     with console.status("end to end: ingestor -> Kafka -> embedder -> FAISS"):
         e2e = end_to_end(settings, crops, warmup, servers)
-    # the same, with events that carry only the object key (ingestor.inline_max_bytes = 0):
-    # the embedding service reads every crop back from the object store
-    keyed = isolated(base)
-    keyed.ingestor.inline_max_bytes = 0
-    with console.status("end to end, crops read back from the object store"):
-        e2e_keyed = end_to_end(keyed, crops, warmup, servers)
     ratio = e2e["crops_per_s"] / forward
     result = {
         "benchmark": "ingest", "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -216,10 +210,7 @@ def main() -> None:
                      "forward_workers": settings.embedder.forward_workers,
                      "forward_threads": forward_threads(settings.embedder),
                      "forward_crops_per_s_by_mode": forwards},
-        "inline_max_bytes": settings.ingestor.inline_max_bytes,
         "end_to_end": e2e, "pipeline_vs_forward": ratio,
-        "end_to_end_keys_only": e2e_keyed,
-        "pipeline_vs_forward_keys_only": e2e_keyed["crops_per_s"] / forward,
         # against the reference as it was measured before the service ran batches side by side
         "pipeline_vs_one_forward_default_threads":
             e2e["crops_per_s"] / forwards["one_forward_default_threads"],
@@ -234,9 +225,6 @@ def main() -> None:
     table.add_row("embedder forward = the better (crops/s)", f"{forward:.1f}")
     table.add_row("end to end sustained (crops/s)", f"{e2e['crops_per_s']:.1f}")
     table.add_row("pipeline / forward ceiling", f"{ratio:.0%} (target ≥ 80%)")
-    table.add_row("end to end, crops read back from the store (crops/s)",
-                  f"{e2e_keyed['crops_per_s']:.1f} "
-                  f"({result['pipeline_vs_forward_keys_only']:.0%} of the ceiling)")
     table.add_row("pipeline / one forward, default threads",
                   f"{result['pipeline_vs_one_forward_default_threads']:.0%}")
     table.add_row("capture→searchable p50 (s)", f"{e2e['latency_p50_s']:.2f}")

@@ -89,15 +89,8 @@ def ingest(report: Report) -> str:
                       "crops/s"]]
     rows = _table(["measure", "value"], [
         *alone,
-        ["end to end, sustained" + (f" (crops up to {report['inline_max_bytes'] // 1024} KiB "
-                                    "inline in their events, the default)"
-                                    if report.get("inline_max_bytes") else ""),
-         f"{e2e['crops_per_s']:.1f} crops/s"],
+        ["end to end, sustained", f"{e2e['crops_per_s']:.1f} crops/s"],
         ["pipeline / forward ceiling", f"{ratio:.0%} (target {target:.0%})"],
-        *([["end to end, every crop read back from the object store (inline_max_bytes = 0)",
-            f"{report['end_to_end_keys_only']['crops_per_s']:.1f} crops/s, "
-            f"{report['pipeline_vs_forward_keys_only']:.0%} of the ceiling"]]
-          if "end_to_end_keys_only" in report else []),
         *([["pipeline / one batch at a time (the reference before the service ran two)",
             f"{report['pipeline_vs_one_forward_default_threads']:.0%}"]]
           if "pipeline_vs_one_forward_default_threads" in report else []),

@@ -191,13 +191,6 @@ class IngestorSettings(Section):
                            "listens on (0.0.0.0 in a container); --host overrides it")
     http_port: int = Field(default=8070, description="port of `chatreid ingest http`; --port "
                            "overrides it")
-    inline_max_bytes: int = Field(
-        default=64 * 1024, ge=0, le=256 * 1024,
-        description="crops up to this many bytes also travel inside their crop event, so the "
-        "embedding service does not read each one back from object storage (a GET per crop "
-        "is ~1.2 ms of CPU on the hot path, benchmarks/ingest.py); the object is still written "
-        "first and stays the durable copy. 0: events carry only the object key. Larger crops "
-        "cost the crops topic that much more retained bytes")
     producer_linger_ms: int = Field(
         default=50, ge=0, le=1000, description="how long the ingestor's producer gathers crop "
         "events into one request per partition: at full ingest speed fewer, larger requests "
@@ -218,11 +211,6 @@ class EmbedderSettings(Section):
         default=500, description="how long one poll waits for new crops, in "
         "milliseconds")
     fetch_workers: int = Field(default=8, ge=1, description="parallel object-store reads")
-    inline_max_age_s: float = Field(
-        default=600.0, ge=0, description="a crop event's inline bytes (ingestor.inline_max_bytes) "
-        "are embedded only while the event is this fresh (by its ingested_at); an older one - a "
-        "backlog, a replay of the crops topic - reads the object, so a crop erased meanwhile is "
-        "dead-lettered (crop.missing) rather than embedded again. 0: never use inline bytes")
     forward_workers: int = Field(
         default=2, ge=1, description="batches in their forward pass at once, each on its own "
         "thread (torch_threads intra-op threads each); meanwhile the next batch is fetched and "

@@ -77,9 +77,6 @@ def _problems(exc: ValidationError) -> str:
                      for e in exc.errors())
 
 
-INLINE_MAX_BYTES = 256 * 1024  # the most a crop event carries inline (Kafka's 1 MiB message cap)
-
-
 class BBox(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     x: int = Field(ge=0)
@@ -111,16 +108,6 @@ class CropEvent(_Event):
     labels: dict[str, str] = Field(
         default_factory=dict, description="optional ground truth or site tags (not used to index)"
     )
-    inline_b64: str | None = Field(
-        None, max_length=4 * (INLINE_MAX_BYTES // 3 + 1),
-        pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$",
-        description="the crop's bytes (base64) when they are small (ingestor.inline_max_bytes): "
-        "the embedding service embeds these instead of reading the object back; the object "
-        "stays the durable copy, and the sha256 is checked on either")
-
-    def inline_bytes(self) -> bytes | None:
-        """The crop's inline bytes, or None when the event carries none (read the object)."""
-        return None if self.inline_b64 is None else base64.b64decode(self.inline_b64)
 
     @model_validator(mode="after")
     def _plausible_capture_time(self) -> CropEvent:

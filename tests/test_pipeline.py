@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import signal
 import subprocess
@@ -122,61 +121,6 @@ def test_malformed_events_and_corrupt_images_go_to_dead_letters_rest_is_indexed(
     assert len(store) == 10 and all(e.crop_id in store for e in good)
 
 
-def test_small_crops_travel_in_their_event_and_are_embedded_without_a_store_read(settings):
-    """A crop up to ``ingestor.inline_max_bytes`` rides in its event (its object is still
-    written first): the embedding service embeds those bytes, so a crop whose object is gone
-    meanwhile is indexed all the same; a larger crop's event carries only the key."""
-    settings.ingestor.inline_max_bytes = 4096
-    noise = np.random.default_rng(0).integers(0, 256, (256, 128, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(noise).save(buf, format="JPEG", quality=95)
-    small, large = jpeg_bytes(), buf.getvalue()
-    assert len(small) <= 4096 < len(large)
-    ingestor = Ingestor(settings, source="test")
-    events = [ingestor.submit(CropInput(data=data, camera="c1", track_id=str(i),
-                                        capture_time=datetime(2026, 1, 1, 0, i, tzinfo=UTC))).event
-              for i, data in enumerate((small, large))]
-    ingestor.close()
-    inline, keyed = events
-    assert inline is not None and keyed is not None
-    assert inline.inline_bytes() == small and keyed.inline_b64 is None
-    objects = ObjectStore(settings.s3)
-    assert objects.get(inline.object_key) == small  # the durable copy is written all the same
-    objects.delete(inline.object_key)  # the service must not need it
-
-    stats = EmbedderService(settings).run(until_idle_s=3)
-    assert stats.indexed == 2 and stats.dead_letters == 0
-    store = follower_caught_up(settings).store
-    assert inline.crop_id in store and keyed.crop_id in store
-
-    # a replay of the crops topic after embedder.inline_max_age_s reads the objects: the crop
-    # whose object is gone (erased, say) is dead-lettered, not embedded from its event again
-    settings.embedder.group_id += "-replay"
-    settings.embedder.inline_max_age_s = 0
-    replay = EmbedderService(settings).run(until_idle_s=3)
-    assert replay.indexed == 1 and replay.dead_letters == 1
-    (letter,) = read_dead_letters(settings, expect=1)
-    assert (letter.error, letter.origin) == ("crop.missing", inline.crop_id)
-
-
-def test_inline_bytes_that_do_not_match_their_sha256_are_dead_lettered_rest_is_indexed(settings):
-    good = ingest_synthetic(settings, 4, seed=5)
-    forged = good[0].model_copy(update={
-        "crop_id": "forged-1", "inline_b64": base64.b64encode(jpeg_bytes()).decode()})
-    producer = make_producer(settings.kafka)
-    producer.send(settings.kafka.topic(CROPS.name), key=b"c1", value=forged.to_bytes())
-    producer.flush()
-    producer.close()
-
-    stats = EmbedderService(settings).run(until_idle_s=3)
-    assert stats.indexed == 4 and stats.dead_letters == 1
-    (letter,) = read_dead_letters(settings, expect=1)
-    assert (letter.stage, letter.error) == ("embedder", "crop.checksum")
-    assert "inline bytes of forged-1" in letter.reason
-    store = follower_caught_up(settings).store
-    assert "forged-1" not in store and all(e.crop_id in store for e in good)
-
-
 def test_snapshot_plus_replay_restores_the_same_search_results(settings):
     ingest_synthetic(settings, 30, seed=3)
     EmbedderService(settings).run(until_idle_s=3)
@@ -228,10 +172,9 @@ def test_crop_objects_are_per_crop_and_carry_their_event(settings):
     assert objects.metadata(twins[1].object_key)[META_SHA256] == twins[1].sha256
     rebuilt = {e.crop_id: e for e in stored_events(objects)}
     assert rebuilt.keys() == published.keys()
-    for crop_id, event in rebuilt.items():  # all but the inline bytes (the object is those)
-        assert event.inline_b64 is None and published[crop_id].inline_b64 is not None
-        assert event.model_dump(exclude={"ingested_at", "inline_b64"}) == \
-            published[crop_id].model_dump(exclude={"ingested_at", "inline_b64"})
+    for crop_id, event in rebuilt.items():
+        assert event.model_dump(exclude={"ingested_at"}) == \
+            published[crop_id].model_dump(exclude={"ingested_at"})
 
     # the broker lost its log: republished from the object store, indexed once each
     settings.kafka.topic_prefix += "-lost"

@@ -166,9 +166,6 @@ def test_object_store_outage_mid_stream_loses_and_duplicates_nothing(private_s3)
     s, server = private_s3
     s.embedder.batch_size = 8
     s.embedder.fetch_backoff_initial_s, s.embedder.fetch_backoff_max_s = 0.5, 2.0
-    # events that carry only their key (crops above ingestor.inline_max_bytes): the embedder
-    # needs the store for each one (inline crops are embedded through an outage)
-    s.ingestor.inline_max_bytes = 0
     crops = list(synth_source(5, 48, None, start_time=1.7e9))
     during = list(synth_source(6, 4, None, start_time=1.7e9))  # sent while the store is down
     ingestor = Ingestor(s, source="synth")

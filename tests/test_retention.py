@@ -138,11 +138,8 @@ def test_erasure_reaches_every_index_and_sticks(settings):
         assert follower.stats.suppressed == 2
     holds_none(caught_up(settings), gone, 10)  # the whole log from the start
 
-    # an embedder replaying the crops topic (a new group) dead-letters the erased crops - once
-    # their events are older than embedder.inline_max_age_s (0 here); fresher ones are embedded
-    # from their inline bytes and suppressed by every follower, as the late events above
+    # an embedder replaying the crops topic (a new group) dead-letters the erased crops
     settings.embedder.group_id += "-replay"
-    settings.embedder.inline_max_age_s = 0
     replay = EmbedderService(settings).run(until_idle_s=3)
     assert replay.indexed == 10 and replay.dead_letters == 2
     letters = read_dead_letters(settings, expect=2)

@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -111,24 +110,8 @@ def fetch_crop(store: ObjectStore, object_key: str, sha256: str | None) -> Image
             raise StoreUnavailable(f"reading {object_key}: {exc!r}") from exc
         raise CropFailed("crop.unreadable", f"object {object_key}: {exc}") from exc
     sha256 = sha256 or legacy_key_sha256(object_key) or meta.get(META_SHA256)
-    return decode_crop(data, sha256, f"object {object_key}")
-
-
-def event_crop(store: ObjectStore, event: CropEvent, inline_max_age_s: float) -> Image.Image:
-    """The crop an event names: its inline bytes when it carries them and was ingested at
-    most ``inline_max_age_s`` ago (no object-store read), else the object (which honours an
-    erasure since); verified against the event's sha256 either way."""
-    fresh = (datetime.now(UTC) - event.ingested_at).total_seconds() <= inline_max_age_s
-    data = event.inline_bytes() if fresh else None  # base64 checked by the schema
-    if data is None:
-        return fetch_crop(store, event.object_key, event.sha256)
-    return decode_crop(data, event.sha256, f"inline bytes of {event.crop_id}")
-
-
-def decode_crop(data: bytes, sha256: str | None, origin: str) -> Image.Image:
-    """Check ``data`` against ``sha256`` (None: unchecked, legacy) and decode it."""
     if sha256 is not None and sha256_hex(data) != sha256:
-        raise CropFailed("crop.checksum", f"{origin} does not match its sha256")
+        raise CropFailed("crop.checksum", f"object {object_key} does not match its sha256")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -482,7 +465,7 @@ class EmbedderService:
     def _fetch(self, record: ConsumerRecord,
                event: CropEvent) -> Image.Image | CropFailed | StoreUnavailable:
         try:
-            return event_crop(self.store, event, self.settings.embedder.inline_max_age_s)
+            return fetch_crop(self.store, event.object_key, event.sha256)
         except (CropFailed, StoreUnavailable) as exc:
             return exc
 

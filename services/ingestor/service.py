@@ -10,7 +10,6 @@ crop becomes a dead letter with the reason; the caller's stream carries on.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -258,8 +257,6 @@ class Ingestor:
                 if crop.bbox else None,
                 object_key=key, sha256=digest, width=valid.width, height=valid.height,
                 content_type=valid.content_type, source=self.source, labels=crop.labels,
-                inline_b64=base64.b64encode(crop.data).decode()
-                if len(crop.data) <= self.settings.ingestor.inline_max_bytes else None,
             )
         except ValueError as exc:  # pydantic: bad camera name, bbox, modality ...
             raise CropRejected("event.invalid", str(exc).splitlines()[0]) from exc
@@ -304,11 +301,9 @@ class Ingestor:
 
 def object_metadata(event: CropEvent) -> dict[str, str]:
     """What a crop object carries besides its bytes: its sha256 (readers verify keys that do
-    not name it) and, when it fits S3's 2 KiB, its event as ASCII JSON (see stored_events) -
-    without the inline bytes: the object is those bytes."""
+    not name it) and, when it fits S3's 2 KiB, its event as ASCII JSON (see stored_events)."""
     meta = {META_SHA256: event.sha256}
-    doc = json.dumps(event.model_dump(mode="json", exclude={"inline_b64"}),
-                     separators=(",", ":"), ensure_ascii=True)
+    doc = json.dumps(event.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=True)
     if len(doc) + len(event.sha256) + 64 <= MAX_META_BYTES:
         meta[META_EVENT] = doc
     else:  # long labels: the object is still served and erased, only not rebuildable
