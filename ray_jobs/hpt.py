@@ -297,14 +297,16 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     def features(keys: list[str]):
         return cache.get(keys, load, backbone)
 
-    image_lists = world_shortlists(world_entries(settings, job), people, features)
+    entries = world_entries(settings, job)
+    image_lists = world_shortlists(entries, people, features)
     head.cfg.memory, memory_figures = fit_memory(head, image_lists)  # kinds fitted on none
     head.cfg.metrics |= memory_figures
     # per kind: memory (and the clue term's weight for text kinds), or abstention where the
     # dialogue does not surely beat the prefilter's order on these people's queries
     matcher = ColourAttributeMatcher()
     clue_lists = held_out_clue_shortlists(
-        samples, people, features, lambda keys: matcher.embed_images([load(k) for k in keys]))
+        samples, entries, people, features,
+        lambda keys: matcher.embed_images([load(k) for k in keys]))
     fit = fit_kinds(head, image_lists + clue_lists)
     head.cfg.clue, head.cfg.kind_memory, head.cfg.abstain = fit.clue, fit.memory, fit.abstain
     head.cfg.metrics |= fit.figures

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from chatreid.data.instructions import build_stage3
-from chatreid.data.instructions.samples import IMAGE_TOKEN, InstructionSample
+from chatreid.data.instructions.samples import IMAGE_TOKEN, ImageEntry, InstructionSample
 from chatreid.embedder.colour import ColourAttributeMatcher
 from chatreid.model import build_model
 from chatreid.model.identity import (
@@ -247,9 +247,14 @@ def test_held_out_clue_shortlists_follow_the_text_prefilter() -> None:
     def features(keys: list[str]) -> np.ndarray:
         return MeanColourBackbone().embed([crops[k] for k in keys])
 
-    lists = held_out_clue_shortlists(samples, {"0"}, features,
+    # the gallery is the task's whole layout in the world, not only the crops samples show
+    entries = [ImageEntry(path=k, relpath=k, layout="cuhk_pedes", pid=pid, clothes_id=0,
+                          camid=0, modality="rgb", split="train", bbox=(0, 0, 8, 16),
+                          attributes={}, captions=(), sighting=(k,)) for k, pid in info.items()]
+    lists = held_out_clue_shortlists(samples, entries, {"0"}, features,
                                      lambda keys: matcher.embed_images([crops[k] for k in keys]))
     assert len(lists) == 2 and {s.kind for s in lists} == {"text_to_image"}
+    assert all(len(s.candidates) == 4 for s in lists)  # every crop of the layout
     first = lists[0]
     assert first.query is None and first.total == 2  # a and d are both person 0
     assert first.relevant[0] and first.match[0] == pytest.approx(1.0)  # a: both colours match

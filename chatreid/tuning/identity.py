@@ -418,31 +418,33 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
     return KindFit(clue, memory, abstain, figures, plain)
 
 
-def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[str],
-                             features: Callable[[list[str]], np.ndarray],
+# the world layout each clue task's stage-3 samples are drawn from (chatreid.data.instructions)
+CLUE_LAYOUTS = {"text_to_image": "cuhk_pedes", "attribute": "cuhk_pedes", "multimodal": "ltcc"}
+
+
+def held_out_clue_shortlists(samples: Sequence[InstructionSample], entries: Sequence[ImageEntry],
+                             people: set[str], features: Callable[[list[str]], np.ndarray],
                              colours: Callable[[list[str]], np.ndarray], k: int = 10
                              ) -> list[Shortlist]:
-    """Shortlists for the clue fit from stage-3 samples with a clue (``meta["clue"]``) whose
-    person is in ``people``: per clue kind, the crops those samples show form the gallery and
-    each sample's clue (with its image, multimodal) queries it, shortlisted by the prefilter's
-    own rule - the colour match alone for text, its mean with the cosine for multimodal
-    (``chatreid.evaluation.runner``). ``colours(keys)`` gives the crops' colour vectors
-    (``ColourAttributeMatcher.embed_images``)."""
+    """Shortlists for the clue fit: each stage-3 sample with a clue (``meta["clue"]``) whose
+    person is in ``people`` queries, with its clue (and its image, multimodal), the whole
+    layout its task draws from in the training world (``entries``, as ``world_shortlists``),
+    shortlisted by the prefilter's own rule - the colour match alone for text, its mean with
+    the cosine for multimodal (``chatreid.evaluation.runner``). ``colours(keys)`` gives the
+    crops' colour vectors (``ColourAttributeMatcher.embed_images``)."""
     matcher, out = ColourAttributeMatcher(), []
     for kind in CLUE_KINDS:
         mine = [s for s in samples if s.stage == 3 and s.meta.get("clue")
                 and QueryKind.parse(s.task).value == kind
                 and str(s.meta.get("query", {}).get("pid")) in people]
-        if not mine:
+        pool = [e for e in entries if e.layout == CLUE_LAYOUTS.get(kind)]
+        if not mine or not pool:
             continue
         has_image = bool(mine[0].meta.get("query_is_image"))
-        crops: dict[str, dict] = {}
-        for s in mine:
-            for key, info in zip(s.images[1:] if has_image else s.images,
-                                 s.meta.get("gallery", []), strict=False):
-                crops.setdefault(key, info)
-        keys = list(crops)
-        pids = np.array([str(crops[key].get("pid")) for key in keys])
+        keys = [e.relpath for e in pool]
+        info = [{"camid": e.camid, "clothes_id": e.clothes_id, "modality": e.modality}
+                for e in pool]
+        pids = np.array([str(e.pid) for e in pool])
         feats, vectors = features(keys), colours(keys)
         unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
         for s in mine:
@@ -455,7 +457,7 @@ def held_out_clue_shortlists(samples: Sequence[InstructionSample], people: set[s
             same = pids == str(q.get("pid"))
             # a text query may match any crop; an image query not itself, and as its protocol says
             allowed = np.array([j for j in range(len(keys)) if query is None or (
-                keys[j] != s.images[0] and _PROTOCOL[kind](q, crops[keys[j]], bool(same[j])))],
+                keys[j] != s.images[0] and _PROTOCOL[kind](q, info[j], bool(same[j])))],
                 dtype=np.int64)
             relevant = same[allowed]
             if not relevant.any():
