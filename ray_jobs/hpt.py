@@ -94,22 +94,23 @@ def version_for(job: StageJob, runtime: Runtime) -> str:
 
 def image_loader(settings: Settings, job: StageJob) -> Callable[[str], Image.Image]:
     """World-relative image paths → images (local copy, else fetched from object storage)."""
-    resolver = ImageResolver(
+    resolver = world_resolver(settings, job)
+    return lambda relpath: Image.open(resolver(relpath))
+
+
+def world_resolver(settings: Settings, job: StageJob) -> ImageResolver:
+    """The job's world files: the local copy, else fetched from object storage and cached."""
+    return ImageResolver(
         settings, job.world_id,
         local_root=Path(job.world_root) if job.world_root else None,
         cache_dir=settings.train.out_dir / "cache" / "worlds",
     )
-    return lambda relpath: Image.open(resolver(relpath))
 
 
 def world_entries(settings: Settings, job: StageJob) -> list[ImageEntry]:
     """The training world's annotated crops (train and val identities), from the local copy
     or object storage, as ``image_loader`` reads its images."""
-    resolver = ImageResolver(
-        settings, job.world_id,
-        local_root=Path(job.world_root) if job.world_root else None,
-        cache_dir=settings.train.out_dir / "cache" / "worlds",
-    )
+    resolver = world_resolver(settings, job)
     resolver("attributes/identities.json")
     return load_entries(resolver("attributes/attributes.json").parent.parent)
 
