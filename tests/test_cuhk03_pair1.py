@@ -23,9 +23,11 @@ from chatreid.data.worlds import ImageResolver, is_real, resolve_real
 from chatreid.evaluation import BENCHMARKS, EvalConfig
 from chatreid.evaluation.runner import evaluate_task
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .conftest import SHARED as SHARED_ROOT
+
+SHARED = SHARED_ROOT / "data"
 REAL = SHARED / "cuhk03-pair1"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"no real data at {REAL}")
+needs_real = pytest.mark.shared("data/cuhk03-pair1")
 _NAME = re.compile(r"(\d{4})_(\d{2})\.jpg$")
 
 

@@ -20,7 +20,9 @@ from chatreid.evaluation.gate import (
     validation_parts,
 )
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cuhk03-pair1"
+from .conftest import SHARED
+
+REAL = SHARED / "data" / "cuhk03-pair1"
 
 
 def gated(settings: Settings, world: Path, **changes) -> Settings:
@@ -66,7 +68,7 @@ def test_the_slice_is_capped_to_the_same_held_out_people_every_time(world: Path)
         r.pid for r in whole.gallery}
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="needs ../shared/data/cuhk03-pair1")
+@pytest.mark.shared("data/cuhk03-pair1")
 def test_real_validation_people_are_a_second_part() -> None:
     settings = Settings()
     settings.gate.synthetic, settings.gate.real_root, settings.gate.max_people = False, REAL, 20

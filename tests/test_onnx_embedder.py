@@ -28,15 +28,12 @@ from chatreid.embedder.importer import prepare_onnx
 from chatreid.embedder.onnx import probe_crops
 from schemas.cards import EmbedderCard
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
-OSNET = WEIGHTS / "osnet_x0_25_msmt17.onnx"
-OMZ = WEIGHTS / "person-reidentification-retail-0287.onnx"
+from .conftest import SHARED
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_weights() -> None:
-    # CI has ../shared; a checkout without it is a broken test setup, not a reason to skip
-    assert OSNET.is_file() and OMZ.is_file(), f"the shared Re-ID weights are missing: {WEIGHTS}"
+OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
+OMZ = SHARED / "weights" / "person-reidentification-retail-0287.onnx"
+needs_weights = pytest.mark.shared("weights/osnet_x0_25_msmt17.onnx",
+                                   "weights/person-reidentification-retail-0287.onnx")
 
 
 def osnet_card(**changes) -> EmbedderCard:
@@ -60,6 +57,7 @@ def image_graph(nodes, output_shape, initializers=()) -> onnx.GraphProto:
 # -- the published models -------------------------------------------------------------------
 
 
+@needs_weights
 def test_osnet_loads_with_the_torchreid_convention_read_from_its_graph() -> None:
     emb = load_embedder(OSNET)
     card = emb.card
@@ -71,15 +69,18 @@ def test_osnet_loads_with_the_torchreid_convention_read_from_its_graph() -> None
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
 
+@needs_weights
+@pytest.mark.shared("data/cuhk03-pair1")
 def test_the_same_person_is_closer_than_another_person() -> None:
     """Real crops: one CUHK03 person's two camera views vs another person (a wrong card's
     preprocessing, e.g. BGR for RGB, lowers exactly this margin)."""
-    val = WEIGHTS.parent / "data" / "cuhk03-pair1" / "val"
+    val = SHARED / "data" / "cuhk03-pair1" / "val"
     a0, a1, b0 = (Image.open(val / n) for n in ("0000_00.jpg", "0000_05.jpg", "0001_00.jpg"))
     v = load_embedder(OSNET).embed([a0, a1, b0])
     assert v[0] @ v[1] > v[0] @ v[2] + 0.1
 
 
+@needs_weights
 def test_an_nhwc_bgr_model_needs_its_card_and_a_fixed_batch_is_fed_one_by_one() -> None:
     with pytest.raises(WeightsError, match=r"NHWC input.*--card"):
         load_embedder(OMZ)  # the default torchreid convention does not fit: refused, not guessed
@@ -93,6 +94,7 @@ def test_an_nhwc_bgr_model_needs_its_card_and_a_fixed_batch_is_fed_one_by_one() 
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
 
 
+@needs_weights
 @pytest.mark.parametrize(("change", "named"), [
     ({"layout": "NHWC"}, "layout NHWC"),
     ({"output_dim": 256}, "output_dim 256"),
@@ -104,12 +106,14 @@ def test_a_card_that_does_not_match_the_graph_is_refused(change: dict, named: st
         OnnxEmbedder(OSNET, osnet_card(**change))
 
 
+@needs_weights
 def test_a_card_without_the_graphs_fixed_batch_is_refused() -> None:
     card = EmbedderCard.preset("openvino", name="omz", height=256, width=128, output_dim=256)
     with pytest.raises(WeightsError, match=r"batch None .*fixed at 1"):
         OnnxEmbedder(OMZ, card)
 
 
+@needs_weights
 def test_a_card_file_is_validated_and_names_the_bad_field(tmp_path: Path) -> None:
     bad = tmp_path / "card.json"
     bad.write_text(json.dumps({**osnet_card().model_dump(mode="json"), "scale": "percent"}))
@@ -122,6 +126,7 @@ def test_a_card_file_is_validated_and_names_the_bad_field(tmp_path: Path) -> Non
 # -- files that are not Re-ID embedders -------------------------------------------------------
 
 
+@needs_weights
 def test_a_truncated_or_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(OSNET.read_bytes()[: OSNET.stat().st_size // 3])
@@ -166,6 +171,7 @@ def test_a_graph_whose_output_ignores_the_image_fails_the_probe(tmp_path: Path) 
 # -- checkpoints ------------------------------------------------------------------------------
 
 
+@needs_weights
 def test_a_checkpoint_directory_loads_back_to_the_same_vectors(tmp_path: Path) -> None:
     direct = load_embedder(OMZ, card="openvino")
     out = write_onnx_checkpoint(OMZ, direct.card, tmp_path / "ckpt")
@@ -181,6 +187,7 @@ def test_a_checkpoint_directory_loads_back_to_the_same_vectors(tmp_path: Path) -
 # -- the running service rolls an imported model out -------------------------------------------
 
 
+@needs_weights
 @pytest.mark.stack
 def test_an_imported_model_is_rolled_out_by_the_running_service_at_its_own_dim(settings,
                                                                                  world):

@@ -28,15 +28,16 @@ from chatreid.tuning.embedder_training import (
     train_split_hash,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from .conftest import SHARED
+
 REAL = SHARED / "data" / "cuhk03-pair1"
 OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
+needs_real = pytest.mark.shared("data/cuhk03-pair1", "weights/osnet_x0_25_msmt17.onnx")
 
 
 @pytest.fixture(scope="module")
 def real_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 40 train and 20 validation people of CUHK03 pair 1, as symlinks."""
-    assert REAL.is_dir() and OSNET.is_file(), f"the shared real data is missing: {SHARED}"
     root = tmp_path_factory.mktemp("real") / "cuhk03-pair1"
     for split, people in (("train", 40), ("val", 20)):
         (root / split).mkdir(parents=True)
@@ -46,6 +47,7 @@ def real_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@needs_real
 def test_sources_keep_their_people_apart(world: Path, real_subset: Path) -> None:
     images = train_images(world, real_subset)
     synthetic = [i for i in images if i.identity.startswith("synthetic/")]
@@ -73,6 +75,7 @@ def test_an_identity_head_starts_where_the_frozen_features_are() -> None:
     torch.testing.assert_close(head.proj(x), x)
 
 
+@needs_real
 def test_shared_features_hold_each_image_and_its_mirror(real_subset: Path) -> None:
     paths = sorted((real_subset / "val").glob("*.jpg"))[:5]
     emb = load_embedder(OSNET)
@@ -84,6 +87,7 @@ def test_shared_features_hold_each_image_and_its_mirror(real_subset: Path) -> No
     np.testing.assert_allclose(table[1, 2].numpy(), mirrored, atol=1e-5)
 
 
+@needs_real
 @pytest.mark.stack
 def test_a_head_fine_tuned_on_a_frozen_onnx_start_is_pushed_and_served(
         settings, real_subset, ray_session, tmp_path) -> None:
@@ -110,6 +114,7 @@ def test_a_head_fine_tuned_on_a_frozen_onnx_start_is_pushed_and_served(
     assert m["loss"] < m["first_loss"]
 
 
+@needs_real
 @pytest.mark.stack
 @pytest.mark.slow
 def test_a_torch_student_distils_from_an_onnx_teacher_on_real_and_synthetic_people(

@@ -13,6 +13,8 @@ from PIL import Image
 
 from chatreid.metrics import Labels, compute_distmat, k_reciprocal_distances, rank_metrics
 
+from .conftest import SHARED
+
 
 def clustered(seed: int = 0, people: int = 40, dim: int = 16, noise: float = 0.9):
     """Gaussian people: 2 queries (camera 0) and 6 gallery images (camera 1) each."""
@@ -91,13 +93,10 @@ def test_tiny_sets_cap_k() -> None:
 
 @pytest.fixture(scope="module")
 def real_paths() -> tuple[Path, Path]:
-    from tests.test_real_training import OSNET, REAL  # where the real-data tests find ../shared
-
-    if not (REAL.is_dir() and OSNET.is_file()):
-        pytest.skip(f"needs the shared CUHK03 pair 1 images ({REAL}) and OSNet ({OSNET})")
-    return REAL, OSNET
+    return SHARED / "data" / "cuhk03-pair1", SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
 
 
+@pytest.mark.shared("data/cuhk03-pair1", "weights/osnet_x0_25_msmt17.onnx")
 @pytest.mark.slow
 def test_cuhk03_pair1_gain_matches_the_published_figure(real_paths: tuple[Path, Path]) -> None:
     from chatreid.data.datasets.cuhk03_pair1 import CUHK03Pair1
