@@ -437,14 +437,10 @@ def held_out_clue_shortlists(samples: Sequence[InstructionSample], entries: Sequ
         mine = [s for s in samples if s.stage == 3 and s.meta.get("clue")
                 and QueryKind.parse(s.task).value == kind
                 and str(s.meta.get("query", {}).get("pid")) in people]
-        pool = [e for e in entries if e.layout == CLUE_LAYOUTS.get(kind)]
-        if not mine or not pool:
+        keys, info, pids = _layout(entries, CLUE_LAYOUTS.get(kind))
+        if not mine or not keys:
             continue
         has_image = bool(mine[0].meta.get("query_is_image"))
-        keys = [e.relpath for e in pool]
-        info = [{"camid": e.camid, "clothes_id": e.clothes_id, "modality": e.modality}
-                for e in pool]
-        pids = np.array([str(e.pid) for e in pool])
         feats, vectors = features(keys), colours(keys)
         unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
         for s in mine:
@@ -484,20 +480,25 @@ def world_shortlists(entries: Sequence[ImageEntry], people: set[str],
     crops put the person first almost always: no verdict could be read from them."""
     out = []
     for kind, layout in TASK_LAYOUTS.items():
-        pool = [e for e in entries if e.layout == layout]
-        if not pool:
+        keys, info, pids = _layout(entries, layout)
+        if not keys:
             continue
-        keys = [e.relpath for e in pool]
-        info = [{"camid": e.camid, "clothes_id": e.clothes_id, "modality": e.modality}
-                for e in pool]
-        pids = np.array([str(e.pid) for e in pool])
         rule = _PROTOCOL[kind]
-        queries = [i for i in range(len(pool)) if pids[i] in people]
-        allowed = [np.array([j for j in range(len(pool))
+        queries = [i for i in range(len(keys)) if pids[i] in people]
+        allowed = [np.array([j for j in range(len(keys))
                              if j != i and rule(info[i], info[j], pids[i] == pids[j])],
                             dtype=np.int64) for i in queries]
         out += shortlists(kind, queries, features(keys), pids, allowed, k)
     return out
+
+
+def _layout(entries: Sequence[ImageEntry], layout: str | None
+            ) -> tuple[list[str], list[dict], np.ndarray]:
+    """One world layout's crops: their keys, what the protocols read (camera, clothes,
+    modality) and their person ids."""
+    pool = [e for e in entries if e.layout == layout]
+    info = [{"camid": e.camid, "clothes_id": e.clothes_id, "modality": e.modality} for e in pool]
+    return [e.relpath for e in pool], info, np.array([str(e.pid) for e in pool])
 
 
 # what a query may be matched with: (query info, gallery info, same person) -> allowed
