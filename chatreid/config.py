@@ -354,6 +354,15 @@ class TrainSettings(Section):
     identity_epochs: int = Field(
         default=60, ge=1, description="epochs of the identity head over the "
         "stage-3 groups (cached features: well under a second each)")
+    fit_world: bool = Field(
+        default=True, description="choose and judge the reranker's per-kind settings (dialogue "
+        "memory, clue weight, learned metric or plain cosine, abstention) on a second synthetic "
+        "world made from the training world's recipe with another seed: people and cameras "
+        "neither the prefilter nor the identity head trained on. Off, or for a world without a "
+        "recipe: on the head's held-out people of the training world, whom the prefilter knows")
+    fit_queries: int = Field(
+        default=300, ge=10, description="at most this many queries per image task in that fit "
+        "(evenly spaced over the crops; every crop of a fit world's people may query)")
     num_workers: int = Field(
         default=2, ge=1, description="Ray Train workers per job (data-parallel "
         "ranks); `chatreid train --workers` overrides it")

@@ -28,6 +28,7 @@ from chatreid.data.build import iter_samples, shards_for_worker
 from chatreid.data.instructions.samples import ImageEntry, load_entries
 from chatreid.data.report import DatasetReport
 from chatreid.data.worlds import ImageResolver
+from chatreid.storage import ObjectNotFound
 from chatreid.tuning.hpt import FINAL_DIR, HPTConfig, StageTrainer
 from ray_jobs.launcher import run_trainer, settings_from
 from schemas import CheckpointEvent
@@ -246,6 +247,26 @@ def identity_backbone(settings: Settings, source: str):
         else resolve_embedder(settings, source)
 
 
+def fit_world_of(settings: Settings, job: StageJob) -> Path | None:
+    """The fit world of the job's training world (``chatreid.tuning.identity.fit_world``),
+    generated once into the training cache; None when ``train.fit_world`` is off or the
+    training world carries no recipe to generate it from (a world not made by ``chatreid
+    synth``)."""
+    from chatreid.synth import SynthConfig
+    from chatreid.tuning.identity import fit_world
+
+    if not settings.train.fit_world:
+        return None
+    try:
+        recipe = json.loads(world_resolver(settings, job)("manifest.json").read_text())["config"]
+    except (FileNotFoundError, ObjectNotFound, KeyError) as exc:
+        log.warning("no fit world: the training world has no recipe (%s); fitting on held-out "
+                    "people of the training world", exc)
+        return None
+    return fit_world(settings.train.out_dir / "cache" / "worlds",
+                     SynthConfig.model_validate(recipe))
+
+
 def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[str, float]:
     """Train the identity head on the stage's groups (cached backbone features; the epoch is
     chosen on held-out people of the training split) and save it beside the model. Returns its
@@ -256,10 +277,12 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     from chatreid.model.prompting import choice_tokens
     from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
     from chatreid.tuning.identity import (
+        FIT_SPLITS,
         HeadRecipe,
         fit_decoder_weight,
         fit_kinds,
         fit_memory,
+        fit_world_clue_samples,
         group_features,
         groups_of,
         held_out_clue_shortlists,
@@ -293,21 +316,34 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     head.cfg.decoder_weight, weight_figures = fit_decoder_weight(
         head, val_groups, group_features(val_groups, cache, backbone, load))
     head.cfg.metrics |= weight_figures
-    people = {str(g.pid) for g in val_groups}
+    # the per-kind settings are chosen and judged on people the prefilter never saw where the
+    # training world's recipe allows (its fit world), else on the head's held-out people
+    entries, people, clue_samples, fit_load = \
+        world_entries(settings, job), {str(g.pid) for g in val_groups}, samples, load
+    fit_cache, root = cache, fit_world_of(settings, job)
+    if root is not None:
+        entries = load_entries(root, FIT_SPLITS)
+        people = {str(e.pid) for e in entries}
+        clue_samples = fit_world_clue_samples(root, job.hpt.seed)
+        fit_cache = FeatureCache(settings.train.out_dir / "cache" / "features" / root.name,
+                                 backbone.version)
+        fit_load = cast(Callable[[str], Image.Image], lambda key: Image.open(root / key))
+        head.cfg.metrics["fit/world_seed"] = float(json.loads(
+            (root / "manifest.json").read_text())["seed"])
 
     def features(keys: list[str]):
-        return cache.get(keys, load, backbone)
+        return fit_cache.get(keys, fit_load, backbone)
 
-    entries = world_entries(settings, job)
-    image_lists = world_shortlists(entries, people, features)
+    image_lists = world_shortlists(entries, people, features,
+                                   max_queries=settings.train.fit_queries)
     head.cfg.memory, memory_figures = fit_memory(head, image_lists)  # kinds fitted on none
     head.cfg.metrics |= memory_figures
     # per kind: memory (and the clue term's weight for text kinds), or abstention where the
     # dialogue does not surely beat the prefilter's order on these people's queries
     matcher = ColourAttributeMatcher()
     clue_lists = held_out_clue_shortlists(
-        samples, entries, people, features,
-        lambda keys: matcher.embed_images([load(k) for k in keys]))
+        clue_samples, entries, people, features,
+        lambda keys: matcher.embed_images([fit_load(k) for k in keys]))
     fit = fit_kinds(head, image_lists + clue_lists)
     head.cfg.clue, head.cfg.kind_memory, head.cfg.abstain = fit.clue, fit.memory, fit.abstain
     head.cfg.metrics |= fit.figures

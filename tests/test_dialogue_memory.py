@@ -328,3 +328,61 @@ def test_a_turn_weighs_the_decoder_as_the_head_says(tiny) -> None:
     vision.head.cfg.decoder_weight = 1.0
     mixed = make_judge(model, processor, query, images, tokens, True, vision)(range(4))
     assert not np.allclose(mixed, alone)
+
+
+def test_the_fit_world_has_new_people_and_cameras_and_shortlists_for_every_kind(
+        tmp_path) -> None:
+    """The reranker's settings are judged on a world from the training world's recipe with
+    another seed: none of its crops or cameras is the training world's, it is generated once,
+    and its crops give every kind shortlists (clue kinds too, from its own stage-3 clues)."""
+    from chatreid.data.instructions.samples import load_entries
+    from chatreid.synth import SynthConfig, generate_world
+    from chatreid.tuning.identity import (
+        FIT_SPLITS,
+        fit_world,
+        fit_world_clue_samples,
+        held_out_clue_shortlists,
+    )
+
+    recipe = SynthConfig.tiny(seed=3)
+    training = tmp_path / "training"
+    generate_world(training, recipe, progress=False)
+    root = fit_world(tmp_path / "cache", recipe)
+    assert json.loads((root / "manifest.json").read_text())["seed"] == recipe.seed + 1_000_003_000
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    assert fit_world(tmp_path / "cache", recipe) == root  # generated once
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp
+
+    def pixels(folder, e: ImageEntry) -> bytes:
+        return (folder / e.relpath).read_bytes()
+
+    mine = load_entries(root, FIT_SPLITS)
+    theirs = load_entries(training, FIT_SPLITS)
+    assert not {pixels(root, e) for e in mine} & {pixels(training, e) for e in theirs}
+
+    cache: dict[str, np.ndarray] = {}
+
+    def features(keys: list[str]) -> np.ndarray:  # a colour-mean stand-in for the backbone
+        for k in keys:
+            if k not in cache:
+                cache[k] = np.asarray(Image.open(root / k).convert("RGB"), np.float32) \
+                    .reshape(-1, 3).mean(0) + 1.0
+        return np.stack([cache[k] for k in keys])
+
+    people = {str(e.pid) for e in mine}
+    lists = world_shortlists(mine, people, features, max_queries=20)
+    kinds = {s.kind for s in lists}
+    assert kinds == {"standard", "cloth_changing", "visible_infrared"}
+    assert all(sum(s.kind == k for s in lists) <= 20 for k in kinds)
+    samples = fit_world_clue_samples(root, seed=0, n=60)
+    assert samples and all(s.meta.get("clue") for s in samples)
+    relpaths = {e.relpath for e in mine}  # named world-relative, as the crops' keys are
+    assert all(key in relpaths for s in samples for key in s.images)
+
+    def colours(keys: list[str]) -> np.ndarray:
+        from chatreid.embedder.colour import ColourAttributeMatcher
+
+        return ColourAttributeMatcher().embed_images([Image.open(root / k) for k in keys])
+
+    clue = held_out_clue_shortlists(samples, mine, people, features, colours)
+    assert {s.kind for s in clue} == {"text_to_image", "attribute", "multimodal"}
