@@ -558,8 +558,11 @@ def rerank_quality(report: Report) -> str:
             kinds = sorted(k.split("/")[1] for k in figures
                            if k.startswith("kind/") and k.endswith("/memory"))
             if kinds:
+                on = (f"the fit world's people (seed {figures['fit/world_seed']:.0f}: people "
+                      "and cameras the prefilter never saw)" if "fit/world_seed" in figures
+                      else "held-out people's queries")
                 acc.append(f"Dialogue per query kind of the {where} head ({version[:12]}), "
-                           "fitted on held-out people's queries: " + "; ".join(
+                           f"fitted on {on}: " + "; ".join(
                                f"{kind}{_clue(figures, kind)}, memory "
                                f"{figures[f'kind/{kind}/memory']:g} "
                                f"({figures[f'kind/{kind}/shortlists']:.0f} shortlists)"

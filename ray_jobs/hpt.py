@@ -8,6 +8,7 @@ stages gives the paper's Table 4 ablation: ``(3,)``, ``(2, 3)`` or ``(1, 2, 3)``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -278,6 +279,8 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     from chatreid.tuning.evaluate import choice_probabilities, evaluate_best_choice
     from chatreid.tuning.identity import (
         FIT_SPLITS,
+        FIT_WORLD,
+        TRAINING_WORLD,
         HeadRecipe,
         fit_decoder_weight,
         fit_kinds,
@@ -316,35 +319,41 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     head.cfg.decoder_weight, weight_figures = fit_decoder_weight(
         head, val_groups, group_features(val_groups, cache, backbone, load))
     head.cfg.metrics |= weight_figures
-    # the per-kind settings are chosen and judged on people the prefilter never saw where the
-    # training world's recipe allows (its fit world), else on the head's held-out people
-    entries, people, clue_samples, fit_load = \
-        world_entries(settings, job), {str(g.pid) for g in val_groups}, samples, load
-    fit_cache, root = cache, fit_world_of(settings, job)
+    # the per-kind settings are chosen on, and must surely gain in, both regimes a site's
+    # queries lie between: the head's held-out people of the training world (the prefilter's
+    # own training people) and, where the world's recipe allows, its fit world (new people and
+    # cameras: nobody trained on them)
+    matcher = ColourAttributeMatcher()
+
+    def lists_of(source: str, entries: list[ImageEntry], people: set[str],
+                 clue_samples: list, loader: Callable[[str], Image.Image], store: FeatureCache):
+        def features(keys: list[str]):
+            return store.get(keys, loader, backbone)
+
+        image = world_shortlists(entries, people, features, max_queries=settings.train.fit_queries)
+        clue = held_out_clue_shortlists(
+            clue_samples, entries, people, features,
+            lambda keys: matcher.embed_images([loader(k) for k in keys]))
+        return [dataclasses.replace(s, source=source) for s in image + clue]
+
+    lists = lists_of(TRAINING_WORLD, world_entries(settings, job), {str(g.pid) for g in val_groups},
+                     samples, load, cache)
+    root = fit_world_of(settings, job)
     if root is not None:
-        entries = load_entries(root, FIT_SPLITS)
-        people = {str(e.pid) for e in entries}
-        clue_samples = fit_world_clue_samples(root, job.hpt.seed)
         fit_cache = FeatureCache(settings.train.out_dir / "cache" / "features" / root.name,
                                  backbone.version)
-        fit_load = cast(Callable[[str], Image.Image], lambda key: Image.open(root / key))
+        entries = load_entries(root, FIT_SPLITS)
+        lists += lists_of(FIT_WORLD, entries, {str(e.pid) for e in entries},
+                          fit_world_clue_samples(root, job.hpt.seed),
+                          lambda key: Image.open(root / key), fit_cache)
         head.cfg.metrics["fit/world_seed"] = float(json.loads(
             (root / "manifest.json").read_text())["seed"])
-
-    def features(keys: list[str]):
-        return fit_cache.get(keys, fit_load, backbone)
-
-    image_lists = world_shortlists(entries, people, features,
-                                   max_queries=settings.train.fit_queries)
+    image_lists = [s for s in lists if s.match is None]
     head.cfg.memory, memory_figures = fit_memory(head, image_lists)  # kinds fitted on none
     head.cfg.metrics |= memory_figures
     # per kind: memory (and the clue term's weight for text kinds), or abstention where the
-    # dialogue does not surely beat the prefilter's order on these people's queries
-    matcher = ColourAttributeMatcher()
-    clue_lists = held_out_clue_shortlists(
-        clue_samples, entries, people, features,
-        lambda keys: matcher.embed_images([fit_load(k) for k in keys]))
-    fit = fit_kinds(head, image_lists + clue_lists)
+    # dialogue does not surely beat the prefilter's order in every regime
+    fit = fit_kinds(head, lists)
     head.cfg.clue, head.cfg.kind_memory, head.cfg.abstain = fit.clue, fit.memory, fit.abstain
     head.cfg.metrics |= fit.figures
     for kind in fit.plain:  # its learned metric lost to the plain cosine on held-out people

@@ -4,6 +4,7 @@ fitted on held-out people and never switched on where it does not help."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -26,6 +27,8 @@ from chatreid.model.prompting import choice_tokens
 from chatreid.rerank import BestChoiceReranker, Candidate, Query
 from chatreid.rerank.judge import make_judge
 from chatreid.tuning.identity import (
+    FIT_WORLD,
+    TRAINING_WORLD,
     Group,
     Shortlist,
     average_precision,
@@ -187,6 +190,30 @@ def test_an_image_kind_whose_dialogue_loses_to_the_prefilter_abstains() -> None:
     assert fit.figures["kind/visible_infrared/prefilter_mAP"] == pytest.approx(1.0)
     assert fit.figures["kind/visible_infrared/gain_lower_bound"] < 0
     assert fit.figures["kind/standard/abstain"] == 0.0
+
+
+def test_a_kind_must_gain_in_every_regime_it_was_judged_in() -> None:
+    """The dialogue gains on the training world's held-out people but loses on the fit world's
+    (where the head's metric prefers a distractor to the person the prefilter put first): the
+    kind abstains, and the figures say where it lost."""
+    r = np.random.default_rng(5)
+    gains = [dataclasses.replace(s, source=TRAINING_WORLD) for s in _chains(40, 0)]
+    losses = []
+    for _ in range(40):
+        q = r.normal(size=16)
+        cands = np.stack([q + r.normal(size=16) * 1.5,
+                          *[q + r.normal(size=16) * 0.2 for _ in range(7)]]).astype(np.float32)
+        losses.append(Shortlist("standard", q.astype(np.float32), cands,
+                                np.array([True] + [False] * 7), 1, source=FIT_WORLD))
+    head = IdentityHead(IdentityConfig(feature_dim=16, encoder_version="v"))
+    assert fit_kinds(head, gains).abstain == []  # judged on the training world alone: reranks
+    fit = fit_kinds(head, gains + losses)
+    assert fit.abstain == ["standard"]
+    assert fit.figures[f"kind/standard/{TRAINING_WORLD}/gain_lower_bound"] > 0
+    assert fit.figures[f"kind/standard/{FIT_WORLD}/gain_lower_bound"] < 0
+    assert fit.figures["kind/standard/gain_lower_bound"] == \
+        fit.figures[f"kind/standard/{FIT_WORLD}/gain_lower_bound"]
+    assert fit.figures[f"kind/standard/{FIT_WORLD}/shortlists"] == 40
 
 
 def test_a_kind_reranks_only_on_a_gain_that_holds_on_queries_it_was_not_chosen_on() -> None:

@@ -258,6 +258,7 @@ class Shortlist:
     relevant: np.ndarray  # (k,) bool: the query's person (as the task's protocol counts it)
     total: int  # the query's relevant items in the whole gallery (the AP denominator)
     match: np.ndarray | None = None  # (k,) the clue's colour match m(t, c); None: no clue
+    source: str = ""  # where it was drawn (TRAINING_WORLD, FIT_WORLD): a kind must gain in each
 
 
 def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.ndarray,
@@ -386,8 +387,11 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
     kind whose best dialogue does not beat the prefilter's own order with ``GAIN_CONFIDENCE``
     (``gain_lower_bound`` of the per-query AP gain <= 0, each query's gain taken with the
     settings chosen on the other half of the queries) abstains: the reranker answers it in the
-    prefilter's order rather than risk a worse one. Figures are ``kind/<kind>/...``; kinds
-    without shortlists are left out (they run with the head's global ``memory``)."""
+    prefilter's order rather than risk a worse one. Shortlists from several sources (``source``:
+    the training world's held-out people, the fit world's) choose the settings together, and
+    the bound must hold in each source (figures ``kind/<kind>/<source>/...``). Figures are
+    ``kind/<kind>/...``; kinds without shortlists are left out (they run with the head's global
+    ``memory``)."""
     clue, memory, abstain, plain, figures = {}, {}, [], [], {}
     for kind in dict.fromkeys(s.kind for s in lists):
         mine = [s for s in lists if s.kind == kind]
@@ -403,7 +407,18 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
                                            s.total) for s in mine] for w, m, h in settings])
         w, m, h = settings[_best(aps, settings)]
         prefilter = np.array([average_precision(s.relevant, s.total) for s in mine])
-        bound = gain_lower_bound(_cross_fitted(aps, settings) - prefilter)
+        gains = _cross_fitted(aps, settings) - prefilter
+        sources = np.array([s.source for s in mine])
+        bounds = {src: gain_lower_bound(gains[sources == src]) for src in dict.fromkeys(sources)}
+        bound = min(bounds.values())  # the dialogue must surely gain wherever it was judged
+        if len(bounds) > 1:
+            chosen = aps[settings.index((w, m, h))]
+            for src, b in bounds.items():
+                at = sources == src
+                figures |= {f"kind/{kind}/{src}/gain_lower_bound": b,
+                            f"kind/{kind}/{src}/mAP": float(chosen[at].mean()),
+                            f"kind/{kind}/{src}/prefilter_mAP": float(prefilter[at].mean()),
+                            f"kind/{kind}/{src}/shortlists": float(at.sum())}
         memory[kind] = float(m)
         if has_clue:
             clue[kind] = float(w)
@@ -527,6 +542,7 @@ _PROTOCOL: dict[str, Callable[[dict, dict, bool], bool]] = {
 # folder holds the train and val splits): on them it ranks far better than on new people (82 vs
 # 50 mAP), so settings chosen and judged there do not carry over. A second world from the same
 # recipe with another seed has new people and cameras; its every split is fit data.
+TRAINING_WORLD, FIT_WORLD = "training_world", "fit_world"  # ``Shortlist.source``
 FIT_SEED_OFFSET = 1_000_003_000  # far from the seeds anyone picks for a world of their own
 FIT_SPLITS = ("train", "val", "test")
 FIT_CLUE_MIX = {"text_to_image": 1.0, "attribute_query": 1.0, "multimodal": 1.0}
