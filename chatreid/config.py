@@ -356,10 +356,11 @@ class TrainSettings(Section):
         "stage-3 groups (cached features: well under a second each)")
     fit_world: bool = Field(
         default=True, description="choose and judge the reranker's per-kind settings (dialogue "
-        "memory, clue weight, learned metric or plain cosine, abstention) on a second synthetic "
-        "world made from the training world's recipe with another seed: people and cameras "
-        "neither the prefilter nor the identity head trained on. Off, or for a world without a "
-        "recipe: on the head's held-out people of the training world, whom the prefilter knows")
+        "memory, clue weight, learned metric or plain cosine, abstention) also on a second "
+        "synthetic world made from the training world's recipe with another seed - people and "
+        "cameras neither the prefilter nor the identity head trained on - besides the head's "
+        "held-out people of the training world (whom the prefilter knows); a kind reranks only "
+        "where its gain holds in both. Off, or for a world without a recipe: the latter only")
     fit_queries: int = Field(
         default=300, ge=10, description="at most this many queries per image task in that fit "
         "(evenly spaced over the crops; every crop of a fit world's people may query)")
