@@ -227,6 +227,11 @@ def test_stage3_carries_an_identity_head_on_the_chains_embedder(
     assert 0.0 <= m["eval_with_identity/rank1"] <= 1.0
     assert m["eval_with_identity/eval_samples"] == 8
     assert m["vision_cache_hits"] >= 0  # stage 3's frozen encoder ran from the cache
+    # per-kind verdicts were judged on the fit world (new people and cameras) as well
+    assert m["identity/fit/world_seed"] == json.loads(
+        (train_settings.train.world / "manifest.json").read_text())["seed"] + 1_000_003_000
+    assert any(k.endswith("/fit_world/gain_lower_bound") for k in m)
+    assert any(k.endswith("/training_world/gain_lower_bound") for k in m)
 
 
 @pytest.mark.stack
