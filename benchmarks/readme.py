@@ -634,12 +634,13 @@ def status(rerank: Report, people: Report) -> str:
         below = [r["task"] for r in rows
                  if r["chatreid_confidence"] and r["prefilter"]
                  and r["chatreid_confidence"]["mAP"] < r["prefilter"]["mAP"]]
-        lines.append(f"- VLM rerank (`{version[:12]}`, ranked by confidence): below the prefilter "
-                     f"in mAP on {len(below)} of {len(rows)} tasks; ")
+        line = (f"- VLM rerank (`{version[:12]}`, ranked by confidence): below the prefilter "
+                f"in mAP on {len(below)} of {len(rows)} tasks")
         for r in rows:
             if r["task"] == "cuhk03_pair1":
-                lines[-1] += (f"on real people (cuhk03_pair1) {r['chatreid_confidence']['mAP']:.1f}"
-                              f" vs the prefilter's {r['prefilter']['mAP']:.1f} mAP.")
+                line += (f"; on real people (cuhk03_pair1) {r['chatreid_confidence']['mAP']:.1f}"
+                         f" vs the prefilter's {r['prefilter']['mAP']:.1f} mAP")
+        lines.append(line + ".")
     best = max(people.get("imports", []) + [f["after"] | {"embedder": _STARTS.get(f["start"],
                                                                                    f["start"])}
                                             for f in people.get("finetune", [])],
