@@ -18,7 +18,7 @@ from chatreid.config import Settings
 from schemas import DEADLETTER, DeadLetterEvent
 
 # The research-only real data and weights (never in the project): read where they lie.
-SHARED = Path(os.environ.get("CHATREID_SHARED_DIR")
+SHARED = Path(os.environ.get("SHARED_DATA_DIR")
               or Path(__file__).resolve().parents[2] / "shared")
 
 
@@ -31,7 +31,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     missing = [str(SHARED / part) for part in parts if not (SHARED / part).exists()]
     if missing:
         message = f"the shared research files are missing: {', '.join(missing)} " \
-                  "(set CHATREID_SHARED_DIR to the folder that holds data/ and weights/)"
+                  "(set SHARED_DATA_DIR to the folder that holds data/ and weights/)"
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
