@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chatreid.data.instructions import InstructionSample
-from chatreid.data.instructions.samples import ImageEntry
+from chatreid.data.instructions.samples import ImageEntry, layout_pool
 from chatreid.data.instructions.stage3 import Stage3Config, build_stage3
 from chatreid.data.worlds import relativize
 from chatreid.embedder.colour import ColourAttributeMatcher
@@ -457,7 +457,7 @@ def held_out_clue_shortlists(samples: Sequence[InstructionSample], entries: Sequ
         mine = [s for s in samples if s.stage == 3 and s.meta.get("clue")
                 and QueryKind.parse(s.task).value == kind
                 and str(s.meta.get("query", {}).get("pid")) in people]
-        keys, info, pids = _layout(entries, CLUE_LAYOUTS.get(kind))
+        keys, info, pids = _layout(entries, CLUE_LAYOUTS.get(kind, ""))
         if not mine or not keys:
             continue
         has_image = bool(mine[0].meta.get("query_is_image"))
@@ -519,11 +519,11 @@ def _spaced(items: list[int], at_most: int | None) -> list[int]:
     return [items[i] for i in np.linspace(0, len(items) - 1, at_most).round().astype(int)]
 
 
-def _layout(entries: Sequence[ImageEntry], layout: str | None
+def _layout(entries: Sequence[ImageEntry], layout: str
             ) -> tuple[list[str], list[dict], np.ndarray]:
     """One world layout's crops: their keys, what the protocols read (camera, clothes,
     modality) and their person ids."""
-    pool = [e for e in entries if e.layout == layout]
+    pool = layout_pool(entries, layout)
     info = [{"camid": e.camid, "clothes_id": e.clothes_id, "modality": e.modality} for e in pool]
     return [e.relpath for e in pool], info, np.array([str(e.pid) for e in pool])
 
