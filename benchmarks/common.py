@@ -16,6 +16,15 @@ from tqdm import tqdm
 
 from chatreid.config import Settings
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """The research-only data and weights (never in the project): ``SHARED_DATA_DIR``, else
+    ``shared/`` beside this checkout (where CI has it; ``.ci/run`` sets the variable for a clone
+    made elsewhere)."""
+    return Path(os.environ.get("SHARED_DATA_DIR") or ROOT.parent / "shared")
+
 
 def header(name: str, doc: str, args: argparse.Namespace, **machine: Any) -> dict[str, Any]:
     """``doc`` is the script's docstring; its "Data: ..." paragraph describes the inputs."""

@@ -34,6 +34,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common import shared_dir
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -44,7 +45,7 @@ from chatreid.evaluation import BENCHMARKS, SYNTHETIC, EvalConfig
 from chatreid.evaluation.runner import evaluate_task
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = shared_dir()
 console = Console()
 
 EMBEDDERS = {  # label -> (source, card)

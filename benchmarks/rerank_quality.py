@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from common import shared_dir
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -43,7 +44,7 @@ from chatreid.evaluation.runner import TaskResult, evaluate_task, in_process_rer
 from chatreid.query import ModelSpec, VLMRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = shared_dir()
 OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
 CUHK03 = SHARED / "data" / "cuhk03-pair1"
 OUT = ROOT / "benchmarks" / "results" / "rerank_quality.json"
