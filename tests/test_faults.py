@@ -179,6 +179,8 @@ class Scenario:
             time.sleep(0.5)
         window = expected - self.seen_before
         self.seen_before = expected
+        if self.tail is not None and not expected <= have:  # for the failure message
+            notes["tail_reader"] = self.tail.stats.log_summary()
         result = PhaseResult(
             name=name, window=len(window), missing_window=sorted(window - have),
             missing_all=len(expected - have), duplicated=sorted(k for k, n in ids.items() if n > 1),
@@ -431,9 +433,11 @@ def _phase(run: FaultRun, name: str) -> PhaseResult:
 def _assert_window(run: FaultRun, phase: str) -> None:
     p = _phase(run, phase)
     assert p.window > 0, f"{phase}: no crops were streamed during the fault"
+    tail_marks = [m for m in run.timeline if "tail reader" in m[1]][-3:]
     assert not p.missing_window, (
         f"{phase}: {len(p.missing_window)} of the {p.window} valid crops written during the "
-        f"fault are not indexed (e.g. {p.missing_window[:3]})")
+        f"fault are not indexed (e.g. {p.missing_window[:3]}); the serving app holds "
+        f"{p.gallery} of {p.expected}; notes {p.notes}; tail reader errors {tail_marks}")
     assert not p.duplicated, f"{phase}: indexed twice: {p.duplicated[:5]}"
     assert not p.invalid_indexed, f"{phase}: invalid crops indexed: {p.invalid_indexed[:5]}"
 
