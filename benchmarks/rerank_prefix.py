@@ -12,7 +12,9 @@ For each model and gallery size K, the same queries are reranked by ``BestChoice
 
 Every path must choose the same candidates as the plain one with the same probabilities
 (checked, max difference recorded). Reported per path: latency p50/p95 per query, decoder
-forwards and ViT images per query; and each path's p50 speed-up over the plain one.
+forwards, decoder tokens and ViT images per query; and each path's p50 speed-up over the plain
+one. Beside them, each model's decoder cost on this machine (a fixed part per forward and a part
+per token), which tells what a path's forwards and tokens cost at least.
 
 Data: the synthetic world's Market-1501 layout (``--world``, default data/synth; a tiny one is
 generated in a temporary folder when missing): each query is a query crop, its candidates its
@@ -99,6 +101,7 @@ def summarise(results: list[RerankResult]) -> dict:
         "vit_cached_per_query": float(np.mean([r.stats.vision_cached for r in results])),
         "groups_judged_per_query": float(np.mean([r.stats.groups_judged for r in results])),
         "turns_per_query": float(np.mean([r.stats.turns for r in results])),
+        "decoder_tokens_per_query": float(np.mean([r.stats.decoder_tokens for r in results])),
     }
 
 
@@ -114,10 +117,31 @@ def agreement(a: list[RerankResult], b: list[RerankResult]) -> tuple[bool, float
     return same, diff
 
 
+@torch.no_grad()
+def cost_model(model, n: int = 256, reps: int = 5) -> dict:
+    """What a decoder forward costs here: a fixed part (one token: mostly reading every weight
+    once) and a part per token (n tokens, less the fixed part), median of ``reps``."""
+    def median_ms(tokens: int) -> float:
+        ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, tokens))
+        model(input_ids=ids, logits_to_keep=1)  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(input_ids=ids, logits_to_keep=1)
+            times.append((time.perf_counter() - t0) * 1000)
+        return float(np.median(times))
+
+    fixed, full = median_ms(1), median_ms(n)
+    return {"forward_fixed_ms": fixed, "per_token_ms": (full - fixed) / (n - 1)}
+
+
 def bench(model_name: str, args: argparse.Namespace, market: Market1501, console: Console) -> list:
     start = time.perf_counter()
     model, processor = build_model(model_name)
     console.log(f"{model_name}: built in {time.perf_counter() - start:.1f}s")
+    cost = cost_model(model)
+    console.log(f"{model_name}: a decoder forward costs {cost['forward_fixed_ms']:.1f} ms + "
+                f"{cost['per_token_ms']:.2f} ms per token")
     paths = rerankers(model, processor, args.group_size)
     rows = []
     for k in args.ks:
@@ -131,7 +155,7 @@ def bench(model_name: str, args: argparse.Namespace, market: Market1501, console
             for name, reranker in paths.items():
                 results[name] += run(reranker, [item])
         row: dict = {"model": model_name, "k": k, "queries": len(work),
-                     "group_size": args.group_size}
+                     "group_size": args.group_size, "cost": cost}
         for name in PATHS:
             row[name] = summarise(results[name])
         for name in PATHS[1:]:
@@ -149,8 +173,8 @@ def bench(model_name: str, args: argparse.Namespace, market: Market1501, console
 
 def table(rows: list[dict]) -> Table:
     t = Table(title="best-choice rerank per query, p50 ms (speed-up over plain) - full dialogue")
-    cols = ("model", "K", *PATHS, "forwards plain / reuse / batched", "ViT imgs plain / reuse "
-            "/ cached", "same", "max |Δp|")
+    cols = ("model", "K", *PATHS, "forwards plain / reuse / batched", "decoder tokens plain / "
+            "cached", "ViT imgs plain / reuse / cached", "same", "max |Δp|")
     for col in cols:
         t.add_column(col, justify="right")
     for r in rows:
@@ -159,7 +183,9 @@ def table(rows: list[dict]) -> Table:
         fwd = " / ".join(f"{r[n]['forwards_per_query']:.0f}" for n in PATHS[:3])
         vit = " / ".join(f"{r[n]['vit_images_per_query']:.0f}" for n in ("plain", "reuse",
                                                                           "cached"))
-        t.add_row(r["model"], str(r["k"]), *cells, fwd, vit, str(r["same_choices"]),
+        tokens = " / ".join(f"{r[n]['decoder_tokens_per_query']:.0f}" for n in ("plain",
+                                                                                "cached"))
+        t.add_row(r["model"], str(r["k"]), *cells, fwd, tokens, vit, str(r["same_choices"]),
                   f"{r['max_probability_diff']:.1e}")
     return t
 

@@ -272,6 +272,22 @@ def test_forward_passes_grow_linearly_with_k(reuse, tiny, crops) -> None:
     assert one_turn.groups_judged == expected_first_turn(16, 4) == 5
 
 
+def test_prefix_reuse_computes_fewer_decoder_tokens_for_the_same_answer(tiny, crops) -> None:
+    """The reuse path's saving is counted: it prefills the query once and runs only each
+    group's tokens past what an earlier forward computed - far fewer than the plain path, whose
+    every forward runs the whole prompt."""
+    model, processor = tiny
+    query, cands = query_for(QueryKind.STANDARD, crops), candidates(crops, 12)
+    plain, reused = (BestChoiceReranker(model, processor, group_size=4, reuse_prefix=r)
+                     .rerank(query, cands) for r in (False, True))
+    assert [t.chosen for t in plain.turns] == [t.chosen for t in reused.turns]
+    p, r = plain.stats, reused.stats
+    assert p.reused_tokens == 0 and p.decoder_tokens > p.group_tokens == 0
+    # the prefix once, then the group tokens not reused
+    assert r.decoder_tokens < p.decoder_tokens / 2
+    assert r.decoder_tokens > r.group_tokens - r.reused_tokens > 0
+
+
 # --- prefix reuse is exact ---------------------------------------------------------------------
 
 

@@ -76,6 +76,9 @@ class JudgeStats:
     batched_groups: int = 0  # group judgements that shared a forward with others
     group_tokens: int = 0  # candidate-list tokens the group forwards covered
     reused_tokens: int = 0  # of those, tokens taken from an earlier group forward's cache
+    # tokens the decoder computed (every forward, the prefix prefill included): on a CPU a
+    # query's time is about these times the per-token cost, plus a fixed cost per forward
+    decoder_tokens: int = 0
 
     @property
     def forwards(self) -> int:
@@ -172,6 +175,7 @@ class PlainJudge(BestChoiceJudge):
         images += [self.candidates[i] for i in members]
         enc = encode_prompt(self.processor, prompt.text, images)
         self.stats.group_forwards += 1
+        self.stats.decoder_tokens += enc["input_ids"].shape[1] + len(self.tokens.prefix)
         self.stats.groups_judged += 1
         self.stats.vision_images += len(images)
         return answer_logits(self.model, enc, self.tokens, len(members))
@@ -213,6 +217,7 @@ class PrefixJudge(BestChoiceJudge):
         )
         self._cache = out.cache
         self._prefix_len = enc["input_ids"].shape[1]
+        self.stats.decoder_tokens += self._prefix_len
         # Text after the prefix continues from its largest position, not from its length:
         # an image advances M-RoPE positions by max(h, w), not by its token count.
         self._next_pos = int(positions.max()) + 1
@@ -317,6 +322,7 @@ class PrefixJudge(BestChoiceJudge):
             self._recent = [(row.ids, row.source, cache), *self._recent][:_RECENT]
             self.stats.reused_tokens += row.shared
             self.stats.group_tokens += row.ids.shape[1]
+            self.stats.decoder_tokens += row.ids.shape[1] - row.shared
             out.append(index_logits(logits, self.tokens.index_ids[: row.n]))
         self.stats.group_forwards += len(rows) if not batchable else 1
         self.stats.groups_judged += len(rows)

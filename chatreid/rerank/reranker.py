@@ -116,6 +116,7 @@ class RerankStats:
     vision_cached: int  # candidate images whose ViT output came from the vision cache
     group_tokens: int  # candidate-list tokens the group judgements covered
     reused_tokens: int  # of those, taken from an earlier judgement's cache (prefix reuse)
+    decoder_tokens: int  # tokens the decoder computed, every forward (the prefix's included)
     batched_groups: int  # group judgements that shared a forward with others
     reuse_prefix: bool
     elapsed_s: float
@@ -416,6 +417,7 @@ def _stats(js: JudgeStats, n: int, turns: int, reuse: bool, start: float) -> Rer
         vision_cached=js.vision_cached,
         group_tokens=js.group_tokens,
         reused_tokens=js.reused_tokens,
+        decoder_tokens=js.decoder_tokens,
         batched_groups=js.batched_groups,
         reuse_prefix=reuse,
         elapsed_s=time.perf_counter() - start,
