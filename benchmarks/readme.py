@@ -367,19 +367,21 @@ def rerank_prefix(report: Report) -> str:
 
 
 def _rerank_floor(r: dict) -> str:
-    """What the warm cached path's forwards and decoder tokens cost at least, at the measured
-    decoder cost, against the time the 3.5x target allows (rows measured with the cost model)."""
+    """Where the decoder's own cost already exceeds what the 3.5x target allows: what the warm
+    cached path's forwards and decoder tokens cost at least, at the measured decoder cost
+    (nothing for rows without the cost model, or whose floor is within the target)."""
     cost, cached = r.get("cost"), r["cached"]
-    if not cost or "decoder_tokens_per_query" not in cached or r["model"] == "tiny":
+    if not cost or "decoder_tokens_per_query" not in cached:
         return ""
     fwd, tok = cached["forwards_per_query"], cached["decoder_tokens_per_query"]
     floor = fwd * cost["forward_fixed_ms"] + tok * cost["per_token_ms"]
     allowed = r["plain"]["p50_ms"] / 3.5
-    verdict = ("more than the" if floor > allowed else "within the")
+    if floor <= allowed:
+        return ""
     return (f"Where `{r['model']}`'s time goes: a decoder forward costs "
             f"{cost['forward_fixed_ms']:.0f} ms (reading every weight once) + "
             f"{cost['per_token_ms']:.2f} ms per token here, so the warm path's {fwd:.0f} forwards "
-            f"over {tok:.0f} tokens per query take at least {_ms(floor)} - {verdict} "
+            f"over {tok:.0f} tokens per query take at least {_ms(floor)} - more than the "
             f"{_ms(allowed)} that 3.5× allows; its tokens are already "
             f"{r['plain']['decoder_tokens_per_query'] / tok:.1f}× fewer than the plain path's, "
             "so what is left is decoder compute, not overhead (a re-asked group must recompute "
