@@ -199,7 +199,12 @@ def main() -> int:
     world = ensure_world(settings, PRESETS["default"], console)
     sections = set(args.sections.split(","))
     report: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
-    report.update({"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    # when each section was measured: a partial run must not re-date the sections it kept
+    measured = report.get("measured") or {
+        k: report["created_at"] for k in ("imports", "finetune", "throughput") if k in report}
+    report["measured"] = {**measured, **dict.fromkeys(sections, now)}
+    report.update({"created_at": now,
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                    "data": "cuhk03-pair1 (val: 100 people, 938 images; train: 743 people)"})
     if "imports" in sections:

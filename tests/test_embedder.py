@@ -18,6 +18,7 @@ from chatreid.embedder import (
     imagenet_model,
     imagenet_weights_path,
 )
+from chatreid.embedder.embedder import fold_batchnorm
 
 ATOL = 1e-4
 
@@ -57,6 +58,26 @@ def test_matches_reference_implementation() -> None:
     x = torch.randn(2, 3, 256, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(ours.eval()(x), ref.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_folded_inference_gives_the_unfolded_networks_vectors(crops: list[Image.Image]) -> None:
+    """embed() runs a copy with every BatchNorm folded into its convolution (the speed of the
+    ingest path); the vectors must be the unfolded network's, and the checkpoint keeps the
+    norms (what training continues from)."""
+    model = imagenet_model(projection_dim=64, bnneck=True)
+    with torch.no_grad():  # trained-looking statistics, so a fold that ignored them would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    embedder = Embedder(model, model_id="fold-test")
+    norms = [m for m in embedder.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 52  # MobileNetV2's, untouched in the model that is saved
+    x = embedder.preprocess(crops)
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(embedder.model(x), dim=1).numpy()
+    np.testing.assert_allclose(embedder.embed(crops), reference, atol=1e-5)
+    assert not [m for m in fold_batchnorm(model).modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
 def test_output_shape_dtype_and_unit_norm(embedder: Embedder, crops: list[Image.Image]) -> None:
