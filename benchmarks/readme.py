@@ -10,6 +10,7 @@ benchmarks/README.md is written by the renderer ``NAME`` from its JSON (``BLOCKS
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -621,6 +622,55 @@ def rerank_quality(report: Report) -> str:
     return "\n".join(rows) + "\n\n" + "\n".join(acc) + f"\n\n{note}."
 
 
+_ABLATION = re.compile(r"^(?P<preset>\w+) preset, stages (?P<stages>3|2\+3|1\+2\+3)$")
+_ABLATIONS = ("3", "2+3", "1+2+3")
+
+
+def stage_ablation(report: Report) -> str:
+    """The paper's Table 4 from ``rerank_quality.json``: the default preset's three chains (the
+    checkpoints labelled '<preset> preset, stages <ablation>'), ChatReID mAP per synthetic task
+    beside the prefilter, and whether each stage adds (the mean over the tasks rises from
+    chain to chain)."""
+    chains: dict[str, tuple[str, dict]] = {}
+    for version, entry in report.get("checkpoints", {}).items():
+        m = _ABLATION.match(entry.get("label", ""))
+        if m and m["preset"] == "default" and entry.get("synthetic"):
+            chains[m["stages"]] = (version, entry)
+    if not chains:
+        return "No default-preset chain measured yet."
+    tasks = [r["task"] for r in next(iter(chains.values()))[1]["synthetic"]["rows"]]
+
+    def by_task(entry: dict, key: str) -> dict[str, float]:
+        return {r["task"]: r[key]["mAP"] for r in entry["synthetic"]["rows"] if r.get(key)}
+
+    first = chains[next(a for a in _ABLATIONS if a in chains)][1]
+    base = by_task(first, "prefilter")
+    rows = [["prefilter", "-", *(f"{base[t]:.1f}" for t in tasks),
+             f"{sum(base.values()) / len(base):.2f}"]]
+    means = []
+    for stages in _ABLATIONS:
+        if stages not in chains:
+            rows.append([f"stages {stages}", "not measured yet", *("-" for _ in tasks), "-"])
+            continue
+        version, entry = chains[stages]
+        got = by_task(entry, "chatreid_confidence")
+        means.append(sum(got.values()) / len(got))
+        when = f" ({entry['measured'][:10]})" if entry.get("measured") else ""
+        rows.append([f"stages {stages}", f"`{version[:12]}`{when}",
+                     *(f"{got[t]:.1f}" for t in tasks), f"{means[-1]:.2f}"])
+    prefilters = {e["synthetic"]["prefilter"] for _, e in chains.values()}
+    complete = len(means) == len(_ABLATIONS)
+    adds = complete and all(round(b, 2) > round(a, 2) for a, b in itertools.pairwise(means))
+    verdict = (_verdict(adds, "each stage adds (mean mAP rises chain to chain)") if complete
+               else "**each stage adds: not decided** (a chain is not measured yet)")
+    return "\n".join(_table(["chain", "checkpoint (measured)", *map(_task_label, tasks),
+                             "mean"], rows)) + (
+        f"\n\n{verdict}. ChatReID mAP (%, confidence mode) per synthetic task, K = "
+        f"{report['k']}, the test half of {report['queries_per_task']} queries per task; "
+        f"prefilter {', '.join(sorted(prefilters))}; `benchmarks/rerank_quality.py --label "
+        f"'default preset, stages <chain>'`.")
+
+
 def _per_kind(figures: dict) -> dict:
     """Figures with the per-kind fit under ``kind/`` (results from before image kinds were
     fitted name it ``clue/``)."""
@@ -815,6 +865,7 @@ BLOCKS: dict[str, Block] = {
     "cuhk03_default": Block(cuhk03_default, _results("real_people")),
     "rerank_quality": Block(rerank_quality, _results("rerank_quality")),
     "identity_head": Block(identity_head, _results("rerank_quality")),
+    "stage_ablation": Block(stage_ablation, _results("rerank_quality")),
     "status": Block(status, _results("rerank_quality", "real_people")),
     "eval_synthetic": Block(eval_synthetic, ("docs/eval/results.json",)),
     "scaling": Block(scaling, _results("ingest", "prefilter_search", "prefilter_compressed_512",

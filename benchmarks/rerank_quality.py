@@ -236,8 +236,13 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=60, help="queries per task (half fit w)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--sections", default="tuning,synthetic,real")
+    ap.add_argument("--label", nargs="*", default=None,
+                    help="one per --vlm: what the checkpoint is, e.g. 'default preset, stages "
+                         "2+3' (the README's Table 4 reads '<preset> preset, stages <ablation>')")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    if args.label is not None and len(args.label) != len(args.vlm or []):
+        ap.error("give one --label per --vlm version")
     settings = Settings()
     sections = set(args.sections.split(","))
     versions = args.vlm or [latest(settings, "vlm", "stage3").version]
@@ -253,8 +258,11 @@ def main() -> None:
     synth_root = settings.train.world
     if "tuning" in sections:
         report["tuning"] = tuning(settings)
-    for version in versions:
+    for n, version in enumerate(versions):
         entry = report["checkpoints"].setdefault(version, {})
+        if args.label is not None:
+            entry["label"] = args.label[n]
+        entry["measured"] = report["date"]  # the report's date moves with every run
         runtime = VLMRuntime.load(settings, ModelSpec.of_checkpoint(find(settings, "vlm",
                                                                          version)))
         entry["figures"] = checkpoint_figures(settings, version)

@@ -142,3 +142,30 @@ def test_every_code_path_the_docs_name_exists(doc: Path) -> None:
             if source is None or (rest and not _defines(source, rest[0])):
                 missing.append(name)
     assert not missing, f"{doc.relative_to(ROOT)} names what no longer exists: {missing}"
+
+
+def _chain(stages: str, mean: float) -> tuple[str, dict]:
+    rows = [{"task": t, "prefilter": {"mAP": 10.0, "rank1": 0.0},
+             "chatreid_confidence": {"mAP": mean, "rank1": 0.0}} for t in ("synth_standard",
+                                                                            "synth_attribute")]
+    return f"hpt3-{stages}", {"label": f"default preset, stages {stages}",
+                              "synthetic": {"prefilter": "emb@256x128", "rows": rows}}
+
+
+@pytest.mark.parametrize(("means", "verdict"), [
+    ((10.0, 11.0, 12.0), "each stage adds (mean mAP rises chain to chain): met"),
+    ((10.0, 12.0, 12.0), "each stage adds (mean mAP rises chain to chain): not met"),
+    ((10.0, 12.0, None), "each stage adds: not decided"),
+])
+def test_table_4_says_each_stage_adds_only_when_every_chain_is_measured_and_rises(
+        means, verdict) -> None:
+    """Table 4's verdict comes from the labelled chains: all three, each mean above the last;
+    a quick-preset checkpoint never stands in for a default-preset chain."""
+    checkpoints = dict(_chain(s, m) for s, m in zip(("3", "2+3", "1+2+3"), means, strict=True)
+                       if m is not None)
+    _, quick = _chain("1+2+3", 99.0)
+    checkpoints["hpt3-quick"] = {**quick, "label": "quick preset, stages 1+2+3"}
+    report = {"checkpoints": checkpoints, "k": 10, "queries_per_task": 60}
+    text = _readme_module().stage_ablation(report)
+    assert f"**{verdict}**" in text
+    assert "99.0" not in text
