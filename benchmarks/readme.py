@@ -729,8 +729,9 @@ def status(rerank: Report, people: Report) -> str:
         below = [r["task"] for r in rows
                  if r["chatreid_confidence"] and r["prefilter"]
                  and r["chatreid_confidence"]["mAP"] < r["prefilter"]["mAP"]]
-        line = (f"- VLM rerank (`{version[:12]}`, ranked by confidence): below the prefilter "
-                f"in mAP on {len(below)} of {len(rows)} tasks")
+        label = f", {entry['label']}" if entry.get("label") else ""
+        line = (f"- VLM rerank (`{version[:12]}`{label}, ranked by confidence): below the "
+                f"prefilter in mAP on {len(below)} of {len(rows)} tasks")
         for r in rows:
             if r["task"] == "cuhk03_pair1":
                 line += (f"; on real people (cuhk03_pair1) {r['chatreid_confidence']['mAP']:.1f}"
