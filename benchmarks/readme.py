@@ -643,10 +643,12 @@ def stage_ablation(report: Report) -> str:
     def by_task(entry: dict, key: str) -> dict[str, float]:
         return {r["task"]: r[key]["mAP"] for r in entry["synthetic"]["rows"] if r.get(key)}
 
-    first = chains[next(a for a in _ABLATIONS if a in chains)][1]
-    base = by_task(first, "prefilter")
-    rows = [["prefilter", "-", *(f"{base[t]:.1f}" for t in tasks),
-             f"{sum(base.values()) / len(base):.2f}"]]
+    prefilters = {e["synthetic"]["prefilter"]: e for _, e in chains.values()}
+    rows = []
+    for prefilter, entry in prefilters.items():
+        base = by_task(entry, "prefilter")
+        rows.append([f"prefilter `{prefilter.split('@')[0][-12:]}`", "-",
+                     *(f"{base[t]:.1f}" for t in tasks), f"{sum(base.values()) / len(base):.2f}"])
     means = []
     for stages in _ABLATIONS:
         if stages not in chains:
@@ -655,19 +657,24 @@ def stage_ablation(report: Report) -> str:
         version, entry = chains[stages]
         got = by_task(entry, "chatreid_confidence")
         means.append(sum(got.values()) / len(got))
-        when = f" ({entry['measured'][:10]})" if entry.get("measured") else ""
-        rows.append([f"stages {stages}", f"`{version[:12]}`{when}",
+        when = f", {entry['measured'][:10]}" if entry.get("measured") else ""
+        over = entry["synthetic"]["prefilter"].split("@")[0][-12:]
+        rows.append([f"stages {stages}", f"`{version[:12]}` (over `{over}`{when})",
                      *(f"{got[t]:.1f}" for t in tasks), f"{means[-1]:.2f}"])
-    prefilters = {e["synthetic"]["prefilter"] for _, e in chains.values()}
-    complete = len(means) == len(_ABLATIONS)
-    adds = complete and all(round(b, 2) > round(a, 2) for a, b in itertools.pairwise(means))
-    verdict = (_verdict(adds, "each stage adds (mean mAP rises chain to chain)") if complete
-               else "**each stage adds: not decided** (a chain is not measured yet)")
-    return "\n".join(_table(["chain", "checkpoint (measured)", *map(_task_label, tasks),
+    if len(means) < len(_ABLATIONS):
+        verdict = "**each stage adds: not decided** (a chain is not measured yet)"
+    elif len(prefilters) > 1:
+        verdict = ("**each stage adds: not decided** (the chains were measured over different "
+                   "prefilter embedders)")
+    else:
+        verdict = _verdict(all(round(b, 2) > round(a, 2) for a, b in itertools.pairwise(means)),
+                           "each stage adds (mean mAP rises chain to chain)")
+    return "\n".join(_table(["chain", "checkpoint (prefilter, measured)", *map(_task_label, tasks),
                              "mean"], rows)) + (
         f"\n\n{verdict}. ChatReID mAP (%, confidence mode) per synthetic task, K = "
-        f"{report['k']}, the test half of {report['queries_per_task']} queries per task; "
-        f"prefilter {', '.join(sorted(prefilters))}; `benchmarks/rerank_quality.py --label "
+        f"{report['k']}, the test half of {report['queries_per_task']} queries per task, each "
+        f"chain over the default preset's prefilter embedder of its run (a chain compares only "
+        f"with chains over the same one); `benchmarks/rerank_quality.py --label "
         f"'default preset, stages <chain>'`.")
 
 

@@ -169,3 +169,12 @@ def test_table_4_says_each_stage_adds_only_when_every_chain_is_measured_and_rise
     text = _readme_module().stage_ablation(report)
     assert f"**{verdict}**" in text
     assert "99.0" not in text
+
+
+def test_table_4_does_not_compare_chains_over_different_prefilters() -> None:
+    checkpoints = dict(_chain(s, m) for s, m in zip(("3", "2+3", "1+2+3"), (1.0, 2.0, 3.0),
+                                                    strict=True))
+    checkpoints["hpt3-3"]["synthetic"]["prefilter"] = "other-embedder@256x128"
+    report = {"checkpoints": checkpoints, "k": 10, "queries_per_task": 60}
+    text = _readme_module().stage_ablation(report)
+    assert "**each stage adds: not decided** (the chains were measured over different" in text
