@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import re
 import secrets
 from typing import Any
 
@@ -16,6 +17,10 @@ from chatreid.config import Settings, reveal, secret_paths
 from chatreid.local_head import LOOPBACK_RAY_ENV, LocalHead, is_loopback
 
 log = logging.getLogger(__name__)
+# Worker lines kept out of the terminal (they stay in Ray's session logs). Ray Train's
+# placement-group cleaner asks the State API, which runs in the dashboard (off on these
+# clusters), whether the run's controller lives, and warns every second that it cannot.
+QUIET_WORKER_LINES = r"Failed to query Ray Train Controller actor state"
 # Settings that are secrets (typed SecretStr): never part of a config Ray logs or a job persists.
 SECRETS = tuple(secret_paths())
 _KV_NAMESPACE = "chatreid"
@@ -104,6 +109,7 @@ def connect(settings: Settings, log_to_driver: bool = True) -> None:
             decides."""
     if ray.is_initialized():
         return
+    _quiet_worker_lines()
     address = settings.ray.address
     head = LocalHead(settings)
     if address is None and settings.ray.join_local_head and head.healthy():
@@ -128,6 +134,19 @@ def connect(settings: Settings, log_to_driver: bool = True) -> None:
         _temp_dir=str(settings.ray.temp_dir),
         log_to_driver=log_to_driver,
     )
+
+
+def _quiet_worker_lines() -> None:
+    """Drop :data:`QUIET_WORKER_LINES` from the worker output Ray prints here, beside any
+    ``RAY_DEDUP_LOGS_SKIP_REGEX`` of the user's. Ray reads that variable once, when it is
+    imported, into its two log deduplicators, so they get the pattern directly (private
+    Ray API, like :func:`_ray_reread_environment`)."""
+    from ray._private import ray_logging
+
+    own = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    pattern = re.compile(f"(?:{own})|(?:{QUIET_WORKER_LINES})" if own else QUIET_WORKER_LINES)
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        dedup.skip_re = pattern
 
 
 def _loopback_only() -> None:
