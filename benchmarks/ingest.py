@@ -64,8 +64,8 @@ def embedder_forward_throughput(settings: Settings, crops: list, batch: int,
     embedder = embedder_from_settings(settings.embedder)
     if not fold_norms and isinstance(embedder, Embedder):
         embedder = Embedder(embedder.model, model_id=embedder.model_id, height=embedder.height,
-                            width=embedder.width, batch_size=embedder.batch_size,
-                            fold_norms=False)
+                            width=embedder.width, device=embedder.device,
+                            batch_size=embedder.batch_size, fold_norms=False)
     default = torch.get_num_threads()
     torch.set_num_threads(threads or default)
 

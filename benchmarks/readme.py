@@ -640,6 +640,9 @@ def stage_ablation(report: Report) -> str:
         return "No default-preset chain measured yet."
     tasks = [r["task"] for r in next(iter(chains.values()))[1]["synthetic"]["rows"]]
 
+    def short(embedder_version: str) -> str:  # the weights' hash, without the input size
+        return embedder_version.split("@")[0][-12:]
+
     def by_task(entry: dict, key: str) -> dict[str, float]:
         return {r["task"]: r[key]["mAP"] for r in entry["synthetic"]["rows"] if r.get(key)}
 
@@ -647,7 +650,7 @@ def stage_ablation(report: Report) -> str:
     rows = []
     for prefilter, entry in prefilters.items():
         base = by_task(entry, "prefilter")
-        rows.append([f"prefilter `{prefilter.split('@')[0][-12:]}`", "-",
+        rows.append([f"prefilter `{short(prefilter)}`", "-",
                      *(f"{base[t]:.1f}" for t in tasks), f"{sum(base.values()) / len(base):.2f}"])
     means = []
     for stages in _ABLATIONS:
@@ -658,7 +661,7 @@ def stage_ablation(report: Report) -> str:
         got = by_task(entry, "chatreid_confidence")
         means.append(sum(got.values()) / len(got))
         when = f", {entry['measured'][:10]}" if entry.get("measured") else ""
-        over = entry["synthetic"]["prefilter"].split("@")[0][-12:]
+        over = short(entry["synthetic"]["prefilter"])
         rows.append([f"stages {stages}", f"`{version[:12]}` (over `{over}`{when})",
                      *(f"{got[t]:.1f}" for t in tasks), f"{means[-1]:.2f}"])
     if len(means) < len(_ABLATIONS):

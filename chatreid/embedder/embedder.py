@@ -9,8 +9,9 @@ Two sources of weights:
   projection (Linear) and BNNeck (BatchNorm1d) head on top of the backbone.
 
 Inference runs on a copy of the network with each BatchNorm folded into the convolution before
-it (:func:`fold_batchnorm`): the same vectors to float rounding, ~2.7x faster on a CPU, where an
-eval-mode BatchNorm is one more pass over every activation. Checkpoints keep the unfolded weights.
+it (:func:`fold_batchnorm`): the same vectors to float rounding, faster on a CPU, where an
+eval-mode BatchNorm is one more pass over every activation (``benchmarks/ingest.py`` measures
+both). Checkpoints keep the unfolded weights.
 
 ``Embedder.version`` names the embedding space (weights *and* input size): vectors are only
 comparable between embedders with the same version, so the prefilter store keys on it.
