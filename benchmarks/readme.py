@@ -106,6 +106,7 @@ def ingest(report: Report) -> str:
           if "pipeline_vs_one_forward_default_threads" in report else []),
         ["capture → searchable p50 / p95",
          f"{e2e['latency_p50_s']:.1f} s / {e2e['latency_p95_s']:.1f} s"],
+        *_own_core_rows(report.get("own_core"), target),
     ])
     cpu = ", ".join(f"{k} {v:g}" for k, v in e2e["cpu_core_seconds"].items())
     h, w = fwd["input"]
@@ -113,11 +114,33 @@ def ingest(report: Report) -> str:
     folding = (f" Folding the BatchNorms makes the service's forward "
                f"{modes['as_the_service_runs_it'] / as_trained:.1f}× faster (same vectors)."
                if modes and as_trained else "")
+    own = report.get("own_core")
+    verdict = _verdict(report["meets_target"], "pipeline ≥ target × forward, all on the same "
+                       "cores") + (". " + _verdict(own["meets_target"], "with the embedder on a "
+                                   "core of its own") if own else "")
+    own_cpu = (" With the embedder on its own core: " + ", ".join(
+        f"{k} {v:g}" for k, v in own["end_to_end"]["cpu_core_seconds"].items())
+        + f" ({own['end_to_end']['cpu_core_seconds_available']:g} available)." if own else "")
     return "\n".join(rows) + (
-        f"\n\n{_verdict(report['meets_target'], 'pipeline ≥ target × forward')}. "
+        f"\n\n{verdict}. "
         f"Core-seconds used during the run ({e2e['cpu_core_seconds_available']:g} available): "
-        f"{cpu}.{folding}\n\n{e2e['crops']:,} crops of {h}×{w}, batch {fwd['batch']}, "
+        f"{cpu}.{own_cpu}{folding}\n\n{e2e['crops']:,} crops of {h}×{w}, batch {fwd['batch']}, "
         f"{_cpus(report)}; measured {_when(report)}.")
+
+
+def _own_core_rows(own: dict | None, target: float) -> list[list[str]]:
+    """The same run's second layout: the embedding service and its forward reference pinned to
+    a core of their own, the servers, ingestor and reader on the rest."""
+    if not own:
+        return []
+    cores = ", ".join(str(c) for c in own["embedder_cores"])
+    where = f"embedder alone on core {cores}, the rest on the other core(s)"
+    return [
+        [f"{where}: forward ceiling there", f"{own['forward_crops_per_s']:.0f} crops/s"],
+        [f"{where}: end to end, sustained", f"{own['end_to_end']['crops_per_s']:.1f} crops/s"],
+        [f"{where}: pipeline / forward ceiling",
+         f"{own['pipeline_vs_forward']:.0%} (target {target:.0%})"],
+    ]
 
 
 # --- prefilter search ---------------------------------------------------------------------------
