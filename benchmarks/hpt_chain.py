@@ -31,7 +31,7 @@ TARGET_MIN = 60.0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--no-embedder", action="store_true")
     ap.add_argument("--embedder-only", action="store_true",

@@ -54,6 +54,24 @@ def ensure_world(settings: Settings, recipe: TrainRecipe, console: Console) -> P
     return root
 
 
+def ensure_extra_world(world: Path, recipe: TrainRecipe, console: Console) -> Path | None:
+    """The embedder's extra people (``recipe.embedder_extra_people``) beside the training
+    world, synthesised (deterministically) if not there; None when the recipe has none."""
+    from chatreid.synth import SynthConfig, generate_world
+    from chatreid.tuning.embedder_training import extra_world_config
+
+    if not recipe.embedder_extra_people:
+        return None
+    training = SynthConfig(seed=recipe.seed) if recipe.synth_size == "small" else (
+        SynthConfig.tiny(seed=recipe.seed))
+    cfg = extra_world_config(training, recipe.embedder_extra_people)
+    root = world.with_name(f"{world.name}-people{cfg.n_identities}-seed{cfg.seed}")
+    if not (root / "attributes" / "attributes.json").is_file():
+        console.print(f"synthesising {cfg.n_identities} more people for the embedder into {root}")
+        generate_world(root, cfg, progress=True)
+    return root
+
+
 def stage_config(settings: Settings, recipe: TrainRecipe, stage: int) -> HPTConfig:
     r = recipe.stages[stage]
     return HPTConfig(
@@ -164,8 +182,10 @@ def train_embedder_stage(
     from ray_jobs.train_embedder import train_embedder
 
     t = settings.train
+    extra = ensure_extra_world(world, recipe, console)
     cfg = EmbedderTrainConfig(
-        world_root=world, real_root=t.real_root, start=t.embedder_start,
+        world_root=world, extra_worlds=[extra] if extra else [], real_root=t.real_root,
+        start=t.embedder_start,
         teacher=t.embedder_teacher, epochs=recipe.embedder_epochs, seed=recipe.seed,
         height=recipe.embedder_size[0], width=recipe.embedder_size[1],
         steps_per_epoch=recipe.embedder_steps_per_epoch,

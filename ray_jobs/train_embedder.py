@@ -64,7 +64,7 @@ def train_embedder(
                  if cfg.start == "imagenet"
                  else resolve_source(settings, cfg.start, cfg.start_card, Path(tmp)))
         baseline = evaluate_parts(start, cfg.world_root, cfg.real_root)
-    data_hash = train_split_hash(cfg.world_root, cfg.real_root)
+    data_hash = train_split_hash(cfg.world_root, cfg.real_root, cfg.extra_worlds)
     name = name or run_name(cfg, data_hash)
     workers = num_workers or settings.train.num_workers
     console.print(f"[bold]embedder[/bold]: Ray Train run {name} on {workers} workers "

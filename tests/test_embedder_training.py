@@ -34,7 +34,9 @@ from chatreid.tuning.embedder_training import (
     PKSampler,
     augment,
     evaluate_embedder,
+    extra_world_config,
     model_id_for,
+    train_images,
     train_split_hash,
     triplet_hard_loss,
 )
@@ -115,6 +117,23 @@ def test_train_split_hash_changes_with_the_split(world: Path, tmp_path: Path) ->
     first = sorted((copy / "market1501" / "bounding_box_train").iterdir())[0]
     first.write_bytes(first.read_bytes()[:-1] + b"\x00")
     assert train_split_hash(copy) != train_split_hash(world)
+
+
+def test_extra_people_train_beside_the_world_and_stay_other_people(world: Path,
+                                                                    tmp_path: Path) -> None:
+    extra_cfg = extra_world_config(WORLD, 12)
+    # other people than the training world's and the fit world's, each in several outfits
+    assert extra_cfg.seed not in (WORLD.seed, WORLD.seed + 1_000_003_000)
+    assert extra_cfg.n_distractors == 0 and extra_cfg.outfits_per_identity[0] >= 2
+    extra = generate_world(tmp_path / "extra", extra_cfg, progress=False).root
+    alone, both = train_images(world), train_images(world, extra_worlds=[extra])
+    extra_ids = {i.identity for i in both} - {i.identity for i in alone}
+    # the same pid in two worlds is two people: none of the extra labels is a world label
+    assert extra_ids and all(i.startswith("extra1/") for i in extra_ids)
+    assert len(extra_ids) == Market1501(extra).num_train_pids >= 10  # ~90 % of the 12
+    assert [i for i in both if not i.identity.startswith("extra1/")] == alone
+    # the data hash, hence the embedder's run and version, changes with the extra people
+    assert train_split_hash(world, extra_worlds=[extra]) != train_split_hash(world)
 
 
 def test_evaluate_embedder_baseline(world: Path) -> None:

@@ -370,6 +370,24 @@ def test_the_deepspeed_path_trains_through_the_same_job(chain, train_settings: S
     assert out.metrics["step"] == 6
 
 
+def test_a_recipe_with_extra_people_gets_their_world_beside_the_training_world(
+        tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from ray_jobs.train import PRESETS, ensure_extra_world
+
+    world = tmp_path / "synth"
+    micro = PRESETS["micro"]
+    assert ensure_extra_world(world, micro, Console()) is None  # the presets' default: none
+    recipe = micro.model_copy(update={"embedder_extra_people": 8})
+    root = ensure_extra_world(world, recipe, Console())
+    assert root is not None and root.parent == tmp_path and root != world
+    written = (root / "manifest.json").stat().st_mtime_ns
+    assert ensure_extra_world(world, recipe, Console()) == root  # there already: kept as is
+    assert (root / "manifest.json").stat().st_mtime_ns == written
+    assert '"n_identities": 8' in (root / "manifest.json").read_text()
+
+
 def test_ablation_switch_selects_the_papers_rows() -> None:
     from ray_jobs.train import vlm_stages
 

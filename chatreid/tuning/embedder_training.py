@@ -65,6 +65,7 @@ from chatreid.metrics import compute_distmat, evaluate_rank
 
 if TYPE_CHECKING:
     from chatreid.embedder.onnx import OnnxEmbedder
+    from chatreid.synth import SynthConfig
 
 __all__ = [
     "HISTORY_FILE",
@@ -75,6 +76,7 @@ __all__ = [
     "evaluate_embedder",
     "evaluate_parts",
     "evaluate_real",
+    "extra_world_config",
     "relational_distill_loss",
     "shared_features",
     "train_embedder_loop",
@@ -87,6 +89,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"  # model + optimiser + schedule: what a restarted worker resumes
 HISTORY_FILE = "history.json"  # per-epoch metrics, for the report and the tests
+EXTRA_SEED_OFFSET = 2_000_005_000  # the embedder's extra people; the fit world is 1_000_003_000
 
 
 class EmbedderTrainConfig(BaseModel):
@@ -102,6 +105,11 @@ class EmbedderTrainConfig(BaseModel):
         default=None,
         description="real images in the CUHK03 pair-1 layout (train/, val/): train/ is "
         "trained on, val/ evaluated (camera A -> B and B -> A, averaged)")
+    extra_worlds: list[Path] = Field(
+        default_factory=list,
+        description="further synthetic worlds (Market-1501 layout) whose train split is "
+        "trained on too: more people, each world's kept apart from the others'; never evaluated "
+        "here (see `extra_world_config`)")
     start: str = Field(
         default="imagenet",
         description="'imagenet'; a torch embedder checkpoint (file, directory or "
@@ -174,25 +182,47 @@ class TrainImage:
     camid: int
 
 
-def train_images(world_root: Path | None = None,
-                 real_root: Path | None = None) -> list[TrainImage]:
+def train_images(world_root: Path | None = None, real_root: Path | None = None,
+                 extra_worlds: Sequence[Path] = ()) -> list[TrainImage]:
     """Every train image of the configured sources, in a stable order."""
     images: list[TrainImage] = []
-    if world_root is not None:
-        images += [TrainImage(r.path, f"synthetic/{r.pid}", r.camid)
-                   for r in _market(Path(world_root)).train]
+    for source, root in _synthetic_sources(world_root, extra_worlds).items():
+        images += [TrainImage(r.path, f"{source}/{r.pid}", r.camid)
+                   for r in _market(root).train]
     if real_root is not None:
         images += [TrainImage(r.path, f"real/{r.pid}", r.camid)
                    for r in _real(Path(real_root)).train]
     return images
 
 
-def train_split_hash(world_root: Path | None = None, real_root: Path | None = None) -> str:
+def _synthetic_sources(world_root: Path | None, extra_worlds: Sequence[Path]
+                       ) -> dict[str, Path]:
+    """Label prefix -> world: ``synthetic`` for the evaluated world, ``extra1``, ``extra2``, ...
+    for the others (pid 7 of two worlds is two people)."""
+    sources = {"synthetic": Path(world_root)} if world_root is not None else {}
+    sources.update({f"extra{n}": Path(root) for n, root in enumerate(extra_worlds, 1)})
+    return sources
+
+
+def extra_world_config(training: SynthConfig, people: int) -> SynthConfig:
+    """A world of ``people`` more train identities for the embedder: the training world's
+    cameras and rendering, other people (a seed far from the training, fit and anyone's own
+    worlds), each in two or three outfits so that a person is learnt across clothes, no
+    distractors, nearly all of them in the train split (its test split is never used)."""
+    return training.model_copy(update={
+        "seed": training.seed + EXTRA_SEED_OFFSET, "n_identities": people, "n_distractors": 0,
+        "outfits_per_identity": (2, 3), "train_fraction": 0.9})
+
+
+def train_split_hash(world_root: Path | None = None, real_root: Path | None = None,
+                     extra_worlds: Sequence[Path] = ()) -> str:
     """sha256 over the train images: source, relative path, identity, camera and content hash
     of each, so a changed label or a changed pixel gives another data hash."""
     digest = hashlib.sha256()
-    roots = {"synthetic": world_root, "real": real_root}
-    for img in sorted(train_images(world_root, real_root), key=lambda i: (i.identity, i.path)):
+    roots: dict[str, Path | None] = {**_synthetic_sources(world_root, extra_worlds),
+                                     "real": real_root}
+    for img in sorted(train_images(world_root, real_root, extra_worlds),
+                      key=lambda i: (i.identity, i.path)):
         source = img.identity.split("/", 1)[0]
         content = hashlib.sha256(img.path.read_bytes()).hexdigest()
         root = roots[source]
@@ -514,7 +544,8 @@ class EmbedderTrainer:
         if self.frozen is not None and cfg.teacher:
             raise ValueError("a teacher distils into a torch start (imagenet or a torch "
                              "checkpoint); an ONNX start is frozen already")
-        self.data = IdentityDataset(train_images(cfg.world_root, cfg.real_root), cfg.height,
+        self.data = IdentityDataset(train_images(cfg.world_root, cfg.real_root, cfg.extra_worlds),
+                                    cfg.height,
                                     cfg.width, decode=self.frozen is None)
         self.sampler = PKSampler(self.data.labels, cfg.p, cfg.k, steps=cfg.steps_per_epoch,
                                  seed=cfg.seed, rank=rank, world_size=world_size)

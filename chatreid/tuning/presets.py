@@ -32,6 +32,10 @@ class TrainRecipe(BaseModel):
     embedder_epochs: int = 10
     embedder_size: tuple[int, int] = (256, 128)  # (h, w) the embedder trains and serves at
     embedder_steps_per_epoch: int | None = None  # None: one pass over the train images
+    embedder_extra_people: int = Field(
+        default=0, ge=0, description="synthetic people of a world of their own that the "
+        "embedder also trains on (chatreid.tuning.embedder_training.extra_world_config); 0: "
+        "the training world's train split only")
 
 
 PRESETS: dict[str, TrainRecipe] = {
