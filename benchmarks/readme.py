@@ -657,7 +657,10 @@ def stage_ablation(report: Report) -> str:
     chains: dict[str, tuple[str, dict]] = {}
     for version, entry in report.get("checkpoints", {}).items():
         m = _ABLATION.match(entry.get("label", ""))
-        if m and m["preset"] == "default" and entry.get("synthetic"):
+        if not (m and m["preset"] == "default" and entry.get("synthetic")):
+            continue
+        earlier = chains.get(m["stages"])  # a chain measured again: its newest entry counts
+        if earlier is None or entry.get("measured", "") >= earlier[1].get("measured", ""):
             chains[m["stages"]] = (version, entry)
     if not chains:
         return "No default-preset chain measured yet."

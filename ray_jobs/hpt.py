@@ -82,13 +82,29 @@ class Runtime(BaseModel):
         )
 
 
-def version_for(job: StageJob, runtime: Runtime) -> str:
-    """Same inputs → same version: a re-run resumes the same Ray run and re-pushes idempotently."""
-    key = json.dumps({
+def version_for(job: StageJob, runtime: Runtime, identity: dict[str, Any] | None = None) -> str:
+    """Same inputs → same version: a re-run resumes the same Ray run and re-pushes idempotently.
+    ``identity``: what a stage-3 identity head is made from (:func:`identity_recipe`); the same
+    decoder with a head over another embedder is another checkpoint."""
+    parts: dict[str, Any] = {
         "hpt": job.hpt.model_dump(), "data": job.dataset_id,
         "parent": job.parent.version if job.parent else None, "runtime": runtime.model_dump(),
-    }, sort_keys=True)
+    }
+    if identity is not None:
+        parts["identity"] = identity
+    key = json.dumps(parts, sort_keys=True)
     return f"hpt{job.hpt.stage}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def identity_recipe(settings: Settings, job: StageJob) -> dict[str, Any] | None:
+    """The inputs of the identity head a stage-3 job attaches (None when it attaches none): the
+    backbone's resolved version ('prefilter' names whichever embedder serves now) and the
+    settings that train and fit the head."""
+    if job.hpt.stage != 3 or not job.identity_backbone:
+        return None
+    t = settings.train
+    return {"backbone": identity_backbone(settings, job.identity_backbone).version,
+            "epochs": t.identity_epochs, "fit_world": t.fit_world, "fit_queries": t.fit_queries}
 
 
 # --- worker side -------------------------------------------------------------------------------
@@ -153,7 +169,7 @@ def hpt_loop(config: dict[str, Any]) -> None:
 def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
     """Train one stage on the cluster, then push its model with a manifest and an event."""
     runtime = Runtime.of(settings.train)
-    version = version_for(job, runtime)
+    version = version_for(job, runtime, identity_recipe(settings, job))
     t0 = time.perf_counter()
     result = run_trainer(
         settings, hpt_loop, {"job": job.model_dump(mode="json")}, name=f"{MODEL_NAME}-{version}"

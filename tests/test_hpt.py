@@ -388,6 +388,31 @@ def test_a_recipe_with_extra_people_gets_their_world_beside_the_training_world(
     assert '"n_identities": 8' in (root / "manifest.json").read_text()
 
 
+def test_the_same_decoder_with_a_head_over_another_embedder_is_another_version() -> None:
+    """Two stage-3 chains over different prefilter embedders once got one version (the
+    identity head was not in it), so the second run's figures overwrote the first's."""
+    from chatreid.tuning.hpt import HPTConfig
+    from ray_jobs.hpt import Runtime, StageJob, identity_recipe, version_for
+
+    settings = Settings()
+    runtime = Runtime.of(settings.train)
+    job = StageJob(hpt=HPTConfig(stage=3, base_model="tiny"), dataset_id="d3", num_shards=1,
+                   world_id="w")
+    assert identity_recipe(settings, job) is None  # no head: the version is the decoder's
+    headed = job.model_copy(update={"identity_backbone": "imagenet"})
+    recipe = identity_recipe(settings, headed)
+    assert recipe is not None and recipe["backbone"].startswith("imagenet-mobilenetv2-")
+    other = {**recipe, "backbone": "reid-mobilenetv2-1280d-000000000000@256x128"}
+    fewer_epochs = {**recipe, "epochs": recipe["epochs"] + 1}
+    versions = {version_for(job, runtime), version_for(headed, runtime, recipe),
+                version_for(headed, runtime, other), version_for(headed, runtime, fewer_epochs)}
+    assert len(versions) == 4
+    assert version_for(headed, runtime, recipe) == version_for(headed, runtime, dict(recipe))
+    # stages 1 and 2 attach no head, whatever the job names
+    stage2 = headed.model_copy(update={"hpt": HPTConfig(stage=2, base_model="tiny")})
+    assert identity_recipe(settings, stage2) is None
+
+
 def test_ablation_switch_selects_the_papers_rows() -> None:
     from ray_jobs.train import vlm_stages
 

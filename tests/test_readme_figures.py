@@ -178,3 +178,18 @@ def test_table_4_does_not_compare_chains_over_different_prefilters() -> None:
     report = {"checkpoints": checkpoints, "k": 10, "queries_per_task": 60}
     text = _readme_module().stage_ablation(report)
     assert "**each stage adds: not decided** (the chains were measured over different" in text
+
+
+def test_table_4_takes_a_chain_measured_again_from_its_newest_entry() -> None:
+    """A chain re-run over a new prefilter embedder keeps its label; the older checkpoint's
+    entry (listed after it, over another embedder) must not stand in for it."""
+    newer = _chain("1+2+3", 3.0)[1] | {"measured": "2026-12-07T06:52:26+00:00"}
+    older = _chain("1+2+3", 1.5)[1] | {"measured": "2026-12-05T10:00:00+00:00"}
+    older["synthetic"] = {**older["synthetic"], "prefilter": "old-embedder@256x128"}
+    checkpoints = dict(_chain(s, m) for s, m in zip(("3", "2+3"), (1.0, 2.0), strict=True))
+    checkpoints |= {"hpt3-new": newer, "hpt3-old": older, "hpt3-unlabelled-date": _chain(
+        "1+2+3", 0.5)[1]}
+    report = {"checkpoints": checkpoints, "k": 10, "queries_per_task": 60}
+    text = _readme_module().stage_ablation(report)
+    assert "`hpt3-new`" in text and "`hpt3-old`" not in text and "hpt3-unlabelled" not in text
+    assert "**each stage adds (mean mAP rises chain to chain): met**" in text
