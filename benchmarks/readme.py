@@ -80,7 +80,7 @@ def _verdict(met: bool, what: str) -> str:
 
 def ingest(report: Report) -> str:
     """``benchmarks/ingest.py``: the pipeline's sustained rate against the embedder's forward."""
-    e2e, fwd = report["end_to_end"], report["embedder"]
+    e2e, fwd, own = report["end_to_end"], report["embedder"], report.get("own_core")
     ratio, target = report["pipeline_vs_forward"], report["target_ratio"]
     modes = fwd.get("forward_crops_per_s_by_mode")
     alone = [
@@ -106,7 +106,7 @@ def ingest(report: Report) -> str:
           if "pipeline_vs_one_forward_default_threads" in report else []),
         ["capture → searchable p50 / p95",
          f"{e2e['latency_p50_s']:.1f} s / {e2e['latency_p95_s']:.1f} s"],
-        *_own_core_rows(report.get("own_core"), target),
+        *_own_core_rows(own, target),
     ])
     cpu = ", ".join(f"{k} {v:g}" for k, v in e2e["cpu_core_seconds"].items())
     h, w = fwd["input"]
@@ -114,7 +114,6 @@ def ingest(report: Report) -> str:
     folding = (f" Folding the BatchNorms makes the service's forward "
                f"{modes['as_the_service_runs_it'] / as_trained:.1f}× faster (same vectors)."
                if modes and as_trained else "")
-    own = report.get("own_core")
     verdict = _verdict(report["meets_target"], "pipeline ≥ target × forward, all on the same "
                        "cores") + (". " + _verdict(own["meets_target"], "with the embedder on a "
                                    "core of its own") if own else "")

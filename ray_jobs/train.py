@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -27,6 +27,9 @@ from chatreid.tuning.presets import PRESETS, TrainRecipe
 from ray_jobs.hpt import ABLATIONS, MODEL_NAME, StageOutcome, run_chain
 from schemas import CheckpointEvent
 
+if TYPE_CHECKING:
+    from chatreid.synth import SynthConfig
+
 Target = Literal["embedder", "1", "2", "3", "all"]
 
 
@@ -40,31 +43,35 @@ class TrainReport(BaseModel):
     out_dir: str = ""
 
 
+def world_config(recipe: TrainRecipe) -> SynthConfig:
+    """The training world the recipe names (its size and seed)."""
+    from chatreid.synth import SynthConfig
+
+    if recipe.synth_size == "tiny":
+        return SynthConfig.tiny(seed=recipe.seed)
+    return SynthConfig(seed=recipe.seed)
+
+
 def ensure_world(settings: Settings, recipe: TrainRecipe, console: Console) -> Path:
     """The configured world directory, synthesised (deterministically) if it is not there."""
-    from chatreid.synth import SynthConfig, generate_world
+    from chatreid.synth import generate_world
 
     root = settings.train.world.resolve()  # workers run in their own working directory
     if not (root / "attributes" / "attributes.json").is_file():
         console.print(f"synthesising a {recipe.synth_size} world into {root}")
-        cfg = SynthConfig(seed=recipe.seed)
-        if recipe.synth_size == "tiny":
-            cfg = SynthConfig.tiny(seed=recipe.seed)
-        generate_world(root, cfg, progress=True)
+        generate_world(root, world_config(recipe), progress=True)
     return root
 
 
 def ensure_extra_world(world: Path, recipe: TrainRecipe, console: Console) -> Path | None:
     """The embedder's extra people (``recipe.embedder_extra_people``) beside the training
     world, synthesised (deterministically) if not there; None when the recipe has none."""
-    from chatreid.synth import SynthConfig, generate_world
+    from chatreid.synth import generate_world
     from chatreid.tuning.embedder_training import extra_world_config
 
     if not recipe.embedder_extra_people:
         return None
-    training = SynthConfig(seed=recipe.seed) if recipe.synth_size == "small" else (
-        SynthConfig.tiny(seed=recipe.seed))
-    cfg = extra_world_config(training, recipe.embedder_extra_people)
+    cfg = extra_world_config(world_config(recipe), recipe.embedder_extra_people)
     root = world.with_name(f"{world.name}-people{cfg.n_identities}-seed{cfg.seed}")
     if not (root / "attributes" / "attributes.json").is_file():
         console.print(f"synthesising {cfg.n_identities} more people for the embedder into {root}")
@@ -185,8 +192,8 @@ def train_embedder_stage(
     extra = ensure_extra_world(world, recipe, console)
     cfg = EmbedderTrainConfig(
         world_root=world, extra_worlds=[extra] if extra else [], real_root=t.real_root,
-        start=t.embedder_start,
-        teacher=t.embedder_teacher, epochs=recipe.embedder_epochs, seed=recipe.seed,
+        start=t.embedder_start, teacher=t.embedder_teacher, epochs=recipe.embedder_epochs,
+        seed=recipe.seed,
         height=recipe.embedder_size[0], width=recipe.embedder_size[1],
         steps_per_epoch=recipe.embedder_steps_per_epoch,
     )

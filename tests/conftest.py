@@ -4,8 +4,10 @@ test gets its own topics and bucket, so tests never see each other's data."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,3 +162,14 @@ def read_events(settings, topic, model, expect: int, timeout_s: float = 30) -> l
 def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[DeadLetterEvent]:
     """Dead letters on the test's topic, waiting until ``expect`` arrived or the timeout."""
     return read_events(settings, DEADLETTER, DeadLetterEvent, expect, timeout_s)
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

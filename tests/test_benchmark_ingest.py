@@ -4,8 +4,6 @@ and the report must not let the easier layout stand in for the shared one."""
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,20 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="pinning apart needs two cores")
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}",
-                                                  ROOT / "benchmarks" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 _THREADS = """
@@ -46,7 +36,7 @@ def _affinities(pid: int) -> dict[int, set[int]]:
 
 
 def test_pin_moves_every_thread_of_a_process_and_of_its_children() -> None:
-    ingest = _module("ingest")
+    ingest = load_benchmark("ingest")
     proc = subprocess.Popen([sys.executable, "-c", _THREADS], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -64,7 +54,7 @@ def test_pin_moves_every_thread_of_a_process_and_of_its_children() -> None:
 
 
 def test_a_process_started_pinned_runs_only_on_its_core() -> None:
-    ingest = _module("ingest")
+    ingest = load_benchmark("ingest")
     out = subprocess.run(
         [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
         preexec_fn=ingest.pinned_to({1}), capture_output=True, text=True, check=True).stdout
@@ -72,9 +62,8 @@ def test_a_process_started_pinned_runs_only_on_its_core() -> None:
 
 
 def test_the_report_keeps_the_shared_verdict_beside_the_own_core_one() -> None:
-    readme = _module("readme")
+    readme = load_benchmark("readme")
     report = json.loads((ROOT / "benchmarks" / "results" / "ingest.json").read_text())
-    report = copy.deepcopy(report)
     e2e = {**report["end_to_end"], "crops_per_s": 90.0}
     report.update(meets_target=False, pipeline_vs_forward=0.6, own_core={
         "embedder_cores": [1], "other_cores": [0], "forward_crops_per_s": 100.0,

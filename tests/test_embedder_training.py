@@ -132,7 +132,7 @@ def test_extra_people_train_beside_the_world_and_stay_other_people(world: Path,
     assert extra_ids and all(i.startswith("extra1/") for i in extra_ids)
     assert len(extra_ids) == Market1501(extra).num_train_pids >= 10  # ~90 % of the 12
     assert [i for i in both if not i.identity.startswith("extra1/")] == alone
-    # the data hash, hence the embedder's run and version, changes with the extra people
+    # the data hash (the manifest's, and the Ray run a re-run resumes) covers them
     assert train_split_hash(world, extra_worlds=[extra]) != train_split_hash(world)
 
 

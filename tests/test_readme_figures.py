@@ -3,7 +3,6 @@ stays short; every relative link in the docs leads somewhere."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -11,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "deploy" / "README.md",
         *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _readme_module():
-    spec = importlib.util.spec_from_file_location("bench_readme", ROOT / "benchmarks" / "readme.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("readme")
 
 
 def _check(*paths: Path) -> subprocess.CompletedProcess:

@@ -544,9 +544,8 @@ class EmbedderTrainer:
         if self.frozen is not None and cfg.teacher:
             raise ValueError("a teacher distils into a torch start (imagenet or a torch "
                              "checkpoint); an ONNX start is frozen already")
-        self.data = IdentityDataset(train_images(cfg.world_root, cfg.real_root, cfg.extra_worlds),
-                                    cfg.height,
-                                    cfg.width, decode=self.frozen is None)
+        images = train_images(cfg.world_root, cfg.real_root, cfg.extra_worlds)
+        self.data = IdentityDataset(images, cfg.height, cfg.width, decode=self.frozen is None)
         self.sampler = PKSampler(self.data.labels, cfg.p, cfg.k, steps=cfg.steps_per_epoch,
                                  seed=cfg.seed, rank=rank, world_size=world_size)
         self.inputs = self.teacher = None
