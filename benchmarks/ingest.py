@@ -140,6 +140,28 @@ def pinned_to(cores: set[int]) -> Callable[[], None]:
     return lambda: os.sched_setaffinity(0, cores)
 
 
+def start_service(cmd: list[str], env: dict[str, str], servers: Iterable[int],
+                  embedder_cores: set[int] | None) -> subprocess.Popen:
+    """Start the embedding service; with ``embedder_cores``, on those cores only, and the
+    servers and this process on the others. The others are pinned first: :func:`pin` moves a
+    process's children too, and the service is this process's child (pinned after it, the
+    service would leave its core and share the servers' - a run measured that way put the
+    embedder beside everything else and called it its own core)."""
+    if embedder_cores:
+        pin([*servers, os.getpid()], set(range(os.cpu_count() or 1)) - embedder_cores)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=pinned_to(embedder_cores) if embedder_cores else None)
+
+
+def cores_of(pid: int) -> list[int]:
+    """Every core any thread of ``pid`` may run on: what the report says the layout was."""
+    cores: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            cores |= os.sched_getaffinity(int(tid))
+    return sorted(cores)
+
+
 def forward_ceiling_on(cores: set[int], settings: Settings, crops: list) -> dict[str, float]:
     """:func:`forward_ceiling` in a child process pinned to ``cores`` (torch sizes its thread
     pools from the affinity it starts with, as the pinned embedding service's do)."""
@@ -206,12 +228,9 @@ def end_to_end(settings: Settings, crops: list, warmup, servers: dict[str, int],
     """``embedder_cores``: the embedding service runs on these cores only and everything else
     (the servers, this process: ingestor + reader) on the remaining ones, until the run ends."""
     everything = set(range(os.cpu_count() or 1))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatreid", "embed", "--no-snapshots", "--until-idle", "20"],
-        env=env_for(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        preexec_fn=pinned_to(embedder_cores) if embedder_cores else None)
-    if embedder_cores:
-        pin([*servers.values(), os.getpid()], everything - embedder_cores)
+    proc = start_service([sys.executable, "-m", "chatreid", "embed", "--no-snapshots",
+                          "--until-idle", "20"], env_for(settings), servers.values(),
+                         embedder_cores)
     try:
         return _timed_run(settings, crops, warmup, servers, proc)
     finally:
@@ -245,6 +264,7 @@ def _timed_run(settings: Settings, crops: list, warmup, servers: dict[str, int],
             first = time.time() - t0
     elapsed = time.time() - t0
     cpu1 = cpu_seconds(pids)
+    service_cores = cores_of(proc.pid)
     producer.join()
     proc.terminate()
     proc.wait(timeout=60)
@@ -255,7 +275,8 @@ def _timed_run(settings: Settings, crops: list, warmup, servers: dict[str, int],
             "latency_p50_s": float(np.percentile(lat, 50)),
             "latency_p95_s": float(np.percentile(lat, 95)),
             "cpu_core_seconds": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1 if k in cpu0},
-            "cpu_core_seconds_available": round(elapsed * (os.cpu_count() or 1), 2)}
+            "cpu_core_seconds_available": round(elapsed * (os.cpu_count() or 1), 2),
+            "embedding_service_cores": service_cores}
 
 
 def layout(settings: Settings, crops: list, warmup, servers: dict[str, int],
@@ -265,6 +286,9 @@ def layout(settings: Settings, crops: list, warmup, servers: dict[str, int],
     forwards = (forward_ceiling_on(embedder_cores, s, crops) if embedder_cores
                 else forward_ceiling(s, crops))
     e2e = end_to_end(s, crops, warmup, servers, embedder_cores)
+    if embedder_cores and set(e2e["embedding_service_cores"]) != embedder_cores:
+        raise RuntimeError(f"the embedding service ran on cores {e2e['embedding_service_cores']}"
+                           f", not {sorted(embedder_cores)}: the layout was not measured")
     ratio = e2e["crops_per_s"] / forwards["ceiling"]
     return {"forward_crops_per_s_by_mode": forwards, "forward_crops_per_s": forwards["ceiling"],
             "end_to_end": e2e, "pipeline_vs_forward": ratio, "meets_target": ratio >= TARGET}

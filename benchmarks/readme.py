@@ -123,8 +123,20 @@ def ingest(report: Report) -> str:
     return "\n".join(rows) + (
         f"\n\n{verdict}. "
         f"Core-seconds used during the run ({e2e['cpu_core_seconds_available']:g} available): "
-        f"{cpu}.{own_cpu}{folding}\n\n{e2e['crops']:,} crops of {h}×{w}, batch {fwd['batch']}, "
+        f"{cpu}.{_cpu_bound(report)}{own_cpu}{folding}\n\n{e2e['crops']:,} crops of {h}×{w}, "
+        f"batch {fwd['batch']}, "
         f"{_cpus(report)}; measured {_when(report)}.")
+
+
+def _cpu_bound(report: Report) -> str:
+    """All on the same cores, the most the pipeline can reach: the forward's share of the
+    core-seconds the whole run used (the forward ceiling keeps every core busy)."""
+    e2e, fwd = report["end_to_end"], report["embedder"]
+    used = sum(e2e["cpu_core_seconds"].values())
+    forward = e2e["crops"] * report["machine"]["cpus"] / fwd["forward_crops_per_s"]
+    return (f" The forward alone needs {forward:.1f} of the {used:.1f} core-seconds used, so on "
+            f"these cores the pipeline can reach at most {forward / used:.0%} of it: the rest is "
+            "the servers', ingestor's, reader's and service's own work on the same cores.")
 
 
 def _own_core_rows(own: dict | None, target: float) -> list[list[str]]:
