@@ -684,6 +684,8 @@ def stage_ablation(report: Report) -> str:
         return {r["task"]: r[key]["mAP"] for r in entry["synthetic"]["rows"] if r.get(key)}
 
     prefilters = {e["synthetic"]["prefilter"]: e for _, e in chains.values()}
+    # entries from before the head's backbone was recorded: unknown, never equal to another
+    heads = {e["synthetic"].get("identity_backbone", f"unrecorded {v}") for v, e in chains.values()}
     rows = []
     for prefilter, entry in prefilters.items():
         base = by_task(entry, "prefilter")
@@ -699,17 +701,23 @@ def stage_ablation(report: Report) -> str:
         means.append(sum(got.values()) / len(got))
         when = f", {entry['measured'][:10]}" if entry.get("measured") else ""
         over = short(entry["synthetic"]["prefilter"])
-        rows.append([f"stages {stages}", f"`{version[:12]}` (over `{over}`{when})",
+        head = entry["synthetic"].get("identity_backbone", "")
+        head = f", head on `{short(head)}`" if head else ""
+        rows.append([f"stages {stages}", f"`{version[:12]}` (over `{over}`{head}{when})",
                      *(f"{got[t]:.1f}" for t in tasks), f"{means[-1]:.2f}"])
     if len(means) < len(_ABLATIONS):
         verdict = "**each stage adds: not decided** (a chain is not measured yet)"
     elif len(prefilters) > 1:
         verdict = ("**each stage adds: not decided** (the chains were measured over different "
                    "prefilter embedders)")
+    elif len(heads) > 1:
+        verdict = ("**each stage adds: not decided** (the chains' identity heads sit on "
+                   "different backbones, or one's is not recorded)")
     else:
         verdict = _verdict(all(round(b, 2) > round(a, 2) for a, b in itertools.pairwise(means)),
                            "each stage adds (mean mAP rises chain to chain)")
-    return "\n".join(_table(["chain", "checkpoint (prefilter, measured)", *map(_task_label, tasks),
+    return "\n".join(_table(["chain", "checkpoint (prefilter, head backbone, measured)",
+                             *map(_task_label, tasks),
                              "mean"], rows)) + (
         f"\n\n{verdict}. ChatReID mAP (%, confidence mode) per synthetic task, K = "
         f"{report['k']}, the test half of {report['queries_per_task']} queries per task, each "

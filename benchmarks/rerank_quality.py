@@ -271,6 +271,8 @@ def main() -> None:
             console.rule(f"synthetic suite - VLM {version}, prefilter {embedder.version}")
             tasks = list(SYNTHETIC.values())
             entry["synthetic"] = {"prefilter": embedder.version,
+                                  "identity_backbone": (runtime.identity.version
+                                                        if runtime.identity else None),
                                   "rows": evaluate(tasks, synth_root, embedder, runtime, cfg)}
         if "real" in sections and OSNET.is_file() and CUHK03.is_dir():
             console.rule(f"cuhk03_pair1 - VLM {version} + OSNet identity head, prefilter OSNet")

@@ -148,10 +148,13 @@ def train(
                                            num_samples=recipe.eval_samples, num_shards=1,
                                            splits=("test",))
         eval_id = build_dataset(settings, eval_spec).dataset_id
+        backbone = identity_source(settings, report.embedder)
+        if 3 in stages and backbone == "prefilter":
+            note_unserved_embedder(settings, console)
         report.stages = run_chain(
             settings, stages, {s: stage_config(settings, recipe, s) for s in stages},
             report.datasets, world_id=wid, world_root=world, eval_dataset_id=eval_id,
-            parent=parent, identity_backbone=identity_source(settings, report.embedder),
+            parent=parent, identity_backbone=backbone,
         )
     report.wall_s = time.perf_counter() - t0
     out = settings.train.out_dir / "report.json"
@@ -180,6 +183,21 @@ def identity_source(settings: Settings, embedder: CheckpointEvent | None) -> str
     if source == "none":
         return None
     return embedder.version if source == "prefilter" and embedder is not None else source
+
+
+def note_unserved_embedder(settings: Settings, console: Console) -> None:
+    """'prefilter' gives the identity head the embedder serving now; say so when a newer
+    trained embedder has not been rolled out (its index not rebuilt), so the head does not
+    silently sit on an older backbone than the operator expects."""
+    from chatreid.evaluation.gate import serving_embedder
+
+    newest = latest(settings, "embedder", "embedder")
+    serving = serving_embedder(settings).version
+    if newest is not None and newest.version != serving:
+        console.print(f"[yellow]the identity head trains over the serving embedder {serving}; "
+                      f"the newest trained one, {newest.version}, is not rolled out (its index "
+                      "is not rebuilt). Roll it out first, or set train.vision_backbone to its "
+                      "version.[/yellow]")
 
 
 def train_embedder_stage(

@@ -434,3 +434,26 @@ def test_a_single_later_stage_needs_its_parent(settings: Settings) -> None:
     assert parent_for(settings, (1,), "1") is None  # stage 1 starts from the base
     with pytest.raises(LookupError, match="needs a stage 2 checkpoint"):
         parent_for(settings, (3,), "3")
+
+
+@pytest.mark.stack
+def test_train_says_when_the_identity_head_would_sit_on_an_embedder_older_than_the_newest(
+        settings: Settings, tmp_path: Path) -> None:
+    """'prefilter' means the embedder serving now; a trained one that was never rolled out is
+    newer, and an operator expecting the head on it must be told (Table 4's heads once fell
+    back to ImageNet features that way, unnoticed)."""
+    from rich.console import Console
+
+    from ray_jobs.train import note_unserved_embedder
+
+    from .test_embedder_training import make_release
+
+    def said() -> str:
+        console = Console(record=True, width=200)
+        note_unserved_embedder(settings, console)
+        return console.export_text()
+
+    assert said() == ""  # nothing trained: the configured embedder is the newest there is
+    newer = make_release(settings, tmp_path)
+    text = said()
+    assert newer.version in text and "not rolled out" in text

@@ -145,7 +145,8 @@ def _chain(stages: str, mean: float) -> tuple[str, dict]:
              "chatreid_confidence": {"mAP": mean, "rank1": 0.0}} for t in ("synth_standard",
                                                                             "synth_attribute")]
     return f"hpt3-{stages}", {"label": f"default preset, stages {stages}",
-                              "synthetic": {"prefilter": "emb@256x128", "rows": rows}}
+                              "synthetic": {"prefilter": "emb@256x128",
+                                            "identity_backbone": "emb@256x128", "rows": rows}}
 
 
 @pytest.mark.parametrize(("means", "verdict"), [
@@ -174,6 +175,23 @@ def test_table_4_does_not_compare_chains_over_different_prefilters() -> None:
     report = {"checkpoints": checkpoints, "k": 10, "queries_per_task": 60}
     text = _readme_module().stage_ablation(report)
     assert "**each stage adds: not decided** (the chains were measured over different" in text
+
+
+@pytest.mark.parametrize("head", ["imagenet-mobilenetv2@256x128", None])
+def test_table_4_does_not_compare_chains_whose_heads_sit_on_different_backbones(head) -> None:
+    """Over one prefilter, a chain whose identity head sits on another backbone (or whose
+    backbone was not recorded) is not the same experiment: a '2+3' head fell back to ImageNet
+    features while the '3' chain's had the trained embedder's."""
+    checkpoints = dict(_chain(s, m) for s, m in zip(("3", "2+3", "1+2+3"), (1.0, 2.0, 3.0),
+                                                    strict=True))
+    synthetic = checkpoints["hpt3-2+3"]["synthetic"]
+    if head is None:
+        del synthetic["identity_backbone"]
+    else:
+        synthetic["identity_backbone"] = head
+    report = {"checkpoints": checkpoints, "k": 10, "queries_per_task": 60}
+    text = _readme_module().stage_ablation(report)
+    assert "**each stage adds: not decided** (the chains' identity heads sit on different" in text
 
 
 def test_table_4_takes_a_chain_measured_again_from_its_newest_entry() -> None:
