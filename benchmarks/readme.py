@@ -678,7 +678,8 @@ def stage_ablation(report: Report) -> str:
     tasks = [r["task"] for r in next(iter(chains.values()))[1]["synthetic"]["rows"]]
 
     def short(embedder_version: str) -> str:  # the weights' hash, without the input size
-        return embedder_version.split("@")[0][-12:]
+        name = embedder_version.split("@")[0]  # (ImageNet's whole name: it says what it is)
+        return name if name.startswith("imagenet") else name[-12:]
 
     def by_task(entry: dict, key: str) -> dict[str, float]:
         return {r["task"]: r[key]["mAP"] for r in entry["synthetic"]["rows"] if r.get(key)}

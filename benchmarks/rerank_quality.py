@@ -81,7 +81,9 @@ def show(r: dict) -> None:
 
 
 def checkpoint_figures(settings: Settings, version: str) -> dict:
-    """Held-out best-choice accuracy vs chance per task, tuning speed, from the manifests."""
+    """Held-out best-choice accuracy vs chance per task, tuning speed, from the manifests of
+    the checkpoint and its ancestors, each stage's from its newest checkpoint: a refitted
+    identity head's stage-3 parent must not stand in for it."""
     event = find(settings, "vlm", version)
     out: dict = {"version": version}
     chain = []
@@ -93,7 +95,7 @@ def checkpoint_figures(settings: Settings, version: str) -> dict:
         keep = {k: round(v, 4) for k, v in m.items()
                 if k.startswith(("eval/", "eval_with_identity/", "identity/", "gate/"))
                 or k in ("train_samples_per_s", "samples_per_s", "vision_cache_hits")}
-        out[ev.stage] = keep
+        out.setdefault(ev.stage, keep)
     return out
 
 

@@ -167,6 +167,8 @@ def read_dead_letters(settings, expect: int, timeout_s: float = 30) -> list[Dead
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # as `python benchmarks/<name>.py` runs: its
+        sys.path.append(str(path.parent))  # siblings (common.py) import by name
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
