@@ -388,3 +388,28 @@ def test_a_crop_that_cannot_be_re_embedded_is_reported_and_does_not_block_the_sw
     assert version == event.version
     assert store.crop_ids() == {c.crop_id for c in crops} - {crops[2].crop_id}
     reader.close()
+
+
+def test_the_command_line_sets_the_embedders_extra_people_and_steps_over_the_preset(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chatreid train --extra-people N --embedder-steps S` is how an operator with more time
+    than a preset's budget uses the option; the rest of the preset stays as it is."""
+    import ray_jobs.train
+    from typer.testing import CliRunner
+
+    from chatreid.app.cli import app
+    from chatreid.tuning.presets import PRESETS
+
+    seen = {}
+    monkeypatch.setattr(ray_jobs.train, "train",
+                        lambda _s, stage, recipe, **_: seen.update(stage=stage, recipe=recipe))
+    result = CliRunner().invoke(app, ["train", "--stage", "embedder", "--preset", "quick",
+                                      "--extra-people", "270", "--embedder-steps", "30"])
+    assert result.exit_code == 0, result.output
+    recipe = seen["recipe"]
+    assert (recipe.embedder_extra_people, recipe.embedder_steps_per_epoch) == (270, 30)
+    assert recipe.model_copy(update={"embedder_extra_people": 0,
+                                     "embedder_steps_per_epoch": None}) == PRESETS["quick"]
+    assert PRESETS["quick"].embedder_extra_people == 0  # the preset itself is not changed
+    result = CliRunner().invoke(app, ["train", "--extra-people", "-1"])
+    assert result.exit_code == 2

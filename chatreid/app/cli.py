@@ -881,6 +881,12 @@ def train(
         help="embedder: an ONNX Re-ID model to distil from (torch start)")] = None,
     model: Annotated[str | None, typer.Option(
         help="identity: the stage-3 checkpoint version whose head is trained again")] = None,
+    extra_people: Annotated[int | None, typer.Option(
+        min=0, help="embedder: also train on this many synthetic people of a world of their "
+                    "own (the preset's embedder_extra_people; docs/training.md, More people)")
+    ] = None,
+    embedder_steps: Annotated[int | None, typer.Option(
+        min=1, help="embedder: steps per epoch (per worker) instead of the preset's")] = None,
 ) -> None:
     """Train: the prefilter embedder and/or the HPT stages, as Ray Train jobs.
 
@@ -923,7 +929,10 @@ def train(
         settings.train.embedder_start = start
     if teacher:
         settings.train.embedder_teacher = teacher
-    run(settings, stage, recipe=PRESETS[preset], ablation=ablation, console=console)  # type: ignore[arg-type]
+    recipe = PRESETS[preset].model_copy(update={
+        k: v for k, v in (("embedder_extra_people", extra_people),
+                          ("embedder_steps_per_epoch", embedder_steps)) if v is not None})
+    run(settings, stage, recipe=recipe, ablation=ablation, console=console)  # type: ignore[arg-type]
 
 
 # -- erasure and retention -----------------------------------------------------------------------
