@@ -394,9 +394,9 @@ def test_the_command_line_sets_the_embedders_extra_people_and_steps_over_the_pre
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`chatreid train --extra-people N --embedder-steps S` is how an operator with more time
     than a preset's budget uses the option; the rest of the preset stays as it is."""
-    import ray_jobs.train
     from typer.testing import CliRunner
 
+    import ray_jobs.train
     from chatreid.app.cli import app
     from chatreid.tuning.presets import PRESETS
 
