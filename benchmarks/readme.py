@@ -653,7 +653,23 @@ def rerank_quality(report: Report) -> str:
             "the prefilter; best reorder of its top K: the query's person first in the "
             "prefilter's shortlist (labels known) - no reranker of that shortlist scores higher; "
             f"{report['machine']}; measured {report['date']}")
-    return "\n".join(rows) + "\n\n" + "\n".join(acc) + f"\n\n{note}."
+    return ("\n".join(rows) + "\n\n" + _checkpoint_legend(report) + "\n\n" + "\n".join(acc)
+            + f"\n\n{note}.")
+
+
+def _checkpoint_legend(report: Report) -> str:
+    """What each checkpoint in the table is: its label, the synthetic prefilter it reranked and
+    the backbone its identity head sits on (when recorded)."""
+    lines = ["Checkpoints:"]
+    for version, entry in report.get("checkpoints", {}).items():
+        synthetic = entry.get("synthetic", {})
+        parts = [entry.get("label", "unlabelled")]
+        if synthetic.get("prefilter"):
+            parts.append(f"synthetic prefilter `{synthetic['prefilter'].split('@')[0]}`")
+        if synthetic.get("identity_backbone"):
+            parts.append(f"head on `{synthetic['identity_backbone'].split('@')[0]}`")
+        lines.append(f"- `{version[:12]}`: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 _ABLATION = re.compile(r"^(?P<preset>\w+) preset, stages (?P<stages>3|2\+3|1\+2\+3)$")
