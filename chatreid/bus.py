@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -47,19 +46,11 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) ->
 
 
 def assign_all(consumer: KafkaConsumer, topic: str,
-               keep: Callable[[int], bool] | None = None,
-               metadata_wait_s: float = 5.0) -> list[TopicPartition]:
+               keep: Callable[[int], bool] | None = None) -> list[TopicPartition]:
     """Assign every partition of ``topic`` (those ``keep`` accepts, when given: a prefilter
     shard's) to ``consumer`` (no consumer group: nothing is shared out, this reader sees every
-    record of them); returns them in partition order. A topic the broker's metadata does not
-    list within ``metadata_wait_s`` gets none (a missing topic, as before)."""
+    record of them); returns them in partition order."""
     parts = consumer.partitions_for_topic(topic) or set()
-    deadline = time.monotonic() + metadata_wait_s
-    while not parts and time.monotonic() < deadline:
-        # a broker under load can answer the metadata request without the topic (seen with
-        # Tansu during training): ask again rather than read an existing topic as empty
-        time.sleep(0.2)
-        parts = consumer.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in sorted(parts) if keep is None or keep(p)]
     consumer.assign(tps)
     return tps
