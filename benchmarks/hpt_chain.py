@@ -25,7 +25,7 @@ from chatreid.bus import ensure_topics
 from chatreid.config import Settings
 from chatreid.storage import ObjectStore
 from chatreid.viz import bar_chart
-from ray_jobs.train import PRESETS, train
+from ray_jobs.train import PRESETS, identity_source, train
 
 TARGET_MIN = 60.0
 
@@ -63,8 +63,7 @@ def main() -> None:
     report = train(settings, "all", recipe=PRESETS[args.preset], ablation=args.ablation,
                    include_embedder=not args.no_embedder, console=console)
     wall_min = (time.perf_counter() - t0) / 60
-    backbone = (report.embedder.version if report.embedder and
-                settings.train.vision_backbone == "prefilter" else settings.train.vision_backbone)
+    backbone = identity_source(settings, report.embedder)
 
     stages = [{
         "stage": s.stage, "version": s.version, "wall_s": round(s.wall_s, 1),
