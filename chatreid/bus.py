@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -56,12 +57,26 @@ def assign_all(consumer: KafkaConsumer, topic: str,
     return tps
 
 
+def wait_listed(consumer: KafkaConsumer, topic: str, wait_s: float = 5.0) -> set[int]:
+    """``topic``'s partitions once the broker's metadata lists them, asking again for up to
+    ``wait_s``: a broker under load can answer a metadata request without a topic that exists
+    (seen with Tansu during training, where a whole-topic reader then failed with "No
+    partitions are currently assigned"). Empty when the topic is still not listed. Only for
+    readers that start from the beginning: a tail reader that waited would skip what was
+    published meanwhile."""
+    deadline = time.monotonic() + wait_s
+    while not (parts := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return parts or set()
+
+
 def read_from_start(settings: KafkaSettings, topic: str, **overrides) -> KafkaConsumer:
     """A consumer of the whole of ``topic``, from each partition's first record, outside any
     consumer group: every replica or watcher reading this way sees every record (checkpoint
     announcements, rollout verdicts), and commits nothing."""
     consumer = make_consumer(settings, None, **overrides)
     try:
+        wait_listed(consumer, topic)
         assign_all(consumer, topic)
         consumer.seek_to_beginning()
     except Exception:
