@@ -241,6 +241,9 @@ def main() -> None:
     ap.add_argument("--label", nargs="*", default=None,
                     help="one per --vlm: what the checkpoint is, e.g. 'default preset, stages "
                          "2+3' (the README's Table 4 reads '<preset> preset, stages <ablation>')")
+    ap.add_argument("--shortlist-order", choices=("cosine", "k_reciprocal"), default="cosine",
+                    help="the prefilter's order of image-only queries (serve.shortlist_order); "
+                         "k_reciprocal runs are kept apart, under 'k_reciprocal' in the JSON")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.label is not None and len(args.label) != len(args.vlm or []):
@@ -248,7 +251,10 @@ def main() -> None:
     settings = Settings()
     sections = set(args.sections.split(","))
     versions = args.vlm or [latest(settings, "vlm", "stage3").version]
-    cfg = EvalConfig(k=args.k, max_queries=args.queries, ranking="fused")
+    serve = settings.serve
+    cfg = EvalConfig(k=args.k, max_queries=args.queries, ranking="fused",
+                     shortlist_order=args.shortlist_order, pool=serve.k_reciprocal_pool,
+                     k1=serve.k_reciprocal_k1, lambda_value=serve.k_reciprocal_lambda)
     report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))}"
                                " CPUs", "k": args.k, "queries_per_task": args.queries,
@@ -260,8 +266,13 @@ def main() -> None:
     synth_root = settings.train.world
     if "tuning" in sections:
         report["tuning"] = tuning(settings)
+    entries = report["checkpoints"]
+    if args.shortlist_order == "k_reciprocal":  # the same checkpoints over another shortlist
+        section = report.setdefault("k_reciprocal", {"checkpoints": {}})
+        section.update(pool=cfg.pool, k1=cfg.k1, lambda_value=cfg.lambda_value)
+        entries = section["checkpoints"]
     for n, version in enumerate(versions):
-        entry = report["checkpoints"].setdefault(version, {})
+        entry = entries.setdefault(version, {})
         if args.label is not None:
             entry["label"] = args.label[n]
         entry["measured"] = report["date"]  # the report's date moves with every run

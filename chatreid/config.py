@@ -491,6 +491,21 @@ class ServeSettings(Section):
         default=0.5, ge=0.0, le=1.0,
         description="the fused ranking's weight on the confidence; set "
         "from the checkpoint's fitted weight when it records one")
+    shortlist_order: Literal["cosine", "k_reciprocal"] = Field(
+        default="cosine", description="how an image query's shortlist is ordered before the VLM "
+        "sees its top K: 'cosine' (the embedder's similarity) or 'k_reciprocal' (the cosine top "
+        "k_reciprocal_pool re-ordered among themselves by k-reciprocal encoding, Zhong et al. "
+        "2017: a candidate whose own neighbours are the query's neighbours moves up; training-"
+        "free, a few ms a query; docs/vlm.md). Text-only queries keep their colour order")
+    k_reciprocal_pool: int = Field(
+        default=100, ge=2, le=1000, description="k_reciprocal order: how many of the cosine top "
+        "crops are re-ordered (the query's neighbourhood)")
+    k_reciprocal_k1: int = Field(
+        default=10, ge=1, description="k_reciprocal order: size of each item's k-reciprocal "
+        "neighbourhood (chosen on cuhk03-pair1 train people: docs/vlm.md)")
+    k_reciprocal_lambda: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="k_reciprocal order: weight of the cosine "
+        "distance beside the Jaccard distance of the neighbourhoods (1: cosine order)")
     torch_threads: int = Field(default=0, ge=0, description="intra-op threads per rerank replica")
     rationale_top: int = Field(
         default=3, ge=0, description="results that get a rationale on request")

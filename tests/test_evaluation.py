@@ -74,6 +74,35 @@ def test_no_reorder_of_the_shortlist_beats_its_ceiling(world, embedder, name) ->
     assert people and oracle.chatreid.mAP == pytest.approx(ceiling.mAP)
 
 
+def test_a_k_reciprocal_shortlist_is_what_the_vlm_and_the_baseline_see(world, embedder) -> None:
+    """serve.shortlist_order = "k_reciprocal" evaluated as served: each image query's cosine
+    top ``pool`` re-ordered by k-reciprocal encoding; the VLM gets the new top K, the baseline
+    row is the new order, and text-only tasks keep their colour order."""
+    seen: dict[str, list] = {}
+
+    def record(jobs):
+        seen[cfg.shortlist_order] = [j.candidates for j in jobs]
+        return [RerankOutcome(j.key, tuple(range(len(j.candidates))), 1) for j in jobs]
+
+    task = SYNTHETIC["synth_standard"]
+    results = {}
+    for order in ("cosine", "k_reciprocal"):
+        cfg = EvalConfig(k=8, max_queries=6, shortlist_order=order, pool=40)
+        results[order] = evaluate_task(task, world, embedder.embed, record, cfg)
+    assert seen["cosine"] != seen["k_reciprocal"]  # other candidates, or another order
+    krec = results["k_reciprocal"]
+    assert krec.baseline.mAP != pytest.approx(results["cosine"].baseline.mAP)
+    assert krec.chatreid.mAP == pytest.approx(krec.baseline.mAP)  # the VLM got that order
+    assert any("k-reciprocal encoding" in n for n in krec.notes)
+    # the peer row is the transductive one, unchanged
+    assert results["cosine"].peer.mAP == krec.peer.mAP  # pyright: ignore[reportOptionalMemberAccess]
+    text = SYNTHETIC["synth_text_to_image"]
+    base = [evaluate_task(text, world, embedder.embed, None,
+                          EvalConfig(k=8, max_queries=6, shortlist_order=o)).baseline.mAP
+            for o in ("cosine", "k_reciprocal")]
+    assert base[0] == base[1]
+
+
 def test_text_and_multimodal_queries_carry_their_clues(world, embedder) -> None:
     cfg = EvalConfig(k=3, max_queries=3)
     seen: dict[str, list] = {}

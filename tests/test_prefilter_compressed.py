@@ -58,6 +58,9 @@ def test_compressed_agrees_with_float_exact_search_and_scores_are_cosines() -> N
     assert store.similarity(q0, ["crop-3", "missing"])[0] == pytest.approx(
         float(unit(x[3]) @ q0), abs=0.01)
     assert np.isnan(store.similarity(q0, ["crop-3", "missing"])[1])
+    vectors = store.vectors(["crop-3", "missing"])  # decoded from the codes, ~1e-2 off
+    np.testing.assert_allclose(vectors[0], unit(x[3]), atol=0.02)
+    assert np.isnan(vectors[1]).all()
 
 
 @pytest.mark.parametrize("filters", [

@@ -98,6 +98,10 @@ def test_sharded_lookups_newest_similarity_colours_and_cameras_match_one_store()
     np.testing.assert_allclose(store.similarity(x[5], ids), whole.similarity(x[5], ids),
                                atol=1e-6)
     np.testing.assert_array_equal(store.colours(ids), whole.colours(ids))
+    # the k-reciprocal shortlist reads its candidates' vectors from whichever shard holds them
+    np.testing.assert_array_equal(store.vectors(ids), whole.vectors(ids))
+    np.testing.assert_allclose(whole.vectors(ids[:1])[0], x[0], atol=1e-6)
+    assert np.isnan(store.vectors(ids)[-1]).all()
     assert store.colour_dim == whole.colour_dim == 5
     assert store.get_meta(metas[42].crop_id) == metas[42]
     assert store.get_meta("not-indexed") is None

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chatreid.metrics import Labels, compute_distmat, k_reciprocal_distances, rank_metrics
+from chatreid.metrics import (
+    Labels,
+    compute_distmat,
+    k_reciprocal_distances,
+    k_reciprocal_order,
+    rank_metrics,
+)
 
 from .conftest import SHARED
 
@@ -122,3 +128,44 @@ def test_cuhk03_pair1_gain_matches_the_published_figure(real_paths: tuple[Path, 
     assert reranked.mAP == pytest.approx(0.586, abs=0.015)
     assert reranked.mAP >= plain.mAP + 0.04
     assert seconds < 30  # 938 items: ~0.2 s on 2 cores
+
+
+# --- one live query's shortlist (serve.shortlist_order = "k_reciprocal") ----------------------
+
+def test_a_live_query_lifts_its_match_from_behind_a_crowd() -> None:
+    # the hand-built case above as a live query sees it: its cosine shortlist, no other query
+    q, g = on_circle(23), on_circle(0, 8, 16, 30, 32, 34, 36, 38, 40)
+    plain = np.argsort(compute_distmat(q, g)[0], kind="stable")
+    order = k_reciprocal_order(q[0], g[plain], k1=3, k2=1, lambda_value=0.3)
+    ranked = plain[order]
+    assert list(plain).index(1) == 5 and list(ranked).index(1) == 1
+    assert sorted(ranked.tolist()) == list(range(len(g)))  # a permutation: nothing lost
+
+
+def test_a_live_query_order_does_not_depend_on_how_its_candidates_arrive() -> None:
+    qf, gf, _, _ = clustered(seed=2)
+    perm = np.random.default_rng(0).permutation(len(gf))
+    a = k_reciprocal_order(qf[0], gf, k1=10, lambda_value=0.5)
+    b = perm[k_reciprocal_order(qf[0], gf[perm], k1=10, lambda_value=0.5)]
+    np.testing.assert_array_equal(a[:20], b[:20])
+
+
+def test_a_live_query_with_lambda_one_keeps_cosine_order_and_one_candidate_stays() -> None:
+    qf, gf, _, _ = clustered(seed=3)
+    np.testing.assert_array_equal(k_reciprocal_order(qf[0], gf, k1=10, lambda_value=1.0),
+                                  np.argsort(compute_distmat(qf[:1], gf)[0], kind="stable"))
+    assert k_reciprocal_order(qf[0], gf[:1], k1=10, lambda_value=0.5).tolist() == [0]
+    assert k_reciprocal_order(qf[0], gf[:0], k1=10, lambda_value=0.5).tolist() == []
+
+
+def test_a_live_query_shortlist_raises_map_on_clustered_people() -> None:
+    # what serving does per query: the cosine top 60, re-ordered among themselves
+    qf, gf, ql, gl = clustered(seed=4)
+    plain = compute_distmat(qf, gf)
+    live = 2.0 + plain
+    for i in range(len(qf)):
+        top = np.argsort(plain[i], kind="stable")[:60]
+        live[i, top[k_reciprocal_order(qf[i], gf[top], k1=10, lambda_value=0.5)]] = \
+            np.linspace(0, 1, len(top))
+    assert rank_metrics(live, ql, gl, "market1501").mAP > \
+        rank_metrics(plain, ql, gl, "market1501").mAP + 0.02

@@ -24,6 +24,7 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,7 @@ from chatreid.metrics import (
     Metrics,
     compute_distmat,
     k_reciprocal_distances,
+    k_reciprocal_order,
     mean_metrics,
     rank_metrics,
 )
@@ -64,6 +66,12 @@ class EvalConfig:
     ranking: RankingMode = "confidence"  # "fused": also the fused row (module doc)
     fused_weight: float | None = None  # fused mode's w; None: fitted on a validation half
     peer: bool = True  # the k-reciprocal row (image-only queries, runs that rerank)
+    # the prefilter's order for image-only queries, as serve.shortlist_order: "k_reciprocal"
+    # re-orders each query's cosine top ``pool`` (chatreid.metrics.k_reciprocal_order)
+    shortlist_order: Literal["cosine", "k_reciprocal"] = "cosine"
+    pool: int = 100
+    k1: int = 10
+    lambda_value: float = 0.5
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKING_MODES:
@@ -160,6 +168,9 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
         for d, idx in enumerate(draws):
             sub = [gallery[i] for i in idx]
             dist = _prefilter_distances(image_side, text_side, idx, text_prefilter)
+            if cfg.shortlist_order == "k_reciprocal" and image_side is not None \
+                    and text_side is None:
+                dist = _k_reciprocal_rows(dist, image_side[0], image_side[1][idx], cfg)
             gl = labels(sub)
             qs = select_rows(ql, rows)
             base_runs.append(rank_metrics(dist[rows], qs, gl, task.protocol))
@@ -244,6 +255,20 @@ def _prefilter_distances(image_side: tuple[np.ndarray, np.ndarray] | None,
     return functools.reduce(operator.add, parts) / len(parts)
 
 
+def _k_reciprocal_rows(dist: np.ndarray, q_feats: np.ndarray, g_feats: np.ndarray,
+                       cfg: EvalConfig) -> np.ndarray:
+    """Each query's cosine top ``cfg.pool`` re-ordered as a live query's shortlist is
+    (``serve.shortlist_order = "k_reciprocal"``): they take distances 0..1 in their new order,
+    the rest follow in cosine order (2 + their distance)."""
+    out = 2.0 + dist
+    for i, row in enumerate(dist):
+        top = np.argsort(row, kind="stable")[: cfg.pool]
+        order = top[k_reciprocal_order(q_feats[i], g_feats[top], k1=cfg.k1,
+                                       lambda_value=cfg.lambda_value)]
+        out[i, order] = np.linspace(0.0, 1.0, len(order), dtype=np.float32)
+    return out
+
+
 def _clue(query: EvalQuery) -> str | Mapping[str, str]:
     """What the text prefilter parses: every query of a text task carries one."""
     if query.clue is None:
@@ -257,6 +282,10 @@ def _notes(task: EvalTask, cfg: EvalConfig, reranked: bool = True) -> list[str]:
     if reranked and cfg.peer and not task.text_query:
         notes.append("peer: k-reciprocal re-ranking (Zhong et al., CVPR 2017; k1 = 20, k2 = 6, "
                      "lambda = 0.3) of the same prefilter features, training-free")
+    if cfg.shortlist_order == "k_reciprocal" and task.image_query and not task.text_query:
+        notes.append(f"prefilter order: each query's cosine top {cfg.pool} re-ordered by "
+                     f"k-reciprocal encoding among themselves (k1 = {cfg.k1}, lambda = "
+                     f"{cfg.lambda_value}; serve.shortlist_order)")
     if task.text_query:
         how = "averaged with the image embedder's cosine distance" if task.image_query else ""
         notes.append(f"{task.kind} prefilter: colour-attribute matcher (upper/lower garment "

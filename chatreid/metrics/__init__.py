@@ -10,7 +10,7 @@ from chatreid.metrics.protocols import (
     sample_gallery,
 )
 from chatreid.metrics.rank import compute_distmat, evaluate_rank
-from chatreid.metrics.reranking import k_reciprocal_distances
+from chatreid.metrics.reranking import k_reciprocal_distances, k_reciprocal_order
 
 __all__ = [
     "PROTOCOLS",
@@ -20,6 +20,7 @@ __all__ = [
     "compute_distmat",
     "evaluate_rank",
     "k_reciprocal_distances",
+    "k_reciprocal_order",
     "mean_metrics",
     "rank_metrics",
     "sample_gallery",

@@ -27,7 +27,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["k_reciprocal_distances"]
+__all__ = ["k_reciprocal_distances", "k_reciprocal_order"]
 
 _ROW_CHUNK = 1024  # rows argsorted at once: bounds the int64 temporary to 8 * 1024 * N bytes
 
@@ -91,6 +91,23 @@ def k_reciprocal_distances(q_feats: np.ndarray, g_feats: np.ndarray, k1: int = 2
         jaccard[i] = 1.0 - shared / (2.0 - shared)
     final = (1.0 - lambda_value) * jaccard + lambda_value * dist[:n_q, n_q:]
     return final.astype(np.float32, copy=False)
+
+
+def k_reciprocal_order(query: np.ndarray, candidates: np.ndarray, *, k1: int, k2: int = 6,
+                       lambda_value: float) -> np.ndarray:
+    """One live query's candidates (its cosine top N) re-ordered by k-reciprocal encoding
+    among themselves and the query: candidate positions, nearest first.
+
+    The evaluation's peer row encodes every test query and the whole gallery at once
+    (transductive); a query that arrives alone has only its own neighbourhood, so ``P`` here
+    is the query plus its candidates. Fewer than two candidates keep their order.
+    """
+    candidates = np.asarray(candidates, np.float32)
+    if len(candidates) < 2:
+        return np.arange(len(candidates))
+    dist = k_reciprocal_distances(np.asarray(query, np.float32).reshape(1, -1), candidates,
+                                  k1=k1, k2=k2, lambda_value=lambda_value)[0]
+    return np.argsort(dist, kind="stable")
 
 
 def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:

@@ -25,6 +25,7 @@ from cachetools import LRUCache
 from PIL import Image
 
 from chatreid.config import Settings
+from chatreid.metrics.reranking import k_reciprocal_order
 from chatreid.prefilter.follower import IndexFollower
 from chatreid.prefilter.shards import IndexSwitching, Shard, ShardClient, ShardedIndex
 from chatreid.prefilter.store import Hit, SearchFilter, VectorMeta
@@ -81,6 +82,7 @@ class PrefilterSearch:
         self._embedders = {current.version: current}  # the live one, and an incoming one
         self.colours = ColourCache(self.objects, settings.serve.fetch_workers)
         self.stored_colours = stored_colours
+        self.serve = settings.serve  # the shortlist order (serve.shortlist_order, k_reciprocal_*)
         # the index searched: this process's follower, or the shards' union (a router)
         self.index: IndexFollower | ShardedIndex = (
             ShardedIndex(shards, settings.index.shard_timeout_s) if shards
@@ -184,13 +186,15 @@ class PrefilterSearch:
         vec = vecs.mean(axis=0)
         vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
         text = self._clue_vector(clue)
-        wanted = max(k, pool) if text is not None else k
+        reorder = text is None and self.serve.shortlist_order == "k_reciprocal"
+        wanted = (max(k, pool) if text is not None
+                  else max(k, self.serve.k_reciprocal_pool) if reorder else k)
         extra = len(exclude or ())
         hits: list[Hit] = store.search(vec, wanted + extra, tau=tau, filters=filters)[0]
         hits = [h for h in hits if not exclude or h.meta.crop_id not in exclude][:wanted]
         results = [_result(i + 1, h.meta, h.score) for i, h in enumerate(hits)]
         if text is None:
-            return results
+            return self._k_reciprocal(store, vec, results, k) if reorder else results
         held = {r.crop_id for r in results}
         described = [r for r in self.describe(clue or "", pool, None, filters, exclude, window)
                      if r.crop_id not in held]
@@ -198,6 +202,17 @@ class PrefilterSearch:
         results += [replace(r, score=float(c)) for r, c in zip(described, cosine, strict=True)
                     if np.isfinite(c) and (tau is None or c >= tau)]
         return self._by_colour(results, text, k, blend=True)
+
+    def _k_reciprocal(self, store, query: np.ndarray, results: list[SearchResult],
+                      k: int) -> list[SearchResult]:
+        """The cosine top ``results`` re-ordered by k-reciprocal encoding among themselves and
+        the query (``chatreid.metrics.k_reciprocal_distances``), the first ``k`` kept; scores
+        stay cosines. A crop erased since the search drops out."""
+        vectors = store.vectors([r.crop_id for r in results])
+        held = np.flatnonzero(~np.isnan(vectors).any(axis=1))
+        order = held[k_reciprocal_order(query, vectors[held], k1=self.serve.k_reciprocal_k1,
+                                        lambda_value=self.serve.k_reciprocal_lambda)][:k]
+        return [replace(results[i], rank=n + 1) for n, i in enumerate(order.tolist())]
 
     def _clue_vector(self, clue: str | None) -> np.ndarray | None:
         """The clue as colour-attribute one-hots; None when it names no garment colour."""

@@ -163,6 +163,11 @@ class ShardServer:
         return (store.similarity(query, crop_ids) if store
                 else np.full(len(crop_ids), np.nan, np.float32))
 
+    def vectors(self, version: str | None, crop_ids: Sequence[str]) -> np.ndarray:
+        store = self._store(version)
+        return (store.vectors(crop_ids) if store
+                else np.full((len(crop_ids), 0), np.nan, np.float32))
+
     def colours(self, crop_ids: Sequence[str], dim: int) -> np.ndarray:
         store = self._store(None)
         if store is None or store.colour_dim != dim:
@@ -255,6 +260,12 @@ class ShardedStore:
         parts = self._all("similarity", self.version, np.asarray(query, np.float32),
                           list(crop_ids))
         return _first_held(parts, (len(crop_ids),))
+
+    def vectors(self, crop_ids: Sequence[str]) -> np.ndarray:
+        parts = [p for p in self._all("vectors", self.version, list(crop_ids))
+                 if np.asarray(p).shape[1]]  # a shard with no store knows no dim
+        dim = np.asarray(parts[0]).shape[1] if parts else 0
+        return _first_held(parts, (len(crop_ids), dim))
 
     def colours(self, crop_ids: Sequence[str]) -> np.ndarray:
         dim = self.colour_dim

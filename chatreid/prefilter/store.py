@@ -453,6 +453,15 @@ class PrefilterStore:
             out[where] = self._vectors(rows) @ q
         return out
 
+    def vectors(self, crop_ids: Sequence[str]) -> np.ndarray:
+        """(len(crop_ids), dim) stored unit vectors (decoded from their codes when
+        compressed); NaN rows for crops not held."""
+        out = np.full((len(crop_ids), self.dim), np.nan, np.float32)
+        with self._lock.read():
+            where, rows = self._held(crop_ids)
+            out[where] = self._vectors(rows)
+        return out
+
     @property
     def colour_dim(self) -> int:
         """Length of the stored colour vectors; 0 while no crop brought one."""
