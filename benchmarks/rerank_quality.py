@@ -251,10 +251,8 @@ def main() -> None:
     settings = Settings()
     sections = set(args.sections.split(","))
     versions = args.vlm or [latest(settings, "vlm", "stage3").version]
-    serve = settings.serve
-    cfg = EvalConfig(k=args.k, max_queries=args.queries, ranking="fused",
-                     shortlist_order=args.shortlist_order, pool=serve.k_reciprocal_pool,
-                     k1=serve.k_reciprocal_k1, lambda_value=serve.k_reciprocal_lambda)
+    serve = settings.serve.model_copy(update={"shortlist_order": args.shortlist_order})
+    cfg = EvalConfig.served(serve, k=args.k, max_queries=args.queries, ranking="fused")
     report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))}"
                                " CPUs", "k": args.k, "queries_per_task": args.queries,

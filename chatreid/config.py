@@ -504,7 +504,7 @@ class ServeSettings(Section):
         default=10, ge=1, description="k_reciprocal order: size of each item's k-reciprocal "
         "neighbourhood (chosen on cuhk03-pair1 train people: docs/vlm.md)")
     k_reciprocal_lambda: float = Field(
-        default=0.5, ge=0.0, le=1.0, description="k_reciprocal order: weight of the cosine "
+        default=0.3, ge=0.0, le=1.0, description="k_reciprocal order: weight of the cosine "
         "distance beside the Jaccard distance of the neighbourhoods (1: cosine order)")
     torch_threads: int = Field(default=0, ge=0, description="intra-op threads per rerank replica")
     rationale_top: int = Field(

@@ -120,6 +120,21 @@ def test_a_vlm_that_reranks_below_the_prefilter_is_refused(world: Path) -> None:
                      verdict.reason)
 
 
+def test_the_vlm_gate_judges_over_the_shortlist_the_site_serves(world: Path) -> None:
+    """A site serving the k-reciprocal shortlist gates its VLM over that shortlist: the
+    prefilter figure is the k-reciprocal order's, not the cosine order's."""
+    from chatreid.query import ModelSpec, VLMRuntime
+
+    settings = gated(Settings(), world, vlm_queries=8, vlm_k=5)
+    runtime = VLMRuntime.load(settings, ModelSpec.of_base("tiny"))
+    prefilter = build_embedder(height=128, width=64)
+    cosine = judge_vlm(settings, runtime, prefilter)
+    settings.serve.shortlist_order, settings.serve.k_reciprocal_pool = "k_reciprocal", 30
+    served = judge_vlm(settings, runtime, prefilter)
+    assert served.serving["gate/mAP"] != cosine.serving["gate/mAP"]
+    assert served.passed  # the tiny model keeps the order it is given: no worse
+
+
 def test_the_operator_api_forces_only_with_a_reason() -> None:
     from pydantic import ValidationError
 

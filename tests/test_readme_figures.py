@@ -207,3 +207,41 @@ def test_table_4_takes_a_chain_measured_again_from_its_newest_entry() -> None:
     text = _readme_module().stage_ablation(report)
     assert "`hpt3-new`" in text and "`hpt3-old`" not in text and "hpt3-unlabelled" not in text
     assert "**each stage adds (mean mAP rises chain to chain): met**" in text
+
+
+def _row(task: str, prefilter: float, chatreid: float) -> dict:
+    m = lambda v: {"mAP": v, "rank1": v}  # noqa: E731
+    return {"task": task, "prefilter": m(prefilter), "chatreid_confidence": m(chatreid),
+            "peer_k_reciprocal": None}
+
+
+def test_the_k_reciprocal_table_sets_each_row_beside_the_same_checkpoints_cosine_row() -> None:
+    """Cosine columns come from the checkpoint's own cosine entry, task by task, and the verdict
+    counts the rows where ChatReID over the k-reciprocal shortlist rose or fell."""
+    report = {"k": 10, "checkpoints": {"hpt3-a": {"synthetic": {"rows": [
+        _row("synth_standard", 50.0, 51.0), _row("synth_visible_infrared", 3.5, 3.5)]}}},
+        "k_reciprocal": {"pool": 100, "k1": 10, "lambda_value": 0.5, "checkpoints": {
+            "hpt3-a": {"synthetic": {"rows": [_row("synth_standard", 55.0, 56.0),
+                                              _row("synth_visible_infrared", 3.4, 3.4)]}}}}}
+    text = _readme_module().shortlist_order(report)
+    assert "| hpt3-a | synth_standard | 50.0 / 50.0 | 51.0 / 51.0 | 55.0 / 55.0 | 56.0 / 56.0 |" \
+        in text
+    assert ("higher on 1 of 2 task rows (synth_standard), lower on 1 "
+            "(synth_visible_infrared)") in text
+
+
+@pytest.mark.parametrize(("settings", "says"), [
+    ({"k1": 10, "lambda": 0.5}, "are the choice."), ({"k1": 20, "lambda": 0.3},
+                                                     "**are not the choice**.")])
+def test_the_shortlist_choice_says_whether_the_defaults_are_what_the_rule_chose(
+        settings, says) -> None:
+    grid = [{"k1": 10, "lambda": 0.5, "mAP": 36.0, "rank1": 33.0},
+            {"k1": 20, "lambda": 0.3, "mAP": 35.0, "rank1": 32.0}]
+    report = {"date": "d", "machine": "m", "choice": {
+        "people": 500, "gallery": 2455, "embedder": "osnet@256x128", "pool": 100,
+        "cosine": {"mAP": 30.8, "rank1": 33.4}, "grid": grid,
+        "chosen": {"k1": 10, "lambda": 0.5}, "settings": settings},
+        "held_out": [], "cost": {"pool": 100, "dim": 512, "p50_ms": 3.0}}
+    text = _readme_module().shortlist_choice(report)
+    assert f"lambda = {settings['lambda']:g}) {says}" in text
+    assert "| **k-reciprocal (chosen)** | 10 | 0.5 | 36.0 | 33.0 |" in text

@@ -648,8 +648,9 @@ def evaluate(
         from chatreid.evaluation import EvalConfig
 
         try:
-            cfg = EvalConfig(k=k, tau=tau, max_queries=max_queries,
-                             ranking=ranking, fused_weight=fused_weight)  # pyright: ignore[reportArgumentType]  (EvalConfig checks ranking)
+            # image queries' shortlists ordered as served (serve.shortlist_order)
+            cfg = EvalConfig.served(_settings().serve, k=k, tau=tau, max_queries=max_queries,
+                                    ranking=ranking, fused_weight=fused_weight)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         _eval_suite(suite, task, root, cfg, model, embedder, baseline_only, workers,

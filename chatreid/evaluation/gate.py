@@ -150,7 +150,8 @@ def _vlm_figures(settings: Settings, runtime, embedder):
     gate = settings.gate
     root = Path(gate.synthetic_root or settings.train.world)
     task = HeldOut.of(SYNTHETIC["synth_standard"], gate.max_people)
-    cfg = EvalConfig(k=gate.vlm_k, max_queries=gate.vlm_queries)
+    # over the shortlist the VLM will be served (serve.shortlist_order)
+    cfg = EvalConfig.served(settings.serve, k=gate.vlm_k, max_queries=gate.vlm_queries)
     result = _score("synthetic", task, root, embedder.embed, in_process_reranker(runtime), cfg)
     assert result.chatreid is not None  # scored with a reranker
     reranked = _summary({"synthetic": (float(result.chatreid.mAP), result.chatreid.rank(1))})

@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from chatreid.config import ServeSettings
 from chatreid.data.datasets import ImageRecord
 from chatreid.embedder.colour import ColourAttributeMatcher
 from chatreid.evaluation.queries import EvalQuery, build_queries
@@ -53,6 +54,7 @@ from chatreid.metrics.protocols import sample_gallery
 from chatreid.rerank.ranking import RANKING_MODES, RankingMode
 from schemas.api import QueryKind
 
+_SERVE = ServeSettings.model_fields  # the live shortlist's defaults, one place
 PEER = {"k1": 20, "k2": 6, "lambda_value": 0.3}  # k-reciprocal settings (the paper's defaults)
 PEER_MAX_ITEMS = 10_000  # queries + gallery: dense (N x N) float32 matrices, ~400 MB each here
 
@@ -69,9 +71,16 @@ class EvalConfig:
     # the prefilter's order for image-only queries, as serve.shortlist_order: "k_reciprocal"
     # re-orders each query's cosine top ``pool`` (chatreid.metrics.k_reciprocal_order)
     shortlist_order: Literal["cosine", "k_reciprocal"] = "cosine"
-    pool: int = 100
-    k1: int = 10
-    lambda_value: float = 0.5
+    pool: int = _SERVE["k_reciprocal_pool"].default
+    k1: int = _SERVE["k_reciprocal_k1"].default
+    lambda_value: float = _SERVE["k_reciprocal_lambda"].default
+
+    @classmethod
+    def served(cls, serve: ServeSettings, **kwargs) -> EvalConfig:
+        """The shortlist as ``serve`` orders it for live queries (``serve.shortlist_order``
+        and its k-reciprocal settings): what a gate or report must judge the VLM over."""
+        return cls(shortlist_order=serve.shortlist_order, pool=serve.k_reciprocal_pool,
+                   k1=serve.k_reciprocal_k1, lambda_value=serve.k_reciprocal_lambda, **kwargs)
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKING_MODES:
@@ -170,7 +179,9 @@ def evaluate_task(task: EvalTask, root: Path, embed: Callable[[list[Image.Image]
             dist = _prefilter_distances(image_side, text_side, idx, text_prefilter)
             if cfg.shortlist_order == "k_reciprocal" and image_side is not None \
                     and text_side is None:
-                dist = _k_reciprocal_rows(dist, image_side[0], image_side[1][idx], cfg)
+                dist = k_reciprocal_shortlists(dist, image_side[0], image_side[1][idx],
+                                               pool=cfg.pool, k1=cfg.k1,
+                                               lambda_value=cfg.lambda_value)
             gl = labels(sub)
             qs = select_rows(ql, rows)
             base_runs.append(rank_metrics(dist[rows], qs, gl, task.protocol))
@@ -255,16 +266,17 @@ def _prefilter_distances(image_side: tuple[np.ndarray, np.ndarray] | None,
     return functools.reduce(operator.add, parts) / len(parts)
 
 
-def _k_reciprocal_rows(dist: np.ndarray, q_feats: np.ndarray, g_feats: np.ndarray,
-                       cfg: EvalConfig) -> np.ndarray:
-    """Each query's cosine top ``cfg.pool`` re-ordered as a live query's shortlist is
+def k_reciprocal_shortlists(dist: np.ndarray, q_feats: np.ndarray, g_feats: np.ndarray, *,
+                            pool: int, k1: int, lambda_value: float) -> np.ndarray:
+    """Each query's ``pool`` nearest re-ordered as a live query's shortlist is
     (``serve.shortlist_order = "k_reciprocal"``): they take distances 0..1 in their new order,
-    the rest follow in cosine order (2 + their distance)."""
+    the rest follow in their old order (2 + their distance). Ranks only: the values say
+    nothing more."""
     out = 2.0 + dist
     for i, row in enumerate(dist):
-        top = np.argsort(row, kind="stable")[: cfg.pool]
-        order = top[k_reciprocal_order(q_feats[i], g_feats[top], k1=cfg.k1,
-                                       lambda_value=cfg.lambda_value)]
+        top = np.argsort(row, kind="stable")[:pool]
+        order = top[k_reciprocal_order(q_feats[i], g_feats[top], k1=k1,
+                                       lambda_value=lambda_value)]
         out[i, order] = np.linspace(0.0, 1.0, len(order), dtype=np.float32)
     return out
 
