@@ -682,8 +682,8 @@ def shortlist_choice(report: Report) -> str:
     rows = [[r["task"], str(r["queries"]),
              f"{r['cosine']['mAP']:.1f} / {r['cosine']['rank1']:.1f}",
              f"{r['k_reciprocal']['mAP']:.1f} / {r['k_reciprocal']['rank1']:.1f}",
-             f"{r['k_reciprocal']['mAP'] - r['cosine']['mAP']:+.1f} / "
-             f"{r['k_reciprocal']['rank1'] - r['cosine']['rank1']:+.1f}"]
+             f"{_change(r['k_reciprocal']['mAP'] - r['cosine']['mAP'])} / "
+             f"{_change(r['k_reciprocal']['rank1'] - r['cosine']['rank1'])}"]
             for r in report.get("held_out", [])]
     lines += _table(["held-out task", "queries", "cosine order", "k-reciprocal order",
                      "change"], rows)
@@ -694,6 +694,10 @@ def shortlist_choice(report: Report) -> str:
               f"{cost.get('p50_ms', 0):.1f} ms p50 a query. {report['machine']}; measured "
               f"{report['date']}."]
     return "\n".join(lines)
+
+
+def _change(points: float) -> str:
+    return "0.0" if round(points, 1) == 0 else f"{points:+.1f}"
 
 
 def _synthetic_embedder(report: Report) -> str:
