@@ -99,7 +99,8 @@ def checkpoint_figures(settings: Settings, version: str) -> dict:
     return out
 
 
-def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
+def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int,
+                  served: EvalConfig | None = None):
     """The checkpoint's decoder with an identity head on OSNet, trained on cuhk03 train."""
     from chatreid.data.datasets.cuhk03_pair1 import CUHK03Pair1
     from chatreid.model.identity import IdentityVision
@@ -148,7 +149,7 @@ def real_identity(runtime: VLMRuntime, settings: Settings, epochs: int):
     people = {int(g.pid) for g in val if g.pid is not None}
     queries = [i for i in range(len(train)) if pid[i] in people]
     lists = shortlists("standard", queries, feats, pid,
-                       [np.flatnonzero(cam != cam[i]) for i in queries])
+                       [np.flatnonzero(cam != cam[i]) for i in queries], served=served)
     head.cfg.memory, figures = fit_memory(head, lists)
     fit = fit_kinds(head, lists)  # as training does: abstain unless it surely gains
     head.cfg.kind_memory, head.cfg.abstain = fit.memory, fit.abstain
@@ -287,7 +288,8 @@ def main() -> None:
                                   "rows": evaluate(tasks, synth_root, embedder, runtime, cfg)}
         if "real" in sections and OSNET.is_file() and CUHK03.is_dir():
             console.rule(f"cuhk03_pair1 - VLM {version} + OSNet identity head, prefilter OSNet")
-            real_rt, osnet, head_figures = real_identity(runtime, settings, epochs=40)
+            real_rt, osnet, head_figures = real_identity(runtime, settings, epochs=40,
+                                                         served=cfg)
             entry["real"] = {"prefilter": osnet.version, "identity_head": head_figures,
                              "rows": evaluate([BENCHMARKS["cuhk03_pair1"]], CUHK03, osnet,
                                               real_rt, cfg)}

@@ -289,6 +289,7 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     chosen on held-out people of the training split) and save it beside the model. Returns its
     figures, and the decoder + head's held-out best-choice accuracy (as served) per task."""
     from chatreid.embedder.colour import ColourAttributeMatcher
+    from chatreid.evaluation import EvalConfig
     from chatreid.model import build_model
     from chatreid.model.identity import FeatureCache, IdentityVision
     from chatreid.model.prompting import choice_tokens
@@ -346,7 +347,9 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
         def features(keys: list[str]):
             return store.get(keys, loader, backbone)
 
-        image = world_shortlists(entries, people, features, max_queries=settings.train.fit_queries)
+        # in the order the site serves image queries' shortlists (serve.shortlist_order)
+        image = world_shortlists(entries, people, features, max_queries=settings.train.fit_queries,
+                                 served=EvalConfig.served(settings.serve))
         clue = held_out_clue_shortlists(
             clue_samples, entries, people, features,
             lambda keys: matcher.embed_images([loader(k) for k in keys]))

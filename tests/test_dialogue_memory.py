@@ -245,6 +245,36 @@ def test_shortlists_follow_the_prefilter_and_skip_queries_without_a_match() -> N
     assert lists[0].relevant.tolist() == [False, True] and lists[0].total == 1
 
 
+def test_shortlists_take_the_order_the_site_serves() -> None:
+    """A site serving the k-reciprocal shortlist fits its head's dialogue settings on that
+    shortlist - the one the evaluation and the gate score (``k_reciprocal_shortlists``), not
+    the cosine top K."""
+    from chatreid.evaluation import EvalConfig
+    from chatreid.evaluation.runner import k_reciprocal_shortlists
+
+    from .test_reranking import clustered
+
+    qf, gf, ql, gl = clustered(seed=5, people=12)
+    feats = np.concatenate([qf, gf]).astype(np.float32)
+    pids = np.concatenate([ql.pids, gl.pids])
+    queries = list(range(len(qf)))
+    gallery = [np.arange(len(qf), len(feats))] * len(queries)
+    served = EvalConfig(shortlist_order="k_reciprocal", pool=40, k1=10, lambda_value=0.3)
+    lists = shortlists("standard", queries, feats, pids, gallery, k=10, served=served)
+    cosine = shortlists("standard", queries, feats, pids, gallery, k=10)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    want = k_reciprocal_shortlists(1 - unit[queries] @ unit[gallery[0]].T, unit[queries],
+                                   unit[gallery[0]], pool=40, k1=10, lambda_value=0.3)
+    for n, item in enumerate(lists):
+        top = np.argsort(want[n], kind="stable")[:10]
+        np.testing.assert_array_equal(item.candidates, feats[gallery[0][top]])
+    assert sum(a.relevant.sum() for a in lists) > sum(c.relevant.sum() for c in cosine)
+    same = EvalConfig(shortlist_order="cosine")
+    for a, b in zip(shortlists("standard", queries, feats, pids, gallery, k=10, served=same),
+                    cosine, strict=True):
+        np.testing.assert_array_equal(a.candidates, b.candidates)
+
+
 def _sample(task: str, images: list[str], infos: list[dict]) -> InstructionSample:
     return InstructionSample(task=task, stage=3, images=images,
                              prompt=IMAGE_TOKEN * len(images), response="1",

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from chatreid.model.identity import (
 )
 from chatreid.rerank.prompts import QueryKind
 from chatreid.synth import SynthConfig, generate_world
+
+if TYPE_CHECKING:
+    from chatreid.evaluation import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -262,18 +266,30 @@ class Shortlist:
 
 
 def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.ndarray,
-               allowed: Sequence[np.ndarray], k: int = 10) -> list[Shortlist]:
+               allowed: Sequence[np.ndarray], k: int = 10,
+               served: EvalConfig | None = None) -> list[Shortlist]:
     """A shortlist per query index ``queries[n]`` into ``feats``: the ``k`` items of
     ``allowed[n]`` (the indices the task's protocol lets it match: another camera, other
-    clothes, the other modality) nearest by cosine, as the prefilter returns them. Queries
-    with no relevant item allowed are skipped."""
+    clothes, the other modality) first in the prefilter's order - the cosine order, or the
+    order ``served`` gives image queries (``EvalConfig.served(settings.serve)``: the
+    k-reciprocal shortlist when a site serves it), so a head's dialogue settings are fitted
+    on the shortlists it will rerank. Queries with no relevant item allowed are skipped."""
+    from chatreid.evaluation.runner import k_reciprocal_shortlists
+
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    reorder = served is not None and served.shortlist_order == "k_reciprocal"
     out = []
     for i, gallery in zip(queries, allowed, strict=True):
         relevant = pids[gallery] == pids[i]
         if not relevant.any():
             continue
-        top = np.argsort(-(unit[gallery] @ unit[i]), kind="stable")[:k]
+        dist = 1.0 - unit[gallery] @ unit[i]
+        if reorder:
+            assert served is not None
+            dist = k_reciprocal_shortlists(dist[None], unit[i][None], unit[gallery],
+                                           pool=served.pool, k1=served.k1,
+                                           lambda_value=served.lambda_value)[0]
+        top = np.argsort(dist, kind="stable")[:k]
         out.append(Shortlist(kind, feats[i], feats[gallery[top]], relevant[top],
                              int(relevant.sum())))
     return out
@@ -491,12 +507,14 @@ TASK_LAYOUTS = {"standard": "market1501", "cloth_changing": "ltcc",
 
 def world_shortlists(entries: Sequence[ImageEntry], people: set[str],
                      features: Callable[[list[str]], np.ndarray], k: int = 10,
-                     max_queries: int | None = None) -> list[Shortlist]:
+                     max_queries: int | None = None,
+                     served: EvalConfig | None = None) -> list[Shortlist]:
     """Shortlists for the per-kind fit as a site's prefilter makes them: per image task,
     every crop of its layout in the training world (``entries``: ``load_entries``, the train
     and val identities) forms the gallery, hard negatives and all, and each crop of one of
     ``people`` (held out of the head's training) queries it under the task's protocol (another
-    camera, other clothes, the other modality). Galleries of only the stage-3 samples' own few
+    camera, other clothes, the other modality), in the order ``served`` gives (see
+    :func:`shortlists`). Galleries of only the stage-3 samples' own few
     crops put the person first almost always: no verdict could be read from them. At most
     ``max_queries`` per task, evenly spaced over the crops."""
     out = []
@@ -509,7 +527,7 @@ def world_shortlists(entries: Sequence[ImageEntry], people: set[str],
         allowed = [np.array([j for j in range(len(keys))
                              if j != i and rule(info[i], info[j], pids[i] == pids[j])],
                             dtype=np.int64) for i in queries]
-        out += shortlists(kind, queries, features(keys), pids, allowed, k)
+        out += shortlists(kind, queries, features(keys), pids, allowed, k, served)
     return out
 
 
