@@ -742,7 +742,10 @@ def shortlist_order(report: Report) -> str:
             f"themselves (k1 = {section['k1']}, lambda = {section['lambda_value']}, k2 = 6); the "
             "peer row re-ranks all test queries and the whole gallery at once, which a live "
             "query cannot. Cosine columns: the checkpoint's rows in the table above.")
-    return "\n".join(rows) + f"\n\n{verdict}\n\n{note}"
+    labels = [f"- `{v[:12]}`: {e['label']}" for v, e in section["checkpoints"].items()
+              if e.get("label")]
+    legend = "\n\nCheckpoints:\n" + "\n".join(labels) if labels else ""
+    return "\n".join(rows) + f"\n\n{verdict}{legend}\n\n{note}"
 
 
 def _checkpoint_legend(report: Report) -> str:
