@@ -206,7 +206,7 @@ class PrefilterSearch:
     def _k_reciprocal(self, store, query: np.ndarray, results: list[SearchResult],
                       k: int) -> list[SearchResult]:
         """The cosine top ``results`` re-ordered by k-reciprocal encoding among themselves and
-        the query (``chatreid.metrics.k_reciprocal_distances``), the first ``k`` kept; scores
+        the query (``chatreid.metrics.k_reciprocal_order``), the first ``k`` kept; scores
         stay cosines. A crop erased since the search drops out."""
         vectors = store.vectors([r.crop_id for r in results])
         held = np.flatnonzero(~np.isnan(vectors).any(axis=1))

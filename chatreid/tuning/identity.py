@@ -277,15 +277,13 @@ def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.nd
     from chatreid.evaluation.runner import k_reciprocal_shortlists
 
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
-    reorder = served is not None and served.shortlist_order == "k_reciprocal"
     out = []
     for i, gallery in zip(queries, allowed, strict=True):
         relevant = pids[gallery] == pids[i]
         if not relevant.any():
             continue
         dist = 1.0 - unit[gallery] @ unit[i]
-        if reorder:
-            assert served is not None
+        if served is not None and served.shortlist_order == "k_reciprocal":
             dist = k_reciprocal_shortlists(dist[None], unit[i][None], unit[gallery],
                                            pool=served.pool, k1=served.k1,
                                            lambda_value=served.lambda_value)[0]
