@@ -47,11 +47,14 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) ->
 
 
 def assign_all(consumer: KafkaConsumer, topic: str,
-               keep: Callable[[int], bool] | None = None) -> list[TopicPartition]:
+               keep: Callable[[int], bool] | None = None,
+               parts: set[int] | None = None) -> list[TopicPartition]:
     """Assign every partition of ``topic`` (those ``keep`` accepts, when given: a prefilter
     shard's) to ``consumer`` (no consumer group: nothing is shared out, this reader sees every
-    record of them); returns them in partition order."""
-    parts = consumer.partitions_for_topic(topic) or set()
+    record of them); returns them in partition order. ``parts``: the partitions already listed
+    (:func:`wait_listed`), else the broker's metadata is asked now."""
+    if parts is None:
+        parts = consumer.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in sorted(parts) if keep is None or keep(p)]
     consumer.assign(tps)
     return tps
@@ -76,8 +79,7 @@ def read_from_start(settings: KafkaSettings, topic: str, **overrides) -> KafkaCo
     announcements, rollout verdicts), and commits nothing."""
     consumer = make_consumer(settings, None, **overrides)
     try:
-        wait_listed(consumer, topic)
-        assign_all(consumer, topic)
+        assign_all(consumer, topic, parts=wait_listed(consumer, topic))
         consumer.seek_to_beginning()
     except Exception:
         consumer.close()
