@@ -300,7 +300,9 @@ def text_prefilter(report: Report) -> str:
 def hpt_chain(report: Report) -> str:
     """``benchmarks/hpt_chain.py``: the embedder and HPT stages 1 → 2 → 3, and the whole chain."""
     emb = report["embedder"]
-    rows = [[f"embedder ({emb['epochs']:.0f} epochs)", f"{emb['wall_min']:.1f} min",
+    # a whole-chain run records the embedder job's own wall; an --embedder-only run its total
+    wall_min = emb["wall_min"] if "wall_min" in emb else emb["job_wall_s"] / 60
+    rows = [[f"embedder ({emb['epochs']:.0f} epochs)", f"{wall_min:.1f} min",
              f"{emb['samples_per_s']:.1f}", "—", f"{emb['first_loss']:.2f} → {emb['loss']:.2f}",
              f"{emb['rank1']:.3f} (ImageNet start {emb['baseline_rank1']:.3f})"]]
     names = {1: "stage 1 (captioning)", 2: "stage 2 (retrieval tasks)",
@@ -323,7 +325,8 @@ def hpt_chain(report: Report) -> str:
         f"Stage-3 held-out rank-1 per task: {per_task} (truth confidence "
         f"{last['eval_truth_confidence']:.2f}).\n\nPreset `{report['preset']}`, base "
         f"`{report['base_model']}`, ablation {report['ablation']}, {report['workers']} Ray Train "
-        f"workers, {_cpus(report)}; {report.get('note', '')}; measured {_when(report)}.")
+        f"workers, {_cpus(report)}; " + (f"{report['note']}; " if report.get("note") else "")
+        + f"measured {_when(report)}.")
 
 
 def embedder_training(report: Report) -> str:
@@ -720,7 +723,9 @@ def shortlist_order(report: Report) -> str:
             "|---|---|---|---|---|---|---|"]
     gains = []
     for version, entry in section["checkpoints"].items():
-        cosine = report.get("checkpoints", {}).get(version, {})
+        # the cosine rows of the same checkpoint, or of the one the run named (``--cosine-rows``:
+        # the same decoder with its head fitted over the cosine shortlist)
+        cosine = report.get("checkpoints", {}).get(entry.get("cosine_rows", version), {})
         for part in ("synthetic", "real"):
             before = {r["task"]: r for r in cosine.get(part, {}).get("rows", [])}
             for r in entry.get(part, {}).get("rows", []):
@@ -742,8 +747,9 @@ def shortlist_order(report: Report) -> str:
             f"themselves (k1 = {section['k1']}, lambda = {section['lambda_value']}, k2 = 6); the "
             "peer row re-ranks all test queries and the whole gallery at once, which a live "
             "query cannot. Cosine columns: the checkpoint's rows in the table above.")
-    labels = [f"- `{v[:12]}`: {e['label']}" for v, e in section["checkpoints"].items()
-              if e.get("label")]
+    labels = [f"- `{v[:12]}`: {e['label']}"
+              + (f"; cosine columns: `{e['cosine_rows'][:12]}`" if e.get("cosine_rows") else "")
+              for v, e in section["checkpoints"].items() if e.get("label")]
     legend = "\n\nCheckpoints:\n" + "\n".join(labels) if labels else ""
     return "\n".join(rows) + f"\n\n{verdict}{legend}\n\n{note}"
 
@@ -1015,6 +1021,7 @@ BLOCKS: dict[str, Block] = {
     "prefilter_shards": Block(prefilter_shards, _results("prefilter_shards")),
     "shard_cost_model": Block(shard_cost_model, _results("prefilter_shards")),
     "hpt_chain": Block(hpt_chain, _results("hpt_chain")),
+    "hpt_chain_quick": Block(hpt_chain, _results("hpt_chain_quick")),
     "embedder_training": Block(embedder_training, _results("hpt_chain")),
     "retrieval_serve": Block(retrieval_serve, _results("retrieval_serve")),
     "retrieval_serve_k20_text_prefilter": Block(

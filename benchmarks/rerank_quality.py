@@ -12,8 +12,8 @@ the queries, every row scored on the other half; ``chatreid.evaluation.ranking``
   gets an identity head on OSNet trained here, in memory, on ``cuhk03-pair1/train`` groups
   whose galleries are OSNet's own shortlists (the epoch chosen on held-out train people);
 * the checkpoints' own figures: stage-3 held-out best-choice accuracy per task against chance
-  (decoder alone and decoder + identity head), tuning samples/s, and the quick preset's wall
-  time from its training report.
+  (decoder alone and decoder + identity head) and tuning samples/s. The quick preset's wall
+  time is ``benchmarks/hpt_chain.py --preset quick``'s.
 
 Needs the local stack (`chatreid up --no-ray`) and a trained checkpoint
 (`chatreid train --stage all --preset quick`).
@@ -245,10 +245,17 @@ def main() -> None:
     ap.add_argument("--shortlist-order", choices=("cosine", "k_reciprocal"), default="cosine",
                     help="the prefilter's order of image-only queries (serve.shortlist_order); "
                          "k_reciprocal runs are kept apart, under 'k_reciprocal' in the JSON")
+    ap.add_argument("--cosine-rows", nargs="*", default=None,
+                    help="k_reciprocal runs, one per --vlm: the checkpoint whose cosine-shortlist "
+                         "rows these are compared with (default: the same version), e.g. the "
+                         "same decoder with its head fitted over the cosine shortlist")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.label is not None and len(args.label) != len(args.vlm or []):
         ap.error("give one --label per --vlm version")
+    if args.cosine_rows is not None and (args.shortlist_order != "k_reciprocal"
+                                         or len(args.cosine_rows) != len(args.vlm or [])):
+        ap.error("--cosine-rows: one per --vlm version, with --shortlist-order k_reciprocal")
     settings = Settings()
     sections = set(args.sections.split(","))
     versions = args.vlm or [latest(settings, "vlm", "stage3").version]
@@ -274,6 +281,8 @@ def main() -> None:
         entry = entries.setdefault(version, {})
         if args.label is not None:
             entry["label"] = args.label[n]
+        if args.cosine_rows is not None:
+            entry["cosine_rows"] = args.cosine_rows[n]
         entry["measured"] = report["date"]  # the report's date moves with every run
         runtime = VLMRuntime.load(settings, ModelSpec.of_checkpoint(find(settings, "vlm",
                                                                          version)))

@@ -28,3 +28,14 @@ def test_a_chain_without_the_embedder_stage_puts_its_head_on_the_buckets_embedde
     chosen.train.vision_backbone = "imagenet"
     chain.pin_identity_backbone(chosen, Console(quiet=True))
     assert chosen.train.vision_backbone == "imagenet"
+
+
+def test_each_preset_is_measured_against_its_own_wall_budget() -> None:
+    """The quick preset's chain is judged against its 20-minute budget, the default's against
+    60 minutes; a preset sized for CI has none and the benchmark says so instead of inventing
+    one."""
+    chain = load_benchmark("hpt_chain")
+    assert chain.budget_min("quick") == 20.0
+    assert chain.budget_min("default") == 60.0
+    with pytest.raises(SystemExit, match="names no wall budget"):
+        chain.budget_min("micro")

@@ -230,6 +230,21 @@ def test_the_k_reciprocal_table_sets_each_row_beside_the_same_checkpoints_cosine
             "(synth_visible_infrared)") in text
 
 
+def test_a_k_reciprocal_run_compares_with_the_cosine_rows_it_names() -> None:
+    """A checkpoint whose head was fitted over the k-reciprocal shortlist is compared with the
+    same decoder's cosine-fitted head (``--cosine-rows``), not with rows of its own that do not
+    exist, and the legend says which."""
+    report = {"k": 10, "checkpoints": {
+        "hpt3-cosinehead": {"synthetic": {"rows": [_row("synth_standard", 35.8, 35.8)]}}},
+        "k_reciprocal": {"pool": 100, "k1": 10, "lambda_value": 0.3, "checkpoints": {
+            "hpt3-krechead": {"label": "quick preset", "cosine_rows": "hpt3-cosinehead",
+                              "synthetic": {"rows": [_row("synth_standard", 38.7, 38.7)]}}}}}
+    text = _readme_module().shortlist_order(report)
+    assert "| hpt3-krechea | synth_standard | 35.8 / 35.8 | 35.8 / 35.8 | 38.7 / 38.7 |" in text
+    assert "higher on 1 of 1 task rows (synth_standard)" in text
+    assert "- `hpt3-krechea`: quick preset; cosine columns: `hpt3-cosineh`" in text
+
+
 @pytest.mark.parametrize(("settings", "says"), [
     ({"k1": 10, "lambda": 0.5}, "are the choice."), ({"k1": 20, "lambda": 0.3},
                                                      "**are not the choice**.")])

@@ -36,10 +36,14 @@ class TrainRecipe(BaseModel):
         default=0, ge=0, description="synthetic people of a world of their own that the "
         "embedder also trains on (chatreid.tuning.embedder_training.extra_world_config); 0: "
         "the training world's train split only")
+    wall_budget_min: float | None = Field(
+        default=None, gt=0, description="the wall time (minutes, 2 CPU cores, embedder and the "
+        "three stages from a fresh stack) the recipe is sized for; benchmarks/hpt_chain.py "
+        "reports the measured run against it. None: no budget (CI sizes)")
 
 
 PRESETS: dict[str, TrainRecipe] = {
-    "default": TrainRecipe(stages={
+    "default": TrainRecipe(wall_budget_min=60.0, stages={
         1: StageRecipe(samples=300, lr=5e-5, encoder_lr=3e-4),
         2: StageRecipe(samples=500, lr=5e-5, encoder_lr=1e-4),
         3: StageRecipe(samples=600, lr=5e-5),
@@ -49,7 +53,7 @@ PRESETS: dict[str, TrainRecipe] = {
     # on every stage-3 group (cached features: seconds) - what makes the rerank beat the
     # prefilter. The samples not stepped through still train the head.
     "quick": TrainRecipe(
-        eval_samples=30, embedder_epochs=4,
+        eval_samples=30, embedder_epochs=4, wall_budget_min=20.0,
         stages={
             1: StageRecipe(samples=40, lr=5e-5, encoder_lr=3e-4, max_steps=10),
             2: StageRecipe(samples=40, lr=5e-5, encoder_lr=1e-4, max_steps=10),
