@@ -54,13 +54,17 @@ def test_lambda_one_keeps_the_original_ranking() -> None:
                                   np.argsort(plain, axis=1, kind="stable"))
 
 
+def crowd() -> tuple[np.ndarray, np.ndarray]:
+    """(query, gallery). The query (23 deg) is person A; A's gallery sits at 0, 8, 16 deg and
+    person B's crowd at 31-41 deg, no two at the same distance from the query (a tie's order is
+    rounding's: 38 deg once tied with 8 deg). By distance the 8 deg match ranks 6th, behind four
+    of the crowd; but the crowd's nearest are each other (the query is not in their top k),
+    while the query is in the 8 deg image's top k - reciprocal evidence that lifts it to 2nd."""
+    return on_circle(23), on_circle(0, 8, 16, 31, 32, 34, 36, 39, 41)
+
+
 def test_a_match_behind_a_crowd_is_lifted() -> None:
-    # The query (23 deg) is person A; A's gallery sits at 0, 8, 16 deg and person B's crowd at
-    # 31-41 deg, no two at the same distance from the query (a tie's order is rounding's: 38 deg
-    # once tied with 8 deg). By distance the 8 deg match ranks 6th, behind four of the crowd;
-    # but the crowd's nearest are each other (the query is not in their top k), while the query
-    # is in the 8 deg image's top k - reciprocal evidence that lifts it to 2nd.
-    q, g = on_circle(23), on_circle(0, 8, 16, 31, 32, 34, 36, 39, 41)
+    q, g = crowd()
     plain = np.argsort(compute_distmat(q, g)[0], kind="stable")
     reranked = np.argsort(k_reciprocal_distances(q, g, k1=3, k2=1)[0], kind="stable")
     assert list(plain).index(1) == 5 and list(reranked).index(1) == 1
@@ -134,8 +138,8 @@ def test_cuhk03_pair1_gain_matches_the_published_figure(real_paths: tuple[Path, 
 # --- one live query's shortlist (serve.shortlist_order = "k_reciprocal") ----------------------
 
 def test_a_live_query_lifts_its_match_from_behind_a_crowd() -> None:
-    # the hand-built case above as a live query sees it: its cosine shortlist, no other query
-    q, g = on_circle(23), on_circle(0, 8, 16, 31, 32, 34, 36, 39, 41)
+    # the hand-built crowd as a live query sees it: its cosine shortlist, no other query
+    q, g = crowd()
     plain = np.argsort(compute_distmat(q, g)[0], kind="stable")
     order = k_reciprocal_order(q[0], g[plain], k1=3, k2=1, lambda_value=0.3)
     ranked = plain[order]
