@@ -15,7 +15,7 @@ from PIL import Image
 from chatreid.data.datasets import CUHKPEDES, Market1501
 from chatreid.data.instructions import prompts as P
 from chatreid.model import build_model
-from chatreid.model.prompting import choice_tokens, encode_prompt
+from chatreid.model.prompting import choice_logits, choice_tokens, encode_prompt, index_logits
 from chatreid.rerank import (
     BestChoiceReranker,
     Candidate,
@@ -308,6 +308,18 @@ def test_prefix_reuse_gives_the_plain_probabilities(kind, tiny, crops) -> None:
         np.testing.assert_allclose(reused(members), plain(members), rtol=0, atol=1e-6)
     assert reused.stats.prefix_forwards == 1
     assert reused.stats.vision_images == len(images) + (1 if kind.has_image else 0)
+
+
+def test_choice_logits_read_only_the_index_rows_of_the_full_logits(tiny) -> None:
+    """The prefix path reads the LM head's index rows alone; the numbers are the full head's."""
+    model, processor = tiny
+    ids = choice_tokens(processor.tokenizer, 8).index_ids
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(model.config.text_config.hidden_size, generator=gen)
+    with torch.no_grad():
+        full = index_logits(model.lm_head(hidden), ids)
+        np.testing.assert_allclose(choice_logits(model, hidden, ids), full, rtol=0, atol=1e-5)
+        assert not np.allclose(choice_logits(model, hidden, ids[::-1]), full)
 
 
 def test_the_equivalence_check_would_catch_wrong_positions(tiny, crops) -> None:

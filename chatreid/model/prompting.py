@@ -77,6 +77,18 @@ def index_logits(logits: torch.Tensor, index_ids: Sequence[int]) -> np.ndarray:
     return logits.float()[list(index_ids)].double().cpu().numpy()
 
 
+def choice_logits(model: Qwen2VLForConditionalGeneration, hidden: torch.Tensor,
+                  index_ids: Sequence[int]) -> np.ndarray:
+    """The decoder's last hidden state → the shown indices' logits, through only their rows of
+    the LM head: the same numbers as ``index_logits`` of the full next-token logits, without
+    reading the rest of the vocabulary's rows (on a CPU, about a tenth of a small forward)."""
+    head = model.lm_head
+    rows = torch.tensor(list(index_ids), device=hidden.device)
+    bias = None if head.bias is None else head.bias[rows]
+    logits = torch.nn.functional.linear(hidden, head.weight[rows], bias)
+    return logits.float().double().cpu().numpy()
+
+
 def answer_distribution(index_logit: np.ndarray, pointer: np.ndarray | None = None
                         ) -> np.ndarray:
     """P(index = k) over the shown indices: softmax of the decoder's index logits plus

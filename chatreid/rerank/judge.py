@@ -37,8 +37,8 @@ from chatreid.model.prompting import (
     ChoiceTokens,
     answer_distribution,
     answer_logits,
+    choice_logits,
     encode_prompt,
-    index_logits,
     render_prompt,
 )
 from chatreid.model.vision_cache import Encoded, VisionCache
@@ -209,12 +209,8 @@ class PrefixJudge(BestChoiceJudge):
         positions = self.model.model.get_rope_index(
             enc["input_ids"], enc["mm_token_type_ids"], image_grid_thw=grid
         )[0]
-        out = self.model(
-            **enc,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        # the decoder alone: the prefix needs its cache, not logits
+        out = self.model.model(**enc, position_ids=positions, use_cache=True)
         self._cache = out.cache
         self._prefix_len = enc["input_ids"].shape[1]
         self.stats.decoder_tokens += self._prefix_len
@@ -318,12 +314,12 @@ class PrefixJudge(BestChoiceJudge):
         batchable = len(rows) > 1 and all(_dynamic(r.base) for r in rows)
         done = self._run_batch(rows) if batchable else [self._run_one(r) for r in rows]
         out = []
-        for row, (logits, cache) in zip(rows, done, strict=True):
+        for row, (hidden, cache) in zip(rows, done, strict=True):
             self._recent = [(row.ids, row.source, cache), *self._recent][:_RECENT]
             self.stats.reused_tokens += row.shared
             self.stats.group_tokens += row.ids.shape[1]
             self.stats.decoder_tokens += row.ids.shape[1] - row.shared
-            out.append(index_logits(logits, self.tokens.index_ids[: row.n]))
+            out.append(choice_logits(self.model, hidden, self.tokens.index_ids[: row.n]))
         self.stats.group_forwards += len(rows) if not batchable else 1
         self.stats.groups_judged += len(rows)
         self.stats.batched_groups += len(rows) if batchable else 0
@@ -337,16 +333,15 @@ class PrefixJudge(BestChoiceJudge):
     def _run_one(self, row: _Row) -> tuple[torch.Tensor, object]:
         mask = torch.ones(1, self._prefix_len + row.ids.shape[1], dtype=torch.long,
                           device=self.device)
-        out = self.model(
+        out = self.model.model(  # the decoder alone: choice_logits reads the LM head's rows
             input_ids=row.ids[:, row.shared:],
             attention_mask=mask,  # must cover prefix + suffix
             position_ids=row.positions[..., row.shared:],
             cache=_fork(row.base, self._prefix_len + row.shared),
             use_cache=True,
             mm_encoder_outputs=self._images([row]),
-            logits_to_keep=1,
         )
-        return out.logits[0, -1], out.cache
+        return out.last_hidden_state[0, -1], out.cache
 
     def _run_batch(self, rows: Sequence[_Row]) -> list[tuple[torch.Tensor, object]]:
         """Several groups in one forward, packed into one sequence (no padding to compute):
@@ -367,16 +362,16 @@ class PrefixJudge(BestChoiceJudge):
         positions = torch.cat([r.positions[..., r.shared:] for r in rows], dim=2)
         last = torch.tensor([n0 + n - 1 for n0, n in zip(n_at, fresh, strict=True)],
                             device=self.device)
-        out = self.model(
+        out = self.model.model(
             input_ids=ids,
             attention_mask={"full_attention": mask[None, None]},  # taken as is, not rebuilt
             position_ids=positions,
             cache=_pack([r.base for r in rows], cached),
             use_cache=True,
             mm_encoder_outputs=self._images(rows),
-            logits_to_keep=last,
         )
-        return [(out.logits[0, b], _unpack(out.cache, c0, c, c_all + n0, n))
+        hidden = out.last_hidden_state[0, last]
+        return [(hidden[b], _unpack(out.cache, c0, c, c_all + n0, n))
                 for b, (c0, n0, c, n) in enumerate(zip(c_at, n_at, cached, fresh, strict=True))]
 
 
