@@ -25,7 +25,7 @@ from chatreid.model.identity import (
 )
 from chatreid.model.prompting import choice_tokens
 from chatreid.rerank import BestChoiceReranker, Candidate, Query
-from chatreid.rerank.judge import make_judge
+from chatreid.rerank.judge import BestChoiceJudge, make_judge
 from chatreid.tuning.identity import (
     FIT_WORLD,
     TRAINING_WORLD,
@@ -106,6 +106,28 @@ def test_memory_costs_no_extra_decoder_forward(tiny) -> None:
     turns = BestChoiceReranker(model, processor, group_size=4)._dialogue(judge, cands, None)
     assert len(turns) == len(judge.picks) == len(cands)
     assert judge.stats.groups_judged == len(judge._logits)
+
+
+@pytest.mark.parametrize("memory", [0.0, 1.0])
+def test_a_head_that_weighs_the_decoder_0_reranks_without_a_forward(tiny, memory,
+                                                                    monkeypatch) -> None:
+    """Skipping the decoder where its weight is 0 changes no answer: the same dialogue as
+    computing every group's logits and weighing them 0, at no decoder forward or ViT pass."""
+    model, processor = tiny
+    colours = [(250, 250, 0), (0, 250, 250), (0, 0, 250), (0, 250, 0)] * 3
+    cands = [Candidate(str(i), crop(c)) for i, c in enumerate(colours)]
+    query = Query("standard", image=crop((250, 0, 0)))
+    vision = identity(memory)
+    vision.head.cfg.decoder_weight = 0.0
+    reranker = BestChoiceReranker(model, processor, group_size=4, identity=vision)
+    skipped = reranker.rerank(query, cands)
+    monkeypatch.setattr(BestChoiceJudge, "reads_decoder", property(lambda self: True))
+    computed = reranker.rerank(query, cands)
+    assert skipped.stats.forwards == skipped.stats.vision_images == 0
+    assert computed.stats.forwards > 0
+    assert [t.chosen for t in skipped.turns] == [t.chosen for t in computed.turns]
+    np.testing.assert_allclose([t.probability for t in skipped.turns],
+                               [t.probability for t in computed.turns], rtol=0, atol=1e-12)
 
 
 def test_memory_pointer_weighs_picks_by_their_turn_probability() -> None:
@@ -378,13 +400,19 @@ def test_a_turn_weighs_the_decoder_as_the_head_says(tiny) -> None:
     vision = identity(0.0)
     tokens = choice_tokens(processor.tokenizer, 4)
     vision.head.cfg.decoder_weight = 0.0
-    alone = make_judge(model, processor, query, images, tokens, True, vision)(range(4))
     pointer = vision.scores(crop((250, 0, 0)), images, "standard")
-    np.testing.assert_allclose(alone, np.exp(pointer - pointer.max()) /
-                               np.exp(pointer - pointer.max()).sum(), rtol=1e-6)
+    for reuse in (True, False):
+        judge = make_judge(model, processor, query, images, tokens, reuse, vision)
+        alone = judge(range(4))
+        np.testing.assert_allclose(alone, np.exp(pointer - pointer.max()) /
+                                   np.exp(pointer - pointer.max()).sum(), rtol=1e-6)
+        # logits weighed 0 are never computed: no decoder forward, no ViT pass
+        assert judge.stats.forwards == judge.stats.vision_images == 0
     vision.head.cfg.decoder_weight = 1.0
-    mixed = make_judge(model, processor, query, images, tokens, True, vision)(range(4))
+    judge = make_judge(model, processor, query, images, tokens, True, vision)
+    mixed = judge(range(4))
     assert not np.allclose(mixed, alone)
+    assert judge.stats.forwards == 2  # the query prefix, then the group
 
 
 def test_the_fit_world_has_new_people_and_cameras_and_shortlists_for_every_kind(

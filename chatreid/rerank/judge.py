@@ -118,6 +118,13 @@ class BestChoiceJudge:
     _logits: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
 
     @property
+    def reads_decoder(self) -> bool:
+        """Whether the decoder's index logits enter any answer. Not with a pointer term whose
+        fitted decoder weight is 0: then every answer is the head's alone and no decoder
+        forward (nor ViT pass) runs - the same answers as computing logits and weighing them 0."""
+        return self.pointer is None or self.decoder_weight != 0
+
+    @property
     def remembers(self) -> bool:
         """Whether a pick changes later turns' answers to groups it was not in."""
         return self.pointer is not None and self.between is not None and self.memory > 0
@@ -134,8 +141,7 @@ class BestChoiceJudge:
 
     def __call__(self, members: Sequence[int]) -> np.ndarray:
         key = tuple(members)
-        if key not in self._logits:
-            self._logits[key] = self._index_logits(members)
+        self.prefetch([key])  # computes nothing where the logits are known or not read
         pointer = self.pointer_of(members)
         logits = self._logits[key] if pointer is None else self.decoder_weight * self._logits[key]
         return answer_distribution(logits, pointer)
@@ -148,6 +154,9 @@ class BestChoiceJudge:
         """Compute the decoder logits of several groups now (one packed forward where the
         judge can batch); asking any of them afterwards costs no forward."""
         todo = list(dict.fromkeys(tuple(g) for g in groups if tuple(g) not in self._logits))
+        if not self.reads_decoder:
+            self._logits |= {key: np.zeros(len(key)) for key in todo}
+            return
         for key, logits in zip(todo, self._many_index_logits(todo), strict=True):
             self._logits[key] = logits
 
