@@ -154,11 +154,10 @@ class BestChoiceJudge:
         """Compute the decoder logits of several groups now (one packed forward where the
         judge can batch); asking any of them afterwards costs no forward."""
         todo = list(dict.fromkeys(tuple(g) for g in groups if tuple(g) not in self._logits))
-        if not self.reads_decoder:
-            self._logits |= {key: np.zeros(len(key)) for key in todo}
-            return
-        for key, logits in zip(todo, self._many_index_logits(todo), strict=True):
-            self._logits[key] = logits
+        # logits weighed 0 are not computed: zeros give the same answers
+        found = (self._many_index_logits(todo) if self.reads_decoder
+                 else [np.zeros(len(key)) for key in todo])
+        self._logits.update(zip(todo, found, strict=True))
 
     def _many_index_logits(self, groups: Sequence[Sequence[int]]) -> list[np.ndarray]:
         return [self._index_logits(g) for g in groups]
