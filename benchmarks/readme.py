@@ -1008,6 +1008,27 @@ def scaling(ingest_: Report, search: Report, compressed: Report, serve: Report) 
                                f"{_when(serve)}.")
 
 
+def trait_reader(report: Report) -> str:
+    """``trait_reader.py``: cloth-changing ranking by cosine and by trait agreement, and each
+    trait's accuracy on the test people."""
+    rows = _table(["cloth-changing ranking", "mAP", "rank-1", "rank-10"],
+                  ([name, f"{f['mAP']:.1f}", f"{f['rank1']:.1f}", f"{f['rank10']:.1f}"]
+                   for name, f in report["cloth_changing"].items()))
+    accuracy = _table(["trait", "accuracy on the test people", "majority value"],
+                      ([t, f"{a['accuracy']:.0f}%", f"{a['majority']:.0f}%"]
+                       for t, a in report["trait_accuracy"].items()))
+    train, test = report["train"], report["test"]
+    scored = next(iter(report["cloth_changing"].values()))["queries"]
+    note = (f"mAP / rank-1 / rank-10 (%). Synthetic world, LTCC layout, `ltcc_cc` protocol: "
+            f"{scored} of {test['queries']} queries scored against {test['gallery']} gallery "
+            f"crops (the rest have no crop of their person in other clothes from another "
+            f"camera). The reader (`{train['version']}`) trained "
+            f"{train['seconds']:.0f} s on {train['crops']} labelled crops of the train people "
+            f"(`--extra-people {report['args']['extra_people']}`). {_cpus(report)}, no GPU; "
+            f"measured {_when(report)}.")
+    return "\n".join(rows) + "\n\n" + "\n".join(accuracy) + "\n\n" + note
+
+
 def _results(*names: str) -> tuple[str, ...]:
     return tuple(f"benchmarks/results/{n}.json" for n in names)
 
@@ -1040,6 +1061,7 @@ BLOCKS: dict[str, Block] = {
     "stage_ablation": Block(stage_ablation, _results("rerank_quality")),
     "shortlist_order": Block(shortlist_order, _results("rerank_quality")),
     "shortlist_choice": Block(shortlist_choice, _results("shortlist_order")),
+    "trait_reader": Block(trait_reader, _results("trait_reader")),
     "status": Block(status, _results("rerank_quality", "real_people")),
     "eval_synthetic": Block(eval_synthetic, ("docs/eval/results.json",)),
     "scaling": Block(scaling, _results("ingest", "prefilter_search", "prefilter_compressed_512",
