@@ -1,7 +1,8 @@
-"""Cloth-changing retrieval by persistent body traits (``chatreid.embedder.traits``).
+"""Cloth-changing retrieval by persistent body traits (``chatreid.model.traits``).
 
 Trains the trait reader on the attribute labels of the synthetic world's train people (and of
-``--extra-people`` more people in a world of their own, as the embedder's recipe can), then
+``--extra-people`` more people in a world of their own, as a stage-3 job trains the identity
+head's reader: ``TrainRecipe.trait_people``), then
 scores the world's cloth-changing task (LTCC layout, ``ltcc_cc`` protocol: the query's person
 in the query's clothes is junk) by:
 
@@ -14,7 +15,8 @@ in the query's clothes is junk) by:
 It also reports each trait's accuracy on the test people's crops against the majority value.
 
 Data: the synthetic world (``train.world``, synthesised with the default recipe when missing)
-and a world of extra people beside it; the imported OSNet from ``../shared`` when present.
+and a world of extra people in the training cache; the imported OSNet from ``../shared`` when
+present.
 
     python benchmarks/trait_reader.py [--extra-people 270] [--epochs 15]
 """
@@ -22,6 +24,7 @@ and a world of extra people beside it; the imported OSNet from ``../shared`` whe
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -34,17 +37,19 @@ from tqdm import tqdm
 
 from chatreid.config import Settings
 from chatreid.data.datasets.ltcc import LTCC
+from chatreid.data.instructions.samples import load_entries
 from chatreid.embedder import load_embedder
-from chatreid.embedder.traits import (
+from chatreid.metrics import Labels, rank_metrics
+from chatreid.model.traits import (
     TRAITS,
-    LabelledCrop,
     TraitReaderConfig,
     labelled_crops,
     train_trait_reader,
 )
-from chatreid.metrics import Labels, rank_metrics
+from chatreid.tuning.embedder_training import extra_world_config
+from chatreid.tuning.identity import FIT_SPLITS, cached_world
 from chatreid.tuning.presets import PRESETS
-from ray_jobs.train import ensure_extra_world, ensure_world
+from ray_jobs.train import ensure_world, world_config
 
 OUT = Path(__file__).parent / "results" / "trait_reader.json"
 OSNET = shared_dir() / "weights" / "osnet_x0_25_msmt17.onnx"
@@ -58,13 +63,17 @@ def figures(matrix: np.ndarray, query: Labels, gallery: Labels) -> dict[str, flo
             "queries": m.queries}
 
 
-def one_hot(crops: list[LabelledCrop]) -> np.ndarray:
-    """The recorded traits as the reader's columns (a perfect reader's output)."""
-    rows = []
-    for c in crops:
-        rows.append(np.concatenate([np.eye(len(v))[v.index(c.traits[t])]
-                                    for t, v in TRAITS.items()]))
-    return np.asarray(rows, dtype=np.float32)
+def test_traits(world: Path, records: list) -> list[dict[str, str]]:
+    """Each record's traits as the world's attribute annotations state them."""
+    notes = json.loads((world / "attributes" / "attributes.json").read_text())
+    return [{t: str(notes[r.path.relative_to(world).as_posix()]["attributes"][t])
+             for t in TRAITS} for r in records]
+
+
+def one_hot(traits: list[dict[str, str]]) -> np.ndarray:
+    """Recorded traits as the reader's columns (a perfect reader's output)."""
+    return np.asarray([np.concatenate([np.eye(len(v))[v.index(p[t])] for t, v in TRAITS.items()])
+                       for p in traits], dtype=np.float32)
 
 
 def cosine(source: str | None, query: list[Path], gallery: list[Path]) -> np.ndarray:
@@ -82,21 +91,24 @@ def cosine(source: str | None, query: list[Path], gallery: list[Path]) -> np.nda
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=DOC.split("\n\n")[0])
-    ap.add_argument("--extra-people", type=int, default=270,
+    ap.add_argument("--extra-people", type=int, default=PRESETS["default"].trait_people or 0,
                     help="people of an extra world the reader also trains on (0: none)")
     ap.add_argument("--epochs", type=int, default=TraitReaderConfig().epochs)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
-    recipe = PRESETS["default"].model_copy(update={"embedder_extra_people": args.extra_people})
-    world = ensure_world(Settings(), recipe, console)
-    extra = ensure_extra_world(world, recipe, console)
-    train = labelled_crops(world) + (labelled_crops(extra) if extra else [])
-    query, gallery = labelled_crops(world, "query"), labelled_crops(world, "test")
-    ds = LTCC(world)
+    settings, recipe = Settings(), PRESETS["default"]
+    world = ensure_world(settings, recipe, console)
+    train = labelled_crops(load_entries(world), absolute=True)  # train and val people
+    if args.extra_people:  # the world a stage-3 job's reader learns from (ray_jobs.hpt)
+        extra = cached_world(settings.train.out_dir / "cache" / "worlds", extra_world_config(
+            world_config(recipe), args.extra_people), "people")
+        train += labelled_crops(load_entries(extra, FIT_SPLITS), absolute=True)
+    ds = LTCC(world)  # its query and test folders: the test people
+    query, gallery = ds.query, ds.gallery
     q_labels, g_labels = (Labels(np.array([r.pid for r in rs]), np.array([r.camid for r in rs]),
                                  np.array([r.clothes_id for r in rs]))
-                          for rs in (ds.query, ds.gallery))
+                          for rs in (query, gallery))
 
     config = TraitReaderConfig(epochs=args.epochs)
     bar = tqdm(total=config.epochs, desc="trait reader", unit="epoch")
@@ -106,30 +118,30 @@ def main() -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    reader = train_trait_reader(train, config, progress=progress)
+    reader = train_trait_reader(train, Image.open, config, progress=progress)
     train_s = time.perf_counter() - t0
     bar.close()
 
-    rq, rg = reader.read([Image.open(c.path) for c in query]), reader.read(
-        [Image.open(c.path) for c in gallery])
-    test = query + gallery
+    rq, rg = (reader.read([Image.open(r.path) for r in rs]) for rs in (query, gallery))
+    truths = test_traits(world, query + gallery)
     read = reader.split(np.concatenate([rq, rg]))
     accuracy = {}
     for t, values in TRAITS.items():
-        truth = np.array([values.index(c.traits[t]) for c in test])
+        truth = np.array([values.index(p[t]) for p in truths])
         accuracy[t] = {"accuracy": 100 * float((read[t].argmax(1) == truth).mean()),
                        "majority": 100 * float(np.bincount(truth).max() / len(truth))}
 
     rows = {"cosine, ImageNet MobileNetV2 (offline default)":
-            figures(cosine(None, [c.path for c in query], [c.path for c in gallery]),
+            figures(cosine(None, [r.path for r in query], [r.path for r in gallery]),
                     q_labels, g_labels)}
     if OSNET.is_file():
         rows["cosine, OSNet (imported Re-ID model)"] = figures(
-            cosine(str(OSNET), [c.path for c in query], [c.path for c in gallery]),
+            cosine(str(OSNET), [r.path for r in query], [r.path for r in gallery]),
             q_labels, g_labels)
     rows["trait reader"] = figures(reader.match(rq, rg), q_labels, g_labels)
     rows["recorded traits (a perfect reader)"] = figures(
-        reader.match(one_hot(query), one_hot(gallery)), q_labels, g_labels)
+        reader.match(one_hot(truths[:len(query)]), one_hot(truths[len(query):])),
+        q_labels, g_labels)
 
     report = header("trait_reader", DOC, args) | {
         "train": {"crops": len(train), "seconds": round(train_s, 1), "version": reader.version},

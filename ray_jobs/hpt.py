@@ -29,7 +29,9 @@ from chatreid.data.build import iter_samples, shards_for_worker
 from chatreid.data.instructions.samples import ImageEntry, load_entries
 from chatreid.data.report import DatasetReport
 from chatreid.data.worlds import ImageResolver
+from chatreid.model.traits import TraitReader
 from chatreid.storage import ObjectNotFound
+from chatreid.synth import SynthConfig
 from chatreid.tuning.hpt import FINAL_DIR, HPTConfig, StageTrainer
 from ray_jobs.launcher import run_trainer, settings_from
 from schemas import CheckpointEvent
@@ -52,6 +54,8 @@ class StageJob(BaseModel):
     parent: CheckpointEvent | None = None
     eval_dataset_id: str | None = None  # stage-3 samples of held-out identities (rank 0 scores)
     identity_backbone: str | None = None  # stage 3: the identity head's backbone (None: none)
+    trait_people: int | None = None  # stage 3: extra synthetic people the head's trait reader
+    # also learns from (0: the training world's only; None: no trait reader)
 
 
 class StageOutcome(BaseModel):
@@ -103,8 +107,11 @@ def identity_recipe(settings: Settings, job: StageJob) -> dict[str, Any] | None:
     if job.hpt.stage != 3 or not job.identity_backbone:
         return None
     t = settings.train
-    return {"backbone": identity_backbone(settings, job.identity_backbone).version,
-            "epochs": t.identity_epochs, "fit_world": t.fit_world, "fit_queries": t.fit_queries}
+    recipe = {"backbone": identity_backbone(settings, job.identity_backbone).version,
+              "epochs": t.identity_epochs, "fit_world": t.fit_world, "fit_queries": t.fit_queries}
+    if job.trait_people is not None:  # a head with a trait reader is another checkpoint
+        recipe["trait_people"] = job.trait_people
+    return recipe
 
 
 # --- worker side -------------------------------------------------------------------------------
@@ -197,7 +204,8 @@ def run_stage(settings: Settings, job: StageJob) -> StageOutcome:
                         parent_version=event.parent_version, event=event)
 
 
-def refit_identity(settings: Settings, version: str) -> StageOutcome:
+def refit_identity(settings: Settings, version: str, trait_people: int | None = None
+                   ) -> StageOutcome:
     """Train and fit the identity head of stage-3 checkpoint ``version`` again on its own
     stage-3 data - for the embedder ``train.vision_backbone`` names now (a rolled-out
     prefilter) or under newer fit rules - and push the result as a new stage-3 version whose
@@ -220,7 +228,8 @@ def refit_identity(settings: Settings, version: str) -> StageOutcome:
         job = StageJob(hpt=HPTConfig.model_validate(config), dataset_id=data.dataset_id,
                        num_shards=len(data.shards), world_id=data.world_id,
                        eval_dataset_id=_eval_dataset(settings, data.world_id),
-                       identity_backbone=settings.train.vision_backbone)
+                       identity_backbone=settings.train.vision_backbone,
+                       trait_people=trait_people)
         shutil.rmtree(model_dir / IDENTITY_DIR, ignore_errors=True)
         (model_dir / MANIFEST).unlink()  # it lists the old head's files; push writes the new
         metrics = {k: v for k, v in manifest["metrics"].items()
@@ -264,24 +273,67 @@ def identity_backbone(settings: Settings, source: str):
         else resolve_embedder(settings, source)
 
 
-def fit_world_of(settings: Settings, job: StageJob) -> Path | None:
-    """The fit world of the job's training world (``chatreid.tuning.identity.fit_world``),
-    generated once into the training cache; None when ``train.fit_world`` is off or the
-    training world carries no recipe to generate it from (a world not made by ``chatreid
-    synth``)."""
+def world_recipe(settings: Settings, job: StageJob, what: str) -> SynthConfig | None:
+    """The recipe the job's training world was made from (its ``manifest.json``); None, logged
+    as ``what`` going without, when it carries none (a world not made by ``chatreid synth``)."""
     from chatreid.synth import SynthConfig
-    from chatreid.tuning.identity import fit_world
 
-    if not settings.train.fit_world:
-        return None
     try:
         recipe = json.loads(world_resolver(settings, job)("manifest.json").read_text())["config"]
     except (FileNotFoundError, ObjectNotFound, KeyError) as exc:
-        log.warning("no fit world: the training world has no recipe (%s); fitting on held-out "
-                    "people of the training world", exc)
+        log.warning("no %s: the training world has no recipe (%s)", what, exc)
         return None
-    return fit_world(settings.train.out_dir / "cache" / "worlds",
-                     SynthConfig.model_validate(recipe))
+    return SynthConfig.model_validate(recipe)
+
+
+def fit_world_of(settings: Settings, job: StageJob) -> Path | None:
+    """The fit world of the job's training world (``chatreid.tuning.identity.fit_world``),
+    generated once into the training cache; None when ``train.fit_world`` is off or the
+    training world carries no recipe (then the fit judges on held-out people of the training
+    world)."""
+    from chatreid.tuning.identity import fit_world
+
+    recipe = world_recipe(settings, job, "fit world") if settings.train.fit_world else None
+    return None if recipe is None else \
+        fit_world(settings.train.out_dir / "cache" / "worlds", recipe)
+
+
+def trait_world_of(settings: Settings, job: StageJob, people: int) -> Path | None:
+    """A world of ``people`` more people for the trait reader (the training world's recipe,
+    the embedder's extra-people seed: ``extra_world_config``), generated once into the training
+    cache; None where the training world carries no recipe."""
+    from chatreid.tuning.embedder_training import extra_world_config
+    from chatreid.tuning.identity import cached_world
+
+    recipe = world_recipe(settings, job, "extra people for the trait reader")
+    return None if recipe is None else cached_world(
+        settings.train.out_dir / "cache" / "worlds", extra_world_config(recipe, people), "people")
+
+
+def train_traits(settings: Settings, job: StageJob, held_out: set[str],
+                 load: Callable[[str], Image.Image]
+                 ) -> tuple[TraitReader | None, dict[str, float]]:
+    """The identity head's trait reader, trained on the stage-1 attribute labels of the
+    training world's people but ``held_out`` (the per-kind fit judges on them) and of
+    ``job.trait_people`` more people; its figures. None where no labelled crop is left."""
+    from chatreid.model.traits import labelled_crops, train_trait_reader
+    from chatreid.tuning.identity import FIT_SPLITS
+
+    t0 = time.perf_counter()
+    crops = labelled_crops(e for e in world_entries(settings, job) if str(e.pid) not in held_out)
+    root = trait_world_of(settings, job, job.trait_people) if job.trait_people else None
+    if root is not None:
+        # keyed by absolute path: the loader opens those itself, the rest from the world
+        crops += labelled_crops(load_entries(root.resolve(), FIT_SPLITS), absolute=True)
+    if not crops:
+        log.warning("no trait reader: no crop of a person outside the held-out ones")
+        return None, {}
+    reader = train_trait_reader(
+        crops, lambda key: Image.open(key) if Path(key).is_absolute() else load(key),
+        progress=lambda epoch, loss: log.info("trait reader: epoch %d, loss %.3f", epoch + 1,
+                                              loss))
+    return reader, {"traits/crops": float(len(crops)),
+                    "traits/seconds": round(time.perf_counter() - t0, 1)}
 
 
 def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[str, float]:
@@ -341,6 +393,11 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     # own training people) and, where the world's recipe allows, its fit world (new people and
     # cameras: nobody trained on them)
     matcher = ColourAttributeMatcher()
+    held_out = {str(g.pid) for g in val_groups}
+    traits = None
+    if job.trait_people is not None:
+        traits, trait_figures = train_traits(settings, job, held_out, load)
+        head.cfg.metrics |= trait_figures
 
     def lists_of(source: str, entries: list[ImageEntry], people: set[str],
                  clue_samples: list, loader: Callable[[str], Image.Image], store: FeatureCache):
@@ -349,14 +406,14 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
 
         # in the order the site serves image queries' shortlists (serve.shortlist_order)
         image = world_shortlists(entries, people, features, max_queries=settings.train.fit_queries,
-                                 served=EvalConfig.served(settings.serve))
+                                 served=EvalConfig.served(settings.serve),
+                                 traits=None if traits is None else (traits, loader))
         clue = held_out_clue_shortlists(
             clue_samples, entries, people, features,
             lambda keys: matcher.embed_images([loader(k) for k in keys]))
         return [dataclasses.replace(s, source=source) for s in image + clue]
 
-    lists = lists_of(TRAINING_WORLD, world_entries(settings, job), {str(g.pid) for g in val_groups},
-                     samples, load, cache)
+    lists = lists_of(TRAINING_WORLD, world_entries(settings, job), held_out, samples, load, cache)
     root = fit_world_of(settings, job)
     if root is not None:
         fit_cache = FeatureCache(settings.train.out_dir / "cache" / "features" / root.name,
@@ -374,10 +431,11 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     # dialogue does not surely beat the prefilter's order in every regime
     fit = fit_kinds(head, lists)
     head.cfg.clue, head.cfg.kind_memory, head.cfg.abstain = fit.clue, fit.memory, fit.abstain
+    head.cfg.traits = fit.traits
     head.cfg.metrics |= fit.figures
     for kind in fit.plain:  # its learned metric lost to the plain cosine on held-out people
         head.make_plain(kind)
-    identity = IdentityVision(backbone, head)
+    identity = IdentityVision(backbone, head, traits)
     identity.save(model_dir)
     figures = {f"identity/{k}": v for k, v in head.cfg.metrics.items()}
     figures["identity/cached_features"] = float(len(cache))
@@ -417,6 +475,7 @@ def run_chain(
     eval_dataset_id: str | None,
     parent: CheckpointEvent | None = None,
     identity_backbone: str | None = None,
+    trait_people: int | None = None,
 ) -> list[StageOutcome]:
     """Stages in order, each from the one before (the first from ``parent`` or the base)."""
     if list(stages) != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
@@ -428,6 +487,7 @@ def run_chain(
             num_shards=datasets[stage].num_shards, world_id=world_id,
             world_root=str(world_root) if world_root else None, parent=parent,
             eval_dataset_id=eval_dataset_id, identity_backbone=identity_backbone,
+            trait_people=trait_people,
         )
         outcome = run_stage(settings, job)
         outcomes.append(outcome)

@@ -154,7 +154,7 @@ def train(
         report.stages = run_chain(
             settings, stages, {s: stage_config(settings, recipe, s) for s in stages},
             report.datasets, world_id=wid, world_root=world, eval_dataset_id=eval_id,
-            parent=parent, identity_backbone=backbone,
+            parent=parent, identity_backbone=backbone, trait_people=recipe.trait_people,
         )
     report.wall_s = time.perf_counter() - t0
     out = settings.train.out_dir / "report.json"

@@ -232,6 +232,10 @@ def test_stage3_carries_an_identity_head_on_the_chains_embedder(
         (train_settings.train.world / "manifest.json").read_text())["seed"] + 1_000_003_000
     assert any(k.endswith("/fit_world/gain_lower_bound") for k in m)
     assert any(k.endswith("/training_world/gain_lower_bound") for k in m)
+    # the micro recipe's trait reader: the training world's people but the held-out ones
+    assert head.traits is not None and m["identity/traits/crops"] > 0
+    assert set(head.head.cfg.traits) <= {"standard", "cloth_changing", "visible_infrared"}
+    assert head.head.cfg.traits  # every image kind got a fitted trait weight (0 included)
 
 
 @pytest.mark.stack
@@ -406,7 +410,10 @@ def test_the_same_decoder_with_a_head_over_another_embedder_is_another_version()
     fewer_epochs = {**recipe, "epochs": recipe["epochs"] + 1}
     versions = {version_for(job, runtime), version_for(headed, runtime, recipe),
                 version_for(headed, runtime, other), version_for(headed, runtime, fewer_epochs)}
-    assert len(versions) == 4
+    with_traits = identity_recipe(settings, headed.model_copy(update={"trait_people": 0}))
+    assert with_traits == {**recipe, "trait_people": 0}  # a head with a reader: another version
+    versions.add(version_for(headed, runtime, with_traits))
+    assert len(versions) == 5
     assert version_for(headed, runtime, recipe) == version_for(headed, runtime, dict(recipe))
     # stages 1 and 2 attach no head, whatever the job names
     stage2 = headed.model_copy(update={"hpt": HPTConfig(stage=2, base_model="tiny")})

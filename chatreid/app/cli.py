@@ -901,6 +901,8 @@ def train(
 
     if stage not in ("embedder", "1", "2", "3", "all", "identity"):
         raise typer.BadParameter("--stage must be embedder, 1, 2, 3, all or identity")
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}")
     if (stage == "identity") != (model is not None):
         raise typer.BadParameter("--model goes with --stage identity, and it needs one")
     if stage == "identity":
@@ -908,14 +910,13 @@ def train(
 
         settings = _settings()
         try:
-            outcome = refit_identity(settings, model)  # pyright: ignore[reportArgumentType]
+            outcome = refit_identity(  # its trait reader as the preset trains one
+                settings, model, PRESETS[preset].trait_people)  # pyright: ignore[reportArgumentType]
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         console.print(f"identity head of {model} trained again: [bold]{outcome.version}"
                       f"[/bold] ({outcome.wall_s / 60:.1f} min)")
         return
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}")
     from ray_jobs.train import train as run
 
     settings = _settings()

@@ -16,6 +16,10 @@ field already knows about people lives in Re-ID backbones, so the VLM gets one:
   dimensions survive a change of clothes or of modality) starting exactly at ``scale * cos``;
 * **pointer term**: the turn's answer distribution is ``softmax(decoder index logits + s)``
   over the candidates shown — the decoder's own logits, shifted by what the identity head sees;
+* **trait term**: an image query of a kind with a fitted weight also adds
+  ``traits[kind] * t(q, c)``, the agreement of the two crops' persistent body traits (skin tone,
+  hair, build...: ``chatreid.model.traits``, a reader trained on the train people's stage-1
+  attribute labels) - what survives a change of clothes, where the backbone reads the clothes;
 * **clue term**: a query with a text clue (text-to-image, attribute, multimodal) also adds
   ``clue[kind] * m(t, c)``, the colour-attribute match between the clue and the candidate
   (``chatreid.embedder.colour``: the share of the candidate's torso/leg pixels in the colours the
@@ -47,12 +51,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatreid.embedder.colour import ColourAttributeMatcher
+from chatreid.model.traits import TraitReader
 from schemas.api import QueryKind
 
 IDENTITY_DIR = "identity"
 CONFIG_FILE = "config.json"
 HEAD_FILE = "head.safetensors"
 BACKBONE_DIR = "backbone"
+TRAITS_DIR = "traits"  # the trait reader (chatreid.model.traits), when the head has one
 # Image-query kinds the head scores (text-only kinds have no query image to relate to).
 IMAGE_KINDS = ("standard", "cloth_changing", "visible_infrared", "multimodal")
 INITIAL_SCALE = 10.0  # s = 10 cos at start: a 0.1 cosine gap is one logit
@@ -100,6 +106,9 @@ class IdentityConfig:
     # a person described by two colours than about a photographed one)
     abstain: list[str] = field(default_factory=list)  # kinds whose dialogue did not surely beat
     # the prefilter's order on held-out people: answered in the prefilter's order, not reranked
+    traits: dict[str, float] = field(default_factory=dict)  # per image kind, the weight of the
+    # trait agreement t(q, c) in the pointer term; fitted on held-out people; a kind absent (or
+    # a head saved without a trait reader) gets no trait term
 
     def __post_init__(self) -> None:
         # heads saved before the rename list "adaptive": read it as today's name
@@ -107,6 +116,7 @@ class IdentityConfig:
         self.clue = {_kind_name(k): float(v) for k, v in self.clue.items()}
         self.kind_memory = {_kind_name(k): float(v) for k, v in self.kind_memory.items()}
         self.abstain = [_kind_name(k) for k in self.abstain]
+        self.traits = {_kind_name(k): float(v) for k, v in self.traits.items()}
 
     def memory_of(self, kind: str) -> float:
         """The dialogue-memory weight a query of ``kind`` runs with."""
@@ -184,12 +194,16 @@ class IdentityHead(nn.Module):
 class IdentityVision:
     """A backbone and its identity head: what a best-choice turn adds to the decoder's logits."""
 
-    def __init__(self, backbone, head: IdentityHead) -> None:
+    def __init__(self, backbone, head: IdentityHead, traits: TraitReader | None = None) -> None:
         if backbone.version != head.cfg.encoder_version:
             raise IdentityError(
                 f"identity head trained on backbone {head.cfg.encoder_version}, "
                 f"given {backbone.version}")
-        self.backbone, self.head = backbone, head.eval()
+        self.backbone, self.head, self.traits = backbone, head.eval(), traits
+
+    def trait_weight(self, kind: str) -> float:
+        """The trait term's weight for ``kind`` (0: none, or no reader)."""
+        return self.head.cfg.traits.get(_kind_name(kind), 0.0) if self.traits else 0.0
 
     @property
     def version(self) -> str:
@@ -234,6 +248,9 @@ class IdentityVision:
         if sees_image:
             feats = torch.from_numpy(self.features([image, *candidates]))  # pyright: ignore[reportArgumentType]  (checked above)
             cands, to_query = feats[1:], self.head.score(feats[0], feats[1:], kind)
+            if self.traits is not None and (trait := self.trait_weight(kind)):
+                read = self.traits.read([image, *candidates])  # pyright: ignore[reportArgumentType]  (checked above)
+                to_query = to_query + trait * self.traits.match(read[:1], read[1:])[0]
         elif memory:
             cands = torch.from_numpy(self.features(candidates))
         if weight:
@@ -256,6 +273,8 @@ class IdentityVision:
         out = Path(model_dir) / IDENTITY_DIR
         write_embedder(self.backbone, out / BACKBONE_DIR)
         save_identity_head(self.head, out)
+        if self.traits is not None:
+            self.traits.save(out / TRAITS_DIR)
         return out
 
     @classmethod
@@ -267,7 +286,8 @@ class IdentityVision:
         if not folder.is_dir():
             return None
         head = load_identity_head(folder)
-        return cls(load_embedder(folder / BACKBONE_DIR, device=device), head)
+        traits = TraitReader.load(folder / TRAITS_DIR) if (folder / TRAITS_DIR).is_dir() else None
+        return cls(load_embedder(folder / BACKBONE_DIR, device=device), head, traits)
 
 
 _MATCHER = ColourAttributeMatcher()

@@ -39,6 +39,7 @@ from chatreid.model.identity import (
     IdentityHead,
     memory_pointer,
 )
+from chatreid.model.traits import TraitReader
 from chatreid.rerank.prompts import QueryKind
 from chatreid.synth import SynthConfig, generate_world
 
@@ -262,18 +263,22 @@ class Shortlist:
     relevant: np.ndarray  # (k,) bool: the query's person (as the task's protocol counts it)
     total: int  # the query's relevant items in the whole gallery (the AP denominator)
     match: np.ndarray | None = None  # (k,) the clue's colour match m(t, c); None: no clue
+    traits: np.ndarray | None = None  # (k,) the trait agreement t(q, c); None: no trait reader
     source: str = ""  # where it was drawn (TRAINING_WORLD, FIT_WORLD): a kind must gain in each
 
 
 def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.ndarray,
                allowed: Sequence[np.ndarray], k: int = 10,
-               served: EvalConfig | None = None) -> list[Shortlist]:
+               served: EvalConfig | None = None,
+               traits: tuple[TraitReader, np.ndarray] | None = None) -> list[Shortlist]:
     """A shortlist per query index ``queries[n]`` into ``feats``: the ``k`` items of
     ``allowed[n]`` (the indices the task's protocol lets it match: another camera, other
     clothes, the other modality) first in the prefilter's order - the cosine order, or the
     order ``served`` gives image queries (``EvalConfig.served(settings.serve)``: the
     k-reciprocal shortlist when a site serves it), so a head's dialogue settings are fitted
-    on the shortlists it will rerank. Queries with no relevant item allowed are skipped."""
+    on the shortlists it will rerank. With ``traits`` (a reader and its reads of every item)
+    each shortlist carries the query's trait agreement with its candidates. Queries with no
+    relevant item allowed are skipped."""
     from chatreid.evaluation.runner import k_reciprocal_shortlists
 
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
@@ -288,24 +293,28 @@ def shortlists(kind: str, queries: Sequence[int], feats: np.ndarray, pids: np.nd
                                            pool=served.pool, k1=served.k1,
                                            lambda_value=served.lambda_value)[0]
         top = np.argsort(dist, kind="stable")[:k]
+        agree = None if traits is None else \
+            traits[0].match(traits[1][i:i + 1], traits[1][gallery[top]])[0]
         out.append(Shortlist(kind, feats[i], feats[gallery[top]], relevant[top],
-                             int(relevant.sum())))
+                             int(relevant.sum()), traits=agree))
     return out
 
 
-def dialogue_order(head: IdentityHead, item: Shortlist, memory: float, clue: float = 0.0
+def dialogue_order(head: IdentityHead, item: Shortlist, memory: float, weight: float = 0.0
                    ) -> list[int]:
     """The head's own best-choice dialogue over one shortlist (one group, no decoder): each turn
     picks the most likely remaining candidate under the pointer term (the image term, plus
-    ``clue`` times the clue's match) with ``memory`` - as ``IdentityVision.pointer_terms``."""
+    ``weight`` times the clue's match, or for an image query the trait agreement) with
+    ``memory`` - as ``IdentityVision.pointer_terms``."""
     cands = torch.from_numpy(np.asarray(item.candidates, np.float32))
     if item.query is not None:
         to_query, between = head.relations(torch.from_numpy(np.asarray(item.query, np.float32)),
                                            cands, item.kind)
     else:
         to_query, between = np.zeros(len(cands)), head.between(cands, BETWEEN_KIND)
-    if clue and item.match is not None:
-        to_query = to_query + clue * item.match
+    extra = item.match if item.match is not None else item.traits
+    if weight and extra is not None:
+        to_query = to_query + weight * extra
     left, picks = list(range(len(to_query))), []
     while left:
         s = memory_pointer(to_query, between, memory, picks)[left]
@@ -339,6 +348,8 @@ def fit_memory(head: IdentityHead, lists: Sequence[Shortlist],
 
 
 CLUE_GRID = (0.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # clue weights tried (the head's scale is ~10-20)
+# trait weights tried: t(q, c) sums six log-agreements, so one trait misread moves it by ~1-7
+TRAIT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 GAIN_CONFIDENCE = 0.9  # how sure the held-out gain over the prefilter must be for a kind to rerank
 
 
@@ -352,6 +363,8 @@ class KindFit:
     figures: dict[str, float]
     plain: list[str] = field(default_factory=list)  # image kinds better on the plain cosine
     # than on their learned metric (``IdentityHead.make_plain``: the caller applies it)
+    traits: dict[str, float] = field(default_factory=dict)  # the trait term's weight (image
+    # kinds whose shortlists carry trait agreements)
 
 
 def gain_lower_bound(gains: Sequence[float] | np.ndarray, confidence: float = GAIN_CONFIDENCE,
@@ -391,10 +404,12 @@ def _cross_fitted(aps: np.ndarray, settings: Sequence[tuple[float, float, str]])
 
 def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
               clue_grid: Sequence[float] = CLUE_GRID,
-              memory_grid: Sequence[float] = MEMORY_GRID) -> KindFit:
+              memory_grid: Sequence[float] = MEMORY_GRID,
+              trait_grid: Sequence[float] = TRAIT_GRID) -> KindFit:
     """Per query kind, the dialogue settings with the best mean AP on its held-out shortlists:
     the memory weight; for a kind with a text clue (shortlists with ``match``) the clue weight
-    too; for an image kind whether its learned metric or the plain cosine the head started from
+    too, for an image kind with trait agreements (``traits``) the trait weight; for an image
+    kind whether its learned metric or the plain cosine the head started from
     (``IdentityHead.make_plain``: on few training groups a kind's metric can fit them and lose
     on new people) - ties: the learned metric, less memory, then the smaller weight (a
     text-only kind needs a clue weight above 0: without one a turn has nothing to go on). A
@@ -406,7 +421,7 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
     the bound must hold in each source (figures ``kind/<kind>/<source>/...``). Figures are
     ``kind/<kind>/...``; kinds without shortlists are left out (they run with the head's global
     ``memory``)."""
-    clue, memory, abstain, plain, figures = {}, {}, [], [], {}
+    clue, memory, abstain, plain, figures, traits = {}, {}, [], [], {}, {}
     for kind in dict.fromkeys(s.kind for s in lists):
         mine = [s for s in lists if s.kind == kind]
         has_clue = mine[0].match is not None
@@ -414,8 +429,9 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
         if not has_clue and kind in head.cfg.kinds:
             heads["plain"] = copy.deepcopy(head)
             heads["plain"].make_plain(kind)
+        has_traits = not has_clue and mine[0].traits is not None
         weights = [w for w in clue_grid if w > 0 or mine[0].query is not None] \
-            if has_clue else [0.0]
+            if has_clue else list(trait_grid) if has_traits else [0.0]
         settings = [(w, m, h) for h in heads for w in weights for m in memory_grid]
         aps = np.array([[average_precision(s.relevant[dialogue_order(heads[h], s, m, w)],
                                            s.total) for s in mine] for w, m, h in settings])
@@ -436,6 +452,8 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
         memory[kind] = float(m)
         if has_clue:
             clue[kind] = float(w)
+        elif has_traits:
+            traits[kind] = float(w)
         if h == "plain":
             plain.append(kind)
         if bound <= 0:
@@ -449,7 +467,7 @@ def fit_kinds(head: IdentityHead, lists: Sequence[Shortlist],
                     f"kind/{kind}/mAP": float(aps[settings.index((w, m, h))].mean()),
                     f"kind/{kind}/gain_lower_bound": bound,
                     f"kind/{kind}/abstain": float(bound <= 0)}
-    return KindFit(clue, memory, abstain, figures, plain)
+    return KindFit(clue, memory, abstain, figures, plain, traits)
 
 
 # the world layout each clue task's stage-3 samples are drawn from (chatreid.data.instructions)
@@ -506,7 +524,9 @@ TASK_LAYOUTS = {"standard": "market1501", "cloth_changing": "ltcc",
 def world_shortlists(entries: Sequence[ImageEntry], people: set[str],
                      features: Callable[[list[str]], np.ndarray], k: int = 10,
                      max_queries: int | None = None,
-                     served: EvalConfig | None = None) -> list[Shortlist]:
+                     served: EvalConfig | None = None,
+                     traits: tuple[TraitReader, Callable[[str], Image.Image]] | None = None
+                     ) -> list[Shortlist]:
     """Shortlists for the per-kind fit as a site's prefilter makes them: per image task,
     every crop of its layout in the training world (``entries``: ``load_entries``, the train
     and val identities) forms the gallery, hard negatives and all, and each crop of one of
@@ -514,7 +534,8 @@ def world_shortlists(entries: Sequence[ImageEntry], people: set[str],
     camera, other clothes, the other modality), in the order ``served`` gives (see
     :func:`shortlists`). Galleries of only the stage-3 samples' own few
     crops put the person first almost always: no verdict could be read from them. At most
-    ``max_queries`` per task, evenly spaced over the crops."""
+    ``max_queries`` per task, evenly spaced over the crops. With ``traits`` (a reader and the
+    loader of the crops) the shortlists carry the trait agreements (:func:`shortlists`)."""
     out = []
     for kind, layout in TASK_LAYOUTS.items():
         keys, info, pids = _layout(entries, layout)
@@ -525,7 +546,9 @@ def world_shortlists(entries: Sequence[ImageEntry], people: set[str],
         allowed = [np.array([j for j in range(len(keys))
                              if j != i and rule(info[i], info[j], pids[i] == pids[j])],
                             dtype=np.int64) for i in queries]
-        out += shortlists(kind, queries, features(keys), pids, allowed, k, served)
+        reads = None if traits is None else \
+            (traits[0], traits[0].read([traits[1](key) for key in keys]))
+        out += shortlists(kind, queries, features(keys), pids, allowed, k, served, reads)
     return out
 
 
@@ -572,9 +595,14 @@ def fit_world_config(training: SynthConfig) -> SynthConfig:
 def fit_world(cache: Path, training: SynthConfig) -> Path:
     """The fit world of ``training``'s recipe under ``cache``, generated once (deterministic by
     seed; ~15 s for the small world) and reused by every later fit."""
-    config = fit_world_config(training)
+    return cached_world(cache, fit_world_config(training), "fit")
+
+
+def cached_world(cache: Path, config: SynthConfig, name: str) -> Path:
+    """The world ``config`` describes under ``cache`` (``<name>-<digest of the config>``),
+    generated once and reused."""
     digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
-    root = Path(cache) / f"fit-{digest}"
+    root = Path(cache) / f"{name}-{digest}"
     if not (root / "manifest.json").is_file():  # written last: a cut run generates again
         generate_world(root, config, progress=False)
     return root

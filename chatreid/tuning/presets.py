@@ -36,6 +36,10 @@ class TrainRecipe(BaseModel):
         default=0, ge=0, description="synthetic people of a world of their own that the "
         "embedder also trains on (chatreid.tuning.embedder_training.extra_world_config); 0: "
         "the training world's train split only")
+    trait_people: int | None = Field(
+        default=270, ge=0, description="synthetic people of a world of their own that the "
+        "identity head's trait reader (chatreid.model.traits) also learns persistent traits "
+        "from, beside the training world's; 0: the training world's only; None: no trait reader")
     wall_budget_min: float | None = Field(
         default=None, gt=0, description="the wall time (minutes, 2 CPU cores, embedder and the "
         "three stages from a fresh stack) the recipe is sized for; benchmarks/hpt_chain.py "
@@ -62,7 +66,7 @@ PRESETS: dict[str, TrainRecipe] = {
     ),
     # CI: the tiny model on the tiny world; every mechanism, a few steps each.
     "micro": TrainRecipe(
-        synth_size="tiny", num_shards=2, eval_samples=8, embedder_epochs=2,
+        synth_size="tiny", num_shards=2, eval_samples=8, embedder_epochs=2, trait_people=0,
         embedder_size=(128, 64), embedder_steps_per_epoch=4,
         stages={s: StageRecipe(samples=12, lr=1e-3, max_steps=6) for s in (1, 2, 3)},
     ),

@@ -33,11 +33,12 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from chatreid.data.instructions.samples import ImageEntry, unique_sightings
 from chatreid.synth.world import AGES, BUILDS, GENDERS, HAIR_COLOURS, HAIR_STYLES, SKIN_TONES
 
 # Trait -> its values, in label order (the synthetic world's vocabulary).
 TRAITS: dict[str, tuple[str, ...]] = {
-    "skin_tone": tuple(SKIN_TONES), "hair_colour": tuple(HAIR_COLOURS),
+    "skin_tone": tuple(SKIN_TONES), "hair_colour": (*HAIR_COLOURS, "none"),  # none: bald
     "hair_style": HAIR_STYLES, "gender": GENDERS, "build": BUILDS, "age": AGES}
 WEIGHTS_FILE = "traits.safetensors"
 CONFIG_FILE = "traits.json"
@@ -63,9 +64,10 @@ class TraitReaderConfig(BaseModel):
 
 @dataclass(frozen=True)
 class LabelledCrop:
-    """A train crop and its person's traits (value names, as ``TRAITS`` spells them)."""
+    """A train crop (a key its loader opens) and its person's traits (value names, as
+    ``TRAITS`` spells them)."""
 
-    path: Path
+    key: str
     traits: Mapping[str, str]
 
 
@@ -168,16 +170,13 @@ def _band(img: Image.Image, cfg: TraitReaderConfig) -> torch.Tensor:
     return torch.from_numpy(np.asarray(band, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def labelled_crops(world_root: Path, split: str = "train") -> list[LabelledCrop]:
-    """The cloth-changing layout's ``split`` crops of a synthetic world, each with its
-    person's recorded traits (``attributes/identities.json``)."""
-    from chatreid.data.datasets.ltcc import LTCC
-
-    people = {p["pid"]: p["traits"] for p in
-              json.loads((world_root / "attributes" / "identities.json").read_text())}
-    ds = LTCC(world_root)
-    records = {"train": ds.train, "query": ds.query, "test": ds.gallery}[split]
-    return [LabelledCrop(r.path, {t: str(people[r.pid][t]) for t in TRAITS}) for r in records]
+def labelled_crops(entries: Iterable[ImageEntry], absolute: bool = False) -> list[LabelledCrop]:
+    """The RGB crops among a world's annotated ``entries`` (one copy of each), keyed by their
+    world-relative path (``absolute``: their file path), with the traits stage 1's attribute
+    annotations state."""
+    return [LabelledCrop(e.path if absolute else e.relpath,
+                         {t: str(e.attributes[t]) for t in TRAITS})
+            for e in unique_sightings(entries) if e.modality == "rgb"]
 
 
 def _labels(crops: Iterable[LabelledCrop]) -> np.ndarray:
@@ -202,10 +201,11 @@ def _camera_casts(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def train_trait_reader(crops: Sequence[LabelledCrop], config: TraitReaderConfig | None = None,
+def train_trait_reader(crops: Sequence[LabelledCrop], load: Callable[[str], Image.Image],
+                       config: TraitReaderConfig | None = None,
                        progress: Callable[[int, float], None] | None = None) -> TraitReader:
-    """A reader trained on ``crops`` (cross-entropy per trait, summed); ``progress(epoch,
-    loss)`` after each epoch."""
+    """A reader trained on ``crops``, each opened by ``load(key)`` (cross-entropy per trait,
+    summed); ``progress(epoch, loss)`` after each epoch."""
     config = config or TraitReaderConfig()
     if not crops:
         raise TraitError("no labelled crops to train the trait reader on")
@@ -215,7 +215,7 @@ def train_trait_reader(crops: Sequence[LabelledCrop], config: TraitReaderConfig 
     reader = TraitReader(TraitNet([len(v) for v in TRAITS.values()]), config)
     images = []
     for c in crops:
-        with Image.open(c.path) as img:
+        with load(c.key) as img:
             images.append(_band(img, config))
     pixels = torch.stack(images)
     steps = -(-len(crops) // config.batch_size)
