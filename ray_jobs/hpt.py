@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import torch
 from PIL import Image
@@ -29,13 +29,15 @@ from chatreid.data.build import iter_samples, shards_for_worker
 from chatreid.data.instructions.samples import ImageEntry, load_entries
 from chatreid.data.report import DatasetReport
 from chatreid.data.worlds import ImageResolver
-from chatreid.model.traits import TraitReader
 from chatreid.storage import ObjectNotFound
-from chatreid.synth import SynthConfig
 from chatreid.tuning.hpt import FINAL_DIR, HPTConfig, StageTrainer
 from ray_jobs.launcher import run_trainer, settings_from
 from schemas import CheckpointEvent
 from schemas.events import CheckpointStage
+
+if TYPE_CHECKING:  # heavy or only annotated here: imported where used
+    from chatreid.model.traits import TraitReader
+    from chatreid.synth import SynthConfig
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,8 +52,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatreid.embedder.colour import ColourAttributeMatcher
-from chatreid.model.traits import TraitReader
 from schemas.api import QueryKind
+
+if TYPE_CHECKING:  # the reader loads only with a head that has one
+    from chatreid.model.traits import TraitReader
 
 IDENTITY_DIR = "identity"
 CONFIG_FILE = "config.json"
@@ -286,7 +289,11 @@ class IdentityVision:
         if not folder.is_dir():
             return None
         head = load_identity_head(folder)
-        traits = TraitReader.load(folder / TRAITS_DIR) if (folder / TRAITS_DIR).is_dir() else None
+        traits = None
+        if (folder / TRAITS_DIR).is_dir():
+            from chatreid.model.traits import TraitReader
+
+            traits = TraitReader.load(folder / TRAITS_DIR)
         return cls(load_embedder(folder / BACKBONE_DIR, device=device), head, traits)
 
 
