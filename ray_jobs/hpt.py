@@ -312,17 +312,17 @@ def trait_world_of(settings: Settings, job: StageJob, people: int) -> Path | Non
         settings.train.out_dir / "cache" / "worlds", extra_world_config(recipe, people), "people")
 
 
-def train_traits(settings: Settings, job: StageJob, held_out: set[str],
+def train_traits(settings: Settings, job: StageJob, entries: list[ImageEntry], held_out: set[str],
                  load: Callable[[str], Image.Image]
                  ) -> tuple[TraitReader | None, dict[str, float]]:
     """The identity head's trait reader, trained on the stage-1 attribute labels of the
-    training world's people but ``held_out`` (the per-kind fit judges on them) and of
+    training world's ``entries`` but ``held_out`` people (the per-kind fit judges on them) and of
     ``job.trait_people`` more people; its figures. None where no labelled crop is left."""
     from chatreid.model.traits import labelled_crops, train_trait_reader
     from chatreid.tuning.identity import FIT_SPLITS
 
     t0 = time.perf_counter()
-    crops = labelled_crops(e for e in world_entries(settings, job) if str(e.pid) not in held_out)
+    crops = labelled_crops(e for e in entries if str(e.pid) not in held_out)
     root = trait_world_of(settings, job, job.trait_people) if job.trait_people else None
     if root is not None:
         # keyed by absolute path: the loader opens those itself, the rest from the world
@@ -396,9 +396,10 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
     # cameras: nobody trained on them)
     matcher = ColourAttributeMatcher()
     held_out = {str(g.pid) for g in val_groups}
+    training = world_entries(settings, job)  # read once: the reader and the fit both use it
     traits = None
     if job.trait_people is not None:
-        traits, trait_figures = train_traits(settings, job, held_out, load)
+        traits, trait_figures = train_traits(settings, job, training, held_out, load)
         head.cfg.metrics |= trait_figures
 
     def lists_of(source: str, entries: list[ImageEntry], people: set[str],
@@ -415,7 +416,7 @@ def attach_identity(settings: Settings, job: StageJob, model_dir: Path) -> dict[
             lambda keys: matcher.embed_images([loader(k) for k in keys]))
         return [dataclasses.replace(s, source=source) for s in image + clue]
 
-    lists = lists_of(TRAINING_WORLD, world_entries(settings, job), held_out, samples, load, cache)
+    lists = lists_of(TRAINING_WORLD, training, held_out, samples, load, cache)
     root = fit_world_of(settings, job)
     if root is not None:
         fit_cache = FeatureCache(settings.train.out_dir / "cache" / "features" / root.name,
